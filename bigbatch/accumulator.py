@@ -1,0 +1,477 @@
+"""The engine: one optimizer step per logical batch, exact however the batch is split.
+
+Every micro-step backpropagates a *sum* of per-item losses (a sample mean times
+its sample count, or a `LossSum`), divided by a reference `ref` fixed for the
+window so gradients keep the size of a mean. The window's item count is summed
+on the device (and across ranks); at the end of the window the gradient is
+multiplied once by `ref / total`, so it is the gradient of the mean loss over
+every item of the logical batch. Then: unscale (fp16), clip, step, schedule,
+zero. Nothing reads a device value on the host during a window.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+from typing import Any, Callable, Literal, Union
+
+import torch
+from torch import nn
+
+from .batches import Batch, batch_size, split_batch, to_device
+from .distributed import grad_sync_for
+from .errors import ConfigError, LossError, MicroBatchTooLargeError
+from .losses import Count, LossSum
+from .precision import Float32Grads, autocast_dtype, make_scaler
+
+LossFn = Callable[[nn.Module, Batch], Union[torch.Tensor, LossSum]]
+
+
+@dataclass
+class StepStats:
+    """What one optimizer step did.
+
+    `loss`, `count` and `grad_norm` stay tensors on the device, so reading them is
+    the caller's choice of host sync (`to_dict()` reads them all at once).
+    """
+
+    loss: torch.Tensor  # mean over every item of the logical batch (all ranks)
+    count: torch.Tensor  # items in the logical batch: samples, or tokens for a LossSum
+    grad_norm: torch.Tensor  # of the normalised gradient, before clipping
+    lr: float  # the learning rate this step used
+    micro_batch_size: int | None
+    micro_steps: int
+    skipped: bool  # non-finite gradient: the optimizer did not step
+    peak_memory_bytes: int | None  # CUDA only
+
+    def to_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        for key in ("loss", "grad_norm"):
+            out[key] = float(out[key])
+        out["count"] = int(out["count"])
+        return out
+
+
+def _model_device(model: nn.Module) -> torch.device:
+    for p in model.parameters():
+        return p.device
+    raise ConfigError("the model has no parameters; bigbatch needs something to train.")
+
+
+def _as_sum(loss: Any, count: Count | None) -> tuple[torch.Tensor, Count]:
+    """A loss as (sum over items, item count), validated."""
+    if isinstance(loss, LossSum):
+        if count is not None:
+            raise LossError("a LossSum carries its own count; drop the count= argument.")
+        total, count = loss
+        if isinstance(count, int) and count < 0:
+            raise LossError(f"LossSum count must be >= 0, got {count}.")
+    elif isinstance(loss, torch.Tensor):
+        if count is None:
+            raise LossError(
+                "a scalar loss is a mean, and bigbatch must know over how many samples: "
+                "call acc.backward(loss, count=len(x)), or pass bb.LossSum(sum_of_losses, n)."
+            )
+        if isinstance(count, bool) or (isinstance(count, int) and count < 1):
+            raise LossError(
+                f"count must be a positive number of samples, got {count!r}; "
+                "skip micro-batches with no samples, or return a LossSum for masked items."
+            )
+        total = loss * count
+    else:
+        raise LossError(
+            f"the loss must be a scalar tensor or bb.LossSum, got {type(loss).__name__}; "
+            "return loss.mean() or bb.LossSum(loss.sum(), n) from the loss function."
+        )
+    if not isinstance(total, torch.Tensor) or total.dim() != 0:
+        shape = tuple(total.shape) if isinstance(total, torch.Tensor) else type(total).__name__
+        raise LossError(
+            f"the loss must be a scalar, got shape {shape}; reduce it with .mean() "
+            "(or .sum() inside a LossSum) before handing it to bigbatch."
+        )
+    if not total.requires_grad:
+        raise LossError(
+            "the loss does not require grad: did the forward run under torch.no_grad() "
+            "or are all parameters frozen?"
+        )
+    return total, count
+
+
+class Accumulator:
+    """Gradient accumulation that gives the full-batch update, whatever the split.
+
+    Two ways to drive it. The step API takes a whole logical batch and splits it:
+
+        acc = bb.Accumulator(model, opt, micro_batch_size=8)
+        stats = acc.step((x, y), lambda m, b: F.cross_entropy(m(b[0]), b[1]))
+
+    The loop API keeps your loop and its loader of micro-batches:
+
+        acc = bb.Accumulator(model, opt, accumulation_steps=4)
+        for x, y in loader:
+            with acc.accumulate():
+                acc.backward(F.cross_entropy(model(x), y), count=len(x))
+        acc.flush()  # the data ended inside a window
+
+    Args:
+        accumulation_steps: loop API, micro-steps per optimizer step.
+        micro_batch_size: step API, samples per micro-step, or "auto" (halve on OOM).
+        scheduler: stepped once per optimizer step that was not skipped.
+        max_grad_norm: clip the accumulated, normalised gradient to this norm.
+        precision: "fp32", "bf16" or "fp16" (autocast; fp16 brings a GradScaler).
+        last_window: what flush() does with a window the data cut short:
+            "step" it, normalised by what it holds, or "drop" it.
+        skip_nonfinite: skip a step whose gradient norm or loss is inf/NaN (one
+            host sync per optimizer step; fp16 always skips through its scaler).
+        sync_each_micro_step: FSDP2 only; reduce-scatter every micro-step,
+            spending communication to keep sharded gradients (less memory).
+
+    The Accumulator owns `.grad`: it zeroes gradients when created and after
+    every step. Limits: layers that couple samples (BatchNorm) see micro-batch
+    statistics, so no split can be exact for them (see `bb.verify`).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        *,
+        accumulation_steps: int | None = None,
+        micro_batch_size: int | Literal["auto"] | None = None,
+        scheduler: Any = None,
+        max_grad_norm: float | None = None,
+        precision: Literal["fp32", "bf16", "fp16"] = "fp32",
+        last_window: Literal["step", "drop"] = "step",
+        skip_nonfinite: bool = True,
+        sync_each_micro_step: bool = False,
+    ) -> None:
+        if (accumulation_steps is None) == (micro_batch_size is None):
+            raise ConfigError(
+                "give exactly one of accumulation_steps= (loop API: micro-steps per optimizer "
+                "step) and micro_batch_size= (step API: samples per micro-step); got "
+                f"accumulation_steps={accumulation_steps!r}, micro_batch_size={micro_batch_size!r}."
+            )
+        if accumulation_steps is not None and (
+            not isinstance(accumulation_steps, int) or accumulation_steps < 1
+        ):
+            raise ConfigError(f"accumulation_steps must be an int >= 1, got {accumulation_steps!r}.")
+        if micro_batch_size is not None and micro_batch_size != "auto" and (
+            not isinstance(micro_batch_size, int) or micro_batch_size < 1
+        ):
+            raise ConfigError(f'micro_batch_size must be an int >= 1 or "auto", got {micro_batch_size!r}.')
+        if last_window not in ("step", "drop"):
+            raise ConfigError(f'last_window must be "step" or "drop", got {last_window!r}.')
+        if max_grad_norm is not None and not max_grad_norm > 0:
+            raise ConfigError(f"max_grad_norm must be > 0 (or None for no clipping), got {max_grad_norm!r}.")
+
+        self.model = model
+        self.optimizer = optimizer
+        self.scheduler = scheduler
+        self.accumulation_steps = accumulation_steps
+        self.micro_batch_size = micro_batch_size
+        self.max_grad_norm = max_grad_norm
+        self.precision = precision
+        self.last_window = last_window
+        self.skip_nonfinite = skip_nonfinite
+        self.device = _model_device(model)
+        self._autocast_dtype = autocast_dtype(precision)
+        self._scaler = make_scaler(precision, self.device)
+        self._sync = grad_sync_for(model, sync_each_micro_step=sync_each_micro_step)
+        self._params = [
+            p for group in optimizer.param_groups for p in group["params"] if p.requires_grad
+        ]
+        self._float32_grads = Float32Grads.for_params(self._params)
+        self._auto_micro_batch_size: int | None = None  # the size that last fitted, under "auto"
+        self.optimizer_steps = 0
+        self.last_stats: StepStats | None = None
+        self._in_micro_step = False
+        self._sync_gradients = False
+        optimizer.zero_grad(set_to_none=True)
+        self._reset_window()
+
+    # -- public: loop API -------------------------------------------------
+
+    @property
+    def sync_gradients(self) -> bool:
+        """True during (and after) a micro-step that ends a window and steps the optimizer."""
+        return self._sync_gradients
+
+    @contextlib.contextmanager
+    def accumulate(self) -> Iterator[None]:
+        """One micro-step of the loop API; the last of a window steps the optimizer on exit."""
+        if self.accumulation_steps is None:
+            raise ConfigError(
+                "accumulate() is the loop API and needs accumulation_steps=; with "
+                "micro_batch_size= use acc.step(batch, loss_fn)."
+            )
+        if self._in_micro_step:
+            raise ConfigError("accumulate() blocks cannot be nested; close the first one.")
+        if self._micro_steps == 0:
+            self._start_window()
+        self._sync_gradients = self._micro_steps + 1 == self.accumulation_steps
+        self._in_micro_step = True
+        self._backward_called = False
+        try:
+            with self._micro_step_context(self._sync_gradients):
+                yield
+        finally:
+            self._in_micro_step = False
+        if not self._backward_called:
+            raise LossError("an accumulate() block ended without acc.backward(loss, count=...).")
+        self._micro_steps += 1
+        if self._sync_gradients:
+            self.last_stats = self._finish_window()
+
+    def backward(self, loss: torch.Tensor | LossSum, count: Count | None = None) -> None:
+        """Backpropagate one micro-batch's loss: a mean over `count` samples, or a LossSum."""
+        if not self._in_micro_step:
+            raise ConfigError("call acc.backward(...) inside `with acc.accumulate():`.")
+        total, count = _as_sum(loss, count)
+        self._add(total, count)
+        self._backward_called = True
+
+    def flush(self) -> StepStats | None:
+        """End a window the data cut short: step what it holds, or drop it (`last_window`).
+
+        Call it after the loop over an epoch; gradients never leak into the next window.
+        Returns the step's stats, or None when nothing was pending or it was dropped.
+        """
+        if self._micro_steps == 0:
+            return None
+        if self.last_window == "drop":
+            self._drop_window()
+            return None
+        self._sync.sync_now_(self._params)
+        self._sync_gradients = True
+        self.last_stats = self._finish_window()
+        return self.last_stats
+
+    # -- public: step API -------------------------------------------------
+
+    def step(self, batch: Batch, loss_fn: LossFn) -> StepStats:
+        """One optimizer step over a whole logical batch, split into micro-batches.
+
+        `loss_fn(model, micro_batch)` returns the micro-batch's mean loss over its
+        samples, or a `LossSum`. Each micro-batch moves to the model's device just
+        in time. Under micro_batch_size="auto" an OOM drops the window, halves the
+        micro-batch and redoes it: the result is the same as if it had fitted.
+        """
+        if self.micro_batch_size is None:
+            raise ConfigError(
+                "step() is the step API and needs micro_batch_size=; with "
+                "accumulation_steps= use `with acc.accumulate(): acc.backward(...)`."
+            )
+        if self._micro_steps:
+            raise ConfigError("a loop-API window is open; call acc.flush() before acc.step().")
+        n = batch_size(batch)
+        while True:
+            size = min(n, self._step_micro_batch_size(n))
+            try:
+                return self._step_window(batch, n, size, loss_fn)
+            except torch.OutOfMemoryError:
+                if self.micro_batch_size != "auto":
+                    raise
+                failed = size
+            # Outside the except block, so the traceback's frames (and the
+            # activations they hold) are gone before the retry.
+            self._drop_window()
+            if failed == 1:
+                raise MicroBatchTooLargeError(
+                    "out of memory with a micro-batch of one sample; the model itself does "
+                    "not fit: enable activation checkpointing, use bf16, or a smaller model."
+                )
+            self._auto_micro_batch_size = failed // 2
+
+    # -- public: resume ---------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        """The engine's own state (scaler, auto micro-batch size, step count); not model or optimizer."""
+        if self._micro_steps:
+            raise ConfigError("a window is open; save at an optimizer-step boundary (after flush()).")
+        return {
+            "optimizer_steps": self.optimizer_steps,
+            "auto_micro_batch_size": self._auto_micro_batch_size,
+            "scaler": self._scaler.state_dict() if self._scaler is not None else None,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.optimizer_steps = state["optimizer_steps"]
+        self._auto_micro_batch_size = state["auto_micro_batch_size"]
+        if self._scaler is not None and state.get("scaler"):
+            self._scaler.load_state_dict(state["scaler"])
+
+    # -- the window -------------------------------------------------------
+
+    def _step_micro_batch_size(self, n: int) -> int:
+        if self.micro_batch_size == "auto":
+            return self._auto_micro_batch_size or n
+        assert isinstance(self.micro_batch_size, int)
+        return self.micro_batch_size
+
+    def _step_window(self, batch: Batch, n: int, size: int, loss_fn: LossFn) -> StepStats:
+        pieces = split_batch(batch, size)
+        self._start_window()
+        # The step API sees the whole batch: with sample-mean losses ref equals the
+        # total and the final rescale is skipped.
+        self._ref = float(n) if self._sync.world_size == 1 else 1.0
+        for i, piece in enumerate(pieces):
+            last = i == len(pieces) - 1
+            with self._micro_step_context(sync=last):
+                out = loss_fn(self.model, to_device(piece, self.device))
+                total, count = _as_sum(out, None if isinstance(out, LossSum) else batch_size(piece))
+                self._add(total, count)
+            self._micro_steps += 1
+        return self._finish_window(micro_batch_size=size)
+
+    def _micro_step_context(self, sync: bool) -> contextlib.ExitStack:
+        stack = contextlib.ExitStack()
+        stack.enter_context(self._sync.context(sync))
+        if self._autocast_dtype is not None:
+            stack.enter_context(torch.autocast(self.device.type, dtype=self._autocast_dtype))
+        return stack
+
+    def _reset_window(self) -> None:
+        self._micro_steps = 0
+        self._ref: float | torch.Tensor | None = None
+        self._count_int = 0  # counts given as Python ints
+        self._count_tensor: torch.Tensor | None = None  # counts given as tensors
+        self._loss_sum: torch.Tensor | None = None
+
+    def _start_window(self) -> None:
+        self._reset_window()
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+
+    def _drop_window(self) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+        self._float32_grads.clear()
+        self._reset_window()
+        self._sync_gradients = False
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    def _add(self, total: torch.Tensor, count: Count) -> None:
+        if self._ref is None:
+            self._ref = self._first_ref(count)
+        if isinstance(count, torch.Tensor):
+            count = count.detach().to(self.device, torch.int64)
+            self._count_tensor = count if self._count_tensor is None else self._count_tensor + count
+        else:
+            self._count_int += count
+        detached = total.detach().float()
+        self._loss_sum = detached if self._loss_sum is None else self._loss_sum + detached
+        scaled = total / self._ref
+        if self._scaler is not None:
+            scaled = self._scaler.scale(scaled)
+        with torch.autocast(self.device.type, enabled=False):
+            scaled.backward()
+
+    def _first_ref(self, count: Count) -> float | torch.Tensor:
+        # Any constant makes the result exact (the final rescale divides it out);
+        # this one keeps accumulated gradients the size of a mean gradient. Across
+        # ranks it must be the same number, so there it is 1.
+        if self._sync.world_size > 1:
+            return 1.0
+        steps = self.accumulation_steps or 1
+        if isinstance(count, torch.Tensor):
+            return count.detach().to(self.device, torch.float64).clamp_min(1) * steps
+        return float(max(count, 1) * steps)
+
+    def _global_count(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(item count, loss sum) of the window over all ranks, on the device."""
+        count = torch.tensor(self._count_int, device=self.device, dtype=torch.int64)
+        if self._count_tensor is not None:
+            count = count + self._count_tensor
+        assert self._loss_sum is not None
+        if self._sync.world_size == 1:
+            return count, self._loss_sum
+        both = torch.stack([count.double(), self._loss_sum.double()])
+        self._sync.all_reduce_sum_(both)  # one small collective per window
+        return both[0].round().long(), both[1]
+
+    def _rescale(self, count: torch.Tensor) -> torch.Tensor | None:
+        """The factor that turns accumulated gradients into the mean gradient; None when 1."""
+        assert self._ref is not None
+        exact = (
+            self._sync.world_size == 1
+            and self._count_tensor is None
+            and isinstance(self._ref, float)
+            and self._ref == self._count_int
+        )
+        if exact:
+            return None
+        dtype = torch.float32 if self.device.type == "mps" else torch.float64
+        numerator = torch.as_tensor(self._ref, device=self.device, dtype=dtype) * self._sync.mean_divisor
+        return numerator / count.to(dtype).clamp_min(1)
+
+    def _grads(self) -> list[torch.Tensor]:
+        return [p.grad for p in self._params if p.grad is not None]
+
+    def _finish_window(self, micro_batch_size: int | None = None) -> StepStats:
+        count, loss_sum = self._global_count()
+        grads = self._float32_grads.grads() or self._grads()
+        if self._scaler is not None:
+            self._scaler.unscale_(self.optimizer)
+        factor = self._rescale(count)
+        if factor is not None and grads:
+            torch._foreach_mul_(grads, factor)
+        grad_norm = torch.nn.utils.get_total_norm(grads, foreach=True)
+        if self.max_grad_norm is not None:
+            torch.nn.utils.clip_grads_with_norm_(grads, self.max_grad_norm, grad_norm, foreach=True)
+        self._float32_grads.write_back_()
+        loss = loss_sum / count.clamp_min(1)
+        lr = float(self.optimizer.param_groups[0]["lr"])
+        skipped = not self._optimizer_step(loss, grad_norm)
+        if not skipped:
+            self.optimizer_steps += 1
+            if self.scheduler is not None:
+                self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        stats = StepStats(
+            loss=loss,
+            count=count,
+            grad_norm=grad_norm,
+            lr=lr,
+            micro_batch_size=micro_batch_size,
+            micro_steps=self._micro_steps,
+            skipped=skipped,
+            peak_memory_bytes=(
+                torch.cuda.max_memory_allocated(self.device) if self.device.type == "cuda" else None
+            ),
+        )
+        self._reset_window()
+        return stats
+
+    def _optimizer_step(self, loss: torch.Tensor, grad_norm: torch.Tensor) -> bool:
+        """Step unless the gradient is non-finite; True if the optimizer stepped."""
+        if self._scaler is not None:
+            scale = self._scaler.get_scale()
+            self._scaler.step(self.optimizer)
+            self._scaler.update()
+            return not self._scaler.get_scale() < scale
+        if self.skip_nonfinite:
+            finite = torch.isfinite(grad_norm) & torch.isfinite(loss)
+            if not bool(finite):  # the one host sync per optimizer step
+                return False
+        self.optimizer.step()
+        return True
+
+
+def scale_lr(
+    lr: float, from_batch: int, to_batch: int, rule: Literal["linear", "sqrt"] = "linear"
+) -> float:
+    """The learning rate for `to_batch`, given one tuned at `from_batch`.
+
+    "linear" (Goyal et al., 2017, for SGD) scales with the batch; "sqrt" (often
+    better for Adam) with its square root. Both are starting points, not laws.
+    """
+    if from_batch < 1 or to_batch < 1:
+        raise ConfigError(f"batch sizes must be >= 1, got from_batch={from_batch}, to_batch={to_batch}.")
+    ratio = to_batch / from_batch
+    if rule == "linear":
+        return lr * ratio
+    if rule == "sqrt":
+        return lr * math.sqrt(ratio)
+    raise ConfigError(f'rule must be "linear" or "sqrt", got {rule!r}.')

@@ -1,0 +1,85 @@
+"""Splitting nested batches into micro-batches and moving them to a device.
+
+A batch is a tensor, or a tuple, list or dict of batches (nested to any depth).
+Every tensor's leading dimension counts samples, and they must agree. Leaves that
+are not tensors (flags, names) are passed unchanged to every micro-batch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any, Callable
+
+import torch
+
+from .errors import BatchError
+
+Batch = Any  # torch.Tensor | tuple[Batch, ...] | list[Batch] | dict[str, Batch] | other leaf
+
+
+def _map(batch: Batch, fn: Callable[[torch.Tensor], Any]) -> Batch:
+    if isinstance(batch, torch.Tensor):
+        return fn(batch)
+    if isinstance(batch, dict):
+        return type(batch)((k, _map(v, fn)) for k, v in batch.items())
+    if isinstance(batch, tuple) and hasattr(batch, "_fields"):  # namedtuple
+        return type(batch)(*(_map(v, fn) for v in batch))
+    if isinstance(batch, (tuple, list)):
+        return type(batch)(_map(v, fn) for v in batch)
+    return batch
+
+
+def _tensors(batch: Batch, path: str = "batch") -> Iterator[tuple[str, torch.Tensor]]:
+    if isinstance(batch, torch.Tensor):
+        yield path, batch
+    elif isinstance(batch, dict):
+        for k, v in batch.items():
+            yield from _tensors(v, f"{path}[{k!r}]")
+    elif isinstance(batch, (tuple, list)):
+        for i, v in enumerate(batch):
+            yield from _tensors(v, f"{path}[{i}]")
+
+
+def batch_size(batch: Batch) -> int:
+    """The number of samples in `batch`: the leading dimension all its tensors share."""
+    sizes = {}
+    for path, t in _tensors(batch):
+        if t.dim() == 0:
+            raise BatchError(
+                f"{path} is a 0-d tensor, so it has no sample dimension; "
+                "give every tensor in a batch a leading dimension of samples (e.g. t.unsqueeze(0))."
+            )
+        sizes[path] = t.shape[0]
+    if not sizes:
+        raise BatchError(
+            f"the batch holds no tensors (got {type(batch).__name__}); pass a tensor, "
+            "or a tuple, list or dict of tensors whose leading dimension counts samples."
+        )
+    distinct = set(sizes.values())
+    if len(distinct) > 1:
+        shown = ", ".join(f"{p}: {n}" for p, n in sizes.items())
+        raise BatchError(
+            f"the tensors in the batch disagree on the number of samples ({shown}); "
+            "every tensor's leading dimension must count the same samples."
+        )
+    n = distinct.pop()
+    if n == 0:
+        raise BatchError("the batch is empty (0 samples); skip empty batches before calling step().")
+    return n
+
+
+def split_batch(batch: Batch, micro_batch_size: int) -> list[Batch]:
+    """Split `batch` into micro-batches of `micro_batch_size` samples (the last may be smaller).
+
+    The pieces are views of the input: nothing is copied until they are moved to a device.
+    """
+    n = batch_size(batch)
+    if micro_batch_size < 1:
+        raise BatchError(f"micro_batch_size must be >= 1, got {micro_batch_size}.")
+    starts = range(0, n, micro_batch_size)
+    return [_map(batch, lambda t, s=s: t[s : s + micro_batch_size]) for s in starts]
+
+
+def to_device(batch: Batch, device: torch.device) -> Batch:
+    """Move every tensor in `batch` to `device` (asynchronously where the source is pinned)."""
+    return _map(batch, lambda t: t.to(device, non_blocking=True))

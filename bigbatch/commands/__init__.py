@@ -1,0 +1,1 @@
+"""Subcommands of the `bigbatch` command line (see bigbatch.cli)."""

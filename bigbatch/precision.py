@@ -1,0 +1,68 @@
+"""Mixed precision: autocast dtypes, the fp16 GradScaler, float32 gradient accumulation.
+
+Parameters held in bf16 (or fp16) would otherwise accumulate their gradients in
+bf16: every micro-step's `.grad += g` rounds to 8 bits of mantissa, and over
+many micro-steps small contributions are lost. `Float32Grads` moves each fresh
+gradient into a float32 buffer from a post-accumulate-grad hook and clears
+`.grad`, so the window sums in float32; at the end of the window the normalised,
+clipped float32 sum is rounded once into `.grad` for the optimizer.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .errors import ConfigError
+
+_AUTOCAST = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+_LOW_PRECISION = (torch.bfloat16, torch.float16)
+
+
+def autocast_dtype(precision: str) -> torch.dtype | None:
+    if precision not in _AUTOCAST:
+        raise ConfigError(f'precision must be one of "fp32", "bf16", "fp16", got {precision!r}.')
+    return _AUTOCAST[precision]
+
+
+def make_scaler(precision: str, device: torch.device) -> torch.amp.GradScaler | None:
+    """A GradScaler for fp16 autocast, None otherwise (bf16 has fp32's range)."""
+    if precision != "fp16":
+        return None
+    return torch.amp.GradScaler(device.type)
+
+
+class Float32Grads:
+    """Accumulates the gradients of low-precision parameters in float32 buffers."""
+
+    def __init__(self, params: list[nn.Parameter]) -> None:
+        self.params = params
+        self.buffers: dict[nn.Parameter, torch.Tensor] = {}
+        for p in params:
+            p.register_post_accumulate_grad_hook(self._move_to_buffer)
+
+    @classmethod
+    def for_params(cls, params: list[nn.Parameter]) -> Float32Grads:
+        return cls([p for p in params if p.dtype in _LOW_PRECISION])
+
+    def _move_to_buffer(self, p: torch.Tensor) -> None:
+        assert p.grad is not None
+        buf = self.buffers.get(p)  # type: ignore[call-overload]
+        if buf is None:
+            self.buffers[p] = p.grad.float()  # type: ignore[index]
+        else:
+            buf.add_(p.grad)
+        p.grad = None
+
+    def grads(self) -> list[torch.Tensor]:
+        """The float32 sums of this window (empty if no parameter is low-precision)."""
+        return list(self.buffers.values())
+
+    def write_back_(self) -> None:
+        """Round each float32 sum once into its parameter's `.grad`, and reset."""
+        for p, buf in self.buffers.items():
+            p.grad = buf.to(p.dtype)
+        self.buffers.clear()
+
+    def clear(self) -> None:
+        self.buffers.clear()

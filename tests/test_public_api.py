@@ -1,0 +1,11 @@
+import bigbatch as bb
+
+
+def test_every_public_name_exists():
+    for name in bb.__all__:
+        assert hasattr(bb, name), name
+
+
+def test_design_names_are_public():
+    for name in ["Accumulator", "LossSum", "token_cross_entropy", "scale_lr"]:
+        assert name in bb.__all__
