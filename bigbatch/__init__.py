@@ -5,7 +5,7 @@
     stats = acc.step(batch, loss_fn)   # one exact optimizer step over the logical batch
 """
 
-from .accumulator import Accumulator, StepStats, scale_lr
+from .accumulator import Accumulator
 from .batches import batch_size, split_batch
 from .errors import (
     AccumulationWarning,
@@ -16,6 +16,8 @@ from .errors import (
     MicroBatchTooLargeError,
 )
 from .losses import LossSum, token_cross_entropy
+from .lr import scale_lr
+from .stats import StepStats
 
 __version__ = "0.1.0"
 

@@ -12,10 +12,8 @@ zero. Nothing reads a device value on the host during a window.
 from __future__ import annotations
 
 import contextlib
-import math
-from collections.abc import Iterator
-from dataclasses import asdict, dataclass
-from typing import Any, Callable, Literal, Union
+from collections.abc import Callable, Iterator
+from typing import Any, Literal
 
 import torch
 from torch import nn
@@ -23,80 +21,17 @@ from torch import nn
 from .batches import Batch, batch_size, split_batch, to_device
 from .distributed import grad_sync_for
 from .errors import ConfigError, LossError, MicroBatchTooLargeError
-from .losses import Count, LossSum
+from .losses import Count, LossSum, as_loss_sum
 from .precision import Float32Grads, autocast_dtype, make_scaler
+from .stats import StepStats
 
-LossFn = Callable[[nn.Module, Batch], Union[torch.Tensor, LossSum]]
-
-
-@dataclass
-class StepStats:
-    """What one optimizer step did.
-
-    `loss`, `count` and `grad_norm` stay tensors on the device, so reading them is
-    the caller's choice of host sync (`to_dict()` reads them all at once).
-    """
-
-    loss: torch.Tensor  # mean over every item of the logical batch (all ranks)
-    count: torch.Tensor  # items in the logical batch: samples, or tokens for a LossSum
-    grad_norm: torch.Tensor  # of the normalised gradient, before clipping
-    lr: float  # the learning rate this step used
-    micro_batch_size: int | None
-    micro_steps: int
-    skipped: bool  # non-finite gradient: the optimizer did not step
-    peak_memory_bytes: int | None  # CUDA only
-
-    def to_dict(self) -> dict[str, Any]:
-        out = asdict(self)
-        for key in ("loss", "grad_norm"):
-            out[key] = float(out[key])
-        out["count"] = int(out["count"])
-        return out
+LossFn = Callable[[nn.Module, Batch], torch.Tensor | LossSum]
 
 
 def _model_device(model: nn.Module) -> torch.device:
     for p in model.parameters():
         return p.device
     raise ConfigError("the model has no parameters; bigbatch needs something to train.")
-
-
-def _as_sum(loss: Any, count: Count | None) -> tuple[torch.Tensor, Count]:
-    """A loss as (sum over items, item count), validated."""
-    if isinstance(loss, LossSum):
-        if count is not None:
-            raise LossError("a LossSum carries its own count; drop the count= argument.")
-        total, count = loss
-        if isinstance(count, int) and count < 0:
-            raise LossError(f"LossSum count must be >= 0, got {count}.")
-    elif isinstance(loss, torch.Tensor):
-        if count is None:
-            raise LossError(
-                "a scalar loss is a mean, and bigbatch must know over how many samples: "
-                "call acc.backward(loss, count=len(x)), or pass bb.LossSum(sum_of_losses, n)."
-            )
-        if isinstance(count, bool) or (isinstance(count, int) and count < 1):
-            raise LossError(
-                f"count must be a positive number of samples, got {count!r}; "
-                "skip micro-batches with no samples, or return a LossSum for masked items."
-            )
-        total = loss * count
-    else:
-        raise LossError(
-            f"the loss must be a scalar tensor or bb.LossSum, got {type(loss).__name__}; "
-            "return loss.mean() or bb.LossSum(loss.sum(), n) from the loss function."
-        )
-    if not isinstance(total, torch.Tensor) or total.dim() != 0:
-        shape = tuple(total.shape) if isinstance(total, torch.Tensor) else type(total).__name__
-        raise LossError(
-            f"the loss must be a scalar, got shape {shape}; reduce it with .mean() "
-            "(or .sum() inside a LossSum) before handing it to bigbatch."
-        )
-    if not total.requires_grad:
-        raise LossError(
-            "the loss does not require grad: did the forward run under torch.no_grad() "
-            "or are all parameters frozen?"
-        )
-    return total, count
 
 
 class Accumulator:
@@ -228,7 +163,7 @@ class Accumulator:
         """Backpropagate one micro-batch's loss: a mean over `count` samples, or a LossSum."""
         if not self._in_micro_step:
             raise ConfigError("call acc.backward(...) inside `with acc.accumulate():`.")
-        total, count = _as_sum(loss, count)
+        total, count = as_loss_sum(loss, count)
         self._add(total, count)
         self._backward_called = True
 
@@ -320,7 +255,7 @@ class Accumulator:
             last = i == len(pieces) - 1
             with self._micro_step_context(sync=last):
                 out = loss_fn(self.model, to_device(piece, self.device))
-                total, count = _as_sum(out, None if isinstance(out, LossSum) else batch_size(piece))
+                total, count = as_loss_sum(out, None if isinstance(out, LossSum) else batch_size(piece))
                 self._add(total, count)
             self._micro_steps += 1
         return self._finish_window(micro_batch_size=size)
@@ -360,7 +295,8 @@ class Accumulator:
             self._count_tensor = count if self._count_tensor is None else self._count_tensor + count
         else:
             self._count_int += count
-        detached = total.detach().float()
+        # A copy, never an alias: a model may hand back the same output tensor every call.
+        detached = total.detach().to(torch.promote_types(total.dtype, torch.float32), copy=True)
         self._loss_sum = detached if self._loss_sum is None else self._loss_sum + detached
         scaled = total / self._ref
         if self._scaler is not None:
@@ -407,19 +343,29 @@ class Accumulator:
         return numerator / count.to(dtype).clamp_min(1)
 
     def _grads(self) -> list[torch.Tensor]:
-        return [p.grad for p in self._params if p.grad is not None]
+        """The window's accumulated gradients: float32 buffers where kept, else `.grad`."""
+        buffers = self._float32_grads.buffers
+        grads = []
+        for p in self._params:
+            grad = buffers.get(p, p.grad)  # type: ignore[call-overload]
+            if grad is not None:
+                grads.append(grad)
+        return grads
 
     def _finish_window(self, micro_batch_size: int | None = None) -> StepStats:
         count, loss_sum = self._global_count()
-        grads = self._float32_grads.grads() or self._grads()
+        grads = self._grads()
         if self._scaler is not None:
             self._scaler.unscale_(self.optimizer)
         factor = self._rescale(count)
         if factor is not None and grads:
             torch._foreach_mul_(grads, factor)
         grad_norm = torch.nn.utils.get_total_norm(grads, foreach=True)
-        if self.max_grad_norm is not None:
-            torch.nn.utils.clip_grads_with_norm_(grads, self.max_grad_norm, grad_norm, foreach=True)
+        if self.max_grad_norm is not None and grads:
+            # The same rule as torch.nn.utils.clip_grad_norm_, applied to the gradient
+            # tensors themselves (they may be float32 buffers, not `.grad`).
+            clip_coef = (self.max_grad_norm / (grad_norm + 1e-6)).clamp(max=1.0)
+            torch._foreach_mul_(grads, clip_coef.to(grads[0].dtype))
         self._float32_grads.write_back_()
         loss = loss_sum / count.clamp_min(1)
         lr = float(self.optimizer.param_groups[0]["lr"])
@@ -457,21 +403,3 @@ class Accumulator:
                 return False
         self.optimizer.step()
         return True
-
-
-def scale_lr(
-    lr: float, from_batch: int, to_batch: int, rule: Literal["linear", "sqrt"] = "linear"
-) -> float:
-    """The learning rate for `to_batch`, given one tuned at `from_batch`.
-
-    "linear" (Goyal et al., 2017, for SGD) scales with the batch; "sqrt" (often
-    better for Adam) with its square root. Both are starting points, not laws.
-    """
-    if from_batch < 1 or to_batch < 1:
-        raise ConfigError(f"batch sizes must be >= 1, got from_batch={from_batch}, to_batch={to_batch}.")
-    ratio = to_batch / from_batch
-    if rule == "linear":
-        return lr * ratio
-    if rule == "sqrt":
-        return lr * math.sqrt(ratio)
-    raise ConfigError(f'rule must be "linear" or "sqrt", got {rule!r}.')

@@ -7,8 +7,8 @@ are not tensors (flags, names) are passed unchanged to every micro-batch.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from typing import Any, Callable
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import torch
 

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
-from typing import NamedTuple, Union
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
 
-Count = Union[int, torch.Tensor]
+from .errors import LossError
+
+Count = int | torch.Tensor
 
 
 class LossSum(NamedTuple):
@@ -51,3 +53,42 @@ def token_cross_entropy(
         reduction="sum",
     )
     return LossSum(total, (labels != ignore_index).sum())
+
+
+def as_loss_sum(loss: Any, count: Count | None) -> tuple[torch.Tensor, Count]:
+    """A loss as (sum over items, item count), validated."""
+    if isinstance(loss, LossSum):
+        if count is not None:
+            raise LossError("a LossSum carries its own count; drop the count= argument.")
+        total, count = loss
+        if isinstance(count, int) and count < 0:
+            raise LossError(f"LossSum count must be >= 0, got {count}.")
+    elif isinstance(loss, torch.Tensor):
+        if count is None:
+            raise LossError(
+                "a scalar loss is a mean, and bigbatch must know over how many samples: "
+                "call acc.backward(loss, count=len(x)), or pass bb.LossSum(sum_of_losses, n)."
+            )
+        if isinstance(count, bool) or (isinstance(count, int) and count < 1):
+            raise LossError(
+                f"count must be a positive number of samples, got {count!r}; "
+                "skip micro-batches with no samples, or return a LossSum for masked items."
+            )
+        total = loss * count
+    else:
+        raise LossError(
+            f"the loss must be a scalar tensor or bb.LossSum, got {type(loss).__name__}; "
+            "return loss.mean() or bb.LossSum(loss.sum(), n) from the loss function."
+        )
+    if not isinstance(total, torch.Tensor) or total.dim() != 0:
+        shape = tuple(total.shape) if isinstance(total, torch.Tensor) else type(total).__name__
+        raise LossError(
+            f"the loss must be a scalar, got shape {shape}; reduce it with .mean() "
+            "(or .sum() inside a LossSum) before handing it to bigbatch."
+        )
+    if not total.requires_grad:
+        raise LossError(
+            "the loss does not require grad: did the forward run under torch.no_grad() "
+            "or are all parameters frozen?"
+        )
+    return total, count

@@ -54,10 +54,6 @@ class Float32Grads:
             buf.add_(p.grad)
         p.grad = None
 
-    def grads(self) -> list[torch.Tensor]:
-        """The float32 sums of this window (empty if no parameter is low-precision)."""
-        return list(self.buffers.values())
-
     def write_back_(self) -> None:
         """Round each float32 sum once into its parameter's `.grad`, and reset."""
         for p, buf in self.buffers.items():

@@ -1,0 +1,33 @@
+"""What one optimizer step reports."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+
+
+@dataclass
+class StepStats:
+    """What one optimizer step did.
+
+    `loss`, `count` and `grad_norm` stay tensors on the device, so reading them is
+    the caller's choice of host sync (`to_dict()` reads them all at once).
+    """
+
+    loss: torch.Tensor  # mean over every item of the logical batch (all ranks)
+    count: torch.Tensor  # items in the logical batch: samples, or tokens for a LossSum
+    grad_norm: torch.Tensor  # of the normalised gradient, before clipping
+    lr: float  # the learning rate this step used
+    micro_batch_size: int | None
+    micro_steps: int
+    skipped: bool  # non-finite gradient: the optimizer did not step
+    peak_memory_bytes: int | None  # CUDA only
+
+    def to_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        for key in ("loss", "grad_norm"):
+            out[key] = float(out[key])
+        out["count"] = int(out["count"])
+        return out

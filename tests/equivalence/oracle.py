@@ -1,0 +1,68 @@
+"""The reference every equivalence test compares against: plain full-batch PyTorch.
+
+One forward over the whole logical batch, the mean loss over all its items,
+backward, clip, step, scheduler. Written out by hand, no bigbatch code.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+DTYPE = torch.float64
+
+
+def mlp(seed: int = 0, d_in: int = 4, d_hidden: int = 8, d_out: int = 3) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(d_in, d_hidden), nn.Tanh(), nn.Linear(d_hidden, d_out)).to(DTYPE)
+
+
+def classification_data(n: int, seed: int = 1, d_in: int = 4, classes: int = 3):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, d_in, generator=g, dtype=DTYPE)
+    y = torch.randint(0, classes, (n,), generator=g)
+    return x, y
+
+
+def sample_mean_loss(model: nn.Module, batch) -> torch.Tensor:
+    x, y = batch
+    return F.cross_entropy(model(x), y)
+
+
+def full_batch_step(model, optimizer, batch, loss_fn=sample_mean_loss, *, max_grad_norm=None, scheduler=None):
+    """One plain full-batch step; returns (mean loss, grad norm before clipping)."""
+    optimizer.zero_grad(set_to_none=True)
+    loss = loss_fn(model, batch)
+    loss.backward()
+    params = [p for p in model.parameters() if p.grad is not None]
+    norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad) for p in params]))
+    if max_grad_norm is not None:
+        torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+    optimizer.step()
+    if scheduler is not None:
+        scheduler.step()
+    return loss.detach(), norm
+
+
+def twin(model: nn.Module) -> nn.Module:
+    return copy.deepcopy(model)
+
+
+def max_param_diff(a: nn.Module, b: nn.Module) -> float:
+    return max((p - q).abs().max().item() for p, q in zip(a.parameters(), b.parameters()))
+
+
+def max_state_diff(opt_a: torch.optim.Optimizer, opt_b: torch.optim.Optimizer) -> float:
+    """Largest difference over every optimizer-state tensor (Adam's step counter included)."""
+    worst = 0.0
+    sa, sb = opt_a.state_dict()["state"], opt_b.state_dict()["state"]
+    assert sa.keys() == sb.keys()
+    for key in sa:
+        assert sa[key].keys() == sb[key].keys()
+        for name in sa[key]:
+            a, b = torch.as_tensor(sa[key][name]), torch.as_tensor(sb[key][name])
+            worst = max(worst, (a.double() - b.double()).abs().max().item())
+    return worst
