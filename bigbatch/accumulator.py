@@ -68,6 +68,8 @@ class Accumulator:
     statistics, so no split can be exact for them (see `bb.verify`).
     """
 
+    _ref: float | torch.Tensor | None  # the window's loss divisor (see module docstring)
+
     def __init__(
         self,
         model: nn.Module,
@@ -269,7 +271,7 @@ class Accumulator:
 
     def _reset_window(self) -> None:
         self._micro_steps = 0
-        self._ref: float | torch.Tensor | None = None
+        self._ref = None
         self._count_int = 0  # counts given as Python ints
         self._count_tensor: torch.Tensor | None = None  # counts given as tensors
         self._loss_sum: torch.Tensor | None = None

@@ -76,8 +76,11 @@ def split_batch(batch: Batch, micro_batch_size: int) -> list[Batch]:
     n = batch_size(batch)
     if micro_batch_size < 1:
         raise BatchError(f"micro_batch_size must be >= 1, got {micro_batch_size}.")
-    starts = range(0, n, micro_batch_size)
-    return [_map(batch, lambda t, s=s: t[s : s + micro_batch_size]) for s in starts]
+
+    def piece(start: int) -> Batch:
+        return _map(batch, lambda t: t[start : start + micro_batch_size])
+
+    return [piece(start) for start in range(0, n, micro_batch_size)]
 
 
 def to_device(batch: Batch, device: torch.device) -> Batch:

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -12,7 +13,8 @@ from .errors import LossError
 Count = int | torch.Tensor
 
 
-class LossSum(NamedTuple):
+@dataclass(frozen=True)
+class LossSum:
     """A sum of per-item losses and how many items it sums over.
 
     Return one from a loss function when the loss is a mean over something other
@@ -60,7 +62,7 @@ def as_loss_sum(loss: Any, count: Count | None) -> tuple[torch.Tensor, Count]:
     if isinstance(loss, LossSum):
         if count is not None:
             raise LossError("a LossSum carries its own count; drop the count= argument.")
-        total, count = loss
+        total, count = loss.total, loss.count
         if isinstance(count, int) and count < 0:
             raise LossError(f"LossSum count must be >= 0, got {count}.")
     elif isinstance(loss, torch.Tensor):
