@@ -48,8 +48,10 @@ def token_cross_entropy(
             f"logits {tuple(logits.shape)} and labels {tuple(labels.shape)} do not line up; "
             "logits must be labels.shape + (vocab,)."
         )
+    if logits.dtype in (torch.float16, torch.bfloat16):
+        logits = logits.float()  # the log-softmax of a low-precision sum loses too much
     total = F.cross_entropy(
-        logits.reshape(-1, logits.shape[-1]).float(),
+        logits.reshape(-1, logits.shape[-1]),
         labels.reshape(-1),
         ignore_index=ignore_index,
         reduction="sum",
