@@ -1,0 +1,122 @@
+"""Bad input gets an error that names the problem and the fix."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import bigbatch as bb
+
+
+def make(**kwargs):
+    model = nn.Linear(4, 3)
+    return model, bb.Accumulator(model, torch.optim.SGD(model.parameters(), lr=0.1), **kwargs)
+
+
+def loss_fn(model, batch):
+    x, y = batch
+    return F.cross_entropy(model(x), y)
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        ({}, "exactly one of accumulation_steps"),
+        ({"accumulation_steps": 2, "micro_batch_size": 4}, "exactly one of accumulation_steps"),
+        ({"accumulation_steps": 0}, "accumulation_steps must be an int >= 1"),
+        ({"accumulation_steps": 2.5}, "accumulation_steps must be an int >= 1"),
+        ({"micro_batch_size": 0}, "micro_batch_size must be an int >= 1"),
+        ({"micro_batch_size": "big"}, "micro_batch_size must be an int >= 1"),
+        ({"micro_batch_size": 2, "precision": "fp8"}, "precision must be one of"),
+        ({"micro_batch_size": 2, "last_window": "keep"}, 'last_window must be "step" or "drop"'),
+        ({"micro_batch_size": 2, "max_grad_norm": 0}, "max_grad_norm must be > 0"),
+    ],
+)
+def test_bad_settings_name_the_fix(kwargs, match):
+    with pytest.raises(bb.ConfigError, match=match):
+        make(**kwargs)
+
+
+def test_empty_batch():
+    _, acc = make(micro_batch_size=2)
+    with pytest.raises(bb.BatchError, match="empty"):
+        acc.step((torch.zeros(0, 4), torch.zeros(0, dtype=torch.long)), loss_fn)
+
+
+def test_leading_dimensions_disagree():
+    _, acc = make(micro_batch_size=2)
+    with pytest.raises(bb.BatchError, match=r"disagree.*batch\[0\]: 5, batch\[1\]: 4"):
+        acc.step((torch.zeros(5, 4), torch.zeros(4, dtype=torch.long)), loss_fn)
+
+
+def test_batch_without_tensors():
+    _, acc = make(micro_batch_size=2)
+    with pytest.raises(bb.BatchError, match="holds no tensors"):
+        acc.step([1, 2, 3], loss_fn)
+
+
+def test_loss_that_is_not_a_scalar():
+    _, acc = make(micro_batch_size=2)
+    batch = (torch.zeros(4, 4), torch.zeros(4, dtype=torch.long))
+    with pytest.raises(bb.LossError, match=r"must be a scalar, got shape \(2,\)"):
+        acc.step(batch, lambda m, b: F.cross_entropy(m(b[0]), b[1], reduction="none"))
+    with pytest.raises(bb.LossError, match="scalar tensor or bb.LossSum, got float"):
+        acc.step(batch, lambda m, b: 1.0)
+
+
+def test_loop_api_count_rules():
+    model, acc = make(accumulation_steps=2)
+    x, y = torch.zeros(4, 4), torch.zeros(4, dtype=torch.long)
+    with acc.accumulate():
+        with pytest.raises(bb.LossError, match="count=len"):
+            acc.backward(loss_fn(model, (x, y)))
+        with pytest.raises(bb.LossError, match="positive number of samples, got 0"):
+            acc.backward(loss_fn(model, (x, y)), count=0)
+        with pytest.raises(bb.LossError, match="carries its own count"):
+            acc.backward(bb.LossSum(loss_fn(model, (x, y)), 4), count=4)
+        acc.backward(loss_fn(model, (x, y)), count=4)
+
+
+def test_loop_api_misuse():
+    model, acc = make(accumulation_steps=2)
+    with pytest.raises(bb.ConfigError, match="inside `with acc.accumulate"):
+        acc.backward(model(torch.zeros(1, 4)).sum(), count=1)
+    with pytest.raises(bb.ConfigError, match="needs micro_batch_size"):
+        acc.step((torch.zeros(2, 4), torch.zeros(2, dtype=torch.long)), loss_fn)
+    with pytest.raises(bb.LossError, match="ended without acc.backward"):
+        with acc.accumulate():
+            pass
+    _, step_acc = make(micro_batch_size=2)
+    with pytest.raises(bb.ConfigError, match="needs accumulation_steps"):
+        with step_acc.accumulate():
+            pass
+
+
+def test_loss_without_grad():
+    _, acc = make(micro_batch_size=2)
+    with pytest.raises(bb.LossError, match="does not require grad"):
+        acc.step((torch.zeros(2, 4), torch.zeros(2, dtype=torch.long)), lambda m, b: torch.tensor(1.0))
+
+
+def test_scale_lr():
+    assert bb.scale_lr(0.1, 256, 1024) == pytest.approx(0.4)
+    assert bb.scale_lr(0.1, 256, 1024, rule="sqrt") == pytest.approx(0.2)
+    with pytest.raises(bb.ConfigError, match="rule must be"):
+        bb.scale_lr(0.1, 1, 2, rule="cubic")
+    with pytest.raises(bb.ConfigError, match="batch sizes must be >= 1"):
+        bb.scale_lr(0.1, 0, 2)
+
+
+def test_state_dict_round_trip_and_open_window_refused():
+    model, acc = make(accumulation_steps=2)
+    with acc.accumulate():
+        acc.backward(loss_fn(model, (torch.zeros(2, 4), torch.zeros(2, dtype=torch.long))), count=2)
+    with pytest.raises(bb.ConfigError, match="window is open"):
+        acc.state_dict()
+    acc.flush()
+    state = acc.state_dict()
+    _, other = make(accumulation_steps=2)
+    other.load_state_dict(state)
+    assert other.optimizer_steps == acc.optimizer_steps == 1
