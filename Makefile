@@ -22,7 +22,7 @@ train: $(BIN)/.installed
 test: lint typecheck unit
 
 lint: $(BIN)/.installed
-	$(BIN)/ruff check bigbatch tests benchmarks
+	$(BIN)/ruff check .
 
 typecheck: $(BIN)/.installed
 	$(BIN)/mypy bigbatch
