@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import importlib.util
 import sys
 
 COMMANDS = {
@@ -26,7 +27,11 @@ COMMANDS = {
 def _available() -> dict[str, str]:
     found = {}
     for name, (module, _) in COMMANDS.items():
-        if importlib.util.find_spec(module) is not None:
+        try:
+            spec = importlib.util.find_spec(module)
+        except ModuleNotFoundError:  # its parent package is not there yet
+            spec = None
+        if spec is not None:
             found[name] = module
     return found
 
