@@ -7,6 +7,7 @@
 
 from .accumulator import Accumulator
 from .batches import batch_size, split_batch
+from .checkpointing import checkpoint_blocks
 from .errors import (
     AccumulationWarning,
     BatchCouplingWarning,
@@ -32,6 +33,7 @@ __all__ = [
     "MicroBatchTooLargeError",
     "StepStats",
     "batch_size",
+    "checkpoint_blocks",
     "scale_lr",
     "split_batch",
     "token_cross_entropy",
