@@ -8,6 +8,7 @@
 from .accumulator import Accumulator
 from .batches import batch_size, split_batch
 from .checkpointing import checkpoint_blocks
+from .chunked import chunked_cross_entropy
 from .errors import (
     AccumulationWarning,
     BatchCouplingWarning,
@@ -34,6 +35,7 @@ __all__ = [
     "StepStats",
     "batch_size",
     "checkpoint_blocks",
+    "chunked_cross_entropy",
     "scale_lr",
     "split_batch",
     "token_cross_entropy",
