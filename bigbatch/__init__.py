@@ -7,6 +7,8 @@
 
 from .accumulator import Accumulator
 from .batches import batch_size, split_batch
+from .checkpointing import checkpoint_blocks
+from .chunked import chunked_cross_entropy
 from .errors import (
     AccumulationWarning,
     BatchCouplingWarning,
@@ -32,6 +34,8 @@ __all__ = [
     "MicroBatchTooLargeError",
     "StepStats",
     "batch_size",
+    "checkpoint_blocks",
+    "chunked_cross_entropy",
     "scale_lr",
     "split_batch",
     "token_cross_entropy",

@@ -22,6 +22,7 @@ from .batches import Batch, batch_size, split_batch, to_device
 from .distributed import grad_sync_for
 from .errors import ConfigError, LossError, MicroBatchTooLargeError
 from .losses import Count, LossSum, as_loss_sum
+from .oom import RngSnapshot, release_memory
 from .precision import Float32Grads, autocast_dtype, make_scaler
 from .stats import StepStats
 
@@ -192,8 +193,11 @@ class Accumulator:
 
         `loss_fn(model, micro_batch)` returns the micro-batch's mean loss over its
         samples, or a `LossSum`. Each micro-batch moves to the model's device just
-        in time. Under micro_batch_size="auto" an OOM drops the window, halves the
-        micro-batch and redoes it: the result is the same as if it had fitted.
+        in time. Under micro_batch_size="auto" an OOM in a forward or backward drops
+        the window, halves the micro-batch, replays the random state and redoes it:
+        the result is the one a run at the smaller size gives, and that size is kept
+        for the next steps. An OOM in the optimizer step is never retried. Whatever
+        fails, the window's gradients are dropped before the error propagates.
         """
         if self.micro_batch_size is None:
             raise ConfigError(
@@ -203,23 +207,39 @@ class Accumulator:
         if self._micro_steps:
             raise ConfigError("a loop-API window is open; call acc.flush() before acc.step().")
         n = batch_size(batch)
+        auto = self.micro_batch_size == "auto"
+        rng = RngSnapshot(self.device) if auto else None
         while True:
             size = min(n, self._step_micro_batch_size(n))
             try:
-                return self._step_window(batch, n, size, loss_fn)
-            except torch.OutOfMemoryError:
-                if self.micro_batch_size != "auto":
+                self._accumulate_window(batch, n, size, loss_fn)
+            except BaseException as error:
+                if not (auto and isinstance(error, torch.OutOfMemoryError)):
+                    self._drop_window()  # never leak a failed window's gradients into the next
                     raise
-                failed = size
+                failed, reason = size, str(error).split("\n")[0]
+            else:
+                try:
+                    # Not retried on OOM: a smaller micro-batch does not shrink the
+                    # optimizer's memory, and the step may have changed parameters.
+                    return self._finish_window(micro_batch_size=size)
+                except BaseException:
+                    self._drop_window()
+                    raise
             # Outside the except block, so the traceback's frames (and the
             # activations they hold) are gone before the retry.
             self._drop_window()
+            release_memory(self.device)
             if failed == 1:
                 raise MicroBatchTooLargeError(
-                    "out of memory with a micro-batch of one sample; the model itself does "
-                    "not fit: enable activation checkpointing, use bf16, or a smaller model."
+                    "out of memory with a micro-batch of one sample, so no micro-batch size fits: "
+                    "enable activation checkpointing (bb.checkpoint_blocks(model)), use "
+                    "precision=\"bf16\", or a smaller model; bb.plan(...) measures what fits. "
+                    f"The error was: {reason}"
                 )
             self._auto_micro_batch_size = failed // 2
+            assert rng is not None
+            rng.restore()  # the retry draws the same random numbers (dropout) as a clean run
 
     # -- public: resume ---------------------------------------------------
 
@@ -247,7 +267,7 @@ class Accumulator:
         assert isinstance(self.micro_batch_size, int)
         return self.micro_batch_size
 
-    def _step_window(self, batch: Batch, n: int, size: int, loss_fn: LossFn) -> StepStats:
+    def _accumulate_window(self, batch: Batch, n: int, size: int, loss_fn: LossFn) -> None:
         pieces = split_batch(batch, size)
         self._start_window()
         # The step API sees the whole batch: with sample-mean losses ref equals the
@@ -260,7 +280,6 @@ class Accumulator:
                 total, count = as_loss_sum(out, None if isinstance(out, LossSum) else batch_size(piece))
                 self._add(total, count)
             self._micro_steps += 1
-        return self._finish_window(micro_batch_size=size)
 
     def _micro_step_context(self, sync: bool) -> contextlib.ExitStack:
         stack = contextlib.ExitStack()
