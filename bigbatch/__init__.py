@@ -15,9 +15,12 @@ from .errors import (
     LossError,
     MicroBatchTooLargeError,
 )
+from .guard import Guard, guard
 from .losses import LossSum, token_cross_entropy
 from .lr import scale_lr
+from .norms import GhostBatchNorm, convert_batchnorm
 from .stats import StepStats
+from .verify import VerifyReport, verify
 
 __version__ = "0.1.0"
 
@@ -27,12 +30,18 @@ __all__ = [
     "BatchCouplingWarning",
     "BatchError",
     "ConfigError",
+    "GhostBatchNorm",
+    "Guard",
     "LossError",
     "LossSum",
     "MicroBatchTooLargeError",
     "StepStats",
+    "VerifyReport",
     "batch_size",
+    "convert_batchnorm",
+    "guard",
     "scale_lr",
     "split_batch",
     "token_cross_entropy",
+    "verify",
 ]
