@@ -199,15 +199,41 @@ def _run(model: nn.Module, batch: Batch, loss_fn: Callable[[nn.Module, Batch], A
     return calls
 
 
+def _random_modules(model: nn.Module, batch: Batch, loss_fn: Any, n: int, seed: int) -> list[str]:
+    """Modules whose output changes with the seed although their input does not.
+
+    A random module upstream changes the input of every module after it, hiding
+    their own randomness; so the ones found are switched to eval and the search
+    repeats (a few rounds at most), then every module's mode is restored.
+    """
+    modes = {m: m.training for m in model.modules()}
+    modules = dict(model.named_modules())
+    found: list[str] = []
+    try:
+        for _ in range(4):
+            base = _run(model, batch, loss_fn, n, seed)
+            reseeded = _run(model, batch, loss_fn, n, seed + 1)
+            new = [r for r in _changed_modules(base, reseeded, torch.arange(n)) if r not in found]
+            if not new:
+                break
+            found += new
+            for name in new:
+                modules[name].eval()
+    finally:
+        for m, mode in modes.items():
+            m.training = mode
+    return sorted(found, key=list(modules).index)
+
+
 def probe(
     model: nn.Module, batch: Batch, loss_fn: Callable[[nn.Module, Batch], Any], *, seed: int = 0
 ) -> ProbeResult:
     """Find the modules that mix samples or draw random numbers, by running `model`.
 
-    Runs `loss_fn(model, batch)` four times without gradients: twice on `batch` with
-    two seeds (randomness), then with the first and then the last sample changed
-    under the first seed (coupling: the same seed gives dropout the same masks, so a
-    random layer is not mistaken for a coupled one). Call it on a copy: the forward
+    Runs `loss_fn(model, batch)` without gradients: on `batch`, then with the first
+    and then the last sample changed, under one seed (coupling: the same seed gives
+    dropout the same masks, so a random layer is not mistaken for a coupled one);
+    then on `batch` under two seeds (randomness). Call it on a copy: the forward
     passes update running statistics. The caller should save and restore the RNG.
 
     Limits: only tensors whose leading dimension is the batch's sample count are
@@ -219,13 +245,12 @@ def probe(
         return ProbeResult()
     g = torch.Generator().manual_seed(seed)
     base = _run(model, batch, loss_fn, n, seed)
-    reseeded = _run(model, batch, loss_fn, n, seed + 1)
-    random = _changed_modules(base, reseeded, torch.arange(n))
     coupled_names: list[str] = []
     for changed in (0, n - 1):
         others = torch.tensor([i for i in range(n) if i != changed])
         perturbed = _run(model, _perturbed(batch, changed, g), loss_fn, n, seed)
         coupled_names += [c for c in _changed_modules(base, perturbed, others) if c not in coupled_names]
+    random = _random_modules(model, batch, loss_fn, n, seed)
     # A module whose own draws changed cannot be judged by rows; the two lists stay apart.
     coupled_names = _innermost([c for c in coupled_names if c not in random])
     modules = dict(model.named_modules())
