@@ -17,9 +17,12 @@ from .errors import (
     LossError,
     MicroBatchTooLargeError,
 )
+from .guard import Guard, guard
 from .losses import LossSum, token_cross_entropy
 from .lr import scale_lr
+from .norms import GhostBatchNorm, convert_batchnorm
 from .stats import StepStats
+from .verify import VerifyReport, verify
 
 __version__ = "0.1.0"
 
@@ -29,14 +32,20 @@ __all__ = [
     "BatchCouplingWarning",
     "BatchError",
     "ConfigError",
+    "GhostBatchNorm",
+    "Guard",
     "LossError",
     "LossSum",
     "MicroBatchTooLargeError",
     "StepStats",
+    "VerifyReport",
     "batch_size",
     "checkpoint_blocks",
     "chunked_cross_entropy",
+    "convert_batchnorm",
+    "guard",
     "scale_lr",
     "split_batch",
     "token_cross_entropy",
+    "verify",
 ]

@@ -24,6 +24,7 @@ from .errors import ConfigError, LossError, MicroBatchTooLargeError
 from .losses import Count, LossSum, as_loss_sum
 from .oom import RngSnapshot, release_memory
 from .precision import Float32Grads, autocast_dtype, make_scaler
+from .probes import warn_if_batch_coupled
 from .stats import StepStats
 
 LossFn = Callable[[nn.Module, Batch], torch.Tensor | LossSum]
@@ -104,6 +105,7 @@ class Accumulator:
         if max_grad_norm is not None and not max_grad_norm > 0:
             raise ConfigError(f"max_grad_norm must be > 0 (or None for no clipping), got {max_grad_norm!r}.")
 
+        warn_if_batch_coupled(model)  # BatchCouplingWarning: no split can be exact for BatchNorm
         self.model = model
         self.optimizer = optimizer
         self.scheduler = scheduler
