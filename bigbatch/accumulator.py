@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from .batches import Batch, batch_size, split_batch, to_device
-from .distributed import grad_sync_for
+from .distributed import full_tensor, grad_sync_for
 from .errors import ConfigError, LossError, MicroBatchTooLargeError
 from .losses import Count, LossSum, as_loss_sum
 from .oom import RngSnapshot, release_memory
@@ -183,7 +183,7 @@ class Accumulator:
         if self.last_window == "drop":
             self._drop_window()
             return None
-        self._sync.sync_now_(self._params)
+        self._sync.sync_now_(self._params, self._float32_grads.buffers)
         self._sync_gradients = True
         self.last_stats = self._finish_window()
         return self.last_stats
@@ -271,6 +271,7 @@ class Accumulator:
 
     def _accumulate_window(self, batch: Batch, n: int, size: int, loss_fn: LossFn) -> None:
         pieces = split_batch(batch, size)
+        self._sync.check_micro_steps(len(pieces))
         self._start_window()
         # The step API sees the whole batch: with sample-mean losses ref equals the
         # total and the final rescale is skipped.
@@ -383,7 +384,7 @@ class Accumulator:
         factor = self._rescale(count)
         if factor is not None and grads:
             torch._foreach_mul_(grads, factor)
-        grad_norm = torch.nn.utils.get_total_norm(grads, foreach=True)
+        grad_norm = full_tensor(torch.nn.utils.get_total_norm(grads, foreach=True))  # FSDP2: all shards
         if self.max_grad_norm is not None and grads:
             # The same rule as torch.nn.utils.clip_grad_norm_, applied to the gradient
             # tensors themselves (they may be float32 buffers, not `.grad`).
