@@ -126,6 +126,7 @@ def _record(model: nn.Module, stats: list[bb.StepStats]) -> dict[str, Any]:
         "grad_norm": [s.grad_norm.item() for s in stats],
         "count": [int(s.count) for s in stats],
         "micro_steps": [s.micro_steps for s in stats],
+        "plain_tensors": all(type(t) is torch.Tensor for s in stats for t in (s.loss, s.grad_norm, s.count)),
     }
 
 
@@ -234,6 +235,21 @@ def fsdp2_loop_cut_short_without_sync_each(rank: int, world: int) -> dict[str, A
     return {"error": None}
 
 
+def fsdp2_grads_inside_a_window(rank: int, world: int) -> dict[str, Any]:
+    """Whether the first micro-step reduce-scattered: the sharded `.grad` exists only then."""
+    out = {}
+    for sync_each in (False, True):
+        model = _shard_fsdp(TinyLM())
+        acc = bb.Accumulator(model, optimizer(model), accumulation_steps=2, sync_each_micro_step=sync_each)
+        pieces = loop_micro_batches(0, (3, 3), rank, world)
+        with acc.accumulate():
+            acc.backward(token_loss(model, pieces[0]))
+        out[sync_each] = any(p.grad is not None for p in model.parameters())
+        with acc.accumulate():
+            acc.backward(token_loss(model, pieces[1]))
+    return out
+
+
 def fsdp2_uneven_micro_steps(rank: int, world: int) -> dict[str, Any]:
     """Shards of 5 and 4 at micro-batch 2 are 3 and 2 forwards: must fail clearly, not hang."""
     model = _shard_fsdp(mlp())
@@ -299,6 +315,7 @@ SCENARIOS: dict[str, Callable[[int, int], dict[str, Any]]] = {
     "fsdp2_sample_step": fsdp2_sample_step,
     "fsdp2_token_loop_sync_each": fsdp2_token_loop_sync_each,
     "fsdp2_loop_cut_short_without_sync_each": fsdp2_loop_cut_short_without_sync_each,
+    "fsdp2_grads_inside_a_window": fsdp2_grads_inside_a_window,
     "fsdp2_uneven_micro_steps": fsdp2_uneven_micro_steps,
     "comm_rounds": comm_rounds,
     "no_process_group": no_process_group,  # last: it destroys the process group

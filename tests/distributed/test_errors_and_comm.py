@@ -18,6 +18,11 @@ def test_ddp_gradient_all_reduce_once_per_optimizer_step_not_per_micro_step(resu
         assert res["plain"]["bytes"] == sc.COMM_MICRO_STEPS * res["plain"]["param_bytes"]
 
 
+def test_fsdp2_skips_the_reduce_scatter_inside_a_window_unless_asked(result):
+    for res in result("fsdp2_grads_inside_a_window"):
+        assert res == {False: False, True: True}  # sync_each_micro_step -> sharded grad after step 1
+
+
 def test_fsdp2_window_cut_short_without_sync_each_micro_step_is_an_error(result):
     for res in result("fsdp2_loop_cut_short_without_sync_each"):
         assert res["error"] is not None and "sync_each_micro_step=True" in res["error"]
