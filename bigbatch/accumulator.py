@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from .batches import Batch, batch_size, split_batch, to_device
-from .distributed import full_tensor, grad_sync_for
+from .distributed import LocalSync, full_tensor, grad_sync_for
 from .errors import ConfigError, LossError, MicroBatchTooLargeError
 from .losses import Count, LossSum, as_loss_sum
 from .precision import Float32Grads, autocast_dtype, make_scaler
@@ -119,7 +119,9 @@ class Accumulator:
         self._params = [
             p for group in optimizer.param_groups for p in group["params"] if p.requires_grad
         ]
-        self._float32_grads = Float32Grads.for_params(self._params)
+        # DDP/FSDP2 read `.grad` in their own backward hooks: moving it aside would skip the
+        # sync, so under a wrapper low-precision parameters accumulate in their own dtype.
+        self._float32_grads = Float32Grads.for_params(self._params if isinstance(self._sync, LocalSync) else [])
         self._auto_micro_batch_size: int | None = None  # the size that last fitted, under "auto"
         self.optimizer_steps = 0
         self.last_stats: StepStats | None = None

@@ -172,6 +172,18 @@ def ddp_token_loop(rank: int, world: int) -> dict[str, Any]:
     return _record(model.module, stats)
 
 
+def ddp_bf16_params(rank: int, world: int) -> dict[str, Any]:
+    """bf16 parameters under DDP: the ranks must still agree (the gradient was synced)."""
+    torch.manual_seed(0)
+    model = DDP(nn.Linear(4, 3).to(torch.bfloat16))
+    acc = bb.Accumulator(model, torch.optim.SGD(model.parameters(), lr=0.1), accumulation_steps=2)
+    x = torch.randn(4, 4, generator=torch.Generator().manual_seed(rank), dtype=torch.bfloat16)
+    for piece in x.split(2):
+        with acc.accumulate():
+            acc.backward(model(piece).float().pow(2).mean(), count=len(piece))
+    return {"params": _full_params(model.module)}
+
+
 def naive_ddp_token_loop(rank: int, world: int) -> dict[str, Any]:
     """Negative control: the classic loop (per-micro-batch token mean / N, DDP mean over ranks)."""
     model = DDP(TinyLM())
@@ -310,6 +322,7 @@ SCENARIOS: dict[str, Callable[[int, int], dict[str, Any]]] = {
     "ddp_sample_step": ddp_sample_step,
     "ddp_token_step": ddp_token_step,
     "ddp_token_loop": ddp_token_loop,
+    "ddp_bf16_params": ddp_bf16_params,
     "naive_ddp_token_loop": naive_ddp_token_loop,
     "fsdp2_token_step": fsdp2_token_step,
     "fsdp2_sample_step": fsdp2_sample_step,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 from . import scenarios as sc
 
@@ -16,6 +17,14 @@ def test_ddp_gradient_all_reduce_once_per_optimizer_step_not_per_micro_step(resu
         assert res["step"]["rounds"] == 1
         assert res["loop"]["bytes"] == res["step"]["bytes"] == res["loop"]["param_bytes"]
         assert res["plain"]["bytes"] == sc.COMM_MICRO_STEPS * res["plain"]["param_bytes"]
+
+
+def test_ddp_with_bf16_parameters_keeps_the_ranks_in_step(result):
+    a, b = (res["params"] for res in result("ddp_bf16_params"))
+    torch.manual_seed(0)
+    init = list(torch.nn.Linear(4, 3).to(torch.bfloat16).parameters())
+    assert all(not torch.equal(p, q) for p, q in zip(a, init))  # premise: it trained
+    assert all(torch.equal(p, q) for p, q in zip(a, b))
 
 
 def test_fsdp2_skips_the_reduce_scatter_inside_a_window_unless_asked(result):
