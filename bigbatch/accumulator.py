@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from .batches import Batch, batch_size, split_batch, to_device
-from .distributed import LocalSync, full_tensor, grad_sync_for
+from .distributed import FSDP2Sync, LocalSync, full_tensor, grad_sync_for
 from .errors import ConfigError, LossError, MicroBatchTooLargeError
 from .losses import Count, LossSum, as_loss_sum
 from .precision import Float32Grads, autocast_dtype, make_scaler
@@ -116,6 +116,9 @@ class Accumulator:
         self._autocast_dtype = autocast_dtype(precision)
         self._scaler = make_scaler(precision, self.device)
         self._sync = grad_sync_for(model, sync_each_micro_step=sync_each_micro_step)
+        if micro_batch_size == "auto" and isinstance(self._sync, FSDP2Sync):
+            raise ConfigError('micro_batch_size="auto" under FSDP2 would leave the ranks that did not '
+                              "run out of memory waiting in an all-gather; give an int micro_batch_size.")
         self._params = [
             p for group in optimizer.param_groups for p in group["params"] if p.requires_grad
         ]

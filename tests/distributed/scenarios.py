@@ -266,30 +266,45 @@ def fsdp2_uneven_micro_steps(rank: int, world: int) -> dict[str, Any]:
     """Shards of 5 and 4 at micro-batch 2 are 3 and 2 forwards: must fail clearly, not hang."""
     model = _shard_fsdp(mlp())
     acc = bb.Accumulator(model, optimizer(model), micro_batch_size=2)
+    out: dict[str, Any] = {"error": None, "auto": None}
     try:
         acc.step(shard(sample_batch(0, n=9), rank, world), sample_loss)
     except bb.ConfigError as e:
-        return {"error": str(e)}
-    return {"error": None}
+        out["error"] = str(e)
+    try:
+        bb.Accumulator(model, optimizer(model), micro_batch_size="auto")
+    except bb.ConfigError as e:
+        out["auto"] = str(e)
+    return out
 
 
 COMM_MICRO_STEPS = 4
 
 
+class Holder(nn.Module):
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.inner(x)
+
+
 def comm_rounds(rank: int, world: int) -> dict[str, Any]:
     """Gradient all-reduce rounds per optimizer step: the plain loop vs bigbatch's two APIs."""
     out = {}
-    for way in ("plain", "loop", "step"):
-        model = DDP(mlp())
+    for way in ("plain", "loop", "step", "nested"):
+        ddp = DDP(mlp())
         counter = AllReduceCounter(world_size=world)
-        model.register_comm_hook(None, counter.hook)
+        ddp.register_comm_hook(None, counter.hook)
+        model = Holder(ddp) if way == "nested" else ddp  # a DDP model inside the user's module
         opt = optimizer(model)
         x, y = shard(sample_batch(0, n=16), rank, world)  # 8 per rank: 4 micro-batches of 2
         if way == "plain":
             for piece in zip(x.split(2), y.split(2)):
                 (sample_loss(model, piece) / COMM_MICRO_STEPS).backward()
             opt.step()
-        elif way == "loop":
+        elif way in ("loop", "nested"):
             acc = bb.Accumulator(model, opt, accumulation_steps=COMM_MICRO_STEPS)
             for piece in zip(x.split(2), y.split(2)):
                 with acc.accumulate():

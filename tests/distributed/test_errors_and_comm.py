@@ -15,6 +15,7 @@ def test_ddp_gradient_all_reduce_once_per_optimizer_step_not_per_micro_step(resu
         assert res["plain"]["rounds"] == sc.COMM_MICRO_STEPS  # premise: the hook sees every round
         assert res["loop"]["rounds"] == 1
         assert res["step"]["rounds"] == 1
+        assert res["nested"]["rounds"] == 1  # DDP found inside the user's own module
         assert res["loop"]["bytes"] == res["step"]["bytes"] == res["loop"]["param_bytes"]
         assert res["plain"]["bytes"] == sc.COMM_MICRO_STEPS * res["plain"]["param_bytes"]
 
@@ -41,6 +42,7 @@ def test_fsdp2_ranks_with_different_micro_step_counts_fail_clearly(result):
     for rank, res in enumerate(result("fsdp2_uneven_micro_steps")):
         assert res["error"] is not None
         assert "between 2 and 3" in res["error"] and f"this rank {3 - rank}" in res["error"]
+        assert res["auto"] is not None and "int micro_batch_size" in res["auto"]
 
 
 def test_wrapped_model_without_a_process_group_names_the_fix(result):
