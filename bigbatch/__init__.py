@@ -7,6 +7,7 @@
 
 from .accumulator import Accumulator
 from .batches import batch_size, split_batch
+from .distributed import RankSplit, derive_per_rank, shard_indices
 from .errors import (
     AccumulationWarning,
     BatchCouplingWarning,
@@ -30,9 +31,12 @@ __all__ = [
     "LossError",
     "LossSum",
     "MicroBatchTooLargeError",
+    "RankSplit",
     "StepStats",
     "batch_size",
+    "derive_per_rank",
     "scale_lr",
+    "shard_indices",
     "split_batch",
     "token_cross_entropy",
 ]
