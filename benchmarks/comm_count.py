@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import os
+import sys
 import tempfile
 
 import torch
@@ -88,6 +89,8 @@ WAYS = ("plain", "bigbatch loop", "bigbatch step")
 
 def worker(rank: int, world: int, store: str, args: argparse.Namespace, out: str) -> None:
     torch.set_num_threads(max(1, (os.cpu_count() or 2) // world))
+    if sys.platform == "linux":  # one machine: loopback, even where the hostname does not resolve
+        os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world,
                             timeout=datetime.timedelta(seconds=120))
     rows = []
