@@ -9,6 +9,7 @@ from .accumulator import Accumulator
 from .batches import batch_size, split_batch
 from .checkpointing import checkpoint_blocks
 from .chunked import chunked_cross_entropy
+from .distributed import RankSplit, derive_per_rank, shard_indices
 from .errors import (
     AccumulationWarning,
     BatchCouplingWarning,
@@ -37,14 +38,17 @@ __all__ = [
     "LossError",
     "LossSum",
     "MicroBatchTooLargeError",
+    "RankSplit",
     "StepStats",
     "VerifyReport",
     "batch_size",
     "checkpoint_blocks",
     "chunked_cross_entropy",
     "convert_batchnorm",
+    "derive_per_rank",
     "guard",
     "scale_lr",
+    "shard_indices",
     "split_batch",
     "token_cross_entropy",
     "verify",
