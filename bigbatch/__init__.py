@@ -19,6 +19,8 @@ from .errors import (
 )
 from .losses import LossSum, token_cross_entropy
 from .lr import scale_lr
+from .planner import plan
+from .plans import Plan
 from .stats import StepStats
 
 __version__ = "0.1.0"
@@ -32,10 +34,12 @@ __all__ = [
     "LossError",
     "LossSum",
     "MicroBatchTooLargeError",
+    "Plan",
     "StepStats",
     "batch_size",
     "checkpoint_blocks",
     "chunked_cross_entropy",
+    "plan",
     "scale_lr",
     "split_batch",
     "token_cross_entropy",
