@@ -17,11 +17,14 @@ from .errors import (
     LossError,
     MicroBatchTooLargeError,
 )
+from .guard import Guard, guard
 from .losses import LossSum, token_cross_entropy
 from .lr import scale_lr
+from .norms import GhostBatchNorm, convert_batchnorm
 from .planner import plan
 from .plans import Plan
 from .stats import StepStats
+from .verify import VerifyReport, verify
 
 __version__ = "0.1.0"
 
@@ -31,16 +34,22 @@ __all__ = [
     "BatchCouplingWarning",
     "BatchError",
     "ConfigError",
+    "GhostBatchNorm",
+    "Guard",
     "LossError",
     "LossSum",
     "MicroBatchTooLargeError",
     "Plan",
     "StepStats",
+    "VerifyReport",
     "batch_size",
     "checkpoint_blocks",
     "chunked_cross_entropy",
+    "convert_batchnorm",
+    "guard",
     "plan",
     "scale_lr",
     "split_batch",
     "token_cross_entropy",
+    "verify",
 ]
