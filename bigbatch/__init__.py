@@ -22,6 +22,8 @@ from .guard import Guard, guard
 from .losses import LossSum, token_cross_entropy
 from .lr import scale_lr
 from .norms import GhostBatchNorm, convert_batchnorm
+from .planner import plan
+from .plans import Plan
 from .stats import StepStats
 from .verify import VerifyReport, verify
 
@@ -38,6 +40,7 @@ __all__ = [
     "LossError",
     "LossSum",
     "MicroBatchTooLargeError",
+    "Plan",
     "RankSplit",
     "StepStats",
     "VerifyReport",
@@ -47,6 +50,7 @@ __all__ = [
     "convert_batchnorm",
     "derive_per_rank",
     "guard",
+    "plan",
     "scale_lr",
     "shard_indices",
     "split_batch",
