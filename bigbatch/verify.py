@@ -246,7 +246,7 @@ def verify(
         try:
             return _verify(model, batch, loss_fn, size, rtol, dtype, probe_modules, seed)
         except RuntimeError as error:
-            if dtype is None or "Double" not in str(error) and "dtype" not in str(error):
+            if dtype is None or ("Double" not in str(error) and "dtype" not in str(error)):
                 raise
             # The loss function or model builds tensors of its own dtype; compare in that.
             return _verify(model, batch, loss_fn, size, rtol, None, probe_modules, seed)
