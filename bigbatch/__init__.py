@@ -7,6 +7,8 @@
 
 from .accumulator import Accumulator
 from .batches import batch_size, split_batch
+from .checkpointing import checkpoint_blocks
+from .chunked import chunked_cross_entropy
 from .errors import (
     AccumulationWarning,
     BatchCouplingWarning,
@@ -38,6 +40,8 @@ __all__ = [
     "StepStats",
     "VerifyReport",
     "batch_size",
+    "checkpoint_blocks",
+    "chunked_cross_entropy",
     "convert_batchnorm",
     "guard",
     "scale_lr",
