@@ -128,6 +128,8 @@ class Accumulator:
         self.last_stats: StepStats | None = None
         self._in_micro_step = False
         self._micro_step = _MicroStep(self)
+        self._seed_key: tuple[float, torch.dtype, torch.device] | None = None
+        self._seed = torch.ones(())  # replaced on the first micro-step
         self._sync_gradients = False
         optimizer.zero_grad(set_to_none=True)
         self._reset_window()
@@ -306,9 +308,11 @@ class Accumulator:
     def _add(self, value: torch.Tensor, count: Count, is_sum: bool) -> None:
         """Backpropagate one micro-batch's loss: `value` sums `count` items, or is their mean.
 
-        Runs every micro-step, so it spends as few tensor ops as it can: a mean with an
-        int count is scaled once (like the plain loop's `loss / k`) and summed for the
-        stats with one in-place add.
+        Runs every micro-step, so it spends as few tensor ops as it can. With a float
+        `ref` and an int count (the common case) the scale is not a multiply: it seeds
+        the backward pass as its output gradient (what `(loss * w).backward()` sends
+        down anyway), from a tensor cached while the scale stays the same; the loss
+        is summed for the stats with one in-place add.
         """
         if self._ref is None:
             self._ref = self._first_ref(count)
@@ -317,29 +321,38 @@ class Accumulator:
             self._count_tensor = count if self._count_tensor is None else self._count_tensor + count
         else:
             self._count_int += count
-        if not is_sum and isinstance(count, int) and isinstance(self._ref, float):
-            scaled = value * (count / self._ref)
+        seed: torch.Tensor | None = None
+        if isinstance(count, int) and isinstance(self._ref, float) and self._scaler is None:
+            weight = 1 if is_sum else count
             detached = value.detach()
-            if self._loss_sum is None:  # a fresh tensor: `* count` never aliases the loss
-                self._loss_sum = detached.to(torch.promote_types(value.dtype, torch.float32)) * count
+            if self._loss_sum is None:  # a fresh tensor: `* weight` never aliases the loss
+                self._loss_sum = detached.to(torch.promote_types(value.dtype, torch.float32)) * weight
             else:
-                self._loss_sum.add_(detached, alpha=count)
+                self._loss_sum.add_(detached, alpha=weight)
+            out, seed = value, self._backward_seed(weight / self._ref, value)
         else:
             total = value if is_sum else value * count
-            scaled = total / self._ref
+            out = total / self._ref
             detached = total.detach()
             if self._loss_sum is None:
                 # A copy, never an alias: a model may hand back the same output tensor every call.
                 self._loss_sum = detached.to(torch.promote_types(value.dtype, torch.float32), copy=True)
             else:
                 self._loss_sum.add_(detached)
-        if self._scaler is not None:
-            scaled = self._scaler.scale(scaled)
+            if self._scaler is not None:
+                out = self._scaler.scale(out)
         if self._autocast_dtype is None:
-            scaled.backward()
+            torch.autograd.backward(out, seed)
         else:
             with torch.autocast(self.device.type, enabled=False):
-                scaled.backward()
+                torch.autograd.backward(out, seed)
+
+    def _backward_seed(self, scale: float, value: torch.Tensor) -> torch.Tensor:
+        key = (scale, value.dtype, value.device)
+        if self._seed_key != key:
+            self._seed = torch.full((), scale, dtype=value.dtype, device=value.device)
+            self._seed_key = key
+        return self._seed
 
     def _first_ref(self, count: Count) -> float | torch.Tensor:
         # Any constant makes the result exact (the final rescale divides it out);
