@@ -15,6 +15,7 @@ from .errors import (
     LossError,
     MicroBatchTooLargeError,
 )
+from .fast import FastMicroStep
 from .losses import LossSum, token_cross_entropy
 from .lr import scale_lr
 from .stats import StepStats
@@ -27,6 +28,7 @@ __all__ = [
     "BatchCouplingWarning",
     "BatchError",
     "ConfigError",
+    "FastMicroStep",
     "LossError",
     "LossSum",
     "MicroBatchTooLargeError",

@@ -21,6 +21,7 @@ from torch import nn
 from .batches import Batch, batch_size, is_on_device, split_batch, to_device
 from .distributed import LocalSync, grad_sync_for
 from .errors import ConfigError, LossError, MicroBatchTooLargeError
+from .fast import CompiledLoss, FastMicroStep, mark_micro_step
 from .losses import Count, LossSum, split_loss
 from .precision import Float32Grads, autocast_dtype, make_scaler
 from .stats import StepStats
@@ -64,6 +65,9 @@ class Accumulator:
             host sync per optimizer step; fp16 always skips through its scaler).
         sync_each_micro_step: FSDP2 only; reduce-scatter every micro-step,
             spending communication to keep sharded gradients (less memory).
+        fast_micro_step: "compile" (torch.compile the step API's loss_fn) or
+            "cudagraphs" (the same as CUDA graphs, each micro-step marked), or a
+            bb.FastMicroStep; see bigbatch/fast.py.
 
     The Accumulator owns `.grad`: it zeroes gradients when created and after
     every step. Limits: layers that couple samples (BatchNorm) see micro-batch
@@ -85,6 +89,7 @@ class Accumulator:
         last_window: Literal["step", "drop"] = "step",
         skip_nonfinite: bool = True,
         sync_each_micro_step: bool = False,
+        fast_micro_step: Literal["compile", "cudagraphs"] | FastMicroStep | None = None,
     ) -> None:
         if (accumulation_steps is None) == (micro_batch_size is None):
             raise ConfigError(
@@ -104,6 +109,13 @@ class Accumulator:
             raise ConfigError(f'last_window must be "step" or "drop", got {last_window!r}.')
         if max_grad_norm is not None and not max_grad_norm > 0:
             raise ConfigError(f"max_grad_norm must be > 0 (or None for no clipping), got {max_grad_norm!r}.")
+        fast = FastMicroStep.parse(fast_micro_step)
+        if fast is not None and accumulation_steps is not None and not fast.cudagraphs:
+            raise ConfigError(
+                "fast_micro_step compiles the step API's loss_fn; in the loop API the forward is "
+                "yours: compile your model (model = torch.compile(model)), and pass "
+                'fast_micro_step="cudagraphs" if you compiled it with mode="reduce-overhead".'
+            )
 
         self.model = model
         self.optimizer = optimizer
@@ -122,7 +134,12 @@ class Accumulator:
         self._params = [
             p for group in optimizer.param_groups for p in group["params"] if p.requires_grad
         ]
-        self._float32_grads = Float32Grads.for_params(self._params)
+        self.fast_micro_step = fast
+        self._compiled_loss = CompiledLoss(fast) if fast is not None else None
+        self._mark_micro_steps = fast is not None and fast.cudagraphs
+        # Under CUDA graphs a fresh gradient lives in memory the next replay
+        # overwrites: the engine keeps the window's sum in buffers of its own.
+        self._float32_grads = Float32Grads.for_params(self._params, every=self._mark_micro_steps)
         self._auto_micro_batch_size: int | None = None  # the size that last fitted, under "auto"
         self.optimizer_steps = 0
         self.last_stats: StepStats | None = None
@@ -161,6 +178,8 @@ class Accumulator:
         self._sync_gradients = self._micro_steps + 1 == self.accumulation_steps
         self._in_micro_step = True
         self._backward_called = False
+        if self._mark_micro_steps:
+            mark_micro_step()
         return self._micro_step_context(self._sync_gradients)
 
     def _close_micro_step(self, failed: bool) -> None:
@@ -262,6 +281,8 @@ class Accumulator:
         pieces = split_batch(batch, size)
         # One walk per step, not one move per micro-step, when the batch is already there.
         move = not is_on_device(batch, self.device)
+        if self._compiled_loss is not None:
+            loss_fn = self._compiled_loss(loss_fn)
         self._start_window()
         # The step API sees the whole batch: with sample-mean losses ref equals the
         # total and the final rescale is skipped.
