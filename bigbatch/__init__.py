@@ -7,6 +7,8 @@
 
 from .accumulator import Accumulator
 from .batches import batch_size, split_batch
+from .checkpointing import checkpoint_blocks
+from .chunked import chunked_cross_entropy
 from .errors import (
     AccumulationWarning,
     BatchCouplingWarning,
@@ -16,9 +18,12 @@ from .errors import (
     MicroBatchTooLargeError,
 )
 from .fast import FastMicroStep
+from .guard import Guard, guard
 from .losses import LossSum, token_cross_entropy
 from .lr import scale_lr
+from .norms import GhostBatchNorm, convert_batchnorm
 from .stats import StepStats
+from .verify import VerifyReport, verify
 
 __version__ = "0.1.0"
 
@@ -29,12 +34,20 @@ __all__ = [
     "BatchError",
     "ConfigError",
     "FastMicroStep",
+    "GhostBatchNorm",
+    "Guard",
     "LossError",
     "LossSum",
     "MicroBatchTooLargeError",
     "StepStats",
+    "VerifyReport",
     "batch_size",
+    "checkpoint_blocks",
+    "chunked_cross_entropy",
+    "convert_batchnorm",
+    "guard",
     "scale_lr",
     "split_batch",
     "token_cross_entropy",
+    "verify",
 ]

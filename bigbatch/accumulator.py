@@ -19,11 +19,13 @@ import torch
 from torch import nn
 
 from .batches import Batch, batch_size, is_on_device, split_batch, to_device
-from .distributed import LocalSync, grad_sync_for
+from .distributed import LocalSync, full_tensor, grad_sync_for
 from .errors import ConfigError, LossError, MicroBatchTooLargeError
 from .fast import CompiledLoss, FastMicroStep, mark_micro_step
 from .losses import Count, LossSum, split_loss
+from .oom import RngSnapshot, release_memory
 from .precision import Float32Grads, autocast_dtype, make_scaler
+from .probes import warn_if_batch_coupled
 from .stats import StepStats
 
 LossFn = Callable[[nn.Module, Batch], torch.Tensor | LossSum]
@@ -117,6 +119,7 @@ class Accumulator:
                 'fast_micro_step="cudagraphs" if you compiled it with mode="reduce-overhead".'
             )
 
+        warn_if_batch_coupled(model)  # BatchCouplingWarning: no split can be exact for BatchNorm
         self.model = model
         self.optimizer = optimizer
         self.scheduler = scheduler
@@ -210,7 +213,7 @@ class Accumulator:
         if self.last_window == "drop":
             self._drop_window()
             return None
-        self._sync.sync_now_(self._params)
+        self._sync.sync_now_(self._params, self._float32_grads.buffers)
         self._sync_gradients = True
         self.last_stats = self._finish_window()
         return self.last_stats
@@ -222,8 +225,11 @@ class Accumulator:
 
         `loss_fn(model, micro_batch)` returns the micro-batch's mean loss over its
         samples, or a `LossSum`. Each micro-batch moves to the model's device just
-        in time. Under micro_batch_size="auto" an OOM drops the window, halves the
-        micro-batch and redoes it: the result is the same as if it had fitted.
+        in time. Under micro_batch_size="auto" an OOM in a forward or backward drops
+        the window, halves the micro-batch, replays the random state and redoes it:
+        the result is the one a run at the smaller size gives, and that size is kept
+        for the next steps. An OOM in the optimizer step is never retried. Whatever
+        fails, the window's gradients are dropped before the error propagates.
         """
         if self.micro_batch_size is None:
             raise ConfigError(
@@ -233,23 +239,39 @@ class Accumulator:
         if self._micro_steps:
             raise ConfigError("a loop-API window is open; call acc.flush() before acc.step().")
         n = batch_size(batch)
+        auto = self.micro_batch_size == "auto"
+        rng = RngSnapshot(self.device) if auto else None
         while True:
             size = min(n, self._step_micro_batch_size(n))
             try:
-                return self._step_window(batch, n, size, loss_fn)
-            except torch.OutOfMemoryError:
-                if self.micro_batch_size != "auto":
+                self._accumulate_window(batch, n, size, loss_fn)
+            except BaseException as error:
+                if not (auto and isinstance(error, torch.OutOfMemoryError)):
+                    self._drop_window()  # never leak a failed window's gradients into the next
                     raise
-                failed = size
+                failed, reason = size, str(error).split("\n")[0]
+            else:
+                try:
+                    # Not retried on OOM: a smaller micro-batch does not shrink the
+                    # optimizer's memory, and the step may have changed parameters.
+                    return self._finish_window(micro_batch_size=size)
+                except BaseException:
+                    self._drop_window()
+                    raise
             # Outside the except block, so the traceback's frames (and the
             # activations they hold) are gone before the retry.
             self._drop_window()
+            release_memory(self.device)
             if failed == 1:
                 raise MicroBatchTooLargeError(
-                    "out of memory with a micro-batch of one sample; the model itself does "
-                    "not fit: enable activation checkpointing, use bf16, or a smaller model."
+                    "out of memory with a micro-batch of one sample, so no micro-batch size fits: "
+                    "enable activation checkpointing (bb.checkpoint_blocks(model)), use "
+                    "precision=\"bf16\", or a smaller model; bb.plan(...) measures what fits. "
+                    f"The error was: {reason}"
                 )
             self._auto_micro_batch_size = failed // 2
+            assert rng is not None
+            rng.restore()  # the retry draws the same random numbers (dropout) as a clean run
 
     # -- public: resume ---------------------------------------------------
 
@@ -277,8 +299,9 @@ class Accumulator:
         assert isinstance(self.micro_batch_size, int)
         return self.micro_batch_size
 
-    def _step_window(self, batch: Batch, n: int, size: int, loss_fn: LossFn) -> StepStats:
+    def _accumulate_window(self, batch: Batch, n: int, size: int, loss_fn: LossFn) -> None:
         pieces = split_batch(batch, size)
+        self._sync.check_micro_steps(len(pieces))
         # One walk per step, not one move per micro-step, when the batch is already there.
         move = not is_on_device(batch, self.device)
         if self._compiled_loss is not None:
@@ -295,7 +318,6 @@ class Accumulator:
                 count = n - i * size if last else size
                 self._add(*split_loss(out, None if isinstance(out, LossSum) else count))
             self._micro_steps += 1
-        return self._finish_window(micro_batch_size=size)
 
     def _micro_step_context(self, sync: bool) -> contextlib.AbstractContextManager[Any]:
         if self._bare_micro_step:
@@ -435,7 +457,7 @@ class Accumulator:
         factor = self._rescale(count)
         if factor is not None and grads:
             torch._foreach_mul_(grads, factor)
-        grad_norm = torch.nn.utils.get_total_norm(grads, foreach=True)
+        grad_norm = full_tensor(torch.nn.utils.get_total_norm(grads, foreach=True))  # FSDP2: all shards
         if self.max_grad_norm is not None and grads:
             # The same rule as torch.nn.utils.clip_grad_norm_, applied to the gradient
             # tensors themselves (they may be float32 buffers, not `.grad`).

@@ -1,0 +1,97 @@
+"""Built-in training tasks: a model, its data and its loss, ready for the trainer.
+
+    from bigbatch.tasks import build_task
+    task = build_task("text")                      # char-level transformer on Shakespeare
+    task = build_task("text", data="my.txt")       # the same model on any text file
+    task = build_task("digits", norm="batchnorm")  # a small classifier (norm: none|batchnorm|groupnorm)
+
+    model = task.make_model()
+    for batch in task.train_batches(64, torch.Generator().manual_seed(0)):
+        stats = acc.step(batch, task.loss_fn)
+    print(task.evaluate(model))
+
+Every task is a dataclass whose fields are its options; `build_task` rejects
+an unknown option and names the nearest valid one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+from collections.abc import Iterator, Sequence
+from typing import Any, Protocol, runtime_checkable
+
+import torch
+from torch import nn
+
+from ..batches import Batch
+from ..errors import ConfigError
+from ..losses import LossSum
+
+
+@runtime_checkable
+class Task(Protocol):
+    """What the trainer needs from a task."""
+
+    name: str
+    item_unit: str  # what the loss counts: "tokens" or "samples"
+
+    @property
+    def train_size(self) -> int: ...
+
+    def make_model(self) -> nn.Module: ...
+
+    def train_batch(self, indices: Sequence[int]) -> Batch: ...
+
+    def train_batches(self, batch_size: int, generator: torch.Generator) -> Iterator[Batch]: ...
+
+    def val_batches(self, batch_size: int) -> Iterator[Batch]: ...
+
+    def loss_fn(self, model: nn.Module, batch: Batch) -> torch.Tensor | LossSum: ...
+
+    def evaluate(self, model: nn.Module, batch_size: int = ...) -> dict[str, float]: ...
+
+    def baselines(self) -> dict[str, float]: ...
+
+
+def _registry() -> dict[str, type]:
+    from .digits import DigitsTask
+    from .text import TextTask
+
+    return {"text": TextTask, "digits": DigitsTask}
+
+
+TASK_NAMES = ("text", "digits")
+
+
+def task_options(name: str) -> dict[str, Any]:
+    """The options of task `name` and their defaults."""
+    cls = _task_class(name)
+    return {f.name: f.default for f in dataclasses.fields(cls) if f.init}
+
+
+def _task_class(name: str) -> type:
+    tasks = _registry()
+    if name not in tasks:
+        close = difflib.get_close_matches(name, tasks, n=1)
+        hint = f' Did you mean "{close[0]}"?' if close else ""
+        raise ConfigError(f"unknown task {name!r}; the built-in tasks are {', '.join(tasks)}.{hint}")
+    return tasks[name]
+
+
+def build_task(name: str, **overrides: Any) -> Task:
+    """The built-in task `name` ("text" or "digits") with some options changed."""
+    cls = _task_class(name)
+    valid = task_options(name)
+    for key in overrides:
+        if key not in valid:
+            close = difflib.get_close_matches(key, valid, n=1)
+            hint = f' Did you mean "{close[0]}"?' if close else ""
+            raise ConfigError(
+                f"task {name!r} has no option {key!r}.{hint} Its options are: {', '.join(valid)}."
+            )
+    task: Task = cls(**overrides)
+    return task
+
+
+__all__ = ["TASK_NAMES", "Task", "build_task", "task_options"]

@@ -1,0 +1,288 @@
+"""The default task: a small character-level transformer on Shakespeare (or any text file).
+
+Each speech (a paragraph between blank lines) is one sample, so samples have
+very different lengths: a batch is padded, and the loss is the mean over valid
+tokens (`bb.token_cross_entropy`, a `LossSum`), the case where the classic
+accumulation loop weighs short speeches' tokens too much. A speech longer
+than `block_size` is cut into pieces of at most `block_size` predicted tokens.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..batches import Batch
+from ..errors import ConfigError
+from ..losses import LossSum, token_cross_entropy
+
+IGNORE = -100
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    """The module inside a DDP wrapper (evaluation runs on it directly, on one rank)."""
+    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+
+
+class _Block(nn.Module):
+    def __init__(self, d_model: int, n_heads: int, dropout: float) -> None:
+        super().__init__()
+        self.n_heads = n_heads
+        self.dropout = dropout
+        self.norm1 = nn.LayerNorm(d_model)
+        self.qkv = nn.Linear(d_model, 3 * d_model)
+        self.proj = nn.Linear(d_model, d_model)
+        self.norm2 = nn.LayerNorm(d_model)
+        self.mlp = nn.Sequential(
+            nn.Linear(d_model, 4 * d_model), nn.GELU(), nn.Linear(4 * d_model, d_model), nn.Dropout(dropout)
+        )
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n, t, d = x.shape
+        q, k, v = self.qkv(self.norm1(x)).view(n, t, 3, self.n_heads, d // self.n_heads).unbind(2)
+        # Causal attention: a position never sees the padding after it, so padding
+        # (and trimming it away) leaves every valid token's logits unchanged.
+        a = F.scaled_dot_product_attention(
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+            is_causal=True, dropout_p=self.dropout if self.training else 0.0,
+        )
+        x = x + self.drop(self.proj(a.transpose(1, 2).reshape(n, t, d)))
+        return x + self.mlp(self.norm2(x))
+
+
+class CharTransformer(nn.Module):
+    """A GPT-style decoder over characters: `hidden(tokens)` then the `head` Linear.
+
+    The two halves are separate so a loss can take the final hidden states and
+    `head.weight` without materialising all the logits at once.
+    """
+
+    def __init__(
+        self, vocab_size: int, *, block_size: int, d_model: int, n_layers: int, n_heads: int, dropout: float
+    ) -> None:
+        super().__init__()
+        if d_model % n_heads:
+            raise ConfigError(f"d_model ({d_model}) must be divisible by n_heads ({n_heads}).")
+        self.block_size = block_size
+        self.tok = nn.Embedding(vocab_size, d_model)
+        self.pos = nn.Embedding(block_size, d_model)
+        self.drop = nn.Dropout(dropout)
+        self.blocks = nn.ModuleList(_Block(d_model, n_heads, dropout) for _ in range(n_layers))
+        self.norm = nn.LayerNorm(d_model)
+        self.head = nn.Linear(d_model, vocab_size, bias=False)
+        for module in self.modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(module.weight, std=0.02)
+            if isinstance(module, nn.Linear) and module.bias is not None:
+                nn.init.zeros_(module.bias)
+
+    def hidden(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Final hidden states (n, t, d_model), after the last LayerNorm."""
+        t = tokens.shape[1]
+        if t > self.block_size:
+            raise ConfigError(f"sequence of {t} tokens is longer than block_size={self.block_size}.")
+        x = self.drop(self.tok(tokens) + self.pos(torch.arange(t, device=tokens.device)))
+        for block in self.blocks:
+            x = block(x)
+        return self.norm(x)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.head(self.hidden(tokens))
+
+
+@dataclass
+class _Split:
+    """Samples as (start, length) windows into one flat array of token ids."""
+
+    ids: np.ndarray
+    starts: np.ndarray
+    lengths: np.ndarray  # ids per sample: predicted tokens + 1
+
+
+def _builtin_text() -> str:
+    return resources.files("bigbatch.tasks").joinpath("data/tinyshakespeare.txt").read_text(encoding="utf-8")
+
+
+@dataclass
+class TextTask:
+    """Next-character prediction, one speech (paragraph) per sample, token-level loss.
+
+    Options: `data` a UTF-8 text file (None: the built-in Shakespeare);
+    `block_size` the longest piece in predicted tokens; model size `d_model`,
+    `n_layers`, `n_heads`; `dropout`; the last `val_fraction` of paragraphs is
+    held out; `eval_samples` of them are scored by `evaluate`.
+    """
+
+    data: str | None = None
+    block_size: int = 128
+    d_model: int = 128
+    n_layers: int = 4
+    n_heads: int = 4
+    dropout: float = 0.0
+    val_fraction: float = 0.1
+    eval_samples: int = 256
+    name: str = field(default="text", init=False)
+    item_unit: str = field(default="tokens", init=False)
+
+    def __post_init__(self) -> None:
+        if self.block_size < 1:
+            raise ConfigError(f"block_size must be >= 1, got {self.block_size}.")
+        if not 0 < self.val_fraction < 1:
+            raise ConfigError(f"val_fraction must be between 0 and 1, got {self.val_fraction}.")
+        if self.data is None:
+            text = _builtin_text()
+        else:
+            path = Path(self.data).expanduser()
+            if not path.is_file():
+                raise ConfigError(f"text file {str(path)!r} not found; give data= the path of a UTF-8 text file.")
+            text = path.read_text(encoding="utf-8")
+        paragraphs = [p.strip("\n") for p in text.split("\n\n")]
+        paragraphs = [p for p in paragraphs if p]
+        if len(paragraphs) < 2:
+            # One paragraph (no blank lines): hold out the end of the text instead.
+            cut = int(len(text) * (1 - self.val_fraction))
+            paragraphs = [text[:cut], text[cut:]]
+        self.chars = sorted(set(text) | {"\n"})
+        self.stoi = {c: i for i, c in enumerate(self.chars)}
+        n_val = max(1, round(len(paragraphs) * self.val_fraction))
+        self._train = self._encode(paragraphs[:-n_val])
+        self._val = self._encode(paragraphs[-n_val:])
+        if len(self._train.starts) == 0:
+            raise ConfigError("the text is too short to hold out a validation part; give a longer file.")
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self.chars)
+
+    @property
+    def train_size(self) -> int:
+        return len(self._train.starts)
+
+    def _encode(self, paragraphs: list[str]) -> _Split:
+        # "\n" + paragraph + "\n": the model predicts the first character from a
+        # newline and learns where a speech ends.
+        joined = "".join("\n" + p + "\n" for p in paragraphs)
+        codes = np.frombuffer(joined.encode("utf-32-le"), dtype=np.uint32)
+        lut = {ord(c): i for c, i in self.stoi.items()}
+        table = np.zeros(max(lut) + 1, dtype=np.int64)
+        for code, i in lut.items():
+            table[code] = i
+        ids = table[codes]
+        starts, lengths = [], []
+        offset = 0
+        for p in paragraphs:
+            n = len(p) + 2  # ids in this paragraph's piece; n - 1 predicted tokens
+            for s in range(0, n - 1, self.block_size):
+                starts.append(offset + s)
+                lengths.append(min(self.block_size + 1, n - s))
+            offset += n
+        return _Split(ids, np.asarray(starts, dtype=np.int64), np.asarray(lengths, dtype=np.int64))
+
+    def encode(self, text: str) -> list[int]:
+        unknown = sorted(set(text) - set(self.stoi))
+        if unknown:
+            raise ConfigError(f"characters {unknown!r} are not in the vocabulary of this text.")
+        return [self.stoi[c] for c in text]
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return "".join(self.chars[i] for i in ids)
+
+    def make_model(self) -> CharTransformer:
+        return CharTransformer(
+            self.vocab_size, block_size=self.block_size, d_model=self.d_model,
+            n_layers=self.n_layers, n_heads=self.n_heads, dropout=self.dropout,
+        )
+
+    def _batch(self, split: _Split, indices: Sequence[int]) -> Batch:
+        idx = np.asarray(indices, dtype=np.int64)
+        lengths = split.lengths[idx] - 1
+        width = int(lengths.max())
+        tokens = np.zeros((len(idx), width), dtype=np.int64)
+        labels = np.full((len(idx), width), IGNORE, dtype=np.int64)
+        for row, (start, n) in enumerate(zip(split.starts[idx], lengths)):
+            piece = split.ids[start : start + n + 1]
+            tokens[row, :n] = piece[:-1]
+            labels[row, :n] = piece[1:]
+        return {
+            "tokens": torch.from_numpy(tokens),
+            "labels": torch.from_numpy(labels),
+            "lengths": torch.from_numpy(lengths),
+        }
+
+    def train_batch(self, indices: Sequence[int]) -> Batch:
+        """Training samples `indices`, padded to the longest (labels -100 where padded)."""
+        return self._batch(self._train, indices)
+
+    def train_batches(self, batch_size: int, generator: torch.Generator) -> Iterator[Batch]:
+        """One epoch of training batches in an order drawn from `generator`."""
+        order = torch.randperm(self.train_size, generator=generator).tolist()
+        for i in range(0, len(order), batch_size):
+            yield self.train_batch(order[i : i + batch_size])
+
+    def val_batches(self, batch_size: int) -> Iterator[Batch]:
+        """The first `eval_samples` held-out samples, in order."""
+        n = min(self.eval_samples, len(self._val.starts))
+        for i in range(0, n, batch_size):
+            yield self._batch(self._val, range(i, min(n, i + batch_size)))
+
+    def loss_fn(self, model: nn.Module, batch: Batch) -> LossSum:
+        """Cross-entropy summed over valid tokens, with their count."""
+        # Trim the padding this micro-batch does not need (one host read of its
+        # longest length); causal attention makes the trim exact.
+        width = int(batch["lengths"].max())
+        logits = model(batch["tokens"][:, :width])
+        return token_cross_entropy(logits, batch["labels"][:, :width])
+
+    @torch.no_grad()
+    def evaluate(self, model: nn.Module, batch_size: int = 64) -> dict[str, float]:
+        """Mean validation loss per token over the evaluation samples."""
+        net = _unwrap(model)
+        was_training = net.training
+        net.eval()
+        device = next(net.parameters()).device
+        total, count = 0.0, 0
+        for batch in self.val_batches(batch_size):
+            out = self.loss_fn(net, {k: v.to(device) for k, v in batch.items()})
+            total += float(out.total)
+            count += int(out.count)
+        net.train(was_training)
+        return {"val_loss": total / max(count, 1), "val_tokens": float(count)}
+
+    def baselines(self) -> dict[str, float]:
+        """Val loss of the unigram model (training character frequencies), to compare against."""
+        freq = np.bincount(self._train.ids, minlength=self.vocab_size).astype(np.float64) + 1.0
+        logp = np.log(freq / freq.sum())
+        total, count = 0.0, 0
+        for batch in self.val_batches(256):
+            labels = batch["labels"].numpy()
+            valid = labels[labels != IGNORE]
+            total -= float(logp[valid].sum())
+            count += valid.size
+        return {"unigram_val_loss": total / max(count, 1), "uniform_val_loss": math.log(self.vocab_size)}
+
+    @torch.no_grad()
+    def generate(
+        self, model: nn.Module, prompt: str = "\n", n: int = 300, *,
+        temperature: float = 0.8, generator: torch.Generator | None = None,
+    ) -> str:
+        """`n` characters sampled after `prompt` (which must use the text's characters)."""
+        net = _unwrap(model)
+        was_training = net.training
+        net.eval()
+        device = next(net.parameters()).device
+        ids = self.encode(prompt or "\n")
+        for _ in range(n):
+            context = torch.tensor([ids[-self.block_size :]], device=device)
+            logits = net(context)[0, -1].double().cpu() / max(temperature, 1e-6)
+            ids.append(int(torch.multinomial(torch.softmax(logits, -1), 1, generator=generator)))
+        net.train(was_training)
+        return self.decode(ids[len(self.encode(prompt or "\n")) :])

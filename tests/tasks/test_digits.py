@@ -1,0 +1,60 @@
+import pytest
+import torch
+from torch import nn
+
+import bigbatch as bb
+from bigbatch.errors import ConfigError
+from bigbatch.tasks import Task, build_task
+
+
+def _step(task, model, batch, micro):
+    acc = bb.Accumulator(model, torch.optim.SGD(model.parameters(), lr=0.5), micro_batch_size=micro)
+    acc.step(batch, task.loss_fn)
+
+
+def _max_diff(a, b):
+    return max(float((p - q).detach().abs().max()) for p, q in zip(a.parameters(), b.parameters()))
+
+
+@pytest.mark.parametrize("norm, layer", [("batchnorm", nn.BatchNorm1d), ("groupnorm", nn.GroupNorm)])
+def test_norm_variants(norm, layer):
+    task = build_task("digits", norm=norm)
+    assert isinstance(task, Task)
+    model = task.make_model()
+    assert sum(isinstance(m, layer) for m in model.modules()) == 2
+    assert task.train_size + 297 == 1797
+
+
+def test_groupnorm_splits_exactly_and_batchnorm_does_not():
+    batch = build_task("digits").train_batch(range(40))
+    diffs = {}
+    for norm in ("groupnorm", "batchnorm"):
+        task = build_task("digits", norm=norm)
+        torch.manual_seed(0)
+        full = task.make_model().double()
+        split = task.make_model().double()
+        split.load_state_dict(full.state_dict())
+        data = {"x": batch["x"].double(), "y": batch["y"]}
+        _step(task, full, data, 40)
+        _step(task, split, data, 8)
+        diffs[norm] = _max_diff(full, split)
+    assert diffs["groupnorm"] < 1e-12
+    assert diffs["batchnorm"] > 1e-4  # negative control: micro-batch statistics differ
+
+
+def test_training_learns_digits():
+    task = build_task("digits")
+    torch.manual_seed(0)
+    model = task.make_model()
+    acc = bb.Accumulator(model, torch.optim.AdamW(model.parameters(), lr=1e-2), micro_batch_size=64)
+    for _ in range(3):
+        for batch in task.train_batches(128, torch.Generator().manual_seed(0)):
+            acc.step(batch, task.loss_fn)
+    result = task.evaluate(model)
+    assert result["val_accuracy"] > 0.9
+    assert result["val_loss"] < task.baselines()["prior_val_loss"] / 4
+
+
+def test_bad_norm():
+    with pytest.raises(ConfigError, match="norm must be one of"):
+        build_task("digits", norm="layernorm")

@@ -1,0 +1,110 @@
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import bigbatch as bb
+from bigbatch.errors import ConfigError
+from bigbatch.tasks import build_task
+
+
+@pytest.fixture(scope="module")
+def task():
+    return build_task("text", block_size=32, d_model=32, n_layers=1, n_heads=2, eval_samples=16)
+
+
+def test_samples_are_speeches_padded_with_ignored_labels(task):
+    batch = task.train_batch([0, 1, 2, 3])
+    tokens, labels, lengths = batch["tokens"], batch["labels"], batch["lengths"]
+    assert tokens.shape == labels.shape and tokens.shape[1] == int(lengths.max())
+    assert len(set(lengths.tolist())) > 1  # the premise: lengths differ
+    for row, n in enumerate(lengths.tolist()):
+        assert (labels[row, n:] == -100).all() and (labels[row, :n] != -100).all()
+        assert torch.equal(labels[row, : n - 1], tokens[row, 1:n])  # next-character targets
+    first = task.decode(tokens[0, : int(lengths[0])].tolist()) + task.decode([int(labels[0, int(lengths[0]) - 1])])
+    speech = "\nFirst Citizen:\nBefore we proceed any further, hear me speak.\n"
+    assert first == speech[: task.block_size + 1]  # a long speech is cut into block-size pieces
+    second = task.train_batch([1])["tokens"][0]
+    assert task.decode(second[:5].tolist()) == speech[task.block_size : task.block_size + 5]
+
+
+def test_every_piece_fits_the_block(task):
+    assert max(task._train.lengths) - 1 == task.block_size
+    assert min(task._train.lengths) >= 2
+
+
+def test_loss_is_a_token_sum_and_trimming_is_exact(task):
+    torch.manual_seed(0)
+    model = task.make_model().double()
+    batch = task.train_batch([5, 6, 7])
+    out = task.loss_fn(model, batch)
+    assert isinstance(out, bb.LossSum)
+    assert int(out.count) == int(batch["lengths"].sum())
+    # Reference: the whole padded width (no trim), per-token cross-entropy summed by hand.
+    logits = model(batch["tokens"])
+    valid = batch["labels"] != -100
+    ref = F.cross_entropy(logits[valid], batch["labels"][valid], reduction="sum")
+    torch.testing.assert_close(out.total, ref, rtol=1e-12, atol=1e-12)
+    # Micro-batch of the shortest sample alone: trimmed to its own length, same loss.
+    short = int(batch["lengths"].argmin())
+    alone = task.loss_fn(model, {k: v[short : short + 1] for k, v in batch.items()})
+    ref_short = F.cross_entropy(logits[short][valid[short]], batch["labels"][short][valid[short]], reduction="sum")
+    torch.testing.assert_close(alone.total, ref_short, rtol=1e-12, atol=1e-12)
+
+
+def test_head_and_hidden_compose_to_forward(task):
+    model = task.make_model()
+    tokens = task.train_batch([0])["tokens"]
+    assert isinstance(model.head, torch.nn.Linear) and model.head.bias is None
+    torch.testing.assert_close(model.head(model.hidden(tokens)), model(tokens), rtol=0, atol=0)
+
+
+def test_accumulated_step_equals_full_batch(task):
+    torch.manual_seed(0)
+    full, split = task.make_model().double(), task.make_model().double()
+    split.load_state_dict(full.state_dict())
+    batch = task.train_batch(list(range(10)))
+    opts = [torch.optim.SGD(m.parameters(), lr=0.5) for m in (full, split)]
+    bb.Accumulator(full, opts[0], micro_batch_size=10).step(batch, task.loss_fn)
+    bb.Accumulator(split, opts[1], micro_batch_size=3).step(batch, task.loss_fn)
+    for a, b in zip(full.parameters(), split.parameters()):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
+
+
+def test_any_text_file(tmp_path):
+    path = tmp_path / "mine.txt"
+    path.write_text("abc ab\nba\n\ncab cab\n\naaa\n\nbbb ccc\n", encoding="utf-8")
+    task = build_task("text", data=str(path), block_size=4, val_fraction=0.25)
+    assert task.chars == ["\n", " ", "a", "b", "c"]
+    # 10, 8 and 4 targets per paragraph, in pieces of at most 4: 3 + 2 + 1.
+    assert task.train_size == 3 + 2 + 1
+    # Unigram baseline by hand: add-one train frequencies, scored on the val targets "bbb ccc\n".
+    train = "\nabc ab\nba\n\ncab cab\n\naaa\n"
+    freq = {c: train.count(c) + 1 for c in task.chars}
+    total = sum(freq.values())
+    expected = -sum(math.log(freq[c] / total) for c in "bbb ccc\n") / 8
+    assert task.baselines()["unigram_val_loss"] == pytest.approx(expected, rel=1e-12)
+    text = task.generate(task.make_model(), "ab", 20, generator=torch.Generator().manual_seed(0))
+    assert len(text) == 20 and set(text) <= set(task.chars)
+
+
+def test_bad_options_name_the_fix(tmp_path):
+    with pytest.raises(ConfigError, match='Did you mean "block_size"'):
+        build_task("text", blok_size=8)
+    with pytest.raises(ConfigError, match="not found"):
+        build_task("text", data=str(tmp_path / "missing.txt"))
+    with pytest.raises(ConfigError, match='Did you mean "text"'):
+        build_task("txt")
+
+
+def test_training_beats_the_unigram_baseline(task):
+    torch.manual_seed(0)
+    model = task.make_model()
+    acc = bb.Accumulator(model, torch.optim.AdamW(model.parameters(), lr=3e-3), micro_batch_size=32)
+    gen = torch.Generator().manual_seed(0)
+    for i, batch in enumerate(task.train_batches(32, gen)):
+        acc.step(batch, task.loss_fn)
+        if i == 60:
+            break
+    assert task.evaluate(model)["val_loss"] < task.baselines()["unigram_val_loss"] - 0.2
