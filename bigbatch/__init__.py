@@ -18,6 +18,7 @@ from .errors import (
     LossError,
     MicroBatchTooLargeError,
 )
+from .fast import FastMicroStep
 from .guard import Guard, guard
 from .losses import LossSum, token_cross_entropy
 from .lr import scale_lr
@@ -35,6 +36,7 @@ __all__ = [
     "BatchCouplingWarning",
     "BatchError",
     "ConfigError",
+    "FastMicroStep",
     "GhostBatchNorm",
     "Guard",
     "LossError",
