@@ -18,6 +18,7 @@ from .errors import (
 from .losses import LossSum, token_cross_entropy
 from .lr import scale_lr
 from .stats import StepStats
+from .train import TrainConfig, Trainer
 
 __version__ = "0.1.0"
 
@@ -31,6 +32,8 @@ __all__ = [
     "LossSum",
     "MicroBatchTooLargeError",
     "StepStats",
+    "TrainConfig",
+    "Trainer",
     "batch_size",
     "scale_lr",
     "split_batch",
