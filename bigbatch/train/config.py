@@ -142,7 +142,17 @@ class TrainConfig:
         if not section_name:
             section_name = self._section_of(name)
         section = self._section(section_name, "--set")
-        self._assign(section_name, section, name, _parse_value(raw), "--set")
+        try:
+            self._assign(section_name, section, name, _parse_value(raw), "--set")
+        except ConfigError:
+            # `run.name=nan` or `task.data=1.txt`: read as TOML it is not a string, but the field wants one.
+            try:
+                self._assign(section_name, section, name, raw, "--set")
+            except ConfigError:
+                pass
+            else:
+                return
+            raise
 
     def validate(self) -> None:
         """Check values that must hold whatever the layers said."""
@@ -168,12 +178,12 @@ class TrainConfig:
         return out
 
     def to_toml(self) -> str:
-        """The resolved config as TOML (unset optional fields are written as comments)."""
+        """The resolved config as TOML (an unset optional field is written as "none")."""
         lines = []
         for section_name, values in self.to_dict().items():
             lines.append(f"[{section_name}]")
             for key, value in values.items():
-                lines.append(f"# {key} = (unset)" if value is None else f"{key} = {_toml_value(value)}")
+                lines.append(f'{key} = "{UNSET}"' if value is None else f"{key} = {_toml_value(value)}")
             lines.append("")
         return "\n".join(lines)
 
@@ -192,7 +202,10 @@ class TrainConfig:
         every = [f"{s}.{k}" for s, keys in self._keys().items() for k in keys]
         if owners:
             raise ConfigError(f"{key!r} is in several sections ({', '.join(owners)}); write section.{key}.")
-        raise ConfigError(f"unknown setting {key!r}.{_hint(key, every + [k for ks in self._keys().values() for k in ks])}")
+        bare = {k: f"{s}.{k}" for s, keys in self._keys().items() for k in keys}
+        close = difflib.get_close_matches(key, list(bare), n=1, cutoff=0.5)
+        hint = f' Did you mean "{bare[close[0]]}"?' if close else _hint(key, every)
+        raise ConfigError(f"unknown setting {key!r}.{hint}")
 
     def _keys(self) -> dict[str, list[str]]:
         keys: dict[str, list[str]] = {}
@@ -239,6 +252,8 @@ def _parse_value(raw: str) -> Any:
 def _coerce(value: Any, hint: Any, name: str) -> Any:
     """Check `value` against the field's type; ints are accepted where floats are."""
     options = typing.get_args(hint) if _is_union(hint) else (hint,)
+    if value == UNSET and type(None) in options:
+        value = None
     if value is None:
         if type(None) in options:
             return None
