@@ -22,6 +22,11 @@ from .config import TrainConfig
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    parser.epilog = "examples:\n" + __doc__.split("\n\n")[1] + (
+        "\n\nconfig sections (bigbatch.train.config): [task] [batch] [optim] [train] [checkpoint] [run];"
+        "\noutputs: runs/NAME/config.toml, metrics.jsonl, loss.png, summary.json, checkpoints/"
+    )
     parser.add_argument("config", nargs="?", help="a TOML config file (default: the built-in defaults)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config field, e.g. --set optim.lr=1e-3 (repeatable)")

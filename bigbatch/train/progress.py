@@ -21,10 +21,11 @@ def memory_text(device: torch.device, peak_bytes: int | None) -> str:
 class Progress:
     """A tqdm bar over optimizer steps (disabled off rank 0 or when asked)."""
 
-    def __init__(self, total: int, initial: int, unit: str, enabled: bool) -> None:
+    def __init__(self, total: int, initial: int, unit: str, enabled: bool, main: bool = True) -> None:
         from tqdm.auto import tqdm
 
         self.unit = unit
+        self.main = main
         self.bar: Any = tqdm(total=total, initial=initial, unit="step", disable=not enabled, dynamic_ncols=True)
 
     def update(self, loss: float, items_per_s: float, memory: str) -> None:
@@ -33,8 +34,11 @@ class Progress:
         self.bar.update(1)
 
     def write(self, text: str) -> None:
+        """A line above the bar (printed plainly when the bar is off, on rank 0 only)."""
         if not self.bar.disable:
             self.bar.write(text)
+        elif self.main:
+            print(text, flush=True)
 
     def close(self) -> None:
         self.bar.close()

@@ -240,7 +240,7 @@ class Trainer:
             + (f"\n  resumed at step {self.step}" if resume_step else "")
         )
         unit = getattr(self.task, "item_unit", "samples")
-        progress = Progress(cfg.train.steps, self.step, unit, rt.is_main and cfg.train.progress)
+        progress = Progress(cfg.train.steps, self.step, unit, rt.is_main and cfg.train.progress, rt.is_main)
         # Subnormal floats make CPU arithmetic (Adam's second moments, say) many times slower.
         flush = rt.device.type == "cpu" and torch.set_flush_denormal(True)
         threads = torch.get_num_threads()
@@ -320,7 +320,7 @@ class Trainer:
         lines = [f"done: {self.step} steps in {self.train_seconds:.0f}s of training"]
         for key, value in summary.items():
             if key.startswith("val_") or key.endswith("_val_loss"):
-                lines.append(f"  {key:<20} {value:.4f}")
+                lines.append(f"  {key:<20} {value:.4f}" if isinstance(value, float) and not value.is_integer() else f"  {key:<20} {value:.0f}")
         lines.append(f"  wrote {self.run_dir}/ (config.toml, metrics.jsonl, loss.png, summary.json, checkpoints/)")
         if "sample" in summary:
             lines.append("sample:\n" + summary["sample"])
