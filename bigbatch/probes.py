@@ -199,7 +199,9 @@ def _run(model: nn.Module, batch: Batch, loss_fn: Callable[[nn.Module, Batch], A
     return calls
 
 
-def _random_modules(model: nn.Module, batch: Batch, loss_fn: Any, n: int, seed: int) -> list[str]:
+def _random_modules(
+    model: nn.Module, batch: Batch, loss_fn: Any, n: int, seed: int, base: dict[str, list[_Call]]
+) -> list[str]:
     """Modules whose output changes with the seed although their input does not.
 
     A random module upstream changes the input of every module after it, hiding
@@ -210,8 +212,9 @@ def _random_modules(model: nn.Module, batch: Batch, loss_fn: Any, n: int, seed: 
     modules = dict(model.named_modules())
     found: list[str] = []
     try:
-        for _ in range(4):
-            base = _run(model, batch, loss_fn, n, seed)
+        for attempt in range(4):
+            if attempt:  # the first round compares with the caller's run under `seed`
+                base = _run(model, batch, loss_fn, n, seed)
             reseeded = _run(model, batch, loss_fn, n, seed + 1)
             new = [r for r in _changed_modules(base, reseeded, torch.arange(n)) if r not in found]
             if not new:
@@ -250,7 +253,7 @@ def probe(
         others = torch.tensor([i for i in range(n) if i != changed])
         perturbed = _run(model, _perturbed(batch, changed, g), loss_fn, n, seed)
         coupled_names += [c for c in _changed_modules(base, perturbed, others) if c not in coupled_names]
-    random = _random_modules(model, batch, loss_fn, n, seed)
+    random = _random_modules(model, batch, loss_fn, n, seed, base)
     # A module whose own draws changed cannot be judged by rows; the two lists stay apart.
     coupled_names = _innermost([c for c in coupled_names if c not in random])
     modules = dict(model.named_modules())
