@@ -183,9 +183,10 @@ def _relative(diff: torch.Tensor, ref: torch.Tensor, floor: float) -> float:
     return float(torch.linalg.vector_norm(diff.double())) / denom
 
 
-def _compare_buffers(a: nn.Module, b: nn.Module, rtol: float) -> dict[str, float]:
+def _compare_buffers(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], rtol: float) -> dict[str, float]:
     differ = {}
-    for (name, x), (_, y) in zip(a.named_buffers(), b.named_buffers()):
+    for name, x in a.items():
+        y = b[name]
         if x.is_floating_point():
             err = _relative(y - x, x, 1e-12)
             if not err <= rtol:
@@ -226,7 +227,9 @@ def verify(
     fails the check. Modules that mix samples are found by type and by a
     perturbation probe (`probe_modules`) and named in the report.
 
-    Limits: the model is copied (two or three times its memory); loss_fn must work
+    Limits: the model is copied (one copy at a time, plus its gradients; the
+    probe keeps every module's input and output for a few forward passes, so
+    verify with a small batch); loss_fn must work
     on the cast dtype (if float64 fails, the model's own dtype is used); a DDP or
     FSDP-wrapped model should be verified unwrapped.
     """
@@ -282,17 +285,20 @@ def _verify(
     ]
     random += [name for name in neutralize if name not in random]
 
-    full_model = _prepared_copy(model, dtype, neutralize)
-    full = _full_batch_grads(full_model, cast, loss_fn, seed)
+    # One copy at a time: a model that barely fits its device can still be verified.
+    twin = _prepared_copy(model, dtype, neutralize)
+    full = _full_batch_grads(twin, cast, loss_fn, seed)
+    full_buffers = {name: b.detach().clone() for name, b in twin.named_buffers()}
+    del twin
     acc_model = _prepared_copy(model, dtype, neutralize)
     acc = _accumulated_grads(acc_model, cast, loss_fn, size, seed)
 
-    run_dtype = next((p.dtype for p in full_model.parameters() if p.is_floating_point()), torch.float32)
+    run_dtype = next((p.dtype for p in acc_model.parameters() if p.is_floating_point()), torch.float32)
     tol = rtol if rtol is not None else RTOL.get(run_dtype, 1e-4)
     total = math.sqrt(sum(float(torch.linalg.vector_norm(g.double())) ** 2 for g in full.values()))
     params = []
     nonfinite = []
-    for name, p in full_model.named_parameters():
+    for name, p in acc_model.named_parameters():
         f, a = full.get(name), acc.get(name)
         if f is None and a is None:
             continue
@@ -305,7 +311,7 @@ def _verify(
         norm = float(torch.linalg.vector_norm(f.double()))
         params.append(ParamError(name, tuple(p.shape), norm, err, err <= tol))
     params.sort(key=lambda p: -p.error if not math.isnan(p.error) else -math.inf)
-    buffers = _compare_buffers(full_model, acc_model, tol)
+    buffers = _compare_buffers(full_buffers, dict(acc_model.named_buffers()), tol)
     report = VerifyReport(
         passed=False,
         reason="",
