@@ -103,7 +103,8 @@ class VerifyReport:
                 treated = (
                     "switched to eval for the comparison"
                     if name in self.neutralized
-                    else "left as is: makes the comparison fail"
+                    else "left as is (not an nn.Dropout): both runs use one seed, so the draws agree "
+                    "only if they are taken in the same order"
                 )
                 lines.append(f"  {name or '<model>'}: {treated}")
         if self.buffers:
@@ -345,6 +346,10 @@ def _verdict(r: VerifyReport, nonfinite: list[str]) -> tuple[bool, str]:
     notes = []
     if r.neutralized:
         notes.append(f"dropout ({_names(r.neutralized)}) was switched to eval for the comparison")
+    if unexplained_random and not bad:
+        notes.append(
+            f"{_names(unexplained_random)} draw random numbers, which agreed between the runs under one seed"
+        )
     if not bad and not r.buffers:
         worst = r.params[0]
         text = (

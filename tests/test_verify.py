@@ -22,10 +22,10 @@ class SampleMix(nn.Module):
 
 
 class Noisy(nn.Module):
-    """Randomness that is not dropout: multiplicative noise drawn in the forward."""
+    """Randomness that is not dropout: one random gain per forward call."""
 
     def forward(self, x):
-        return x * (1 + 0.1 * torch.randn_like(x)) if self.training else x
+        return x * (1 + 0.1 * torch.randn((), dtype=x.dtype)) if self.training else x
 
 
 def small_cnn() -> nn.Module:
