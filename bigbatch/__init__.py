@@ -9,6 +9,7 @@ from .accumulator import Accumulator
 from .batches import batch_size, split_batch
 from .checkpointing import checkpoint_blocks
 from .chunked import chunked_cross_entropy
+from .distributed import RankSplit, derive_per_rank, shard_indices
 from .errors import (
     AccumulationWarning,
     BatchCouplingWarning,
@@ -22,6 +23,8 @@ from .guard import Guard, guard
 from .losses import LossSum, token_cross_entropy
 from .lr import scale_lr
 from .norms import GhostBatchNorm, convert_batchnorm
+from .planner import plan
+from .plans import Plan
 from .stats import StepStats
 from .verify import VerifyReport, verify
 
@@ -39,14 +42,19 @@ __all__ = [
     "LossError",
     "LossSum",
     "MicroBatchTooLargeError",
+    "Plan",
+    "RankSplit",
     "StepStats",
     "VerifyReport",
     "batch_size",
     "checkpoint_blocks",
     "chunked_cross_entropy",
     "convert_batchnorm",
+    "derive_per_rank",
     "guard",
+    "plan",
     "scale_lr",
+    "shard_indices",
     "split_batch",
     "token_cross_entropy",
     "verify",

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from .batches import Batch, batch_size, is_on_device, split_batch, to_device
-from .distributed import LocalSync, full_tensor, grad_sync_for
+from .distributed import FSDP2Sync, LocalSync, full_tensor, grad_sync_for
 from .errors import ConfigError, LossError, MicroBatchTooLargeError
 from .fast import CompiledLoss, FastMicroStep, mark_micro_step
 from .losses import Count, LossSum, split_loss
@@ -134,6 +134,9 @@ class Accumulator:
         self._scaler = make_scaler(precision, self.device)
         self._sync = grad_sync_for(model, sync_each_micro_step=sync_each_micro_step)
         self._bare_micro_step = self._autocast_dtype is None and isinstance(self._sync, LocalSync)
+        if micro_batch_size == "auto" and isinstance(self._sync, FSDP2Sync):
+            raise ConfigError('micro_batch_size="auto" under FSDP2 would leave the ranks that did not '
+                              "run out of memory waiting in an all-gather; give an int micro_batch_size.")
         self._params = [
             p for group in optimizer.param_groups for p in group["params"] if p.requires_grad
         ]
@@ -142,7 +145,10 @@ class Accumulator:
         self._mark_micro_steps = fast is not None and fast.cudagraphs
         # Under CUDA graphs a fresh gradient lives in memory the next replay
         # overwrites: the engine keeps the window's sum in buffers of its own.
-        self._float32_grads = Float32Grads.for_params(self._params, every=self._mark_micro_steps)
+        # DDP/FSDP2 read `.grad` in their own backward hooks: moving it aside would skip the
+        # sync, so under a wrapper low-precision parameters accumulate in their own dtype.
+        local_params = self._params if isinstance(self._sync, LocalSync) else []
+        self._float32_grads = Float32Grads.for_params(local_params, every=self._mark_micro_steps)
         self._auto_micro_batch_size: int | None = None  # the size that last fitted, under "auto"
         self.optimizer_steps = 0
         self.last_stats: StepStats | None = None

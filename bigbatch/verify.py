@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 import math
+import textwrap
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -108,7 +109,8 @@ class VerifyReport:
         if self.buffers:
             lines += ["", "buffers that differ:"]
             lines += [f"  {name}: {err:.2e}" for name, err in self.buffers.items()]
-        lines += ["", ("PASS: " if self.passed else "FAIL: ") + self.reason]
+        verdict = ("PASS: " if self.passed else "FAIL: ") + self.reason
+        lines += ["", textwrap.fill(verdict, width=100, subsequent_indent="      ", break_on_hyphens=False)]
         return "\n".join(lines)
 
     def __str__(self) -> str:
@@ -246,7 +248,7 @@ def verify(
         try:
             return _verify(model, batch, loss_fn, size, rtol, dtype, probe_modules, seed)
         except RuntimeError as error:
-            if dtype is None or "Double" not in str(error) and "dtype" not in str(error):
+            if dtype is None or ("Double" not in str(error) and "dtype" not in str(error)):
                 raise
             # The loss function or model builds tensors of its own dtype; compare in that.
             return _verify(model, batch, loss_fn, size, rtol, None, probe_modules, seed)
