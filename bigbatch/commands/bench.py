@@ -16,8 +16,9 @@ Every method runs the same logical batches, one optimizer step per batch:
 The table gives tokens/s (every position of every sequence), peak memory (CUDA),
 the ratio to the plain loop at the same micro-batch, and the ratio to the plain
 loop at the largest micro-batch (the full batch when it is listed). Timed blocks
-are repeated and the median kept; methods run one at a time so each peak is its
-own. On the CPU the clock is the process's CPU time on one thread. Writes a PNG.
+are repeated and the median kept. On the CPU the methods' blocks are interleaved
+and the clock is the process's CPU time on one thread; on a GPU the methods run
+one at a time (each peak is its own), timed by the wall clock. Writes a PNG.
 """
 
 from __future__ import annotations
@@ -195,29 +196,32 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def measure(setup: Setup, micro: int, method: str, device: torch.device, steps: int, repeats: int,
-            warmup: int, model: nn.Module) -> dict[str, Any]:
-    run = _runner(method, setup, micro, device, model)
-    batches = iter(setup.batches)
-    for _ in range(warmup):
-        run(next(batches))
+def measure(setup: Setup, micro: int, methods: list[str], device: torch.device, steps: int,
+            repeats: int, warmup: int, initial: nn.Module) -> list[dict[str, Any]]:
+    """Time `methods` at one micro-batch size, their blocks interleaved, each on the same batches."""
+    runs = {m: _runner(m, setup, micro, device, copy.deepcopy(initial)) for m in methods}
+    for run in runs.values():
+        for batch in setup.batches[:warmup]:
+            run(batch)
     _sync(device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     # On the CPU, this process's CPU time (torch on one thread): a busy machine
     # does not skew it. On a GPU, wall-clock time between synchronisations.
     clock = time.process_time if device.type == "cpu" else time.perf_counter
-    seconds = []
-    for _ in range(repeats):
-        start = clock()
-        for _ in range(steps):
-            run(next(batches))
-        _sync(device)
-        seconds.append((clock() - start) / steps)
+    seconds: dict[str, list[float]] = {m: [] for m in methods}
+    for r in range(repeats):
+        blocks = setup.batches[warmup + r * steps : warmup + (r + 1) * steps]
+        for method in methods[r % len(methods) :] + methods[: r % len(methods)]:
+            start = clock()
+            for batch in blocks:
+                runs[method](batch)
+            _sync(device)
+            seconds[method].append((clock() - start) / steps)
     tokens = setup.batches[0][0].numel()
     peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
-    return {"micro": micro, "method": method, "tokens_per_s": tokens / statistics.median(seconds),
-            "peak_bytes": peak}
+    return [{"micro": micro, "method": m, "tokens_per_s": tokens / statistics.median(seconds[m]),
+             "peak_bytes": peak} for m in methods]
 
 
 def default_methods(device: torch.device) -> list[str]:
@@ -249,14 +253,15 @@ def run_bench(args: argparse.Namespace) -> list[dict[str, Any]]:
           f"tokens; {args.steps} steps x {args.repeats} repeats (median), {args.warmup} warm-up")
     rows = []
     for micro in micros:
-        for method in methods:
-            model = copy.deepcopy(initial)
-            rows.append(measure(setup, micro, method, device, args.steps, args.repeats, args.warmup, model))
-            del model
+        # On the CPU all methods are timed together, blocks interleaved, so machine
+        # noise hits each alike; on a GPU one at a time, so each peak is its own.
+        groups = [methods] if device.type == "cpu" else [[m] for m in methods]
+        for group in groups:
+            rows += measure(setup, micro, group, device, args.steps, args.repeats, args.warmup, initial)
             gc.collect()
             if device.type == "cuda":
                 torch.cuda.empty_cache()
-            if method.startswith("bigbatch-"):
+            if any(m.startswith("bigbatch-") for m in group):
                 torch._dynamo.reset()  # each run compiles its own graphs
     return rows
 
