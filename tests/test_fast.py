@@ -207,3 +207,25 @@ def test_gpu_raw_cudagraph_accumulation_fails_where_the_engine_does_not():
     except RuntimeError as e:  # "accessing tensor output of CUDAGraphs that has been overwritten"
         wrong = "overwritten" in str(e)
     assert wrong
+
+
+def test_a_count_tensor_that_the_next_micro_step_overwrites_is_copied():
+    """Like a CUDA-graph output: the loss function writes every count into one buffer."""
+    buffer = torch.zeros((), dtype=torch.int64)
+
+    def loss_fn(model, batch):
+        x, y = batch
+        buffer.copy_(torch.tensor(len(y)))
+        return bb.LossSum(F.cross_entropy(model(x), y, reduction="sum"), buffer)
+
+    n, micro = 10, 6
+    assert n % micro != 0  # 6 then 4: a stale alias would count 4 + 4
+    ref = mlp()
+    ours = twin(ref)
+    ref_opt = torch.optim.SGD(ref.parameters(), lr=0.3)
+    acc = bb.Accumulator(ours, torch.optim.SGD(ours.parameters(), lr=0.3), micro_batch_size=micro)
+    batch = classification_data(n)
+    full_batch_step(ref, ref_opt, batch)
+    stats = acc.step(batch, loss_fn)
+    assert int(stats.count) == n
+    assert max_param_diff(ref, ours) < 1e-12
