@@ -169,9 +169,15 @@ def _ce(model, batch):
     return F.cross_entropy(model(batch[0]), batch[1])
 
 
+def _token_ce(model, batch):
+    x, y = batch
+    return bb.token_cross_entropy(model(x), torch.where(y == 0, -100, y))  # a tensor count
+
+
 @pytest.mark.gpu
+@pytest.mark.parametrize("loss_fn", [_ce, _token_ce], ids=["mean", "token-count"])
 @pytest.mark.parametrize("fast", ["compile", "cudagraphs"])
-def test_gpu_fast_micro_step_gives_the_eager_update(fast):
+def test_gpu_fast_micro_step_gives_the_eager_update(fast, loss_fn):
     eager = _cuda_mlp()
     quick = twin(eager)
     opts = [torch.optim.AdamW(m.parameters(), lr=1e-3) for m in (eager, quick)]
@@ -181,7 +187,7 @@ def test_gpu_fast_micro_step_gives_the_eager_update(fast):
     ]
     for seed in range(4):
         batch = _cuda_batch(14, seed)  # 4 + 4 + 4 + 2: two shapes, two graphs
-        losses = [acc.step(batch, _ce).loss for acc in accs]
+        losses = [acc.step(batch, loss_fn).loss for acc in accs]
         assert torch.allclose(losses[0], losses[1], rtol=1e-4, atol=1e-5)
     assert max_param_diff(eager, quick) < 1e-4
 
