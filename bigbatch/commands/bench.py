@@ -67,8 +67,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seq-len", type=int, default=None, help="tokens per sequence (text: 64, gpt2-small: 1024)")
     parser.add_argument("--steps", type=int, default=2, help="timed optimizer steps per block (2)")
     parser.add_argument("--repeats", type=int, default=3, help="timed blocks per method; the median is kept (3)")
-    parser.add_argument("--warmup", type=int, default=1,
-                        help="untimed steps first (1; use 3 or more with compile and CUDA graphs)")
+    parser.add_argument("--warmup", type=int, default=None,
+                        help="untimed steps first (1; 3 when compile or CUDA graphs run: they record first)")
     parser.add_argument("--methods", nargs="+", choices=METHODS, default=None,
                         help="what to compare (default: all that apply to the device)")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/out/bench.png"), help="where the PNG goes")
@@ -235,13 +235,15 @@ def default_methods(device: torch.device) -> list[str]:
 
 def run_bench(args: argparse.Namespace) -> list[dict[str, Any]]:
     device = _device(args.device)
+    methods = args.methods or default_methods(device)
+    if args.warmup is None:
+        args.warmup = 3 if any(m.startswith("bigbatch-") for m in methods) else 1
     if args.model == "gpt2-small" and device.type != "cuda":
         print("note: gpt2-small on the CPU is very slow; it is meant for --device cuda.")
     setup = (_gpt2_small_setup if args.model == "gpt2-small" else _text_setup)(args, device)
     n = len(setup.batches[0][0])
     micros = args.micro_batch_sizes or ([1, 2, 4, 8, 16, 32, 64] if args.model == "gpt2-small" else [1, 4, 16])
     micros = sorted({min(m, n) for m in micros})
-    methods = args.methods or default_methods(device)
     if "accelerate" in methods and importlib.util.find_spec("accelerate") is None:
         print("note: accelerate is not installed; skipping it (pip install accelerate).")
         methods = [m for m in methods if m != "accelerate"]
