@@ -367,7 +367,8 @@ class Accumulator:
             self._ref = self._first_ref(count)
         if isinstance(count, torch.Tensor):
             count = count.detach().to(self.device, torch.int64)
-            self._count_tensor = count if self._count_tensor is None else self._count_tensor + count
+            # The first is copied: a CUDA graph's next replay may overwrite its memory.
+            self._count_tensor = count.clone() if self._count_tensor is None else self._count_tensor + count
         else:
             self._count_int += count
         seed: torch.Tensor | None = None

@@ -169,19 +169,27 @@ def _ce(model, batch):
     return F.cross_entropy(model(batch[0]), batch[1])
 
 
+def _token_ce(model, batch):
+    x, y = batch
+    return bb.token_cross_entropy(model(x), torch.where(y == 0, -100, y))  # a tensor count
+
+
 @pytest.mark.gpu
+@pytest.mark.parametrize("loss_fn", [_ce, _token_ce], ids=["mean", "token-count"])
 @pytest.mark.parametrize("fast", ["compile", "cudagraphs"])
-def test_gpu_fast_micro_step_gives_the_eager_update(fast):
+def test_gpu_fast_micro_step_gives_the_eager_update(fast, loss_fn):
     eager = _cuda_mlp()
     quick = twin(eager)
-    opts = [torch.optim.AdamW(m.parameters(), lr=1e-3) for m in (eager, quick)]
+    # SGD: a parameter moves by its gradient (Adam would turn rounding-level noise
+    # in a near-zero gradient into a full-size step).
+    opts = [torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9) for m in (eager, quick)]
     accs = [
         bb.Accumulator(eager, opts[0], micro_batch_size=4, max_grad_norm=1.0),
         bb.Accumulator(quick, opts[1], micro_batch_size=4, max_grad_norm=1.0, fast_micro_step=fast),
     ]
     for seed in range(4):
         batch = _cuda_batch(14, seed)  # 4 + 4 + 4 + 2: two shapes, two graphs
-        losses = [acc.step(batch, _ce).loss for acc in accs]
+        losses = [acc.step(batch, loss_fn).loss for acc in accs]
         assert torch.allclose(losses[0], losses[1], rtol=1e-4, atol=1e-5)
     assert max_param_diff(eager, quick) < 1e-4
 
@@ -207,3 +215,25 @@ def test_gpu_raw_cudagraph_accumulation_fails_where_the_engine_does_not():
     except RuntimeError as e:  # "accessing tensor output of CUDAGraphs that has been overwritten"
         wrong = "overwritten" in str(e)
     assert wrong
+
+
+def test_a_count_tensor_that_the_next_micro_step_overwrites_is_copied():
+    """Like a CUDA-graph output: the loss function writes every count into one buffer."""
+    buffer = torch.zeros((), dtype=torch.int64)
+
+    def loss_fn(model, batch):
+        x, y = batch
+        buffer.copy_(torch.tensor(len(y)))
+        return bb.LossSum(F.cross_entropy(model(x), y, reduction="sum"), buffer)
+
+    n, micro = 10, 6
+    assert n % micro != 0  # 6 then 4: a stale alias would count 4 + 4
+    ref = mlp()
+    ours = twin(ref)
+    ref_opt = torch.optim.SGD(ref.parameters(), lr=0.3)
+    acc = bb.Accumulator(ours, torch.optim.SGD(ours.parameters(), lr=0.3), micro_batch_size=micro)
+    batch = classification_data(n)
+    full_batch_step(ref, ref_opt, batch)
+    stats = acc.step(batch, loss_fn)
+    assert int(stats.count) == n
+    assert max_param_diff(ref, ours) < 1e-12
