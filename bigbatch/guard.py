@@ -49,7 +49,7 @@ def _user_stacklevel() -> int:
     `loss.backward()` or `optimizer.step()` in the user's loop tells them where.
     GPU backward hooks run on autograd's own thread, with no user frame: then 2.
     """
-    frame = sys._getframe(2)  # the caller of `_warn`: stacklevel 2 as seen from `_warn`
+    frame: types.FrameType | None = sys._getframe(2)  # the caller of `_warn`: stacklevel 2 as seen from `_warn`
     level = 2
     while frame is not None and frame.f_code.co_filename.startswith(_INTERNAL):
         frame = frame.f_back
