@@ -26,6 +26,7 @@ from .norms import GhostBatchNorm, convert_batchnorm
 from .planner import plan
 from .plans import Plan
 from .stats import StepStats
+from .train import TrainConfig, Trainer
 from .verify import VerifyReport, verify
 
 __version__ = "0.1.0"
@@ -45,6 +46,8 @@ __all__ = [
     "Plan",
     "RankSplit",
     "StepStats",
+    "TrainConfig",
+    "Trainer",
     "VerifyReport",
     "batch_size",
     "checkpoint_blocks",

@@ -47,19 +47,21 @@ def find_blocks(model: nn.Module) -> list[nn.Module]:
     """The model's repeated blocks: the largest group of same-type sibling modules.
 
     Siblings are the children of one module (typically a ModuleList or
-    Sequential); groups of fewer than two are not repeated. The largest group is
-    the one holding the most parameters (then the most members). Returns [] when
-    nothing repeats.
+    Sequential); groups of fewer than two are not repeated. Blocks built of
+    submodules (transformer layers) win over single layers (the two embeddings
+    of a GPT, the Linears of an MLP), then the group holding the most
+    parameters, then the most members. Returns [] when nothing repeats.
     """
     best: list[nn.Module] = []
-    best_key = (0, 0)
+    best_key = (False, 0, 0)
     for parent in model.modules():
         groups: dict[type, list[nn.Module]] = defaultdict(list)
         for child in parent.children():
             if not isinstance(child, _CONTAINERS):
                 groups[type(child)].append(child)
         for members in groups.values():
-            key = (sum(_param_count(m) for m in members), len(members))
+            composite = any(True for _ in members[0].children())
+            key = (composite, sum(_param_count(m) for m in members), len(members))
             if len(members) >= 2 and key > best_key:
                 best, best_key = members, key
     return best

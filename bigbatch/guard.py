@@ -29,13 +29,32 @@ the gradients left at the start of a window are zeros). A tool for debugging.
 
 from __future__ import annotations
 
+import sys
 import types
 import warnings
+from pathlib import Path
 from typing import Any
 
 import torch
 
 from .errors import AccumulationWarning, ConfigError
+
+_INTERNAL = (str(Path(torch.__file__).parent), str(Path(__file__).parent))
+
+
+def _user_stacklevel() -> int:
+    """The stacklevel of the first frame outside torch and bigbatch: the user's line.
+
+    Hooks run inside torch (autograd, optimizer wrappers); pointing the warning at
+    `loss.backward()` or `optimizer.step()` in the user's loop tells them where.
+    GPU backward hooks run on autograd's own thread, with no user frame: then 2.
+    """
+    frame = sys._getframe(2)  # the caller of `_warn`: stacklevel 2 as seen from `_warn`
+    level = 2
+    while frame is not None and frame.f_code.co_filename.startswith(_INTERNAL):
+        frame = frame.f_back
+        level += 1
+    return level if frame is not None else 2
 
 
 class Guard:
@@ -99,7 +118,7 @@ class Guard:
         if kind in self.warned:
             return
         self.warned.add(kind)
-        warnings.warn(message, AccumulationWarning, stacklevel=3)
+        warnings.warn(message, AccumulationWarning, stacklevel=_user_stacklevel())
 
     def _current_lrs(self) -> tuple[float, ...]:
         return tuple(float(g.get("lr", 0.0)) for g in self.optimizer.param_groups)

@@ -148,6 +148,7 @@ def plan(
     precision: str = "fp32",
     steps: int = 2,
     warmup: int = 1,
+    compile_top_k: int | None = 3,
 ) -> Plan:
     """Find the fastest micro-batch size, checkpointing and torch.compile setting within `max_memory`.
 
@@ -165,14 +166,19 @@ def plan(
             runs allocate beyond what was on the device before.
         micro_batch_sizes: candidates; by default powers of two up to the batch.
         checkpointing: True/False to fix it; None tries both where the model has repeated blocks.
-        compile: True/False to fix it, None tries torch.compile on CUDA only
-            (on the CPU it compiles slowly and rarely pays).
+        compile: True tries torch.compile besides eager, False never; None
+            tries it on CUDA only (on the CPU it compiles slowly and rarely pays).
         steps, warmup: timed and untimed optimizer steps per candidate.
+        compile_top_k: compile only the settings of the k fastest eager
+            candidates (None: all); each compiled candidate compiles afresh.
 
     Limits: memory is measured on CUDA and accounted elsewhere (parameters,
     gradients, optimizer state, saved activations: transient buffers are
-    missed). Compiled candidates are predicted with the eager fit. The planner
-    holds one copy of the model and optimizer besides yours.
+    missed). Compiled candidates are predicted with the eager fit, so a size
+    that fits only once compiled is not found. Each compiled candidate adds
+    entries to torch._dynamo's cache for the model's forward (its recompile
+    limit is 8). The planner holds one copy of the model and optimizer besides
+    yours. Timings on a busy machine are noisy: the fastest may be luck.
     """
     n = batch_size(batch)
     budget = parse_memory(max_memory)
@@ -190,7 +196,7 @@ def plan(
             notes.append("no repeated blocks found: checkpointing not tried (bb.checkpoint_blocks(model, blocks=...)).")
     else:
         ck_options = [checkpointing]
-    compile_options = [False, True] if (compile is None and device.type == "cuda") else [bool(compile)]
+    compile_options = [False, True] if compile or (compile is None and device.type == "cuda") else [False]
     fork_devices = [device] if device.type == "cuda" else []
 
     with torch.random.fork_rng(devices=fork_devices):
@@ -202,12 +208,13 @@ def plan(
                 fits[(ck, name)] = _fit(model, optimizer, batch, fn, fit_sizes, checkpointing=ck, precision=precision)
                 _release(device)
 
-        # 2. Predict every candidate; 3. measure those predicted to fit.
+        # 2. Predict every candidate; 3. measure those predicted to fit, eager first.
         candidates = [
             Candidate(size, ck, comp, name, predicted_bytes=fits[(ck, name)].predict(size))
             for name in losses for comp in compile_options for ck in ck_options for size in sizes
         ]  # fmt: skip
-        for c in candidates:
+        eager = {(c.micro_batch_size, c.checkpointing, c.loss): c for c in candidates if not c.compile}
+        for c in sorted(candidates, key=lambda c: c.compile):
             if c.predicted_bytes > budget:
                 c.status = "over budget (predicted)"
                 continue
@@ -215,6 +222,12 @@ def plan(
             if c.checkpointing and plain is not None and plain <= budget:
                 c.status = "fits without checkpointing"  # recomputation would only cost time
                 continue
+            if c.compile and compile_top_k is not None:
+                # Compiling takes long: try it only on the fastest eager settings.
+                ranked = sorted((e for e in eager.values() if e.fits), key=lambda e: -(e.samples_per_s or 0.0))
+                if eager[(c.micro_batch_size, c.checkpointing, c.loss)] not in ranked[:compile_top_k]:
+                    c.status = f"not tried (compile: {compile_top_k} fastest eager only)"
+                    continue
             _measure(c, model, optimizer, batch, losses[c.loss], budget, precision, steps, warmup)
             _release(device)
 

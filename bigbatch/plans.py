@@ -135,6 +135,7 @@ class Plan:
         path.parent.mkdir(parents=True, exist_ok=True)
         fig, ax = plt.subplots(figsize=(7, 4.5))
         measured = [c for c in self.candidates if c.samples_per_s is not None]
+        unit, scale = ("GiB", 2**30) if self.max_memory >= 2**30 else ("MiB", 2**20)
         groups: dict[tuple[bool, bool, str], list[Candidate]] = {}
         for c in measured:
             groups.setdefault((c.checkpointing, c.compile, c.loss), []).append(c)
@@ -142,16 +143,16 @@ class Plan:
             cs.sort(key=lambda c: c.micro_batch_size)
             label = f"checkpointing {'on' if ck else 'off'}, compile {'on' if comp else 'off'}"
             label += f", loss {loss}" if len({c.loss for c in measured}) > 1 else ""
-            xs = [c.memory_bytes / 2**30 for c in cs]
+            xs = [c.memory_bytes / scale for c in cs]
             ax.plot(xs, [c.samples_per_s or 0.0 for c in cs], marker="o", label=label)
             for c, x in zip(cs, xs):
                 ax.annotate(str(c.micro_batch_size), (x, c.samples_per_s), textcoords="offset points",
                             xytext=(4, 4), fontsize=8)  # fmt: skip
-        ax.axvline(self.max_memory / 2**30, color="red", linestyle="--", label="budget")
+        ax.axvline(self.max_memory / scale, color="red", linestyle="--", label="budget")
         if self.best is not None and self.best.samples_per_s is not None:
-            ax.scatter([self.best.memory_bytes / 2**30], [self.best.samples_per_s], s=250,
+            ax.scatter([self.best.memory_bytes / scale], [self.best.samples_per_s], s=250,
                        facecolors="none", edgecolors="black", label="chosen")  # fmt: skip
-        ax.set_xlabel(f"memory, GiB ({self.memory_source})")
+        ax.set_xlabel(f"memory, {unit} ({self.memory_source})")
         ax.set_ylabel("samples / s")
         ax.set_title(f"bigbatch plan: logical batch {self.batch_size} on {self.device} (labels: micro-batch)")
         ax.legend(fontsize=8)

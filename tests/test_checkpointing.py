@@ -104,3 +104,15 @@ def test_nothing_repeated_is_a_clear_error_and_explicit_blocks_work():
         bb.checkpoint_blocks(model)
     assert bb.checkpoint_blocks(model, blocks=[model[0]]) == [model[0]]
     assert ckpt.is_checkpointed(model)
+
+
+def test_blocks_win_over_larger_repeated_single_layers():
+    class TinyGPT(nn.Module):  # two embeddings hold more parameters than the two blocks
+        def __init__(self) -> None:
+            super().__init__()
+            self.tok, self.pos = nn.Embedding(1000, 8), nn.Embedding(1000, 8)
+            self.blocks = nn.ModuleList(Block(8, 0.0) for _ in range(2))
+
+    model = TinyGPT()
+    assert sum(p.numel() for p in model.tok.parameters()) > sum(p.numel() for p in model.blocks.parameters())
+    assert ckpt.find_blocks(model) == list(model.blocks)

@@ -106,6 +106,7 @@ def test_stepping_after_the_wrong_number_of_backward_calls_warns_once():
     found, kinds = run(off_by_one)
     assert kinds == {"count"}
     assert "after 1 backward calls, but accumulation_steps=4" in str(found[0].message)
+    assert found[0].filename == __file__  # points at the user's optimizer.step() line
 
 
 def test_forgetting_zero_grad_warns():
@@ -168,6 +169,7 @@ def test_clipping_every_micro_step_warns():
 
     found, kinds = run(clip_each)
     assert kinds == {"clip"}
+    assert found[0].filename == __file__  # the backward call after the clip, on CPU
     assert "Clip once" in str(found[0].message)
 
 

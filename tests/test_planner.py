@@ -109,3 +109,37 @@ def test_loss_variants_are_compared_and_chunking_is_predicted_smaller():
     by_key = {(c.micro_batch_size, c.loss): c for c in result.candidates}
     assert by_key[(4, "chunked")].predicted_bytes < by_key[(4, "plain")].predicted_bytes
     assert "loss" in result.table().splitlines()[1]
+
+
+def test_compile_is_tried_on_the_fastest_eager_settings_only_and_its_failure_is_reported(setting, monkeypatch):
+    model, batch, full_bytes = setting
+    compiled = []
+
+    def fake_compile(module):  # the planner's own logic is under test, not inductor
+        compiled.append(module)
+        return module
+
+    monkeypatch.setattr(torch, "compile", fake_compile)
+    result = bb.plan(model, batch, loss_fn, max_memory=int(full_bytes * 0.97), compile=True, compile_top_k=1,
+                     checkpointing=False, steps=1)  # fmt: skip
+    tried = [c for c in result.candidates if c.compile and c.samples_per_s is not None]
+    skipped = [c for c in result.candidates if c.compile and c.status.startswith("not tried")]
+    assert len(tried) == len(compiled) == 1 and len(skipped) >= 1
+    eager = {(c.micro_batch_size, c.checkpointing): c for c in result.candidates if not c.compile and c.fits}
+    fastest = max(eager.values(), key=lambda c: c.samples_per_s)
+    assert (tried[0].micro_batch_size, tried[0].checkpointing) == (fastest.micro_batch_size, fastest.checkpointing)
+
+    class Broken(torch.nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, *args):
+            raise RuntimeError("inductor: no C++ compiler found\nmore detail")
+
+    monkeypatch.setattr(torch, "compile", Broken)
+    result = bb.plan(model, batch, loss_fn, max_memory="1GiB", compile=True, micro_batch_sizes=[N],
+                     checkpointing=False, steps=1)  # fmt: skip
+    broken = [c for c in result.candidates if c.compile]
+    assert broken[0].status == "compile failed (RuntimeError: inductor: no C++ compiler found)"
+    assert result.best is not None and not result.best.compile

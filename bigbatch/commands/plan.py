@@ -38,7 +38,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default=None, help="device for --task (cuda if available, else cpu)")
     parser.add_argument("--micro-batch-sizes", default=None, help="comma-separated candidates (powers of two)")
     parser.add_argument("--checkpointing", choices=list(_SWITCH), default="auto", help="try both (auto)")
-    parser.add_argument("--compile", choices=list(_SWITCH), default="auto", help="auto: try both on CUDA only")
+    parser.add_argument("--compile", choices=list(_SWITCH), default="auto", help="auto: try both on CUDA only; on: try both anywhere; off: never")
     parser.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32")
     parser.add_argument("--steps", type=int, default=2, help="timed optimizer steps per candidate (2)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed optimizer steps per candidate (1)")

@@ -50,6 +50,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--rtol", type=float, default=None, help="relative error allowed per parameter")
     parser.add_argument("--no-float64", action="store_true", help="compare in the model's own dtype")
+    parser.add_argument(
+        "--no-buffers", action="store_true", help="list buffers (running statistics) that differ, but pass"
+    )
     parser.add_argument("--no-probe", action="store_true", help="skip the perturbation probe for coupled layers")
     parser.add_argument("--seed", type=int, default=0, help="random seed for the runs (0)")
     parser.add_argument("--rows", type=int, default=12, help="parameters shown in the table (12)")
@@ -149,6 +152,7 @@ def run(args: argparse.Namespace) -> int:
             rtol=args.rtol,
             float64=not args.no_float64,
             probe_modules=not args.no_probe,
+            check_buffers=not args.no_buffers,
             seed=args.seed,
         )
     except (UsageError, ConfigError, BatchError) as error:

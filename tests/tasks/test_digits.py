@@ -44,6 +44,7 @@ def test_groupnorm_splits_exactly_and_batchnorm_does_not():
 
 def test_training_learns_digits():
     task = build_task("digits")
+    torch.set_num_threads(1)  # restored by conftest; many threads crawl on a busy small machine
     torch.manual_seed(0)
     model = task.make_model()
     acc = bb.Accumulator(model, torch.optim.AdamW(model.parameters(), lr=1e-2), micro_batch_size=64)
