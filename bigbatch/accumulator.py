@@ -148,6 +148,11 @@ class Accumulator:
         # DDP/FSDP2 read `.grad` in their own backward hooks: moving it aside would skip the
         # sync, so under a wrapper low-precision parameters accumulate in their own dtype.
         local_params = self._params if isinstance(self._sync, LocalSync) else []
+        if self._mark_micro_steps and not isinstance(self._sync, LocalSync):
+            raise ConfigError(
+                'fast_micro_step="cudagraphs" needs the engine to own the window\'s gradients, '
+                "which DDP and FSDP2 hooks do not allow; use \"compile\" (no CUDA graphs) there."
+            )
         self._float32_grads = Float32Grads.for_params(local_params, every=self._mark_micro_steps)
         self._auto_micro_batch_size: int | None = None  # the size that last fitted, under "auto"
         self.optimizer_steps = 0

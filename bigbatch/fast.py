@@ -22,6 +22,8 @@ step (a new lambda each step recompiles); shapes are static by default, so the
 last, smaller micro-batch of a window compiles once more. In the loop API, the
 forward is yours: compile your model yourself, and use "cudagraphs" when you
 compiled it with mode="reduce-overhead", so the engine marks each micro-step.
+"cudagraphs" is refused under DDP and FSDP2 (their hooks read `.grad`, so the
+engine cannot keep the gradients aside); "compile" there is untested.
 """
 
 from __future__ import annotations

@@ -237,3 +237,16 @@ def test_a_count_tensor_that_the_next_micro_step_overwrites_is_copied():
     stats = acc.step(batch, loss_fn)
     assert int(stats.count) == n
     assert max_param_diff(ref, ours) < 1e-12
+
+
+def test_cudagraphs_under_ddp_is_refused_with_the_fix(tmp_path):
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        model = nn.parallel.DistributedDataParallel(nn.Linear(2, 2))
+        with pytest.raises(bb.ConfigError, match='use "compile"'):
+            bb.Accumulator(model, torch.optim.SGD(model.parameters(), lr=0.1), micro_batch_size=2,
+                           fast_micro_step="cudagraphs")
+    finally:
+        dist.destroy_process_group()
