@@ -12,20 +12,25 @@ zero. Nothing reads a device value on the host during a window.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any, Literal
 
 import torch
 from torch import nn
 
-from .batches import Batch, batch_size, split_batch, to_device
-from .distributed import grad_sync_for
+from .batches import Batch, batch_size, is_on_device, split_batch, to_device
+from .distributed import FSDP2Sync, LocalSync, full_tensor, grad_sync_for
 from .errors import ConfigError, LossError, MicroBatchTooLargeError
-from .losses import Count, LossSum, as_loss_sum
+from .fast import CompiledLoss, FastMicroStep, mark_micro_step
+from .losses import Count, LossSum, split_loss
+from .oom import RngSnapshot, release_memory
 from .precision import Float32Grads, autocast_dtype, make_scaler
+from .probes import warn_if_batch_coupled
 from .stats import StepStats
 
 LossFn = Callable[[nn.Module, Batch], torch.Tensor | LossSum]
+
+_NO_CONTEXT = contextlib.nullcontext()  # reusable: a micro-step with nothing to enter costs nothing
 
 
 def _model_device(model: nn.Module) -> torch.device:
@@ -62,6 +67,9 @@ class Accumulator:
             host sync per optimizer step; fp16 always skips through its scaler).
         sync_each_micro_step: FSDP2 only; reduce-scatter every micro-step,
             spending communication to keep sharded gradients (less memory).
+        fast_micro_step: "compile" (torch.compile the step API's loss_fn) or
+            "cudagraphs" (the same as CUDA graphs, each micro-step marked), or a
+            bb.FastMicroStep; see bigbatch/fast.py.
 
     The Accumulator owns `.grad`: it zeroes gradients when created and after
     every step. Limits: layers that couple samples (BatchNorm) see micro-batch
@@ -83,6 +91,7 @@ class Accumulator:
         last_window: Literal["step", "drop"] = "step",
         skip_nonfinite: bool = True,
         sync_each_micro_step: bool = False,
+        fast_micro_step: Literal["compile", "cudagraphs"] | FastMicroStep | None = None,
     ) -> None:
         if (accumulation_steps is None) == (micro_batch_size is None):
             raise ConfigError(
@@ -102,7 +111,15 @@ class Accumulator:
             raise ConfigError(f'last_window must be "step" or "drop", got {last_window!r}.')
         if max_grad_norm is not None and not max_grad_norm > 0:
             raise ConfigError(f"max_grad_norm must be > 0 (or None for no clipping), got {max_grad_norm!r}.")
+        fast = FastMicroStep.parse(fast_micro_step)
+        if fast is not None and accumulation_steps is not None and not fast.cudagraphs:
+            raise ConfigError(
+                "fast_micro_step compiles the step API's loss_fn; in the loop API the forward is "
+                "yours: compile your model (model = torch.compile(model)), and pass "
+                'fast_micro_step="cudagraphs" if you compiled it with mode="reduce-overhead".'
+            )
 
+        warn_if_batch_coupled(model)  # BatchCouplingWarning: no split can be exact for BatchNorm
         self.model = model
         self.optimizer = optimizer
         self.scheduler = scheduler
@@ -116,14 +133,29 @@ class Accumulator:
         self._autocast_dtype = autocast_dtype(precision)
         self._scaler = make_scaler(precision, self.device)
         self._sync = grad_sync_for(model, sync_each_micro_step=sync_each_micro_step)
+        self._bare_micro_step = self._autocast_dtype is None and isinstance(self._sync, LocalSync)
+        if micro_batch_size == "auto" and isinstance(self._sync, FSDP2Sync):
+            raise ConfigError('micro_batch_size="auto" under FSDP2 would leave the ranks that did not '
+                              "run out of memory waiting in an all-gather; give an int micro_batch_size.")
         self._params = [
             p for group in optimizer.param_groups for p in group["params"] if p.requires_grad
         ]
-        self._float32_grads = Float32Grads.for_params(self._params)
+        self.fast_micro_step = fast
+        self._compiled_loss = CompiledLoss(fast) if fast is not None else None
+        self._mark_micro_steps = fast is not None and fast.cudagraphs
+        # Under CUDA graphs a fresh gradient lives in memory the next replay
+        # overwrites: the engine keeps the window's sum in buffers of its own.
+        # DDP/FSDP2 read `.grad` in their own backward hooks: moving it aside would skip the
+        # sync, so under a wrapper low-precision parameters accumulate in their own dtype.
+        local_params = self._params if isinstance(self._sync, LocalSync) else []
+        self._float32_grads = Float32Grads.for_params(local_params, every=self._mark_micro_steps)
         self._auto_micro_batch_size: int | None = None  # the size that last fitted, under "auto"
         self.optimizer_steps = 0
         self.last_stats: StepStats | None = None
         self._in_micro_step = False
+        self._micro_step = _MicroStep(self)
+        self._seed_key: tuple[float, torch.dtype, torch.device] | None = None
+        self._seed = torch.ones(())  # replaced on the first micro-step
         self._sync_gradients = False
         optimizer.zero_grad(set_to_none=True)
         self._reset_window()
@@ -135,9 +167,14 @@ class Accumulator:
         """True during (and after) a micro-step that ends a window and steps the optimizer."""
         return self._sync_gradients
 
-    @contextlib.contextmanager
-    def accumulate(self) -> Iterator[None]:
+    def accumulate(self) -> contextlib.AbstractContextManager[None]:
         """One micro-step of the loop API; the last of a window steps the optimizer on exit."""
+        # One object reused every micro-step (blocks cannot nest): a generator-based
+        # context manager allocates two objects a micro-step, and the garbage collector
+        # they wake costs more than the plain loop can spare at micro-batch 1.
+        return self._micro_step
+
+    def _open_micro_step(self) -> contextlib.AbstractContextManager[Any]:
         if self.accumulation_steps is None:
             raise ConfigError(
                 "accumulate() is the loop API and needs accumulation_steps=; with "
@@ -150,11 +187,14 @@ class Accumulator:
         self._sync_gradients = self._micro_steps + 1 == self.accumulation_steps
         self._in_micro_step = True
         self._backward_called = False
-        try:
-            with self._micro_step_context(self._sync_gradients):
-                yield
-        finally:
-            self._in_micro_step = False
+        if self._mark_micro_steps:
+            mark_micro_step()
+        return self._micro_step_context(self._sync_gradients)
+
+    def _close_micro_step(self, failed: bool) -> None:
+        self._in_micro_step = False
+        if failed:
+            return
         if not self._backward_called:
             raise LossError("an accumulate() block ended without acc.backward(loss, count=...).")
         self._micro_steps += 1
@@ -165,8 +205,7 @@ class Accumulator:
         """Backpropagate one micro-batch's loss: a mean over `count` samples, or a LossSum."""
         if not self._in_micro_step:
             raise ConfigError("call acc.backward(...) inside `with acc.accumulate():`.")
-        total, count = as_loss_sum(loss, count)
-        self._add(total, count)
+        self._add(*split_loss(loss, count))
         self._backward_called = True
 
     def flush(self) -> StepStats | None:
@@ -180,7 +219,7 @@ class Accumulator:
         if self.last_window == "drop":
             self._drop_window()
             return None
-        self._sync.sync_now_(self._params)
+        self._sync.sync_now_(self._params, self._float32_grads.buffers)
         self._sync_gradients = True
         self.last_stats = self._finish_window()
         return self.last_stats
@@ -192,8 +231,11 @@ class Accumulator:
 
         `loss_fn(model, micro_batch)` returns the micro-batch's mean loss over its
         samples, or a `LossSum`. Each micro-batch moves to the model's device just
-        in time. Under micro_batch_size="auto" an OOM drops the window, halves the
-        micro-batch and redoes it: the result is the same as if it had fitted.
+        in time. Under micro_batch_size="auto" an OOM in a forward or backward drops
+        the window, halves the micro-batch, replays the random state and redoes it:
+        the result is the one a run at the smaller size gives, and that size is kept
+        for the next steps. An OOM in the optimizer step is never retried. Whatever
+        fails, the window's gradients are dropped before the error propagates.
         """
         if self.micro_batch_size is None:
             raise ConfigError(
@@ -203,23 +245,39 @@ class Accumulator:
         if self._micro_steps:
             raise ConfigError("a loop-API window is open; call acc.flush() before acc.step().")
         n = batch_size(batch)
+        auto = self.micro_batch_size == "auto"
+        rng = RngSnapshot(self.device) if auto else None
         while True:
             size = min(n, self._step_micro_batch_size(n))
             try:
-                return self._step_window(batch, n, size, loss_fn)
-            except torch.OutOfMemoryError:
-                if self.micro_batch_size != "auto":
+                self._accumulate_window(batch, n, size, loss_fn)
+            except BaseException as error:
+                if not (auto and isinstance(error, torch.OutOfMemoryError)):
+                    self._drop_window()  # never leak a failed window's gradients into the next
                     raise
-                failed = size
+                failed, reason = size, str(error).split("\n")[0]
+            else:
+                try:
+                    # Not retried on OOM: a smaller micro-batch does not shrink the
+                    # optimizer's memory, and the step may have changed parameters.
+                    return self._finish_window(micro_batch_size=size)
+                except BaseException:
+                    self._drop_window()
+                    raise
             # Outside the except block, so the traceback's frames (and the
             # activations they hold) are gone before the retry.
             self._drop_window()
+            release_memory(self.device)
             if failed == 1:
                 raise MicroBatchTooLargeError(
-                    "out of memory with a micro-batch of one sample; the model itself does "
-                    "not fit: enable activation checkpointing, use bf16, or a smaller model."
+                    "out of memory with a micro-batch of one sample, so no micro-batch size fits: "
+                    "enable activation checkpointing (bb.checkpoint_blocks(model)), use "
+                    "precision=\"bf16\", or a smaller model; bb.plan(...) measures what fits. "
+                    f"The error was: {reason}"
                 )
             self._auto_micro_batch_size = failed // 2
+            assert rng is not None
+            rng.restore()  # the retry draws the same random numbers (dropout) as a clean run
 
     # -- public: resume ---------------------------------------------------
 
@@ -247,8 +305,13 @@ class Accumulator:
         assert isinstance(self.micro_batch_size, int)
         return self.micro_batch_size
 
-    def _step_window(self, batch: Batch, n: int, size: int, loss_fn: LossFn) -> StepStats:
+    def _accumulate_window(self, batch: Batch, n: int, size: int, loss_fn: LossFn) -> None:
         pieces = split_batch(batch, size)
+        self._sync.check_micro_steps(len(pieces))
+        # One walk per step, not one move per micro-step, when the batch is already there.
+        move = not is_on_device(batch, self.device)
+        if self._compiled_loss is not None:
+            loss_fn = self._compiled_loss(loss_fn)
         self._start_window()
         # The step API sees the whole batch: with sample-mean losses ref equals the
         # total and the final rescale is skipped.
@@ -256,13 +319,15 @@ class Accumulator:
         for i, piece in enumerate(pieces):
             last = i == len(pieces) - 1
             with self._micro_step_context(sync=last):
-                out = loss_fn(self.model, to_device(piece, self.device))
-                total, count = as_loss_sum(out, None if isinstance(out, LossSum) else batch_size(piece))
-                self._add(total, count)
+                out = loss_fn(self.model, to_device(piece, self.device) if move else piece)
+                # split_batch cuts `size` samples per piece, the rest into the last one.
+                count = n - i * size if last else size
+                self._add(*split_loss(out, None if isinstance(out, LossSum) else count))
             self._micro_steps += 1
-        return self._finish_window(micro_batch_size=size)
 
-    def _micro_step_context(self, sync: bool) -> contextlib.ExitStack:
+    def _micro_step_context(self, sync: bool) -> contextlib.AbstractContextManager[Any]:
+        if self._bare_micro_step:
+            return _NO_CONTEXT
         stack = contextlib.ExitStack()
         stack.enter_context(self._sync.context(sync))
         if self._autocast_dtype is not None:
@@ -289,22 +354,55 @@ class Accumulator:
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
 
-    def _add(self, total: torch.Tensor, count: Count) -> None:
+    def _add(self, value: torch.Tensor, count: Count, is_sum: bool) -> None:
+        """Backpropagate one micro-batch's loss: `value` sums `count` items, or is their mean.
+
+        Runs every micro-step, so it spends as few tensor ops as it can. With a float
+        `ref` and an int count (the common case) the scale is not a multiply: it seeds
+        the backward pass as its output gradient (what `(loss * w).backward()` sends
+        down anyway), from a tensor cached while the scale stays the same; the loss
+        is summed for the stats with one in-place add.
+        """
         if self._ref is None:
             self._ref = self._first_ref(count)
         if isinstance(count, torch.Tensor):
             count = count.detach().to(self.device, torch.int64)
-            self._count_tensor = count if self._count_tensor is None else self._count_tensor + count
+            # The first is copied: a CUDA graph's next replay may overwrite its memory.
+            self._count_tensor = count.clone() if self._count_tensor is None else self._count_tensor + count
         else:
             self._count_int += count
-        # A copy, never an alias: a model may hand back the same output tensor every call.
-        detached = total.detach().to(torch.promote_types(total.dtype, torch.float32), copy=True)
-        self._loss_sum = detached if self._loss_sum is None else self._loss_sum + detached
-        scaled = total / self._ref
-        if self._scaler is not None:
-            scaled = self._scaler.scale(scaled)
-        with torch.autocast(self.device.type, enabled=False):
-            scaled.backward()
+        seed: torch.Tensor | None = None
+        if isinstance(count, int) and isinstance(self._ref, float) and self._scaler is None:
+            weight = 1 if is_sum else count
+            detached = value.detach()
+            if self._loss_sum is None:  # a fresh tensor: `* weight` never aliases the loss
+                self._loss_sum = detached.to(torch.promote_types(value.dtype, torch.float32)) * weight
+            else:
+                self._loss_sum.add_(detached, alpha=weight)
+            out, seed = value, self._backward_seed(weight / self._ref, value)
+        else:
+            total = value if is_sum else value * count
+            out = total / self._ref
+            detached = total.detach()
+            if self._loss_sum is None:
+                # A copy, never an alias: a model may hand back the same output tensor every call.
+                self._loss_sum = detached.to(torch.promote_types(value.dtype, torch.float32), copy=True)
+            else:
+                self._loss_sum.add_(detached)
+            if self._scaler is not None:
+                out = self._scaler.scale(out)
+        if self._autocast_dtype is None:
+            torch.autograd.backward(out, seed)
+        else:
+            with torch.autocast(self.device.type, enabled=False):
+                torch.autograd.backward(out, seed)
+
+    def _backward_seed(self, scale: float, value: torch.Tensor) -> torch.Tensor:
+        key = (scale, value.dtype, value.device)
+        if self._seed_key != key:
+            self._seed = torch.full((), scale, dtype=value.dtype, device=value.device)
+            self._seed_key = key
+        return self._seed
 
     def _first_ref(self, count: Count) -> float | torch.Tensor:
         # Any constant makes the result exact (the final rescale divides it out);
@@ -319,7 +417,8 @@ class Accumulator:
 
     def _global_count(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(item count, loss sum) of the window over all ranks, on the device."""
-        count = torch.tensor(self._count_int, device=self.device, dtype=torch.int64)
+        # torch.full, not torch.tensor: a fill on the device, no blocking host-to-device copy.
+        count = torch.full((), self._count_int, device=self.device, dtype=torch.int64)
         if self._count_tensor is not None:
             count = count + self._count_tensor
         assert self._loss_sum is not None
@@ -341,7 +440,10 @@ class Accumulator:
         if exact:
             return None
         dtype = torch.float32 if self.device.type == "mps" else torch.float64
-        numerator = torch.as_tensor(self._ref, device=self.device, dtype=dtype) * self._sync.mean_divisor
+        # A Python number stays a kernel argument; torch.as_tensor would copy it to the device.
+        numerator = self._ref * self._sync.mean_divisor
+        if isinstance(numerator, torch.Tensor):
+            numerator = numerator.to(dtype)
         return numerator / count.to(dtype).clamp_min(1)
 
     def _grads(self) -> list[torch.Tensor]:
@@ -362,7 +464,7 @@ class Accumulator:
         factor = self._rescale(count)
         if factor is not None and grads:
             torch._foreach_mul_(grads, factor)
-        grad_norm = torch.nn.utils.get_total_norm(grads, foreach=True)
+        grad_norm = full_tensor(torch.nn.utils.get_total_norm(grads, foreach=True))  # FSDP2: all shards
         if self.max_grad_norm is not None and grads:
             # The same rule as torch.nn.utils.clip_grad_norm_, applied to the gradient
             # tensors themselves (they may be float32 buffers, not `.grad`).
@@ -400,8 +502,32 @@ class Accumulator:
             self._scaler.update()
             return not self._scaler.get_scale() < scale
         if self.skip_nonfinite:
-            finite = torch.isfinite(grad_norm) & torch.isfinite(loss)
+            # x - x is exactly 0 for a finite x and NaN for inf or NaN: three cheap ops
+            # where isfinite() twice costs eight (it runs every optimizer step).
+            finite = (grad_norm - grad_norm) + (loss - loss) == 0
             if not bool(finite):  # the one host sync per optimizer step
                 return False
         self.optimizer.step()
         return True
+
+
+class _MicroStep:
+    """The context manager `Accumulator.accumulate()` returns: one micro-step of the loop API."""
+
+    __slots__ = ("_acc", "_context")
+
+    def __init__(self, acc: Accumulator) -> None:
+        self._acc = acc
+        self._context: contextlib.AbstractContextManager[Any] = _NO_CONTEXT
+
+    def __enter__(self) -> None:
+        self._context = self._acc._open_micro_step()
+        if self._context is not _NO_CONTEXT:
+            self._context.__enter__()
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        try:
+            if self._context is not _NO_CONTEXT:
+                self._context.__exit__(exc_type, exc, tb)
+        finally:
+            self._acc._close_micro_step(failed=exc_type is not None)

@@ -86,3 +86,8 @@ def split_batch(batch: Batch, micro_batch_size: int) -> list[Batch]:
 def to_device(batch: Batch, device: torch.device) -> Batch:
     """Move every tensor in `batch` to `device` (asynchronously where the source is pinned)."""
     return _map(batch, lambda t: t.to(device, non_blocking=True))
+
+
+def is_on_device(batch: Batch, device: torch.device) -> bool:
+    """True when every tensor in `batch` is already on `device` (nothing to move)."""
+    return all(t.device == device for _, t in _tensors(batch))

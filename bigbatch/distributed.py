@@ -1,16 +1,29 @@
-"""Gradient-sync control for DDP and FSDP2, and counts reduced across ranks.
+"""Gradient-sync control for DDP and FSDP2, counts reduced across ranks, rank arithmetic.
 
 The engine asks one question per micro-step, "sync gradients now or not?", and
 one per window, "what is the global item count?". This module answers both for
 a plain module, a DistributedDataParallel wrapper and an FSDP2 (`fully_shard`)
 module, so the user's code does not change when they move to `torchrun`.
+
+Data-parallel wrappers average gradients over ranks. bigbatch wants the *sum*
+(it divides by the global item count itself, so ranks with different token
+counts weigh each token equally): under FSDP2 it asks for a sum directly
+(`set_gradient_divide_factor(1.0)`); DDP has no such switch, so the engine
+multiplies its mean back by the world size (`mean_divisor`), folded into the one
+rescale it does anyway.
+
+Limits: pure data parallelism (DDP, FSDP2 on a 1-D mesh, HSDP on a 2-D mesh that
+spans every rank); every rank must run the same number of synced backwards per
+step (DDP) and, under FSDP2, the same number of forwards (each one all-gathers).
 """
 
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Iterator
-from typing import Protocol
+from dataclasses import dataclass
+from typing import Any, Protocol
 
 import torch
 import torch.distributed as dist
@@ -23,15 +36,16 @@ class GradSync(Protocol):
     """How gradients of one model are synchronised across ranks."""
 
     world_size: int
-    # Data-parallel wrappers average gradients over ranks; the engine undoes that
-    # and divides by the global item count instead.
+    # What the wrapper divides the summed gradient by; the engine multiplies it back.
     mean_divisor: int
 
     def context(self, sync: bool) -> contextlib.AbstractContextManager[None]: ...
 
     def all_reduce_sum_(self, tensor: torch.Tensor) -> None: ...
 
-    def sync_now_(self, params: list[nn.Parameter]) -> None: ...
+    def sync_now_(self, params: list[nn.Parameter], buffers: dict[Any, torch.Tensor]) -> None: ...
+
+    def check_micro_steps(self, micro_steps: int) -> None: ...
 
 
 class LocalSync:
@@ -46,15 +60,19 @@ class LocalSync:
     def all_reduce_sum_(self, tensor: torch.Tensor) -> None:
         pass
 
-    def sync_now_(self, params: list[nn.Parameter]) -> None:
+    def sync_now_(self, params: list[nn.Parameter], buffers: dict[Any, torch.Tensor]) -> None:
+        pass
+
+    def check_micro_steps(self, micro_steps: int) -> None:
         pass
 
 
 def _require_process_group(kind: str) -> None:
     if not (dist.is_available() and dist.is_initialized()):
         raise ConfigError(
-            f"the model is wrapped in {kind}, but no process group is initialised; "
-            "launch with `torchrun` and call torch.distributed.init_process_group() first."
+            f"the model is wrapped in {kind}, but no process group is initialised (was it "
+            "destroyed?); launch with `torchrun` and call torch.distributed.init_process_group() "
+            "before wrapping the model and building the Accumulator."
         )
 
 
@@ -66,7 +84,7 @@ class DDPSync:
         self.model = model
         self.group = model.process_group
         self.world_size = dist.get_world_size(self.group)
-        self.mean_divisor = self.world_size
+        self.mean_divisor = self.world_size  # DDP's reducer averages over ranks
 
     def context(self, sync: bool) -> contextlib.AbstractContextManager[None]:
         return contextlib.nullcontext() if sync else self.model.no_sync()
@@ -74,13 +92,44 @@ class DDPSync:
     def all_reduce_sum_(self, tensor: torch.Tensor) -> None:
         dist.all_reduce(tensor, group=self.group)
 
-    def sync_now_(self, params: list[nn.Parameter]) -> None:
-        # A window cut short by the end of the data ran its last backward under
-        # no_sync; reduce by hand, with DDP's mean semantics.
+    def sync_now_(self, params: list[nn.Parameter], buffers: dict[Any, torch.Tensor]) -> None:
+        """Reduce a window whose last backward ran under no_sync (the data ended inside it).
+
+        One flat all-reduce with DDP's mean, so the engine's rescale stays the same.
+        Every rank must call it, with the same parameters: a gradient missing on this
+        rank counts as zero, as in DDP's own bucket.
+        """
+        grads = []
         for p in params:
-            if p.grad is not None:
-                dist.all_reduce(p.grad, group=self.group)
-                p.grad.div_(self.world_size)
+            grad = buffers.get(p, p.grad)
+            if grad is None:
+                grad = p.grad = torch.zeros_like(p)
+            grads.append(grad)
+        if not grads:
+            return
+        flat = torch.cat([g.reshape(-1) for g in grads])  # promotes to the widest dtype
+        dist.all_reduce(flat, group=self.group)
+        flat.div_(self.world_size)
+        offset = 0
+        for g in grads:
+            g.copy_(flat[offset : offset + g.numel()].view_as(g))
+            offset += g.numel()
+
+    def check_micro_steps(self, micro_steps: int) -> None:
+        pass  # only the last (synced) backward communicates: uneven counts are fine
+
+
+def _fsdp_module_type() -> type | None:
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # a torch built without distributed
+        return None
+    return FSDPModule
+
+
+def _fsdp_modules(model: nn.Module) -> list[Any]:
+    kind = _fsdp_module_type()
+    return [] if kind is None else [m for m in model.modules() if isinstance(m, kind)]
 
 
 class FSDP2Sync:
@@ -89,39 +138,204 @@ class FSDP2Sync:
     Skipping the reduce-scatter keeps unsharded gradients alive across the window,
     which costs memory; `sync_each_micro_step=True` trades that memory for
     communication (reduce-scatter every micro-step, accumulate sharded gradients).
+    Sets every FSDP module's gradient divide factor to 1 (a sum, see the module
+    docstring) and forces plain SUM collectives (gloo has no AVG or PREMUL_SUM).
     """
 
-    def __init__(self, model: nn.Module, sync_each_micro_step: bool) -> None:
+    def __init__(self, model: nn.Module, modules: list[Any], sync_each_micro_step: bool) -> None:
         _require_process_group("FSDP2 (fully_shard)")
-        self.model = model
-        self.world_size = dist.get_world_size()
-        self.mean_divisor = self.world_size
+        self.modules = modules
         self.sync_each_micro_step = sync_each_micro_step
+        self.group, self.world_size = _data_parallel_group(model)
+        self.mean_divisor = 1
+        for m in modules:
+            m.set_gradient_divide_factor(1.0)
+            m.set_force_sum_reduction_for_comms(True)
+
+    def _set(self, sync: bool) -> None:
+        for m in self.modules:
+            m.set_requires_gradient_sync(sync, recurse=False)
 
     @contextlib.contextmanager
     def _sync_context(self, sync: bool) -> Iterator[None]:
-        self.model.set_requires_gradient_sync(sync or self.sync_each_micro_step)  # type: ignore[operator]
-        yield
+        self._set(sync or self.sync_each_micro_step)
+        try:
+            yield
+        finally:
+            self._set(True)  # a backward outside the Accumulator behaves as FSDP's default
 
     def context(self, sync: bool) -> contextlib.AbstractContextManager[None]:
         return self._sync_context(sync)
 
     def all_reduce_sum_(self, tensor: torch.Tensor) -> None:
-        dist.all_reduce(tensor)
+        dist.all_reduce(tensor, group=self.group)
 
-    def sync_now_(self, params: list[nn.Parameter]) -> None:
+    def sync_now_(self, params: list[nn.Parameter], buffers: dict[Any, torch.Tensor]) -> None:
         if not self.sync_each_micro_step:
             raise ConfigError(
                 "an FSDP2 window was cut short by the end of the data after a micro-step that "
-                "skipped the gradient reduce-scatter; use sync_each_micro_step=True with FSDP2, "
-                "or give every rank a whole number of windows (drop_last in the sampler)."
+                "skipped the gradient reduce-scatter, and FSDP2 has no public way to reduce it "
+                "afterwards; use sync_each_micro_step=True with the loop API, the step API "
+                "(acc.step knows the last micro-batch), or give every rank a whole number of "
+                "windows (drop_last in the sampler)."
+            )
+
+    def check_micro_steps(self, micro_steps: int) -> None:
+        """Every forward all-gathers: ranks must run the same number of micro-steps.
+
+        One small all-reduce and one host read per step; the alternative is a hang.
+        """
+        local = torch.tensor([micro_steps, -micro_steps], dtype=torch.int64)
+        local = local.to(_param_device(self.modules[0]))
+        dist.all_reduce(local, op=dist.ReduceOp.MAX, group=self.group)
+        most, fewest = int(local[0]), -int(local[1])
+        if most != fewest:
+            raise ConfigError(
+                f"under FSDP2 every rank must run the same number of micro-steps per step (each "
+                f"forward all-gathers), but ranks run between {fewest} and {most} (this rank "
+                f"{micro_steps}); give every rank the same number of samples per step, or a "
+                "micro_batch_size that divides them into the same number of pieces."
             )
 
 
+def _param_device(model: nn.Module) -> torch.device:
+    for p in model.parameters():
+        return p.device
+    return torch.device("cpu")
+
+
+def _data_parallel_group(model: nn.Module) -> tuple[Any, int]:
+    """The process group FSDP2 shards (and replicates) over, and its size."""
+    mesh = None
+    for p in model.parameters():
+        mesh = getattr(p, "device_mesh", None)
+        if mesh is not None:
+            break
+    world = dist.get_world_size()
+    if mesh is None or mesh.ndim == 1:
+        group = None if mesh is None else mesh.get_group()
+        return group, dist.get_world_size(group)
+    if mesh.size() == world:  # HSDP: (replicate, shard), every rank is data parallel
+        return None, world
+    raise ConfigError(
+        f"the FSDP2 model lives on a {mesh.ndim}-D device mesh of {mesh.size()} ranks out of "
+        f"{world}: bigbatch reduces item counts over data-parallel ranks only and does not "
+        "support tensor or pipeline parallel meshes; use fully_shard on a 1-D mesh or HSDP."
+    )
+
+
 def grad_sync_for(model: nn.Module, *, sync_each_micro_step: bool = False) -> GradSync:
-    """The sync control that fits how `model` is wrapped."""
-    if isinstance(model, nn.parallel.DistributedDataParallel):
-        return DDPSync(model)
-    if hasattr(model, "set_requires_gradient_sync") and hasattr(model, "reshard"):
-        return FSDP2Sync(model, sync_each_micro_step)
+    """The sync control that fits how `model` is wrapped (sync_each_micro_step: FSDP2 only).
+
+    The wrapper is found anywhere in the module tree, so `torch.compile(ddp_model)`
+    or a user module holding the DDP model is recognised too.
+    """
+    for m in model.modules():
+        if isinstance(m, nn.parallel.DistributedDataParallel):
+            return DDPSync(m)
+    fsdp = _fsdp_modules(model)
+    if fsdp:
+        return FSDP2Sync(model, fsdp, sync_each_micro_step)
     return LocalSync()
+
+
+def full_tensor(t: torch.Tensor) -> torch.Tensor:
+    """A DTensor's whole value (FSDP2's gradient norm), any other tensor unchanged."""
+    full = getattr(t, "full_tensor", None)
+    return full() if callable(full) else t
+
+
+# -- rank arithmetic ---------------------------------------------------------
+
+
+def _check_world(what: str, n: int, world_size: int) -> None:
+    if not isinstance(world_size, int) or world_size < 1:
+        raise ConfigError(f"world_size must be an int >= 1, got {world_size!r}.")
+    if not isinstance(n, int) or n < world_size:
+        raise ConfigError(
+            f"{what} {n!r} is smaller than the world size {world_size}: every rank needs at "
+            f"least one sample per step; use {what} >= {world_size}, or launch fewer processes."
+        )
+
+
+def shard_indices(n: int, rank: int, world_size: int) -> range:
+    """The positions of one logical batch of `n` items that `rank` takes: rank, rank+W, ...
+
+    Shards differ by at most one item (the first n % W ranks take one more), every
+    item goes to exactly one rank, nothing is padded or repeated (a repeated
+    sample would count twice in the exact global mean).
+
+        x[shard_indices(len(x), rank, world)]
+    """
+    _check_world("the batch size", n, world_size)
+    if not isinstance(rank, int) or not 0 <= rank < world_size:
+        raise ConfigError(f"rank must be in [0, {world_size}), got {rank!r}.")
+    return range(rank, n, world_size)
+
+
+@dataclass(frozen=True)
+class RankSplit:
+    """How a global logical batch divides over ranks and micro-steps."""
+
+    rank_batch_sizes: tuple[int, ...]  # samples per rank per step; they sum to the logical batch
+    micro_batch_size: int  # at most what was asked, never more than a rank holds
+    accumulation_steps: int  # micro-steps per optimizer step, the same on every rank
+
+
+def derive_per_rank(logical_batch: int, micro_batch_size: int, world_size: int) -> RankSplit:
+    """Per-rank batch sizes and accumulation steps for a global logical batch.
+
+    The logical batch is global (what one optimizer step sees over all ranks); it is
+    split as `shard_indices` splits it, and every rank runs the same number of
+    micro-steps (ceil of the largest shard over the micro-batch size), so FSDP2's
+    per-forward all-gathers line up.
+
+        derive_per_rank(64, 4, 2)  # RankSplit((32, 32), 4, 8)
+    """
+    _check_world("the logical batch", logical_batch, world_size)
+    if not isinstance(micro_batch_size, int) or micro_batch_size < 1:
+        raise ConfigError(f"micro_batch_size must be an int >= 1, got {micro_batch_size!r}.")
+    sizes = tuple(len(range(r, logical_batch, world_size)) for r in range(world_size))
+    micro = min(micro_batch_size, sizes[0])
+    return RankSplit(sizes, micro, math.ceil(sizes[0] / micro))
+
+
+# -- counting communication --------------------------------------------------
+
+
+@dataclass
+class AllReduceCounter:
+    """A DDP communication hook that counts gradient all-reduces and their bytes.
+
+    Install with `ddp.register_comm_hook(None, counter.hook)`; it reduces exactly as
+    DDP's default does (divide by the world size, all-reduce). `rounds` counts
+    backward passes that communicated, `buckets` the all-reduce calls, `bytes`
+    what they sent per rank.
+    """
+
+    world_size: int
+    group: Any = None  # the DDP model's process_group; None is the default group
+    buckets: int = 0
+    bytes: int = 0
+    rounds: int = 0
+
+    def hook(self, state: object, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
+        buf = bucket.buffer()
+        self.buckets += 1
+        self.bytes += buf.numel() * buf.element_size()
+        self.rounds += int(bucket.is_last())  # one round: every bucket of one synced backward
+        buf.div_(self.world_size)
+        work = dist.all_reduce(buf, group=self.group, async_op=True)
+        assert work is not None
+        return work.get_future().then(lambda fut: fut.value()[0])
+
+    def reset(self) -> None:
+        self.buckets = self.bytes = self.rounds = 0
+
+
+# DDP checks a hook's annotations by identity; with postponed annotations they are
+# strings, so give it the real objects.
+if dist.is_available():
+    AllReduceCounter.hook.__annotations__.update(
+        bucket=dist.GradBucket, **{"return": torch.futures.Future[torch.Tensor]}
+    )

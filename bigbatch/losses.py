@@ -61,13 +61,17 @@ def token_cross_entropy(
 
 def as_loss_sum(loss: Any, count: Count | None) -> tuple[torch.Tensor, Count]:
     """A loss as (sum over items, item count), validated."""
-    if isinstance(loss, LossSum):
-        if count is not None:
-            raise LossError("a LossSum carries its own count; drop the count= argument.")
-        total, count = loss.total, loss.count
-        if isinstance(count, int) and count < 0:
-            raise LossError(f"LossSum count must be >= 0, got {count}.")
-    elif isinstance(loss, torch.Tensor):
+    value, count, is_sum = split_loss(loss, count)
+    return (value if is_sum else value * count), count
+
+
+def split_loss(loss: Any, count: Count | None) -> tuple[torch.Tensor, Count, bool]:
+    """A loss as (value, item count, value is a sum), validated; a mean is not multiplied out.
+
+    The engine folds the mean's count into the one scale it applies anyway, so a
+    micro-step costs no extra tensor op (see Accumulator._add).
+    """
+    if isinstance(loss, torch.Tensor):  # the common case first: a sample-mean loss
         if count is None:
             raise LossError(
                 "a scalar loss is a mean, and bigbatch must know over how many samples: "
@@ -78,21 +82,27 @@ def as_loss_sum(loss: Any, count: Count | None) -> tuple[torch.Tensor, Count]:
                 f"count must be a positive number of samples, got {count!r}; "
                 "skip micro-batches with no samples, or return a LossSum for masked items."
             )
-        total = loss * count
+        value, is_sum = loss, False
+    elif isinstance(loss, LossSum):
+        if count is not None:
+            raise LossError("a LossSum carries its own count; drop the count= argument.")
+        value, count, is_sum = loss.total, loss.count, True
+        if isinstance(count, int) and count < 0:
+            raise LossError(f"LossSum count must be >= 0, got {count}.")
     else:
         raise LossError(
             f"the loss must be a scalar tensor or bb.LossSum, got {type(loss).__name__}; "
             "return loss.mean() or bb.LossSum(loss.sum(), n) from the loss function."
         )
-    if not isinstance(total, torch.Tensor) or total.dim() != 0:
-        shape = tuple(total.shape) if isinstance(total, torch.Tensor) else type(total).__name__
+    if not isinstance(value, torch.Tensor) or value.dim() != 0:
+        shape = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
         raise LossError(
             f"the loss must be a scalar, got shape {shape}; reduce it with .mean() "
             "(or .sum() inside a LossSum) before handing it to bigbatch."
         )
-    if not total.requires_grad:
+    if not value.requires_grad:
         raise LossError(
             "the loss does not require grad: did the forward run under torch.no_grad() "
             "or are all parameters frozen?"
         )
-    return total, count
+    return value, count, is_sum

@@ -1,0 +1,162 @@
+"""`bigbatch verify`: is accumulation exact for this model? A check to put in CI.
+
+    bigbatch verify mypackage.models:make_case --micro-batch-size 4
+    bigbatch verify path/to/case.py:make_case
+    bigbatch verify --task digits --set norm=batchnorm    # fails: names the BatchNorm layers
+
+The factory takes no arguments and returns `(model, batch, loss_fn)`, or a dict
+with those keys; `loss_fn(model, batch)` returns the mean loss over the batch's
+samples or a `bb.LossSum`. Exit status: 0 the check passed, 1 it failed, 2 the
+command was used wrongly (bad target, factory, or options).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import importlib.util
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..errors import BatchError, ConfigError
+from ..verify import verify
+
+
+class UsageError(Exception):
+    """The command was given something it cannot use; exit status 2."""
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "target",
+        nargs="?",
+        help="MODULE:FACTORY or path/to/file.py:FACTORY; the factory returns (model, batch, loss_fn)",
+    )
+    parser.add_argument("--task", help="verify a built-in task instead (e.g. text, digits)")
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a task option for --task (e.g. norm=batchnorm); repeatable",
+    )
+    parser.add_argument("--batch-size", type=int, default=16, help="samples in the batch for --task (16)")
+    parser.add_argument(
+        "--micro-batch-size", type=int, default=None, help="samples per micro-batch (about a third of the batch)"
+    )
+    parser.add_argument("--rtol", type=float, default=None, help="relative error allowed per parameter")
+    parser.add_argument("--no-float64", action="store_true", help="compare in the model's own dtype")
+    parser.add_argument(
+        "--no-buffers", action="store_true", help="list buffers (running statistics) that differ, but pass"
+    )
+    parser.add_argument("--no-probe", action="store_true", help="skip the perturbation probe for coupled layers")
+    parser.add_argument("--seed", type=int, default=0, help="random seed for the runs (0)")
+    parser.add_argument("--rows", type=int, default=12, help="parameters shown in the table (12)")
+
+
+def _load_factory(target: str) -> Any:
+    location, sep, name = target.rpartition(":")
+    if not sep or not location or not name:
+        raise UsageError(f"target {target!r} must look like MODULE:FACTORY or path/to/file.py:FACTORY.")
+    if location.endswith(".py") or os.sep in location or "/" in location:
+        path = Path(location)
+        if not path.is_file():
+            raise UsageError(f"no such file: {path}")
+        spec = importlib.util.spec_from_file_location(path.stem, path)
+        if spec is None or spec.loader is None:
+            raise UsageError(f"cannot import {path} as a Python module.")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules.setdefault(path.stem, module)
+        spec.loader.exec_module(module)
+    else:
+        if os.getcwd() not in sys.path:
+            sys.path.insert(0, os.getcwd())  # like `python -m`: modules next to where you run it
+        try:
+            module = importlib.import_module(location)
+        except ModuleNotFoundError as error:
+            raise UsageError(f"cannot import module {location!r}: {error}") from error
+    factory = getattr(module, name, None)
+    if not callable(factory):
+        raise UsageError(f"{location} has no callable named {name!r}.")
+    return factory
+
+
+def _unpack(case: Any, target: str) -> tuple[Any, Any, Any]:
+    if isinstance(case, dict):
+        missing = [k for k in ("model", "batch", "loss_fn") if k not in case]
+        if missing:
+            raise UsageError(f"{target} returned a dict without {', '.join(missing)}.")
+        return case["model"], case["batch"], case["loss_fn"]
+    if isinstance(case, (tuple, list)) and len(case) == 3:
+        return case[0], case[1], case[2]
+    raise UsageError(
+        f"{target} must return (model, batch, loss_fn) or a dict with those keys, "
+        f"got {type(case).__name__}."
+    )
+
+
+def _value(text: str) -> Any:
+    if text.lower() in ("true", "false"):
+        return text.lower() == "true"
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
+
+
+def _task_case(name: str, options: list[str], batch_size: int, seed: int) -> tuple[Any, Any, Any]:
+    try:
+        from ..tasks import build_task  # type: ignore[import-not-found, unused-ignore]
+    except ImportError as error:
+        raise UsageError("the built-in tasks are not part of this installation.") from error
+    overrides = {}
+    for option in options:
+        key, sep, value = option.partition("=")
+        if not sep or not key:
+            raise UsageError(f"--set takes KEY=VALUE, got {option!r}.")
+        overrides[key.strip()] = _value(value.strip())
+    try:
+        task = build_task(name, **overrides)
+    except (KeyError, ValueError, TypeError) as error:
+        raise UsageError(str(error)) from error
+    model = task.make_model()
+    batch = next(iter(task.train_batches(batch_size, torch.Generator().manual_seed(seed))))
+    return model, batch, task.loss_fn
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        if (args.target is None) == (args.task is None):
+            raise UsageError("give either a target MODULE:FACTORY or --task NAME (not both).")
+        if args.set and args.task is None:
+            raise UsageError("--set KEY=VALUE sets options of a built-in --task; a factory sets its own.")
+        if args.task is not None:
+            model, batch, loss_fn = _task_case(args.task, args.set, args.batch_size, args.seed)
+            what = f"task {args.task}"
+        else:
+            model, batch, loss_fn = _unpack(_load_factory(args.target)(), args.target)
+            what = args.target
+        if not isinstance(model, torch.nn.Module) or not callable(loss_fn):
+            raise UsageError(f"{what}: expected an nn.Module and a callable loss_fn.")
+        report = verify(
+            model,
+            batch,
+            loss_fn,
+            micro_batch_size=args.micro_batch_size,
+            rtol=args.rtol,
+            float64=not args.no_float64,
+            probe_modules=not args.no_probe,
+            check_buffers=not args.no_buffers,
+            seed=args.seed,
+        )
+    except (UsageError, ConfigError, BatchError) as error:
+        print(f"bigbatch verify: {error}", file=sys.stderr)
+        return 2
+    print(f"{what}\n{report.table(max_rows=args.rows)}")
+    return 0 if report.passed else 1

@@ -1,0 +1,282 @@
+"""Finding layers that couple samples within a batch, and layers that draw random numbers.
+
+Accumulation is exact only if each sample's loss depends on that sample alone.
+Two ways to find the layers that break this:
+
+* by type (`known_coupled`): BatchNorm of every kind (and SyncBatchNorm, which also
+  couples across ranks) while it normalises with batch statistics, that is in
+  training mode or with `track_running_stats=False`. InstanceNorm, GroupNorm and
+  LayerNorm normalise each sample on its own and do not couple. `GhostBatchNorm`
+  couples samples only within its ghost batches.
+* by experiment (`probe`): run the model on a batch, then on the same batch with one
+  sample changed, under the same random seed; a module whose input rows for the
+  other samples are unchanged but whose output rows changed mixes samples. A third
+  run with another seed finds the modules whose output is random (dropout): same
+  input, different output. Each finding names the innermost module responsible.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import warnings
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from .batches import Batch, _map, batch_size
+from .errors import BatchCouplingWarning
+from .norms import GhostBatchNorm
+
+DROPOUT_TYPES: tuple[type[nn.Module], ...] = (
+    nn.Dropout,
+    nn.Dropout1d,
+    nn.Dropout2d,
+    nn.Dropout3d,
+    nn.AlphaDropout,
+    nn.FeatureAlphaDropout,
+)
+
+
+@dataclass(frozen=True)
+class CoupledModule:
+    """A module whose output for one sample depends on other samples of the batch."""
+
+    name: str  # qualified name in the model ("" for the model itself)
+    type_name: str
+    how: str  # why it couples, in words
+
+
+@dataclass
+class ProbeResult:
+    coupled: list[CoupledModule] = field(default_factory=list)
+    random: list[str] = field(default_factory=list)  # modules with random output, innermost
+
+
+def _uses_batch_statistics(module: nn.Module) -> bool:
+    return isinstance(module, _BatchNorm) and (module.training or not module.track_running_stats)
+
+
+def known_coupled(model: nn.Module) -> list[CoupledModule]:
+    """The modules of `model` that couple samples by their type and mode (no forward pass)."""
+    found = []
+    for name, module in model.named_modules():
+        kind = type(module).__name__
+        if isinstance(module, GhostBatchNorm) and (module.training or not module.track_running_stats):
+            how = (
+                f"batch statistics per ghost batch of {module.ghost_batch_size} samples: exact only when "
+                f"every micro-batch is a multiple of {module.ghost_batch_size}"
+            )
+            found.append(CoupledModule(name, kind, how))
+        elif _uses_batch_statistics(module):
+            mode = "training mode" if module.training else "track_running_stats=False"
+            how = f"normalises with the statistics of the (micro-)batch ({mode})"
+            if isinstance(module, nn.SyncBatchNorm):
+                how += ", across every rank"
+            found.append(CoupledModule(name, kind, how))
+    return found
+
+
+def warn_if_batch_coupled(model: nn.Module) -> None:
+    """Warn (BatchCouplingWarning) when `model` holds a layer that makes accumulation inexact."""
+    coupled = [c for c in known_coupled(model) if c.type_name != GhostBatchNorm.__name__]
+    if not coupled:
+        return
+    names = ", ".join(f"{c.name or '<model>'} ({c.type_name})" for c in coupled[:5])
+    more = f" and {len(coupled) - 5} more" if len(coupled) > 5 else ""
+    warnings.warn(
+        f"{names}{more} normalise with batch statistics, so each micro-batch is normalised "
+        "on its own and no split gives the full-batch gradient. Replace them with "
+        'bb.convert_batchnorm(model, to="groupnorm") or to="ghost" (statistics per fixed ghost '
+        "batch), or accept the difference; check with bb.verify(model, batch, loss_fn).",
+        BatchCouplingWarning,
+        stacklevel=3,
+    )
+
+
+# -- the perturbation probe ------------------------------------------------
+
+
+@dataclass
+class _Call:
+    inputs: list[torch.Tensor]
+    outputs: list[torch.Tensor] = field(default_factory=list)
+
+
+def _flat_tensors(obj: Any) -> list[torch.Tensor]:
+    if isinstance(obj, torch.Tensor):
+        return [obj]
+    if isinstance(obj, dict):
+        return [t for v in obj.values() for t in _flat_tensors(v)]
+    if isinstance(obj, (tuple, list)):
+        return [t for v in obj for t in _flat_tensors(v)]
+    return []
+
+
+def _sample_rows(tensors: list[torch.Tensor], n: int) -> list[torch.Tensor]:
+    # Only tensors whose leading dimension counts the batch's samples can be compared row by row.
+    return [t.detach().clone() for t in tensors if t.dim() > 0 and t.shape[0] == n]
+
+
+@contextlib.contextmanager
+def _recording(model: nn.Module, n: int) -> Iterator[dict[str, list[_Call]]]:
+    calls: dict[str, list[_Call]] = {}
+    handles = []
+    for name, module in model.named_modules():
+
+        def pre(mod: nn.Module, args: Any, kwargs: Any, name: str = name) -> None:
+            # Inputs are copied before the forward: an in-place layer would overwrite them.
+            calls.setdefault(name, []).append(_Call(_sample_rows(_flat_tensors((args, kwargs)), n)))
+
+        def post(mod: nn.Module, args: Any, kwargs: Any, output: Any, name: str = name) -> None:
+            calls[name][-1].outputs = _sample_rows(_flat_tensors(output), n)
+
+        handles.append(module.register_forward_pre_hook(pre, with_kwargs=True))
+        handles.append(module.register_forward_hook(post, with_kwargs=True))
+    try:
+        yield calls
+    finally:
+        for h in handles:
+            h.remove()
+
+
+# Rows count as changed beyond this fraction of their largest value: far above the
+# rounding of a non-deterministic kernel (atomics on GPU), far below what one changed
+# sample does to a batch statistic.
+_ROW_RTOL = {torch.float64: 1e-10, torch.float32: 1e-5}
+
+
+def _differ(x: torch.Tensor, y: torch.Tensor) -> bool:
+    if not (x.is_floating_point() or x.is_complex()):
+        return not torch.equal(x, y)
+    if x.numel() == 0:
+        return False
+    rtol = _ROW_RTOL.get(x.dtype, 1e-2)
+    scale = max(float(x.abs().max()), float(y.abs().max()), 1e-30)
+    return bool((x - y).abs().max() > rtol * scale)
+
+
+def _rows_differ(a: list[torch.Tensor], b: list[torch.Tensor], rows: torch.Tensor) -> bool:
+    return any(_differ(x[rows], y[rows]) for x, y in zip(a, b, strict=True))
+
+
+def _changed_modules(
+    base: dict[str, list[_Call]], other: dict[str, list[_Call]], rows: torch.Tensor
+) -> list[str]:
+    """Modules whose outputs at `rows` differ between runs although their inputs at `rows` do not."""
+    found = []
+    for name, calls in base.items():
+        other_calls = other.get(name, [])
+        if len(calls) != len(other_calls):
+            continue  # a data-dependent control flow; the calls cannot be paired
+        for a, b in zip(calls, other_calls):
+            shapes_match = [x.shape for x in a.inputs] == [x.shape for x in b.inputs] and [
+                x.shape for x in a.outputs
+            ] == [x.shape for x in b.outputs]
+            if not a.outputs or not shapes_match:
+                continue
+            if not _rows_differ(a.inputs, b.inputs, rows) and _rows_differ(a.outputs, b.outputs, rows):
+                found.append(name)
+                break
+    return _innermost(found)
+
+
+def _innermost(names: list[str]) -> list[str]:
+    """Drop a module when one of its submodules is already named (the cause lies inside)."""
+    return [
+        n for n in names if not any(o != n and (n == "" or o.startswith(n + ".")) for o in names)
+    ]
+
+
+def _perturbed(batch: Batch, sample: int, generator: torch.Generator) -> Batch:
+    """`batch` with one sample's tensors changed: floats get noise, integers another sample's values."""
+    n = batch_size(batch)
+    donor = (sample + 1) % n
+
+    def change(t: torch.Tensor) -> torch.Tensor:
+        t = t.clone()
+        if t.is_floating_point() or t.is_complex():
+            noise = torch.randn(t[sample].shape, generator=generator, dtype=torch.float64)
+            t[sample] += noise.to(t.device, t.dtype) * (t.detach().abs().mean().clamp_min(1.0))
+        elif t.dtype != torch.bool:
+            t[sample] = t[donor]
+        return t
+
+    return _map(batch, change)
+
+
+def _run(model: nn.Module, batch: Batch, loss_fn: Callable[[nn.Module, Batch], Any], n: int, seed: int):
+    with _recording(model, n) as calls, torch.no_grad():
+        torch.manual_seed(seed)
+        loss_fn(model, batch)
+    return calls
+
+
+def _random_modules(
+    model: nn.Module, batch: Batch, loss_fn: Any, n: int, seed: int, base: dict[str, list[_Call]]
+) -> list[str]:
+    """Modules whose output changes with the seed although their input does not.
+
+    A random module upstream changes the input of every module after it, hiding
+    their own randomness; so the ones found are switched to eval and the search
+    repeats (a few rounds at most), then every module's mode is restored.
+    """
+    modes = {m: m.training for m in model.modules()}
+    modules = dict(model.named_modules())
+    found: list[str] = []
+    try:
+        for attempt in range(4):
+            if attempt:  # the first round compares with the caller's run under `seed`
+                base = _run(model, batch, loss_fn, n, seed)
+            reseeded = _run(model, batch, loss_fn, n, seed + 1)
+            new = [r for r in _changed_modules(base, reseeded, torch.arange(n)) if r not in found]
+            if not new:
+                break
+            found += new
+            for name in new:
+                modules[name].eval()
+    finally:
+        for m, mode in modes.items():
+            m.training = mode
+    return sorted(found, key=list(modules).index)
+
+
+def probe(
+    model: nn.Module, batch: Batch, loss_fn: Callable[[nn.Module, Batch], Any], *, seed: int = 0
+) -> ProbeResult:
+    """Find the modules that mix samples or draw random numbers, by running `model`.
+
+    Runs `loss_fn(model, batch)` without gradients: on `batch`, then with the first
+    and then the last sample changed, under one seed (coupling: the same seed gives
+    dropout the same masks, so a random layer is not mistaken for a coupled one);
+    then on `batch` under two seeds (randomness). Call it on a copy: the forward
+    passes update running statistics. The caller should save and restore the RNG.
+
+    Limits: only tensors whose leading dimension is the batch's sample count are
+    compared, so a layer that works on (sequence, batch, ...) tensors is not judged;
+    a coupling that one changed sample does not reveal can go unseen.
+    """
+    n = batch_size(batch)
+    if n < 2:
+        return ProbeResult()
+    g = torch.Generator().manual_seed(seed)
+    base = _run(model, batch, loss_fn, n, seed)
+    coupled_names: list[str] = []
+    for changed in (0, n - 1):
+        others = torch.tensor([i for i in range(n) if i != changed])
+        perturbed = _run(model, _perturbed(batch, changed, g), loss_fn, n, seed)
+        coupled_names += [c for c in _changed_modules(base, perturbed, others) if c not in coupled_names]
+    random = _random_modules(model, batch, loss_fn, n, seed, base)
+    # A module whose own draws changed cannot be judged by rows; the two lists stay apart.
+    coupled_names = _innermost([c for c in coupled_names if c not in random])
+    modules = dict(model.named_modules())
+    coupled = [
+        CoupledModule(name, type(modules[name]).__name__, "its output for one sample changed when "
+                      "another sample changed (perturbation probe)")
+        for name in coupled_names
+    ]
+    return ProbeResult(coupled=coupled, random=random)
+

@@ -1,0 +1,398 @@
+"""Is accumulation exact for this model? Compare the accumulated gradient with the full batch's.
+
+`verify` runs the logical batch twice on copies of the model: once whole (one
+forward, the mean loss, backward) and once through the real `Accumulator`, split
+into micro-batches. In float64 the two gradients agree to ~1e-15 when accumulation
+is exact; a layer that mixes samples (BatchNorm), a loss that mixes samples, or a
+loss that is a mean over something other than samples shows up as a difference
+of order one. The report names the parameters that differ and, from the probes
+in `bigbatch.probes`, the modules that cause it.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import textwrap
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from .accumulator import Accumulator, _model_device
+from .batches import Batch, _map, batch_size, to_device
+from .errors import BatchCouplingWarning, ConfigError
+from .losses import LossSum
+from .probes import DROPOUT_TYPES, CoupledModule, known_coupled, probe
+
+LossFn = Callable[[nn.Module, Batch], Any]
+
+# Relative error allowed per parameter, by the dtype the comparison ran in: float64
+# leaves room for summation order over deep models, the others for their rounding.
+RTOL = {torch.float64: 1e-9, torch.float32: 1e-4, torch.bfloat16: 5e-2, torch.float16: 1e-2}
+# A parameter whose gradient all but vanishes is judged against this fraction of the
+# whole gradient's norm instead of its own (its relative error would be pure rounding).
+_FLOOR = 1e-6
+
+
+@dataclass(frozen=True)
+class ParamError:
+    name: str
+    shape: tuple[int, ...]
+    grad_norm: float  # norm of the full-batch gradient
+    error: float  # ||accumulated - full|| / max(||full||, floor)
+    ok: bool
+
+
+@dataclass
+class VerifyReport:
+    """What `bb.verify` found: per-parameter errors, coupled and random modules, a verdict.
+
+    `passed` is True when every parameter's accumulated gradient matches the
+    full-batch gradient within `rtol` and the buffers (running statistics) match
+    too; `reason` says why in one paragraph; `table()` shows everything.
+    """
+
+    passed: bool
+    reason: str
+    batch_size: int
+    micro_batch_size: int
+    micro_steps: int
+    dtype: torch.dtype
+    rtol: float
+    params: list[ParamError]  # every parameter with a gradient, worst first
+    coupled: list[CoupledModule] = field(default_factory=list)
+    random: list[str] = field(default_factory=list)  # modules with random output
+    neutralized: list[str] = field(default_factory=list)  # dropout switched to eval for the comparison
+    buffers: dict[str, float] = field(default_factory=dict)  # buffers that differ, and by how much
+
+    @property
+    def errors(self) -> dict[str, float]:
+        """Relative error of every parameter, by qualified name."""
+        return {p.name: p.error for p in self.params}
+
+    def worst(self, k: int = 5) -> list[ParamError]:
+        return self.params[:k]
+
+    def table(self, max_rows: int = 12) -> str:
+        lines = [
+            f"bigbatch verify: {self.batch_size} samples, {self.micro_steps} micro-batches of "
+            f"{self.micro_batch_size}, {str(self.dtype).replace('torch.', '')}, rtol {self.rtol:.0e}",
+            "",
+        ]
+        width = max([len("parameter")] + [len(p.name) for p in self.params[:max_rows]])
+        lines.append(f"{'parameter':<{width}}  {'shape':<16} {'grad norm':>10} {'rel. error':>11}  ok")
+        for p in self.params[:max_rows]:
+            shape = str(tuple(p.shape))
+            lines.append(
+                f"{p.name:<{width}}  {shape:<16} {p.grad_norm:>10.2e} {p.error:>11.2e}  "
+                f"{'yes' if p.ok else 'NO'}"
+            )
+        if len(self.params) > max_rows:
+            bad = sum(not p.ok for p in self.params[max_rows:])
+            lines.append(f"... {len(self.params) - max_rows} more parameters ({bad} of them failing)")
+        if self.coupled:
+            lines += ["", "batch-coupled modules:"]
+            lines += [f"  {c.name or '<model>'} ({c.type_name}): {c.how}" for c in self.coupled]
+        if self.random:
+            lines += ["", "random modules (output changes between identical runs):"]
+            for name in self.random:
+                treated = (
+                    "switched to eval for the comparison"
+                    if name in self.neutralized
+                    else "left as is (not an nn.Dropout): both runs use one seed, so the draws agree "
+                    "only if they are taken in the same order"
+                )
+                lines.append(f"  {name or '<model>'}: {treated}")
+        if self.buffers:
+            lines += ["", "buffers that differ:"]
+            lines += [f"  {name}: {err:.2e}" for name, err in self.buffers.items()]
+        verdict = ("PASS: " if self.passed else "FAIL: ") + self.reason
+        lines += ["", textwrap.fill(verdict, width=100, subsequent_indent="      ", break_on_hyphens=False)]
+        return "\n".join(lines)
+
+    def __str__(self) -> str:
+        return self.table()
+
+
+class _CaptureGrads(torch.optim.Optimizer):
+    """An optimizer whose step copies the gradients it is handed instead of updating."""
+
+    def __init__(self, params: list[nn.Parameter]) -> None:
+        super().__init__(params, {"lr": 0.0})
+        self.grads: dict[int, torch.Tensor] = {}
+
+    @torch.no_grad()
+    def step(self, closure: Any = None) -> None:  # type: ignore[override]
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is not None:
+                    self.grads[id(p)] = p.grad.detach().clone()
+
+
+def _default_micro_batch_size(n: int) -> int:
+    # About a third of the batch, so there are several micro-batches and, mostly, an uneven last one.
+    return max(1, -(-n // 3) if n >= 6 else n // 2)
+
+
+def _cast(batch: Batch, dtype: torch.dtype | None) -> Batch:
+    if dtype is None:
+        return batch
+    return _map(batch, lambda t: t.to(dtype) if t.is_floating_point() else t)
+
+
+def _prepared_copy(model: nn.Module, dtype: torch.dtype | None, neutralize: list[str]) -> nn.Module:
+    twin = copy.deepcopy(model)
+    if dtype is not None:
+        twin.to(dtype)
+    modules = dict(twin.named_modules())
+    for name in neutralize:
+        modules[name].eval()
+    for p in twin.parameters():
+        p.grad = None
+    return twin
+
+
+def _full_batch_grads(model: nn.Module, batch: Batch, loss_fn: LossFn, seed: int) -> dict[str, torch.Tensor]:
+    device = _model_device(model)
+    torch.manual_seed(seed)
+    out = loss_fn(model, to_device(batch, device))
+    loss = out.mean() if isinstance(out, LossSum) else out
+    loss.backward()
+    return {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def _accumulated_grads(
+    model: nn.Module, batch: Batch, loss_fn: LossFn, micro_batch_size: int, seed: int
+) -> dict[str, torch.Tensor]:
+    params = [p for p in model.parameters() if p.requires_grad]
+    capture = _CaptureGrads(params)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", BatchCouplingWarning)  # verify reports coupling itself
+        acc = Accumulator(model, capture, micro_batch_size=micro_batch_size, skip_nonfinite=False)
+    torch.manual_seed(seed)
+    acc.step(batch, loss_fn)
+    return {n: capture.grads[id(p)] for n, p in model.named_parameters() if id(p) in capture.grads}
+
+
+def _relative(diff: torch.Tensor, ref: torch.Tensor, floor: float) -> float:
+    ref_norm = float(torch.linalg.vector_norm(ref.double()))
+    denom = max(ref_norm, floor, 1e-300)
+    return float(torch.linalg.vector_norm(diff.double())) / denom
+
+
+def _compare_buffers(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], rtol: float) -> dict[str, float]:
+    differ = {}
+    for name, x in a.items():
+        y = b[name]
+        if x.is_floating_point():
+            err = _relative(y - x, x, 1e-12)
+            if not err <= rtol:
+                differ[name] = err
+        elif not torch.equal(x, y):
+            differ[name] = float((y.double() - x.double()).abs().max())
+    return differ
+
+
+def verify(
+    model: nn.Module,
+    batch: Batch,
+    loss_fn: LossFn,
+    *,
+    micro_batch_size: int | None = None,
+    rtol: float | None = None,
+    float64: bool = True,
+    probe_modules: bool = True,
+    check_buffers: bool = True,
+    seed: int = 0,
+) -> VerifyReport:
+    """Check that accumulating `batch` in micro-batches gives the full-batch gradient.
+
+    The model is deep-copied (never changed; the RNG state is restored), cast to
+    float64 unless `float64=False` or the device has none, and its gradient is
+    computed twice: over the whole batch, and through `bb.Accumulator` with
+    `micro_batch_size` (default: about a third of the batch). Each parameter's
+    relative error `||acc - full|| / ||full||` must be at most `rtol` (default by
+    dtype: 1e-9 for float64, 1e-4 for float32). Running statistics and other
+    buffers must match too, unless `check_buffers=False` (then they are only listed).
+
+        report = bb.verify(model, (x, y), lambda m, b: F.cross_entropy(m(b[0]), b[1]),
+                           micro_batch_size=4)
+        print(report.table()); assert report.passed
+
+    Dropout (nn.Dropout and its kinds) draws different masks in the two runs, so it
+    is switched to eval in both copies: it does not mix samples, and the
+    comparison then checks the rest of the model. Other randomness is reported and
+    fails the check. Modules that mix samples are found by type and by a
+    perturbation probe (`probe_modules`) and named in the report.
+
+    Limits: the model is copied (one copy at a time, plus its gradients; the
+    probe keeps every module's input and output for a few forward passes, so
+    verify with a small batch); loss_fn must work
+    on the cast dtype (if float64 fails, the model's own dtype is used); a DDP or
+    FSDP-wrapped model should be verified unwrapped.
+    """
+    n = batch_size(batch)
+    if n < 2:
+        raise ConfigError(f"verify needs a batch of at least 2 samples to split, got {n}.")
+    size = micro_batch_size if micro_batch_size is not None else _default_micro_batch_size(n)
+    if not isinstance(size, int) or size < 1:
+        raise ConfigError(f"micro_batch_size must be an int >= 1, got {size!r}.")
+    if size >= n:
+        raise ConfigError(
+            f"micro_batch_size={size} holds the whole batch of {n}, so nothing is accumulated and "
+            f"nothing is checked; use a smaller one (e.g. {_default_micro_batch_size(n)})."
+        )
+    device = _model_device(model)
+    dtype: torch.dtype | None = torch.float64 if float64 and device.type != "mps" else None
+    devices = [device] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        try:
+            return _verify(model, batch, loss_fn, size, rtol, dtype, probe_modules, check_buffers, seed)
+        except RuntimeError as error:
+            if dtype is None or ("Double" not in str(error) and "dtype" not in str(error)):
+                raise
+            # The loss function or model builds tensors of its own dtype; compare in that.
+            return _verify(model, batch, loss_fn, size, rtol, None, probe_modules, check_buffers, seed)
+
+
+def _verify(
+    model: nn.Module,
+    batch: Batch,
+    loss_fn: LossFn,
+    size: int,
+    rtol: float | None,
+    dtype: torch.dtype | None,
+    probe_modules: bool,
+    check_buffers: bool,
+    seed: int,
+) -> VerifyReport:
+    n = batch_size(batch)
+    cast = _cast(batch, dtype)
+    coupled = known_coupled(model)
+    random: list[str] = []
+    if probe_modules:
+        twin = _prepared_copy(model, dtype, [])
+        found = probe(twin, to_device(cast, _model_device(twin)), loss_fn, seed=seed)
+        del twin
+        known = {c.name for c in coupled}
+        coupled += [c for c in found.coupled if c.name not in known]
+        random = found.random
+    neutralize = [
+        name
+        for name, m in model.named_modules()
+        if isinstance(m, DROPOUT_TYPES) and m.training and getattr(m, "p", 0) > 0
+    ]
+    random += [name for name in neutralize if name not in random]
+
+    # One copy at a time: a model that barely fits its device can still be verified.
+    twin = _prepared_copy(model, dtype, neutralize)
+    full = _full_batch_grads(twin, cast, loss_fn, seed)
+    full_buffers = {name: b.detach().clone() for name, b in twin.named_buffers()}
+    del twin
+    acc_model = _prepared_copy(model, dtype, neutralize)
+    acc = _accumulated_grads(acc_model, cast, loss_fn, size, seed)
+
+    run_dtype = next((p.dtype for p in acc_model.parameters() if p.is_floating_point()), torch.float32)
+    tol = rtol if rtol is not None else RTOL.get(run_dtype, 1e-4)
+    total = math.sqrt(sum(float(torch.linalg.vector_norm(g.double())) ** 2 for g in full.values()))
+    params = []
+    nonfinite = []
+    for name, p in acc_model.named_parameters():
+        f, a = full.get(name), acc.get(name)
+        if f is None and a is None:
+            continue
+        if f is None or a is None:
+            f = torch.zeros_like(p) if f is None else f
+            a = torch.zeros_like(p) if a is None else a
+        if not (torch.isfinite(f).all() and torch.isfinite(a).all()):
+            nonfinite.append(name)
+        err = _relative(a - f, f, _FLOOR * total)
+        norm = float(torch.linalg.vector_norm(f.double()))
+        params.append(ParamError(name, tuple(p.shape), norm, err, err <= tol))
+    params.sort(key=lambda p: -p.error if not math.isnan(p.error) else -math.inf)
+    buffers = _compare_buffers(full_buffers, dict(acc_model.named_buffers()), tol)
+    report = VerifyReport(
+        passed=False,
+        reason="",
+        batch_size=n,
+        micro_batch_size=size,
+        micro_steps=-(-n // size),
+        dtype=run_dtype,
+        rtol=tol,
+        params=params,
+        coupled=coupled,
+        random=random,
+        neutralized=neutralize,
+        buffers=buffers,
+    )
+    report.passed, report.reason = _verdict(report, nonfinite, check_buffers)
+    return report
+
+
+def _names(names: list[str], limit: int = 4) -> str:
+    shown = ", ".join(n or "<model>" for n in names[:limit])
+    return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
+
+
+def _verdict(r: VerifyReport, nonfinite: list[str], check_buffers: bool) -> tuple[bool, str]:
+    if not r.params:
+        return False, "no parameter received a gradient; does loss_fn use the model's parameters?"
+    if nonfinite:
+        return False, f"non-finite gradients in {_names(nonfinite)}; fix the model or data first."
+    bad = [p for p in r.params if not p.ok]
+    unexplained_random = [m for m in r.random if m not in r.neutralized]
+    notes = []
+    if r.neutralized:
+        notes.append(f"dropout ({_names(r.neutralized)}) was switched to eval for the comparison")
+    if unexplained_random and not bad:
+        notes.append(
+            f"{_names(unexplained_random)} draw random numbers, which agreed between the runs under one seed"
+        )
+    if r.buffers and not check_buffers:
+        notes.append(f"buffers differ ({_names(list(r.buffers))}) but were not checked")
+    if not bad and (not r.buffers or not check_buffers):
+        worst = r.params[0]
+        text = (
+            f"the accumulated gradient equals the full-batch gradient (worst relative error "
+            f"{worst.error:.1e} in {worst.name}, rtol {r.rtol:.0e})"
+        )
+        return True, "; ".join([text] + notes) + "."
+    parts = []
+    coupled = [f"{c.name or '<model>'} ({c.type_name})" for c in r.coupled]
+    if bad:
+        parts.append(
+            f"{len(bad)} of {len(r.params)} parameters get a different gradient when accumulated "
+            f"(worst {bad[0].name}: relative error {bad[0].error:.1e}, rtol {r.rtol:.0e})"
+        )
+    if r.buffers and check_buffers:
+        parts.append(f"buffers differ after the forward passes ({_names(list(r.buffers))})")
+        if not bad:
+            parts.append(
+                "the gradients are exact, but running statistics are updated once per micro-batch "
+                f"({r.micro_steps} momentum updates per logical step instead of one; InstanceNorm "
+                "with track_running_stats=True does this), so eval-mode results drift from the full "
+                "batch's; if that is acceptable, pass check_buffers=False (--no-buffers)"
+            )
+    if coupled and bad:
+        parts.append(
+            f"cause: {_names(coupled)} couple samples within a batch, so each "
+            "micro-batch is computed differently from the full batch. Fix: "
+            'bb.convert_batchnorm(model, to="groupnorm"), or to="ghost" with a ghost_batch_size '
+            "that divides micro_batch_size; for a custom layer, make it act on each sample alone"
+        )
+    if unexplained_random:
+        parts.append(
+            f"{_names(unexplained_random)} draw random numbers, so the two runs cannot agree "
+            "whatever the split; make them deterministic (eval() or p=0) for this check"
+        )
+    if not coupled and not unexplained_random and bad:
+        parts.append(
+            "no module was found that mixes samples: the loss function itself may mix them "
+            "(a contrastive loss, a batch-normalised target), or return a mean over something "
+            "other than samples (tokens): then return bb.LossSum(sum_of_losses, count)"
+        )
+    return False, "; ".join(parts + notes) + "."

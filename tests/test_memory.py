@@ -1,0 +1,119 @@
+"""Memory accounting: saved-tensor bytes counted by hand, static bytes, the linear fit."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import bigbatch as bb
+from bigbatch.memory import (
+    MemoryFit,
+    SavedTensorMeter,
+    format_bytes,
+    gradient_bytes,
+    measure_step_memory,
+    optimizer_state_bytes,
+    parameter_bytes,
+    parse_memory,
+)
+
+from .models import data, loss_fn, tower
+
+
+@pytest.mark.parametrize(
+    "text,expected",
+    [("8GiB", 8 << 30), ("8 GB", 8 * 10**9), ("1.5GiB", 3 << 29), ("512MiB", 512 << 20),
+     ("8G", 8 << 30), ("4096", 4096), (1000, 1000), ("2kib", 2048)],
+)  # fmt: skip
+def test_parse_memory(text, expected):
+    assert parse_memory(text) == expected
+
+
+@pytest.mark.parametrize("text", ["8 parsecs", "", "-1GiB", "0", "GiB", 0])
+def test_parse_memory_rejects_nonsense_and_shows_the_form(text):
+    with pytest.raises(bb.ConfigError, match="8GiB|> 0"):
+        parse_memory(text)
+
+
+def test_format_bytes():
+    assert format_bytes(512) == "512 B"
+    assert format_bytes(3 << 29) == "1.50 GiB"
+    assert format_bytes(12 << 20) == "12.00 MiB"
+    assert format_bytes(None) == "-"
+
+
+def test_meter_counts_saved_storages_once_and_skips_parameters():
+    n, d, h = 5, 3, 7
+    w = nn.Parameter(torch.randn(d, h, dtype=torch.float64))
+    x = torch.randn(n, d, dtype=torch.float64, requires_grad=True)
+    with SavedTensorMeter(nn.ParameterList([w])) as meter:
+        z = torch.tanh(x @ w)  # mm saves x (and w: skipped); tanh saves its output z
+        (x * x).sum()  # saves x twice: the same storage, counted once
+    assert meter.bytes == (n * d + n * h) * 8
+    assert z.shape == (n, h)
+
+
+def test_static_bytes_by_hand():
+    model = tower(d=16)
+    numel = sum(p.numel() for p in model.parameters())
+    tensors = len(list(model.parameters()))
+    opt = torch.optim.Adam(model.parameters())
+    assert parameter_bytes(model) == numel * 8
+    assert gradient_bytes(model) == numel * 8
+    assert optimizer_state_bytes(opt) == 0  # Adam creates its state at the first step
+    loss_fn(model, data(4)).backward()
+    opt.step()
+    assert optimizer_state_bytes(opt) == 2 * numel * 8 + tensors * 4  # exp_avg, exp_avg_sq, step (fp32)
+    model.head.weight.requires_grad_(False)
+    assert gradient_bytes(model) == (numel - model.head.weight.numel()) * 8
+    assert gradient_bytes(nn.Linear(2, 2).to(torch.bfloat16)) == 6 * (2 + 4)  # + float32 buffers
+
+
+def test_saved_activations_are_linear_in_the_micro_batch_and_the_fit_predicts_exactly():
+    model, batch = tower(d=16, layers=2), data(32)
+
+    def at(micro):
+        m = copy.deepcopy(model)
+        return measure_step_memory(m, torch.optim.AdamW(m.parameters()), batch, loss_fn, micro)
+
+    small, mid, large = at(2), at(4), at(16)
+    assert small.saved_activations > 0 and small.measured_peak is None  # on the CPU
+    fit = MemoryFit.from_points([(2, small.estimated_peak), (4, mid.estimated_peak)])
+    assert fit.predict(16) == pytest.approx(large.estimated_peak, rel=1e-12)
+    assert 0 <= fit.a - small.static < small.saved_activations  # static bytes do not grow with micro
+    assert small.optimizer_state > 0  # measured after a real step
+
+
+def test_memory_fit_least_squares_and_largest_fitting():
+    fit = MemoryFit.from_points([(1, 110.0), (2, 190.0), (4, 410.0), (8, 790.0)])
+    # By hand: mean micro 3.75, mean bytes 375, Sxy = 2825, Sxx = 28.75.
+    assert fit.b == pytest.approx(2825 / 28.75, rel=1e-12)
+    assert fit.a == pytest.approx(375 - 2825 / 28.75 * 3.75, rel=1e-12)
+    assert fit.largest_fitting(fit.predict(6) + 1) == 6
+    assert fit.largest_fitting(0) == 0
+    assert MemoryFit.from_points([(4, 500.0)], intercept=100).b == 100
+    with pytest.raises(bb.ConfigError, match="two or more"):
+        MemoryFit.from_points([(4, 500.0)])
+
+
+@pytest.mark.gpu
+def test_accounting_agrees_with_cuda_max_memory_allocated():
+    device = torch.device("cuda")
+    torch.manual_seed(0)
+    model = tower(d=1024, layers=4, dtype=torch.float32).to(device)
+    x, y = data(1024, d_in=8, dtype=torch.float32)
+
+    def at(micro):
+        m = copy.deepcopy(model)
+        return measure_step_memory(m, torch.optim.AdamW(m.parameters()), (x, y), loss_fn, micro)
+
+    points = [at(m) for m in (64, 128, 512)]
+    for p in points:
+        assert p.measured_peak is not None
+        # The estimate misses transient buffers only; it is a lower bound within a third.
+        assert 0.75 * p.measured_peak <= p.estimated_peak <= 1.02 * p.measured_peak, p
+    fit = MemoryFit.from_points([(p.micro_batch_size, p.measured_peak) for p in points[:2]])
+    assert fit.predict(512) == pytest.approx(points[2].measured_peak, rel=0.1)

@@ -1,0 +1,94 @@
+"""`bigbatch plan`: 0 when something fits (table and PNG), 1 when nothing does, 2 on misuse."""
+
+from __future__ import annotations
+
+import sys
+import textwrap
+
+import pytest
+
+from bigbatch.cli import main
+
+CASES = textwrap.dedent(
+    """
+    import torch
+    import torch.nn.functional as F
+    from torch import nn
+
+
+    def _loss(model, batch):
+        x, y = batch
+        return F.cross_entropy(model(x), y)
+
+
+    def _data():
+        g = torch.Generator().manual_seed(0)
+        return torch.randn(8, 4, generator=g), torch.randint(0, 3, (8,), generator=g)
+
+
+    def mlp():
+        return nn.Sequential(nn.Linear(4, 16), nn.Tanh(), nn.Linear(16, 16), nn.Tanh(), nn.Linear(16, 3)), _data(), _loss
+
+
+    def with_sgd():
+        model, batch, loss = mlp()
+        return {"model": model, "batch": batch, "loss_fn": loss, "optimizer": lambda p: torch.optim.SGD(p, lr=0.1)}
+
+
+    def wrong_shape():
+        return 1, 2
+    """
+)
+
+
+@pytest.fixture
+def cases(tmp_path, monkeypatch):
+    path = tmp_path / "plan_cases_mod.py"
+    path.write_text(CASES)
+    monkeypatch.chdir(tmp_path)
+    yield path
+    sys.modules.pop("plan_cases_mod", None)
+
+
+def test_a_file_factory_that_fits_exits_0_with_table_and_png(cases, tmp_path, capsys):
+    png = tmp_path / "out" / "p.png"
+    code = main(["plan", f"{cases}:mlp", "--max-memory", "1GiB", "--plot", str(png), "--steps", "1",
+                 "--micro-batch-sizes", "2,8"])  # fmt: skip
+    out = capsys.readouterr().out
+    assert code == 0
+    assert "CHOSEN" in out and "checkpointing" in out
+    assert png.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_module_factory_with_its_own_optimizer_and_the_default_plot_path(cases, tmp_path, capsys):
+    assert main(["plan", "plan_cases_mod:with_sgd", "--max-memory", "1GiB", "--steps", "1",
+                 "--micro-batch-sizes", "4"]) == 0  # fmt: skip
+    assert (tmp_path / "plan.png").is_file()
+
+
+def test_nothing_fits_exits_1_and_says_what_to_try(cases, capsys):
+    assert main(["plan", f"{cases}:mlp", "--max-memory", "1KiB", "--steps", "1"]) == 1
+    err = capsys.readouterr().err
+    assert "nothing fits in 1.00 KiB" in err and "max_memory" in err and "bf16" in err
+
+
+@pytest.mark.parametrize(
+    "argv,message",
+    [
+        (["plan", "--max-memory", "1GiB"], "either a target"),
+        (["plan", "{cases}:mlp", "--max-memory", "8 parsecs"], "8GiB"),
+        (["plan", "{cases}:wrong_shape", "--max-memory", "1GiB"], "loss_fn"),
+        (["plan", "{cases}:mlp", "--max-memory", "1GiB", "--micro-batch-sizes", "two"], "comma-separated"),
+        (["plan", "--task", "txet", "--max-memory", "1GiB"], "text"),
+    ],
+)
+def test_misuse_exits_2_with_the_fix(cases, capsys, argv, message):
+    assert main([a.replace("{cases}", str(cases)) for a in argv]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_builtin_task(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert main(["plan", "--task", "digits", "--max-memory", "1GiB", "--batch-size", "8",
+                 "--micro-batch-sizes", "8", "--steps", "1", "--device", "cpu"]) == 0  # fmt: skip
+    assert "task digits" in capsys.readouterr().out

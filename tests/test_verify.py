@@ -1,0 +1,249 @@
+"""bb.verify: passes exact models, fails coupled ones with the right numbers and names."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import bigbatch as bb
+
+from .equivalence.oracle import classification_data, mlp, sample_mean_loss
+
+
+class SampleMix(nn.Module):
+    """A custom layer that couples samples: each sample gets a share of the batch mean."""
+
+    def forward(self, x):
+        return x + 0.5 * x.mean(dim=0, keepdim=True)
+
+
+class Noisy(nn.Module):
+    """Randomness that is not dropout: one random gain per forward call."""
+
+    def forward(self, x):
+        return x * (1 + 0.1 * torch.randn((), dtype=x.dtype)) if self.training else x
+
+
+def small_cnn() -> nn.Module:
+    return nn.Sequential(
+        nn.Conv2d(1, 4, 3, padding=1),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Conv2d(4, 6, 3, padding=1),
+        nn.ReLU(),
+        nn.Flatten(),
+        nn.Linear(6 * 4 * 4, 3),
+    )
+
+
+def image_data(n, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, 1, 8, 8, generator=g), torch.randint(0, 3, (n,), generator=g)
+
+
+def test_mlp_passes_with_an_uneven_split():
+    n, m = 11, 4
+    assert n % m != 0
+    report = bb.verify(mlp(), classification_data(n), sample_mean_loss, micro_batch_size=m)
+    assert report.passed, report.table()
+    assert report.dtype == torch.float64
+    assert report.micro_steps == 3
+    assert max(report.errors.values()) < 1e-12
+    assert set(report.errors) == {"0.weight", "0.bias", "2.weight", "2.bias"}
+    assert report.coupled == [] and report.random == []
+
+
+def test_float32_cnn_is_checked_in_float64_and_passes():
+    model = small_cnn()  # float32 parameters
+    report = bb.verify(model, image_data(10), sample_mean_loss, micro_batch_size=3)
+    assert report.passed, report.table()
+    assert report.dtype == torch.float64
+    assert max(report.errors.values()) < 1e-12
+    assert next(model.parameters()).dtype == torch.float32  # the user's model is not cast
+
+
+def test_batchnorm_fails_with_the_error_a_hand_written_split_gives():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.Tanh(), nn.Linear(8, 3)).double()
+    x, y = classification_data(12)
+    report = bb.verify(model, (x, y), sample_mean_loss, micro_batch_size=4)
+    assert not report.passed
+    assert [c.name for c in report.coupled] == ["1"]
+    assert report.coupled[0].type_name == "BatchNorm1d"
+    assert "1 (BatchNorm1d)" in report.reason and "convert_batchnorm" in report.reason
+    assert {"1.running_mean", "1.running_var", "1.num_batches_tracked"} <= set(report.buffers)
+
+    # The reference, by hand: full-batch gradient vs the sum of micro-batch gradients / n.
+    full, parts = copy.deepcopy(model), copy.deepcopy(model)
+    sample_mean_loss(full, (x, y)).backward()
+    for xs, ys in zip(x.split(4), y.split(4)):
+        (sample_mean_loss(parts, (xs, ys)) * len(xs) / len(x)).backward()
+    for (name, p), q in zip(full.named_parameters(), parts.parameters()):
+        expected = (q.grad - p.grad).norm() / p.grad.norm()
+        if p.grad.norm() > 1e-6:
+            assert report.errors[name] == pytest.approx(expected.item(), rel=1e-9), name
+    assert max(report.errors.values()) > 0.05  # the premise: the split really changes the gradient
+
+
+def test_custom_sample_mixing_layer_fails_and_is_named():
+    torch.manual_seed(0)
+    model = nn.Sequential()
+    model.add_module("embed", nn.Linear(4, 8))
+    model.add_module("body", nn.Sequential(nn.Tanh(), SampleMix(), nn.ReLU(inplace=True)))
+    model.add_module("head", nn.Linear(8, 3))
+    report = bb.verify(model, classification_data(9, seed=3), sample_mean_loss, micro_batch_size=4)
+    assert not report.passed
+    assert [(c.name, c.type_name) for c in report.coupled] == [("body.1", "SampleMix")]
+    assert "body.1 (SampleMix)" in report.reason
+    assert "body.1" in report.table()
+
+
+def test_dropout_is_reported_as_randomness_and_switched_off_for_the_comparison():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 16), nn.ReLU(), nn.Dropout(0.3), nn.Linear(16, 3)).double()
+    report = bb.verify(model, classification_data(10), sample_mean_loss, micro_batch_size=3)
+    assert report.passed, report.table()
+    assert report.random == ["2"] and report.neutralized == ["2"]
+    assert report.coupled == []  # dropout draws per sample; it does not mix samples
+    assert "dropout (2) was switched to eval" in report.reason
+    assert model[2].training  # only the copies were switched
+
+
+def test_randomness_that_is_not_dropout_fails_and_says_so():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), Noisy(), nn.Linear(8, 3)).double()
+    report = bb.verify(model, classification_data(10), sample_mean_loss, micro_batch_size=3)
+    assert not report.passed
+    assert report.random == ["1"] and report.neutralized == []
+    assert report.coupled == []
+    assert "random numbers" in report.reason
+
+
+def test_a_token_mean_loss_fails_without_blaming_a_module():
+    """A mean over tokens returned as a plain scalar is weighted as a mean over samples."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Embedding(11, 8), nn.Linear(8, 11)).double()
+    g = torch.Generator().manual_seed(0)
+    tokens = torch.randint(0, 11, (6, 5), generator=g)
+    labels = tokens.clone()
+    labels[:3, 2:] = -100  # sequences of different lengths
+
+    def token_mean(m, batch):
+        t, lab = batch
+        return F.cross_entropy(m(t).flatten(0, 1), lab.flatten(), ignore_index=-100)
+
+    def token_sum(m, batch):
+        t, lab = batch
+        return bb.token_cross_entropy(m(t), lab)
+
+    wrong = bb.verify(model, (tokens, labels), token_mean, micro_batch_size=3)
+    assert not wrong.passed and wrong.coupled == []
+    assert "LossSum" in wrong.reason
+    assert bb.verify(model, (tokens, labels), token_sum, micro_batch_size=3).passed
+
+
+def test_the_users_model_and_rng_are_left_alone():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.Dropout(0.2), nn.Linear(8, 3)).double()
+    before = copy.deepcopy(model.state_dict())
+    rng = torch.get_rng_state()
+    bb.verify(model, classification_data(8), sample_mean_loss, micro_batch_size=3)
+    assert torch.equal(torch.get_rng_state(), rng)
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert all(p.grad is None for p in model.parameters())
+    assert all(m.training for m in model.modules())
+
+
+def test_falls_back_to_the_models_dtype_when_the_loss_cannot_run_in_float64():
+    torch.manual_seed(0)
+    model = nn.Linear(4, 3)
+    projection = torch.randn(4, 4)  # a float32 constant the loss function owns
+
+    def loss_fn(m, batch):
+        x, y = batch
+        return F.cross_entropy(m(x @ projection), y)
+
+    x, y = classification_data(9)
+    report = bb.verify(model, (x.float(), y), loss_fn, micro_batch_size=4)
+    assert report.dtype == torch.float32 and report.rtol == 1e-4
+    assert report.passed, report.table()
+
+
+def test_loss_sum_losses_are_supported():
+    def loss_fn(m, batch):
+        x, y = batch
+        return bb.LossSum(F.cross_entropy(m(x), y, reduction="sum"), len(y))
+
+    assert bb.verify(mlp(), classification_data(7), loss_fn, micro_batch_size=2).passed
+
+
+def test_the_default_split_has_several_micro_batches():
+    report = bb.verify(mlp(), classification_data(10), sample_mean_loss)
+    assert report.micro_steps >= 2 and report.passed
+
+
+@pytest.mark.parametrize("n,m", [(1, 1), (8, 8), (8, 0)])
+def test_a_split_that_checks_nothing_is_refused(n, m):
+    with pytest.raises(bb.ConfigError):
+        bb.verify(mlp(), classification_data(n), sample_mean_loss, micro_batch_size=m)
+
+
+def test_table_lists_parameters_worst_first():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.Linear(8, 3)).double()
+    report = bb.verify(model, classification_data(10), sample_mean_loss, micro_batch_size=4)
+    errors = [p.error for p in report.params]
+    assert errors == sorted(errors, reverse=True)
+    text = report.table(max_rows=2)
+    assert any(line.startswith("FAIL: ") for line in text.splitlines())
+    assert "more parameters" in text
+
+
+def test_accumulator_warns_about_batchnorm_once_built():
+    model = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8))
+    with pytest.warns(bb.BatchCouplingWarning, match="convert_batchnorm"):
+        bb.Accumulator(model, torch.optim.SGD(model.parameters(), lr=0.1), micro_batch_size=2)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        model.eval()  # running statistics: no coupling, no warning
+        bb.Accumulator(model, torch.optim.SGD(model.parameters(), lr=0.1), micro_batch_size=2)
+        plain = mlp()
+        bb.Accumulator(plain, torch.optim.SGD(plain.parameters(), lr=0.1), micro_batch_size=2)
+
+
+@pytest.mark.gpu
+def test_on_cuda_the_check_runs_on_the_device_in_float64():
+    model = small_cnn().cuda()
+    x, y = image_data(12)
+    rng = torch.cuda.get_rng_state()
+    report = bb.verify(model, (x, y), sample_mean_loss, micro_batch_size=5)
+    assert report.passed and report.dtype == torch.float64, report.table()
+    assert max(report.errors.values()) < 1e-12
+    assert torch.equal(torch.cuda.get_rng_state(), rng)
+    coupled = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.Flatten(), nn.Linear(144, 3)).cuda()
+    failed = bb.verify(coupled, (x, y), sample_mean_loss, micro_batch_size=5)
+    assert not failed.passed and [c.name for c in failed.coupled] == ["1"]
+
+
+def test_running_statistics_updated_per_micro_batch_fail_unless_buffers_are_waived():
+    """InstanceNorm does not mix samples, but its running statistics move once per micro-batch."""
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(1, 4, 3), nn.InstanceNorm2d(4, affine=True, track_running_stats=True), nn.Flatten(), nn.Linear(144, 3)
+    )
+    batch = image_data(9)
+    report = bb.verify(model, batch, sample_mean_loss, micro_batch_size=3)
+    assert report.coupled == []
+    assert all(p.ok for p in report.params)  # the gradients are exact
+    assert not report.passed and "1.running_mean" in report.buffers
+    assert "3 momentum updates per logical step instead of one" in report.reason
+    waived = bb.verify(model, batch, sample_mean_loss, micro_batch_size=3, check_buffers=False)
+    assert waived.passed and "1.running_mean" in waived.buffers
+    assert "were not checked" in waived.reason

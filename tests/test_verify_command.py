@@ -1,0 +1,115 @@
+"""`bigbatch verify`: 0 on pass, 1 on failure (naming the layer), 2 on misuse."""
+
+from __future__ import annotations
+
+import sys
+import textwrap
+
+import pytest
+
+from bigbatch.cli import main
+
+CASES = textwrap.dedent(
+    """
+    import torch
+    import torch.nn.functional as F
+    from torch import nn
+
+
+    def _loss(model, batch):
+        x, y = batch
+        return F.cross_entropy(model(x), y)
+
+
+    def _data():
+        g = torch.Generator().manual_seed(0)
+        return torch.randn(12, 4, generator=g), torch.randint(0, 3, (12,), generator=g)
+
+
+    def exact():
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3)), _data(), _loss
+
+
+    def coupled():
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.Linear(8, 3))
+        return {"model": model, "batch": _data(), "loss_fn": _loss}
+
+
+    def wrong_shape():
+        return 1, 2
+
+
+    not_callable = 3
+    """
+)
+
+
+@pytest.fixture
+def cases(tmp_path, monkeypatch):
+    path = tmp_path / "verify_cases_mod.py"
+    path.write_text(CASES)
+    monkeypatch.chdir(tmp_path)
+    yield path
+    sys.modules.pop("verify_cases_mod", None)
+
+
+def test_an_exact_model_exits_0_and_prints_the_table(cases, capsys):
+    assert main(["verify", f"{cases}:exact", "--micro-batch-size", "5"]) == 0
+    out = capsys.readouterr().out
+    assert "12 samples, 3 micro-batches of 5, float64" in out
+    assert "PASS: " in out and "0.weight" in out
+
+
+def test_a_module_target_works_from_the_current_directory(cases, capsys):
+    assert main(["verify", "verify_cases_mod:exact"]) == 0
+
+
+def test_a_coupled_model_exits_1_and_names_the_layer(cases, capsys):
+    assert main(["verify", "verify_cases_mod:coupled", "--micro-batch-size", "4"]) == 1
+    out = capsys.readouterr().out
+    assert "FAIL: " in out and "1 (BatchNorm1d)" in out
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["verify"],  # neither target nor task
+        ["verify", "verify_cases_mod"],  # no factory
+        ["verify", "no_such_module_xyz:make"],
+        ["verify", "missing/file.py:make"],
+        ["verify", "verify_cases_mod:absent"],
+        ["verify", "verify_cases_mod:not_callable"],
+        ["verify", "verify_cases_mod:wrong_shape"],
+        ["verify", "verify_cases_mod:exact", "--micro-batch-size", "12"],  # nothing to split
+        ["verify", "verify_cases_mod:exact", "--task", "digits"],  # both
+        ["verify", "verify_cases_mod:exact", "--set", "norm=none"],  # --set is for tasks
+    ],
+)
+def test_misuse_exits_2_with_a_message(cases, capsys, argv):
+    assert main(argv) == 2
+    assert "bigbatch verify: " in capsys.readouterr().err
+
+
+def test_a_built_in_task_passes_and_its_batchnorm_variant_fails(capsys):
+    pytest.importorskip("bigbatch.tasks")
+    assert main(["verify", "--task", "digits", "--batch-size", "8"]) == 0
+    assert "PASS: " in capsys.readouterr().out
+    assert main(["verify", "--task", "digits", "--batch-size", "8", "--set", "norm=batchnorm"]) == 1
+    out = capsys.readouterr().out
+    assert "FAIL: " in out and "(BatchNorm1d)" in out
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["verify", "--task", "no_such_task"],
+        ["verify", "--task", "digits", "--set", "nrom=batchnorm"],  # a typo in the option
+        ["verify", "--task", "digits", "--set", "norm"],
+    ],
+)
+def test_task_misuse_exits_2(capsys, argv):
+    pytest.importorskip("bigbatch.tasks")
+    assert main(argv) == 2
+    assert "bigbatch verify: " in capsys.readouterr().err
