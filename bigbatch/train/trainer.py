@@ -244,7 +244,7 @@ class Trainer:
         # Subnormal floats make CPU arithmetic (Adam's second moments, say) many times slower.
         flush = rt.device.type == "cpu" and torch.set_flush_denormal(True)
         threads = torch.get_num_threads()
-        if cfg.train.threads is not None:
+        if cfg.train.threads and rt.device.type == "cpu":
             torch.set_num_threads(cfg.train.threads)
         try:
             while self.step < cfg.train.steps:
