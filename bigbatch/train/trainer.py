@@ -238,6 +238,7 @@ class Trainer:
                if cfg.optim.lr_scaling != "none" else "")
             + f", {cfg.optim.warmup_steps} warmup steps, {cfg.optim.schedule}\n  run directory {self.run_dir}"
             + (f"\n  resumed at step {self.step}" if resume_step else "")
+            + "".join(f"\n  baseline: {k.replace('_', ' ')} {v:.4f}" for k, v in baselines.items())
         )
         unit = getattr(self.task, "item_unit", "samples")
         progress = Progress(cfg.train.steps, self.step, unit, rt.is_main and cfg.train.progress, rt.is_main)
