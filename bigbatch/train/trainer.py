@@ -238,13 +238,14 @@ class Trainer:
                if cfg.optim.lr_scaling != "none" else "")
             + f", {cfg.optim.warmup_steps} warmup steps, {cfg.optim.schedule}\n  run directory {self.run_dir}"
             + (f"\n  resumed at step {self.step}" if resume_step else "")
+            + "".join(f"\n  baseline: {k.replace('_', ' ')} {v:.4f}" for k, v in baselines.items())
         )
         unit = getattr(self.task, "item_unit", "samples")
         progress = Progress(cfg.train.steps, self.step, unit, rt.is_main and cfg.train.progress, rt.is_main)
         # Subnormal floats make CPU arithmetic (Adam's second moments, say) many times slower.
         flush = rt.device.type == "cpu" and torch.set_flush_denormal(True)
         threads = torch.get_num_threads()
-        if cfg.train.threads is not None:
+        if cfg.train.threads and rt.device.type == "cpu":
             torch.set_num_threads(cfg.train.threads)
         try:
             while self.step < cfg.train.steps:

@@ -99,3 +99,22 @@ def test_too_many_nonfinite_steps_in_a_row_stop_with_a_clear_error(tiny):
     config = TrainConfig.load(overrides=[*tiny, "train.steps=8", "train.max_nonfinite_steps=3", "run.name=nan"])
     with pytest.raises(NonFiniteLossError, match="3 optimizer steps in a row .up to step 5."):
         Trainer(config, task=_Poisoned(bad={2, 3, 4, 5})).fit()
+
+
+def test_resume_needs_the_same_world_size(tiny):
+    config = TrainConfig.load(overrides=[*tiny, "train.steps=2", "run.name=ws"])
+    first = Trainer(config)
+    first.fit()
+    path = first.checkpoint_dir / "step-0000002.pt"
+    state = torch.load(path, weights_only=True)
+    torch.save({**state, "world_size": 2}, path)
+    with pytest.raises(ConfigError, match="written by 2 processes and this run has 1"):
+        Trainer(config, resume=first.run_dir)
+
+
+def test_auto_micro_batch_in_one_process(tiny):
+    config = TrainConfig.load(overrides=[*tiny, "batch.micro_batch_size=auto", "train.steps=2", "run.name=auto"])
+    trainer = Trainer(config)
+    assert trainer.plan.micro_batch_size == "auto"
+    trainer.fit()
+    assert trainer.accumulator.optimizer_steps == 2
