@@ -114,7 +114,7 @@ class Plan:
         lines = [
             f"plan: logical batch {self.batch_size}, budget {format_bytes(self.max_memory)}, "
             f"{self.device}, {self.precision}; measured = {self.memory_source}; samples/s by {self.timing}",
-            "  ".join(h.ljust(w) for h, w in zip(header, widths)),
+            "  ".join(h.ljust(w) for h, w in zip(header, widths)).rstrip(),
             "  ".join("-" * w for w in widths),
         ]
         lines += ["  ".join(v.ljust(w) for v, w in zip(row, widths)).rstrip() for row in rows]
