@@ -24,14 +24,7 @@ from .accumulator import Accumulator, LossFn
 from .batches import Batch, batch_size, split_batch
 from .checkpointing import checkpoint_blocks, find_blocks
 from .errors import ConfigError, MicroBatchTooLargeError
-from .memory import (
-    MemoryFit,
-    SavedTensorMeter,
-    gradient_bytes,
-    optimizer_state_bytes,
-    parameter_bytes,
-    parse_memory,
-)
+from .memory import MemoryFit, measure_step_memory, parse_memory, warm_optimizer_
 from .oom import release_memory
 from .plans import FITS, Candidate, Plan
 
@@ -52,17 +45,6 @@ def _fresh_copy(model: nn.Module, optimizer: OptimizerArg) -> tuple[nn.Module, t
     return clone, (optimizer(params) if optimizer is not None else torch.optim.AdamW(params))
 
 
-def _warm_optimizer_(model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
-    """Create the optimizer state (Adam's moments) as it exists from the second step on."""
-    if optimizer.state:
-        return
-    for p in model.parameters():
-        if p.requires_grad:
-            p.grad = torch.zeros_like(p)
-    optimizer.step()  # on a copy: the change to its parameters does not matter
-    optimizer.zero_grad(set_to_none=True)
-
-
 class _Run:
     """One candidate's training runs on a fresh copy: memory of a metered step, then timed steps."""
 
@@ -73,7 +55,7 @@ class _Run:
         if checkpointing:
             checkpoint_blocks(self.model)
         self.device = next(self.model.parameters()).device
-        _warm_optimizer_(self.model, self.optimizer)
+        warm_optimizer_(self.model, self.optimizer)
         runner = torch.compile(self.model) if compile else self.model
         self.acc = Accumulator(runner, self.optimizer, micro_batch_size=micro_batch_size,  # type: ignore[arg-type]
                                precision=precision)  # type: ignore[arg-type]  # fmt: skip
@@ -84,29 +66,7 @@ class _Run:
 
     def memory(self, batch: Batch, loss_fn: LossFn) -> int:
         """One metered step: CUDA's peak less what else is on the device, or the accounted bytes."""
-        meter = SavedTensorMeter(self.model)
-        first = [True]
-
-        def metered(m: nn.Module, micro: Batch) -> Any:
-            if not first[0]:
-                return loss_fn(m, micro)
-            first[0] = False
-            with meter:
-                return loss_fn(m, micro)
-
-        cuda = self.device.type == "cuda"
-        if cuda:
-            self._sync()
-            others = torch.cuda.memory_allocated(self.device) - parameter_bytes(self.model) - optimizer_state_bytes(
-                self.optimizer
-            )
-        self.acc.step(batch, metered)  # the engine resets the peak statistics at the window start
-        if cuda:
-            self._sync()
-            return torch.cuda.max_memory_allocated(self.device) - others
-        return (
-            parameter_bytes(self.model) + gradient_bytes(self.model) + optimizer_state_bytes(self.optimizer) + meter.bytes
-        )
+        return measure_step_memory(self.acc, batch, loss_fn).peak
 
     def throughput(self, batch: Batch, loss_fn: LossFn, steps: int) -> float:
         """Samples per second of the fastest of `steps` optimizer steps.
