@@ -9,6 +9,7 @@ from .accumulator import Accumulator
 from .batches import batch_size, split_batch
 from .checkpointing import checkpoint_blocks
 from .chunked import chunked_cross_entropy
+from .distributed import RankSplit, derive_per_rank, shard_indices
 from .errors import (
     AccumulationWarning,
     BatchCouplingWarning,
@@ -17,6 +18,7 @@ from .errors import (
     LossError,
     MicroBatchTooLargeError,
 )
+from .fast import FastMicroStep
 from .guard import Guard, guard
 from .losses import LossSum, token_cross_entropy
 from .lr import scale_lr
@@ -24,6 +26,7 @@ from .norms import GhostBatchNorm, convert_batchnorm
 from .planner import plan
 from .plans import Plan
 from .stats import StepStats
+from .train import TrainConfig, Trainer
 from .verify import VerifyReport, verify
 
 __version__ = "0.1.0"
@@ -34,21 +37,27 @@ __all__ = [
     "BatchCouplingWarning",
     "BatchError",
     "ConfigError",
+    "FastMicroStep",
     "GhostBatchNorm",
     "Guard",
     "LossError",
     "LossSum",
     "MicroBatchTooLargeError",
     "Plan",
+    "RankSplit",
     "StepStats",
+    "TrainConfig",
+    "Trainer",
     "VerifyReport",
     "batch_size",
     "checkpoint_blocks",
     "chunked_cross_entropy",
     "convert_batchnorm",
+    "derive_per_rank",
     "guard",
     "plan",
     "scale_lr",
+    "shard_indices",
     "split_batch",
     "token_cross_entropy",
     "verify",

@@ -19,8 +19,9 @@ import torch
 from torch import nn
 
 from .batches import Batch, batch_size, is_on_device, split_batch, to_device
-from .distributed import LocalSync, full_tensor, grad_sync_for
+from .distributed import FSDP2Sync, LocalSync, full_tensor, grad_sync_for
 from .errors import ConfigError, LossError, MicroBatchTooLargeError
+from .fast import CompiledLoss, FastMicroStep, mark_micro_step
 from .losses import Count, LossSum, split_loss
 from .oom import RngSnapshot, release_memory
 from .precision import Float32Grads, autocast_dtype, make_scaler
@@ -66,6 +67,9 @@ class Accumulator:
             host sync per optimizer step; fp16 always skips through its scaler).
         sync_each_micro_step: FSDP2 only; reduce-scatter every micro-step,
             spending communication to keep sharded gradients (less memory).
+        fast_micro_step: "compile" (torch.compile the step API's loss_fn) or
+            "cudagraphs" (the same as CUDA graphs, each micro-step marked), or a
+            bb.FastMicroStep; see bigbatch/fast.py.
 
     The Accumulator owns `.grad`: it zeroes gradients when created and after
     every step. Limits: layers that couple samples (BatchNorm) see micro-batch
@@ -87,6 +91,7 @@ class Accumulator:
         last_window: Literal["step", "drop"] = "step",
         skip_nonfinite: bool = True,
         sync_each_micro_step: bool = False,
+        fast_micro_step: Literal["compile", "cudagraphs"] | FastMicroStep | None = None,
     ) -> None:
         if (accumulation_steps is None) == (micro_batch_size is None):
             raise ConfigError(
@@ -106,6 +111,13 @@ class Accumulator:
             raise ConfigError(f'last_window must be "step" or "drop", got {last_window!r}.')
         if max_grad_norm is not None and not max_grad_norm > 0:
             raise ConfigError(f"max_grad_norm must be > 0 (or None for no clipping), got {max_grad_norm!r}.")
+        fast = FastMicroStep.parse(fast_micro_step)
+        if fast is not None and accumulation_steps is not None and not fast.cudagraphs:
+            raise ConfigError(
+                "fast_micro_step compiles the step API's loss_fn; in the loop API the forward is "
+                "yours: compile your model (model = torch.compile(model)), and pass "
+                'fast_micro_step="cudagraphs" if you compiled it with mode="reduce-overhead".'
+            )
 
         warn_if_batch_coupled(model)  # BatchCouplingWarning: no split can be exact for BatchNorm
         self.model = model
@@ -122,15 +134,33 @@ class Accumulator:
         self._scaler = make_scaler(precision, self.device)
         self._sync = grad_sync_for(model, sync_each_micro_step=sync_each_micro_step)
         self._bare_micro_step = self._autocast_dtype is None and isinstance(self._sync, LocalSync)
+        if micro_batch_size == "auto" and isinstance(self._sync, FSDP2Sync):
+            raise ConfigError('micro_batch_size="auto" under FSDP2 would leave the ranks that did not '
+                              "run out of memory waiting in an all-gather; give an int micro_batch_size.")
         self._params = [
             p for group in optimizer.param_groups for p in group["params"] if p.requires_grad
         ]
-        self._float32_grads = Float32Grads.for_params(self._params)
+        self.fast_micro_step = fast
+        self._compiled_loss = CompiledLoss(fast) if fast is not None else None
+        self._mark_micro_steps = fast is not None and fast.cudagraphs
+        # Under CUDA graphs a fresh gradient lives in memory the next replay
+        # overwrites: the engine keeps the window's sum in buffers of its own.
+        # DDP/FSDP2 read `.grad` in their own backward hooks: moving it aside would skip the
+        # sync, so under a wrapper low-precision parameters accumulate in their own dtype.
+        local_params = self._params if isinstance(self._sync, LocalSync) else []
+        if self._mark_micro_steps and not isinstance(self._sync, LocalSync):
+            raise ConfigError(
+                'fast_micro_step="cudagraphs" needs the engine to own the window\'s gradients, '
+                "which DDP and FSDP2 hooks do not allow; use \"compile\" (no CUDA graphs) there."
+            )
+        self._float32_grads = Float32Grads.for_params(local_params, every=self._mark_micro_steps)
         self._auto_micro_batch_size: int | None = None  # the size that last fitted, under "auto"
         self.optimizer_steps = 0
         self.last_stats: StepStats | None = None
         self._in_micro_step = False
         self._micro_step = _MicroStep(self)
+        self._seed_key: tuple[float, torch.dtype, torch.device] | None = None
+        self._seed = torch.ones(())  # replaced on the first micro-step
         self._sync_gradients = False
         optimizer.zero_grad(set_to_none=True)
         self._reset_window()
@@ -162,6 +192,8 @@ class Accumulator:
         self._sync_gradients = self._micro_steps + 1 == self.accumulation_steps
         self._in_micro_step = True
         self._backward_called = False
+        if self._mark_micro_steps:
+            mark_micro_step()
         return self._micro_step_context(self._sync_gradients)
 
     def _close_micro_step(self, failed: bool) -> None:
@@ -283,6 +315,8 @@ class Accumulator:
         self._sync.check_micro_steps(len(pieces))
         # One walk per step, not one move per micro-step, when the batch is already there.
         move = not is_on_device(batch, self.device)
+        if self._compiled_loss is not None:
+            loss_fn = self._compiled_loss(loss_fn)
         self._start_window()
         # The step API sees the whole batch: with sample-mean losses ref equals the
         # total and the final rescale is skipped.
@@ -328,40 +362,52 @@ class Accumulator:
     def _add(self, value: torch.Tensor, count: Count, is_sum: bool) -> None:
         """Backpropagate one micro-batch's loss: `value` sums `count` items, or is their mean.
 
-        Runs every micro-step, so it spends as few tensor ops as it can: a mean with an
-        int count is scaled once (like the plain loop's `loss / k`) and summed for the
-        stats with one in-place add.
+        Runs every micro-step, so it spends as few tensor ops as it can. With a float
+        `ref` and an int count (the common case) the scale is not a multiply: it seeds
+        the backward pass as its output gradient (what `(loss * w).backward()` sends
+        down anyway), from a tensor cached while the scale stays the same; the loss
+        is summed for the stats with one in-place add.
         """
         if self._ref is None:
             self._ref = self._first_ref(count)
         if isinstance(count, torch.Tensor):
             count = count.detach().to(self.device, torch.int64)
-            self._count_tensor = count if self._count_tensor is None else self._count_tensor + count
+            # The first is copied: a CUDA graph's next replay may overwrite its memory.
+            self._count_tensor = count.clone() if self._count_tensor is None else self._count_tensor + count
         else:
             self._count_int += count
-        if not is_sum and isinstance(count, int) and isinstance(self._ref, float):
-            scaled = value * (count / self._ref)
+        seed: torch.Tensor | None = None
+        if isinstance(count, int) and isinstance(self._ref, float) and self._scaler is None:
+            weight = 1 if is_sum else count
             detached = value.detach()
-            if self._loss_sum is None:  # a fresh tensor: `* count` never aliases the loss
-                self._loss_sum = detached.to(torch.promote_types(value.dtype, torch.float32)) * count
+            if self._loss_sum is None:  # a fresh tensor: `* weight` never aliases the loss
+                self._loss_sum = detached.to(torch.promote_types(value.dtype, torch.float32)) * weight
             else:
-                self._loss_sum.add_(detached, alpha=count)
+                self._loss_sum.add_(detached, alpha=weight)
+            out, seed = value, self._backward_seed(weight / self._ref, value)
         else:
             total = value if is_sum else value * count
-            scaled = total / self._ref
+            out = total / self._ref
             detached = total.detach()
             if self._loss_sum is None:
                 # A copy, never an alias: a model may hand back the same output tensor every call.
                 self._loss_sum = detached.to(torch.promote_types(value.dtype, torch.float32), copy=True)
             else:
                 self._loss_sum.add_(detached)
-        if self._scaler is not None:
-            scaled = self._scaler.scale(scaled)
+            if self._scaler is not None:
+                out = self._scaler.scale(out)
         if self._autocast_dtype is None:
-            scaled.backward()
+            torch.autograd.backward(out, seed)
         else:
             with torch.autocast(self.device.type, enabled=False):
-                scaled.backward()
+                torch.autograd.backward(out, seed)
+
+    def _backward_seed(self, scale: float, value: torch.Tensor) -> torch.Tensor:
+        key = (scale, value.dtype, value.device)
+        if self._seed_key != key:
+            self._seed = torch.full((), scale, dtype=value.dtype, device=value.device)
+            self._seed_key = key
+        return self._seed
 
     def _first_ref(self, count: Count) -> float | torch.Tensor:
         # Any constant makes the result exact (the final rescale divides it out);

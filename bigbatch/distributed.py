@@ -225,9 +225,14 @@ def _data_parallel_group(model: nn.Module) -> tuple[Any, int]:
 
 
 def grad_sync_for(model: nn.Module, *, sync_each_micro_step: bool = False) -> GradSync:
-    """The sync control that fits how `model` is wrapped (sync_each_micro_step: FSDP2 only)."""
-    if isinstance(model, nn.parallel.DistributedDataParallel):
-        return DDPSync(model)
+    """The sync control that fits how `model` is wrapped (sync_each_micro_step: FSDP2 only).
+
+    The wrapper is found anywhere in the module tree, so `torch.compile(ddp_model)`
+    or a user module holding the DDP model is recognised too.
+    """
+    for m in model.modules():
+        if isinstance(m, nn.parallel.DistributedDataParallel):
+            return DDPSync(m)
     fsdp = _fsdp_modules(model)
     if fsdp:
         return FSDP2Sync(model, fsdp, sync_each_micro_step)
@@ -330,6 +335,7 @@ class AllReduceCounter:
 
 # DDP checks a hook's annotations by identity; with postponed annotations they are
 # strings, so give it the real objects.
-AllReduceCounter.hook.__annotations__.update(
-    bucket=dist.GradBucket, **{"return": torch.futures.Future[torch.Tensor]}
-)
+if dist.is_available():
+    AllReduceCounter.hook.__annotations__.update(
+        bucket=dist.GradBucket, **{"return": torch.futures.Future[torch.Tensor]}
+    )

@@ -15,10 +15,13 @@ It hooks the optimizer and its parameters, never torch itself, and warns
   last partial window of an epoch leaking into the next);
 * the learning rate changes more than once between two optimizer steps (the
   scheduler is stepped per micro-step), or a given scheduler steps twice
-  without an optimizer step in between;
+  within one window's worth of backward calls and no optimizer step between;
 * gradients are modified in place between two backward calls of one window
   (clip_grad_norm_, scaler.unscale_ or a rescale before the last micro-step).
   Detected through the gradients' version counters: no host sync.
+
+A step that a GradScaler skips (inf/NaN gradients) after a complete window whose
+gradients are then zeroed is recognised as such and not reported.
 
 Cost: a hook per parameter and one small host sync per window (checking that
 the gradients left at the start of a window are zeros). A tool for debugging.
@@ -26,13 +29,32 @@ the gradients left at the start of a window are zeros). A tool for debugging.
 
 from __future__ import annotations
 
+import sys
 import types
 import warnings
+from pathlib import Path
 from typing import Any
 
 import torch
 
 from .errors import AccumulationWarning, ConfigError
+
+_INTERNAL = (str(Path(torch.__file__).parent), str(Path(__file__).parent))
+
+
+def _user_stacklevel() -> int:
+    """The stacklevel of the first frame outside torch and bigbatch: the user's line.
+
+    Hooks run inside torch (autograd, optimizer wrappers); pointing the warning at
+    `loss.backward()` or `optimizer.step()` in the user's loop tells them where.
+    GPU backward hooks run on autograd's own thread, with no user frame: then 2.
+    """
+    frame: types.FrameType | None = sys._getframe(2)  # the caller of `_warn`: stacklevel 2 as seen from `_warn`
+    level = 2
+    while frame is not None and frame.f_code.co_filename.startswith(_INTERNAL):
+        frame = frame.f_back
+        level += 1
+    return level if frame is not None else 2
 
 
 class Guard:
@@ -52,6 +74,8 @@ class Guard:
         self._lr_changes = 0  # learning-rate changes seen in the current window
         self._lrs = self._current_lrs()
         self._scheduler_steps = 0  # scheduler steps since the last optimizer step
+        self._total_backwards = 0
+        self._backwards_at_scheduler_step = 0
         # The gradient object and its version counter right after the last accumulation into it.
         self._after_backward: dict[int, tuple[torch.Tensor, int]] = {}
         self._handles: list[Any] = [
@@ -94,7 +118,7 @@ class Guard:
         if kind in self.warned:
             return
         self.warned.add(kind)
-        warnings.warn(message, AccumulationWarning, stacklevel=3)
+        warnings.warn(message, AccumulationWarning, stacklevel=_user_stacklevel())
 
     def _current_lrs(self) -> tuple[float, ...]:
         return tuple(float(g.get("lr", 0.0)) for g in self.optimizer.param_groups)
@@ -115,7 +139,12 @@ class Guard:
 
     def _on_backward(self, grad: torch.Tensor) -> None:
         # Called once per backward pass, before any gradient of this pass is accumulated.
+        if self._backwards == self.accumulation_steps and not self._nonzero_grads():
+            # A complete window, no optimizer step, gradients zeroed: a GradScaler skipped
+            # the step (inf/NaN gradients). The loop is right; start a new window.
+            self._after_step(None, None, None)
         self._watch_lr()
+        self._total_backwards += 1
         if self._backwards == 0:
             self._check_window_starts_clean()
         else:
@@ -126,12 +155,13 @@ class Guard:
         assert p.grad is not None
         self._after_backward[id(p)] = (p.grad, p.grad._version)
 
-    def _check_window_starts_clean(self) -> None:
+    def _nonzero_grads(self) -> bool:
+        """Whether any parameter holds a non-zero gradient (zeros from zero_grad(set_to_none=False) do not count)."""
         leftover = [p.grad for p in self._params if p.grad is not None]
-        if not leftover:
-            return
-        # zero_grad(set_to_none=False) leaves zeros, which is fine; anything else leaks.
-        if bool(torch.stack([g.ne(0).any() for g in leftover]).any()):  # one host sync per window
+        return bool(leftover) and bool(torch.stack([g.ne(0).any() for g in leftover]).any())  # host sync
+
+    def _check_window_starts_clean(self) -> None:
+        if self._nonzero_grads():  # one host sync per window
             self._warn(
                 "stale",
                 "a new accumulation window starts with gradients already in .grad: zero_grad() was "
@@ -193,7 +223,10 @@ class Guard:
 
     def _on_scheduler_step(self) -> None:
         self._scheduler_steps += 1
-        if self._scheduler_steps > 1:
+        since = self._total_backwards - self._backwards_at_scheduler_step
+        self._backwards_at_scheduler_step = self._total_backwards
+        # Twice without an optimizer step is fine after a whole window (a GradScaler skip).
+        if self._scheduler_steps > 1 and since < self.accumulation_steps:
             self._warn(
                 "scheduler",
                 f"scheduler.step() was called {self._scheduler_steps} times without an "

@@ -42,14 +42,18 @@ class Float32Grads:
             p.register_post_accumulate_grad_hook(self._move_to_buffer)
 
     @classmethod
-    def for_params(cls, params: list[nn.Parameter]) -> Float32Grads:
-        return cls([p for p in params if p.dtype in _LOW_PRECISION])
+    def for_params(cls, params: list[nn.Parameter], *, every: bool = False) -> Float32Grads:
+        """Buffers for the low-precision parameters, or for `every` one (CUDA graphs, see fast.py)."""
+        return cls([p for p in params if every or p.dtype in _LOW_PRECISION])
 
     def _move_to_buffer(self, p: torch.Tensor) -> None:
         assert p.grad is not None
         buf = self.buffers.get(p)  # type: ignore[call-overload]
         if buf is None:
-            self.buffers[p] = p.grad.float()  # type: ignore[index]
+            # A copy even when the dtype already fits: the fresh gradient may live in
+            # memory a CUDA graph overwrites on its next replay.
+            dtype = torch.promote_types(p.grad.dtype, torch.float32)
+            self.buffers[p] = p.grad.to(dtype, copy=True)  # type: ignore[index]
         else:
             buf.add_(p.grad)
         p.grad = None

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 import math
+import textwrap
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -102,13 +103,15 @@ class VerifyReport:
                 treated = (
                     "switched to eval for the comparison"
                     if name in self.neutralized
-                    else "left as is: makes the comparison fail"
+                    else "left as is (not an nn.Dropout): both runs use one seed, so the draws agree "
+                    "only if they are taken in the same order"
                 )
                 lines.append(f"  {name or '<model>'}: {treated}")
         if self.buffers:
             lines += ["", "buffers that differ:"]
             lines += [f"  {name}: {err:.2e}" for name, err in self.buffers.items()]
-        lines += ["", ("PASS: " if self.passed else "FAIL: ") + self.reason]
+        verdict = ("PASS: " if self.passed else "FAIL: ") + self.reason
+        lines += ["", textwrap.fill(verdict, width=100, subsequent_indent="      ", break_on_hyphens=False)]
         return "\n".join(lines)
 
     def __str__(self) -> str:
@@ -181,9 +184,10 @@ def _relative(diff: torch.Tensor, ref: torch.Tensor, floor: float) -> float:
     return float(torch.linalg.vector_norm(diff.double())) / denom
 
 
-def _compare_buffers(a: nn.Module, b: nn.Module, rtol: float) -> dict[str, float]:
+def _compare_buffers(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], rtol: float) -> dict[str, float]:
     differ = {}
-    for (name, x), (_, y) in zip(a.named_buffers(), b.named_buffers()):
+    for name, x in a.items():
+        y = b[name]
         if x.is_floating_point():
             err = _relative(y - x, x, 1e-12)
             if not err <= rtol:
@@ -202,6 +206,7 @@ def verify(
     rtol: float | None = None,
     float64: bool = True,
     probe_modules: bool = True,
+    check_buffers: bool = True,
     seed: int = 0,
 ) -> VerifyReport:
     """Check that accumulating `batch` in micro-batches gives the full-batch gradient.
@@ -212,7 +217,7 @@ def verify(
     `micro_batch_size` (default: about a third of the batch). Each parameter's
     relative error `||acc - full|| / ||full||` must be at most `rtol` (default by
     dtype: 1e-9 for float64, 1e-4 for float32). Running statistics and other
-    buffers must match too.
+    buffers must match too, unless `check_buffers=False` (then they are only listed).
 
         report = bb.verify(model, (x, y), lambda m, b: F.cross_entropy(m(b[0]), b[1]),
                            micro_batch_size=4)
@@ -224,7 +229,9 @@ def verify(
     fails the check. Modules that mix samples are found by type and by a
     perturbation probe (`probe_modules`) and named in the report.
 
-    Limits: the model is copied (two or three times its memory); loss_fn must work
+    Limits: the model is copied (one copy at a time, plus its gradients; the
+    probe keeps every module's input and output for a few forward passes, so
+    verify with a small batch); loss_fn must work
     on the cast dtype (if float64 fails, the model's own dtype is used); a DDP or
     FSDP-wrapped model should be verified unwrapped.
     """
@@ -244,12 +251,12 @@ def verify(
     devices = [device] if device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices):
         try:
-            return _verify(model, batch, loss_fn, size, rtol, dtype, probe_modules, seed)
+            return _verify(model, batch, loss_fn, size, rtol, dtype, probe_modules, check_buffers, seed)
         except RuntimeError as error:
-            if dtype is None or "Double" not in str(error) and "dtype" not in str(error):
+            if dtype is None or ("Double" not in str(error) and "dtype" not in str(error)):
                 raise
             # The loss function or model builds tensors of its own dtype; compare in that.
-            return _verify(model, batch, loss_fn, size, rtol, None, probe_modules, seed)
+            return _verify(model, batch, loss_fn, size, rtol, None, probe_modules, check_buffers, seed)
 
 
 def _verify(
@@ -260,6 +267,7 @@ def _verify(
     rtol: float | None,
     dtype: torch.dtype | None,
     probe_modules: bool,
+    check_buffers: bool,
     seed: int,
 ) -> VerifyReport:
     n = batch_size(batch)
@@ -280,17 +288,20 @@ def _verify(
     ]
     random += [name for name in neutralize if name not in random]
 
-    full_model = _prepared_copy(model, dtype, neutralize)
-    full = _full_batch_grads(full_model, cast, loss_fn, seed)
+    # One copy at a time: a model that barely fits its device can still be verified.
+    twin = _prepared_copy(model, dtype, neutralize)
+    full = _full_batch_grads(twin, cast, loss_fn, seed)
+    full_buffers = {name: b.detach().clone() for name, b in twin.named_buffers()}
+    del twin
     acc_model = _prepared_copy(model, dtype, neutralize)
     acc = _accumulated_grads(acc_model, cast, loss_fn, size, seed)
 
-    run_dtype = next((p.dtype for p in full_model.parameters() if p.is_floating_point()), torch.float32)
+    run_dtype = next((p.dtype for p in acc_model.parameters() if p.is_floating_point()), torch.float32)
     tol = rtol if rtol is not None else RTOL.get(run_dtype, 1e-4)
     total = math.sqrt(sum(float(torch.linalg.vector_norm(g.double())) ** 2 for g in full.values()))
     params = []
     nonfinite = []
-    for name, p in full_model.named_parameters():
+    for name, p in acc_model.named_parameters():
         f, a = full.get(name), acc.get(name)
         if f is None and a is None:
             continue
@@ -303,7 +314,7 @@ def _verify(
         norm = float(torch.linalg.vector_norm(f.double()))
         params.append(ParamError(name, tuple(p.shape), norm, err, err <= tol))
     params.sort(key=lambda p: -p.error if not math.isnan(p.error) else -math.inf)
-    buffers = _compare_buffers(full_model, acc_model, tol)
+    buffers = _compare_buffers(full_buffers, dict(acc_model.named_buffers()), tol)
     report = VerifyReport(
         passed=False,
         reason="",
@@ -318,7 +329,7 @@ def _verify(
         neutralized=neutralize,
         buffers=buffers,
     )
-    report.passed, report.reason = _verdict(report, nonfinite)
+    report.passed, report.reason = _verdict(report, nonfinite, check_buffers)
     return report
 
 
@@ -327,7 +338,7 @@ def _names(names: list[str], limit: int = 4) -> str:
     return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
 
 
-def _verdict(r: VerifyReport, nonfinite: list[str]) -> tuple[bool, str]:
+def _verdict(r: VerifyReport, nonfinite: list[str], check_buffers: bool) -> tuple[bool, str]:
     if not r.params:
         return False, "no parameter received a gradient; does loss_fn use the model's parameters?"
     if nonfinite:
@@ -337,7 +348,13 @@ def _verdict(r: VerifyReport, nonfinite: list[str]) -> tuple[bool, str]:
     notes = []
     if r.neutralized:
         notes.append(f"dropout ({_names(r.neutralized)}) was switched to eval for the comparison")
-    if not bad and not r.buffers:
+    if unexplained_random and not bad:
+        notes.append(
+            f"{_names(unexplained_random)} draw random numbers, which agreed between the runs under one seed"
+        )
+    if r.buffers and not check_buffers:
+        notes.append(f"buffers differ ({_names(list(r.buffers))}) but were not checked")
+    if not bad and (not r.buffers or not check_buffers):
         worst = r.params[0]
         text = (
             f"the accumulated gradient equals the full-batch gradient (worst relative error "
@@ -345,15 +362,22 @@ def _verdict(r: VerifyReport, nonfinite: list[str]) -> tuple[bool, str]:
         )
         return True, "; ".join([text] + notes) + "."
     parts = []
+    coupled = [f"{c.name or '<model>'} ({c.type_name})" for c in r.coupled]
     if bad:
         parts.append(
             f"{len(bad)} of {len(r.params)} parameters get a different gradient when accumulated "
             f"(worst {bad[0].name}: relative error {bad[0].error:.1e}, rtol {r.rtol:.0e})"
         )
-    if r.buffers:
+    if r.buffers and check_buffers:
         parts.append(f"buffers differ after the forward passes ({_names(list(r.buffers))})")
-    coupled = [f"{c.name or '<model>'} ({c.type_name})" for c in r.coupled]
-    if coupled:
+        if not bad:
+            parts.append(
+                "the gradients are exact, but running statistics are updated once per micro-batch "
+                f"({r.micro_steps} momentum updates per logical step instead of one; InstanceNorm "
+                "with track_running_stats=True does this), so eval-mode results drift from the full "
+                "batch's; if that is acceptable, pass check_buffers=False (--no-buffers)"
+            )
+    if coupled and bad:
         parts.append(
             f"cause: {_names(coupled)} couple samples within a batch, so each "
             "micro-batch is computed differently from the full batch. Fix: "

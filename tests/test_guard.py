@@ -69,6 +69,31 @@ def test_a_correct_loop_with_zero_grad_first_and_set_to_none_false_is_silent():
     assert run(loop, scheduler=False)[1] == set()
 
 
+def test_a_step_skipped_by_the_grad_scaler_is_not_a_mistake():
+    def fp16_style(model, opt, sched, batches):
+        scaler = torch.amp.GradScaler("cpu")
+        for i, batch in enumerate(batches):
+            loss = micro_loss(model, batch)
+            if i == N + 1:
+                loss = loss * float("inf")  # an overflow in the second window
+            scaler.scale(loss).backward()
+            if (i + 1) % N == 0:
+                scaler.unscale_(opt)
+                torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+                scale = scaler.get_scale()
+                scaler.step(opt)
+                scaler.update()
+                skipped.append(scaler.get_scale() < scale)
+                sched.step()
+                opt.zero_grad()
+
+    skipped: list[bool] = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # torch: "scheduler.step() before optimizer.step()"
+        assert run(fp16_style)[1] == set()
+    assert skipped == [False, True, False, False]  # the premise: one step really was skipped
+
+
 def test_stepping_after_the_wrong_number_of_backward_calls_warns_once():
     def off_by_one(model, opt, sched, batches):
         for i, batch in enumerate(batches):
@@ -81,6 +106,7 @@ def test_stepping_after_the_wrong_number_of_backward_calls_warns_once():
     found, kinds = run(off_by_one)
     assert kinds == {"count"}
     assert "after 1 backward calls, but accumulation_steps=4" in str(found[0].message)
+    assert found[0].filename == __file__  # points at the user's optimizer.step() line
 
 
 def test_forgetting_zero_grad_warns():
@@ -143,6 +169,7 @@ def test_clipping_every_micro_step_warns():
 
     found, kinds = run(clip_each)
     assert kinds == {"clip"}
+    assert found[0].filename == __file__  # the backward call after the clip, on CPU
     assert "Clip once" in str(found[0].message)
 
 

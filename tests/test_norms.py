@@ -7,6 +7,8 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
+from hypothesis import assume, given, settings
+from hypothesis import strategies as st
 from torch import nn
 
 import bigbatch as bb
@@ -76,6 +78,28 @@ def test_ghost_batchnorm_gives_the_full_batch_gradient_for_multiples_of_the_ghos
     assert max((a - b).abs().max().item() for a, b in zip(grads, full_grads)) < TOL
     assert max((a.double() - b.double()).abs().max().item() for a, b in zip(buffers, full_buffers)) < TOL
     assert bb.verify(model, (x, y), sample_mean_loss, micro_batch_size=micro).passed
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    n=st.integers(3, 20),
+    ghost=st.integers(2, 4),
+    multiple=st.integers(1, 4),
+    momentum=st.sampled_from([0.1, None]),
+)
+def test_ghost_batchnorm_split_invariance_for_any_multiple(n, ghost, multiple, momentum):
+    micro = ghost * multiple
+    assume(micro < n)  # at least two micro-batches
+    assume(n % ghost != 1)  # BatchNorm refuses a ghost batch of one sample (no variance)
+    torch.manual_seed(0)
+    norm = bb.GhostBatchNorm(4, ghost_batch_size=ghost, momentum=momentum)
+    model = nn.Sequential(nn.Linear(3, 4), norm, nn.Tanh(), nn.Linear(4, 3)).double()
+    g = torch.Generator().manual_seed(n)
+    x, y = torch.randn(n, 3, generator=g, dtype=torch.float64), torch.randint(0, 3, (n,), generator=g)
+    full_grads, full_buffers = split_gradient(model, x, y, n)
+    grads, buffers = split_gradient(model, x, y, micro)
+    assert max((a - b).abs().max().item() for a, b in zip(grads, full_grads)) < TOL
+    assert max((a.double() - b.double()).abs().max().item() for a, b in zip(buffers, full_buffers)) < TOL
 
 
 def test_ghost_batchnorm_split_off_the_ghost_grid_differs_and_batchnorm_always_does():

@@ -7,5 +7,7 @@ def test_every_public_name_exists():
 
 
 def test_design_names_are_public():
-    for name in ["Accumulator", "LossSum", "token_cross_entropy", "scale_lr"]:
+    design = ["Accumulator", "LossSum", "token_cross_entropy", "scale_lr", "verify", "plan",
+              "chunked_cross_entropy", "convert_batchnorm", "guard"]
+    for name in design:
         assert name in bb.__all__

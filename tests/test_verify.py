@@ -22,10 +22,10 @@ class SampleMix(nn.Module):
 
 
 class Noisy(nn.Module):
-    """Randomness that is not dropout: multiplicative noise drawn in the forward."""
+    """Randomness that is not dropout: one random gain per forward call."""
 
     def forward(self, x):
-        return x * (1 + 0.1 * torch.randn_like(x)) if self.training else x
+        return x * (1 + 0.1 * torch.randn((), dtype=x.dtype)) if self.training else x
 
 
 def small_cnn() -> nn.Module:
@@ -200,7 +200,7 @@ def test_table_lists_parameters_worst_first():
     errors = [p.error for p in report.params]
     assert errors == sorted(errors, reverse=True)
     text = report.table(max_rows=2)
-    assert text.splitlines()[-1].startswith("FAIL: ")
+    assert any(line.startswith("FAIL: ") for line in text.splitlines())
     assert "more parameters" in text
 
 
@@ -216,3 +216,34 @@ def test_accumulator_warns_about_batchnorm_once_built():
         bb.Accumulator(model, torch.optim.SGD(model.parameters(), lr=0.1), micro_batch_size=2)
         plain = mlp()
         bb.Accumulator(plain, torch.optim.SGD(plain.parameters(), lr=0.1), micro_batch_size=2)
+
+
+@pytest.mark.gpu
+def test_on_cuda_the_check_runs_on_the_device_in_float64():
+    model = small_cnn().cuda()
+    x, y = image_data(12)
+    rng = torch.cuda.get_rng_state()
+    report = bb.verify(model, (x, y), sample_mean_loss, micro_batch_size=5)
+    assert report.passed and report.dtype == torch.float64, report.table()
+    assert max(report.errors.values()) < 1e-12
+    assert torch.equal(torch.cuda.get_rng_state(), rng)
+    coupled = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.Flatten(), nn.Linear(144, 3)).cuda()
+    failed = bb.verify(coupled, (x, y), sample_mean_loss, micro_batch_size=5)
+    assert not failed.passed and [c.name for c in failed.coupled] == ["1"]
+
+
+def test_running_statistics_updated_per_micro_batch_fail_unless_buffers_are_waived():
+    """InstanceNorm does not mix samples, but its running statistics move once per micro-batch."""
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(1, 4, 3), nn.InstanceNorm2d(4, affine=True, track_running_stats=True), nn.Flatten(), nn.Linear(144, 3)
+    )
+    batch = image_data(9)
+    report = bb.verify(model, batch, sample_mean_loss, micro_batch_size=3)
+    assert report.coupled == []
+    assert all(p.ok for p in report.params)  # the gradients are exact
+    assert not report.passed and "1.running_mean" in report.buffers
+    assert "3 momentum updates per logical step instead of one" in report.reason
+    waived = bb.verify(model, batch, sample_mean_loss, micro_batch_size=3, check_buffers=False)
+    assert waived.passed and "1.running_mean" in waived.buffers
+    assert "were not checked" in waived.reason

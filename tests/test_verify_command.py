@@ -84,6 +84,7 @@ def test_a_coupled_model_exits_1_and_names_the_layer(cases, capsys):
         ["verify", "verify_cases_mod:wrong_shape"],
         ["verify", "verify_cases_mod:exact", "--micro-batch-size", "12"],  # nothing to split
         ["verify", "verify_cases_mod:exact", "--task", "digits"],  # both
+        ["verify", "verify_cases_mod:exact", "--set", "norm=none"],  # --set is for tasks
     ],
 )
 def test_misuse_exits_2_with_a_message(cases, capsys, argv):
@@ -91,7 +92,24 @@ def test_misuse_exits_2_with_a_message(cases, capsys, argv):
     assert "bigbatch verify: " in capsys.readouterr().err
 
 
-def test_a_built_in_task_can_be_verified(capsys):
+def test_a_built_in_task_passes_and_its_batchnorm_variant_fails(capsys):
     pytest.importorskip("bigbatch.tasks")
     assert main(["verify", "--task", "digits", "--batch-size", "8"]) == 0
     assert "PASS: " in capsys.readouterr().out
+    assert main(["verify", "--task", "digits", "--batch-size", "8", "--set", "norm=batchnorm"]) == 1
+    out = capsys.readouterr().out
+    assert "FAIL: " in out and "(BatchNorm1d)" in out
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["verify", "--task", "no_such_task"],
+        ["verify", "--task", "digits", "--set", "nrom=batchnorm"],  # a typo in the option
+        ["verify", "--task", "digits", "--set", "norm"],
+    ],
+)
+def test_task_misuse_exits_2(capsys, argv):
+    pytest.importorskip("bigbatch.tasks")
+    assert main(argv) == 2
+    assert "bigbatch verify: " in capsys.readouterr().err

@@ -2,7 +2,7 @@
 
     bigbatch verify mypackage.models:make_case --micro-batch-size 4
     bigbatch verify path/to/case.py:make_case
-    bigbatch verify --task digits
+    bigbatch verify --task digits --set norm=batchnorm    # fails: names the BatchNorm layers
 
 The factory takes no arguments and returns `(model, batch, loss_fn)`, or a dict
 with those keys; `loss_fn(model, batch)` returns the mean loss over the batch's
@@ -37,12 +37,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="MODULE:FACTORY or path/to/file.py:FACTORY; the factory returns (model, batch, loss_fn)",
     )
     parser.add_argument("--task", help="verify a built-in task instead (e.g. text, digits)")
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a task option for --task (e.g. norm=batchnorm); repeatable",
+    )
     parser.add_argument("--batch-size", type=int, default=16, help="samples in the batch for --task (16)")
     parser.add_argument(
         "--micro-batch-size", type=int, default=None, help="samples per micro-batch (about a third of the batch)"
     )
     parser.add_argument("--rtol", type=float, default=None, help="relative error allowed per parameter")
     parser.add_argument("--no-float64", action="store_true", help="compare in the model's own dtype")
+    parser.add_argument(
+        "--no-buffers", action="store_true", help="list buffers (running statistics) that differ, but pass"
+    )
     parser.add_argument("--no-probe", action="store_true", help="skip the perturbation probe for coupled layers")
     parser.add_argument("--seed", type=int, default=0, help="random seed for the runs (0)")
     parser.add_argument("--rows", type=int, default=12, help="parameters shown in the table (12)")
@@ -89,14 +99,31 @@ def _unpack(case: Any, target: str) -> tuple[Any, Any, Any]:
     )
 
 
-def _task_case(name: str, batch_size: int, seed: int) -> tuple[Any, Any, Any]:
+def _value(text: str) -> Any:
+    if text.lower() in ("true", "false"):
+        return text.lower() == "true"
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
+
+
+def _task_case(name: str, options: list[str], batch_size: int, seed: int) -> tuple[Any, Any, Any]:
     try:
         from ..tasks import build_task  # type: ignore[import-not-found, unused-ignore]
     except ImportError as error:
         raise UsageError("the built-in tasks are not part of this installation.") from error
+    overrides = {}
+    for option in options:
+        key, sep, value = option.partition("=")
+        if not sep or not key:
+            raise UsageError(f"--set takes KEY=VALUE, got {option!r}.")
+        overrides[key.strip()] = _value(value.strip())
     try:
-        task = build_task(name)
-    except (KeyError, ValueError) as error:
+        task = build_task(name, **overrides)
+    except (KeyError, ValueError, TypeError) as error:
         raise UsageError(str(error)) from error
     model = task.make_model()
     batch = next(iter(task.train_batches(batch_size, torch.Generator().manual_seed(seed))))
@@ -107,8 +134,10 @@ def run(args: argparse.Namespace) -> int:
     try:
         if (args.target is None) == (args.task is None):
             raise UsageError("give either a target MODULE:FACTORY or --task NAME (not both).")
+        if args.set and args.task is None:
+            raise UsageError("--set KEY=VALUE sets options of a built-in --task; a factory sets its own.")
         if args.task is not None:
-            model, batch, loss_fn = _task_case(args.task, args.batch_size, args.seed)
+            model, batch, loss_fn = _task_case(args.task, args.set, args.batch_size, args.seed)
             what = f"task {args.task}"
         else:
             model, batch, loss_fn = _unpack(_load_factory(args.target)(), args.target)
@@ -123,6 +152,7 @@ def run(args: argparse.Namespace) -> int:
             rtol=args.rtol,
             float64=not args.no_float64,
             probe_modules=not args.no_probe,
+            check_buffers=not args.no_buffers,
             seed=args.seed,
         )
     except (UsageError, ConfigError, BatchError) as error:

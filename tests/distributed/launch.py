@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import sys
 import tempfile
 import traceback
 from collections.abc import Callable
@@ -16,6 +17,8 @@ import torch.multiprocessing as mp
 
 def _entry(rank: int, fn: Callable[[int, int], Any], world: int, store: str, out: str) -> None:
     torch.set_num_threads(1)  # two processes on a two-core runner
+    if sys.platform == "linux":  # one machine: loopback, even where the hostname does not resolve
+        os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
     dist.init_process_group(
         "gloo", init_method=f"file://{store}", rank=rank, world_size=world,
         timeout=datetime.timedelta(seconds=60),

@@ -126,6 +126,7 @@ def _record(model: nn.Module, stats: list[bb.StepStats]) -> dict[str, Any]:
         "grad_norm": [s.grad_norm.item() for s in stats],
         "count": [int(s.count) for s in stats],
         "micro_steps": [s.micro_steps for s in stats],
+        "plain_tensors": all(type(t) is torch.Tensor for s in stats for t in (s.loss, s.grad_norm, s.count)),
     }
 
 
@@ -169,6 +170,18 @@ def ddp_token_loop(rank: int, world: int) -> dict[str, Any]:
     assert last is not None
     stats.append(last)
     return _record(model.module, stats)
+
+
+def ddp_bf16_params(rank: int, world: int) -> dict[str, Any]:
+    """bf16 parameters under DDP: the ranks must still agree (the gradient was synced)."""
+    torch.manual_seed(0)
+    model = DDP(nn.Linear(4, 3).to(torch.bfloat16))
+    acc = bb.Accumulator(model, torch.optim.SGD(model.parameters(), lr=0.1), accumulation_steps=2)
+    x = torch.randn(4, 4, generator=torch.Generator().manual_seed(rank), dtype=torch.bfloat16)
+    for piece in x.split(2):
+        with acc.accumulate():
+            acc.backward(model(piece).float().pow(2).mean(), count=len(piece))
+    return {"params": _full_params(model.module)}
 
 
 def naive_ddp_token_loop(rank: int, world: int) -> dict[str, Any]:
@@ -234,34 +247,64 @@ def fsdp2_loop_cut_short_without_sync_each(rank: int, world: int) -> dict[str, A
     return {"error": None}
 
 
+def fsdp2_grads_inside_a_window(rank: int, world: int) -> dict[str, Any]:
+    """Whether the first micro-step reduce-scattered: the sharded `.grad` exists only then."""
+    out = {}
+    for sync_each in (False, True):
+        model = _shard_fsdp(TinyLM())
+        acc = bb.Accumulator(model, optimizer(model), accumulation_steps=2, sync_each_micro_step=sync_each)
+        pieces = loop_micro_batches(0, (3, 3), rank, world)
+        with acc.accumulate():
+            acc.backward(token_loss(model, pieces[0]))
+        out[sync_each] = any(p.grad is not None for p in model.parameters())
+        with acc.accumulate():
+            acc.backward(token_loss(model, pieces[1]))
+    return out
+
+
 def fsdp2_uneven_micro_steps(rank: int, world: int) -> dict[str, Any]:
     """Shards of 5 and 4 at micro-batch 2 are 3 and 2 forwards: must fail clearly, not hang."""
     model = _shard_fsdp(mlp())
     acc = bb.Accumulator(model, optimizer(model), micro_batch_size=2)
+    out: dict[str, Any] = {"error": None, "auto": None}
     try:
         acc.step(shard(sample_batch(0, n=9), rank, world), sample_loss)
     except bb.ConfigError as e:
-        return {"error": str(e)}
-    return {"error": None}
+        out["error"] = str(e)
+    try:
+        bb.Accumulator(model, optimizer(model), micro_batch_size="auto")
+    except bb.ConfigError as e:
+        out["auto"] = str(e)
+    return out
 
 
 COMM_MICRO_STEPS = 4
 
 
+class Holder(nn.Module):
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.inner(x)
+
+
 def comm_rounds(rank: int, world: int) -> dict[str, Any]:
     """Gradient all-reduce rounds per optimizer step: the plain loop vs bigbatch's two APIs."""
     out = {}
-    for way in ("plain", "loop", "step"):
-        model = DDP(mlp())
+    for way in ("plain", "loop", "step", "nested"):
+        ddp = DDP(mlp())
         counter = AllReduceCounter(world_size=world)
-        model.register_comm_hook(None, counter.hook)
+        ddp.register_comm_hook(None, counter.hook)
+        model = Holder(ddp) if way == "nested" else ddp  # a DDP model inside the user's module
         opt = optimizer(model)
         x, y = shard(sample_batch(0, n=16), rank, world)  # 8 per rank: 4 micro-batches of 2
         if way == "plain":
             for piece in zip(x.split(2), y.split(2)):
                 (sample_loss(model, piece) / COMM_MICRO_STEPS).backward()
             opt.step()
-        elif way == "loop":
+        elif way in ("loop", "nested"):
             acc = bb.Accumulator(model, opt, accumulation_steps=COMM_MICRO_STEPS)
             for piece in zip(x.split(2), y.split(2)):
                 with acc.accumulate():
@@ -294,11 +337,13 @@ SCENARIOS: dict[str, Callable[[int, int], dict[str, Any]]] = {
     "ddp_sample_step": ddp_sample_step,
     "ddp_token_step": ddp_token_step,
     "ddp_token_loop": ddp_token_loop,
+    "ddp_bf16_params": ddp_bf16_params,
     "naive_ddp_token_loop": naive_ddp_token_loop,
     "fsdp2_token_step": fsdp2_token_step,
     "fsdp2_sample_step": fsdp2_sample_step,
     "fsdp2_token_loop_sync_each": fsdp2_token_loop_sync_each,
     "fsdp2_loop_cut_short_without_sync_each": fsdp2_loop_cut_short_without_sync_each,
+    "fsdp2_grads_inside_a_window": fsdp2_grads_inside_a_window,
     "fsdp2_uneven_micro_steps": fsdp2_uneven_micro_steps,
     "comm_rounds": comm_rounds,
     "no_process_group": no_process_group,  # last: it destroys the process group

@@ -1,3 +1,5 @@
+import warnings
+
 import pytest
 import torch
 from torch import nn
@@ -8,7 +10,12 @@ from bigbatch.tasks import Task, build_task
 
 
 def _step(task, model, batch, micro):
-    acc = bb.Accumulator(model, torch.optim.SGD(model.parameters(), lr=0.5), micro_batch_size=micro)
+    coupled = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
+    expect = pytest.warns(bb.BatchCouplingWarning) if coupled else warnings.catch_warnings()
+    with expect:  # the BatchNorm variant is named at construction; the others stay silent
+        if not coupled:
+            warnings.simplefilter("error", bb.BatchCouplingWarning)
+        acc = bb.Accumulator(model, torch.optim.SGD(model.parameters(), lr=0.5), micro_batch_size=micro)
     acc.step(batch, task.loss_fn)
 
 
@@ -44,6 +51,7 @@ def test_groupnorm_splits_exactly_and_batchnorm_does_not():
 
 def test_training_learns_digits():
     task = build_task("digits")
+    torch.set_num_threads(1)  # restored by conftest; many threads crawl on a busy small machine
     torch.manual_seed(0)
     model = task.make_model()
     acc = bb.Accumulator(model, torch.optim.AdamW(model.parameters(), lr=1e-2), micro_batch_size=64)

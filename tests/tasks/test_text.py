@@ -99,6 +99,7 @@ def test_bad_options_name_the_fix(tmp_path):
 
 
 def test_training_beats_the_unigram_baseline(task):
+    torch.set_num_threads(1)  # restored by conftest; many threads crawl on a busy small machine
     torch.manual_seed(0)
     model = task.make_model()
     acc = bb.Accumulator(model, torch.optim.AdamW(model.parameters(), lr=3e-3), micro_batch_size=32)

@@ -1,0 +1,6 @@
+"""Training runs on top of the engine: config, trainer, checkpoints, metrics (see `bigbatch train`)."""
+
+from .config import TrainConfig
+from .trainer import NonFiniteLossError, Trainer
+
+__all__ = ["NonFiniteLossError", "TrainConfig", "Trainer"]

@@ -1,0 +1,100 @@
+"""Checkpoints at optimizer-step boundaries: atomic writes, the last K kept, safe loads.
+
+A checkpoint is written to a temporary file in the same folder, flushed to
+disk, then renamed over its final name, so a crash leaves either the old set
+or the new one, never half a file under a checkpoint's name. Loading uses
+`torch.load(weights_only=True)` (no pickled code runs); a newest checkpoint
+that is corrupt or truncated is skipped with a warning and the one before it used.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tempfile
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+
+_NAME = re.compile(r"^step-(\d+)\.pt$")
+REQUIRED = ("step", "model", "optimizer", "accumulator", "rng", "samples_seen")
+
+
+class CheckpointWarning(UserWarning):
+    """A checkpoint could not be read and an older one was used instead."""
+
+
+def checkpoint_path(directory: Path, step: int) -> Path:
+    return directory / f"step-{step:07d}.pt"
+
+
+def list_checkpoints(directory: Path) -> list[tuple[int, Path]]:
+    """(step, path) of every checkpoint in `directory`, oldest first."""
+    if not directory.is_dir():
+        return []
+    found = []
+    for path in directory.iterdir():
+        match = _NAME.match(path.name)
+        if match:
+            found.append((int(match.group(1)), path))
+    return sorted(found)
+
+
+def save_checkpoint(directory: Path, step: int, state: dict[str, Any], keep: int) -> Path:
+    """Write `state` as the checkpoint of `step` atomically, then delete all but the newest `keep`."""
+    directory.mkdir(parents=True, exist_ok=True)
+    final = checkpoint_path(directory, step)
+    fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".tmp", dir=directory)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, final)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    _fsync_dir(directory)
+    for _, old in list_checkpoints(directory)[:-keep]:
+        old.unlink(missing_ok=True)
+    return final
+
+
+def _fsync_dir(directory: Path) -> None:
+    # The rename itself is durable only once the folder's entry is on disk.
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:  # pragma: no cover - platforms without directory fds
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def load_latest_checkpoint(directory: Path) -> dict[str, Any] | None:
+    """The newest readable checkpoint in `directory`, or None if there is none.
+
+    A checkpoint that fails to load (truncated, corrupt, missing keys) is
+    skipped with a `CheckpointWarning` naming it.
+    """
+    for step, path in reversed(list_checkpoints(directory)):
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+            missing = [k for k in REQUIRED if k not in state]
+            if missing:
+                raise ValueError(f"missing {', '.join(missing)}")
+            if state["step"] != step:
+                raise ValueError(f"holds step {state['step']}, not {step}")
+        except Exception as e:  # noqa: BLE001 - any unreadable file falls back to the previous one
+            warnings.warn(
+                f"checkpoint {path} cannot be loaded ({type(e).__name__}: {str(e)[:200]}); "
+                "trying the previous one.",
+                CheckpointWarning,
+                stacklevel=2,
+            )
+            continue
+        return state
+    return None

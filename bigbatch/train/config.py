@@ -1,0 +1,297 @@
+"""The training configuration: one typed tree in three layers.
+
+Defaults (the dataclasses below) <- a TOML file <- `--set section.key=value`.
+Every field has a default, so `bigbatch train` runs with no file at all. An
+unknown key is an error that names the nearest valid one. A bare key
+(`--set lr=1e-3`) works where only one section has it.
+
+    [task]           name = "text" | "digits", data = "my.txt", and the task's options
+    [batch]          logical_batch_size, micro_batch_size (or "auto"), accumulation_steps
+    [optim]          name, lr, lr_scaling, reference_batch_size, warmup_steps, schedule, ...
+    [train]          steps, seed, device, precision, dtype, eval_every, max_nonfinite_steps, ...
+    [checkpoint]     every, keep
+    [run]            name, dir
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import sys
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from ..errors import ConfigError
+from ..tasks import task_options
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+UNSET = "none"  # `--set batch.accumulation_steps=none` clears an optional field
+
+
+@dataclass
+class TaskSection:
+    """Which built-in task; `options` holds its other settings (see bigbatch.tasks)."""
+
+    name: str = "text"
+    data: str | None = None  # a text file for the "text" task; None: built-in Shakespeare
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class BatchSection:
+    """logical_batch_size = micro_batch_size x accumulation_steps x world size; give any two."""
+
+    logical_batch_size: int | None = 32  # samples per optimizer step, over all ranks
+    micro_batch_size: int | Literal["auto"] | None = 8  # samples per forward/backward, per rank
+    accumulation_steps: int | None = None
+
+
+@dataclass
+class OptimSection:
+    name: Literal["adamw", "sgd"] = "adamw"
+    lr: float = 3e-3  # the peak learning rate at reference_batch_size
+    lr_scaling: Literal["linear", "sqrt", "none"] = "sqrt"
+    reference_batch_size: int = 32  # the logical batch `lr` was tuned at
+    warmup_steps: int = 30
+    schedule: Literal["cosine", "constant"] = "cosine"
+    min_lr_ratio: float = 0.1  # cosine decays to lr x this
+    weight_decay: float = 0.01
+    beta1: float = 0.9
+    beta2: float = 0.99
+    momentum: float = 0.9  # sgd only
+    max_grad_norm: float | None = 1.0
+
+
+@dataclass
+class TrainSection:
+    steps: int = 500  # optimizer steps
+    seed: int = 0
+    device: str = "auto"  # "auto": cuda (this rank's GPU) if available, else cpu
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"  # autocast
+    dtype: Literal["float32", "float64"] = "float32"  # parameters and float inputs
+    eval_every: int = 100  # steps; and always at the end
+    max_nonfinite_steps: int = 5  # stop after this many non-finite steps in a row
+    sample_length: int = 300  # characters generated at the end (text task)
+    progress: bool = True
+    threads: int | None = None  # CPU threads for torch (None: torch's default)
+
+
+@dataclass
+class CheckpointSection:
+    every: int = 100  # steps; and always at the end (0: only at the end)
+    keep: int = 3  # the most recent checkpoints kept
+
+
+@dataclass
+class RunSection:
+    name: str | None = None  # None: "<task>-<date>-<time>"
+    dir: str = "runs"
+
+
+@dataclass
+class TrainConfig:
+    """Everything `bigbatch train` needs; every field has a default."""
+
+    task: TaskSection = field(default_factory=TaskSection)
+    batch: BatchSection = field(default_factory=BatchSection)
+    optim: OptimSection = field(default_factory=OptimSection)
+    train: TrainSection = field(default_factory=TrainSection)
+    checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
+    run: RunSection = field(default_factory=RunSection)
+
+    @classmethod
+    def load(cls, path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> TrainConfig:
+        """Defaults, then the TOML file at `path` (if any), then `key=value` overrides."""
+        config = cls()
+        if path is not None:
+            path = Path(path)
+            if not path.is_file():
+                raise ConfigError(f"config file {str(path)!r} not found.")
+            try:
+                data = tomllib.loads(path.read_text(encoding="utf-8"))
+            except tomllib.TOMLDecodeError as e:
+                raise ConfigError(f"{path}: not valid TOML ({e}).") from None
+            config.update(data, source=str(path))
+        for item in overrides:
+            config.set(item)
+        config.validate()
+        return config
+
+    def update(self, data: dict[str, Any], source: str = "config") -> None:
+        """Merge a nested dict (as parsed from TOML) into this config."""
+        for section_name, values in data.items():
+            section = self._section(section_name, source)
+            if not isinstance(values, dict):
+                raise ConfigError(f"{source}: [{section_name}] must be a table of key = value lines.")
+            for key, value in values.items():
+                self._assign(section_name, section, key, value, source)
+
+    def set(self, item: str) -> None:
+        """Apply one `section.key=value` (or `key=value` where the key is unique) override."""
+        if "=" not in item:
+            raise ConfigError(f"--set wants key=value (e.g. --set optim.lr=1e-3); got {item!r}.")
+        key, raw = (s.strip() for s in item.split("=", 1))
+        section_name, _, name = key.rpartition(".")
+        if not section_name:
+            section_name = self._section_of(name)
+        section = self._section(section_name, "--set")
+        try:
+            self._assign(section_name, section, name, _parse_value(raw), "--set")
+        except ConfigError:
+            # `run.name=nan` or `task.data=1.txt`: read as TOML it is not a string, but the field wants one.
+            try:
+                self._assign(section_name, section, name, raw, "--set")
+            except ConfigError:
+                pass
+            else:
+                return
+            raise
+
+    def validate(self) -> None:
+        """Check values that must hold whatever the layers said."""
+        checks = [
+            (self.train.steps >= 1, f"train.steps must be >= 1, got {self.train.steps}"),
+            (self.optim.lr > 0, f"optim.lr must be > 0, got {self.optim.lr}"),
+            (self.optim.reference_batch_size >= 1, "optim.reference_batch_size must be >= 1"),
+            (self.optim.warmup_steps >= 0, "optim.warmup_steps must be >= 0"),
+            (self.train.eval_every >= 1, "train.eval_every must be >= 1"),
+            (self.train.max_nonfinite_steps >= 1, "train.max_nonfinite_steps must be >= 1"),
+            (self.checkpoint.every >= 0, "checkpoint.every must be >= 0 (0: only at the end)"),
+            (self.checkpoint.keep >= 1, "checkpoint.keep must be >= 1"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ConfigError(message + ".")
+        task_options(self.task.name)  # an unknown task name, with a suggestion
+
+    def to_dict(self) -> dict[str, Any]:
+        out = dataclasses.asdict(self)
+        options = out["task"].pop("options")
+        out["task"].update(options)
+        return out
+
+    def to_toml(self) -> str:
+        """The resolved config as TOML (an unset optional field is written as "none")."""
+        lines = []
+        for section_name, values in self.to_dict().items():
+            lines.append(f"[{section_name}]")
+            for key, value in values.items():
+                lines.append(f'{key} = "{UNSET}"' if value is None else f"{key} = {_toml_value(value)}")
+            lines.append("")
+        return "\n".join(lines)
+
+    # -- helpers -----------------------------------------------------------
+
+    def _section(self, name: str, source: str) -> Any:
+        sections = [f.name for f in dataclasses.fields(self)]
+        if name not in sections:
+            raise ConfigError(f"{source}: unknown section [{name}].{_hint(name, sections)}")
+        return getattr(self, name)
+
+    def _section_of(self, key: str) -> str:
+        owners = [s for s, keys in self._keys().items() if key in keys]
+        if len(owners) == 1:
+            return owners[0]
+        every = [f"{s}.{k}" for s, keys in self._keys().items() for k in keys]
+        if owners:
+            raise ConfigError(f"{key!r} is in several sections ({', '.join(owners)}); write section.{key}.")
+        bare = {k: f"{s}.{k}" for s, keys in self._keys().items() for k in keys}
+        close = difflib.get_close_matches(key, list(bare), n=1, cutoff=0.5)
+        hint = f' Did you mean "{bare[close[0]]}"?' if close else _hint(key, every)
+        raise ConfigError(f"unknown setting {key!r}.{hint}")
+
+    def _keys(self) -> dict[str, list[str]]:
+        keys: dict[str, list[str]] = {}
+        for f in dataclasses.fields(self):
+            section = getattr(self, f.name)
+            names = [g.name for g in dataclasses.fields(section) if g.name != "options"]
+            if f.name == "task":
+                names += [k for k in task_options(self.task.name) if k not in names]
+            keys[f.name] = names
+        return keys
+
+    def _assign(self, section_name: str, section: Any, key: str, value: Any, source: str) -> None:
+        if section_name == "task" and key not in ("name", "data"):
+            valid = task_options(self.task.name)
+            if key not in valid:
+                raise ConfigError(
+                    f"{source}: task {self.task.name!r} has no option {key!r}.{_hint(key, list(valid))}"
+                )
+            section.options[key] = _coerce(value, type(valid[key]) if valid[key] is not None else Any, f"task.{key}")
+            return
+        fields = {f.name: f for f in dataclasses.fields(section) if f.name != "options"}
+        if key not in fields:
+            full = [f"{section_name}.{k}" for k in fields]
+            raise ConfigError(f"{source}: unknown setting {section_name}.{key}.{_hint(f'{section_name}.{key}', full)}")
+        hints = typing.get_type_hints(type(section))
+        setattr(section, key, _coerce(value, hints[key], f"{section_name}.{key}"))
+
+
+def _hint(name: str, valid: list[str]) -> str:
+    close = difflib.get_close_matches(name, valid, n=1, cutoff=0.5)
+    return f' Did you mean "{close[0]}"?' if close else f" Valid: {', '.join(valid)}."
+
+
+def _parse_value(raw: str) -> Any:
+    """A --set value as TOML (1e-3, true, "x", [1, 2]); a bare word is a string."""
+    if raw.lower() in (UNSET, "null"):
+        return None
+    try:
+        return tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        return raw
+
+
+def _coerce(value: Any, hint: Any, name: str) -> Any:
+    """Check `value` against the field's type; ints are accepted where floats are."""
+    options = typing.get_args(hint) if _is_union(hint) else (hint,)
+    if value == UNSET and type(None) in options:
+        value = None
+    if value is None:
+        if type(None) in options:
+            return None
+        raise ConfigError(f"{name} cannot be unset; give a value.")
+    for option in options:
+        if option is Any:
+            return value
+        if typing.get_origin(option) is Literal:
+            if value in typing.get_args(option):
+                return value
+        elif option is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        elif option is int and isinstance(value, int) and not isinstance(value, bool):
+            return value
+        elif option in (str, bool, dict) and isinstance(value, option):
+            return value
+    allowed = []
+    for option in options:
+        if typing.get_origin(option) is Literal:
+            allowed += [repr(a) for a in typing.get_args(option)]
+        elif option is type(None):
+            allowed.append(UNSET)
+        else:
+            allowed.append(getattr(option, "__name__", str(option)))
+    raise ConfigError(f"{name} = {value!r} is not valid; expected {' or '.join(allowed)}.")
+
+
+def _is_union(hint: Any) -> bool:
+    return typing.get_origin(hint) in (typing.Union, types.UnionType)
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, str):
+        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    raise ConfigError(f"cannot write {value!r} to TOML.")

@@ -1,0 +1,328 @@
+"""The Trainer: a task, a config and the Accumulator, with everything a real run needs.
+
+    from bigbatch import TrainConfig, Trainer
+    config = TrainConfig.load(overrides=["train.steps=200", "batch.micro_batch_size=4"])
+    summary = Trainer(config).fit()          # writes runs/NAME/
+    summary = Trainer(config, resume="runs/NAME").fit()
+
+One iteration is one logical batch and one `Accumulator.step`: the sampler
+names the batch's samples, this rank takes its share, the engine splits it into
+micro-batches. Checkpoints fall on optimizer-step boundaries and hold
+everything the next step depends on, so a resumed run is bit-identical to one
+that was never stopped (on the CPU; CUDA kernels may not be deterministic).
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..accumulator import Accumulator
+from ..batches import Batch, _map
+from ..errors import ConfigError
+from ..lr import scale_lr
+from ..tasks import Task, build_task
+from .batching import BatchPlan, resolve_batch
+from .checkpoint import list_checkpoints, load_latest_checkpoint, save_checkpoint
+from .config import TrainConfig
+from .metrics import MetricsLog, plot_losses, write_summary
+from .progress import Progress, memory_text
+from .runtime import Runtime
+from .sampler import Sampler
+
+_DTYPES = {"float32": torch.float32, "float64": torch.float64}
+
+
+class NonFiniteLossError(RuntimeError):
+    """Too many optimizer steps in a row had an inf/NaN loss or gradient."""
+
+
+def _rng_state(device: torch.device) -> dict[str, Any]:
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
+        "python": random.getstate(),
+    }
+
+
+def _set_rng_state(state: dict[str, Any], device: torch.device) -> None:
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] is not None and device.type == "cuda":
+        torch.cuda.set_rng_state(state["cuda"], device)
+    random.setstate(state["python"])
+
+
+def _schedule(config: TrainConfig) -> Any:
+    """lr multiplier per optimizer step: linear warmup, then cosine to min_lr_ratio (or constant)."""
+    o, total = config.optim, config.train.steps
+
+    def factor(step: int) -> float:
+        if step < o.warmup_steps:
+            return (step + 1) / (o.warmup_steps + 1)
+        if o.schedule == "constant":
+            return 1.0
+        progress = min(1.0, (step - o.warmup_steps) / max(1, total - o.warmup_steps))
+        return o.min_lr_ratio + (1 - o.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return factor
+
+
+class Trainer:
+    """Trains `config`'s task (or `task`) and writes a run directory.
+
+    Args:
+        config: the resolved `TrainConfig`.
+        task: use this task object instead of building `config.task` (for your own tasks).
+        resume: a run directory to continue from its newest readable checkpoint.
+
+    Under torchrun the logical batch is global: each rank takes its share of every
+    logical batch, the model is wrapped in DistributedDataParallel, and only rank 0
+    prints, logs and writes checkpoints. Limits: resume needs the same world size.
+    """
+
+    def __init__(self, config: TrainConfig, *, task: Task | None = None, resume: str | Path | None = None) -> None:
+        config.validate()
+        self.config = config
+        self.runtime = Runtime.from_env(config.train.device)
+        rt, b, o = self.runtime, config.batch, config.optim
+        self.plan: BatchPlan = resolve_batch(b.logical_batch_size, b.micro_batch_size, b.accumulation_steps, rt.world_size)
+        options = dict(config.task.options)
+        if config.task.data is not None:
+            options["data"] = config.task.data
+        self.task: Task = task if task is not None else build_task(config.task.name, **options)
+        self.dtype = _DTYPES[config.train.dtype]
+
+        torch.manual_seed(config.train.seed)  # the same initial model on every rank
+        random.seed(config.train.seed)
+        model = self.task.make_model().to(device=rt.device, dtype=self.dtype)
+        self.num_parameters = sum(p.numel() for p in model.parameters())
+        if rt.world_size > 1:
+            # broadcast_buffers=False: a buffer broadcast in every forward would be a
+            # collective per micro-step, and ranks may run different numbers of them.
+            model = nn.parallel.DistributedDataParallel(
+                model, device_ids=[rt.device] if rt.device.type == "cuda" else None, broadcast_buffers=False
+            )
+        self.model = model
+        self.lr = o.lr if o.lr_scaling == "none" else scale_lr(
+            o.lr, o.reference_batch_size, self.plan.logical_batch_size, o.lr_scaling
+        )
+        params = [p for p in model.parameters() if p.requires_grad]
+        if o.name == "adamw":
+            self.optimizer: torch.optim.Optimizer = torch.optim.AdamW(
+                params, lr=self.lr, betas=(o.beta1, o.beta2), weight_decay=o.weight_decay
+            )
+        else:
+            self.optimizer = torch.optim.SGD(params, lr=self.lr, momentum=o.momentum, weight_decay=o.weight_decay)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, _schedule(config))
+        self.accumulator = Accumulator(
+            model, self.optimizer, micro_batch_size=self.plan.micro_batch_size, scheduler=self.scheduler,
+            max_grad_norm=o.max_grad_norm, precision=config.train.precision, skip_nonfinite=True,
+        )
+        self.sampler = Sampler(self.task.train_size, config.train.seed)
+        self.step = 0
+        self.samples_seen = 0
+        self.nonfinite_in_a_row = 0
+        self.nonfinite_total = 0
+        self.train_seconds = 0.0
+        if resume is not None:
+            self.run_dir = Path(resume)
+            self._load()
+        else:
+            self.run_dir = Path(rt.broadcast(str(self._new_run_dir()) if rt.is_main else None))
+
+    # -- run directory and checkpoints --------------------------------------
+
+    def _new_run_dir(self) -> Path:
+        run = self.config.run
+        root = Path(run.dir)
+        if run.name is not None:
+            path = root / run.name
+            if path.exists() and any(path.iterdir()):
+                raise ConfigError(
+                    f"run directory {path} already exists; continue it with --resume {path}, "
+                    "or pick another --name."
+                )
+            return path
+        base = f"{self.task.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+        path, n = root / base, 1
+        while path.exists():
+            n += 1
+            path = root / f"{base}-{n}"
+        return path
+
+    @property
+    def checkpoint_dir(self) -> Path:
+        return self.run_dir / "checkpoints"
+
+    def _unwrapped(self) -> nn.Module:
+        model = self.model
+        return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything the next step depends on (every rank's RNG state included)."""
+        return {
+            "step": self.step,
+            "samples_seen": self.samples_seen,
+            "world_size": self.runtime.world_size,
+            "model": self._unwrapped().state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "accumulator": self.accumulator.state_dict(),
+            "rng": self.runtime.gather(_rng_state(self.runtime.device)),
+            "nonfinite": [self.nonfinite_in_a_row, self.nonfinite_total],
+            "train_seconds": self.train_seconds,
+        }
+
+    def save(self) -> None:
+        """A checkpoint of this step (rank 0 writes; every rank waits until it is on disk)."""
+        state = self.state_dict()  # a collective (the RNG gather): every rank calls it
+        if self.runtime.is_main:
+            save_checkpoint(self.checkpoint_dir, self.step, state, self.config.checkpoint.keep)
+        self.runtime.barrier()
+
+    def _load(self) -> None:
+        state = load_latest_checkpoint(self.checkpoint_dir)
+        if state is None:
+            found = list_checkpoints(self.checkpoint_dir)
+            raise ConfigError(
+                f"nothing to resume in {self.run_dir}: "
+                + ("no checkpoint could be read." if found else "it holds no checkpoints.")
+                + " Start a new run without --resume."
+            )
+        if state["world_size"] != self.runtime.world_size:
+            raise ConfigError(
+                f"the checkpoint was written by {state['world_size']} processes and this run has "
+                f"{self.runtime.world_size}; resume with the same number (torchrun --nproc-per-node)."
+            )
+        self._unwrapped().load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.accumulator.load_state_dict(state["accumulator"])
+        _set_rng_state(state["rng"][self.runtime.rank], self.runtime.device)
+        self.step, self.samples_seen = state["step"], state["samples_seen"]
+        self.nonfinite_in_a_row, self.nonfinite_total = state["nonfinite"]
+        self.train_seconds = state["train_seconds"]
+
+    # -- training -------------------------------------------------------------
+
+    def _local_batch(self) -> Batch:
+        indices = self.sampler.indices(self.samples_seen, self.plan.logical_batch_size)
+        start, stop = self.plan.shard(self.runtime.rank)
+        batch = self.task.train_batch(indices[start:stop])
+        return _map(batch, lambda t: t.to(self.dtype) if t.is_floating_point() else t)
+
+    def _print(self, text: str) -> None:
+        if self.runtime.is_main:
+            print(text, flush=True)
+
+    def fit(self) -> dict[str, Any]:
+        """Train to `train.steps`; returns the summary (also written to summary.json)."""
+        cfg, rt = self.config, self.runtime
+        resume_step = self.step if self.step else None
+        if rt.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            (self.run_dir / "config.toml").write_text(cfg.to_toml(), encoding="utf-8")
+        metrics = MetricsLog(self.run_dir / "metrics.jsonl", resume_step) if rt.is_main else None
+        baselines = self.task.baselines() if rt.is_main else {}
+        self._print(
+            f"bigbatch train: task {self.task.name} ({self.num_parameters:,} parameters) on {rt.device}"
+            + (f" x {rt.world_size} ranks" if rt.world_size > 1 else "")
+            + f"\n  {self.plan.describe()}\n  lr {self.lr:.3g}"
+            + (f" ({cfg.optim.lr_scaling} scaling of {cfg.optim.lr:g} at batch {cfg.optim.reference_batch_size})"
+               if cfg.optim.lr_scaling != "none" else "")
+            + f", {cfg.optim.warmup_steps} warmup steps, {cfg.optim.schedule}\n  run directory {self.run_dir}"
+            + (f"\n  resumed at step {self.step}" if resume_step else "")
+        )
+        unit = getattr(self.task, "item_unit", "samples")
+        progress = Progress(cfg.train.steps, self.step, unit, rt.is_main and cfg.train.progress, rt.is_main)
+        # Subnormal floats make CPU arithmetic (Adam's second moments, say) many times slower.
+        flush = rt.device.type == "cpu" and torch.set_flush_denormal(True)
+        threads = torch.get_num_threads()
+        if cfg.train.threads is not None:
+            torch.set_num_threads(cfg.train.threads)
+        try:
+            while self.step < cfg.train.steps:
+                row = self._train_step()
+                if self.step % cfg.train.eval_every == 0 or self.step == cfg.train.steps:
+                    if rt.is_main:
+                        row.update(self.task.evaluate(self.model))
+                        progress.write(f"step {self.step}: val loss {row['val_loss']:.4f}")
+                if metrics is not None:
+                    metrics.write(row)
+                progress.update(row["loss"], row["items_per_s"], memory_text(rt.device, row["peak_memory_bytes"]))
+                every = cfg.checkpoint.every
+                if (every and self.step % every == 0) or self.step == cfg.train.steps:
+                    self.save()
+            progress.close()
+            summary = self._finish(metrics, baselines) if rt.is_main else {}
+        finally:
+            if flush:
+                torch.set_flush_denormal(False)
+            torch.set_num_threads(threads)
+            progress.close()
+        rt.barrier()
+        return summary
+
+    def _train_step(self) -> dict[str, Any]:
+        start = time.perf_counter()
+        stats = self.accumulator.step(self._local_batch(), self.task.loss_fn)
+        row = stats.to_dict()  # the one host sync of the step
+        self.step += 1
+        self.samples_seen += self.plan.logical_batch_size
+        seconds = time.perf_counter() - start
+        self.train_seconds += seconds
+        # fp16's scaler skips overflowing steps by design; only a non-finite loss counts there.
+        bad = not math.isfinite(row["loss"]) if self.config.train.precision == "fp16" else row["skipped"]
+        self.nonfinite_in_a_row = self.nonfinite_in_a_row + 1 if bad else 0
+        self.nonfinite_total += bad
+        if self.nonfinite_in_a_row >= self.config.train.max_nonfinite_steps:
+            raise NonFiniteLossError(
+                f"{self.nonfinite_in_a_row} optimizer steps in a row (up to step {self.step}) had a "
+                f"non-finite loss or gradient (last loss {row['loss']}); they were skipped, but training "
+                "is not recovering. Lower optim.lr, set optim.max_grad_norm, use precision=\"bf16\" "
+                "instead of fp16, or check the data; train.max_nonfinite_steps sets this limit."
+            )
+        row.update(step=self.step, items_per_s=row["count"] / seconds, seconds=seconds)
+        return {"step": row.pop("step"), **row}
+
+    def _finish(self, metrics: MetricsLog | None, baselines: dict[str, float]) -> dict[str, Any]:
+        rows = metrics.rows if metrics is not None else []
+        losses = [r["loss"] for r in rows[-20:] if math.isfinite(r["loss"])]
+        final: dict[str, Any] = next((r for r in reversed(rows) if "val_loss" in r), {})
+        evals = {k: v for k, v in final.items() if k.startswith("val_")}
+        items = sum(r["count"] for r in rows)
+        summary: dict[str, Any] = {
+            "run_dir": str(self.run_dir),
+            "task": self.task.name,
+            "steps": self.step,
+            "samples_seen": self.samples_seen,
+            "batch": self.plan.describe(),
+            "lr": self.lr,
+            "train_loss_last_20": sum(losses) / len(losses) if losses else math.nan,
+            **evals,
+            **baselines,
+            "train_seconds": round(self.train_seconds, 2),
+            f"{getattr(self.task, 'item_unit', 'samples')}_per_s": items / max(self.train_seconds, 1e-9),
+            "nonfinite_steps_skipped": self.nonfinite_total,
+        }
+        plot_losses(rows, self.run_dir / "loss.png", baselines, f"{self.task.name}: {self.plan.describe()}")
+        generate = getattr(self.task, "generate", None)
+        if generate is not None and self.config.train.sample_length > 0:
+            generator = torch.Generator().manual_seed(self.config.train.seed)
+            summary["sample"] = generate(self.model, "\n", self.config.train.sample_length, generator=generator)
+        write_summary(self.run_dir / "summary.json", summary)
+        lines = [f"done: {self.step} steps in {self.train_seconds:.0f}s of training"]
+        for key, value in summary.items():
+            if key.startswith("val_") or key.endswith("_val_loss"):
+                lines.append(f"  {key:<20} {value:.4f}" if isinstance(value, float) and not value.is_integer() else f"  {key:<20} {value:.0f}")
+        lines.append(f"  wrote {self.run_dir}/ (config.toml, metrics.jsonl, loss.png, summary.json, checkpoints/)")
+        if "sample" in summary:
+            lines.append("sample:\n" + summary["sample"])
+        self._print("\n".join(lines))
+        return summary

@@ -1,0 +1,275 @@
+"""No host synchronisation per micro-step: the engine never reads a device value mid-window.
+
+On a GPU, `torch.cuda.set_sync_debug_mode` proves it (gpu-marked tests). On the
+CPU there is no sync to catch, so the tests watch for what would be one on a GPU:
+every read of a tensor's value into Python (`.item()`, `bool()`, `float()`,
+`.tolist()`, `.cpu()`, `.numpy()`) and the ops whose output size depends on the
+data (`nonzero`, boolean masks). They watch through PyTorch's own extension points
+(a TorchFunctionMode and a TorchDispatchMode), nothing patched.
+
+What does sync, once per optimizer step: `skip_nonfinite=True` reads one bool (is
+the gradient norm and loss finite?), and fp16's GradScaler reads its inf check
+and its scale. Nothing else.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.overrides import TorchFunctionMode
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import bigbatch as bb
+
+# Reads of a value seen at the Python API (each one a device-to-host copy on a GPU).
+_READS = {"tolist", "cpu", "numpy"}
+# Ops that sync on a GPU, seen at the dispatcher, inside torch's own code too:
+# `_local_scalar_dense` is what .item(), bool(), float() and int() all run.
+_SYNCING_OPS = {"aten::_local_scalar_dense", "aten::nonzero", "aten::masked_select"}
+
+
+class HostReads:
+    """Records every value read and data-dependent op while active, with a label of when."""
+
+    def __init__(self) -> None:
+        self.events: list[tuple[str, str]] = []
+        self.phase = "outside"
+        outer = self
+
+        class Functions(TorchFunctionMode):
+            def __torch_function__(self, func, types, args=(), kwargs=None):
+                name = getattr(func, "__name__", "")
+                if name in _READS and any(isinstance(a, torch.Tensor) for a in args):
+                    outer.events.append((outer.phase, name))
+                return func(*args, **(kwargs or {}))
+
+        class Ops(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                if func._schema.name in _SYNCING_OPS:
+                    outer.events.append((outer.phase, func._schema.name))
+                return func(*args, **(kwargs or {}))
+
+        self._modes = (Functions(), Ops())
+
+    def __enter__(self) -> HostReads:
+        for mode in self._modes:
+            mode.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for mode in reversed(self._modes):
+            mode.__exit__(*exc)
+
+    def count(self, phase: str | None = None) -> int:
+        return sum(1 for p, _ in self.events if phase is None or p == phase)
+
+
+def mlp(dtype=torch.float32, device="cpu") -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 5)).to(device, dtype)
+
+
+def data(n: int, device="cpu"):
+    g = torch.Generator().manual_seed(1)
+    return torch.randn(n, 6, generator=g).to(device), torch.randint(0, 5, (n,), generator=g).to(device)
+
+
+def mean_loss(model, batch):
+    x, y = batch
+    return F.cross_entropy(model(x).float(), y)
+
+
+def token_loss(model, batch):
+    x, y = batch
+    y = torch.where(y == 0, -100, y)  # some items ignored: the count is a tensor
+    return bb.token_cross_entropy(model(x), y)
+
+
+SCENARIOS = [
+    pytest.param(dict(precision="fp32"), mean_loss, id="fp32"),
+    pytest.param(dict(precision="fp32", max_grad_norm=0.5), mean_loss, id="fp32-clip"),
+    pytest.param(dict(precision="bf16", max_grad_norm=0.5), mean_loss, id="bf16-autocast-clip"),
+    pytest.param(dict(precision="fp32"), token_loss, id="token-count-tensor"),
+    pytest.param(dict(precision="fp32", skip_nonfinite=False), mean_loss, id="no-skip"),
+]
+
+
+@pytest.mark.parametrize("kwargs,loss_fn", SCENARIOS)
+def test_step_api_reads_nothing_per_micro_step(kwargs, loss_fn):
+    expected = 1 if kwargs.get("skip_nonfinite", True) else 0  # the finite check
+    batch = data(12)
+    per_step = {}
+    for micro in (12, 1):  # one micro-step, then twelve
+        model = mlp()
+        acc = bb.Accumulator(model, torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9),
+                             micro_batch_size=micro, **kwargs)
+        acc.step(batch, loss_fn)  # creates the optimizer state outside the count
+        reads = HostReads()
+
+        def marked(model, piece, reads=reads):
+            reads.phase = f"micro-step {len({p for p, _ in reads.events if p.startswith('micro')})}"
+            reads.events.append((reads.phase, "start"))
+            return loss_fn(model, piece)
+
+        with reads:
+            acc.step(batch, marked)
+        syncs = [(p, e) for p, e in reads.events if e != "start"]
+        per_step[micro] = len(syncs)
+        starts = [i for i, (_, e) in enumerate(reads.events) if e == "start"]
+        assert len(starts) == 12 // micro
+        # Between one micro-step's start and the next one's (its forward and
+        # backward), nothing is read.
+        between = reads.events[starts[0] : starts[-1]]
+        assert [e for e in between if e[1] != "start"] == []
+    assert per_step[12] == per_step[1] == expected, per_step
+
+
+@pytest.mark.parametrize("kwargs,loss_fn", SCENARIOS)
+def test_loop_api_reads_nothing_until_the_window_ends(kwargs, loss_fn):
+    expected = 1 if kwargs.get("skip_nonfinite", True) else 0
+    steps = 4
+    model = mlp()
+    acc = bb.Accumulator(model, torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9),
+                         accumulation_steps=steps, **kwargs)
+    pieces = [data(3 + i % 2) for i in range(2 * steps)]  # uneven micro-batches
+
+    def micro_step(piece):
+        with acc.accumulate():
+            out = loss_fn(model, piece)
+            if isinstance(out, bb.LossSum):
+                acc.backward(out)
+            else:
+                acc.backward(out, count=len(piece[0]))
+
+    for piece in pieces[:steps]:  # first window: optimizer state appears
+        micro_step(piece)
+    reads = HostReads()
+    with reads:
+        for i, piece in enumerate(pieces[steps:]):
+            reads.phase = "window end" if i == steps - 1 else "micro-step"
+            micro_step(piece)
+    assert acc.optimizer_steps == 2
+    assert reads.count("micro-step") == 0, reads.events
+    assert reads.count("window end") == expected, reads.events
+
+
+def test_the_counter_catches_the_classic_loop_logging_its_loss():
+    """Negative control: a loop that reads its loss every micro-step is caught every time."""
+    model = mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    running = 0.0
+    with HostReads() as reads:
+        for x, y in [data(3) for _ in range(4)]:
+            loss = mean_loss(model, (x, y)) / 4
+            loss.backward()
+            running += loss.item()
+            if not torch.isfinite(loss):
+                break
+        opt.step()
+    assert reads.count() == 8  # item() and bool() per micro-step
+
+
+# -- on a GPU: the real thing --------------------------------------------------
+
+GPU_SCENARIOS = [
+    pytest.param(dict(precision="fp32"), torch.float32, id="fp32"),
+    pytest.param(dict(precision="fp32", max_grad_norm=1.0), torch.float32, id="fp32-clip"),
+    pytest.param(dict(precision="bf16"), torch.float32, id="bf16-autocast"),
+    pytest.param(dict(precision="bf16", max_grad_norm=1.0), torch.bfloat16, id="bf16-params-clip"),
+    pytest.param(dict(precision="fp32", skip_nonfinite=False), torch.float32, id="no-skip"),
+]
+
+
+def _count_syncs(fn) -> int:
+    """Run fn under sync_debug_mode="warn" and count the synchronising calls it made."""
+    torch.cuda.synchronize()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            fn()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    return sum("synchroniz" in str(w.message) for w in caught)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kwargs,dtype", GPU_SCENARIOS)
+def test_gpu_loop_api_micro_steps_do_not_sync(kwargs, dtype):
+    steps = 4
+    model = mlp(dtype, "cuda")
+    acc = bb.Accumulator(model, torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9),
+                         accumulation_steps=steps, **kwargs)
+    pieces = [data(3 + i % 2, "cuda") for i in range(2 * steps)]
+
+    def micro_step(piece):
+        with acc.accumulate():
+            x, y = piece
+            acc.backward(F.cross_entropy(model(x.to(dtype)).float(), y), count=x.shape[0])
+
+    for piece in pieces[:steps]:  # warm-up window: optimizer state, kernels, handles
+        micro_step(piece)
+    torch.cuda.synchronize()
+    for piece in pieces[steps : 2 * steps - 1]:
+        torch.cuda.set_sync_debug_mode("error")  # any sync in a micro-step raises
+        try:
+            micro_step(piece)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    expected = 1 if kwargs.get("skip_nonfinite", True) else 0
+    assert _count_syncs(lambda: micro_step(pieces[-1])) == expected
+    assert acc.optimizer_steps == 2
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kwargs,dtype", GPU_SCENARIOS)
+def test_gpu_step_api_syncs_once_per_optimizer_step_however_many_micro_steps(kwargs, dtype):
+    batch = data(16, "cuda")
+
+    def loss_fn(model, b):
+        return F.cross_entropy(model(b[0].to(dtype)).float(), b[1])
+
+    counts = {}
+    for micro in (16, 2):
+        model = mlp(dtype, "cuda")
+        acc = bb.Accumulator(model, torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9),
+                             micro_batch_size=micro, **kwargs)
+        acc.step(batch, loss_fn)  # warm-up
+        counts[micro] = _count_syncs(lambda acc=acc: acc.step(batch, loss_fn))
+    expected = 1 if kwargs.get("skip_nonfinite", True) else 0
+    assert counts == {16: expected, 2: expected}
+
+
+@pytest.mark.gpu
+def test_gpu_fp16_micro_steps_do_not_sync():
+    """fp16's GradScaler syncs at the optimizer step (inf check, scale); never before."""
+    steps = 3
+    model = mlp(torch.float32, "cuda")
+    acc = bb.Accumulator(model, torch.optim.SGD(model.parameters(), lr=0.1),
+                         accumulation_steps=steps, precision="fp16")
+    pieces = [data(4, "cuda") for _ in range(2 * steps)]
+    for i, (x, y) in enumerate(pieces):
+        mid_window = i >= steps and i % steps != steps - 1
+        torch.cuda.set_sync_debug_mode("error" if mid_window else "default")
+        try:
+            with acc.accumulate():
+                acc.backward(F.cross_entropy(model(x).float(), y), count=4)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    assert acc.optimizer_steps == 2
+
+
+@pytest.mark.parametrize("bad", [float("inf"), float("-inf"), float("nan")])
+def test_the_one_finite_check_still_skips_inf_and_nan(bad):
+    model = mlp()
+    before = [p.detach().clone() for p in model.parameters()]
+    acc = bb.Accumulator(model, torch.optim.SGD(model.parameters(), lr=0.1), micro_batch_size=3)
+    stats = acc.step(data(6), lambda m, b: mean_loss(m, b) * bad)
+    assert stats.skipped and acc.optimizer_steps == 0
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before))
+    stats = acc.step(data(6), mean_loss)  # and a finite step after it goes through
+    assert not stats.skipped and acc.optimizer_steps == 1

@@ -1,0 +1,42 @@
+import pytest
+import torch
+
+from bigbatch.train.checkpoint import (
+    CheckpointWarning,
+    list_checkpoints,
+    load_latest_checkpoint,
+    save_checkpoint,
+)
+
+
+def _state(step):
+    return {"step": step, "model": {"w": torch.full((3,), float(step))}, "optimizer": {}, "accumulator": {},
+            "rng": [torch.get_rng_state()], "samples_seen": 10 * step}
+
+
+def test_keeps_the_last_k_and_leaves_no_temp_files(tmp_path):
+    for step in range(1, 6):
+        save_checkpoint(tmp_path, step, _state(step), keep=2)
+    assert [s for s, _ in list_checkpoints(tmp_path)] == [4, 5]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step-0000004.pt", "step-0000005.pt"]
+    assert load_latest_checkpoint(tmp_path)["samples_seen"] == 50
+
+
+@pytest.mark.parametrize("damage", ["truncate", "garbage", "pickled code"])
+def test_a_bad_newest_checkpoint_falls_back_with_a_warning(tmp_path, damage):
+    for step in (1, 2):
+        save_checkpoint(tmp_path, step, _state(step), keep=3)
+    newest = list_checkpoints(tmp_path)[-1][1]
+    if damage == "truncate":
+        newest.write_bytes(newest.read_bytes()[:200])
+    elif damage == "garbage":
+        newest.write_bytes(b"not a checkpoint")
+    else:  # weights_only=True refuses arbitrary objects
+        torch.save({**_state(2), "evil": CheckpointWarning("x")}, newest)
+    with pytest.warns(CheckpointWarning, match="step-0000002.pt cannot be loaded"):
+        state = load_latest_checkpoint(tmp_path)
+    assert state["step"] == 1 and torch.equal(state["model"]["w"], torch.ones(3))
+
+
+def test_nothing_to_load(tmp_path):
+    assert load_latest_checkpoint(tmp_path / "missing") is None

@@ -1,0 +1,87 @@
+"""Kill a training process at a random step (SIGKILL: no cleanup), resume it, and get
+bit-identical parameters and optimizer state to a run that was never stopped."""
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from bigbatch.train import TrainConfig, Trainer
+from bigbatch.train.checkpoint import CheckpointWarning, list_checkpoints
+
+STEPS = 60
+
+
+def _cli(*args):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return [sys.executable, "-m", "bigbatch", "train", *args], env
+
+
+def _final_state(run: Path):
+    return torch.load(list_checkpoints(run / "checkpoints")[-1][1], weights_only=True)
+
+
+def _assert_identical(a, b):
+    assert a["step"] == b["step"] == STEPS
+    for key in a["model"]:
+        assert torch.equal(a["model"][key], b["model"][key]), key
+    for pid, s in a["optimizer"]["state"].items():
+        for name, value in s.items():
+            assert torch.equal(value, b["optimizer"]["state"][pid][name]), (pid, name)
+
+
+def test_sigkill_at_a_random_step_then_resume_is_bit_identical(tiny, tmp_path):
+    overrides = [*tiny, f"train.steps={STEPS}", "checkpoint.every=1", "checkpoint.keep=2"]
+    reference = Trainer(TrainConfig.load(overrides=[*overrides, "run.name=whole"]))
+    reference.fit()
+
+    kill_at = random.Random().randint(3, STEPS - 15)
+    print(f"killing at step {kill_at}")
+    cmd, env = _cli(*[f"--set={o}" for o in overrides], "--name", "killed")
+    run = Path(TrainConfig.load(overrides=overrides).run.dir) / "killed"
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 120
+    metrics = run / "metrics.jsonl"
+    while time.monotonic() < deadline and proc.poll() is None:
+        if metrics.exists() and metrics.read_text().count("\n") >= kill_at:
+            proc.send_signal(signal.SIGKILL)
+            break
+        time.sleep(0.002)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, proc.stderr.read().decode() if proc.stderr else ""
+    stopped = list_checkpoints(run / "checkpoints")[-1][0]
+    assert 0 < stopped < STEPS  # the premise: it died mid-run
+
+    cmd, env = _cli("--resume", str(run))
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert f"resumed at step {stopped}" in done.stdout
+    _assert_identical(_final_state(run), _final_state(reference.run_dir))
+    rows = [json.loads(line) for line in metrics.read_text().splitlines()]
+    assert [r["step"] for r in rows] == list(range(1, STEPS + 1))
+    whole = [json.loads(line) for line in (reference.run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["loss"] for r in rows] == [r["loss"] for r in whole]
+
+
+def test_resume_skips_a_truncated_newest_checkpoint(tiny):
+    overrides = [*tiny, "train.steps=6", "checkpoint.every=2", "run.name=t"]
+    reference = Trainer(TrainConfig.load(overrides=[*tiny, "train.steps=6", "checkpoint.every=2", "run.name=ref"]))
+    reference.fit()
+    first = Trainer(TrainConfig.load(overrides=[*overrides, "train.steps=4"]))
+    first.fit()
+    ckpts = list_checkpoints(first.checkpoint_dir)
+    assert [s for s, _ in ckpts] == [2, 4]
+    ckpts[-1][1].write_bytes(ckpts[-1][1].read_bytes()[:1000])  # truncated, as by a full disk
+    with pytest.warns(CheckpointWarning, match="step-0000004.pt cannot be loaded"):
+        resumed = Trainer(TrainConfig.load(overrides=overrides), resume=first.run_dir)
+    assert resumed.step == 2
+    resumed.fit()
+    for a, b in zip(resumed.model.parameters(), reference.model.parameters()):
+        assert torch.equal(a, b)

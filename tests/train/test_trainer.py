@@ -1,0 +1,101 @@
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from bigbatch.errors import ConfigError
+from bigbatch.tasks import build_task
+from bigbatch.train import NonFiniteLossError, TrainConfig, Trainer
+
+
+def _curve(tiny, *extra):
+    config = TrainConfig.load(overrides=[*tiny, "train.steps=10", "train.eval_every=100", "train.sample_length=0", *extra])
+    trainer = Trainer(config)
+    trainer.fit()
+    rows = [json.loads(line) for line in (trainer.run_dir / "metrics.jsonl").read_text().splitlines()]
+    return torch.tensor([r["loss"] for r in rows], dtype=torch.float64)
+
+
+def test_split_invariance_micro_4_vs_32(tiny):
+    # dropout off (the default) and float32: the same logical batch gives the same loss curve.
+    assert TrainConfig().task.options.get("dropout", 0.0) == 0.0
+    small = _curve(tiny, "batch.logical_batch_size=32", "batch.micro_batch_size=4", "run.name=m4")
+    large = _curve(tiny, "batch.logical_batch_size=32", "batch.micro_batch_size=32", "run.name=m32")
+    assert len(small) == 10
+    rel = ((small - large).abs() / large.abs()).max()
+    assert rel < 1e-5, rel
+    # Negative control: a different logical batch does change the curve, so the test can see a change.
+    other = _curve(tiny, "batch.logical_batch_size=16", "batch.micro_batch_size=4", "run.name=b16")
+    assert ((other - large).abs() / large.abs()).max() > 1e-3
+
+
+def test_a_run_writes_its_directory(tiny):
+    config = TrainConfig.load(overrides=[*tiny, "train.steps=12", "run.name=r", "checkpoint.every=5", "checkpoint.keep=2"])
+    summary = Trainer(config).fit()
+    run = Path(config.run.dir) / "r"
+    assert sorted(p.name for p in run.iterdir()) == ["checkpoints", "config.toml", "loss.png", "metrics.jsonl", "summary.json"]
+    assert TrainConfig.load(run / "config.toml") == config
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-0000010.pt", "step-0000012.pt"]
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == list(range(1, 13))
+    assert [r["step"] for r in rows if "val_loss" in r] == [5, 10, 12]
+    assert json.loads((run / "summary.json").read_text()) == summary
+    assert summary["val_loss"] == rows[-1]["val_loss"] and "unigram_val_loss" in summary
+    assert len(summary["sample"]) == 20
+    assert (run / "loss.png").read_bytes()[:4] == b"\x89PNG"
+    with pytest.raises(ConfigError, match="already exists; continue it with --resume"):
+        Trainer(config)
+
+
+def test_lr_scaling_and_warmup(tiny):
+    config = TrainConfig.load(overrides=[*tiny, "batch.logical_batch_size=128", "optim.reference_batch_size=32",
+                                         "optim.lr=0.01", "optim.lr_scaling=sqrt", "optim.warmup_steps=4",
+                                         "optim.schedule=constant", "train.steps=6", "run.name=lr"])
+    trainer = Trainer(config)
+    assert trainer.lr == pytest.approx(0.02)
+    trainer.fit()
+    rows = [json.loads(line) for line in (trainer.run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["lr"] for r in rows] == pytest.approx([0.02 * k / 5 for k in (1, 2, 3, 4)] + [0.02, 0.02])
+    assert Trainer(TrainConfig.load(overrides=[*tiny, "batch.logical_batch_size=128", "optim.lr_scaling=linear",
+                                               "optim.reference_batch_size=32", "optim.lr=0.01"])).lr == pytest.approx(0.04)
+
+
+class _Poisoned:
+    """The text task, with an inf loss on the optimizer steps listed in `bad` (0-based)."""
+
+    def __init__(self, bad):
+        self.inner = build_task("text", d_model=16, n_layers=1, n_heads=2, block_size=16, eval_samples=8)
+        self.bad = bad
+        self.calls = 0
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    def train_batch(self, indices):
+        self.calls += 1
+        return self.inner.train_batch(indices)
+
+    def loss_fn(self, model, batch):
+        out = self.inner.loss_fn(model, batch)
+        if self.calls - 1 in self.bad:
+            return type(out)(out.total * math.inf, out.count)
+        return out
+
+
+def test_nonfinite_steps_are_skipped_and_counted(tiny):
+    config = TrainConfig.load(overrides=[*tiny, "train.steps=8", "train.max_nonfinite_steps=3", "run.name=nan"])
+    trainer = Trainer(config, task=_Poisoned(bad={2, 3, 5}))
+    summary = trainer.fit()
+    rows = [json.loads(line) for line in (trainer.run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["skipped"] for r in rows] == [False, False, True, True, False, True, False, False]
+    assert summary["nonfinite_steps_skipped"] == 3
+    assert all(torch.isfinite(p).all() for p in trainer.model.parameters())
+    assert trainer.accumulator.optimizer_steps == 5
+
+
+def test_too_many_nonfinite_steps_in_a_row_stop_with_a_clear_error(tiny):
+    config = TrainConfig.load(overrides=[*tiny, "train.steps=8", "train.max_nonfinite_steps=3", "run.name=nan"])
+    with pytest.raises(NonFiniteLossError, match="3 optimizer steps in a row .up to step 5."):
+        Trainer(config, task=_Poisoned(bad={2, 3, 4, 5})).fit()
