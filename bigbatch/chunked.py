@@ -27,8 +27,12 @@ def _compute_dtype(hidden: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
     return torch.promote_types(hidden.dtype, weight.dtype)
 
 
+def _cast(t: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
+    return None if t is None else t.to(dtype)
+
+
 def _logits(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
-    logits = F.linear(h.to(dtype), weight.to(dtype), None if bias is None else bias.to(dtype))
+    logits = F.linear(h.to(dtype), weight, bias)
     # Softmax statistics in float32 at least, as token_cross_entropy does.
     return logits.to(torch.promote_types(dtype, torch.float32))
 
@@ -48,8 +52,9 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
         total = hidden.new_zeros((), dtype=torch.promote_types(dtype, torch.float32))
         lse = []
         with torch.autocast(hidden.device.type, enabled=False):
+            w, b = weight.to(dtype), _cast(bias, dtype)  # once, not per chunk
             for start in range(0, hidden.shape[0], chunk_size):
-                logits = _logits(hidden[start : start + chunk_size], weight, bias, dtype)
+                logits = _logits(hidden[start : start + chunk_size], w, b, dtype)
                 y = labels[start : start + chunk_size]
                 valid = y != ignore_index
                 row_lse = torch.logsumexp(logits, dim=-1)
@@ -69,17 +74,18 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
         grad_w = torch.zeros(weight.shape, dtype=acc_dtype, device=weight.device) if need_w else None
         grad_b = torch.zeros(bias.shape, dtype=acc_dtype, device=bias.device) if need_b else None
         with torch.autocast(hidden.device.type, enabled=False):
+            w, b = weight.to(dtype), _cast(bias, dtype)
             for start in range(0, hidden.shape[0], ctx.chunk_size):
                 end = start + ctx.chunk_size
                 h, y = hidden[start:end], labels[start:end]
                 # d(sum of CE)/d logits = softmax - onehot, on rows whose label counts.
-                grad = torch.exp(_logits(h, weight, bias, dtype) - lse[start:end, None])
+                grad = torch.exp(_logits(h, w, b, dtype) - lse[start:end, None])
                 valid = y != ctx.ignore_index
                 rows = torch.arange(len(y), device=y.device)
                 grad[rows, torch.where(valid, y, 0)] -= 1
                 grad *= (valid * grad_total).to(grad.dtype)[:, None]
                 if grad_h is not None:
-                    grad_h[start:end] = (grad.to(dtype) @ weight.to(dtype)).to(hidden.dtype)
+                    grad_h[start:end] = (grad.to(dtype) @ w).to(hidden.dtype)
                 if grad_w is not None:
                     grad_w += (grad.to(dtype).t() @ h.to(dtype)).to(acc_dtype)
                 if grad_b is not None:

@@ -172,21 +172,37 @@ class StepMemory:
         return self.measured_peak if self.measured_peak is not None else self.estimated_peak
 
 
-def measure_step_memory(
-    model: nn.Module,
-    optimizer: torch.optim.Optimizer,
-    batch: Batch,
-    loss_fn: Callable[[nn.Module, Batch], Any],
-    micro_batch_size: int,
-    *,
-    precision: str = "fp32",
-) -> StepMemory:
-    """Run one real optimizer step at `micro_batch_size` and account for its memory.
+def warm_optimizer_(model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    """Create the optimizer's state (Adam's moments) with one step on zero gradients.
 
-    It trains `model`: pass copies if the originals must stay as they are. Only
-    the first micro-batch is metered (all have the same size but perhaps the last).
+    Most optimizers create their state in their first step, after the first
+    window's activations are gone; a measured first step would miss it. The step
+    changes the parameters (weight decay): use it on copies.
     """
-    device = next(model.parameters()).device
+    if optimizer.state:
+        return
+    for p in model.parameters():
+        if p.requires_grad:
+            p.grad = torch.zeros_like(p)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
+def measure_step_memory(acc: Accumulator, batch: Batch, loss_fn: Callable[[nn.Module, Batch], Any]) -> StepMemory:
+    """Run one real optimizer step of `acc` (step API) and account for its memory.
+
+    Call `warm_optimizer_` first for a steady-state step. It trains the model:
+    give it copies if the originals must stay as they are. Only the first
+    micro-batch is metered (all have the same size but perhaps the last).
+
+        m = copy.deepcopy(model); opt = torch.optim.AdamW(m.parameters())
+        warm_optimizer_(m, opt)
+        measure_step_memory(bb.Accumulator(m, opt, micro_batch_size=8), batch, loss_fn).peak
+    """
+    model, optimizer = acc.model, acc.optimizer
+    if not isinstance(acc.micro_batch_size, int):
+        raise ConfigError("measure_step_memory needs an Accumulator with an int micro_batch_size (step API).")
+    device = acc.device
     cuda = device.type == "cuda"
     meter = SavedTensorMeter(model)
     metered = False
@@ -199,19 +215,18 @@ def measure_step_memory(
         with meter:
             return loss_fn(m, micro)
 
-    acc = Accumulator(model, optimizer, micro_batch_size=micro_batch_size, precision=precision)  # type: ignore[arg-type]
     if cuda:
         torch.cuda.synchronize(device)
         mine = parameter_bytes(model) + optimizer_state_bytes(optimizer)
         mine += _unique_bytes(p.grad for p in model.parameters() if p.grad is not None)
         others = torch.cuda.memory_allocated(device) - mine
-    acc.step(batch, metered_loss)  # Accumulator resets the peak statistics at the window start
+    acc.step(batch, metered_loss)  # the engine resets the peak statistics at the window start
     measured = None
     if cuda:
         torch.cuda.synchronize(device)
         measured = torch.cuda.max_memory_allocated(device) - others
     return StepMemory(
-        micro_batch_size=micro_batch_size,
+        micro_batch_size=acc.micro_batch_size,
         parameters=parameter_bytes(model),
         gradients=gradient_bytes(model),
         optimizer_state=optimizer_state_bytes(optimizer),

@@ -24,14 +24,7 @@ from .accumulator import Accumulator, LossFn
 from .batches import Batch, batch_size, split_batch
 from .checkpointing import checkpoint_blocks, find_blocks
 from .errors import ConfigError, MicroBatchTooLargeError
-from .memory import (
-    MemoryFit,
-    SavedTensorMeter,
-    gradient_bytes,
-    optimizer_state_bytes,
-    parameter_bytes,
-    parse_memory,
-)
+from .memory import MemoryFit, measure_step_memory, parse_memory, warm_optimizer_
 from .oom import release_memory
 from .plans import FITS, Candidate, Plan
 
@@ -52,17 +45,6 @@ def _fresh_copy(model: nn.Module, optimizer: OptimizerArg) -> tuple[nn.Module, t
     return clone, (optimizer(params) if optimizer is not None else torch.optim.AdamW(params))
 
 
-def _warm_optimizer_(model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
-    """Create the optimizer state (Adam's moments) as it exists from the second step on."""
-    if optimizer.state:
-        return
-    for p in model.parameters():
-        if p.requires_grad:
-            p.grad = torch.zeros_like(p)
-    optimizer.step()  # on a copy: the change to its parameters does not matter
-    optimizer.zero_grad(set_to_none=True)
-
-
 class _Run:
     """One candidate's training runs on a fresh copy: memory of a metered step, then timed steps."""
 
@@ -73,7 +55,7 @@ class _Run:
         if checkpointing:
             checkpoint_blocks(self.model)
         self.device = next(self.model.parameters()).device
-        _warm_optimizer_(self.model, self.optimizer)
+        warm_optimizer_(self.model, self.optimizer)
         runner = torch.compile(self.model) if compile else self.model
         self.acc = Accumulator(runner, self.optimizer, micro_batch_size=micro_batch_size,  # type: ignore[arg-type]
                                precision=precision)  # type: ignore[arg-type]  # fmt: skip
@@ -84,38 +66,24 @@ class _Run:
 
     def memory(self, batch: Batch, loss_fn: LossFn) -> int:
         """One metered step: CUDA's peak less what else is on the device, or the accounted bytes."""
-        meter = SavedTensorMeter(self.model)
-        first = [True]
-
-        def metered(m: nn.Module, micro: Batch) -> Any:
-            if not first[0]:
-                return loss_fn(m, micro)
-            first[0] = False
-            with meter:
-                return loss_fn(m, micro)
-
-        cuda = self.device.type == "cuda"
-        if cuda:
-            self._sync()
-            others = torch.cuda.memory_allocated(self.device) - parameter_bytes(self.model) - optimizer_state_bytes(
-                self.optimizer
-            )
-        self.acc.step(batch, metered)  # the engine resets the peak statistics at the window start
-        if cuda:
-            self._sync()
-            return torch.cuda.max_memory_allocated(self.device) - others
-        return (
-            parameter_bytes(self.model) + gradient_bytes(self.model) + optimizer_state_bytes(self.optimizer) + meter.bytes
-        )
+        return measure_step_memory(self.acc, batch, loss_fn).peak
 
     def throughput(self, batch: Batch, loss_fn: LossFn, steps: int) -> float:
-        """Samples per second over `steps` optimizer steps."""
-        self._sync()
-        start = time.perf_counter()
+        """Samples per second of the fastest of `steps` optimizer steps.
+
+        The fastest, because interference only ever slows a step down. On a GPU
+        wall-clock time; elsewhere this process's CPU time, so other processes
+        sharing the machine do not decide the plan.
+        """
+        clock = time.perf_counter if self.device.type == "cuda" else time.process_time
+        best = float("inf")
         for _ in range(steps):
+            self._sync()
+            start = clock()
             self.acc.step(batch, loss_fn)
-        self._sync()
-        return batch_size(batch) * steps / (time.perf_counter() - start)
+            self._sync()
+            best = min(best, clock() - start)
+        return batch_size(batch) / max(best, 1e-9)
 
 
 def _release(device: torch.device) -> None:
@@ -178,7 +146,8 @@ def plan(
     that fits only once compiled is not found. Each compiled candidate adds
     entries to torch._dynamo's cache for the model's forward (its recompile
     limit is 8). The planner holds one copy of the model and optimizer besides
-    yours. Timings on a busy machine are noisy: the fastest may be luck.
+    yours. Throughput is the fastest of `steps` timed steps: wall clock on
+    CUDA, this process's CPU time elsewhere (a busy machine skews it less).
     """
     n = batch_size(batch)
     budget = parse_memory(max_memory)
@@ -234,8 +203,11 @@ def plan(
     fitting = [c for c in candidates if c.fits and c.samples_per_s is not None]
     if fitting:
         max(fitting, key=lambda c: c.samples_per_s or 0.0).chosen = True
-    source = "CUDA max_memory_allocated" if device.type == "cuda" else "accounted: params+grads+optimizer+saved"
-    return Plan(candidates, budget, n, str(device), precision, source, notes)
+    if device.type == "cuda":
+        source, timing = "CUDA max_memory_allocated", "wall clock"
+    else:
+        source, timing = "accounted: params+grads+optimizer+saved", "process CPU time"
+    return Plan(candidates, budget, n, str(device), precision, source, notes, timing=timing)
 
 
 def _fit(model: nn.Module, optimizer: OptimizerArg, batch: Batch, loss_fn: LossFn, sizes: list[int], *,

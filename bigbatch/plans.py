@@ -64,6 +64,7 @@ class Plan:
     precision: str
     memory_source: str  # how `measured_bytes` was obtained
     notes: list[str] = field(default_factory=list)
+    timing: str = "wall clock"  # what samples/s divides by
 
     @property
     def best(self) -> Candidate | None:
@@ -112,8 +113,8 @@ class Plan:
         widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
         lines = [
             f"plan: logical batch {self.batch_size}, budget {format_bytes(self.max_memory)}, "
-            f"{self.device}, {self.precision}; measured = {self.memory_source}",
-            "  ".join(h.ljust(w) for h, w in zip(header, widths)),
+            f"{self.device}, {self.precision}; measured = {self.memory_source}; samples/s by {self.timing}",
+            "  ".join(h.ljust(w) for h, w in zip(header, widths)).rstrip(),
             "  ".join("-" * w for w in widths),
         ]
         lines += ["  ".join(v.ljust(w) for v, w in zip(row, widths)).rstrip() for row in rows]
@@ -153,7 +154,7 @@ class Plan:
             ax.scatter([self.best.memory_bytes / scale], [self.best.samples_per_s], s=250,
                        facecolors="none", edgecolors="black", label="chosen")  # fmt: skip
         ax.set_xlabel(f"memory, {unit} ({self.memory_source})")
-        ax.set_ylabel("samples / s")
+        ax.set_ylabel(f"samples / s ({self.timing})")
         ax.set_title(f"bigbatch plan: logical batch {self.batch_size} on {self.device} (labels: micro-batch)")
         ax.legend(fontsize=8)
         fig.tight_layout()

@@ -132,3 +132,31 @@ def test_shape_errors_name_the_fix():
         bb.chunked_cross_entropy(hidden, weight, labels[:, :3])
     with pytest.raises(ValueError, match="vocab"):
         bb.chunked_cross_entropy(hidden, weight.t(), labels)
+
+
+@pytest.mark.gpu
+def test_cuda_peak_memory_is_a_fraction_of_the_unchunked_loss():
+    device = torch.device("cuda")
+    rows, d, vocab = 8192, 768, 50257  # GPT-2's head over 8 sequences of 1024 tokens
+    g = torch.Generator(device=device).manual_seed(0)
+    hidden = torch.randn(rows, d, device=device, generator=g, requires_grad=True)
+    weight = nn.Parameter(torch.randn(vocab, d, device=device, generator=g) * 0.02)
+    labels = torch.randint(0, vocab, (rows,), device=device, generator=g)
+
+    def peak(loss_fn):
+        hidden.grad, weight.grad = None, None
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+        out = loss_fn()
+        out.total.backward()
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated(device) - base, out.total.detach(), hidden.grad.clone()
+
+    plain, plain_total, plain_grad = peak(lambda: bb.token_cross_entropy(F.linear(hidden, weight), labels))
+    chunked, total, grad = peak(lambda: bb.chunked_cross_entropy(hidden, weight, labels, chunk_size=1024))
+    assert plain >= rows * vocab * 4  # the whole float32 logits existed
+    assert chunked < plain / 4
+    torch.testing.assert_close(total, plain_total, rtol=1e-5, atol=1e-3)
+    torch.testing.assert_close(grad, plain_grad, rtol=1e-4, atol=1e-6)
