@@ -236,11 +236,14 @@ class TextTask:
 
     def loss_fn(self, model: nn.Module, batch: Batch) -> LossSum:
         """Cross-entropy summed over valid tokens, with their count."""
-        # Trim the padding this micro-batch does not need (one host read of its
-        # longest length); causal attention makes the trim exact.
-        width = int(batch["lengths"].max())
-        logits = model(batch["tokens"][:, :width])
-        return token_cross_entropy(logits, batch["labels"][:, :width])
+        tokens, labels, lengths = batch["tokens"], batch["labels"], batch["lengths"]
+        if lengths.device.type == "cpu":
+            # Trim the padding this micro-batch does not need; causal attention makes
+            # the trim exact. Not on an accelerator: reading the length would be a
+            # host sync per micro-step, and the padded width is just as exact.
+            width = int(lengths.max())
+            tokens, labels = tokens[:, :width], labels[:, :width]
+        return token_cross_entropy(model(tokens), labels)
 
     @torch.no_grad()
     def evaluate(self, model: nn.Module, batch_size: int = 64) -> dict[str, float]:
