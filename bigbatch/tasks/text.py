@@ -2,14 +2,17 @@
 
 Each speech (a paragraph between blank lines) is one sample, so samples have
 very different lengths: a batch is padded, and the loss is the mean over valid
-tokens (`bb.token_cross_entropy`, a `LossSum`), the case where the classic
-accumulation loop weighs short speeches' tokens too much. A speech longer
+tokens (a `LossSum`), the case where the classic accumulation loop weighs
+short speeches' tokens too much. The loss is `bb.chunked_cross_entropy` on the
+final hidden states and the head's weight, so a micro-batch's logits are never
+all held at once. A speech longer
 than `block_size` is cut into pieces of at most `block_size` predicted tokens.
 """
 
 from __future__ import annotations
 
 import math
+import typing
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from importlib import resources
@@ -21,8 +24,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..batches import Batch
+from ..chunked import chunked_cross_entropy
 from ..errors import ConfigError
-from ..losses import LossSum, token_cross_entropy
+from ..losses import LossSum
 
 IGNORE = -100
 
@@ -63,7 +67,10 @@ class CharTransformer(nn.Module):
     """A GPT-style decoder over characters: `hidden(tokens)` then the `head` Linear.
 
     The two halves are separate so a loss can take the final hidden states and
-    `head.weight` without materialising all the logits at once.
+    `head.weight` without materialising all the logits at once:
+    `model(tokens, labels)` returns that loss (a `LossSum`), `model(tokens)` the logits.
+    The loss goes through `forward` so that a wrapper's forward (DDP's gradient-sync
+    hooks, torch.compile) runs around it.
     """
 
     def __init__(
@@ -95,8 +102,17 @@ class CharTransformer(nn.Module):
             x = block(x)
         return self.norm(x)
 
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        return self.head(self.hidden(tokens))
+    @typing.overload
+    def forward(self, tokens: torch.Tensor, labels: None = None) -> torch.Tensor: ...
+
+    @typing.overload
+    def forward(self, tokens: torch.Tensor, labels: torch.Tensor) -> LossSum: ...
+
+    def forward(self, tokens: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor | LossSum:
+        """The logits (n, t, vocab); with `labels`, the chunked cross-entropy summed over valid tokens."""
+        if labels is None:
+            return self.head(self.hidden(tokens))
+        return chunked_cross_entropy(self.hidden(tokens), self.head.weight, labels, IGNORE)
 
 
 @dataclass
@@ -235,7 +251,11 @@ class TextTask:
             yield self._batch(self._val, range(i, min(n, i + batch_size)))
 
     def loss_fn(self, model: nn.Module, batch: Batch) -> LossSum:
-        """Cross-entropy summed over valid tokens, with their count."""
+        """Cross-entropy summed over valid tokens, with their count (chunked: no full logits).
+
+        `model` is the CharTransformer or a wrapper of it (DDP, torch.compile) whose
+        forward passes `labels` on.
+        """
         tokens, labels, lengths = batch["tokens"], batch["labels"], batch["lengths"]
         if lengths.device.type == "cpu":
             # Trim the padding this micro-batch does not need; causal attention makes
@@ -243,7 +263,8 @@ class TextTask:
             # host sync per micro-step, and the padded width is just as exact.
             width = int(lengths.max())
             tokens, labels = tokens[:, :width], labels[:, :width]
-        return token_cross_entropy(model(tokens), labels)
+        out: LossSum = model(tokens, labels)
+        return out
 
     @torch.no_grad()
     def evaluate(self, model: nn.Module, batch_size: int = 64) -> dict[str, float]:

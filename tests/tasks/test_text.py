@@ -53,6 +53,42 @@ def test_loss_is_a_token_sum_and_trimming_is_exact(task):
     torch.testing.assert_close(alone.total, ref_short, rtol=1e-12, atol=1e-12)
 
 
+def test_task_loss_is_the_unchunked_token_cross_entropy_in_float64(task):
+    torch.manual_seed(1)
+    model = task.make_model().double()
+    batch = task.train_batch([3, 8, 9, 10])
+    out = task.loss_fn(model, batch)
+    grads = torch.autograd.grad(out.total, list(model.parameters()))
+    # Reference: full logits of the padded batch, then the plain token loss.
+    ref = bb.token_cross_entropy(model(batch["tokens"]), batch["labels"])
+    ref_grads = torch.autograd.grad(ref.total, list(model.parameters()))
+    assert int(out.count) == int(ref.count) == int(batch["lengths"].sum())
+    torch.testing.assert_close(out.total, ref.total, rtol=1e-12, atol=1e-12)
+    for g, r in zip(grads, ref_grads):
+        torch.testing.assert_close(g, r, rtol=1e-10, atol=1e-12)
+
+
+def test_task_loss_never_keeps_the_logits_for_backward(task):
+    model = task.make_model()
+    batch = task.train_batch([0, 1, 2])
+
+    def saved_logit_sized(loss_of):
+        shapes = []
+
+        def pack(t):
+            shapes.append(tuple(t.shape))
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            loss_of()
+        return [s for s in shapes if s and s[-1] == task.vocab_size]
+
+    assert task.vocab_size not in (task.d_model, 3 * task.d_model, 4 * task.d_model)  # the premise
+    assert saved_logit_sized(lambda: task.loss_fn(model, batch)) == []
+    # Negative control: the plain loss on full logits keeps them.
+    assert saved_logit_sized(lambda: bb.token_cross_entropy(model(batch["tokens"]), batch["labels"]))
+
+
 def test_head_and_hidden_compose_to_forward(task):
     model = task.make_model()
     tokens = task.train_batch([0])["tokens"]
