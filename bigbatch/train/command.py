@@ -4,6 +4,8 @@
     bigbatch train --task digits --set task.norm=batchnorm
     bigbatch train --task text --data my.txt --name mine
     bigbatch train config.toml --set batch.micro_batch_size=4 --set optim.lr=1e-3
+    bigbatch train --set batch.max_memory=8GiB        # the memory planner picks micro-batch, checkpointing, compile
+    bigbatch train --set train.checkpointing=true --set train.fast_micro_step=compile
     bigbatch train --resume runs/mine                 # continue from the newest checkpoint
     torchrun --nproc-per-node 2 -m bigbatch train     # the same logical batch over 2 processes
 

@@ -6,7 +6,8 @@ unknown key is an error that names the nearest valid one. A bare key
 (`--set lr=1e-3`) works where only one section has it.
 
     [task]           name = "text" | "digits", data = "my.txt", and the task's options
-    [batch]          logical_batch_size, micro_batch_size (or "auto"), accumulation_steps
+    [batch]          logical_batch_size, micro_batch_size (or "auto"), accumulation_steps,
+                     max_memory ("8GiB": the memory planner picks micro-batch, checkpointing, compile)
     [optim]          name, lr, lr_scaling, reference_batch_size, warmup_steps, schedule, ...
     [train]          steps, seed, device, precision, dtype, eval_every, max_nonfinite_steps, ...
     [checkpoint]     every, keep
@@ -25,6 +26,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from ..errors import ConfigError
+from ..memory import parse_memory
 from ..tasks import task_options
 
 if sys.version_info >= (3, 11):
@@ -51,6 +53,11 @@ class BatchSection:
     logical_batch_size: int | None = 32  # samples per optimizer step, over all ranks
     micro_batch_size: int | Literal["auto"] | None = 8  # samples per forward/backward, per rank
     accumulation_steps: int | None = None
+    # A memory budget per process ("8GiB", "512MiB" or bytes): before training, the
+    # memory planner (bb.plan) picks micro_batch_size, train.checkpointing and
+    # train.fast_micro_step (compile or none) for the logical batch, replacing those
+    # settings; the resolved config records its choice, and --resume reuses it.
+    max_memory: str | int | None = None
 
 
 @dataclass
@@ -76,6 +83,10 @@ class TrainSection:
     device: str = "auto"  # "auto": cuda (this rank's GPU) if available, else cpu
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"  # autocast
     dtype: Literal["float32", "float64"] = "float32"  # parameters and float inputs
+    checkpointing: bool = False  # activation checkpointing of the model's repeated blocks (bb.checkpoint_blocks)
+    # Accumulator(fast_micro_step=...): "compile" torch.compiles each micro-step's
+    # forward and loss, "cudagraphs" also replays it as CUDA graphs (one process only).
+    fast_micro_step: Literal["none", "compile", "cudagraphs"] = "none"
     eval_every: int = 80  # steps; and always at the end
     max_nonfinite_steps: int = 5  # stop after this many non-finite steps in a row
     sample_length: int = 300  # characters generated at the end (text task)
@@ -173,6 +184,11 @@ class TrainConfig:
         for ok, message in checks:
             if not ok:
                 raise ConfigError(message + ".")
+        if self.batch.max_memory is not None:
+            try:
+                parse_memory(self.batch.max_memory)
+            except ConfigError as e:
+                raise ConfigError(f"batch.max_memory: {e}") from None
         task_options(self.task.name)  # an unknown task name, with a suggestion
 
     def to_dict(self) -> dict[str, Any]:

@@ -25,12 +25,15 @@ from torch import nn
 
 from ..accumulator import Accumulator
 from ..batches import Batch, _map
+from ..checkpointing import checkpoint_blocks
 from ..errors import ConfigError
 from ..lr import scale_lr
 from ..tasks import Task, build_task
 from .batching import BatchPlan, resolve_batch
 from .checkpoint import list_checkpoints, load_latest_checkpoint, save_checkpoint
 from .config import TrainConfig
+from .memory_plan import describe as describe_plan
+from .memory_plan import plan_memory
 from .metrics import MetricsLog, plot_losses, write_summary
 from .progress import Progress, memory_text
 from .runtime import Runtime
@@ -98,10 +101,27 @@ class Trainer:
         self.task: Task = task if task is not None else build_task(config.task.name, **options)
         self.dtype = _DTYPES[config.train.dtype]
 
+        self.sampler = Sampler(self.task.train_size, config.train.seed)
+        self.lr = o.lr if o.lr_scaling == "none" else scale_lr(
+            o.lr, o.reference_batch_size, self.plan.logical_batch_size, o.lr_scaling
+        )
+        self._loss_fn = self.task.loss_fn  # one object: fast_micro_step compiles it once
+
         torch.manual_seed(config.train.seed)  # the same initial model on every rank
         random.seed(config.train.seed)
         model = self.task.make_model().to(device=rt.device, dtype=self.dtype)
         self.num_parameters = sum(p.numel() for p in model.parameters())
+        self.memory_plan: dict[str, Any] | None = None
+        if b.max_memory is not None and resume is None:
+            # The planner picks micro-batch, checkpointing and compile, on the largest
+            # share of the first logical batch; a resumed run keeps its config's choice.
+            b.logical_batch_size = self.plan.logical_batch_size
+            self.memory_plan = plan_memory(
+                config, rt, model, self._batch_at(0, rt.world_size - 1), self._loss_fn, self._make_optimizer
+            )
+            self.plan = resolve_batch(b.logical_batch_size, b.micro_batch_size, b.accumulation_steps, rt.world_size)
+        if config.train.checkpointing:
+            checkpoint_blocks(model)
         if rt.world_size > 1:
             # broadcast_buffers=False: a buffer broadcast in every forward would be a
             # collective per micro-step, and ranks may run different numbers of them.
@@ -109,22 +129,14 @@ class Trainer:
                 model, device_ids=[rt.device] if rt.device.type == "cuda" else None, broadcast_buffers=False
             )
         self.model = model
-        self.lr = o.lr if o.lr_scaling == "none" else scale_lr(
-            o.lr, o.reference_batch_size, self.plan.logical_batch_size, o.lr_scaling
-        )
-        params = [p for p in model.parameters() if p.requires_grad]
-        if o.name == "adamw":
-            self.optimizer: torch.optim.Optimizer = torch.optim.AdamW(
-                params, lr=self.lr, betas=(o.beta1, o.beta2), weight_decay=o.weight_decay
-            )
-        else:
-            self.optimizer = torch.optim.SGD(params, lr=self.lr, momentum=o.momentum, weight_decay=o.weight_decay)
+        self.optimizer = self._make_optimizer([p for p in model.parameters() if p.requires_grad])
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, _schedule(config))
+        fast = config.train.fast_micro_step
         self.accumulator = Accumulator(
             model, self.optimizer, micro_batch_size=self.plan.micro_batch_size, scheduler=self.scheduler,
             max_grad_norm=o.max_grad_norm, precision=config.train.precision, skip_nonfinite=True,
+            fast_micro_step=None if fast == "none" else fast,
         )
-        self.sampler = Sampler(self.task.train_size, config.train.seed)
         self.step = 0
         self.samples_seen = 0
         self.nonfinite_in_a_row = 0
@@ -135,6 +147,13 @@ class Trainer:
             self._load()
         else:
             self.run_dir = Path(rt.broadcast(str(self._new_run_dir()) if rt.is_main else None))
+
+    def _make_optimizer(self, params: Any) -> torch.optim.Optimizer:
+        """The run's optimizer over `params` (also the planner's factory, so it plans with the same state)."""
+        o = self.config.optim
+        if o.name == "adamw":
+            return torch.optim.AdamW(params, lr=self.lr, betas=(o.beta1, o.beta2), weight_decay=o.weight_decay)
+        return torch.optim.SGD(params, lr=self.lr, momentum=o.momentum, weight_decay=o.weight_decay)
 
     # -- run directory and checkpoints --------------------------------------
 
@@ -177,6 +196,7 @@ class Trainer:
             "rng": self.runtime.gather(_rng_state(self.runtime.device)),
             "nonfinite": [self.nonfinite_in_a_row, self.nonfinite_total],
             "train_seconds": self.train_seconds,
+            "memory_plan": self.memory_plan,
         }
 
     def save(self) -> None:
@@ -208,12 +228,17 @@ class Trainer:
         self.step, self.samples_seen = state["step"], state["samples_seen"]
         self.nonfinite_in_a_row, self.nonfinite_total = state["nonfinite"]
         self.train_seconds = state["train_seconds"]
+        self.memory_plan = state.get("memory_plan")
 
     # -- training -------------------------------------------------------------
 
     def _local_batch(self) -> Batch:
-        indices = self.sampler.indices(self.samples_seen, self.plan.logical_batch_size)
-        start, stop = self.plan.shard(self.runtime.rank)
+        return self._batch_at(self.samples_seen, self.runtime.rank)
+
+    def _batch_at(self, position: int, rank: int) -> Batch:
+        """Rank `rank`'s share of the logical batch that starts `position` samples into the run."""
+        indices = self.sampler.indices(position, self.plan.logical_batch_size)
+        start, stop = self.plan.shard(rank)
         batch = self.task.train_batch(indices[start:stop])
         return _map(batch, lambda t: t.to(self.dtype) if t.is_floating_point() else t)
 
@@ -233,7 +258,11 @@ class Trainer:
         self._print(
             f"bigbatch train: task {self.task.name} ({self.num_parameters:,} parameters) on {rt.device}"
             + (f" x {rt.world_size} ranks" if rt.world_size > 1 else "")
-            + f"\n  {self.plan.describe()}\n  lr {self.lr:.3g}"
+            + f"\n  {self.plan.describe()}"
+            + (f"\n  {describe_plan(self.memory_plan)}" if self.memory_plan else "")
+            + ("\n  activation checkpointing on" if cfg.train.checkpointing else "")
+            + (f"\n  fast micro-step: {cfg.train.fast_micro_step}" if cfg.train.fast_micro_step != "none" else "")
+            + f"\n  lr {self.lr:.3g}"
             + (f" ({cfg.optim.lr_scaling} scaling of {cfg.optim.lr:g} at batch {cfg.optim.reference_batch_size})"
                if cfg.optim.lr_scaling != "none" else "")
             + f", {cfg.optim.warmup_steps} warmup steps, {cfg.optim.schedule}\n  run directory {self.run_dir}"
@@ -272,7 +301,7 @@ class Trainer:
 
     def _train_step(self) -> dict[str, Any]:
         start = time.perf_counter()
-        stats = self.accumulator.step(self._local_batch(), self.task.loss_fn)
+        stats = self.accumulator.step(self._local_batch(), self._loss_fn)
         row = stats.to_dict()  # the one host sync of the step
         self.step += 1
         self.samples_seen += self.plan.logical_batch_size
@@ -311,7 +340,11 @@ class Trainer:
             "train_seconds": round(self.train_seconds, 2),
             f"{getattr(self.task, 'item_unit', 'samples')}_per_s": items / max(self.train_seconds, 1e-9),
             "nonfinite_steps_skipped": self.nonfinite_total,
+            "checkpointing": self.config.train.checkpointing,
+            "fast_micro_step": self.config.train.fast_micro_step,
         }
+        if self.memory_plan is not None:
+            summary["memory_plan"] = self.memory_plan
         plot_losses(rows, self.run_dir / "loss.png", baselines, f"{self.task.name}: {self.plan.describe()}")
         generate = getattr(self.task, "generate", None)
         if generate is not None and self.config.train.sample_length > 0:

@@ -53,3 +53,23 @@ def test_two_ranks_equal_one_process(tiny):
     assert more.returncode == 0, more.stderr[-3000:]
     assert "resumed at step 4" in more.stdout
 
+
+
+def test_max_memory_is_planned_on_rank_0_and_shared(tiny):
+    overrides = [*tiny, "train.dtype=float64", "train.steps=2", "train.sample_length=0", "task.n_layers=2",
+                 "batch.logical_batch_size=13", "batch.max_memory=1GiB"]  # fmt: skip
+    done = _torchrun(overrides, "--name", "ddp-plan")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.count("bigbatch train: planning within") == 1  # rank 0 plans, the others wait
+    assert done.stdout.count("CHOSEN") == 1
+    run = Path(TrainConfig.load(overrides=overrides).run.dir) / "ddp-plan"
+    resolved = TrainConfig.load(run / "config.toml")
+    micro, ck = resolved.batch.micro_batch_size, resolved.train.checkpointing
+    assert isinstance(micro, int) and 1 <= micro <= 7  # a size for the largest share (7 of 13)
+    # Both ranks trained with the broadcast settings: the same as one process given them by hand.
+    by_hand = [*overrides[:-1], f"batch.micro_batch_size={micro}", f"train.checkpointing={str(ck).lower()}"]
+    single = Trainer(TrainConfig.load(overrides=[*by_hand, "run.name=single-plan"]))
+    single.fit()
+    ddp, ref = _model(run), _model(single.run_dir)
+    for key in ref:
+        torch.testing.assert_close(ddp[key], ref[key], rtol=0, atol=1e-12)
