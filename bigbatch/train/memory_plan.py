@@ -91,7 +91,7 @@ def _plan(
     except MicroBatchTooLargeError as e:
         return {
             "error": f"batch.max_memory = {budget!r} ({format_bytes(parse_memory(budget))}): {e} "
-            "Or train a smaller model (task.d_model, task.n_layers), or drop batch.max_memory "
+            "(task.d_model and task.n_layers set the built-in models' size.) Or drop batch.max_memory "
             "and set batch.micro_batch_size yourself."
         }
     return {

@@ -94,7 +94,9 @@ class Trainer:
         self.config = config
         self.runtime = Runtime.from_env(config.train.device)
         rt, b, o = self.runtime, config.batch, config.optim
-        self.plan: BatchPlan = resolve_batch(b.logical_batch_size, b.micro_batch_size, b.accumulation_steps, rt.world_size)
+        planning = b.max_memory is not None and resume is None
+        micro = None if planning and b.micro_batch_size == "auto" else b.micro_batch_size  # the planner picks it
+        self.plan: BatchPlan = resolve_batch(b.logical_batch_size, micro, b.accumulation_steps, rt.world_size)
         options = dict(config.task.options)
         if config.task.data is not None:
             options["data"] = config.task.data
@@ -112,7 +114,7 @@ class Trainer:
         model = self.task.make_model().to(device=rt.device, dtype=self.dtype)
         self.num_parameters = sum(p.numel() for p in model.parameters())
         self.memory_plan: dict[str, Any] | None = None
-        if b.max_memory is not None and resume is None:
+        if planning:
             # The planner picks micro-batch, checkpointing and compile, on the largest
             # share of the first logical batch; a resumed run keeps its config's choice.
             b.logical_batch_size = self.plan.logical_batch_size

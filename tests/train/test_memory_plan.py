@@ -93,3 +93,10 @@ def test_nothing_fits_is_a_clear_error(base):
 def test_a_bad_budget_names_the_format():
     with pytest.raises(ConfigError, match='batch.max_memory: cannot read.*"8GiB"'):
         TrainConfig.load(overrides=["max_memory=lots"])
+
+
+def test_max_memory_replaces_an_auto_micro_batch(base):
+    config = TrainConfig.load(overrides=[*base, "batch.micro_batch_size=auto", "batch.max_memory=1GiB", "run.name=a"])
+    trainer = Trainer(config)
+    assert isinstance(trainer.plan.micro_batch_size, int)
+    assert trainer.accumulator.micro_batch_size == trainer.memory_plan["micro_batch_size"]
