@@ -151,6 +151,8 @@ def plan(
     """
     n = batch_size(batch)
     budget = parse_memory(max_memory)
+    if steps < 1 or warmup < 0:
+        raise ConfigError(f"steps must be >= 1 and warmup >= 0, got steps={steps}, warmup={warmup}.")
     losses = dict(loss_fn) if isinstance(loss_fn, Mapping) else {"default": loss_fn}
     if not losses:
         raise ConfigError("loss_fn is an empty dict; give one loss function or named variants.")
