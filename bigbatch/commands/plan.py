@@ -37,7 +37,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=64, help="logical batch for --task (64)")
     parser.add_argument("--device", default=None, help="device for --task (cuda if available, else cpu)")
     parser.add_argument("--micro-batch-sizes", default=None, help="comma-separated candidates (powers of two)")
-    parser.add_argument("--checkpointing", choices=list(_SWITCH), default="auto", help="try both (auto)")
+    parser.add_argument("--checkpointing", choices=list(_SWITCH), default="auto",
+                        help="auto: try both where the model has repeated blocks; on/off: only that")
     parser.add_argument("--compile", choices=list(_SWITCH), default="auto", help="auto: try both on CUDA only; on: try both anywhere; off: never")
     parser.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32")
     parser.add_argument("--steps", type=int, default=2, help="timed optimizer steps per candidate (2)")
