@@ -22,7 +22,7 @@ import torch
 
 from ..errors import BatchError, ConfigError
 from ..planner import plan
-from .verify import UsageError, _load_factory, _unpack
+from .cases import UsageError, load_factory, unpack_case
 
 _SWITCH = {"auto": None, "on": True, "off": False}
 
@@ -83,9 +83,9 @@ def run(args: argparse.Namespace) -> int:
             what = f"task {args.task}"
         else:
             torch.manual_seed(args.seed)
-            made = _load_factory(args.target)()
-            case = dict(made) if isinstance(made, dict) else dict(zip(("model", "batch", "loss_fn"), _unpack(made, args.target)))
-            _unpack(case, args.target)
+            made = load_factory(args.target)()
+            case = dict(made) if isinstance(made, dict) else dict(zip(("model", "batch", "loss_fn"), unpack_case(made, args.target)))
+            unpack_case(case, args.target)
             what = args.target
         if not isinstance(case["model"], torch.nn.Module) or not callable(case["loss_fn"]):
             raise UsageError(f"{what}: expected an nn.Module and a callable loss_fn.")
