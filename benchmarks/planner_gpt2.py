@@ -6,7 +6,8 @@
 First the eager full batch runs (micro-batch = logical batch, no checkpointing,
 plain loss, no compile): its memory sets the budget (a fraction, 1/8 by
 default) and its tokens/s the reference. Then `bb.plan` searches micro-batch
-size x block checkpointing x torch.compile (CUDA only) x LM-head loss (plain
+size x block checkpointing x torch.compile of forward and loss (the engine's
+fast_micro_step="compile"; CUDA only) x LM-head loss (plain
 or `bb.chunked_cross_entropy`) within the budget, by itself. Prints a Markdown
 table (tokens/s and the ratio to the eager full batch) and writes
 benchmarks/out/planner_gpt2[_tiny].png. Memory is CUDA's max_memory_allocated
@@ -77,14 +78,8 @@ class GPT(nn.Module):
             x = block(x)
         return self.ln_f(x)
 
-    def forward(self, tokens: torch.Tensor, hidden_only: bool = False) -> torch.Tensor:
-        # hidden_only lets a chunked loss run the compiled model up to the head.
-        h = self.hidden(tokens)
-        return h if hidden_only else F.linear(h, self.wte.weight)  # the head is tied to the embedding
-
-
-def _core(model: nn.Module) -> GPT:
-    return getattr(model, "_orig_mod", model)  # type: ignore[return-value]  # through torch.compile
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return F.linear(self.hidden(tokens), self.wte.weight)  # the head is tied to the embedding
 
 
 def plain_loss(model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> bb.LossSum:
@@ -94,7 +89,7 @@ def plain_loss(model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> bb
 
 def chunked_loss(model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> bb.LossSum:
     x, y = batch
-    return bb.chunked_cross_entropy(model(x, hidden_only=True), _core(model).wte.weight, y)
+    return bb.chunked_cross_entropy(model.hidden(x), model.wte.weight, y)  # type: ignore[operator, union-attr]
 
 
 def main(argv: list[str] | None = None) -> int:

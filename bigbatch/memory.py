@@ -188,12 +188,15 @@ def warm_optimizer_(model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
     optimizer.zero_grad(set_to_none=True)
 
 
-def measure_step_memory(acc: Accumulator, batch: Batch, loss_fn: Callable[[nn.Module, Batch], Any]) -> StepMemory:
+def measure_step_memory(
+    acc: Accumulator, batch: Batch, loss_fn: Callable[[nn.Module, Batch], Any], *, meter: bool = True
+) -> StepMemory:
     """Run one real optimizer step of `acc` (step API) and account for its memory.
 
     Call `warm_optimizer_` first for a steady-state step. It trains the model:
     give it copies if the originals must stay as they are. Only the first
-    micro-batch is metered (all have the same size but perhaps the last).
+    micro-batch is metered (all have the same size but perhaps the last);
+    `meter=False` skips it (saved_activations is then 0: for CUDA's peak alone).
 
         m = copy.deepcopy(model); opt = torch.optim.AdamW(m.parameters())
         warm_optimizer_(m, opt)
@@ -204,15 +207,15 @@ def measure_step_memory(acc: Accumulator, batch: Batch, loss_fn: Callable[[nn.Mo
         raise ConfigError("measure_step_memory needs an Accumulator with an int micro_batch_size (step API).")
     device = acc.device
     cuda = device.type == "cuda"
-    meter = SavedTensorMeter(model)
-    metered = False
+    counter = SavedTensorMeter(model)
+    metered = not meter
 
     def metered_loss(m: nn.Module, micro: Batch) -> Any:
         nonlocal metered
         if metered:
             return loss_fn(m, micro)
         metered = True
-        with meter:
+        with counter:
             return loss_fn(m, micro)
 
     if cuda:
@@ -220,7 +223,7 @@ def measure_step_memory(acc: Accumulator, batch: Batch, loss_fn: Callable[[nn.Mo
         mine = parameter_bytes(model) + optimizer_state_bytes(optimizer)
         mine += _unique_bytes(p.grad for p in model.parameters() if p.grad is not None)
         others = torch.cuda.memory_allocated(device) - mine
-    acc.step(batch, metered_loss)  # the engine resets the peak statistics at the window start
+    acc.step(batch, metered_loss if meter else loss_fn)  # the engine resets the peak statistics at the window start
     measured = None
     if cuda:
         torch.cuda.synchronize(device)
@@ -230,7 +233,7 @@ def measure_step_memory(acc: Accumulator, batch: Batch, loss_fn: Callable[[nn.Mo
         parameters=parameter_bytes(model),
         gradients=gradient_bytes(model),
         optimizer_state=optimizer_state_bytes(optimizer),
-        saved_activations=meter.bytes,
+        saved_activations=counter.bytes,
         measured_peak=measured,
     )
 

@@ -56,9 +56,9 @@ class _Run:
             checkpoint_blocks(self.model)
         self.device = next(self.model.parameters()).device
         warm_optimizer_(self.model, self.optimizer)
-        runner = torch.compile(self.model) if compile else self.model
-        self.acc = Accumulator(runner, self.optimizer, micro_batch_size=micro_batch_size,  # type: ignore[arg-type]
-                               precision=precision)  # type: ignore[arg-type]  # fmt: skip
+        # compile: the engine's fast micro-step, torch.compile of forward and loss together.
+        self.acc = Accumulator(self.model, self.optimizer, micro_batch_size=micro_batch_size,
+                               precision=precision, fast_micro_step="compile" if compile else None)  # type: ignore[arg-type]  # fmt: skip
 
     def _sync(self) -> None:
         if self.device.type == "cuda":
@@ -143,14 +143,16 @@ def plan(
     Limits: memory is measured on CUDA and accounted elsewhere (parameters,
     gradients, optimizer state, saved activations: transient buffers are
     missed). Compiled candidates are predicted with the eager fit, so a size
-    that fits only once compiled is not found. Each compiled candidate adds
-    entries to torch._dynamo's cache for the model's forward (its recompile
-    limit is 8). The planner holds one copy of the model and optimizer besides
+    that fits only once compiled is not found; compiling is the engine's
+    `fast_micro_step="compile"`, and each compiled candidate adds entries to
+    torch._dynamo's cache for the loss function (its recompile limit is 8). The planner holds one copy of the model and optimizer besides
     yours. Throughput is the fastest of `steps` timed steps: wall clock on
     CUDA, this process's CPU time elsewhere (a busy machine skews it less).
     """
     n = batch_size(batch)
     budget = parse_memory(max_memory)
+    if steps < 1 or warmup < 0:
+        raise ConfigError(f"steps must be >= 1 and warmup >= 0, got steps={steps}, warmup={warmup}.")
     losses = dict(loss_fn) if isinstance(loss_fn, Mapping) else {"default": loss_fn}
     if not losses:
         raise ConfigError("loss_fn is an empty dict; give one loss function or named variants.")
@@ -229,10 +231,16 @@ def _measure(c: Candidate, model: nn.Module, optimizer: OptimizerArg, batch: Bat
     try:
         run = _Run(model, optimizer, micro_batch_size=c.micro_batch_size, checkpointing=c.checkpointing,
                    compile=c.compile, precision=precision)  # fmt: skip
-        c.measured_bytes = run.memory(batch, loss_fn)  # also the first warmup step (compiles)
-        for _ in range(warmup - 1):
-            run.acc.step(batch, loss_fn)
-        if c.measured_bytes > budget:
+        if c.compile:
+            for _ in range(max(warmup, 1)):  # compiles; the metering hooks stay out of the compiled code
+                run.acc.step(batch, loss_fn)
+            # CUDA's peak; elsewhere None, and the eager prediction stands.
+            c.measured_bytes = measure_step_memory(run.acc, batch, loss_fn, meter=False).measured_peak
+        else:
+            c.measured_bytes = run.memory(batch, loss_fn)  # also the first warmup step
+            for _ in range(warmup - 1):
+                run.acc.step(batch, loss_fn)
+        if c.memory_bytes > budget:
             c.status = "over budget (measured)"
             return
         c.samples_per_s = run.throughput(batch, loss_fn, steps)

@@ -86,15 +86,17 @@ class Plan:
         )
 
     def apply(self, model: nn.Module, optimizer: torch.optim.Optimizer, **accumulator_kwargs: Any) -> Accumulator:
-        """Set up training with the best candidate: checkpointing on `model` (in place), torch.compile,
-        and an Accumulator at its micro-batch size. Use the loss variant `best.loss` yourself."""
+        """Set up training with the best candidate: checkpointing on `model` (in place), and an
+        Accumulator at its micro-batch size (fast_micro_step="compile" where compile won).
+        Use the loss variant `best.loss` yourself."""
         best = self.settings()
         checkpoint_blocks(model, enabled=False)
         if best["checkpointing"]:
             checkpoint_blocks(model)
-        runner: nn.Module = torch.compile(model) if best["compile"] else model  # type: ignore[assignment]
         accumulator_kwargs.setdefault("precision", self.precision)
-        return Accumulator(runner, optimizer, micro_batch_size=best["micro_batch_size"], **accumulator_kwargs)
+        if best["compile"]:
+            accumulator_kwargs.setdefault("fast_micro_step", "compile")
+        return Accumulator(model, optimizer, micro_batch_size=best["micro_batch_size"], **accumulator_kwargs)
 
     def table(self) -> str:
         """A plain-text table of every candidate, the chosen one marked."""

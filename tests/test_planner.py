@@ -115,9 +115,9 @@ def test_compile_is_tried_on_the_fastest_eager_settings_only_and_its_failure_is_
     model, batch, full_bytes = setting
     compiled = []
 
-    def fake_compile(module):  # the planner's own logic is under test, not inductor
-        compiled.append(module)
-        return module
+    def fake_compile(fn, **kwargs):  # the planner's own logic is under test, not inductor
+        compiled.append(fn)
+        return fn
 
     monkeypatch.setattr(torch, "compile", fake_compile)
     result = bb.plan(model, batch, loss_fn, max_memory=int(full_bytes * 0.97), compile=True, compile_top_k=1,
@@ -129,17 +129,33 @@ def test_compile_is_tried_on_the_fastest_eager_settings_only_and_its_failure_is_
     fastest = max(eager.values(), key=lambda c: c.samples_per_s)
     assert (tried[0].micro_batch_size, tried[0].checkpointing) == (fastest.micro_batch_size, fastest.checkpointing)
 
-    class Broken(torch.nn.Module):
-        def __init__(self, inner):
-            super().__init__()
-            self.inner = inner
-
-        def forward(self, *args):
+    def broken_compile(fn, **kwargs):
+        def fail(*args):
             raise RuntimeError("inductor: no C++ compiler found\nmore detail")
 
-    monkeypatch.setattr(torch, "compile", Broken)
+        return fail
+
+    monkeypatch.setattr(torch, "compile", broken_compile)
     result = bb.plan(model, batch, loss_fn, max_memory="1GiB", compile=True, micro_batch_sizes=[N],
                      checkpointing=False, steps=1)  # fmt: skip
     broken = [c for c in result.candidates if c.compile]
     assert broken[0].status == "compile failed (RuntimeError: inductor: no C++ compiler found)"
     assert result.best is not None and not result.best.compile
+
+
+@pytest.mark.gpu
+def test_on_cuda_the_fit_predicts_the_measured_peak_and_the_choice_fits():
+    device = torch.device("cuda")
+    model = tower(d=1024, layers=4, dtype=torch.float32).to(device)
+    batch = data(256, dtype=torch.float32)
+    full = bb.plan(model, batch, loss_fn, max_memory="64GiB", micro_batch_sizes=[256], checkpointing=False,
+                   compile=False, steps=1)  # fmt: skip
+    budget = int(full.candidates[0].measured_bytes * 0.5)
+    result = bb.plan(model, batch, loss_fn, max_memory=budget, compile=False, steps=1)
+    assert result.memory_source == "CUDA max_memory_allocated"
+    measured = [c for c in result.candidates if c.measured_bytes is not None]
+    assert len(measured) >= 3
+    for c in measured:
+        assert c.predicted_bytes == pytest.approx(c.measured_bytes, rel=0.15), c
+    assert result.best is not None and result.best.measured_bytes <= budget
+    assert any(c.status == "over budget (predicted)" for c in result.candidates)

@@ -22,7 +22,7 @@ import torch
 
 from ..errors import BatchError, ConfigError
 from ..planner import plan
-from .verify import UsageError, _load_factory, _unpack
+from .cases import UsageError, load_factory, unpack_case
 
 _SWITCH = {"auto": None, "on": True, "off": False}
 
@@ -37,7 +37,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=64, help="logical batch for --task (64)")
     parser.add_argument("--device", default=None, help="device for --task (cuda if available, else cpu)")
     parser.add_argument("--micro-batch-sizes", default=None, help="comma-separated candidates (powers of two)")
-    parser.add_argument("--checkpointing", choices=list(_SWITCH), default="auto", help="try both (auto)")
+    parser.add_argument("--checkpointing", choices=list(_SWITCH), default="auto",
+                        help="auto: try both where the model has repeated blocks; on/off: only that")
     parser.add_argument("--compile", choices=list(_SWITCH), default="auto", help="auto: try both on CUDA only; on: try both anywhere; off: never")
     parser.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32")
     parser.add_argument("--steps", type=int, default=2, help="timed optimizer steps per candidate (2)")
@@ -82,9 +83,9 @@ def run(args: argparse.Namespace) -> int:
             what = f"task {args.task}"
         else:
             torch.manual_seed(args.seed)
-            made = _load_factory(args.target)()
-            case = dict(made) if isinstance(made, dict) else dict(zip(("model", "batch", "loss_fn"), _unpack(made, args.target)))
-            _unpack(case, args.target)
+            made = load_factory(args.target)()
+            case = dict(made) if isinstance(made, dict) else dict(zip(("model", "batch", "loss_fn"), unpack_case(made, args.target)))
+            unpack_case(case, args.target)
             what = args.target
         if not isinstance(case["model"], torch.nn.Module) or not callable(case["loss_fn"]):
             raise UsageError(f"{what}: expected an nn.Module and a callable loss_fn.")

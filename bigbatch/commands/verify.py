@@ -13,21 +13,14 @@ command was used wrongly (bad target, factory, or options).
 from __future__ import annotations
 
 import argparse
-import importlib
-import importlib.util
-import os
 import sys
-from pathlib import Path
 from typing import Any
 
 import torch
 
 from ..errors import BatchError, ConfigError
 from ..verify import verify
-
-
-class UsageError(Exception):
-    """The command was given something it cannot use; exit status 2."""
+from .cases import UsageError, load_factory, unpack_case
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -56,47 +49,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-probe", action="store_true", help="skip the perturbation probe for coupled layers")
     parser.add_argument("--seed", type=int, default=0, help="random seed for the runs (0)")
     parser.add_argument("--rows", type=int, default=12, help="parameters shown in the table (12)")
-
-
-def _load_factory(target: str) -> Any:
-    location, sep, name = target.rpartition(":")
-    if not sep or not location or not name:
-        raise UsageError(f"target {target!r} must look like MODULE:FACTORY or path/to/file.py:FACTORY.")
-    if location.endswith(".py") or os.sep in location or "/" in location:
-        path = Path(location)
-        if not path.is_file():
-            raise UsageError(f"no such file: {path}")
-        spec = importlib.util.spec_from_file_location(path.stem, path)
-        if spec is None or spec.loader is None:
-            raise UsageError(f"cannot import {path} as a Python module.")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules.setdefault(path.stem, module)
-        spec.loader.exec_module(module)
-    else:
-        if os.getcwd() not in sys.path:
-            sys.path.insert(0, os.getcwd())  # like `python -m`: modules next to where you run it
-        try:
-            module = importlib.import_module(location)
-        except ModuleNotFoundError as error:
-            raise UsageError(f"cannot import module {location!r}: {error}") from error
-    factory = getattr(module, name, None)
-    if not callable(factory):
-        raise UsageError(f"{location} has no callable named {name!r}.")
-    return factory
-
-
-def _unpack(case: Any, target: str) -> tuple[Any, Any, Any]:
-    if isinstance(case, dict):
-        missing = [k for k in ("model", "batch", "loss_fn") if k not in case]
-        if missing:
-            raise UsageError(f"{target} returned a dict without {', '.join(missing)}.")
-        return case["model"], case["batch"], case["loss_fn"]
-    if isinstance(case, (tuple, list)) and len(case) == 3:
-        return case[0], case[1], case[2]
-    raise UsageError(
-        f"{target} must return (model, batch, loss_fn) or a dict with those keys, "
-        f"got {type(case).__name__}."
-    )
 
 
 def _value(text: str) -> Any:
@@ -140,7 +92,7 @@ def run(args: argparse.Namespace) -> int:
             model, batch, loss_fn = _task_case(args.task, args.set, args.batch_size, args.seed)
             what = f"task {args.task}"
         else:
-            model, batch, loss_fn = _unpack(_load_factory(args.target)(), args.target)
+            model, batch, loss_fn = unpack_case(load_factory(args.target)(), args.target)
             what = args.target
         if not isinstance(model, torch.nn.Module) or not callable(loss_fn):
             raise UsageError(f"{what}: expected an nn.Module and a callable loss_fn.")
