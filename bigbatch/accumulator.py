@@ -173,7 +173,12 @@ class Accumulator:
         return self._sync_gradients
 
     def accumulate(self) -> contextlib.AbstractContextManager[None]:
-        """One micro-step of the loop API; the last of a window steps the optimizer on exit."""
+        """One micro-step of the loop API; the last of a window steps the optimizer on exit.
+
+        If the block raises after `acc.backward` began (or the step on exit fails),
+        the whole window is dropped, as the step API drops it: its gradients can no
+        longer be made exact. An error before `acc.backward` leaves the window as it was.
+        """
         # One object reused every micro-step (blocks cannot nest): a generator-based
         # context manager allocates two objects a micro-step, and the garbage collector
         # they wake costs more than the plain loop can spare at micro-batch 1.
@@ -199,19 +204,24 @@ class Accumulator:
     def _close_micro_step(self, failed: bool) -> None:
         self._in_micro_step = False
         if failed:
+            # After a backward began, the window holds part of this micro-batch's
+            # gradient and its count: no later micro-step can make it exact again.
+            if self._backward_called:
+                self._drop_window()
             return
         if not self._backward_called:
             raise LossError("an accumulate() block ended without acc.backward(loss, count=...).")
         self._micro_steps += 1
         if self._sync_gradients:
-            self.last_stats = self._finish_window()
+            self.last_stats = self._finish_window_or_drop()
 
     def backward(self, loss: torch.Tensor | LossSum, count: Count | None = None) -> None:
         """Backpropagate one micro-batch's loss: a mean over `count` samples, or a LossSum."""
         if not self._in_micro_step:
             raise ConfigError("call acc.backward(...) inside `with acc.accumulate():`.")
-        self._add(*split_loss(loss, count))
+        value, count, is_sum = split_loss(loss, count)  # a bad loss raises here, touching nothing
         self._backward_called = True
+        self._add(value, count, is_sum)
 
     def flush(self) -> StepStats | None:
         """End a window the data cut short: step what it holds, or drop it (`last_window`).
@@ -224,9 +234,13 @@ class Accumulator:
         if self.last_window == "drop":
             self._drop_window()
             return None
-        self._sync.sync_now_(self._params, self._float32_grads.buffers)
+        try:
+            self._sync.sync_now_(self._params, self._float32_grads.buffers)
+        except BaseException:
+            self._drop_window()
+            raise
         self._sync_gradients = True
-        self.last_stats = self._finish_window()
+        self.last_stats = self._finish_window_or_drop()
         return self.last_stats
 
     # -- public: step API -------------------------------------------------
@@ -262,13 +276,9 @@ class Accumulator:
                     raise
                 failed, reason = size, str(error).split("\n")[0]
             else:
-                try:
-                    # Not retried on OOM: a smaller micro-batch does not shrink the
-                    # optimizer's memory, and the step may have changed parameters.
-                    return self._finish_window(micro_batch_size=size)
-                except BaseException:
-                    self._drop_window()
-                    raise
+                # Not retried on OOM: a smaller micro-batch does not shrink the
+                # optimizer's memory, and the step may have changed parameters.
+                return self._finish_window_or_drop(micro_batch_size=size)
             # Outside the except block, so the traceback's frames (and the
             # activations they hold) are gone before the retry.
             self._drop_window()
@@ -498,6 +508,15 @@ class Accumulator:
         )
         self._reset_window()
         return stats
+
+    def _finish_window_or_drop(self, micro_batch_size: int | None = None) -> StepStats:
+        """`_finish_window`, but a failure (an OOM in the optimizer's state, say) drops the
+        window before it propagates, so the next window starts clean in either API."""
+        try:
+            return self._finish_window(micro_batch_size)
+        except BaseException:
+            self._drop_window()
+            raise
 
     def _optimizer_step(self, loss: torch.Tensor, grad_norm: torch.Tensor) -> bool:
         """Step unless the gradient is non-finite; True if the optimizer stepped."""
