@@ -103,3 +103,27 @@ def test_bf16_parameters_accumulate_in_float32_over_64_micro_steps():
     )
     assert exact32 >= 0.99  # one rounding at the end: (almost) always the nearest bf16
     assert exact16 < 0.6 and err16 > 2 * err32  # negative control: 64 roundings drift
+
+
+def test_a_second_accumulator_on_the_same_bf16_model_takes_over_its_float32_sums():
+    """Rebuilding the Accumulator (a resume, a new plan) must not trip over the old one's hooks."""
+    torch.manual_seed(0)
+    x, y = classification_data(6)
+    x = x.to(torch.bfloat16)
+
+    def loss_fn(m, batch):
+        return F.cross_entropy(m(batch[0]).float(), batch[1])
+
+    def fresh():
+        torch.manual_seed(0)
+        model = nn.Linear(4, 3).to(torch.bfloat16)
+        return model, torch.optim.SGD(model.parameters(), lr=0.1)
+
+    ref, ref_opt = fresh()
+    bb.Accumulator(ref, ref_opt, micro_batch_size=2).step((x, y), loss_fn)
+    model, opt = fresh()
+    stale = bb.Accumulator(model, opt, micro_batch_size=2)
+    acc = bb.Accumulator(model, opt, micro_batch_size=2)
+    acc.step((x, y), loss_fn)
+    assert all(torch.equal(p, q) for p, q in zip(ref.parameters(), model.parameters()))
+    assert not stale._float32_grads.buffers  # the old engine no longer takes the gradients
