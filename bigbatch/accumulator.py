@@ -140,6 +140,12 @@ class Accumulator:
         self._params = [
             p for group in optimizer.param_groups for p in group["params"] if p.requires_grad
         ]
+        if self._scaler is not None and any(p.dtype == torch.float16 for p in self._params):
+            raise ConfigError(
+                'precision="fp16" needs float32 parameters (autocast runs the fp16 compute; '
+                "GradScaler cannot unscale fp16 gradients): keep the model in float32, or hold "
+                'it in bfloat16 with precision="bf16".'
+            )
         self.fast_micro_step = fast
         self._compiled_loss = CompiledLoss(fast) if fast is not None else None
         self._mark_micro_steps = fast is not None and fast.cudagraphs
@@ -473,9 +479,11 @@ class Accumulator:
 
     def _finish_window(self, micro_batch_size: int | None = None) -> StepStats:
         count, loss_sum = self._global_count()
-        grads = self._grads()
         if self._scaler is not None:
+            # GradScaler unscales (and checks) `.grad` only: round the float32 sums into it first.
+            self._float32_grads.write_back_()
             self._scaler.unscale_(self.optimizer)
+        grads = self._grads()
         factor = self._rescale(count)
         if factor is not None and grads:
             torch._foreach_mul_(grads, factor)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -127,3 +128,38 @@ def test_a_second_accumulator_on_the_same_bf16_model_takes_over_its_float32_sums
     acc.step((x, y), loss_fn)
     assert all(torch.equal(p, q) for p, q in zip(ref.parameters(), model.parameters()))
     assert not stale._float32_grads.buffers  # the old engine no longer takes the gradients
+
+
+def float_loss(m, batch):
+    return F.cross_entropy(m(batch[0]).float(), batch[1])
+
+
+def test_fp16_autocast_over_bf16_parameters_unscales_the_float32_sums():
+    """GradScaler unscales `.grad` only: the engine's float32 sums must be unscaled too."""
+    torch.manual_seed(0)
+    x, y = classification_data(6)
+    x = x.float()
+
+    def fresh():
+        torch.manual_seed(0)
+        model = nn.Linear(4, 3).to(torch.bfloat16)
+        return model, torch.optim.SGD(model.parameters(), lr=0.5)
+
+    ref, ref_opt = fresh()  # full batch by hand: autocast forward, no scaler, one step
+    with torch.autocast("cpu", dtype=torch.float16):
+        loss = F.cross_entropy(ref(x).float(), y)
+    loss.backward()
+    ref_opt.step()
+    model, opt = fresh()
+    start = [p.detach().clone() for p in model.parameters()]
+    stats = bb.Accumulator(model, opt, micro_batch_size=2, precision="fp16").step((x, y), float_loss)
+    assert not stats.skipped
+    for p, q, p0 in zip(model.parameters(), ref.parameters(), start):
+        ours, theirs = (p - p0).double(), (q - p0).double()
+        assert (ours - theirs).norm() < 0.05 * theirs.norm()  # bf16 roundings, not a 65536x scale
+
+
+def test_fp16_precision_refuses_fp16_parameters():
+    model = nn.Linear(4, 3).half()
+    with pytest.raises(bb.ConfigError, match="float32 parameters"):
+        bb.Accumulator(model, torch.optim.SGD(model.parameters(), lr=0.1), micro_batch_size=2, precision="fp16")
