@@ -63,8 +63,10 @@ class Accumulator:
         precision: "fp32", "bf16" or "fp16" (autocast; fp16 brings a GradScaler).
         last_window: what flush() does with a window the data cut short:
             "step" it, normalised by what it holds, or "drop" it.
-        skip_nonfinite: skip a step whose gradient norm or loss is inf/NaN (one
-            host sync per optimizer step; fp16 always skips through its scaler).
+        skip_nonfinite: skip a step whose gradient norm or loss is inf/NaN, or whose
+            window holds no item (every token ignored): one host sync per optimizer
+            step. fp16 always skips through its scaler. With False nothing is
+            checked, and an empty window steps a zero gradient.
         sync_each_micro_step: FSDP2 only; reduce-scatter every micro-step,
             spending communication to keep sharded gradients (less memory).
         fast_micro_step: "compile" (torch.compile the step API's loss_fn) or
@@ -496,7 +498,7 @@ class Accumulator:
         self._float32_grads.write_back_()
         loss = loss_sum / count.clamp_min(1)
         lr = float(self.optimizer.param_groups[0]["lr"])
-        skipped = not self._optimizer_step(loss, grad_norm)
+        skipped = not self._optimizer_step(loss, grad_norm, count)
         if not skipped:
             self.optimizer_steps += 1
             if self.scheduler is not None:
@@ -526,9 +528,16 @@ class Accumulator:
             self._drop_window()
             raise
 
-    def _optimizer_step(self, loss: torch.Tensor, grad_norm: torch.Tensor) -> bool:
-        """Step unless the gradient is non-finite; True if the optimizer stepped."""
+    def _optimizer_step(self, loss: torch.Tensor, grad_norm: torch.Tensor, count: torch.Tensor) -> bool:
+        """Step unless the gradient is non-finite or the window holds no item; True if stepped.
+
+        A window without items (every token ignored) has no mean loss, and stepping
+        its zero gradient would still apply weight decay and momentum.
+        """
         if self._scaler is not None:
+            if not bool(count > 0):  # this path syncs anyway (get_scale)
+                self._scaler.update()  # ends the unscale_ of this step; no inf was found
+                return False
             scale = self._scaler.get_scale()
             self._scaler.step(self.optimizer)
             self._scaler.update()
@@ -536,8 +545,8 @@ class Accumulator:
         if self.skip_nonfinite:
             # x - x is exactly 0 for a finite x and NaN for inf or NaN: three cheap ops
             # where isfinite() twice costs eight (it runs every optimizer step).
-            finite = (grad_norm - grad_norm) + (loss - loss) == 0
-            if not bool(finite):  # the one host sync per optimizer step
+            ok = ((grad_norm - grad_norm) + (loss - loss) == 0) & (count > 0)
+            if not bool(ok):  # the one host sync per optimizer step
                 return False
         self.optimizer.step()
         return True

@@ -163,3 +163,20 @@ def test_fp16_precision_refuses_fp16_parameters():
     model = nn.Linear(4, 3).half()
     with pytest.raises(bb.ConfigError, match="float32 parameters"):
         bb.Accumulator(model, torch.optim.SGD(model.parameters(), lr=0.1), micro_batch_size=2, precision="fp16")
+
+
+def test_fp16_skips_a_window_without_items_and_steps_the_next():
+    torch.manual_seed(0)
+    model = nn.Linear(4, 3)
+    acc = bb.Accumulator(model, torch.optim.SGD(model.parameters(), lr=0.1), micro_batch_size=2, precision="fp16")
+    x, y = classification_data(4)
+    x = x.float()
+
+    def loss_fn(m, batch):
+        return bb.token_cross_entropy(m(batch[0]), batch[1])
+
+    before = [p.detach().clone() for p in model.parameters()]
+    stats = acc.step((x, torch.full_like(y, -100)), loss_fn)
+    assert stats.skipped and acc.optimizer_steps == 0
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before))
+    assert not acc.step((x, y), loss_fn).skipped and acc.optimizer_steps == 1
