@@ -76,6 +76,16 @@ def test_loop_api_count_rules():
             acc.backward(loss_fn(model, (x, y)), count=0)
         with pytest.raises(bb.LossError, match="carries its own count"):
             acc.backward(bb.LossSum(loss_fn(model, (x, y)), 4), count=4)
+        with pytest.raises(bb.LossError, match="whole number of items, got 2.5"):
+            acc.backward(loss_fn(model, (x, y)), count=2.5)
+        with pytest.raises(bb.LossError, match="whole number of items, got True"):
+            acc.backward(loss_fn(model, (x, y)), count=True)
+        with pytest.raises(bb.LossError, match=r"one number of items, got a tensor of shape \(4,\)"):
+            acc.backward(bb.LossSum(loss_fn(model, (x, y)), torch.ones(4, dtype=torch.long)))
+        with pytest.raises(bb.LossError, match="LossSum count must be a whole number"):
+            acc.backward(bb.LossSum(loss_fn(model, (x, y)), "4"))
+        with pytest.raises(bb.LossError, match="LossSum count must be >= 0, got -1"):
+            acc.backward(bb.LossSum(loss_fn(model, (x, y)), -1))
         acc.backward(loss_fn(model, (x, y)), count=4)
 
 
