@@ -315,6 +315,12 @@ class Accumulator:
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what `state_dict()` returned, at an optimizer-step boundary."""
+        if self._micro_steps:
+            raise ConfigError("a window is open; load the state before its first micro-step or after flush().")
+        missing = sorted({"optimizer_steps", "auto_micro_batch_size"} - state.keys())
+        if missing:
+            raise ConfigError(f"not an Accumulator state (missing {missing}); pass what acc.state_dict() returned.")
         self.optimizer_steps = state["optimizer_steps"]
         self._auto_micro_batch_size = state["auto_micro_batch_size"]
         if self._scaler is not None and state.get("scaler"):

@@ -127,6 +127,12 @@ def test_state_dict_round_trip_and_open_window_refused():
         acc.state_dict()
     acc.flush()
     state = acc.state_dict()
-    _, other = make(accumulation_steps=2)
+    other_model, other = make(accumulation_steps=2)
     other.load_state_dict(state)
     assert other.optimizer_steps == acc.optimizer_steps == 1
+    with pytest.raises(bb.ConfigError, match=r"not an Accumulator state \(missing \['auto_micro_batch_size'\]\)"):
+        other.load_state_dict({"optimizer_steps": 3})
+    with other.accumulate():
+        other.backward(loss_fn(other_model, (torch.zeros(2, 4), torch.zeros(2, dtype=torch.long))), count=2)
+    with pytest.raises(bb.ConfigError, match="window is open"):
+        other.load_state_dict(state)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import io
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -180,3 +182,26 @@ def test_fp16_skips_a_window_without_items_and_steps_the_next():
     assert stats.skipped and acc.optimizer_steps == 0
     assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before))
     assert not acc.step((x, y), loss_fn).skipped and acc.optimizer_steps == 1
+
+
+def test_fp16_scaler_state_survives_a_state_dict_round_trip():
+    """A resumed fp16 run keeps the loss scale it had backed off to."""
+    torch.manual_seed(0)
+    x, y = classification_data(4)
+    x = x.float()
+
+    def make():
+        model = nn.Linear(4, 3)
+        return bb.Accumulator(model, torch.optim.SGD(model.parameters(), lr=0.1), micro_batch_size=2,
+                              precision="fp16")
+
+    acc = make()
+    acc.step((x, y), lambda m, b: F.cross_entropy(m(b[0]).float(), b[1]) * float("inf"))
+    buffer = io.BytesIO()
+    torch.save(acc.state_dict(), buffer)  # through a checkpoint, as the trainer saves it
+    buffer.seek(0)
+    saved = torch.load(buffer, weights_only=True)
+    resumed = make()
+    resumed.load_state_dict(saved)
+    assert resumed._scaler.get_scale() == acc._scaler.get_scale() == 65536.0 / 2
+
