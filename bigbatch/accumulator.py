@@ -95,6 +95,11 @@ class Accumulator:
         sync_each_micro_step: bool = False,
         fast_micro_step: Literal["compile", "cudagraphs"] | FastMicroStep | None = None,
     ) -> None:
+        if not isinstance(model, nn.Module) or not isinstance(optimizer, torch.optim.Optimizer):
+            raise ConfigError(
+                "Accumulator(model, optimizer, ...) takes an nn.Module and a torch.optim.Optimizer, "
+                f"got {type(model).__name__} and {type(optimizer).__name__}."
+            )
         if (accumulation_steps is None) == (micro_batch_size is None):
             raise ConfigError(
                 "give exactly one of accumulation_steps= (loop API: micro-steps per optimizer "

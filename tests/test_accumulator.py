@@ -39,6 +39,13 @@ def test_bad_settings_name_the_fix(kwargs, match):
         make(**kwargs)
 
 
+def test_model_and_optimizer_swapped():
+    model = nn.Linear(4, 3)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.raises(bb.ConfigError, match="takes an nn.Module and a torch.optim.Optimizer, got SGD and Linear"):
+        bb.Accumulator(opt, model, micro_batch_size=2)
+
+
 def test_empty_batch():
     _, acc = make(micro_batch_size=2)
     with pytest.raises(bb.BatchError, match="empty"):
