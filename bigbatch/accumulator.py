@@ -274,8 +274,6 @@ class Accumulator:
                 "step() is the step API and needs micro_batch_size=; with "
                 "accumulation_steps= use `with acc.accumulate(): acc.backward(...)`."
             )
-        if self._micro_steps:
-            raise ConfigError("a loop-API window is open; call acc.flush() before acc.step().")
         n = batch_size(batch)
         auto = self.micro_batch_size == "auto"
         rng = RngSnapshot(self.device) if auto else None

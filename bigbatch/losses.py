@@ -60,12 +60,6 @@ def token_cross_entropy(
     return LossSum(total, (labels != ignore_index).sum())
 
 
-def as_loss_sum(loss: Any, count: Count | None) -> tuple[torch.Tensor, Count]:
-    """A loss as (sum over items, item count), validated."""
-    value, count, is_sum = split_loss(loss, count)
-    return (value if is_sum else value * count), count
-
-
 def split_loss(loss: Any, count: Count | None) -> tuple[torch.Tensor, Count, bool]:
     """A loss as (value, item count, value is a sum), validated; a mean is not multiplied out.
 
