@@ -39,6 +39,11 @@ def _model_device(model: nn.Module) -> torch.device:
     raise ConfigError("the model has no parameters; bigbatch needs something to train.")
 
 
+def _exact_dtype(device: torch.device) -> torch.dtype:
+    """The dtype of the window's divisor and rescale: float64, float32 where there is none (MPS)."""
+    return torch.float32 if device.type == "mps" else torch.float64
+
+
 class Accumulator:
     """Gradient accumulation that gives the full-batch update, whatever the split.
 
@@ -444,7 +449,7 @@ class Accumulator:
             return 1.0
         steps = self.accumulation_steps or 1
         if isinstance(count, torch.Tensor):
-            return count.detach().to(self.device, torch.float64).clamp_min(1) * steps
+            return count.detach().to(self.device, _exact_dtype(self.device)).clamp_min(1) * steps
         return float(max(count, 1) * steps)
 
     def _global_count(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -471,7 +476,7 @@ class Accumulator:
         )
         if exact:
             return None
-        dtype = torch.float32 if self.device.type == "mps" else torch.float64
+        dtype = _exact_dtype(self.device)
         # A Python number stays a kernel argument; torch.as_tensor would copy it to the device.
         numerator = self._ref * self._sync.mean_divisor
         if isinstance(numerator, torch.Tensor):
