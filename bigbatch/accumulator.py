@@ -1,11 +1,9 @@
 """The engine: one optimizer step per logical batch, exact however the batch is split.
 
-Every micro-step backpropagates a *sum* of per-item losses (a sample mean times
-its sample count, or a `LossSum`), divided by a reference `ref` fixed for the
-window so gradients keep the size of a mean. The window's item count is summed
-on the device (and across ranks); at the end of the window the gradient is
-multiplied once by `ref / total`, so it is the gradient of the mean loss over
-every item of the logical batch. Then: unscale (fp16), clip, step, schedule,
+Every micro-step backpropagates a *sum* of per-item losses divided by a constant
+`ref`, and counts its items; at the end of the window the gradient is rescaled
+once to the mean over every item of the logical batch (the rule and its
+bookkeeping: bigbatch/window.py). Then: unscale (fp16), clip, step, schedule,
 zero. Nothing reads a device value on the host during a window.
 """
 
@@ -27,6 +25,7 @@ from .oom import RngSnapshot, release_memory
 from .precision import Float32Grads, autocast_dtype, make_scaler
 from .probes import warn_if_batch_coupled
 from .stats import StepStats
+from .window import Window
 
 LossFn = Callable[[nn.Module, Batch], torch.Tensor | LossSum]
 
@@ -37,11 +36,6 @@ def _model_device(model: nn.Module) -> torch.device:
     for p in model.parameters():
         return p.device
     raise ConfigError("the model has no parameters; bigbatch needs something to train.")
-
-
-def _exact_dtype(device: torch.device) -> torch.dtype:
-    """The dtype of the window's divisor and rescale: float64, float32 where there is none (MPS)."""
-    return torch.float32 if device.type == "mps" else torch.float64
 
 
 class Accumulator:
@@ -82,8 +76,6 @@ class Accumulator:
     every step. Limits: layers that couple samples (BatchNorm) see micro-batch
     statistics, so no split can be exact for them (see `bb.verify`).
     """
-
-    _ref: float | torch.Tensor | None  # the window's loss divisor (see module docstring)
 
     def __init__(
         self,
@@ -180,8 +172,8 @@ class Accumulator:
         self._seed_key: tuple[float, torch.dtype, torch.device] | None = None
         self._seed = torch.ones(())  # replaced on the first micro-step
         self._sync_gradients = False
+        self._window = Window(self.device, self._sync, accumulation_steps)
         optimizer.zero_grad(set_to_none=True)
-        self._reset_window()
 
     # -- public: loop API -------------------------------------------------
 
@@ -210,9 +202,9 @@ class Accumulator:
             )
         if self._in_micro_step:
             raise ConfigError("accumulate() blocks cannot be nested; close the first one.")
-        if self._micro_steps == 0:
+        if self._window.micro_steps == 0:
             self._start_window()
-        self._sync_gradients = self._micro_steps + 1 == self.accumulation_steps
+        self._sync_gradients = self._window.micro_steps + 1 == self.accumulation_steps
         self._in_micro_step = True
         self._backward_called = False
         if self._mark_micro_steps:
@@ -229,7 +221,7 @@ class Accumulator:
             return
         if not self._backward_called:
             raise LossError("an accumulate() block ended without acc.backward(loss, count=...).")
-        self._micro_steps += 1
+        self._window.micro_steps += 1
         if self._sync_gradients:
             self.last_stats = self._finish_window_or_drop()
 
@@ -247,7 +239,7 @@ class Accumulator:
         Call it after the loop over an epoch; gradients never leak into the next window.
         Returns the step's stats, or None when nothing was pending or it was dropped.
         """
-        if self._micro_steps == 0:
+        if self._window.micro_steps == 0:
             return None
         if self.last_window == "drop":
             self._drop_window()
@@ -314,7 +306,7 @@ class Accumulator:
 
     def state_dict(self) -> dict[str, Any]:
         """The engine's own state (scaler, auto micro-batch size, step count); not model or optimizer."""
-        if self._micro_steps:
+        if self._window.micro_steps:
             raise ConfigError("a window is open; save at an optimizer-step boundary (after flush()).")
         return {
             "optimizer_steps": self.optimizer_steps,
@@ -324,7 +316,7 @@ class Accumulator:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore what `state_dict()` returned, at an optimizer-step boundary."""
-        if self._micro_steps:
+        if self._window.micro_steps:
             raise ConfigError("a window is open; load the state before its first micro-step or after flush().")
         missing = sorted({"optimizer_steps", "auto_micro_batch_size"} - state.keys())
         if missing:
@@ -350,9 +342,7 @@ class Accumulator:
         if self._compiled_loss is not None:
             loss_fn = self._compiled_loss(loss_fn)
         self._start_window()
-        # The step API sees the whole batch: with sample-mean losses ref equals the
-        # total and the final rescale is skipped.
-        self._ref = float(n) if self._sync.world_size == 1 else 1.0
+        self._window.start_step(n)  # the step API sees the whole batch
         for i, piece in enumerate(pieces):
             last = i == len(pieces) - 1
             with self._micro_step_context(sync=last):
@@ -360,7 +350,7 @@ class Accumulator:
                 # split_batch cuts `size` samples per piece, the rest into the last one.
                 count = n - i * size if last else size
                 self._add(*split_loss(out, None if isinstance(out, LossSum) else count))
-            self._micro_steps += 1
+            self._window.micro_steps += 1
 
     def _micro_step_context(self, sync: bool) -> contextlib.AbstractContextManager[Any]:
         if self._bare_micro_step:
@@ -371,22 +361,15 @@ class Accumulator:
             stack.enter_context(torch.autocast(self.device.type, dtype=self._autocast_dtype))
         return stack
 
-    def _reset_window(self) -> None:
-        self._micro_steps = 0
-        self._ref = None
-        self._count_int = 0  # counts given as Python ints
-        self._count_tensor: torch.Tensor | None = None  # counts given as tensors
-        self._loss_sum: torch.Tensor | None = None
-
     def _start_window(self) -> None:
-        self._reset_window()
+        self._window.reset()
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
 
     def _drop_window(self) -> None:
         self.optimizer.zero_grad(set_to_none=True)
         self._float32_grads.clear()
-        self._reset_window()
+        self._window.reset()
         self._sync_gradients = False
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
@@ -400,32 +383,19 @@ class Accumulator:
         down anyway), from a tensor cached while the scale stays the same; the loss
         is summed for the stats with one in-place add.
         """
-        if self._ref is None:
-            self._ref = self._first_ref(count)
-        if isinstance(count, torch.Tensor):
-            count = count.detach().to(self.device, torch.int64)
-            # The first is copied: a CUDA graph's next replay may overwrite its memory.
-            self._count_tensor = count.clone() if self._count_tensor is None else self._count_tensor + count
-        else:
-            self._count_int += count
+        window = self._window
+        count = window.count(count)
+        ref = window.ref
+        assert ref is not None
         seed: torch.Tensor | None = None
-        if isinstance(count, int) and isinstance(self._ref, float) and self._scaler is None:
+        if isinstance(count, int) and isinstance(ref, float) and self._scaler is None:
             weight = 1 if is_sum else count
-            detached = value.detach()
-            if self._loss_sum is None:  # a fresh tensor: `* weight` never aliases the loss
-                self._loss_sum = detached.to(torch.promote_types(value.dtype, torch.float32)) * weight
-            else:
-                self._loss_sum.add_(detached, alpha=weight)
-            out, seed = value, self._backward_seed(weight / self._ref, value)
+            window.add_loss(value.detach(), weight)
+            out, seed = value, self._backward_seed(weight / ref, value)
         else:
             total = value if is_sum else value * count
-            out = total / self._ref
-            detached = total.detach()
-            if self._loss_sum is None:
-                # A copy, never an alias: a model may hand back the same output tensor every call.
-                self._loss_sum = detached.to(torch.promote_types(value.dtype, torch.float32), copy=True)
-            else:
-                self._loss_sum.add_(detached)
+            window.add_loss(total.detach())
+            out = total / ref
             if self._scaler is not None:
                 out = self._scaler.scale(out)
         if self._autocast_dtype is None:
@@ -441,48 +411,6 @@ class Accumulator:
             self._seed_key = key
         return self._seed
 
-    def _first_ref(self, count: Count) -> float | torch.Tensor:
-        # Any constant makes the result exact (the final rescale divides it out);
-        # this one keeps accumulated gradients the size of a mean gradient. Across
-        # ranks it must be the same number, so there it is 1.
-        if self._sync.world_size > 1:
-            return 1.0
-        steps = self.accumulation_steps or 1
-        if isinstance(count, torch.Tensor):
-            return count.detach().to(self.device, _exact_dtype(self.device)).clamp_min(1) * steps
-        return float(max(count, 1) * steps)
-
-    def _global_count(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(item count, loss sum) of the window over all ranks, on the device."""
-        # torch.full, not torch.tensor: a fill on the device, no blocking host-to-device copy.
-        count = torch.full((), self._count_int, device=self.device, dtype=torch.int64)
-        if self._count_tensor is not None:
-            count = count + self._count_tensor
-        assert self._loss_sum is not None
-        if self._sync.world_size == 1:
-            return count, self._loss_sum
-        both = torch.stack([count.double(), self._loss_sum.double()])
-        self._sync.all_reduce_sum_(both)  # one small collective per window
-        return both[0].round().long(), both[1]
-
-    def _rescale(self, count: torch.Tensor) -> torch.Tensor | None:
-        """The factor that turns accumulated gradients into the mean gradient; None when 1."""
-        assert self._ref is not None
-        exact = (
-            self._sync.world_size == 1
-            and self._count_tensor is None
-            and isinstance(self._ref, float)
-            and self._ref == self._count_int
-        )
-        if exact:
-            return None
-        dtype = _exact_dtype(self.device)
-        # A Python number stays a kernel argument; torch.as_tensor would copy it to the device.
-        numerator = self._ref * self._sync.mean_divisor
-        if isinstance(numerator, torch.Tensor):
-            numerator = numerator.to(dtype)
-        return numerator / count.to(dtype).clamp_min(1)
-
     def _grads(self) -> list[torch.Tensor]:
         """The window's accumulated gradients: float32 buffers where kept, else `.grad`."""
         buffers = self._float32_grads.buffers
@@ -494,13 +422,13 @@ class Accumulator:
         return grads
 
     def _finish_window(self, micro_batch_size: int | None = None) -> StepStats:
-        count, loss_sum = self._global_count()
+        count, loss_sum = self._window.totals()
         if self._scaler is not None:
             # GradScaler unscales (and checks) `.grad` only: round the float32 sums into it first.
             self._float32_grads.write_back_()
             self._scaler.unscale_(self.optimizer)
         grads = self._grads()
-        factor = self._rescale(count)
+        factor = self._window.rescale(count)
         if factor is not None and grads:
             torch._foreach_mul_(grads, factor)
         grad_norm = full_tensor(torch.nn.utils.get_total_norm(grads, foreach=True))  # FSDP2: all shards
@@ -524,13 +452,13 @@ class Accumulator:
             grad_norm=grad_norm,
             lr=lr,
             micro_batch_size=micro_batch_size,
-            micro_steps=self._micro_steps,
+            micro_steps=self._window.micro_steps,
             skipped=skipped,
             peak_memory_bytes=(
                 torch.cuda.max_memory_allocated(self.device) if self.device.type == "cuda" else None
             ),
         )
-        self._reset_window()
+        self._window.reset()
         return stats
 
     def _finish_window_or_drop(self, micro_batch_size: int | None = None) -> StepStats:
