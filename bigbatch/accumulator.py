@@ -239,6 +239,7 @@ class Accumulator:
         Call it after the loop over an epoch; gradients never leak into the next window.
         Returns the step's stats, or None when nothing was pending or it was dropped.
         """
+        self._refuse_inside_micro_step("flush()")
         if self._window.micro_steps == 0:
             return None
         if self.last_window == "drop":
@@ -306,6 +307,7 @@ class Accumulator:
 
     def state_dict(self) -> dict[str, Any]:
         """The engine's own state (scaler, auto micro-batch size, step count); not model or optimizer."""
+        self._refuse_inside_micro_step("state_dict()")
         if self._window.micro_steps:
             raise ConfigError("a window is open; save at an optimizer-step boundary (after flush()).")
         return {
@@ -316,6 +318,7 @@ class Accumulator:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore what `state_dict()` returned, at an optimizer-step boundary."""
+        self._refuse_inside_micro_step("load_state_dict()")
         if self._window.micro_steps:
             raise ConfigError("a window is open; load the state before its first micro-step or after flush().")
         missing = sorted({"optimizer_steps", "auto_micro_batch_size"} - state.keys())
@@ -327,6 +330,10 @@ class Accumulator:
             self._scaler.load_state_dict(state["scaler"])
 
     # -- the window -------------------------------------------------------
+
+    def _refuse_inside_micro_step(self, what: str) -> None:
+        if self._in_micro_step:
+            raise ConfigError(f"{what} was called inside `with acc.accumulate():`; call it after the block.")
 
     def _step_micro_batch_size(self, n: int) -> int:
         if self.micro_batch_size == "auto":

@@ -175,3 +175,21 @@ def test_an_error_before_backward_keeps_the_window():
     full_batch_step(ref, ref_opt, concat(window))
     assert acc.optimizer_steps == 1
     assert max_param_diff(ref, ours) < TOL
+
+
+def test_flush_and_state_dict_inside_a_micro_step_are_refused():
+    """Inside the block the micro-step is not counted yet: flushing or saving there would lose it."""
+    ref = mlp()
+    ours = twin(ref)
+    ref_opt = torch.optim.SGD(ref.parameters(), lr=0.4)
+    acc = bb.Accumulator(ours, torch.optim.SGD(ours.parameters(), lr=0.4), accumulation_steps=2)
+    (x, y), second = micro_batches([3, 2], seed=1)
+    with acc.accumulate():
+        acc.backward(F.cross_entropy(ours(x), y), count=len(x))
+        for call in (acc.flush, acc.state_dict, lambda: acc.load_state_dict({})):
+            with pytest.raises(bb.ConfigError, match="inside `with acc.accumulate"):
+                call()
+    run_loop(acc, ours, [second])  # the window goes on, whole
+    full_batch_step(ref, ref_opt, concat([(x, y), second]))
+    assert acc.optimizer_steps == 1
+    assert max_param_diff(ref, ours) < TOL
