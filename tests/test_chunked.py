@@ -92,7 +92,9 @@ def test_bf16_autocast_is_close_to_the_unchunked_loss():
         ref = bb.token_cross_entropy(F.linear(h32, w32), labels)
         out = bb.chunked_cross_entropy(h32, w32, labels, chunk_size=5)
     assert out.total.dtype == torch.float32
-    torch.testing.assert_close(out.total, ref.total, rtol=1e-2, atol=1e-2)
+    # Each row's logits are the same bf16 matmul chunked or not: only the float32 sum
+    # over rows differs. The head's gradient sums over rows in bf16 in the plain loss.
+    torch.testing.assert_close(out.total, ref.total, rtol=1e-5, atol=1e-5)
     for g_ref, g_out in zip(grads(ref.total, h32, w32), grads(out.total, h32, w32)):
         assert g_out.dtype == torch.float32
         torch.testing.assert_close(g_out, g_ref, rtol=3e-2, atol=3e-2)
