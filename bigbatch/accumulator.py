@@ -115,6 +115,11 @@ class Accumulator:
             raise ConfigError(f'last_window must be "step" or "drop", got {last_window!r}.')
         if max_grad_norm is not None and not max_grad_norm > 0:
             raise ConfigError(f"max_grad_norm must be > 0 (or None for no clipping), got {max_grad_norm!r}.")
+        if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+            raise ConfigError(
+                "ReduceLROnPlateau steps on a metric the engine does not have; pass scheduler=None "
+                "and call scheduler.step(val_loss) yourself after each evaluation."
+            )
         fast = FastMicroStep.parse(fast_micro_step)
         if fast is not None and accumulation_steps is not None and not fast.cudagraphs:
             raise ConfigError(

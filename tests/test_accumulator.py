@@ -39,6 +39,14 @@ def test_bad_settings_name_the_fix(kwargs, match):
         make(**kwargs)
 
 
+def test_a_scheduler_that_needs_a_metric_is_refused():
+    model = nn.Linear(4, 3)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    plateau = torch.optim.lr_scheduler.ReduceLROnPlateau(opt)
+    with pytest.raises(bb.ConfigError, match=r"ReduceLROnPlateau.*scheduler.step\(val_loss\) yourself"):
+        bb.Accumulator(model, opt, micro_batch_size=2, scheduler=plateau)
+
+
 def test_model_and_optimizer_swapped():
     model = nn.Linear(4, 3)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
