@@ -1,11 +1,9 @@
 """The engine: one optimizer step per logical batch, exact however the batch is split.
 
-Every micro-step backpropagates a *sum* of per-item losses (a sample mean times
-its sample count, or a `LossSum`), divided by a reference `ref` fixed for the
-window so gradients keep the size of a mean. The window's item count is summed
-on the device (and across ranks); at the end of the window the gradient is
-multiplied once by `ref / total`, so it is the gradient of the mean loss over
-every item of the logical batch. Then: unscale (fp16), clip, step, schedule,
+Every micro-step backpropagates a *sum* of per-item losses divided by a constant
+`ref`, and counts its items; at the end of the window the gradient is rescaled
+once to the mean over every item of the logical batch (the rule and its
+bookkeeping: bigbatch/window.py). Then: unscale (fp16), clip, step, schedule,
 zero. Nothing reads a device value on the host during a window.
 """
 
@@ -27,6 +25,7 @@ from .oom import RngSnapshot, release_memory
 from .precision import Float32Grads, autocast_dtype, make_scaler
 from .probes import warn_if_batch_coupled
 from .stats import StepStats
+from .window import Window
 
 LossFn = Callable[[nn.Module, Batch], torch.Tensor | LossSum]
 
@@ -63,8 +62,10 @@ class Accumulator:
         precision: "fp32", "bf16" or "fp16" (autocast; fp16 brings a GradScaler).
         last_window: what flush() does with a window the data cut short:
             "step" it, normalised by what it holds, or "drop" it.
-        skip_nonfinite: skip a step whose gradient norm or loss is inf/NaN (one
-            host sync per optimizer step; fp16 always skips through its scaler).
+        skip_nonfinite: skip a step whose gradient norm or loss is inf/NaN, or whose
+            window holds no item (every token ignored): one host sync per optimizer
+            step. fp16 always skips through its scaler. With False nothing is
+            checked, and an empty window steps a zero gradient.
         sync_each_micro_step: FSDP2 only; reduce-scatter every micro-step,
             spending communication to keep sharded gradients (less memory).
         fast_micro_step: "compile" (torch.compile the step API's loss_fn) or
@@ -75,8 +76,6 @@ class Accumulator:
     every step. Limits: layers that couple samples (BatchNorm) see micro-batch
     statistics, so no split can be exact for them (see `bb.verify`).
     """
-
-    _ref: float | torch.Tensor | None  # the window's loss divisor (see module docstring)
 
     def __init__(
         self,
@@ -93,6 +92,11 @@ class Accumulator:
         sync_each_micro_step: bool = False,
         fast_micro_step: Literal["compile", "cudagraphs"] | FastMicroStep | None = None,
     ) -> None:
+        if not isinstance(model, nn.Module) or not isinstance(optimizer, torch.optim.Optimizer):
+            raise ConfigError(
+                "Accumulator(model, optimizer, ...) takes an nn.Module and a torch.optim.Optimizer, "
+                f"got {type(model).__name__} and {type(optimizer).__name__}."
+            )
         if (accumulation_steps is None) == (micro_batch_size is None):
             raise ConfigError(
                 "give exactly one of accumulation_steps= (loop API: micro-steps per optimizer "
@@ -111,6 +115,11 @@ class Accumulator:
             raise ConfigError(f'last_window must be "step" or "drop", got {last_window!r}.')
         if max_grad_norm is not None and not max_grad_norm > 0:
             raise ConfigError(f"max_grad_norm must be > 0 (or None for no clipping), got {max_grad_norm!r}.")
+        if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+            raise ConfigError(
+                "ReduceLROnPlateau steps on a metric the engine does not have; pass scheduler=None "
+                "and call scheduler.step(val_loss) yourself after each evaluation."
+            )
         fast = FastMicroStep.parse(fast_micro_step)
         if fast is not None and accumulation_steps is not None and not fast.cudagraphs:
             raise ConfigError(
@@ -140,6 +149,12 @@ class Accumulator:
         self._params = [
             p for group in optimizer.param_groups for p in group["params"] if p.requires_grad
         ]
+        if self._scaler is not None and any(p.dtype == torch.float16 for p in self._params):
+            raise ConfigError(
+                'precision="fp16" needs float32 parameters (autocast runs the fp16 compute; '
+                "GradScaler cannot unscale fp16 gradients): keep the model in float32, or hold "
+                'it in bfloat16 with precision="bf16".'
+            )
         self.fast_micro_step = fast
         self._compiled_loss = CompiledLoss(fast) if fast is not None else None
         self._mark_micro_steps = fast is not None and fast.cudagraphs
@@ -162,8 +177,8 @@ class Accumulator:
         self._seed_key: tuple[float, torch.dtype, torch.device] | None = None
         self._seed = torch.ones(())  # replaced on the first micro-step
         self._sync_gradients = False
+        self._window = Window(self.device, self._sync, accumulation_steps)
         optimizer.zero_grad(set_to_none=True)
-        self._reset_window()
 
     # -- public: loop API -------------------------------------------------
 
@@ -173,7 +188,12 @@ class Accumulator:
         return self._sync_gradients
 
     def accumulate(self) -> contextlib.AbstractContextManager[None]:
-        """One micro-step of the loop API; the last of a window steps the optimizer on exit."""
+        """One micro-step of the loop API; the last of a window steps the optimizer on exit.
+
+        If the block raises after `acc.backward` began (or the step on exit fails),
+        the whole window is dropped, as the step API drops it: its gradients can no
+        longer be made exact. An error before `acc.backward` leaves the window as it was.
+        """
         # One object reused every micro-step (blocks cannot nest): a generator-based
         # context manager allocates two objects a micro-step, and the garbage collector
         # they wake costs more than the plain loop can spare at micro-batch 1.
@@ -187,9 +207,9 @@ class Accumulator:
             )
         if self._in_micro_step:
             raise ConfigError("accumulate() blocks cannot be nested; close the first one.")
-        if self._micro_steps == 0:
+        if self._window.micro_steps == 0:
             self._start_window()
-        self._sync_gradients = self._micro_steps + 1 == self.accumulation_steps
+        self._sync_gradients = self._window.micro_steps + 1 == self.accumulation_steps
         self._in_micro_step = True
         self._backward_called = False
         if self._mark_micro_steps:
@@ -199,19 +219,24 @@ class Accumulator:
     def _close_micro_step(self, failed: bool) -> None:
         self._in_micro_step = False
         if failed:
+            # After a backward began, the window holds part of this micro-batch's
+            # gradient and its count: no later micro-step can make it exact again.
+            if self._backward_called:
+                self._drop_window()
             return
         if not self._backward_called:
             raise LossError("an accumulate() block ended without acc.backward(loss, count=...).")
-        self._micro_steps += 1
+        self._window.micro_steps += 1
         if self._sync_gradients:
-            self.last_stats = self._finish_window()
+            self.last_stats = self._finish_window_or_drop()
 
     def backward(self, loss: torch.Tensor | LossSum, count: Count | None = None) -> None:
         """Backpropagate one micro-batch's loss: a mean over `count` samples, or a LossSum."""
         if not self._in_micro_step:
             raise ConfigError("call acc.backward(...) inside `with acc.accumulate():`.")
-        self._add(*split_loss(loss, count))
+        value, count, is_sum = split_loss(loss, count)  # a bad loss raises here, touching nothing
         self._backward_called = True
+        self._add(value, count, is_sum)
 
     def flush(self) -> StepStats | None:
         """End a window the data cut short: step what it holds, or drop it (`last_window`).
@@ -219,14 +244,19 @@ class Accumulator:
         Call it after the loop over an epoch; gradients never leak into the next window.
         Returns the step's stats, or None when nothing was pending or it was dropped.
         """
-        if self._micro_steps == 0:
+        self._refuse_inside_micro_step("flush()")
+        if self._window.micro_steps == 0:
             return None
         if self.last_window == "drop":
             self._drop_window()
             return None
-        self._sync.sync_now_(self._params, self._float32_grads.buffers)
+        try:
+            self._sync.sync_now_(self._params, self._float32_grads.buffers)
+        except BaseException:
+            self._drop_window()
+            raise
         self._sync_gradients = True
-        self.last_stats = self._finish_window()
+        self.last_stats = self._finish_window_or_drop()
         return self.last_stats
 
     # -- public: step API -------------------------------------------------
@@ -247,8 +277,6 @@ class Accumulator:
                 "step() is the step API and needs micro_batch_size=; with "
                 "accumulation_steps= use `with acc.accumulate(): acc.backward(...)`."
             )
-        if self._micro_steps:
-            raise ConfigError("a loop-API window is open; call acc.flush() before acc.step().")
         n = batch_size(batch)
         auto = self.micro_batch_size == "auto"
         rng = RngSnapshot(self.device) if auto else None
@@ -262,13 +290,9 @@ class Accumulator:
                     raise
                 failed, reason = size, str(error).split("\n")[0]
             else:
-                try:
-                    # Not retried on OOM: a smaller micro-batch does not shrink the
-                    # optimizer's memory, and the step may have changed parameters.
-                    return self._finish_window(micro_batch_size=size)
-                except BaseException:
-                    self._drop_window()
-                    raise
+                # Not retried on OOM: a smaller micro-batch does not shrink the
+                # optimizer's memory, and the step may have changed parameters.
+                return self._finish_window_or_drop(micro_batch_size=size)
             # Outside the except block, so the traceback's frames (and the
             # activations they hold) are gone before the retry.
             self._drop_window()
@@ -288,7 +312,8 @@ class Accumulator:
 
     def state_dict(self) -> dict[str, Any]:
         """The engine's own state (scaler, auto micro-batch size, step count); not model or optimizer."""
-        if self._micro_steps:
+        self._refuse_inside_micro_step("state_dict()")
+        if self._window.micro_steps:
             raise ConfigError("a window is open; save at an optimizer-step boundary (after flush()).")
         return {
             "optimizer_steps": self.optimizer_steps,
@@ -297,12 +322,23 @@ class Accumulator:
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what `state_dict()` returned, at an optimizer-step boundary."""
+        self._refuse_inside_micro_step("load_state_dict()")
+        if self._window.micro_steps:
+            raise ConfigError("a window is open; load the state before its first micro-step or after flush().")
+        missing = sorted({"optimizer_steps", "auto_micro_batch_size"} - state.keys())
+        if missing:
+            raise ConfigError(f"not an Accumulator state (missing {missing}); pass what acc.state_dict() returned.")
         self.optimizer_steps = state["optimizer_steps"]
         self._auto_micro_batch_size = state["auto_micro_batch_size"]
         if self._scaler is not None and state.get("scaler"):
             self._scaler.load_state_dict(state["scaler"])
 
     # -- the window -------------------------------------------------------
+
+    def _refuse_inside_micro_step(self, what: str) -> None:
+        if self._in_micro_step:
+            raise ConfigError(f"{what} was called inside `with acc.accumulate():`; call it after the block.")
 
     def _step_micro_batch_size(self, n: int) -> int:
         if self.micro_batch_size == "auto":
@@ -318,9 +354,7 @@ class Accumulator:
         if self._compiled_loss is not None:
             loss_fn = self._compiled_loss(loss_fn)
         self._start_window()
-        # The step API sees the whole batch: with sample-mean losses ref equals the
-        # total and the final rescale is skipped.
-        self._ref = float(n) if self._sync.world_size == 1 else 1.0
+        self._window.start_step(n)  # the step API sees the whole batch
         for i, piece in enumerate(pieces):
             last = i == len(pieces) - 1
             with self._micro_step_context(sync=last):
@@ -328,7 +362,7 @@ class Accumulator:
                 # split_batch cuts `size` samples per piece, the rest into the last one.
                 count = n - i * size if last else size
                 self._add(*split_loss(out, None if isinstance(out, LossSum) else count))
-            self._micro_steps += 1
+            self._window.micro_steps += 1
 
     def _micro_step_context(self, sync: bool) -> contextlib.AbstractContextManager[Any]:
         if self._bare_micro_step:
@@ -339,22 +373,15 @@ class Accumulator:
             stack.enter_context(torch.autocast(self.device.type, dtype=self._autocast_dtype))
         return stack
 
-    def _reset_window(self) -> None:
-        self._micro_steps = 0
-        self._ref = None
-        self._count_int = 0  # counts given as Python ints
-        self._count_tensor: torch.Tensor | None = None  # counts given as tensors
-        self._loss_sum: torch.Tensor | None = None
-
     def _start_window(self) -> None:
-        self._reset_window()
+        self._window.reset()
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
 
     def _drop_window(self) -> None:
         self.optimizer.zero_grad(set_to_none=True)
         self._float32_grads.clear()
-        self._reset_window()
+        self._window.reset()
         self._sync_gradients = False
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
@@ -368,32 +395,19 @@ class Accumulator:
         down anyway), from a tensor cached while the scale stays the same; the loss
         is summed for the stats with one in-place add.
         """
-        if self._ref is None:
-            self._ref = self._first_ref(count)
-        if isinstance(count, torch.Tensor):
-            count = count.detach().to(self.device, torch.int64)
-            # The first is copied: a CUDA graph's next replay may overwrite its memory.
-            self._count_tensor = count.clone() if self._count_tensor is None else self._count_tensor + count
-        else:
-            self._count_int += count
+        window = self._window
+        count = window.count(count)
+        ref = window.ref
+        assert ref is not None
         seed: torch.Tensor | None = None
-        if isinstance(count, int) and isinstance(self._ref, float) and self._scaler is None:
+        if isinstance(count, int) and isinstance(ref, float) and self._scaler is None:
             weight = 1 if is_sum else count
-            detached = value.detach()
-            if self._loss_sum is None:  # a fresh tensor: `* weight` never aliases the loss
-                self._loss_sum = detached.to(torch.promote_types(value.dtype, torch.float32)) * weight
-            else:
-                self._loss_sum.add_(detached, alpha=weight)
-            out, seed = value, self._backward_seed(weight / self._ref, value)
+            window.add_loss(value.detach(), weight)
+            out, seed = value, self._backward_seed(weight / ref, value)
         else:
             total = value if is_sum else value * count
-            out = total / self._ref
-            detached = total.detach()
-            if self._loss_sum is None:
-                # A copy, never an alias: a model may hand back the same output tensor every call.
-                self._loss_sum = detached.to(torch.promote_types(value.dtype, torch.float32), copy=True)
-            else:
-                self._loss_sum.add_(detached)
+            window.add_loss(total.detach())
+            out = total / ref
             if self._scaler is not None:
                 out = self._scaler.scale(out)
         if self._autocast_dtype is None:
@@ -409,48 +423,6 @@ class Accumulator:
             self._seed_key = key
         return self._seed
 
-    def _first_ref(self, count: Count) -> float | torch.Tensor:
-        # Any constant makes the result exact (the final rescale divides it out);
-        # this one keeps accumulated gradients the size of a mean gradient. Across
-        # ranks it must be the same number, so there it is 1.
-        if self._sync.world_size > 1:
-            return 1.0
-        steps = self.accumulation_steps or 1
-        if isinstance(count, torch.Tensor):
-            return count.detach().to(self.device, torch.float64).clamp_min(1) * steps
-        return float(max(count, 1) * steps)
-
-    def _global_count(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(item count, loss sum) of the window over all ranks, on the device."""
-        # torch.full, not torch.tensor: a fill on the device, no blocking host-to-device copy.
-        count = torch.full((), self._count_int, device=self.device, dtype=torch.int64)
-        if self._count_tensor is not None:
-            count = count + self._count_tensor
-        assert self._loss_sum is not None
-        if self._sync.world_size == 1:
-            return count, self._loss_sum
-        both = torch.stack([count.double(), self._loss_sum.double()])
-        self._sync.all_reduce_sum_(both)  # one small collective per window
-        return both[0].round().long(), both[1]
-
-    def _rescale(self, count: torch.Tensor) -> torch.Tensor | None:
-        """The factor that turns accumulated gradients into the mean gradient; None when 1."""
-        assert self._ref is not None
-        exact = (
-            self._sync.world_size == 1
-            and self._count_tensor is None
-            and isinstance(self._ref, float)
-            and self._ref == self._count_int
-        )
-        if exact:
-            return None
-        dtype = torch.float32 if self.device.type == "mps" else torch.float64
-        # A Python number stays a kernel argument; torch.as_tensor would copy it to the device.
-        numerator = self._ref * self._sync.mean_divisor
-        if isinstance(numerator, torch.Tensor):
-            numerator = numerator.to(dtype)
-        return numerator / count.to(dtype).clamp_min(1)
-
     def _grads(self) -> list[torch.Tensor]:
         """The window's accumulated gradients: float32 buffers where kept, else `.grad`."""
         buffers = self._float32_grads.buffers
@@ -462,11 +434,13 @@ class Accumulator:
         return grads
 
     def _finish_window(self, micro_batch_size: int | None = None) -> StepStats:
-        count, loss_sum = self._global_count()
-        grads = self._grads()
+        count, loss_sum = self._window.totals()
         if self._scaler is not None:
+            # GradScaler unscales (and checks) `.grad` only: round the float32 sums into it first.
+            self._float32_grads.write_back_()
             self._scaler.unscale_(self.optimizer)
-        factor = self._rescale(count)
+        grads = self._grads()
+        factor = self._window.rescale(count)
         if factor is not None and grads:
             torch._foreach_mul_(grads, factor)
         grad_norm = full_tensor(torch.nn.utils.get_total_norm(grads, foreach=True))  # FSDP2: all shards
@@ -478,7 +452,7 @@ class Accumulator:
         self._float32_grads.write_back_()
         loss = loss_sum / count.clamp_min(1)
         lr = float(self.optimizer.param_groups[0]["lr"])
-        skipped = not self._optimizer_step(loss, grad_norm)
+        skipped = not self._optimizer_step(loss, grad_norm, count)
         if not skipped:
             self.optimizer_steps += 1
             if self.scheduler is not None:
@@ -490,18 +464,34 @@ class Accumulator:
             grad_norm=grad_norm,
             lr=lr,
             micro_batch_size=micro_batch_size,
-            micro_steps=self._micro_steps,
+            micro_steps=self._window.micro_steps,
             skipped=skipped,
             peak_memory_bytes=(
                 torch.cuda.max_memory_allocated(self.device) if self.device.type == "cuda" else None
             ),
         )
-        self._reset_window()
+        self._window.reset()
         return stats
 
-    def _optimizer_step(self, loss: torch.Tensor, grad_norm: torch.Tensor) -> bool:
-        """Step unless the gradient is non-finite; True if the optimizer stepped."""
+    def _finish_window_or_drop(self, micro_batch_size: int | None = None) -> StepStats:
+        """`_finish_window`, but a failure (an OOM in the optimizer's state, say) drops the
+        window before it propagates, so the next window starts clean in either API."""
+        try:
+            return self._finish_window(micro_batch_size)
+        except BaseException:
+            self._drop_window()
+            raise
+
+    def _optimizer_step(self, loss: torch.Tensor, grad_norm: torch.Tensor, count: torch.Tensor) -> bool:
+        """Step unless the gradient is non-finite or the window holds no item; True if stepped.
+
+        A window without items (every token ignored) has no mean loss, and stepping
+        its zero gradient would still apply weight decay and momentum.
+        """
         if self._scaler is not None:
+            if not bool(count > 0):  # this path syncs anyway (get_scale)
+                self._scaler.update()  # ends the unscale_ of this step; no inf was found
+                return False
             scale = self._scaler.get_scale()
             self._scaler.step(self.optimizer)
             self._scaler.update()
@@ -509,8 +499,8 @@ class Accumulator:
         if self.skip_nonfinite:
             # x - x is exactly 0 for a finite x and NaN for inf or NaN: three cheap ops
             # where isfinite() twice costs eight (it runs every optimizer step).
-            finite = (grad_norm - grad_norm) + (loss - loss) == 0
-            if not bool(finite):  # the one host sync per optimizer step
+            ok = ((grad_norm - grad_norm) + (loss - loss) == 0) & (count > 0)
+            if not bool(ok):  # the one host sync per optimizer step
                 return False
         self.optimizer.step()
         return True

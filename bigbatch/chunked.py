@@ -61,7 +61,8 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
                 picked = logits.gather(1, torch.where(valid, y, 0)[:, None])[:, 0]
                 total = total + torch.where(valid, row_lse - picked, 0).sum()  # -log softmax[y]
                 lse.append(row_lse)
-        ctx.save_for_backward(hidden, weight, bias, labels, torch.cat(lse))
+        lse_all = torch.cat(lse) if lse else total.new_empty(0)  # no rows: nothing to recompute
+        ctx.save_for_backward(hidden, weight, bias, labels, lse_all)
         ctx.ignore_index, ctx.chunk_size, ctx.dtype = ignore_index, chunk_size, dtype
         return total
 
@@ -135,6 +136,11 @@ def chunked_cross_entropy(
         raise ValueError(
             f"head_weight {tuple(head_weight.shape)} must be (vocab, {hidden.shape[-1]}), "
             "like nn.Linear(d, vocab).weight."
+        )
+    if bias is not None and tuple(bias.shape) != (head_weight.shape[0],):
+        raise ValueError(
+            f"bias {tuple(bias.shape)} must be ({head_weight.shape[0]},), one per vocabulary entry "
+            "(the rows of head_weight)."
         )
     if chunk_size is None:
         chunk_size = max(1, _CHUNK_ELEMENTS // head_weight.shape[0])

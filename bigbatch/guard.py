@@ -61,6 +61,11 @@ class Guard:
     """Watches one optimizer's accumulation loop; see `bb.guard`. Close it to remove the hooks."""
 
     def __init__(self, optimizer: torch.optim.Optimizer, *, accumulation_steps: int, scheduler: Any = None):
+        if not isinstance(optimizer, torch.optim.Optimizer):
+            raise ConfigError(
+                f"guard watches an optimizer, got {type(optimizer).__name__}; "
+                "pass the one your loop steps: bb.guard(optimizer, accumulation_steps=N)."
+            )
         if not isinstance(accumulation_steps, int) or accumulation_steps < 1:
             raise ConfigError(f"accumulation_steps must be an int >= 1, got {accumulation_steps!r}.")
         self.optimizer = optimizer

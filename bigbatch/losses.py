@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import operator
 from dataclasses import dataclass
 from typing import Any
 
@@ -59,12 +60,6 @@ def token_cross_entropy(
     return LossSum(total, (labels != ignore_index).sum())
 
 
-def as_loss_sum(loss: Any, count: Count | None) -> tuple[torch.Tensor, Count]:
-    """A loss as (sum over items, item count), validated."""
-    value, count, is_sum = split_loss(loss, count)
-    return (value if is_sum else value * count), count
-
-
 def split_loss(loss: Any, count: Count | None) -> tuple[torch.Tensor, Count, bool]:
     """A loss as (value, item count, value is a sum), validated; a mean is not multiplied out.
 
@@ -77,7 +72,8 @@ def split_loss(loss: Any, count: Count | None) -> tuple[torch.Tensor, Count, boo
                 "a scalar loss is a mean, and bigbatch must know over how many samples: "
                 "call acc.backward(loss, count=len(x)), or pass bb.LossSum(sum_of_losses, n)."
             )
-        if isinstance(count, bool) or (isinstance(count, int) and count < 1):
+        count = _whole_count(count, "count")
+        if isinstance(count, int) and count < 1:
             raise LossError(
                 f"count must be a positive number of samples, got {count!r}; "
                 "skip micro-batches with no samples, or return a LossSum for masked items."
@@ -86,7 +82,7 @@ def split_loss(loss: Any, count: Count | None) -> tuple[torch.Tensor, Count, boo
     elif isinstance(loss, LossSum):
         if count is not None:
             raise LossError("a LossSum carries its own count; drop the count= argument.")
-        value, count, is_sum = loss.total, loss.count, True
+        value, count, is_sum = loss.total, _whole_count(loss.count, "LossSum count"), True
         if isinstance(count, int) and count < 0:
             raise LossError(f"LossSum count must be >= 0, got {count}.")
     else:
@@ -106,3 +102,27 @@ def split_loss(loss: Any, count: Count | None) -> tuple[torch.Tensor, Count, boo
             "or are all parameters frozen?"
         )
     return value, count, is_sum
+
+
+def _whole_count(count: Any, what: str) -> Count:
+    """`count` as an int or a 0-d tensor; a fraction, a vector or a non-number is an error.
+
+    A tensor's value is not checked: that would read it on the host every micro-step.
+    """
+    if type(count) is int:  # the common case, every micro-step: one check
+        return count
+    if isinstance(count, torch.Tensor):
+        if count.dim() != 0:
+            raise LossError(
+                f"{what} must be one number of items, got a tensor of shape {tuple(count.shape)}; "
+                "sum it over the micro-batch (e.g. mask.sum())."
+            )
+        return count
+    if isinstance(count, float) and count.is_integer():
+        return int(count)
+    if not isinstance(count, bool):
+        try:
+            return operator.index(count)  # int, numpy integers
+        except TypeError:
+            pass
+    raise LossError(f"{what} must be a whole number of items, got {count!r}; pass an int such as len(x).")

@@ -12,11 +12,16 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from torch.utils.hooks import RemovableHandle
+from torch.utils.weak import WeakIdKeyDictionary
 
 from .errors import ConfigError
 
 _AUTOCAST = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 _LOW_PRECISION = (torch.bfloat16, torch.float16)
+# The one hook per parameter that moves its gradient aside. Keyed by identity
+# (a tensor's == is elementwise), weakly, so a freed model frees its entry.
+_HOOKS: WeakIdKeyDictionary = WeakIdKeyDictionary()
 
 
 def autocast_dtype(precision: str) -> torch.dtype | None:
@@ -33,13 +38,20 @@ def make_scaler(precision: str, device: torch.device) -> torch.amp.GradScaler | 
 
 
 class Float32Grads:
-    """Accumulates the gradients of low-precision parameters in float32 buffers."""
+    """Accumulates the gradients of low-precision parameters in float32 buffers.
+
+    A parameter has one owner: the newest `Float32Grads` over it (an Accumulator
+    rebuilt on the same model) takes its gradients, the older one no longer does.
+    """
 
     def __init__(self, params: list[nn.Parameter]) -> None:
         self.params = params
         self.buffers: dict[nn.Parameter, torch.Tensor] = {}
         for p in params:
-            p.register_post_accumulate_grad_hook(self._move_to_buffer)
+            old: RemovableHandle | None = _HOOKS.get(p)
+            if old is not None:
+                old.remove()
+            _HOOKS[p] = p.register_post_accumulate_grad_hook(self._move_to_buffer)
 
     @classmethod
     def for_params(cls, params: list[nn.Parameter], *, every: bool = False) -> Float32Grads:

@@ -22,7 +22,7 @@ class StepStats:
     lr: float  # the learning rate this step used
     micro_batch_size: int | None
     micro_steps: int
-    skipped: bool  # non-finite gradient: the optimizer did not step
+    skipped: bool  # the optimizer did not step: a non-finite gradient or loss, or no item
     peak_memory_bytes: int | None  # CUDA only
 
     def to_dict(self) -> dict[str, Any]:

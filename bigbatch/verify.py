@@ -235,6 +235,12 @@ def verify(
     on the cast dtype (if float64 fails, the model's own dtype is used); a DDP or
     FSDP-wrapped model should be verified unwrapped.
     """
+    if not isinstance(model, nn.Module):
+        raise ConfigError(f"verify checks an nn.Module, got {type(model).__name__}.")
+    if not callable(loss_fn):
+        raise ConfigError(
+            f"loss_fn must be callable as loss_fn(model, batch) -> loss, got {type(loss_fn).__name__}."
+        )
     n = batch_size(batch)
     if n < 2:
         raise ConfigError(f"verify needs a batch of at least 2 samples to split, got {n}.")

@@ -39,6 +39,21 @@ def test_bad_settings_name_the_fix(kwargs, match):
         make(**kwargs)
 
 
+def test_a_scheduler_that_needs_a_metric_is_refused():
+    model = nn.Linear(4, 3)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    plateau = torch.optim.lr_scheduler.ReduceLROnPlateau(opt)
+    with pytest.raises(bb.ConfigError, match=r"ReduceLROnPlateau.*scheduler.step\(val_loss\) yourself"):
+        bb.Accumulator(model, opt, micro_batch_size=2, scheduler=plateau)
+
+
+def test_model_and_optimizer_swapped():
+    model = nn.Linear(4, 3)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.raises(bb.ConfigError, match="takes an nn.Module and a torch.optim.Optimizer, got SGD and Linear"):
+        bb.Accumulator(opt, model, micro_batch_size=2)
+
+
 def test_empty_batch():
     _, acc = make(micro_batch_size=2)
     with pytest.raises(bb.BatchError, match="empty"):
@@ -76,6 +91,16 @@ def test_loop_api_count_rules():
             acc.backward(loss_fn(model, (x, y)), count=0)
         with pytest.raises(bb.LossError, match="carries its own count"):
             acc.backward(bb.LossSum(loss_fn(model, (x, y)), 4), count=4)
+        with pytest.raises(bb.LossError, match="whole number of items, got 2.5"):
+            acc.backward(loss_fn(model, (x, y)), count=2.5)
+        with pytest.raises(bb.LossError, match="whole number of items, got True"):
+            acc.backward(loss_fn(model, (x, y)), count=True)
+        with pytest.raises(bb.LossError, match=r"one number of items, got a tensor of shape \(4,\)"):
+            acc.backward(bb.LossSum(loss_fn(model, (x, y)), torch.ones(4, dtype=torch.long)))
+        with pytest.raises(bb.LossError, match="LossSum count must be a whole number"):
+            acc.backward(bb.LossSum(loss_fn(model, (x, y)), "4"))
+        with pytest.raises(bb.LossError, match="LossSum count must be >= 0, got -1"):
+            acc.backward(bb.LossSum(loss_fn(model, (x, y)), -1))
         acc.backward(loss_fn(model, (x, y)), count=4)
 
 
@@ -117,6 +142,12 @@ def test_state_dict_round_trip_and_open_window_refused():
         acc.state_dict()
     acc.flush()
     state = acc.state_dict()
-    _, other = make(accumulation_steps=2)
+    other_model, other = make(accumulation_steps=2)
     other.load_state_dict(state)
     assert other.optimizer_steps == acc.optimizer_steps == 1
+    with pytest.raises(bb.ConfigError, match=r"not an Accumulator state \(missing \['auto_micro_batch_size'\]\)"):
+        other.load_state_dict({"optimizer_steps": 3})
+    with other.accumulate():
+        other.backward(loss_fn(other_model, (torch.zeros(2, 4), torch.zeros(2, dtype=torch.long))), count=2)
+    with pytest.raises(bb.ConfigError, match="window is open"):
+        other.load_state_dict(state)

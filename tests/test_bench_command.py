@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 from bigbatch.cli import main
 
 
@@ -21,3 +23,18 @@ def test_bench_prints_a_row_per_method_and_micro_batch_and_writes_a_png(tmp_path
     assert all(float(r[2].replace(",", "")) > 0 for r in rows)  # tokens/s
     assert [r[4] for r in rows if r[1] == "plain"] == ["1.000", "1.000"]  # its own reference
     assert out.stat().st_size > 0
+
+
+@pytest.mark.parametrize(
+    "argv,message",
+    [
+        (["--steps", "0"], "--steps must be >= 1, got 0."),
+        (["--repeats", "0"], "--repeats must be >= 1, got 0."),
+        (["--warmup", "-1"], "--warmup must be >= 0, got -1."),
+        (["--batch-size", "0"], "--batch-size must be >= 1, got 0."),
+        (["--micro-batch-sizes", "4", "0"], "--micro-batch-sizes must all be >= 1, got [4, 0]."),
+    ],
+)
+def test_bad_arguments_exit_2_with_the_rule(argv, message, capsys):
+    assert main(["bench", "--device", "cpu", *argv]) == 2
+    assert capsys.readouterr().err.strip() == f"bigbatch bench: {message}"

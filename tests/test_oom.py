@@ -242,3 +242,17 @@ def test_real_cuda_oom_halves_and_matches_a_run_that_fitted():
     finally:
         torch.cuda.set_per_process_memory_fraction(1.0, device)
         torch.cuda.empty_cache()
+
+
+def test_a_resumed_engine_starts_at_the_micro_batch_size_that_fitted():
+    """state_dict carries the size found by OOM: the resumed run does not hit the OOM again."""
+    model = OOMAbove(budget=3)
+    acc = bb.Accumulator(model, torch.optim.SGD(model.parameters(), lr=0.3), micro_batch_size="auto")
+    acc.step(data(10, seed=0), loss_fn)
+    resumed_model = OOMAbove(budget=3)
+    resumed = bb.Accumulator(resumed_model, torch.optim.SGD(resumed_model.parameters(), lr=0.3),
+                             micro_batch_size="auto")
+    resumed.load_state_dict(acc.state_dict())
+    assert resumed.step(data(10, seed=1), loss_fn).micro_batch_size == 2
+    assert [entry for entry in resumed_model.log if entry[1] != "ok"] == []
+    assert resumed.optimizer_steps == 2

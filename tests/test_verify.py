@@ -187,10 +187,20 @@ def test_the_default_split_has_several_micro_batches():
     assert report.micro_steps >= 2 and report.passed
 
 
-@pytest.mark.parametrize("n,m", [(1, 1), (8, 8), (8, 0)])
-def test_a_split_that_checks_nothing_is_refused(n, m):
-    with pytest.raises(bb.ConfigError):
+@pytest.mark.parametrize(
+    "n,m,match",
+    [(1, 1, "at least 2 samples"), (8, 8, "holds the whole batch of 8"), (8, 0, "must be an int >= 1, got 0")],
+)
+def test_a_split_that_checks_nothing_is_refused(n, m, match):
+    with pytest.raises(bb.ConfigError, match=match):
         bb.verify(mlp(), classification_data(n), sample_mean_loss, micro_batch_size=m)
+
+
+def test_arguments_of_the_wrong_kind_are_named():
+    with pytest.raises(bb.ConfigError, match="checks an nn.Module, got function"):
+        bb.verify(lambda x: x, classification_data(4), sample_mean_loss)
+    with pytest.raises(bb.ConfigError, match="loss_fn must be callable.*got str"):
+        bb.verify(mlp(), classification_data(4), "cross_entropy")
 
 
 def test_table_lists_parameters_worst_first():

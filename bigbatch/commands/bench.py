@@ -28,6 +28,7 @@ import copy
 import gc
 import importlib.util
 import statistics
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -299,7 +300,23 @@ def plot(rows: list[dict[str, Any]], path: Path, title: str) -> None:
     plt.close(fig)
 
 
+def _bad_argument(args: argparse.Namespace) -> str | None:
+    """What is wrong with the command line, or None; checked before any model is built."""
+    least = {"--steps": (args.steps, 1), "--repeats": (args.repeats, 1), "--warmup": (args.warmup, 0),
+             "--batch-size": (args.batch_size, 1), "--seq-len": (args.seq_len, 2)}  # fmt: skip
+    for flag, (value, low) in least.items():
+        if value is not None and value < low:
+            return f"{flag} must be >= {low}, got {value}."
+    if args.micro_batch_sizes and min(args.micro_batch_sizes) < 1:
+        return f"--micro-batch-sizes must all be >= 1, got {args.micro_batch_sizes}."
+    return None
+
+
 def run(args: argparse.Namespace) -> int:
+    bad = _bad_argument(args)
+    if bad is not None:
+        print(f"bigbatch bench: {bad}", file=sys.stderr)
+        return 2
     rows = run_bench(args)
     print_table(rows)
     plot(rows, args.out, f"bigbatch bench: {args.model}")

@@ -95,3 +95,101 @@ def test_loop_and_step_api_agree_bit_for_bit():
     run_loop(loop, a, data)
     step.step(concat(data), sample_mean_loss)
     assert max_param_diff(a, b) < TOL
+
+
+class _FailsOnce(torch.optim.SGD):
+    """SGD whose first step raises, as an OOM while creating optimizer state would."""
+
+    failed = False
+
+    def step(self, closure=None):
+        if not self.failed:
+            self.failed = True
+            raise RuntimeError("injected optimizer failure")
+        return super().step(closure)
+
+
+def test_a_failed_optimizer_step_drops_the_window_and_the_next_window_is_exact():
+    first, second = micro_batches([3, 2], seed=1), micro_batches([2, 4], seed=2)
+    ref = mlp()
+    ours = twin(ref)
+    ref_opt = torch.optim.SGD(ref.parameters(), lr=0.4, momentum=0.9)
+    acc = bb.Accumulator(ours, _FailsOnce(ours.parameters(), lr=0.4, momentum=0.9), accumulation_steps=2)
+    with pytest.raises(RuntimeError, match="injected"):
+        run_loop(acc, ours, first)
+    assert all(p.grad is None for p in ours.parameters())
+    assert not acc.sync_gradients
+    full_batch_step(ref, ref_opt, concat(second))  # the failed window never happened
+    run_loop(acc, ours, second)
+    assert acc.optimizer_steps == 1
+    assert max_param_diff(ref, ours) < TOL
+
+
+def test_a_failed_flush_drops_the_window():
+    ref = mlp()
+    ours = twin(ref)
+    ref_opt = torch.optim.SGD(ref.parameters(), lr=0.4)
+    acc = bb.Accumulator(ours, _FailsOnce(ours.parameters(), lr=0.4), accumulation_steps=3)
+    run_loop(acc, ours, micro_batches([3], seed=1))
+    with pytest.raises(RuntimeError, match="injected"):
+        acc.flush()
+    assert all(p.grad is None for p in ours.parameters())
+    assert acc.flush() is None  # nothing pending any more
+    window = micro_batches([2, 3, 1], seed=2)
+    full_batch_step(ref, ref_opt, concat(window))
+    run_loop(acc, ours, window)
+    assert max_param_diff(ref, ours) < TOL
+
+
+def test_an_error_after_backward_drops_the_window_and_nothing_leaks():
+    ref = mlp()
+    ours = twin(ref)
+    ref_opt = torch.optim.SGD(ref.parameters(), lr=0.4, momentum=0.9)
+    acc = bb.Accumulator(ours, torch.optim.SGD(ours.parameters(), lr=0.4, momentum=0.9), accumulation_steps=3)
+    (x0, y0), (x1, y1) = micro_batches([3, 2], seed=1)
+    run_loop(acc, ours, [(x0, y0)])
+    with pytest.raises(KeyError):
+        with acc.accumulate():
+            acc.backward(F.cross_entropy(ours(x1), y1), count=len(x1))
+            raise KeyError("the user's code fails after backward")
+    assert all(p.grad is None for p in ours.parameters())
+    window = micro_batches([2, 3, 1], seed=2)
+    full_batch_step(ref, ref_opt, concat(window))
+    run_loop(acc, ours, window)
+    assert acc.optimizer_steps == 1
+    assert max_param_diff(ref, ours) < TOL
+
+
+def test_an_error_before_backward_keeps_the_window():
+    """A forward that fails before backward touched nothing: the window goes on, exact."""
+    ref = mlp()
+    ours = twin(ref)
+    ref_opt = torch.optim.SGD(ref.parameters(), lr=0.4)
+    acc = bb.Accumulator(ours, torch.optim.SGD(ours.parameters(), lr=0.4), accumulation_steps=2)
+    window = micro_batches([3, 2], seed=1)
+    run_loop(acc, ours, window[:1])
+    with pytest.raises(KeyError):
+        with acc.accumulate():
+            raise KeyError("a forward that fails, e.g. out of memory")
+    run_loop(acc, ours, window[1:])
+    full_batch_step(ref, ref_opt, concat(window))
+    assert acc.optimizer_steps == 1
+    assert max_param_diff(ref, ours) < TOL
+
+
+def test_flush_and_state_dict_inside_a_micro_step_are_refused():
+    """Inside the block the micro-step is not counted yet: flushing or saving there would lose it."""
+    ref = mlp()
+    ours = twin(ref)
+    ref_opt = torch.optim.SGD(ref.parameters(), lr=0.4)
+    acc = bb.Accumulator(ours, torch.optim.SGD(ours.parameters(), lr=0.4), accumulation_steps=2)
+    (x, y), second = micro_batches([3, 2], seed=1)
+    with acc.accumulate():
+        acc.backward(F.cross_entropy(ours(x), y), count=len(x))
+        for call in (acc.flush, acc.state_dict, lambda: acc.load_state_dict({})):
+            with pytest.raises(bb.ConfigError, match="inside `with acc.accumulate"):
+                call()
+    run_loop(acc, ours, [second])  # the window goes on, whole
+    full_batch_step(ref, ref_opt, concat([(x, y), second]))
+    assert acc.optimizer_steps == 1
+    assert max_param_diff(ref, ours) < TOL

@@ -203,3 +203,36 @@ def test_reported_loss_and_norm_do_not_depend_on_the_split():
         seen.append((stats.loss.item(), stats.grad_norm.item()))
     for loss, norm in seen[1:]:
         assert abs(loss - seen[0][0]) < TOL and abs(norm - seen[0][1]) < TOL
+
+
+@pytest.mark.parametrize("api", ["step", "loop"])
+@pytest.mark.parametrize("n,micro_batch_size", [(10, 3), (7, 2)])
+def test_fp16_scaler_unscales_before_normalising_and_clipping(n, micro_batch_size, api):
+    """The GradScaler path, exactly: autocast leaves float64 alone, so only the scale acts.
+
+    Scaling by 2**16 and back is exact, so the update must equal the full-batch
+    float64 one to rounding, with clipping active on the unscaled, normalised norm.
+    """
+    ref = mlp()
+    ours = twin(ref)
+    ref_opt = torch.optim.SGD(ref.parameters(), lr=0.3, momentum=0.9)
+    our_opt = torch.optim.SGD(ours.parameters(), lr=0.3, momentum=0.9)
+    pieces = -(-n // micro_batch_size)
+    split = {"micro_batch_size": micro_batch_size} if api == "step" else {"accumulation_steps": pieces}
+    acc = bb.Accumulator(ours, our_opt, precision="fp16", max_grad_norm=0.05, **split)
+    for step in range(3):
+        batch = classification_data(n, seed=step)
+        ref_loss, ref_norm = full_batch_step(ref, ref_opt, batch, max_grad_norm=0.05)
+        assert ref_norm > 0.05  # premise: clipping acts
+        if api == "step":
+            stats = acc.step(batch, sample_mean_loss)
+        else:
+            for x, y in zip(*(t.split(micro_batch_size) for t in batch)):
+                with acc.accumulate():
+                    acc.backward(sample_mean_loss(ours, (x, y)), count=len(x))
+            stats = acc.last_stats
+        assert not stats.skipped
+        assert abs(stats.grad_norm.item() - ref_norm.item()) < TOL
+        assert abs(stats.loss.item() - ref_loss.item()) < TOL
+        assert max_param_diff(ref, ours) < TOL
+    assert acc._scaler.get_scale() == 2.0**16  # the scale was in play all along

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from torch import nn
 
@@ -117,3 +118,42 @@ def test_micro_batch_with_only_ignored_labels_gives_no_nan():
     assert all(torch.isfinite(p).all() for p in model.parameters())
     empty = bb.token_cross_entropy(torch.zeros(2, 3, VOCAB), torch.full((2, 3), PAD))
     assert empty.total.item() == 0 and empty.count.item() == 0 and empty.mean().item() == 0
+
+
+@pytest.mark.parametrize("api", ["step", "loop"])
+def test_a_window_without_any_valid_token_is_skipped_not_stepped(api):
+    """No item, no mean: stepping would still apply weight decay and momentum to nothing.
+
+    The full-batch mean over zero tokens is 0/0; the window is reported skipped
+    (loss 0, count 0), the optimizer, its state and the scheduler stay where they
+    were, and the next window matches the full-batch reference that never saw it.
+    """
+    ref = TinyLM()
+    ours = twin(ref)
+    ref_opt = torch.optim.AdamW(ref.parameters(), lr=0.05, weight_decay=0.1)
+    our_opt = torch.optim.AdamW(ours.parameters(), lr=0.05, weight_decay=0.1)
+    ref_sched = torch.optim.lr_scheduler.StepLR(ref_opt, step_size=1, gamma=0.5)
+    our_sched = torch.optim.lr_scheduler.StepLR(our_opt, step_size=1, gamma=0.5)
+    kwargs = {"micro_batch_size": 2} if api == "step" else {"accumulation_steps": 2}
+    acc = bb.Accumulator(ours, our_opt, scheduler=our_sched, **kwargs)
+
+    def run(batch):
+        if api == "step":
+            return acc.step(batch, token_loss)
+        for piece in zip(batch[0].split(2), batch[1].split(2)):
+            with acc.accumulate():
+                acc.backward(token_loss(ours, piece))
+        return acc.last_stats
+
+    stats = run(padded_batch([0, 0, 0, 0], seed=1, max_len=3))
+    assert stats.skipped and stats.count.item() == 0 and stats.loss.item() == 0
+    assert acc.optimizer_steps == 0 and our_sched.last_epoch == 0
+    assert max_param_diff(ref, ours) == 0 and not our_opt.state
+    batch = padded_batch([3, 1, 4, 2], seed=2)
+    ref_opt.zero_grad()
+    oracle_token_mean(ref, batch).backward()
+    ref_opt.step()
+    ref_sched.step()
+    assert not run(batch).skipped
+    assert max_param_diff(ref, ours) < TOL
+    assert our_opt.param_groups[0]["lr"] == ref_opt.param_groups[0]["lr"]

@@ -1,0 +1,109 @@
+"""One accumulation window's bookkeeping: its item count, its loss sum, and the rule that makes it exact.
+
+Every micro-step backpropagates a *sum* of per-item losses (a sample mean times
+its sample count, or a `LossSum`), divided by a reference `ref` fixed for the
+window so gradients keep the size of a mean. The window's item count is summed
+on the device (and across ranks); at the end of the window the gradient is
+multiplied once by `ref / total`, so it is the gradient of the mean loss over
+every item of the logical batch. Nothing here reads a device value on the host.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .distributed import GradSync
+from .losses import Count
+
+
+def _exact_dtype(device: torch.device) -> torch.dtype:
+    """The dtype of the divisor and the rescale: float64, float32 where there is none (MPS)."""
+    return torch.float32 if device.type == "mps" else torch.float64
+
+
+class Window:
+    """The micro-steps since the last optimizer step: how many, their items, their summed loss."""
+
+    micro_steps: int
+    ref: float | torch.Tensor | None  # the loss divisor, fixed by the first micro-step (or the step API)
+
+    def __init__(self, device: torch.device, sync: GradSync, accumulation_steps: int | None) -> None:
+        self.device = device
+        self.sync = sync
+        self.accumulation_steps = accumulation_steps
+        self.reset()
+
+    def reset(self) -> None:
+        self.micro_steps = 0
+        self.ref = None
+        self.count_int = 0  # counts given as Python ints
+        self.count_tensor: torch.Tensor | None = None  # counts given as tensors
+        self.loss_sum: torch.Tensor | None = None
+
+    def start_step(self, n: int) -> None:
+        """A step-API window over `n` samples: with sample-mean losses ref is the total, and
+        the final rescale is skipped. Across ranks ref must be the same number, so there 1."""
+        self.reset()
+        self.ref = float(n) if self.sync.world_size == 1 else 1.0
+
+    def count(self, count: Count) -> Count:
+        """Add one micro-batch's items; returns the count as the engine uses it (on the device)."""
+        if self.ref is None:
+            self.ref = self._first_ref(count)
+        if isinstance(count, torch.Tensor):
+            count = count.detach().to(self.device, torch.int64)
+            # The first is copied: a CUDA graph's next replay may overwrite its memory.
+            self.count_tensor = count.clone() if self.count_tensor is None else self.count_tensor + count
+        else:
+            self.count_int += count
+        return count
+
+    def add_loss(self, detached: torch.Tensor, weight: int = 1) -> None:
+        """Add `weight * detached` to the loss sum (for the stats), in float32 at least."""
+        if self.loss_sum is None:
+            # `* weight` makes a fresh tensor: never an alias of a loss the model may reuse.
+            self.loss_sum = detached.to(torch.promote_types(detached.dtype, torch.float32)) * weight
+        else:
+            self.loss_sum.add_(detached, alpha=weight)
+
+    def _first_ref(self, count: Count) -> float | torch.Tensor:
+        # Any constant makes the result exact (the final rescale divides it out);
+        # this one keeps accumulated gradients the size of a mean gradient. Across
+        # ranks it must be the same number, so there it is 1.
+        if self.sync.world_size > 1:
+            return 1.0
+        steps = self.accumulation_steps or 1
+        if isinstance(count, torch.Tensor):
+            return count.detach().to(self.device, _exact_dtype(self.device)).clamp_min(1) * steps
+        return float(max(count, 1) * steps)
+
+    def totals(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(item count, loss sum) of the window over all ranks, on the device."""
+        # torch.full, not torch.tensor: a fill on the device, no blocking host-to-device copy.
+        count = torch.full((), self.count_int, device=self.device, dtype=torch.int64)
+        if self.count_tensor is not None:
+            count = count + self.count_tensor
+        assert self.loss_sum is not None
+        if self.sync.world_size == 1:
+            return count, self.loss_sum
+        both = torch.stack([count.double(), self.loss_sum.double()])
+        self.sync.all_reduce_sum_(both)  # one small collective per window
+        return both[0].round().long(), both[1]
+
+    def rescale(self, count: torch.Tensor) -> torch.Tensor | None:
+        """The factor that turns accumulated gradients into the mean gradient; None when 1."""
+        assert self.ref is not None
+        exact = (
+            self.sync.world_size == 1
+            and self.count_tensor is None
+            and isinstance(self.ref, float)
+            and self.ref == self.count_int
+        )
+        if exact:
+            return None
+        dtype = _exact_dtype(self.device)
+        # A Python number stays a kernel argument; torch.as_tensor would copy it to the device.
+        numerator = self.ref * self.sync.mean_divisor
+        if isinstance(numerator, torch.Tensor):
+            numerator = numerator.to(dtype)
+        return numerator / count.to(dtype).clamp_min(1)
