@@ -61,6 +61,8 @@ def save_sharded(
             shutil.rmtree(final)
         os.replace(tmp, final)
         fsync_path(final.parent)
+        for stale in final.parent.glob(".step-*.tmp"):  # left by a run killed mid-write
+            shutil.rmtree(stale, ignore_errors=True)
 
 
 def read_run_state(path: Path) -> dict[str, Any]:

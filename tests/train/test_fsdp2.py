@@ -28,7 +28,7 @@ from tests.train.conftest import TINY
 
 pytestmark = pytest.mark.distributed
 
-OVERRIDES = ["train.dtype=float64", "train.steps=4", "checkpoint.every=2", "task.n_layers=2",
+OVERRIDES = ["train.dtype=float64", "train.steps=4", "checkpoint.every=1", "checkpoint.keep=2", "task.n_layers=2",
              "batch.logical_batch_size=13", "batch.micro_batch_size=4", "train.eval_every=2"]  # fmt: skip
 
 
@@ -58,7 +58,7 @@ def test_fsdp2_two_ranks_equal_one_process(fsdp2_run):
     assert stdout.count("bigbatch train: task text") == 1  # only rank 0 prints
     assert "x 2 ranks (FSDP2)" in stdout and "activation checkpointing on" in stdout
     ckpts = list_checkpoints(run / "checkpoints")
-    assert [s for s, _ in ckpts] == [2, 4] and all(p.is_dir() for _, p in ckpts)
+    assert [s for s, _ in ckpts] == [3, 4] and all(p.is_dir() for _, p in ckpts)  # keep = 2
     assert len(list(ckpts[-1][1].glob("*.distcp"))) == 2  # each rank wrote its shards
 
     single = Trainer(TrainConfig.load(overrides=[*overrides, "run.name=single"]))
@@ -87,11 +87,12 @@ def test_fsdp2_resume_skips_an_unfinished_newest_checkpoint_and_continues_identi
     shutil.copytree(run, copy)
     newest = list_checkpoints(copy / "checkpoints")[-1][1]
     (newest / MARKER).unlink()  # as if killed before the write finished: counts as corrupt
+    (copy / "checkpoints" / ".step-0000005.tmp").mkdir()  # a write cut short by a kill
     done = _torchrun([], "--resume", str(copy))
     assert done.returncode == 0, done.stderr[-3000:]
-    assert "resumed at step 2" in done.stdout
+    assert "resumed at step 3" in done.stdout
     assert "cannot be loaded" in done.stderr  # the warning names the skipped checkpoint
-    assert [s for s, _ in list_checkpoints(copy / "checkpoints")] == [2, 4]
+    assert [p.name for p in sorted((copy / "checkpoints").iterdir())] == ["step-0000003", "step-0000004"]
     whole, resumed = (load_full_state(list_checkpoints(r / "checkpoints")[-1][1]) for r in (run, copy))
     for key in whole["model"]:
         assert torch.equal(resumed["model"][key], whole["model"][key]), key
