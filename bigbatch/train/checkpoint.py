@@ -5,12 +5,15 @@ disk, then renamed over its final name, so a crash leaves either the old set
 or the new one, never half a file under a checkpoint's name. Loading uses
 `torch.load(weights_only=True)` (no pickled code runs); a newest checkpoint
 that is corrupt or truncated is skipped with a warning and the one before it used.
+Under FSDP2 a checkpoint is a step directory instead (bigbatch.train.sharded_checkpoint);
+listing, keep-last-K and the fallback treat both kinds alike.
 """
 
 from __future__ import annotations
 
 import os
 import re
+import shutil
 import tempfile
 import warnings
 from pathlib import Path
@@ -18,8 +21,9 @@ from typing import Any
 
 import torch
 
-_NAME = re.compile(r"^step-(\d+)\.pt$")
-REQUIRED = ("step", "model", "optimizer", "accumulator", "rng", "samples_seen")
+_NAME = re.compile(r"^step-(\d+)(\.pt)?$")  # a file, or an FSDP2 step directory
+REQUIRED: tuple[str, ...] = ("step", "model", "optimizer", "accumulator", "rng", "samples_seen")
+REQUIRED_SHARDED: tuple[str, ...] = ("step", "accumulator", "rng", "samples_seen", "world_size")
 
 
 class CheckpointWarning(UserWarning):
@@ -30,6 +34,10 @@ def checkpoint_path(directory: Path, step: int) -> Path:
     return directory / f"step-{step:07d}.pt"
 
 
+def sharded_checkpoint_path(directory: Path, step: int) -> Path:
+    return directory / f"step-{step:07d}"
+
+
 def list_checkpoints(directory: Path) -> list[tuple[int, Path]]:
     """(step, path) of every checkpoint in `directory`, oldest first."""
     if not directory.is_dir():
@@ -37,7 +45,7 @@ def list_checkpoints(directory: Path) -> list[tuple[int, Path]]:
     found = []
     for path in directory.iterdir():
         match = _NAME.match(path.name)
-        if match:
+        if match and (match.group(2) is not None or path.is_dir()):
             found.append((int(match.group(1)), path))
     return sorted(found)
 
@@ -56,16 +64,24 @@ def save_checkpoint(directory: Path, step: int, state: dict[str, Any], keep: int
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-    _fsync_dir(directory)
-    for _, old in list_checkpoints(directory)[:-keep]:
-        old.unlink(missing_ok=True)
+    fsync_path(directory)
+    prune_checkpoints(directory, keep)
     return final
 
 
-def _fsync_dir(directory: Path) -> None:
-    # The rename itself is durable only once the folder's entry is on disk.
+def prune_checkpoints(directory: Path, keep: int) -> None:
+    """Delete all but the newest `keep` checkpoints (files or step directories)."""
+    for _, old in list_checkpoints(directory)[:-keep]:
+        if old.is_dir():
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            old.unlink(missing_ok=True)
+
+
+def fsync_path(path: Path) -> None:
+    """Flush a folder's entries (a rename is durable only once they are on disk) or a file."""
     try:
-        fd = os.open(directory, os.O_RDONLY)
+        fd = os.open(path, os.O_RDONLY)
     except OSError:  # pragma: no cover - platforms without directory fds
         return
     try:
@@ -77,13 +93,23 @@ def _fsync_dir(directory: Path) -> None:
 def load_latest_checkpoint(directory: Path) -> dict[str, Any] | None:
     """The newest readable checkpoint in `directory`, or None if there is none.
 
-    A checkpoint that fails to load (truncated, corrupt, missing keys) is
-    skipped with a `CheckpointWarning` naming it.
+    A checkpoint that fails to load (truncated, corrupt, missing keys; a step
+    directory without its completion marker) is skipped with a
+    `CheckpointWarning` naming it. For a step directory the state holds the
+    non-tensor part and "sharded": its path (model and optimizer load with
+    `sharded_checkpoint.load_sharded`, on every rank).
     """
+    from .sharded_checkpoint import read_run_state
+
     for step, path in reversed(list_checkpoints(directory)):
         try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-            missing = [k for k in REQUIRED if k not in state]
+            if path.is_dir():
+                state = read_run_state(path)
+                required = REQUIRED_SHARDED
+            else:
+                state = torch.load(path, map_location="cpu", weights_only=True)
+                required = REQUIRED
+            missing = [k for k in required if k not in state]
             if missing:
                 raise ValueError(f"missing {', '.join(missing)}")
             if state["step"] != step:
@@ -96,5 +122,7 @@ def load_latest_checkpoint(directory: Path) -> dict[str, Any] | None:
                 stacklevel=2,
             )
             continue
+        if path.is_dir():
+            state["sharded"] = path
         return state
     return None

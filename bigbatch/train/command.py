@@ -8,6 +8,7 @@
     bigbatch train --set train.checkpointing=true --set train.fast_micro_step=compile
     bigbatch train --resume runs/mine                 # continue from the newest checkpoint
     torchrun --nproc-per-node 2 -m bigbatch train     # the same logical batch over 2 processes
+    torchrun --nproc-per-node 2 -m bigbatch train --set train.parallel=fsdp2   # ... with sharded parameters
 
 Every option maps to one config field (see bigbatch.train.config); the
 resolved config is saved as runs/NAME/config.toml.

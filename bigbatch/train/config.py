@@ -9,7 +9,7 @@ unknown key is an error that names the nearest valid one. A bare key
     [batch]          logical_batch_size, micro_batch_size (or "auto"), accumulation_steps,
                      max_memory ("8GiB": the memory planner picks micro-batch, checkpointing, compile)
     [optim]          name, lr, lr_scaling, reference_batch_size, warmup_steps, schedule, ...
-    [train]          steps, seed, device, precision, dtype, eval_every, max_nonfinite_steps, ...
+    [train]          steps, seed, device, precision, dtype, parallel ("ddp" | "fsdp2"), eval_every, ...
     [checkpoint]     every, keep
     [run]            name, dir
 """
@@ -91,6 +91,10 @@ class TrainSection:
     max_nonfinite_steps: int = 5  # stop after this many non-finite steps in a row
     sample_length: int = 300  # characters generated at the end (text task)
     progress: bool = True
+    # Under torchrun: "ddp" replicates the model on every rank; "fsdp2" shards each
+    # repeated block and the root with fully_shard (parameters, gradients and optimizer
+    # state split over ranks; checkpoints become distributed checkpoints). Ignored in one process.
+    parallel: Literal["ddp", "fsdp2"] = "ddp"
     # CPU threads for torch on a CPU run (0: torch's default). One suits the small
     # built-in models: on a busy 2-core machine, threads of small ops wait on each
     # other and two threads ran 5-20x slower than one.

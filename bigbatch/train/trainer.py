@@ -30,14 +30,22 @@ from ..errors import ConfigError
 from ..lr import scale_lr
 from ..tasks import Task, build_task
 from .batching import BatchPlan, resolve_batch
-from .checkpoint import list_checkpoints, load_latest_checkpoint, save_checkpoint
+from .checkpoint import (
+    list_checkpoints,
+    load_latest_checkpoint,
+    prune_checkpoints,
+    save_checkpoint,
+    sharded_checkpoint_path,
+)
 from .config import TrainConfig
 from .memory_plan import describe as describe_plan
 from .memory_plan import plan_memory
 from .metrics import MetricsLog, plot_losses, write_summary
+from .parallel import check_fsdp2_batch, wrap_model
 from .progress import Progress, memory_text
 from .runtime import Runtime
 from .sampler import Sampler
+from .sharded_checkpoint import load_sharded, save_sharded
 
 _DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
@@ -85,8 +93,11 @@ class Trainer:
         resume: a run directory to continue from its newest readable checkpoint.
 
     Under torchrun the logical batch is global: each rank takes its share of every
-    logical batch, the model is wrapped in DistributedDataParallel, and only rank 0
-    prints, logs and writes checkpoints. Limits: resume needs the same world size.
+    logical batch, and the model is wrapped in DistributedDataParallel (only rank 0
+    writes checkpoints) or, with train.parallel = "fsdp2", sharded with `fully_shard`
+    (every rank writes its shards into a distributed checkpoint, and evaluation and
+    sampling run on all ranks together). Only rank 0 prints and logs. Limits: resume
+    needs the same world size.
     """
 
     def __init__(self, config: TrainConfig, *, task: Task | None = None, resume: str | Path | None = None) -> None:
@@ -95,6 +106,12 @@ class Trainer:
         self.runtime = Runtime.from_env(config.train.device)
         rt, b, o = self.runtime, config.batch, config.optim
         planning = b.max_memory is not None and resume is None
+        self.sharded = config.train.parallel == "fsdp2" and rt.world_size > 1
+        if self.sharded and planning:
+            raise ConfigError(
+                'batch.max_memory plans for the whole model in one process, not for FSDP2 shards; '
+                'under train.parallel = "fsdp2" give batch.micro_batch_size (`bigbatch plan` suggests one).'
+            )
         micro = None if planning and b.micro_batch_size == "auto" else b.micro_batch_size  # the planner picks it
         self.plan: BatchPlan = resolve_batch(b.logical_batch_size, micro, b.accumulation_steps, rt.world_size)
         options = dict(config.task.options)
@@ -122,15 +139,11 @@ class Trainer:
                 config, rt, model, self._batch_at(0, rt.world_size - 1), self._loss_fn, self._make_optimizer
             )
             self.plan = resolve_batch(b.logical_batch_size, b.micro_batch_size, b.accumulation_steps, rt.world_size)
+        if self.sharded:
+            check_fsdp2_batch(self.plan)
         if config.train.checkpointing:
             checkpoint_blocks(model)
-        if rt.world_size > 1:
-            # broadcast_buffers=False: a buffer broadcast in every forward would be a
-            # collective per micro-step, and ranks may run different numbers of them.
-            model = nn.parallel.DistributedDataParallel(
-                model, device_ids=[rt.device] if rt.device.type == "cuda" else None, broadcast_buffers=False
-            )
-        self.model = model
+        model = self.model = wrap_model(model, config.train.parallel, rt)  # the optimizer comes after it
         self.optimizer = self._make_optimizer([p for p in model.parameters() if p.requires_grad])
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, _schedule(config))
         fast = config.train.fast_micro_step
@@ -186,13 +199,23 @@ class Trainer:
         return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
 
     def state_dict(self) -> dict[str, Any]:
-        """Everything the next step depends on (every rank's RNG state included)."""
+        """Everything the next step depends on (every rank's RNG state included).
+
+        Under FSDP2 "model" and "optimizer" hold this rank's shards (DTensors);
+        `save` writes those with torch.distributed.checkpoint instead.
+        """
+        return {
+            **self._run_state(),
+            "model": self._unwrapped().state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+        }
+
+    def _run_state(self) -> dict[str, Any]:
+        """The state besides model and optimizer (a collective: the RNG gather)."""
         return {
             "step": self.step,
             "samples_seen": self.samples_seen,
             "world_size": self.runtime.world_size,
-            "model": self._unwrapped().state_dict(),
-            "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "accumulator": self.accumulator.state_dict(),
             "rng": self.runtime.gather(_rng_state(self.runtime.device)),
@@ -202,11 +225,24 @@ class Trainer:
         }
 
     def save(self) -> None:
-        """A checkpoint of this step (rank 0 writes; every rank waits until it is on disk)."""
+        """A checkpoint of this step (rank 0 writes; every rank waits until it is on disk).
+
+        Under FSDP2 every rank writes its shards into a step directory (see
+        bigbatch.train.sharded_checkpoint).
+        """
+        rt, keep = self.runtime, self.config.checkpoint.keep
+        if self.sharded:
+            run_state = self._run_state()  # a collective: every rank calls it
+            path = sharded_checkpoint_path(self.checkpoint_dir, self.step)
+            save_sharded(path, self.model, self.optimizer, run_state, rt)
+            if rt.is_main:
+                prune_checkpoints(self.checkpoint_dir, keep)
+            rt.barrier()
+            return
         state = self.state_dict()  # a collective (the RNG gather): every rank calls it
-        if self.runtime.is_main:
-            save_checkpoint(self.checkpoint_dir, self.step, state, self.config.checkpoint.keep)
-        self.runtime.barrier()
+        if rt.is_main:
+            save_checkpoint(self.checkpoint_dir, self.step, state, keep)
+        rt.barrier()
 
     def _load(self) -> None:
         state = load_latest_checkpoint(self.checkpoint_dir)
@@ -222,8 +258,17 @@ class Trainer:
                 f"the checkpoint was written by {state['world_size']} processes and this run has "
                 f"{self.runtime.world_size}; resume with the same number (torchrun --nproc-per-node)."
             )
-        self._unwrapped().load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
+        if ("sharded" in state) != self.sharded:  # a step directory or a file
+            written, now = ("ddp", "fsdp2") if self.sharded else ("fsdp2", "ddp")
+            raise ConfigError(
+                f"the checkpoint was written with train.parallel = {written!r} and this run uses {now!r}; "
+                f"resume with --set train.parallel={written}."
+            )
+        if self.sharded:
+            load_sharded(state["sharded"], self.model, self.optimizer)
+        else:
+            self._unwrapped().load_state_dict(state["model"])
+            self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.accumulator.load_state_dict(state["accumulator"])
         _set_rng_state(state["rng"][self.runtime.rank], self.runtime.device)
@@ -259,7 +304,7 @@ class Trainer:
         baselines = self.task.baselines() if rt.is_main else {}
         self._print(
             f"bigbatch train: task {self.task.name} ({self.num_parameters:,} parameters) on {rt.device}"
-            + (f" x {rt.world_size} ranks" if rt.world_size > 1 else "")
+            + (f" x {rt.world_size} ranks" + (" (FSDP2)" if self.sharded else " (DDP)") if rt.world_size > 1 else "")
             + f"\n  {self.plan.describe()}"
             + (f"\n  {describe_plan(self.memory_plan)}" if self.memory_plan else "")
             + ("\n  activation checkpointing on" if cfg.train.checkpointing else "")
@@ -282,8 +327,10 @@ class Trainer:
             while self.step < cfg.train.steps:
                 row = self._train_step()
                 if self.step % cfg.train.eval_every == 0 or self.step == cfg.train.steps:
-                    if rt.is_main:
+                    # Under FSDP2 every forward all-gathers: all ranks evaluate together.
+                    if rt.is_main or self.sharded:
                         row.update(self.task.evaluate(self.model))
+                    if rt.is_main:
                         progress.write(f"step {self.step}: val loss {row['val_loss']:.4f}")
                 if metrics is not None:
                     metrics.write(row)
@@ -292,7 +339,8 @@ class Trainer:
                 if (every and self.step % every == 0) or self.step == cfg.train.steps:
                     self.save()
             progress.close()
-            summary = self._finish(metrics, baselines) if rt.is_main else {}
+            sample = self._sample() if rt.is_main or self.sharded else None
+            summary = self._finish(metrics, baselines, sample) if rt.is_main else {}
         finally:
             if flush:
                 torch.set_flush_denormal(False)
@@ -323,7 +371,16 @@ class Trainer:
         row.update(step=self.step, items_per_s=row["count"] / seconds, seconds=seconds)
         return {"step": row.pop("step"), **row}
 
-    def _finish(self, metrics: MetricsLog | None, baselines: dict[str, float]) -> dict[str, Any]:
+    def _sample(self) -> str | None:
+        """Text generated by the trained model (text task; on every rank under FSDP2)."""
+        generate = getattr(self.task, "generate", None)
+        if generate is None or self.config.train.sample_length <= 0:
+            return None
+        generator = torch.Generator().manual_seed(self.config.train.seed)  # the same tokens on every rank
+        text: str = generate(self.model, "\n", self.config.train.sample_length, generator=generator)
+        return text
+
+    def _finish(self, metrics: MetricsLog | None, baselines: dict[str, float], sample: str | None) -> dict[str, Any]:
         rows = metrics.rows if metrics is not None else []
         losses = [r["loss"] for r in rows[-20:] if math.isfinite(r["loss"])]
         final: dict[str, Any] = next((r for r in reversed(rows) if "val_loss" in r), {})
@@ -348,10 +405,8 @@ class Trainer:
         if self.memory_plan is not None:
             summary["memory_plan"] = self.memory_plan
         plot_losses(rows, self.run_dir / "loss.png", baselines, f"{self.task.name}: {self.plan.describe()}")
-        generate = getattr(self.task, "generate", None)
-        if generate is not None and self.config.train.sample_length > 0:
-            generator = torch.Generator().manual_seed(self.config.train.seed)
-            summary["sample"] = generate(self.model, "\n", self.config.train.sample_length, generator=generator)
+        if sample is not None:
+            summary["sample"] = sample
         write_summary(self.run_dir / "summary.json", summary)
         lines = [f"done: {self.step} steps in {self.train_seconds:.0f}s of training"]
         for key, value in summary.items():

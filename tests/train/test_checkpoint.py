@@ -5,8 +5,10 @@ from bigbatch.train.checkpoint import (
     CheckpointWarning,
     list_checkpoints,
     load_latest_checkpoint,
+    prune_checkpoints,
     save_checkpoint,
 )
+from bigbatch.train.sharded_checkpoint import MARKER, RUN_STATE
 
 
 def _state(step):
@@ -40,3 +42,32 @@ def test_a_bad_newest_checkpoint_falls_back_with_a_warning(tmp_path, damage):
 
 def test_nothing_to_load(tmp_path):
     assert load_latest_checkpoint(tmp_path / "missing") is None
+
+
+def _step_dir(directory, step, complete=True):
+    """A stand-in FSDP2 step directory (the DCP shards are not read by the listing or fallback)."""
+    path = directory / f"step-{step:07d}"
+    path.mkdir(parents=True)
+    state = {k: v for k, v in _state(step).items() if k not in ("model", "optimizer")}
+    torch.save({**state, "world_size": 2}, path / RUN_STATE)
+    (path / "__0_0.distcp").write_bytes(b"shard")
+    if complete:
+        (path / MARKER).write_text("ok\n")
+    return path
+
+
+def test_step_directories_are_listed_pruned_and_skipped_without_their_marker(tmp_path):
+    for step in (1, 2, 3):
+        _step_dir(tmp_path, step)
+    (tmp_path / ".step-0000004.tmp").mkdir()  # an unfinished write: not a checkpoint
+    (tmp_path / "step-0000009").write_text("a file without .pt")  # not one either
+    prune_checkpoints(tmp_path, keep=2)
+    assert [s for s, _ in list_checkpoints(tmp_path)] == [2, 3]
+    assert not (tmp_path / "step-0000001").exists()
+    state = load_latest_checkpoint(tmp_path)
+    assert state is not None and state["step"] == 3 and state["sharded"] == tmp_path / "step-0000003"
+
+    _step_dir(tmp_path, 4, complete=False)  # killed before rank 0 marked it whole
+    with pytest.warns(CheckpointWarning, match="step-0000004.*COMPLETE"):
+        state = load_latest_checkpoint(tmp_path)
+    assert state is not None and state["step"] == 3

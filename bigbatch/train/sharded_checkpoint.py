@@ -1,0 +1,91 @@
+"""FSDP2 checkpoints: a step directory written by every rank with torch.distributed.checkpoint.
+
+    checkpoints/step-0000400/
+        .metadata, __0_0.distcp, __1_0.distcp, ...   model + optimizer, each rank its shards (DCP)
+        trainer.pt                                   the rest (step, scheduler, every rank's RNG, ...)
+        COMPLETE                                     written last: the directory is whole
+
+All ranks write into `.step-0000400.tmp/`; after a barrier rank 0 adds
+trainer.pt and COMPLETE and renames the folder to its final name, so a crash
+leaves no half-written directory under a checkpoint's name, and a directory
+without COMPLETE counts as corrupt (the loader falls back to the one before).
+Loading needs the same world size (`load_sharded` on every rank);
+`load_full_state` reads a sharded checkpoint's whole model and optimizer state
+in one process (no process group), for export or inspection.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed.checkpoint as dcp
+from torch import nn
+from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+from .checkpoint import fsync_path
+from .runtime import Runtime
+
+MARKER = "COMPLETE"
+RUN_STATE = "trainer.pt"
+
+
+def save_sharded(
+    final: Path, model: nn.Module, optimizer: torch.optim.Optimizer, run_state: dict[str, Any], runtime: Runtime
+) -> None:
+    """Write the checkpoint directory `final` (a collective: every rank calls it with the same path)."""
+    tmp = final.parent / f".{final.name}.tmp"
+    if runtime.is_main:
+        final.parent.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)  # left by a crash
+        tmp.mkdir()
+    runtime.barrier()
+    model_state, optim_state = get_state_dict(model, optimizer)
+    dcp.save({"model": model_state, "optimizer": optim_state}, checkpoint_id=tmp)
+    runtime.barrier()  # every rank's shards are on disk
+    if runtime.is_main:
+        with open(tmp / RUN_STATE, "wb") as f:
+            torch.save(run_state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        with open(tmp / MARKER, "wb") as f:
+            f.write(b"ok\n")
+            f.flush()
+            os.fsync(f.fileno())
+        fsync_path(tmp)
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        fsync_path(final.parent)
+        for stale in final.parent.glob(".step-*.tmp"):  # left by a run killed mid-write
+            shutil.rmtree(stale, ignore_errors=True)
+
+
+def read_run_state(path: Path) -> dict[str, Any]:
+    """The non-tensor state of a sharded checkpoint; raises if the directory is not whole."""
+    if not (path / MARKER).is_file():
+        raise ValueError(f"no {MARKER} marker: the write did not finish")
+    state: dict[str, Any] = torch.load(path / RUN_STATE, map_location="cpu", weights_only=True)
+    return state
+
+
+def load_sharded(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    """Load model and optimizer shards from `path` in place (every rank, the saving world size)."""
+    model_state, optim_state = get_state_dict(model, optimizer)
+    dcp.load({"model": model_state, "optimizer": optim_state}, checkpoint_id=path)  # in place
+    set_state_dict(model, optimizer, model_state_dict=model_state, optim_state_dict=optim_state)
+
+
+def load_full_state(path: str | Path) -> dict[str, Any]:
+    """{"model": ..., "optimizer": ...} of a sharded checkpoint as whole tensors, in one process."""
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "full.pt"
+        dcp_to_torch_save(path, out)
+        full: dict[str, Any] = torch.load(out, map_location="cpu", weights_only=True)
+    return full

@@ -1,0 +1,115 @@
+"""`torchrun ... train --set train.parallel=fsdp2`: sharded training equals one process, and resumes.
+
+Two CPU processes (gloo) shard the model with fully_shard (each block, then the
+root) and take 6 and 7 samples of every logical batch of 13 (different token
+counts); the parameters must equal one process training on the whole logical
+batch, in float64, to summation-order rounding. Checkpoints are distributed
+(every rank writes its shards); the whole parameters are read back with
+`load_full_state`.
+"""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from bigbatch.errors import ConfigError
+from bigbatch.train import TrainConfig, Trainer
+from bigbatch.train.batching import resolve_batch
+from bigbatch.train.checkpoint import list_checkpoints
+from bigbatch.train.parallel import check_fsdp2_batch
+from bigbatch.train.sharded_checkpoint import MARKER, load_full_state
+from tests.train.conftest import TINY
+
+pytestmark = pytest.mark.distributed
+
+OVERRIDES = ["train.dtype=float64", "train.steps=4", "checkpoint.every=1", "checkpoint.keep=2", "task.n_layers=2",
+             "batch.logical_batch_size=13", "batch.micro_batch_size=4", "train.eval_every=2"]  # fmt: skip
+
+
+def _torchrun(overrides, *args):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+           "-m", "bigbatch", "train", *[f"--set={o}" for o in overrides], *args]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
+
+
+def _rows(run: Path):
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def fsdp2_run(tmp_path_factory):
+    """One 4-step FSDP2 run (activation checkpointing on), and its overrides."""
+    root = tmp_path_factory.mktemp("fsdp2")
+    overrides = [*TINY, f'run.dir="{root / "runs"}"', *OVERRIDES]
+    done = _torchrun([*overrides, "train.parallel=fsdp2", "train.checkpointing=true"], "--name", "fsdp2")
+    assert done.returncode == 0, done.stderr[-3000:]
+    return overrides, root / "runs" / "fsdp2", done.stdout
+
+
+def test_fsdp2_two_ranks_equal_one_process(fsdp2_run):
+    overrides, run, stdout = fsdp2_run
+    assert stdout.count("bigbatch train: task text") == 1  # only rank 0 prints
+    assert "x 2 ranks (FSDP2)" in stdout and "activation checkpointing on" in stdout
+    ckpts = list_checkpoints(run / "checkpoints")
+    assert [s for s, _ in ckpts] == [3, 4] and all(p.is_dir() for _, p in ckpts)  # keep = 2
+    assert len(list(ckpts[-1][1].glob("*.distcp"))) == 2  # each rank wrote its shards
+
+    single = Trainer(TrainConfig.load(overrides=[*overrides, "run.name=single"]))
+    single.fit()
+    ref = torch.load(list_checkpoints(single.checkpoint_dir)[-1][1], weights_only=True)
+    got = load_full_state(ckpts[-1][1])
+    assert set(got["model"]) == set(ref["model"])
+    for key in ref["model"]:
+        torch.testing.assert_close(got["model"][key], ref["model"][key], rtol=0, atol=1e-12)
+    # Evaluation ran on the sharded model (all ranks together) and saw the same parameters.
+    for a, b in zip(_rows(run), _rows(single.run_dir)):
+        assert a["step"] == b["step"]
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-12)
+        if "val_loss" in b:
+            assert a["val_loss"] == pytest.approx(b["val_loss"], rel=1e-12)
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["sample"] == json.loads((single.run_dir / "summary.json").read_text())["sample"]
+    # The premise: training moved the parameters far beyond that tolerance.
+    initial = Trainer(TrainConfig.load(overrides=[*overrides, "run.name=init"]))._unwrapped().state_dict()
+    assert max(float((ref["model"][k] - initial[k]).abs().max()) for k in initial) > 1e-3
+
+
+def test_fsdp2_resume_skips_an_unfinished_newest_checkpoint_and_continues_identically(fsdp2_run):
+    _, run, _ = fsdp2_run
+    copy = run.parent / "resumed"
+    shutil.copytree(run, copy)
+    newest = list_checkpoints(copy / "checkpoints")[-1][1]
+    (newest / MARKER).unlink()  # as if killed before the write finished: counts as corrupt
+    (copy / "checkpoints" / ".step-0000005.tmp").mkdir()  # a write cut short by a kill
+    done = _torchrun([], "--resume", str(copy))
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "resumed at step 3" in done.stdout
+    assert "cannot be loaded" in done.stderr  # the warning names the skipped checkpoint
+    assert [p.name for p in sorted((copy / "checkpoints").iterdir())] == ["step-0000003", "step-0000004"]
+    whole, resumed = (load_full_state(list_checkpoints(r / "checkpoints")[-1][1]) for r in (run, copy))
+    for key in whole["model"]:
+        assert torch.equal(resumed["model"][key], whole["model"][key]), key
+    for fqn, state in whole["optimizer"]["state"].items():
+        for name, value in state.items():
+            assert torch.equal(torch.as_tensor(resumed["optimizer"]["state"][fqn][name]), torch.as_tensor(value))
+    assert [r["loss"] for r in _rows(copy)] == [r["loss"] for r in _rows(run)]
+
+
+def test_fsdp2_checkpoint_at_another_world_size_is_a_clear_error(fsdp2_run):
+    _, run, _ = fsdp2_run
+    config = TrainConfig.load(run / "config.toml")
+    with pytest.raises(ConfigError, match="written by 2 processes and this run has 1"):
+        Trainer(config, resume=run)
+
+
+def test_fsdp2_refuses_a_batch_whose_ranks_run_different_micro_step_counts():
+    check_fsdp2_batch(resolve_batch(13, 4, None, 2))  # 6 and 7 samples: 2 micro-steps each
+    with pytest.raises(ConfigError, match="2 and 3 micro-steps.*micro_batch_size = 4"):
+        check_fsdp2_batch(resolve_batch(13, 3, None, 2))  # 6 and 7 samples: 2 and 3
