@@ -358,7 +358,11 @@ class Trainer:
         seconds = time.perf_counter() - start
         self.train_seconds += seconds
         # fp16's scaler skips overflowing steps by design; only a non-finite loss counts there.
-        bad = not math.isfinite(row["loss"]) if self.config.train.precision == "fp16" else row["skipped"]
+        # A window with no items at all (every token ignored) is skipped too, but is not a blow-up.
+        if self.config.train.precision == "fp16":
+            bad = not math.isfinite(row["loss"])
+        else:
+            bad = bool(row["skipped"]) and row["count"] > 0
         self.nonfinite_in_a_row = self.nonfinite_in_a_row + 1 if bad else 0
         self.nonfinite_total += bad
         if self.nonfinite_in_a_row >= self.config.train.max_nonfinite_steps:
