@@ -12,7 +12,9 @@ every rank must run the same number of micro-steps per logical batch
 
 from __future__ import annotations
 
+import inspect
 import math
+from typing import Any
 
 from torch import nn
 
@@ -36,11 +38,16 @@ def wrap_model(model: nn.Module, parallel: str, runtime: Runtime) -> nn.Module:
             fully_shard(block)
         fully_shard(model)
         return model
-    # broadcast_buffers=False: a buffer broadcast in every forward would be a
-    # collective per micro-step, and ranks may run different numbers of them.
-    return nn.parallel.DistributedDataParallel(
-        model, device_ids=[runtime.device] if runtime.device.type == "cuda" else None, broadcast_buffers=False
+    # No buffer sync in the forward: it would be a collective per micro-step, and ranks
+    # may run different numbers of them. Newer torch names the switch forward_sync_buffers
+    # (it still syncs once at wrap time, which is what we want) and deprecates the old one.
+    ddp = nn.parallel.DistributedDataParallel
+    no_forward_sync: dict[str, Any] = (
+        {"forward_sync_buffers": False}
+        if "forward_sync_buffers" in inspect.signature(ddp.__init__).parameters
+        else {"broadcast_buffers": False}
     )
+    return ddp(model, device_ids=[runtime.device] if runtime.device.type == "cuda" else None, **no_forward_sync)
 
 
 def is_sharded(model: nn.Module) -> bool:
