@@ -72,6 +72,10 @@ class DigitsTask:
     def __post_init__(self) -> None:
         if self.norm not in NORMS:
             raise ConfigError(f"norm must be one of {', '.join(NORMS)}; got {self.norm!r}.")
+        if self.hidden < 1:
+            raise ConfigError(f"hidden must be >= 1, got {self.hidden}.")
+        if not 0 <= self.dropout < 1:
+            raise ConfigError(f"dropout must be in [0, 1), got {self.dropout}.")
         x, y = _load()
         if not 0 < self.val_size < len(y):
             raise ConfigError(f"val_size must be between 1 and {len(y) - 1}, got {self.val_size}.")

@@ -150,8 +150,11 @@ class TextTask:
     item_unit: str = field(default="tokens", init=False)
 
     def __post_init__(self) -> None:
-        if self.block_size < 1:
-            raise ConfigError(f"block_size must be >= 1, got {self.block_size}.")
+        for name, low in (("block_size", 1), ("d_model", 1), ("n_heads", 1), ("n_layers", 0), ("eval_samples", 1)):
+            if getattr(self, name) < low:
+                raise ConfigError(f"{name} must be >= {low}, got {getattr(self, name)}.")
+        if not 0 <= self.dropout < 1:
+            raise ConfigError(f"dropout must be in [0, 1), got {self.dropout}.")
         if not 0 < self.val_fraction < 1:
             raise ConfigError(f"val_fraction must be between 0 and 1, got {self.val_fraction}.")
         if self.data is None:
@@ -160,7 +163,14 @@ class TextTask:
             path = Path(self.data).expanduser()
             if not path.is_file():
                 raise ConfigError(f"text file {str(path)!r} not found; give data= the path of a UTF-8 text file.")
-            text = path.read_text(encoding="utf-8")
+            try:
+                text = path.read_text(encoding="utf-8")
+            except UnicodeDecodeError as e:
+                raise ConfigError(
+                    f"{str(path)!r} is not UTF-8 text ({e.reason} at byte {e.start}); give data= a UTF-8 text file."
+                ) from None
+        if not text.strip():
+            raise ConfigError(f"{self.data!r} holds no text; give data= a file with some text in it.")
         paragraphs = [p.strip("\n") for p in text.split("\n\n")]
         paragraphs = [p for p in paragraphs if p]
         if len(paragraphs) < 2:

@@ -145,3 +145,33 @@ def test_training_beats_the_unigram_baseline(task):
         if i == 60:
             break
     assert task.evaluate(model)["val_loss"] < task.baselines()["unigram_val_loss"] - 0.2
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        (b"", "holds no text"),
+        (b"\n\n  \n\n", "holds no text"),
+        (b"\x8e\xff\x00binary", "is not UTF-8 text"),
+    ],
+)
+def test_unusable_data_files_name_the_fix(tmp_path, content, message):
+    path = tmp_path / "data.txt"
+    path.write_bytes(content)
+    with pytest.raises(ConfigError, match=message):
+        build_task("text", data=str(path))
+
+
+@pytest.mark.parametrize(
+    "option, message",
+    [
+        ({"n_heads": 0}, "n_heads must be >= 1"),
+        ({"d_model": -4}, "d_model must be >= 1"),
+        ({"n_layers": -1}, "n_layers must be >= 0"),
+        ({"eval_samples": 0}, "eval_samples must be >= 1"),
+        ({"dropout": 1.5}, "dropout must be in"),
+    ],
+)
+def test_bad_model_sizes_name_the_fix(option, message):
+    with pytest.raises(ConfigError, match=message):
+        build_task("text", **option)
