@@ -25,6 +25,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+import torch
+
 from ..errors import ConfigError
 from ..memory import parse_memory
 from ..tasks import task_options
@@ -179,6 +181,11 @@ class TrainConfig:
             (self.optim.lr > 0, f"optim.lr must be > 0, got {self.optim.lr}"),
             (self.optim.reference_batch_size >= 1, "optim.reference_batch_size must be >= 1"),
             (self.optim.warmup_steps >= 0, "optim.warmup_steps must be >= 0"),
+            (0 <= self.optim.min_lr_ratio <= 1, f"optim.min_lr_ratio must be in [0, 1], got {self.optim.min_lr_ratio}"),
+            (0 <= self.optim.beta1 < 1, f"optim.beta1 must be in [0, 1), got {self.optim.beta1}"),
+            (0 <= self.optim.beta2 < 1, f"optim.beta2 must be in [0, 1), got {self.optim.beta2}"),
+            (self.optim.weight_decay >= 0, f"optim.weight_decay must be >= 0, got {self.optim.weight_decay}"),
+            (self.optim.momentum >= 0, f"optim.momentum must be >= 0, got {self.optim.momentum}"),
             (self.train.eval_every >= 1, "train.eval_every must be >= 1"),
             (self.train.max_nonfinite_steps >= 1, "train.max_nonfinite_steps must be >= 1"),
             (self.train.threads >= 0, "train.threads must be >= 0 (0: torch's default)"),
@@ -193,6 +200,12 @@ class TrainConfig:
                 parse_memory(self.batch.max_memory)
             except ConfigError as e:
                 raise ConfigError(f"batch.max_memory: {e}") from None
+        try:
+            torch.device(self.train.device if self.train.device != "auto" else "cpu")
+        except RuntimeError:
+            raise ConfigError(
+                f'train.device = {self.train.device!r} is not a device; write "auto", "cpu", "cuda" or "cuda:1".'
+            ) from None
         task_options(self.task.name)  # an unknown task name, with a suggestion
 
     def to_dict(self) -> dict[str, Any]:

@@ -27,6 +27,12 @@ def test_defaults_then_file_then_set(tmp_path):
         ("optim.schedule=linear", "expected 'cosine' or 'constant'"),
         ("train.steps=none", "train.steps cannot be unset"),
         ("train.steps", "--set wants key=value"),
+        ("optim.beta1=1.5", "optim.beta1 must be in"),
+        ("optim.beta2=-0.1", "optim.beta2 must be in"),
+        ("optim.weight_decay=-1", "optim.weight_decay must be >= 0"),
+        ("optim.momentum=-1", "optim.momentum must be >= 0"),
+        ("optim.min_lr_ratio=2", "optim.min_lr_ratio must be in"),
+        ("train.device=tpu", "train.device = 'tpu' is not a device"),
     ],
 )
 def test_bad_settings_name_the_fix(item, message):
