@@ -65,6 +65,7 @@ def _quote(text: str) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
+    from .interrupt import TrainingInterrupted
     from .trainer import NonFiniteLossError, Trainer
 
     trainer = None
@@ -75,6 +76,13 @@ def run(args: argparse.Namespace) -> int:
     except (ConfigError, NonFiniteLossError) as e:
         print(f"bigbatch train: error: {e}", file=sys.stderr)
         return 2 if isinstance(e, ConfigError) else 1
+    except TrainingInterrupted as e:
+        print(f"bigbatch train: {e}", file=sys.stderr)
+        return 130  # the shell's code for a SIGINT
+    except KeyboardInterrupt:  # a second Ctrl-C, or one before training started or under torchrun
+        where = "" if trainer is None else f"; continue from its last checkpoint (if any) with --resume {trainer.run_dir}"
+        print(f"bigbatch train: interrupted{where}.", file=sys.stderr)
+        return 130
     finally:
         if trainer is not None:
             trainer.runtime.close()

@@ -38,6 +38,7 @@ from .checkpoint import (
     sharded_checkpoint_path,
 )
 from .config import TrainConfig
+from .interrupt import StopOnInterrupt, TrainingInterrupted
 from .memory_plan import describe as describe_plan
 from .memory_plan import plan_memory
 from .metrics import MetricsLog, plot_losses, write_summary
@@ -324,20 +325,24 @@ class Trainer:
         if cfg.train.threads and rt.device.type == "cpu":
             torch.set_num_threads(cfg.train.threads)
         try:
-            while self.step < cfg.train.steps:
-                row = self._train_step()
-                if self.step % cfg.train.eval_every == 0 or self.step == cfg.train.steps:
-                    # Under FSDP2 every forward all-gathers: all ranks evaluate together.
-                    if rt.is_main or self.sharded:
-                        row.update(self.task.evaluate(self.model))
-                    if rt.is_main:
-                        progress.write(f"step {self.step}: val loss {row['val_loss']:.4f}")
-                if metrics is not None:
-                    metrics.write(row)
-                progress.update(row["loss"], row["items_per_s"], memory_text(rt.device, row["peak_memory_bytes"]))
-                every = cfg.checkpoint.every
-                if (every and self.step % every == 0) or self.step == cfg.train.steps:
-                    self.save()
+            # One process only: ranks would see the signal at different steps (see .interrupt).
+            with StopOnInterrupt(enabled=rt.world_size == 1) as stop:
+                while self.step < cfg.train.steps:
+                    row = self._train_step()
+                    if self.step % cfg.train.eval_every == 0 or self.step == cfg.train.steps:
+                        # Under FSDP2 every forward all-gathers: all ranks evaluate together.
+                        if rt.is_main or self.sharded:
+                            row.update(self.task.evaluate(self.model))
+                        if rt.is_main:
+                            progress.write(f"step {self.step}: val loss {row['val_loss']:.4f}")
+                    if metrics is not None:
+                        metrics.write(row)
+                    progress.update(row["loss"], row["items_per_s"], memory_text(rt.device, row["peak_memory_bytes"]))
+                    every = cfg.checkpoint.every
+                    if (every and self.step % every == 0) or self.step == cfg.train.steps or stop.requested:
+                        self.save()
+                    if stop.requested and self.step < cfg.train.steps:
+                        raise TrainingInterrupted(self.step, str(self.run_dir))
             progress.close()
             sample = self._sample() if rt.is_main or self.sharded else None
             summary = self._finish(metrics, baselines, sample) if rt.is_main else {}

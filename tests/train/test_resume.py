@@ -85,3 +85,36 @@ def test_resume_skips_a_truncated_newest_checkpoint(tiny):
     resumed.fit()
     for a, b in zip(resumed.model.parameters(), reference.model.parameters()):
         assert torch.equal(a, b)
+
+
+def test_ctrl_c_saves_a_checkpoint_at_the_step_and_exits_130(tiny):
+    """SIGINT (Ctrl-C) finishes the optimizer step, checkpoints it and exits 130 with a one-line
+    hint; resuming then matches a run that was never stopped."""
+    overrides = [*tiny, f"train.steps={STEPS}", "checkpoint.every=1000"]  # no checkpoint but the one Ctrl-C writes
+    reference = Trainer(TrainConfig.load(overrides=[*overrides, "run.name=whole"]))
+    reference.fit()
+
+    cmd, env = _cli(*[f"--set={o}" for o in overrides], "--name", "stopped")
+    run = Path(TrainConfig.load(overrides=overrides).run.dir) / "stopped"
+    metrics = run / "metrics.jsonl"
+    # A child of a shell job may inherit SIGINT ignored; give it the default, as a terminal would.
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and proc.poll() is None:
+        if metrics.exists() and metrics.read_text().count("\n") >= 3:
+            proc.send_signal(signal.SIGINT)
+            break
+        time.sleep(0.002)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err and f"--resume {run}" in err, err
+    stopped = list_checkpoints(run / "checkpoints")
+    assert len(stopped) == 1 and 3 <= stopped[0][0] < STEPS, (stopped, err)
+    rows = [json.loads(line) for line in metrics.read_text().splitlines()]
+    assert rows[-1]["step"] == stopped[0][0]  # the checkpoint is of the last step logged
+
+    resumed = Trainer(TrainConfig.load(run / "config.toml"), resume=run)
+    assert resumed.step == stopped[0][0]
+    resumed.fit()
+    _assert_identical(_final_state(run), _final_state(reference.run_dir))
