@@ -179,6 +179,11 @@ class Trainer:
         if run.name is not None:
             path = root / run.name
             if path.exists() and any(path.iterdir()):
+                if not list_checkpoints(path / "checkpoints"):
+                    raise ConfigError(
+                        f"run directory {path} already exists but holds no checkpoint to resume (it stopped "
+                        f"before its first); delete {path} or pick another --name."
+                    )
                 raise ConfigError(
                     f"run directory {path} already exists; continue it with --resume {path}, "
                     "or pick another --name."
@@ -251,8 +256,8 @@ class Trainer:
             found = list_checkpoints(self.checkpoint_dir)
             raise ConfigError(
                 f"nothing to resume in {self.run_dir}: "
-                + ("no checkpoint could be read." if found else "it holds no checkpoints.")
-                + " Start a new run without --resume."
+                + ("no checkpoint could be read." if found else "it holds no checkpoints (it stopped before its first).")
+                + f" Delete {self.run_dir} and start the run again without --resume."
             )
         if state["world_size"] != self.runtime.world_size:
             raise ConfigError(

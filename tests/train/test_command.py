@@ -26,3 +26,23 @@ def test_config_errors_exit_2_with_the_fix(capsys):
 def test_resume_needs_a_run_directory(tmp_path, capsys):
     assert main(["train", "--resume", str(tmp_path)]) == 2
     assert "is not a run directory" in capsys.readouterr().err
+
+
+def test_a_run_stopped_before_its_first_checkpoint_is_not_a_dead_end(tiny, tmp_path, capsys):
+    # A run killed before its first checkpoint leaves config.toml and metrics.jsonl only:
+    # --resume cannot continue it, so neither message may send the user to the other.
+    sets = [f"--set={o}" for o in tiny]
+    run = tmp_path / "runs" / "early"
+    run.mkdir(parents=True)
+    (run / "config.toml").write_text("")
+    (run / "metrics.jsonl").write_text('{"step": 1, "loss": 4.0}\n')
+    assert main(["train", "--resume", str(run), *sets]) == 2
+    err = capsys.readouterr().err
+    assert "holds no checkpoints" in err and f"Delete {run} and start the run again without --resume" in err, err
+    assert main(["train", "--name", "early", "--steps", "1", *sets]) == 2
+    err = capsys.readouterr().err
+    assert "no checkpoint to resume" in err and "--resume" not in err and f"delete {run}" in err, err
+    (run / "checkpoints").mkdir()
+    (run / "checkpoints" / "step-0000001.pt").write_bytes(b"")
+    assert main(["train", "--name", "early", "--steps", "1", *sets]) == 2
+    assert f"continue it with --resume {run}" in capsys.readouterr().err
