@@ -70,8 +70,10 @@ def save_checkpoint(directory: Path, step: int, state: dict[str, Any], keep: int
 
 
 def prune_checkpoints(directory: Path, keep: int) -> None:
-    """Delete all but the newest `keep` checkpoints (files or step directories)."""
-    for _, old in list_checkpoints(directory)[:-keep]:
+    """Delete all but the newest `keep` checkpoints (files or step directories), and the
+    temporary files and directories of writes cut short by a kill (call it after a save)."""
+    stale = list(directory.glob(".step-*.tmp"))
+    for old in [path for _, path in list_checkpoints(directory)[:-keep]] + stale:
         if old.is_dir():
             shutil.rmtree(old, ignore_errors=True)
         else:

@@ -60,9 +60,7 @@ def save_sharded(
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
-        fsync_path(final.parent)
-        for stale in final.parent.glob(".step-*.tmp"):  # left by a run killed mid-write
-            shutil.rmtree(stale, ignore_errors=True)
+        fsync_path(final.parent)  # the caller's prune_checkpoints removes what killed writes left
 
 
 def read_run_state(path: Path) -> dict[str, Any]:

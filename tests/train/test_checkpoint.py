@@ -71,3 +71,12 @@ def test_step_directories_are_listed_pruned_and_skipped_without_their_marker(tmp
     with pytest.warns(CheckpointWarning, match="step-0000004.*COMPLETE"):
         state = load_latest_checkpoint(tmp_path)
     assert state is not None and state["step"] == 3
+
+
+def test_a_save_removes_temp_files_left_by_a_killed_write(tmp_path):
+    save_checkpoint(tmp_path, 1, _state(1), keep=2)
+    (tmp_path / ".step-0000002.pt.k1ll3d.tmp").write_bytes(b"half a checkpoint")  # SIGKILL mid-torch.save
+    (tmp_path / ".step-0000002.tmp").mkdir()  # an FSDP2 step directory cut short
+    (tmp_path / "notes.txt").write_text("mine")  # not ours: left alone
+    save_checkpoint(tmp_path, 2, _state(2), keep=2)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt", "step-0000001.pt", "step-0000002.pt"]
