@@ -228,6 +228,7 @@ class Trainer:
             "nonfinite": [self.nonfinite_in_a_row, self.nonfinite_total],
             "train_seconds": self.train_seconds,
             "memory_plan": self.memory_plan,
+            "optimizer_name": self.config.optim.name,  # its state would load into the other one silently
         }
 
     def save(self) -> None:
@@ -270,11 +271,25 @@ class Trainer:
                 f"the checkpoint was written with train.parallel = {written!r} and this run uses {now!r}; "
                 f"resume with --set train.parallel={written}."
             )
-        if self.sharded:
-            load_sharded(state["sharded"], self.model, self.optimizer)
-        else:
-            self._unwrapped().load_state_dict(state["model"])
-            self.optimizer.load_state_dict(state["optimizer"])
+        saved_optimizer = state.get("optimizer_name", self.config.optim.name)  # older checkpoints lack it
+        if saved_optimizer != self.config.optim.name:
+            raise ConfigError(
+                f"the checkpoint was written with optim.name = {saved_optimizer!r} and this run uses "
+                f"{self.config.optim.name!r}; resume with --set optim.name={saved_optimizer}."
+            )
+        try:
+            if self.sharded:
+                load_sharded(state["sharded"], self.model, self.optimizer)
+            else:
+                self._unwrapped().load_state_dict(state["model"])
+                self.optimizer.load_state_dict(state["optimizer"])
+        except (RuntimeError, ValueError) as e:
+            first = str(e).strip().splitlines()
+            raise ConfigError(
+                f"the checkpoint in {self.checkpoint_dir} does not fit this run's model ("
+                + (first[-1].strip() if first else type(e).__name__)[:200]
+                + "); resume with the task settings the run was started with, not changed ones."
+            ) from None
         self.scheduler.load_state_dict(state["scheduler"])
         self.accumulator.load_state_dict(state["accumulator"])
         _set_rng_state(state["rng"][self.runtime.rank], self.runtime.device)

@@ -118,3 +118,17 @@ def test_auto_micro_batch_in_one_process(tiny):
     assert trainer.plan.micro_batch_size == "auto"
     trainer.fit()
     assert trainer.accumulator.optimizer_steps == 2
+
+
+def test_resume_with_another_model_or_optimizer_is_a_clear_error(tiny):
+    config = TrainConfig.load(overrides=[*tiny, "train.steps=2", "run.name=change"])
+    first = Trainer(config)
+    first.fit()
+    saved = (first.run_dir / "config.toml").read_text()
+    with pytest.raises(ConfigError, match="optim.name = 'adamw'.*--set optim.name=adamw"):
+        Trainer(TrainConfig.load(overrides=[*tiny, "train.steps=4", "optim.name=sgd"]), resume=first.run_dir)
+    with pytest.raises(ConfigError, match="does not fit this run's model.*task settings"):
+        Trainer(TrainConfig.load(overrides=[*tiny, "train.steps=4", "task.d_model=32"]), resume=first.run_dir)
+    assert (first.run_dir / "config.toml").read_text() == saved  # a refused resume changes nothing
+    # Negative control: the same model and optimizer resume.
+    assert Trainer(TrainConfig.load(overrides=[*tiny, "train.steps=4"]), resume=first.run_dir).step == 2
