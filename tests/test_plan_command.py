@@ -6,6 +6,7 @@ import sys
 import textwrap
 
 import pytest
+import torch
 
 from bigbatch.cli import main
 
@@ -80,6 +81,10 @@ def test_nothing_fits_exits_1_and_says_what_to_try(cases, capsys):
         (["plan", "{cases}:wrong_shape", "--max-memory", "1GiB"], "loss_fn"),
         (["plan", "{cases}:mlp", "--max-memory", "1GiB", "--micro-batch-sizes", "two"], "comma-separated"),
         (["plan", "--task", "txet", "--max-memory", "1GiB"], "text"),
+        (["plan", "--task", "digits", "--max-memory", "1GiB", "--batch-size", "0"], "--batch-size must be >= 1"),
+        (["plan", "--task", "digits", "--max-memory", "1GiB", "--device", "tpu"], "--device"),
+        pytest.param(["plan", "--task", "digits", "--max-memory", "1GiB", "--device", "cuda"], "no CUDA GPU",
+                     marks=pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")),
     ],
 )
 def test_misuse_exits_2_with_the_fix(cases, capsys, argv, message):

@@ -41,6 +41,10 @@ CASES = textwrap.dedent(
         return 1, 2
 
 
+    def raises():
+        raise RuntimeError("a bug in my factory")
+
+
     not_callable = 3
     """
 )
@@ -73,23 +77,42 @@ def test_a_coupled_model_exits_1_and_names_the_layer(cases, capsys):
 
 
 @pytest.mark.parametrize(
-    "argv",
+    "argv, message",
     [
-        ["verify"],  # neither target nor task
-        ["verify", "verify_cases_mod"],  # no factory
-        ["verify", "no_such_module_xyz:make"],
-        ["verify", "missing/file.py:make"],
-        ["verify", "verify_cases_mod:absent"],
-        ["verify", "verify_cases_mod:not_callable"],
-        ["verify", "verify_cases_mod:wrong_shape"],
-        ["verify", "verify_cases_mod:exact", "--micro-batch-size", "12"],  # nothing to split
-        ["verify", "verify_cases_mod:exact", "--task", "digits"],  # both
-        ["verify", "verify_cases_mod:exact", "--set", "norm=none"],  # --set is for tasks
+        (["verify"], "give either a target"),  # neither target nor task
+        (["verify", "verify_cases_mod"], "must look like MODULE:FACTORY"),  # no factory
+        (["verify", "no_such_module_xyz:make"], "cannot import module 'no_such_module_xyz'"),
+        (["verify", "missing/file.py:make"], "no such file: missing/file.py"),
+        (["verify", "verify_cases_mod:absent"], "has no callable named 'absent'"),
+        (["verify", "verify_cases_mod:not_callable"], "has no callable named 'not_callable'"),
+        (["verify", "verify_cases_mod:wrong_shape"], "must return (model, batch, loss_fn)"),
+        (["verify", "verify_cases_mod:exact", "--micro-batch-size", "12"], "holds the whole batch"),
+        (["verify", "verify_cases_mod:exact", "--task", "digits"], "not both"),
+        (["verify", "verify_cases_mod:exact", "--set", "norm=none"], "--set KEY=VALUE sets options of a built-in"),
+        (["verify", "verify_cases_mod:raises"], "RuntimeError: a bug in my factory (at "),
     ],
 )
-def test_misuse_exits_2_with_a_message(cases, capsys, argv):
+def test_misuse_exits_2_with_a_message(cases, capsys, argv, message):
     assert main(argv) == 2
-    assert "bigbatch verify: " in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert err.startswith("bigbatch verify: ") and message in err and err.count("\n") == 1, err
+
+
+@pytest.mark.parametrize("command", ["verify", "plan"])
+@pytest.mark.parametrize(
+    "source, message",
+    [
+        ("import torch\ndef make(:\n", "SyntaxError: invalid syntax (at {}:2)"),
+        ("import no_such_dependency_xyz\n", "ModuleNotFoundError: No module named 'no_such_dependency_xyz' (at {}:1)"),
+    ],
+)
+def test_a_case_file_that_fails_to_import_exits_2_naming_the_error_and_line(tmp_path, capsys, command, source, message):
+    path = tmp_path / "broken_case.py"
+    path.write_text(source)
+    extra = ["--max-memory", "1GiB"] if command == "plan" else []
+    assert main([command, f"{path}:make", *extra]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"bigbatch {command}: ") and message.format(path) in err and err.count("\n") == 1, err
 
 
 def test_a_built_in_task_passes_and_its_batchnorm_variant_fails(capsys):
@@ -107,6 +130,7 @@ def test_a_built_in_task_passes_and_its_batchnorm_variant_fails(capsys):
         ["verify", "--task", "no_such_task"],
         ["verify", "--task", "digits", "--set", "nrom=batchnorm"],  # a typo in the option
         ["verify", "--task", "digits", "--set", "norm"],
+        ["verify", "--task", "digits", "--batch-size", "0"],
     ],
 )
 def test_task_misuse_exits_2(capsys, argv):

@@ -1,7 +1,8 @@
 """The case a command works on: a user's factory that returns (model, batch, loss_fn).
 
-Shared by `bigbatch verify` and `bigbatch plan`: `load_factory("pkg.mod:make")` or
-`load_factory("path/case.py:make")`, then `unpack_case(factory(), target)`.
+Shared by `bigbatch verify` and `bigbatch plan`: `make_case("pkg.mod:make")` or
+`make_case("path/case.py:make")`, then `unpack_case(case, target)`. The user's code
+failing to import or run is a `UsageError` naming the exception and its file:line.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ import importlib
 import importlib.util
 import os
 import sys
+import traceback
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -33,18 +35,66 @@ def load_factory(target: str) -> Callable[[], Any]:
             raise UsageError(f"cannot import {path} as a Python module.")
         module = importlib.util.module_from_spec(spec)
         sys.modules.setdefault(path.stem, module)
-        spec.loader.exec_module(module)
+        try:
+            spec.loader.exec_module(module)
+        except Exception as error:  # noqa: BLE001 - the user's module: report it, not our traceback
+            raise UsageError(f"importing {path} failed: {_describe(error)}") from error
     else:
         if os.getcwd() not in sys.path:
             sys.path.insert(0, os.getcwd())  # like `python -m`: modules next to where you run it
         try:
             module = importlib.import_module(location)
         except ModuleNotFoundError as error:
-            raise UsageError(f"cannot import module {location!r}: {error}") from error
+            if error.name is not None and location.startswith(error.name):
+                raise UsageError(f"cannot import module {location!r}: {error}") from error
+            raise UsageError(f"importing {location} failed: {_describe(error)}") from error
+        except Exception as error:  # noqa: BLE001 - the user's module: report it, not our traceback
+            raise UsageError(f"importing {location} failed: {_describe(error)}") from error
     factory = getattr(module, name, None)
     if not callable(factory):
         raise UsageError(f"{location} has no callable named {name!r}.")
     return factory
+
+
+def make_case(target: str) -> Any:
+    """What the factory named by `target` returns (see `load_factory`)."""
+    factory = load_factory(target)
+    try:
+        return factory()
+    except Exception as error:  # noqa: BLE001 - the user's factory: report it, not our traceback
+        raise UsageError(f"{target} raised {_describe(error)}") from error
+
+
+def _describe(error: BaseException) -> str:
+    """`Type: message (at file:line)`, the line being where the user's code raised it."""
+    where = ""
+    if isinstance(error, SyntaxError) and error.filename:
+        where = f" (at {error.filename}:{error.lineno})"
+        error = SyntaxError(error.msg)
+    else:
+        frames = traceback.extract_tb(error.__traceback__)
+        if frames:
+            where = f" (at {frames[-1].filename}:{frames[-1].lineno})"
+    return f"{type(error).__name__}: {error}{where}"
+
+
+def task_case(name: str, options: dict[str, Any], batch_size: int, seed: int) -> tuple[Any, Any, Any]:
+    """(model, batch, loss_fn) of built-in task `name`: a model seeded with `seed`, its first batch."""
+    import torch
+
+    from ..errors import ConfigError
+    from ..tasks import build_task
+
+    if batch_size < 1:
+        raise UsageError(f"--batch-size must be >= 1, got {batch_size}.")
+    try:
+        task = build_task(name, **options)
+    except (ConfigError, TypeError) as error:
+        raise UsageError(str(error)) from error
+    torch.manual_seed(seed)
+    model = task.make_model()
+    batch = next(iter(task.train_batches(batch_size, torch.Generator().manual_seed(seed))))
+    return model, batch, task.loss_fn
 
 
 def unpack_case(case: Any, target: str) -> tuple[Any, Any, Any]:

@@ -22,7 +22,7 @@ import torch
 
 from ..errors import BatchError, ConfigError
 from ..planner import plan
-from .cases import UsageError, load_factory, unpack_case
+from .cases import UsageError, make_case, task_case, unpack_case
 
 _SWITCH = {"auto": None, "on": True, "off": False}
 
@@ -47,19 +47,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _task_case(name: str, batch_size: int, seed: int, device: str | None) -> dict[str, Any]:
+    model, batch, loss_fn = task_case(name, {}, batch_size, seed)
     try:
-        from ..tasks import build_task  # type: ignore[import-not-found, unused-ignore]
-    except ImportError as error:
-        raise UsageError("the built-in tasks are not part of this installation; give MODULE:FACTORY.") from error
-    try:
-        task = build_task(name)
-    except (KeyError, ValueError) as error:
-        raise UsageError(str(error)) from error
-    torch.manual_seed(seed)
-    target = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    model = task.make_model().to(target)
-    batch = next(iter(task.train_batches(batch_size, torch.Generator().manual_seed(seed))))
-    return {"model": model, "batch": batch, "loss_fn": task.loss_fn}
+        target = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    except RuntimeError:
+        raise UsageError(f'--device {device!r} is not a device; write "cpu", "cuda" or "cuda:1".') from None
+    if target.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda, but no CUDA GPU is available; use --device cpu.")
+    return {"model": model.to(target), "batch": batch, "loss_fn": loss_fn}
 
 
 def _sizes(text: str | None) -> list[int] | None:
@@ -83,7 +78,7 @@ def run(args: argparse.Namespace) -> int:
             what = f"task {args.task}"
         else:
             torch.manual_seed(args.seed)
-            made = load_factory(args.target)()
+            made = make_case(args.target)
             case = dict(made) if isinstance(made, dict) else dict(zip(("model", "batch", "loss_fn"), unpack_case(made, args.target)))
             unpack_case(case, args.target)
             what = args.target

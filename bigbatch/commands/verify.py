@@ -20,7 +20,7 @@ import torch
 
 from ..errors import BatchError, ConfigError
 from ..verify import verify
-from .cases import UsageError, load_factory, unpack_case
+from .cases import UsageError, make_case, task_case, unpack_case
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -63,23 +63,13 @@ def _value(text: str) -> Any:
 
 
 def _task_case(name: str, options: list[str], batch_size: int, seed: int) -> tuple[Any, Any, Any]:
-    try:
-        from ..tasks import build_task  # type: ignore[import-not-found, unused-ignore]
-    except ImportError as error:
-        raise UsageError("the built-in tasks are not part of this installation.") from error
     overrides = {}
     for option in options:
         key, sep, value = option.partition("=")
         if not sep or not key:
             raise UsageError(f"--set takes KEY=VALUE, got {option!r}.")
         overrides[key.strip()] = _value(value.strip())
-    try:
-        task = build_task(name, **overrides)
-    except (KeyError, ValueError, TypeError) as error:
-        raise UsageError(str(error)) from error
-    model = task.make_model()
-    batch = next(iter(task.train_batches(batch_size, torch.Generator().manual_seed(seed))))
-    return model, batch, task.loss_fn
+    return task_case(name, overrides, batch_size, seed)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -92,7 +82,7 @@ def run(args: argparse.Namespace) -> int:
             model, batch, loss_fn = _task_case(args.task, args.set, args.batch_size, args.seed)
             what = f"task {args.task}"
         else:
-            model, batch, loss_fn = unpack_case(load_factory(args.target)(), args.target)
+            model, batch, loss_fn = unpack_case(make_case(args.target), args.target)
             what = args.target
         if not isinstance(model, torch.nn.Module) or not callable(loss_fn):
             raise UsageError(f"{what}: expected an nn.Module and a callable loss_fn.")
