@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 from bigbatch.cli import main
 
@@ -33,6 +34,9 @@ def test_bench_prints_a_row_per_method_and_micro_batch_and_writes_a_png(tmp_path
         (["--warmup", "-1"], "--warmup must be >= 0, got -1."),
         (["--batch-size", "0"], "--batch-size must be >= 1, got 0."),
         (["--micro-batch-sizes", "4", "0"], "--micro-batch-sizes must all be >= 1, got [4, 0]."),
+        (["--device", "tpu"], "--device 'tpu' is not a device; write auto, cpu, cuda or cuda:1."),
+        pytest.param(["--device", "cuda"], "--device cuda, but no CUDA device is available; use --device cpu.",
+                     marks=pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")),
     ],
 )
 def test_bad_arguments_exit_2_with_the_rule(argv, message, capsys):

@@ -78,10 +78,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def _device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("bigbatch bench: --device cuda, but no CUDA device is available; use --device cpu.")
-    return device
+    return torch.device(name)
 
 
 def _text_setup(args: argparse.Namespace, device: torch.device) -> Setup:
@@ -309,6 +306,12 @@ def _bad_argument(args: argparse.Namespace) -> str | None:
             return f"{flag} must be >= {low}, got {value}."
     if args.micro_batch_sizes and min(args.micro_batch_sizes) < 1:
         return f"--micro-batch-sizes must all be >= 1, got {args.micro_batch_sizes}."
+    try:
+        device = _device(args.device)
+    except RuntimeError:
+        return f"--device {args.device!r} is not a device; write auto, cpu, cuda or cuda:1."
+    if device.type == "cuda" and not torch.cuda.is_available():
+        return "--device cuda, but no CUDA device is available; use --device cpu."
     return None
 
 
