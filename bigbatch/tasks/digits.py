@@ -114,11 +114,11 @@ class DigitsTask:
         net = _unwrap(model)
         was_training = net.training
         net.eval()
-        device = next(net.parameters()).device
+        weight = next(net.parameters())
         total, correct, count = 0.0, 0, 0
         for batch in self.val_batches(batch_size):
-            logits = net(batch["x"].to(device))
-            y = batch["y"].to(device)
+            logits = net(batch["x"].to(device=weight.device, dtype=weight.dtype))
+            y = batch["y"].to(weight.device)
             total += float(F.cross_entropy(logits, y, reduction="sum"))
             correct += int((logits.argmax(-1) == y).sum())
             count += len(y)

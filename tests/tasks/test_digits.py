@@ -72,3 +72,14 @@ def test_bad_norm():
 def test_bad_sizes_name_the_fix(option, message):
     with pytest.raises(ConfigError, match=message):
         build_task("digits", **option)
+
+
+def test_evaluate_a_float64_model():
+    # `bigbatch train --task digits --set train.dtype=float64` evaluates a float64 model on float32 data.
+    task = build_task("digits")
+    torch.manual_seed(0)
+    model = task.make_model()
+    single = task.evaluate(model)
+    double = task.evaluate(model.double())
+    assert double["val_accuracy"] == single["val_accuracy"]
+    assert double["val_loss"] == pytest.approx(single["val_loss"], rel=1e-5)
