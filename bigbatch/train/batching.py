@@ -95,7 +95,10 @@ def resolve_batch(
         )
     elif logical_batch_size is not None and accumulation_steps is not None:
         micro = math.ceil(logical_batch_size / (accumulation_steps * world_size))
-        plan = BatchPlan(logical_batch_size, micro, accumulation_steps, world_size)
+        # The micro-steps the largest rank runs: fewer than asked when the sizes do not
+        # divide (9 samples in 4 steps: micro-batches of 3, so 3 steps).
+        steps = math.ceil(math.ceil(logical_batch_size / world_size) / micro)
+        plan = BatchPlan(logical_batch_size, micro, steps, world_size)
     elif micro_batch_size is not None and accumulation_steps is not None:
         plan = BatchPlan(micro_batch_size * accumulation_steps * world_size, micro_batch_size,
                          accumulation_steps, world_size)

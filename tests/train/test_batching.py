@@ -55,3 +55,24 @@ def test_only_one_given():
         resolve_batch(None, 8, None)
     with pytest.raises(ConfigError, match="must be an integer >= 1"):
         resolve_batch(0, 8, None)
+
+
+def test_accumulation_steps_are_the_micro_steps_the_largest_rank_runs():
+    # Reference by brute force: split each rank's shard into micro-batches and count them.
+    for world in (1, 2, 3, 4):
+        for logical in range(world, 40):
+            for given in ({"micro": m} for m in (1, 2, 3, 5, 8)):
+                plan = resolve_batch(logical, given["micro"], None, world)
+                _check_counts(plan)
+            for accum in (1, 2, 3, 4, 7):
+                plan = resolve_batch(logical, None, accum, world)
+                _check_counts(plan)
+                assert plan.accumulation_steps <= accum  # never more micro-steps than asked for
+
+
+def _check_counts(plan):
+    sizes = [stop - start for start, stop in (plan.shard(r) for r in range(plan.world_size))]
+    steps = max(-(-size // plan.micro_batch_size) for size in sizes)
+    assert plan.accumulation_steps == steps, (plan, sizes)
+    exact = "smaller" not in plan.describe()
+    assert exact == all(size % plan.micro_batch_size == 0 and size // plan.micro_batch_size == steps for size in sizes), plan
