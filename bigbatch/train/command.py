@@ -47,6 +47,8 @@ def build_config(args: argparse.Namespace) -> TrainConfig:
     if args.resume is not None:
         if path is not None:
             raise ConfigError("with --resume the config comes from the run directory; drop the config file.")
+        if args.name is not None:
+            raise ConfigError(f"--name names a new run; with --resume the run stays in {args.resume}. Drop --name.")
         path = Path(args.resume) / "config.toml"
         if not path.is_file():
             raise ConfigError(f"{args.resume} is not a run directory (no config.toml in it).")

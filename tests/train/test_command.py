@@ -46,3 +46,11 @@ def test_a_run_stopped_before_its_first_checkpoint_is_not_a_dead_end(tiny, tmp_p
     (run / "checkpoints" / "step-0000001.pt").write_bytes(b"")
     assert main(["train", "--name", "early", "--steps", "1", *sets]) == 2
     assert f"continue it with --resume {run}" in capsys.readouterr().err
+
+
+def test_resume_refuses_a_new_name(tmp_path, capsys):
+    run = tmp_path / "runs" / "old"
+    run.mkdir(parents=True)
+    (run / "config.toml").write_text("")
+    assert main(["train", "--resume", str(run), "--name", "new"]) == 2
+    assert "--name names a new run" in capsys.readouterr().err
