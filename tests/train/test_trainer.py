@@ -147,3 +147,11 @@ def test_cosine_schedule_after_warmup(tiny):
     cosine = [0.01 * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * j / 6))) for j in range(6)]
     assert [r["lr"] for r in rows] == pytest.approx(warm + cosine, rel=1e-12)
     assert rows[3]["lr"] == pytest.approx(0.01) and min(r["lr"] for r in rows[3:]) > 0.001
+
+
+def test_resume_with_fewer_steps_than_done_is_a_clear_error(tiny):
+    first = Trainer(TrainConfig.load(overrides=[*tiny, "train.steps=4", "run.name=short"]))
+    first.fit()
+    with pytest.raises(ConfigError, match="already at step 4.*train.steps=2.*--steps"):
+        Trainer(TrainConfig.load(overrides=[*tiny, "train.steps=2"]), resume=first.run_dir)
+    assert Trainer(TrainConfig.load(overrides=[*tiny, "train.steps=4"]), resume=first.run_dir).step == 4  # finished: fine
