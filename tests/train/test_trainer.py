@@ -155,3 +155,12 @@ def test_resume_with_fewer_steps_than_done_is_a_clear_error(tiny):
     with pytest.raises(ConfigError, match="already at step 4.*train.steps=2.*--steps"):
         Trainer(TrainConfig.load(overrides=[*tiny, "train.steps=2"]), resume=first.run_dir)
     assert Trainer(TrainConfig.load(overrides=[*tiny, "train.steps=4"]), resume=first.run_dir).step == 4  # finished: fine
+
+
+@pytest.mark.gpu
+def test_a_gpu_index_past_the_last_gpu_is_a_config_error():
+    from bigbatch.train.runtime import Runtime
+
+    with pytest.raises(ConfigError, match=f"has {torch.cuda.device_count()} GPU"):
+        Runtime.from_env(f"cuda:{torch.cuda.device_count()}")
+    assert Runtime.from_env("cuda:0").device == torch.device("cuda", 0)  # negative control
