@@ -257,3 +257,16 @@ def test_running_statistics_updated_per_micro_batch_fail_unless_buffers_are_waiv
     waived = bb.verify(model, batch, sample_mean_loss, micro_batch_size=3, check_buffers=False)
     assert waived.passed and "1.running_mean" in waived.buffers
     assert "were not checked" in waived.reason
+
+
+@pytest.mark.parametrize(
+    "loss_fn, match",
+    [
+        (lambda m, b: 1.0, "the loss must be a scalar tensor or bb.LossSum, got float"),
+        (lambda m, b: m(b[0]), r"the loss must be a scalar, got shape \(6, 3\)"),
+        (lambda m, b: m(b[0]).sum().detach(), "does not require grad"),
+    ],
+)
+def test_a_loss_of_the_wrong_kind_is_named(loss_fn, match):
+    with pytest.raises(bb.LossError, match=match):
+        bb.verify(mlp(), classification_data(6), loss_fn, micro_batch_size=2)

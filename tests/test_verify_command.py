@@ -45,6 +45,11 @@ CASES = textwrap.dedent(
         raise RuntimeError("a bug in my factory")
 
 
+    def vector_loss():
+        torch.manual_seed(0)
+        return nn.Linear(4, 3), _data(), lambda m, b: F.cross_entropy(m(b[0]), b[1], reduction="none")
+
+
     not_callable = 3
     """
 )
@@ -90,6 +95,7 @@ def test_a_coupled_model_exits_1_and_names_the_layer(cases, capsys):
         (["verify", "verify_cases_mod:exact", "--task", "digits"], "not both"),
         (["verify", "verify_cases_mod:exact", "--set", "norm=none"], "--set KEY=VALUE sets options of a built-in"),
         (["verify", "verify_cases_mod:raises"], "RuntimeError: a bug in my factory (at "),
+        (["verify", "verify_cases_mod:vector_loss"], "the loss must be a scalar, got shape (12,)"),
     ],
 )
 def test_misuse_exits_2_with_a_message(cases, capsys, argv, message):

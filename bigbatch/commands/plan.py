@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from ..errors import BatchError, ConfigError
+from ..errors import BatchError, ConfigError, LossError
 from ..planner import plan
 from .cases import UsageError, make_case, task_case, unpack_case
 
@@ -90,7 +90,7 @@ def run(args: argparse.Namespace) -> int:
             micro_batch_sizes=_sizes(args.micro_batch_sizes), checkpointing=_SWITCH[args.checkpointing],
             compile=_SWITCH[args.compile], precision=args.precision, steps=args.steps, warmup=args.warmup,
         )  # fmt: skip
-    except (UsageError, ConfigError, BatchError) as error:
+    except (UsageError, ConfigError, BatchError, LossError) as error:
         print(f"bigbatch plan: {error}", file=sys.stderr)
         return 2
     print(f"{what}\n{result.table()}")

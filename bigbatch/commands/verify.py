@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from ..errors import BatchError, ConfigError
+from ..errors import BatchError, ConfigError, LossError
 from ..verify import verify
 from .cases import UsageError, make_case, task_case, unpack_case
 
@@ -97,7 +97,7 @@ def run(args: argparse.Namespace) -> int:
             check_buffers=not args.no_buffers,
             seed=args.seed,
         )
-    except (UsageError, ConfigError, BatchError) as error:
+    except (UsageError, ConfigError, BatchError, LossError) as error:
         print(f"bigbatch verify: {error}", file=sys.stderr)
         return 2
     print(f"{what}\n{report.table(max_rows=args.rows)}")

@@ -160,7 +160,11 @@ class TextTask:
         if self.data is None:
             text = _builtin_text()
         else:
+            if not self.data.strip():
+                raise ConfigError("data is empty; give the path of a text file, or unset it for Shakespeare.")
             path = Path(self.data).expanduser()
+            if path.is_dir():
+                raise ConfigError(f"{str(path)!r} is a folder; give data= the path of a UTF-8 text file.")
             if not path.is_file():
                 raise ConfigError(f"text file {str(path)!r} not found; give data= the path of a UTF-8 text file.")
             try:

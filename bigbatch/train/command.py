@@ -29,6 +29,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.epilog = "examples:\n" + __doc__.split("\n\n")[1] + (
         "\n\nconfig sections (bigbatch.train.config): [task] [batch] [optim] [train] [checkpoint] [run];"
         "\noutputs: runs/NAME/config.toml, metrics.jsonl, loss.png, summary.json, checkpoints/"
+        "\nCtrl-C finishes the optimizer step, checkpoints it and exits 130; --resume continues from there."
     )
     parser.add_argument("config", nargs="?", help="a TOML config file (default: the built-in defaults)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",

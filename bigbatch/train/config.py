@@ -150,7 +150,8 @@ class TrainConfig:
             section = self._section(section_name, source)
             if not isinstance(values, dict):
                 raise ConfigError(f"{source}: [{section_name}] must be a table of key = value lines.")
-            for key, value in values.items():
+            # The task's name first: which options are valid depends on it, not on the file's key order.
+            for key, value in sorted(values.items(), key=lambda item: item[0] != "name"):
                 self._assign(section_name, section, key, value, source)
 
     def set(self, item: str) -> None:
@@ -206,7 +207,13 @@ class TrainConfig:
             raise ConfigError(
                 f'train.device = {self.train.device!r} is not a device; write "auto", "cpu", "cuda" or "cuda:1".'
             ) from None
-        task_options(self.task.name)  # an unknown task name, with a suggestion
+        valid = task_options(self.task.name)  # an unknown task name, with a suggestion
+        stale = [key for key in self.task.options if key not in valid]
+        if stale:
+            raise ConfigError(
+                f"task {self.task.name!r} has no option {', '.join(map(repr, stale))} (set for another task?); "
+                f"drop it. Its options are: {', '.join(valid)}."
+            )
 
     def to_dict(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)

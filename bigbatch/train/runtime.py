@@ -41,6 +41,11 @@ class Runtime:
                 raise ConfigError("train.device is cuda, but no CUDA GPU is available; use device = \"cpu\".")
             if dev.index is None:
                 dev = torch.device("cuda", local_rank)
+            if dev.index >= torch.cuda.device_count():
+                raise ConfigError(
+                    f"{dev} is not there: this machine has {torch.cuda.device_count()} GPU(s). Give "
+                    'train.device = "auto" or a smaller index (under torchrun, fewer --nproc-per-node).'
+                )
             torch.cuda.set_device(dev)
         owns = False
         if world_size > 1 and not dist.is_initialized():

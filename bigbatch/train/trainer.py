@@ -294,6 +294,11 @@ class Trainer:
         self.accumulator.load_state_dict(state["accumulator"])
         _set_rng_state(state["rng"][self.runtime.rank], self.runtime.device)
         self.step, self.samples_seen = state["step"], state["samples_seen"]
+        if self.step > self.config.train.steps:
+            raise ConfigError(
+                f"{self.run_dir} is already at step {self.step}, past train.steps={self.config.train.steps}; "
+                f"to train further give a larger total, e.g. --steps {2 * self.step}."
+            )
         self.nonfinite_in_a_row, self.nonfinite_total = state["nonfinite"]
         self.train_seconds = state["train_seconds"]
         self.memory_plan = state.get("memory_plan")

@@ -130,6 +130,10 @@ def test_bad_options_name_the_fix(tmp_path):
         build_task("text", blok_size=8)
     with pytest.raises(ConfigError, match="not found"):
         build_task("text", data=str(tmp_path / "missing.txt"))
+    with pytest.raises(ConfigError, match="is a folder; give data= the path of a UTF-8 text file"):
+        build_task("text", data=str(tmp_path))
+    with pytest.raises(ConfigError, match="data is empty; give the path of a text file"):
+        build_task("text", data="")
     with pytest.raises(ConfigError, match='Did you mean "text"'):
         build_task("txt")
 

@@ -59,3 +59,17 @@ def test_resolved_config_round_trips(tmp_path):
     path = tmp_path / "resolved.toml"
     path.write_text(config.to_toml())
     assert TrainConfig.load(path) == config
+
+
+def test_task_name_may_come_after_its_options_in_a_file(tmp_path):
+    path = tmp_path / "c.toml"
+    path.write_text('[task]\nnorm = "batchnorm"\nname = "digits"\n')
+    config = TrainConfig.load(path)
+    assert config.task.name == "digits" and config.task.options == {"norm": "batchnorm"}
+
+
+def test_options_of_another_task_are_an_error_once_the_task_changes(tmp_path):
+    path = tmp_path / "c.toml"
+    path.write_text("[task]\nd_model = 64\n")
+    with pytest.raises(ConfigError, match="task 'digits' has no option 'd_model'.*drop it"):
+        TrainConfig.load(path, ["task.name=digits"])

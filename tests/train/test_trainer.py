@@ -132,3 +132,35 @@ def test_resume_with_another_model_or_optimizer_is_a_clear_error(tiny):
     assert (first.run_dir / "config.toml").read_text() == saved  # a refused resume changes nothing
     # Negative control: the same model and optimizer resume.
     assert Trainer(TrainConfig.load(overrides=[*tiny, "train.steps=4"]), resume=first.run_dir).step == 2
+
+
+def test_cosine_schedule_after_warmup(tiny):
+    config = TrainConfig.load(overrides=[*tiny, "optim.lr=0.01", "optim.lr_scaling=none", "optim.warmup_steps=3",
+                                         "optim.schedule=cosine", "optim.min_lr_ratio=0.1", "train.steps=9",
+                                         "train.eval_every=100", "train.sample_length=0", "run.name=cos"])
+    trainer = Trainer(config)
+    trainer.fit()
+    rows = [json.loads(line) for line in (trainer.run_dir / "metrics.jsonl").read_text().splitlines()]
+    # By hand: steps 1-3 ramp to 3/4 of the peak; steps 4-9 follow half a cosine from the peak
+    # towards 0.1 x peak over the 6 remaining steps (step 4 at the peak, never below the floor).
+    warm = [0.01 * k / 4 for k in (1, 2, 3)]
+    cosine = [0.01 * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * j / 6))) for j in range(6)]
+    assert [r["lr"] for r in rows] == pytest.approx(warm + cosine, rel=1e-12)
+    assert rows[3]["lr"] == pytest.approx(0.01) and min(r["lr"] for r in rows[3:]) > 0.001
+
+
+def test_resume_with_fewer_steps_than_done_is_a_clear_error(tiny):
+    first = Trainer(TrainConfig.load(overrides=[*tiny, "train.steps=4", "run.name=short"]))
+    first.fit()
+    with pytest.raises(ConfigError, match="already at step 4.*train.steps=2.*--steps"):
+        Trainer(TrainConfig.load(overrides=[*tiny, "train.steps=2"]), resume=first.run_dir)
+    assert Trainer(TrainConfig.load(overrides=[*tiny, "train.steps=4"]), resume=first.run_dir).step == 4  # finished: fine
+
+
+@pytest.mark.gpu
+def test_a_gpu_index_past_the_last_gpu_is_a_config_error():
+    from bigbatch.train.runtime import Runtime
+
+    with pytest.raises(ConfigError, match=f"has {torch.cuda.device_count()} GPU"):
+        Runtime.from_env(f"cuda:{torch.cuda.device_count()}")
+    assert Runtime.from_env("cuda:0").device == torch.device("cuda", 0)  # negative control
