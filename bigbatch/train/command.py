@@ -29,7 +29,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.epilog = "examples:\n" + __doc__.split("\n\n")[1] + (
         "\n\nconfig sections (bigbatch.train.config): [task] [batch] [optim] [train] [checkpoint] [run];"
         "\noutputs: runs/NAME/config.toml, metrics.jsonl, loss.png, summary.json, checkpoints/"
-        "\nCtrl-C finishes the optimizer step, checkpoints it and exits 130; --resume continues from there."
+        "\nCtrl-C (or SIGTERM) finishes the optimizer step, checkpoints it and exits 130 (143); --resume continues from there."
     )
     parser.add_argument("config", nargs="?", help="a TOML config file (default: the built-in defaults)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
@@ -81,7 +81,7 @@ def run(args: argparse.Namespace) -> int:
         return 2 if isinstance(e, ConfigError) else 1
     except TrainingInterrupted as e:
         print(f"bigbatch train: {e}", file=sys.stderr)
-        return 130  # the shell's code for a SIGINT
+        return e.exit_code  # 130 for Ctrl-C, 143 for SIGTERM, as a shell reports them
     except KeyboardInterrupt:  # a second Ctrl-C, or one before training started or under torchrun
         where = "" if trainer is None else f"; continue from its last checkpoint (if any) with --resume {trainer.run_dir}"
         print(f"bigbatch train: interrupted{where}.", file=sys.stderr)

@@ -1,9 +1,11 @@
-"""Ctrl-C during training: finish the optimizer step, checkpoint it, then stop.
+"""Ctrl-C or SIGTERM during training: finish the optimizer step, checkpoint it, then stop.
 
-The first SIGINT only raises a flag that the trainer reads between optimizer
+SIGTERM is how schedulers (SLURM, Kubernetes) pre-empt a job, so it is treated
+like Ctrl-C. The first signal only raises a flag that the trainer reads between optimizer
 steps, so the checkpoint it writes is of a whole step (a KeyboardInterrupt in
-the middle of a step would leave gradients half accumulated). The handler then
-steps aside: a second Ctrl-C raises KeyboardInterrupt at once, as usual.
+the middle of a step would leave gradients half accumulated). The handlers then
+step aside: a second Ctrl-C raises KeyboardInterrupt at once, a second SIGTERM
+terminates, as usual.
 
 Limits: one process only. Under torchrun each rank would see its signal at a
 different step and the collectives of the checkpoint would not line up, so
@@ -20,38 +22,49 @@ from typing import Any
 
 
 class TrainingInterrupted(KeyboardInterrupt):
-    """Training stopped on Ctrl-C after checkpointing step `step` in `run_dir`."""
+    """Training stopped on a signal after checkpointing step `step` in `run_dir`."""
 
-    def __init__(self, step: int, run_dir: str) -> None:
-        super().__init__(f"stopped at step {step} on Ctrl-C; checkpoint saved. Continue with: "
+    def __init__(self, step: int, run_dir: str, signum: int = signal.SIGINT) -> None:
+        name = "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
+        super().__init__(f"stopped at step {step} on {name}; checkpoint saved. Continue with: "
                          f"bigbatch train --resume {run_dir}")
         self.step = step
         self.run_dir = run_dir
+        self.exit_code = 128 + signum  # what a shell reports for a process killed by it
 
 
 class StopOnInterrupt:
-    """A context manager whose `requested` turns true on the first SIGINT (when `enabled`)."""
+    """A context manager whose `requested` turns true on the first SIGINT or SIGTERM (when
+    `enabled`); `signum` says which."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
     def __init__(self, enabled: bool) -> None:
         self.requested = False
-        # Only the main thread may set handlers; a SIGINT that is ignored (nohup) stays ignored.
-        self._enabled = (
-            enabled
-            and threading.current_thread() is threading.main_thread()
-            and signal.getsignal(signal.SIGINT) not in (signal.SIG_IGN, None)
-        )
-        self._previous: Any = None
+        self.signum: int = signal.SIGINT
+        # Only the main thread may set handlers; a signal that is ignored (nohup) stays ignored.
+        on_main = threading.current_thread() is threading.main_thread()
+        self._signals = [
+            s for s in self.SIGNALS if enabled and on_main and signal.getsignal(s) not in (signal.SIG_IGN, None)
+        ]
+        self._previous: dict[int, Any] = {}
 
     def __enter__(self) -> StopOnInterrupt:
-        if self._enabled:
-            self._previous = signal.signal(signal.SIGINT, self._handle)
+        for s in self._signals:
+            self._previous[s] = signal.signal(s, self._handle)
         return self
+
+    def _restore(self) -> None:
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)
+        self._previous = {}
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
         self.requested = True
-        signal.signal(signal.SIGINT, self._previous)  # a second Ctrl-C interrupts at once
-        print("\nCtrl-C: stopping after this optimizer step (Ctrl-C again to abort now).", file=sys.stderr, flush=True)
+        self.signum = signum
+        self._restore()  # a second signal acts at once, as usual
+        name = "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
+        print(f"\n{name}: stopping after this optimizer step ({name} again to abort now).", file=sys.stderr, flush=True)
 
     def __exit__(self, kind: type[BaseException] | None, error: BaseException | None, tb: TracebackType | None) -> None:
-        if self._enabled:
-            signal.signal(signal.SIGINT, self._previous)
+        self._restore()

@@ -367,7 +367,7 @@ class Trainer:
                     if (every and self.step % every == 0) or self.step == cfg.train.steps or stop.requested:
                         self.save()
                     if stop.requested and self.step < cfg.train.steps:
-                        raise TrainingInterrupted(self.step, str(self.run_dir))
+                        raise TrainingInterrupted(self.step, str(self.run_dir), stop.signum)
             progress.close()
             sample = self._sample() if rt.is_main or self.sharded else None
             summary = self._finish(metrics, baselines, sample) if rt.is_main else {}

@@ -87,15 +87,18 @@ def test_resume_skips_a_truncated_newest_checkpoint(tiny):
         assert torch.equal(a, b)
 
 
-def test_ctrl_c_saves_a_checkpoint_at_the_step_and_exits_130(tiny):
-    """SIGINT (Ctrl-C) finishes the optimizer step, checkpoints it and exits 130 with a one-line
-    hint; resuming then matches a run that was never stopped."""
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
+def test_a_stop_signal_saves_a_checkpoint_at_the_step_and_exits_128_plus_signum(tiny, signum):
+    """SIGINT (Ctrl-C) or SIGTERM (a scheduler's pre-emption) finishes the optimizer step,
+    checkpoints it and exits 128 + signum with a one-line hint; resuming then matches a run
+    that was never stopped."""
     overrides = [*tiny, f"train.steps={STEPS}", "checkpoint.every=1000"]  # no checkpoint but the one Ctrl-C writes
     reference = Trainer(TrainConfig.load(overrides=[*overrides, "run.name=whole"]))
     reference.fit()
 
-    cmd, env = _cli(*[f"--set={o}" for o in overrides], "--name", "stopped")
-    run = Path(TrainConfig.load(overrides=overrides).run.dir) / "stopped"
+    name = f"stopped-{signal.Signals(signum).name}"
+    cmd, env = _cli(*[f"--set={o}" for o in overrides], "--name", name)
+    run = Path(TrainConfig.load(overrides=overrides).run.dir) / name
     metrics = run / "metrics.jsonl"
     # A child of a shell job may inherit SIGINT ignored; give it the default, as a terminal would.
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
@@ -103,11 +106,11 @@ def test_ctrl_c_saves_a_checkpoint_at_the_step_and_exits_130(tiny):
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and proc.poll() is None:
         if metrics.exists() and metrics.read_text().count("\n") >= 3:
-            proc.send_signal(signal.SIGINT)
+            proc.send_signal(signum)
             break
         time.sleep(0.002)
     _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 130, err
+    assert proc.returncode == 128 + signum, err
     assert "Traceback" not in err and f"--resume {run}" in err, err
     stopped = list_checkpoints(run / "checkpoints")
     assert len(stopped) == 1 and 3 <= stopped[0][0] < STEPS, (stopped, err)
