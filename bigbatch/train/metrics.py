@@ -8,6 +8,25 @@ from pathlib import Path
 from typing import Any
 
 
+def to_json(value: Any, **kwargs: Any) -> str:
+    """JSON that strict readers accept: a non-finite float (a skipped step's NaN loss) is null."""
+    return json.dumps(_finite_or_none(value), allow_nan=False, **kwargs)
+
+
+def _finite_or_none(value: Any) -> Any:
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _finite_or_none(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite_or_none(v) for v in value]
+    return value
+
+
+def is_finite_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and math.isfinite(value)
+
+
 class MetricsLog:
     """Appends one JSON object per line to `path`; on resume, forgets steps after the checkpoint."""
 
@@ -24,12 +43,12 @@ class MetricsLog:
                     self.rows.append(row)
         path.parent.mkdir(parents=True, exist_ok=True)
         with path.open("w", encoding="utf-8") as f:
-            f.writelines(json.dumps(row) + "\n" for row in self.rows)
+            f.writelines(to_json(row) + "\n" for row in self.rows)
 
     def write(self, row: dict[str, Any]) -> None:
         self.rows.append(row)
         with self.path.open("a", encoding="utf-8") as f:
-            f.write(json.dumps(row) + "\n")
+            f.write(to_json(row) + "\n")
 
 
 def plot_losses(rows: list[dict[str, Any]], path: Path, baselines: dict[str, float], title: str) -> None:
@@ -39,8 +58,8 @@ def plot_losses(rows: list[dict[str, Any]], path: Path, baselines: dict[str, flo
     matplotlib.use("Agg")  # files only, never a window
     import matplotlib.pyplot as plt
 
-    train = [(r["step"], r["loss"]) for r in rows if "loss" in r and math.isfinite(r["loss"])]
-    val = [(r["step"], r["val_loss"]) for r in rows if "val_loss" in r]
+    train = [(r["step"], r["loss"]) for r in rows if is_finite_number(r.get("loss"))]
+    val = [(r["step"], r["val_loss"]) for r in rows if is_finite_number(r.get("val_loss"))]
     fig, ax = plt.subplots(figsize=(7, 4))
     if train:
         ax.plot(*zip(*train), lw=1, alpha=0.8, label="train loss")
@@ -59,4 +78,4 @@ def plot_losses(rows: list[dict[str, Any]], path: Path, baselines: dict[str, flo
 
 
 def write_summary(path: Path, summary: dict[str, Any]) -> None:
-    path.write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+    path.write_text(to_json(summary, indent=2) + "\n", encoding="utf-8")

@@ -41,7 +41,7 @@ from .config import TrainConfig
 from .interrupt import StopOnInterrupt, TrainingInterrupted
 from .memory_plan import describe as describe_plan
 from .memory_plan import plan_memory
-from .metrics import MetricsLog, plot_losses, write_summary
+from .metrics import MetricsLog, is_finite_number, plot_losses, write_summary
 from .parallel import check_fsdp2_batch, wrap_model
 from .progress import Progress, memory_text
 from .runtime import Runtime
@@ -416,7 +416,7 @@ class Trainer:
 
     def _finish(self, metrics: MetricsLog | None, baselines: dict[str, float], sample: str | None) -> dict[str, Any]:
         rows = metrics.rows if metrics is not None else []
-        losses = [r["loss"] for r in rows[-20:] if math.isfinite(r["loss"])]
+        losses = [r["loss"] for r in rows[-20:] if is_finite_number(r.get("loss"))]
         final: dict[str, Any] = next((r for r in reversed(rows) if "val_loss" in r), {})
         evals = {k: v for k, v in final.items() if k.startswith("val_")}
         items = sum(r["count"] for r in rows)

@@ -84,12 +84,19 @@ class _Poisoned:
         return out
 
 
+def _refuse(constant):
+    raise AssertionError(f"non-standard JSON constant {constant}")
+
+
 def test_nonfinite_steps_are_skipped_and_counted(tiny):
     config = TrainConfig.load(overrides=[*tiny, "train.steps=8", "train.max_nonfinite_steps=3", "run.name=nan"])
     trainer = Trainer(config, task=_Poisoned(bad={2, 3, 5}))
     summary = trainer.fit()
-    rows = [json.loads(line) for line in (trainer.run_dir / "metrics.jsonl").read_text().splitlines()]
+    # Strict JSON: a reader that refuses NaN/Infinity (as the standard does) reads the log.
+    rows = [json.loads(line, parse_constant=_refuse) for line in (trainer.run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["skipped"] for r in rows] == [False, False, True, True, False, True, False, False]
+    assert [r["loss"] is None for r in rows] == [r["skipped"] for r in rows]  # a non-finite loss is null
+    json.loads((trainer.run_dir / "summary.json").read_text(), parse_constant=_refuse)
     assert summary["nonfinite_steps_skipped"] == 3
     assert all(torch.isfinite(p).all() for p in trainer.model.parameters())
     assert trainer.accumulator.optimizer_steps == 5
