@@ -153,11 +153,9 @@ def ddp_token_step(rank: int, world: int) -> dict[str, Any]:
     return _record(model.module, stats)
 
 
-def ddp_token_loop(rank: int, world: int) -> dict[str, Any]:
-    """Loop API, token counts as tensors, uneven micro-batches, a window cut short."""
-    model = DDP(TinyLM())
-    acc = bb.Accumulator(model, optimizer(model), accumulation_steps=LOOP_ACCUMULATION_STEPS,
-                         max_grad_norm=MAX_GRAD_NORM)
+def _token_loop(model: nn.Module, acc: bb.Accumulator, rank: int, world: int) -> list[Any]:
+    """The loop API over LOOP_WINDOWS (token counts as tensors, uneven micro-batches, a window
+    cut short and flushed); the stats of every optimizer step."""
     stats = []
     for window, sizes in LOOP_WINDOWS:
         for tokens, labels in loop_micro_batches(window, sizes, rank, world):
@@ -169,7 +167,15 @@ def ddp_token_loop(rank: int, world: int) -> dict[str, Any]:
     last = acc.flush()
     assert last is not None
     stats.append(last)
-    return _record(model.module, stats)
+    return stats
+
+
+def ddp_token_loop(rank: int, world: int) -> dict[str, Any]:
+    """Loop API, token counts as tensors, uneven micro-batches, a window cut short."""
+    model = DDP(TinyLM())
+    acc = bb.Accumulator(model, optimizer(model), accumulation_steps=LOOP_ACCUMULATION_STEPS,
+                         max_grad_norm=MAX_GRAD_NORM)
+    return _record(model.module, _token_loop(model, acc, rank, world))
 
 
 def ddp_bf16_params(rank: int, world: int) -> dict[str, Any]:
@@ -219,18 +225,7 @@ def fsdp2_token_loop_sync_each(rank: int, world: int) -> dict[str, Any]:
     model = _shard_fsdp(TinyLM())
     acc = bb.Accumulator(model, optimizer(model), accumulation_steps=LOOP_ACCUMULATION_STEPS,
                          max_grad_norm=MAX_GRAD_NORM, sync_each_micro_step=True)
-    stats = []
-    for window, sizes in LOOP_WINDOWS:
-        for tokens, labels in loop_micro_batches(window, sizes, rank, world):
-            with acc.accumulate():
-                acc.backward(bb.token_cross_entropy(model(tokens), labels, ignore_index=PAD))
-            if acc.sync_gradients:
-                assert acc.last_stats is not None
-                stats.append(acc.last_stats)
-    last = acc.flush()
-    assert last is not None
-    stats.append(last)
-    return _record(model, stats)
+    return _record(model, _token_loop(model, acc, rank, world))
 
 
 def fsdp2_loop_cut_short_without_sync_each(rank: int, world: int) -> dict[str, Any]:
