@@ -29,6 +29,7 @@ from ..checkpointing import checkpoint_blocks
 from ..errors import ConfigError
 from ..lr import scale_lr
 from ..tasks import Task, build_task
+from . import report
 from .batching import BatchPlan, resolve_batch
 from .checkpoint import (
     list_checkpoints,
@@ -39,9 +40,8 @@ from .checkpoint import (
 )
 from .config import TrainConfig
 from .interrupt import StopOnInterrupt, TrainingInterrupted
-from .memory_plan import describe as describe_plan
 from .memory_plan import plan_memory
-from .metrics import MetricsLog, is_finite_number, plot_losses, write_summary
+from .metrics import MetricsLog
 from .parallel import check_fsdp2_batch, wrap_model
 from .progress import Progress, memory_text
 from .runtime import Runtime
@@ -328,20 +328,7 @@ class Trainer:
             (self.run_dir / "config.toml").write_text(cfg.to_toml(), encoding="utf-8")
         metrics = MetricsLog(self.run_dir / "metrics.jsonl", resume_step) if rt.is_main else None
         baselines = self.task.baselines() if rt.is_main else {}
-        self._print(
-            f"bigbatch train: task {self.task.name} ({self.num_parameters:,} parameters) on {rt.device}"
-            + (f" x {rt.world_size} ranks" + (" (FSDP2)" if self.sharded else " (DDP)") if rt.world_size > 1 else "")
-            + f"\n  {self.plan.describe()}"
-            + (f"\n  {describe_plan(self.memory_plan)}" if self.memory_plan else "")
-            + ("\n  activation checkpointing on" if cfg.train.checkpointing else "")
-            + (f"\n  fast micro-step: {cfg.train.fast_micro_step}" if cfg.train.fast_micro_step != "none" else "")
-            + f"\n  lr {self.lr:.3g}"
-            + (f" ({cfg.optim.lr_scaling} scaling of {cfg.optim.lr:g} at batch {cfg.optim.reference_batch_size})"
-               if cfg.optim.lr_scaling != "none" else "")
-            + f", {cfg.optim.warmup_steps} warmup steps, {cfg.optim.schedule}\n  run directory {self.run_dir}"
-            + (f"\n  resumed at step {self.step}" if resume_step else "")
-            + "".join(f"\n  baseline: {k.replace('_', ' ')} {v:.4f}" for k, v in baselines.items())
-        )
+        self._print(report.header(self, baselines, resumed=resume_step is not None))
         unit = getattr(self.task, "item_unit", "samples")
         progress = Progress(cfg.train.steps, self.step, unit, rt.is_main and cfg.train.progress, rt.is_main)
         # Subnormal floats make CPU arithmetic (Adam's second moments, say) many times slower.
@@ -370,7 +357,10 @@ class Trainer:
                         raise TrainingInterrupted(self.step, str(self.run_dir), stop.signum)
             progress.close()
             sample = self._sample() if rt.is_main or self.sharded else None
-            summary = self._finish(metrics, baselines, sample) if rt.is_main else {}
+            summary: dict[str, Any] = {}
+            if metrics is not None:  # rank 0
+                summary, text = report.finish(self, metrics.rows, baselines, sample)
+                self._print(text)
         finally:
             if flush:
                 torch.set_flush_denormal(False)
@@ -413,41 +403,3 @@ class Trainer:
         generator = torch.Generator().manual_seed(self.config.train.seed)  # the same tokens on every rank
         text: str = generate(self.model, "\n", self.config.train.sample_length, generator=generator)
         return text
-
-    def _finish(self, metrics: MetricsLog | None, baselines: dict[str, float], sample: str | None) -> dict[str, Any]:
-        rows = metrics.rows if metrics is not None else []
-        losses = [r["loss"] for r in rows[-20:] if is_finite_number(r.get("loss"))]
-        final: dict[str, Any] = next((r for r in reversed(rows) if "val_loss" in r), {})
-        evals = {k: v for k, v in final.items() if k.startswith("val_")}
-        items = sum(r["count"] for r in rows)
-        summary: dict[str, Any] = {
-            "run_dir": str(self.run_dir),
-            "task": self.task.name,
-            "steps": self.step,
-            "samples_seen": self.samples_seen,
-            "batch": self.plan.describe(),
-            "lr": self.lr,
-            "train_loss_last_20": sum(losses) / len(losses) if losses else math.nan,
-            **evals,
-            **baselines,
-            "train_seconds": round(self.train_seconds, 2),
-            f"{getattr(self.task, 'item_unit', 'samples')}_per_s": items / max(self.train_seconds, 1e-9),
-            "nonfinite_steps_skipped": self.nonfinite_total,
-            "checkpointing": self.config.train.checkpointing,
-            "fast_micro_step": self.config.train.fast_micro_step,
-        }
-        if self.memory_plan is not None:
-            summary["memory_plan"] = self.memory_plan
-        plot_losses(rows, self.run_dir / "loss.png", baselines, f"{self.task.name}: {self.plan.describe()}")
-        if sample is not None:
-            summary["sample"] = sample
-        write_summary(self.run_dir / "summary.json", summary)
-        lines = [f"done: {self.step} steps in {self.train_seconds:.0f}s of training"]
-        for key, value in summary.items():
-            if key.startswith("val_") or key.endswith("_val_loss"):
-                lines.append(f"  {key:<20} {value:.4f}" if isinstance(value, float) and not value.is_integer() else f"  {key:<20} {value:.0f}")
-        lines.append(f"  wrote {self.run_dir}/ (config.toml, metrics.jsonl, loss.png, summary.json, checkpoints/)")
-        if "sample" in summary:
-            lines.append("sample:\n" + summary["sample"])
-        self._print("\n".join(lines))
-        return summary
