@@ -17,6 +17,7 @@ from __future__ import annotations
 import math
 import random
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -85,6 +86,17 @@ def _schedule(config: TrainConfig) -> Any:
     return factor
 
 
+def _warn_warmup_too_long(warmup_steps: int, steps: int, peak_lr: float) -> None:
+    # The schedule reaches its peak at step warmup_steps + 1 (see _schedule).
+    warnings.warn(
+        f"optim.warmup_steps={warmup_steps} >= train.steps={steps}: the learning rate warms up for the "
+        f"whole run and never reaches its peak {peak_lr:.3g} (the last step uses {steps / (warmup_steps + 1):.0%} "
+        f"of it); set optim.warmup_steps below train.steps, e.g. --set optim.warmup_steps={steps // 10}.",
+        UserWarning,
+        stacklevel=3,
+    )
+
+
 class Trainer:
     """Trains `config`'s task (or `task`) and writes a run directory.
 
@@ -125,6 +137,8 @@ class Trainer:
         self.lr = o.lr if o.lr_scaling == "none" else scale_lr(
             o.lr, o.reference_batch_size, self.plan.logical_batch_size, o.lr_scaling
         )
+        if rt.is_main and o.warmup_steps >= config.train.steps:
+            _warn_warmup_too_long(o.warmup_steps, config.train.steps, self.lr)
         self._loss_fn = self.task.loss_fn  # one object: fast_micro_step compiles it once
 
         torch.manual_seed(config.train.seed)  # the same initial model on every rank

@@ -1,5 +1,6 @@
 import json
 import math
+import warnings
 from pathlib import Path
 
 import pytest
@@ -171,3 +172,23 @@ def test_a_gpu_index_past_the_last_gpu_is_a_config_error():
     with pytest.raises(ConfigError, match=f"has {torch.cuda.device_count()} GPU"):
         Runtime.from_env(f"cuda:{torch.cuda.device_count()}")
     assert Runtime.from_env("cuda:0").device == torch.device("cuda", 0)  # negative control
+
+
+def test_a_warmup_as_long_as_the_run_warns_that_the_peak_lr_is_never_reached(tiny):
+    config = TrainConfig.load(overrides=[*tiny, "train.steps=3", "optim.warmup_steps=3", "optim.schedule=constant",
+                                         "train.sample_length=0", "run.name=long"])
+    with pytest.warns(UserWarning, match=r"optim.warmup_steps=3 >= train.steps=3: .* never reaches its peak") as seen:
+        trainer = Trainer(config)
+    assert len(seen) == 1 and "set optim.warmup_steps below train.steps" in str(seen[0].message)
+    trainer.fit()
+    rows = [json.loads(line) for line in (trainer.run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert max(r["lr"] for r in rows) == pytest.approx(trainer.lr * 3 / 4)  # what the warning says: below the peak
+    # Control: one step fewer of warmup reaches the peak on the last step, and nothing warns.
+    config = TrainConfig.load(overrides=[*tiny, "train.steps=3", "optim.warmup_steps=2", "optim.schedule=constant",
+                                         "train.sample_length=0", "run.name=short"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        trainer = Trainer(config)
+        trainer.fit()
+    rows = [json.loads(line) for line in (trainer.run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert rows[-1]["lr"] == pytest.approx(trainer.lr)
