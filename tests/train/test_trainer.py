@@ -105,8 +105,14 @@ def test_nonfinite_steps_are_skipped_and_counted(tiny):
 
 def test_too_many_nonfinite_steps_in_a_row_stop_with_a_clear_error(tiny):
     config = TrainConfig.load(overrides=[*tiny, "train.steps=8", "train.max_nonfinite_steps=3", "run.name=nan"])
+    trainer = Trainer(config, task=_Poisoned(bad={2, 3, 4, 5}))
     with pytest.raises(NonFiniteLossError, match="3 optimizer steps in a row .up to step 5."):
-        Trainer(config, task=_Poisoned(bad={2, 3, 4, 5})).fit()
+        trainer.fit()
+    # The log holds every step up to the one that stopped the run, in strict JSON.
+    rows = [json.loads(line, parse_constant=_refuse) for line in (trainer.run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5]
+    assert [r["skipped"] for r in rows] == [False, False, True, True, True]
+    assert rows[-1]["loss"] is None and rows[1]["loss"] > 0
 
 
 def test_resume_needs_the_same_world_size(tiny):
