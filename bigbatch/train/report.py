@@ -53,7 +53,7 @@ def finish(
         "steps": trainer.step,
         "samples_seen": trainer.samples_seen,
         "batch": plan.describe(),
-        "lr": trainer.lr,
+        "peak_lr": trainer.lr,  # after lr_scaling; metrics.jsonl has the lr of each step
         "train_loss_last_20": sum(losses) / len(losses) if losses else math.nan,
         **evals,
         **baselines,

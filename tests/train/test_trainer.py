@@ -44,6 +44,7 @@ def test_a_run_writes_its_directory(tiny):
     assert [r["step"] for r in rows if "val_loss" in r] == [5, 10, 12]
     assert json.loads((run / "summary.json").read_text()) == summary
     assert summary["val_loss"] == rows[-1]["val_loss"] and "unigram_val_loss" in summary
+    assert summary["peak_lr"] == config.optim.lr and max(r["lr"] for r in rows) == pytest.approx(config.optim.lr)
     assert len(summary["sample"]) == 20
     assert (run / "loss.png").read_bytes()[:4] == b"\x89PNG"
     with pytest.raises(ConfigError, match="already exists; continue it with --resume"):
