@@ -17,6 +17,7 @@ from __future__ import annotations
 import math
 import random
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +30,7 @@ from ..checkpointing import checkpoint_blocks
 from ..errors import ConfigError
 from ..lr import scale_lr
 from ..tasks import Task, build_task
+from . import report
 from .batching import BatchPlan, resolve_batch
 from .checkpoint import (
     list_checkpoints,
@@ -39,9 +41,8 @@ from .checkpoint import (
 )
 from .config import TrainConfig
 from .interrupt import StopOnInterrupt, TrainingInterrupted
-from .memory_plan import describe as describe_plan
 from .memory_plan import plan_memory
-from .metrics import MetricsLog, is_finite_number, plot_losses, write_summary
+from .metrics import MetricsLog
 from .parallel import check_fsdp2_batch, wrap_model
 from .progress import Progress, memory_text
 from .runtime import Runtime
@@ -85,6 +86,17 @@ def _schedule(config: TrainConfig) -> Any:
     return factor
 
 
+def _warn_warmup_too_long(warmup_steps: int, steps: int, peak_lr: float) -> None:
+    # The schedule reaches its peak at step warmup_steps + 1 (see _schedule).
+    warnings.warn(
+        f"optim.warmup_steps={warmup_steps} >= train.steps={steps}: the learning rate warms up for the "
+        f"whole run and never reaches its peak {peak_lr:.3g} (the last step uses {steps / (warmup_steps + 1):.0%} "
+        f"of it); set optim.warmup_steps below train.steps, e.g. --set optim.warmup_steps={steps // 10}.",
+        UserWarning,
+        stacklevel=3,
+    )
+
+
 class Trainer:
     """Trains `config`'s task (or `task`) and writes a run directory.
 
@@ -125,6 +137,8 @@ class Trainer:
         self.lr = o.lr if o.lr_scaling == "none" else scale_lr(
             o.lr, o.reference_batch_size, self.plan.logical_batch_size, o.lr_scaling
         )
+        if rt.is_main and o.warmup_steps >= config.train.steps:
+            _warn_warmup_too_long(o.warmup_steps, config.train.steps, self.lr)
         self._loss_fn = self.task.loss_fn  # one object: fast_micro_step compiles it once
 
         torch.manual_seed(config.train.seed)  # the same initial model on every rank
@@ -328,20 +342,7 @@ class Trainer:
             (self.run_dir / "config.toml").write_text(cfg.to_toml(), encoding="utf-8")
         metrics = MetricsLog(self.run_dir / "metrics.jsonl", resume_step) if rt.is_main else None
         baselines = self.task.baselines() if rt.is_main else {}
-        self._print(
-            f"bigbatch train: task {self.task.name} ({self.num_parameters:,} parameters) on {rt.device}"
-            + (f" x {rt.world_size} ranks" + (" (FSDP2)" if self.sharded else " (DDP)") if rt.world_size > 1 else "")
-            + f"\n  {self.plan.describe()}"
-            + (f"\n  {describe_plan(self.memory_plan)}" if self.memory_plan else "")
-            + ("\n  activation checkpointing on" if cfg.train.checkpointing else "")
-            + (f"\n  fast micro-step: {cfg.train.fast_micro_step}" if cfg.train.fast_micro_step != "none" else "")
-            + f"\n  lr {self.lr:.3g}"
-            + (f" ({cfg.optim.lr_scaling} scaling of {cfg.optim.lr:g} at batch {cfg.optim.reference_batch_size})"
-               if cfg.optim.lr_scaling != "none" else "")
-            + f", {cfg.optim.warmup_steps} warmup steps, {cfg.optim.schedule}\n  run directory {self.run_dir}"
-            + (f"\n  resumed at step {self.step}" if resume_step else "")
-            + "".join(f"\n  baseline: {k.replace('_', ' ')} {v:.4f}" for k, v in baselines.items())
-        )
+        self._print(report.header(self, baselines, resumed=resume_step is not None))
         unit = getattr(self.task, "item_unit", "samples")
         progress = Progress(cfg.train.steps, self.step, unit, rt.is_main and cfg.train.progress, rt.is_main)
         # Subnormal floats make CPU arithmetic (Adam's second moments, say) many times slower.
@@ -354,6 +355,10 @@ class Trainer:
             with StopOnInterrupt(enabled=rt.world_size == 1) as stop:
                 while self.step < cfg.train.steps:
                     row = self._train_step()
+                    if self.nonfinite_in_a_row >= cfg.train.max_nonfinite_steps:
+                        if metrics is not None:
+                            metrics.write(row)  # the step that stops the run is in the log too
+                        raise self._not_recovering(row)
                     if self.step % cfg.train.eval_every == 0 or self.step == cfg.train.steps:
                         # Under FSDP2 every forward all-gathers: all ranks evaluate together.
                         if rt.is_main or self.sharded:
@@ -370,7 +375,10 @@ class Trainer:
                         raise TrainingInterrupted(self.step, str(self.run_dir), stop.signum)
             progress.close()
             sample = self._sample() if rt.is_main or self.sharded else None
-            summary = self._finish(metrics, baselines, sample) if rt.is_main else {}
+            summary: dict[str, Any] = {}
+            if metrics is not None:  # rank 0
+                summary, text = report.finish(self, metrics.rows, baselines, sample)
+                self._print(text)
         finally:
             if flush:
                 torch.set_flush_denormal(False)
@@ -395,15 +403,16 @@ class Trainer:
             bad = bool(row["skipped"]) and row["count"] > 0
         self.nonfinite_in_a_row = self.nonfinite_in_a_row + 1 if bad else 0
         self.nonfinite_total += bad
-        if self.nonfinite_in_a_row >= self.config.train.max_nonfinite_steps:
-            raise NonFiniteLossError(
-                f"{self.nonfinite_in_a_row} optimizer steps in a row (up to step {self.step}) had a "
-                f"non-finite loss or gradient (last loss {row['loss']}); they were skipped, but training "
-                "is not recovering. Lower optim.lr, set optim.max_grad_norm, use precision=\"bf16\" "
-                "instead of fp16, or check the data; train.max_nonfinite_steps sets this limit."
-            )
         row.update(step=self.step, items_per_s=row["count"] / seconds, seconds=seconds)
         return {"step": row.pop("step"), **row}
+
+    def _not_recovering(self, row: dict[str, Any]) -> NonFiniteLossError:
+        return NonFiniteLossError(
+            f"{self.nonfinite_in_a_row} optimizer steps in a row (up to step {self.step}) had a "
+            f"non-finite loss or gradient (last loss {row['loss']}); they were skipped, but training "
+            "is not recovering. Lower optim.lr, set optim.max_grad_norm, use precision=\"bf16\" "
+            "instead of fp16, or check the data; train.max_nonfinite_steps sets this limit."
+        )
 
     def _sample(self) -> str | None:
         """Text generated by the trained model (text task; on every rank under FSDP2)."""
@@ -413,41 +422,3 @@ class Trainer:
         generator = torch.Generator().manual_seed(self.config.train.seed)  # the same tokens on every rank
         text: str = generate(self.model, "\n", self.config.train.sample_length, generator=generator)
         return text
-
-    def _finish(self, metrics: MetricsLog | None, baselines: dict[str, float], sample: str | None) -> dict[str, Any]:
-        rows = metrics.rows if metrics is not None else []
-        losses = [r["loss"] for r in rows[-20:] if is_finite_number(r.get("loss"))]
-        final: dict[str, Any] = next((r for r in reversed(rows) if "val_loss" in r), {})
-        evals = {k: v for k, v in final.items() if k.startswith("val_")}
-        items = sum(r["count"] for r in rows)
-        summary: dict[str, Any] = {
-            "run_dir": str(self.run_dir),
-            "task": self.task.name,
-            "steps": self.step,
-            "samples_seen": self.samples_seen,
-            "batch": self.plan.describe(),
-            "lr": self.lr,
-            "train_loss_last_20": sum(losses) / len(losses) if losses else math.nan,
-            **evals,
-            **baselines,
-            "train_seconds": round(self.train_seconds, 2),
-            f"{getattr(self.task, 'item_unit', 'samples')}_per_s": items / max(self.train_seconds, 1e-9),
-            "nonfinite_steps_skipped": self.nonfinite_total,
-            "checkpointing": self.config.train.checkpointing,
-            "fast_micro_step": self.config.train.fast_micro_step,
-        }
-        if self.memory_plan is not None:
-            summary["memory_plan"] = self.memory_plan
-        plot_losses(rows, self.run_dir / "loss.png", baselines, f"{self.task.name}: {self.plan.describe()}")
-        if sample is not None:
-            summary["sample"] = sample
-        write_summary(self.run_dir / "summary.json", summary)
-        lines = [f"done: {self.step} steps in {self.train_seconds:.0f}s of training"]
-        for key, value in summary.items():
-            if key.startswith("val_") or key.endswith("_val_loss"):
-                lines.append(f"  {key:<20} {value:.4f}" if isinstance(value, float) and not value.is_integer() else f"  {key:<20} {value:.0f}")
-        lines.append(f"  wrote {self.run_dir}/ (config.toml, metrics.jsonl, loss.png, summary.json, checkpoints/)")
-        if "sample" in summary:
-            lines.append("sample:\n" + summary["sample"])
-        self._print("\n".join(lines))
-        return summary

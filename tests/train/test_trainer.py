@@ -1,5 +1,6 @@
 import json
 import math
+import warnings
 from pathlib import Path
 
 import pytest
@@ -43,6 +44,7 @@ def test_a_run_writes_its_directory(tiny):
     assert [r["step"] for r in rows if "val_loss" in r] == [5, 10, 12]
     assert json.loads((run / "summary.json").read_text()) == summary
     assert summary["val_loss"] == rows[-1]["val_loss"] and "unigram_val_loss" in summary
+    assert summary["peak_lr"] == config.optim.lr and max(r["lr"] for r in rows) == pytest.approx(config.optim.lr)
     assert len(summary["sample"]) == 20
     assert (run / "loss.png").read_bytes()[:4] == b"\x89PNG"
     with pytest.raises(ConfigError, match="already exists; continue it with --resume"):
@@ -104,8 +106,14 @@ def test_nonfinite_steps_are_skipped_and_counted(tiny):
 
 def test_too_many_nonfinite_steps_in_a_row_stop_with_a_clear_error(tiny):
     config = TrainConfig.load(overrides=[*tiny, "train.steps=8", "train.max_nonfinite_steps=3", "run.name=nan"])
+    trainer = Trainer(config, task=_Poisoned(bad={2, 3, 4, 5}))
     with pytest.raises(NonFiniteLossError, match="3 optimizer steps in a row .up to step 5."):
-        Trainer(config, task=_Poisoned(bad={2, 3, 4, 5})).fit()
+        trainer.fit()
+    # The log holds every step up to the one that stopped the run, in strict JSON.
+    rows = [json.loads(line, parse_constant=_refuse) for line in (trainer.run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5]
+    assert [r["skipped"] for r in rows] == [False, False, True, True, True]
+    assert rows[-1]["loss"] is None and rows[1]["loss"] > 0
 
 
 def test_resume_needs_the_same_world_size(tiny):
@@ -171,3 +179,23 @@ def test_a_gpu_index_past_the_last_gpu_is_a_config_error():
     with pytest.raises(ConfigError, match=f"has {torch.cuda.device_count()} GPU"):
         Runtime.from_env(f"cuda:{torch.cuda.device_count()}")
     assert Runtime.from_env("cuda:0").device == torch.device("cuda", 0)  # negative control
+
+
+def test_a_warmup_as_long_as_the_run_warns_that_the_peak_lr_is_never_reached(tiny):
+    config = TrainConfig.load(overrides=[*tiny, "train.steps=3", "optim.warmup_steps=3", "optim.schedule=constant",
+                                         "train.sample_length=0", "run.name=long"])
+    with pytest.warns(UserWarning, match=r"optim.warmup_steps=3 >= train.steps=3: .* never reaches its peak") as seen:
+        trainer = Trainer(config)
+    assert len(seen) == 1 and "set optim.warmup_steps below train.steps" in str(seen[0].message)
+    trainer.fit()
+    rows = [json.loads(line) for line in (trainer.run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert max(r["lr"] for r in rows) == pytest.approx(trainer.lr * 3 / 4)  # what the warning says: below the peak
+    # Control: one step fewer of warmup reaches the peak on the last step, and nothing warns.
+    config = TrainConfig.load(overrides=[*tiny, "train.steps=3", "optim.warmup_steps=2", "optim.schedule=constant",
+                                         "train.sample_length=0", "run.name=short"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        trainer = Trainer(config)
+        trainer.fit()
+    rows = [json.loads(line) for line in (trainer.run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert rows[-1]["lr"] == pytest.approx(trainer.lr)
