@@ -239,6 +239,11 @@ def grad_sync_for(model: nn.Module, *, sync_each_micro_step: bool = False) -> Gr
     return LocalSync()
 
 
+def unwrap_ddp(model: nn.Module) -> nn.Module:
+    """The module inside a DistributedDataParallel wrapper (the model itself otherwise)."""
+    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+
+
 def full_tensor(t: torch.Tensor) -> torch.Tensor:
     """A DTensor's whole value (FSDP2's gradient norm), any other tensor unchanged."""
     full = getattr(t, "full_tensor", None)

@@ -20,13 +20,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..batches import Batch
+from ..distributed import unwrap_ddp
 from ..errors import ConfigError
 
 NORMS = ("none", "batchnorm", "groupnorm")
 
-
-def _unwrap(model: nn.Module) -> nn.Module:
-    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
 
 
 def _load() -> tuple[np.ndarray, np.ndarray]:
@@ -111,7 +109,7 @@ class DigitsTask:
     @torch.no_grad()
     def evaluate(self, model: nn.Module, batch_size: int = 512) -> dict[str, float]:
         """Validation loss and accuracy (BatchNorm in eval mode: running statistics)."""
-        net = _unwrap(model)
+        net = unwrap_ddp(model)
         was_training = net.training
         net.eval()
         weight = next(net.parameters())

@@ -25,15 +25,12 @@ from torch import nn
 
 from ..batches import Batch
 from ..chunked import chunked_cross_entropy
+from ..distributed import unwrap_ddp
 from ..errors import ConfigError
 from ..losses import LossSum
 
 IGNORE = -100
 
-
-def _unwrap(model: nn.Module) -> nn.Module:
-    """The module inside a DDP wrapper (evaluation runs on it directly, on one rank)."""
-    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
 
 
 class _Block(nn.Module):
@@ -283,7 +280,7 @@ class TextTask:
     @torch.no_grad()
     def evaluate(self, model: nn.Module, batch_size: int = 64) -> dict[str, float]:
         """Mean validation loss per token over the evaluation samples."""
-        net = _unwrap(model)
+        net = unwrap_ddp(model)
         was_training = net.training
         net.eval()
         device = next(net.parameters()).device
@@ -313,7 +310,7 @@ class TextTask:
         temperature: float = 0.8, generator: torch.Generator | None = None,
     ) -> str:
         """`n` characters sampled after `prompt` (which must use the text's characters)."""
-        net = _unwrap(model)
+        net = unwrap_ddp(model)
         was_training = net.training
         net.eval()
         device = next(net.parameters()).device

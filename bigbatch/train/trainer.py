@@ -27,6 +27,7 @@ from torch import nn
 from ..accumulator import Accumulator
 from ..batches import Batch, _map
 from ..checkpointing import checkpoint_blocks
+from ..distributed import unwrap_ddp
 from ..errors import ConfigError
 from ..lr import scale_lr
 from ..tasks import Task, build_task
@@ -215,8 +216,7 @@ class Trainer:
         return self.run_dir / "checkpoints"
 
     def _unwrapped(self) -> nn.Module:
-        model = self.model
-        return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+        return unwrap_ddp(self.model)
 
     def state_dict(self) -> dict[str, Any]:
         """Everything the next step depends on (every rank's RNG state included).
