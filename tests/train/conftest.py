@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -23,3 +27,11 @@ def _one_thread():
     # Restored by the root conftest. Small models on a busy 2-core machine crawl
     # when torch's threads wait on each other.
     torch.set_num_threads(1)
+
+
+def torchrun_train(overrides, *args):
+    """`torchrun --nproc-per-node=2 -m bigbatch train --set ... ARGS` (gloo on the CPU), finished."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+           "-m", "bigbatch", "train", *[f"--set={o}" for o in overrides], *args]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)

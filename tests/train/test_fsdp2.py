@@ -9,10 +9,7 @@ batch, in float64, to summation-order rounding. Checkpoints are distributed
 """
 
 import json
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -24,19 +21,12 @@ from bigbatch.train.batching import resolve_batch
 from bigbatch.train.checkpoint import list_checkpoints
 from bigbatch.train.parallel import check_fsdp2_batch
 from bigbatch.train.sharded_checkpoint import MARKER, load_full_state
-from tests.train.conftest import TINY
+from tests.train.conftest import TINY, torchrun_train
 
 pytestmark = pytest.mark.distributed
 
 OVERRIDES = ["train.dtype=float64", "train.steps=4", "checkpoint.every=1", "checkpoint.keep=2", "task.n_layers=2",
              "batch.logical_batch_size=13", "batch.micro_batch_size=4", "train.eval_every=2"]  # fmt: skip
-
-
-def _torchrun(overrides, *args):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
-           "-m", "bigbatch", "train", *[f"--set={o}" for o in overrides], *args]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
 
 
 def _rows(run: Path):
@@ -48,7 +38,7 @@ def fsdp2_run(tmp_path_factory):
     """One 4-step FSDP2 run (activation checkpointing on), and its overrides."""
     root = tmp_path_factory.mktemp("fsdp2")
     overrides = [*TINY, f'run.dir="{root / "runs"}"', *OVERRIDES]
-    done = _torchrun([*overrides, "train.parallel=fsdp2", "train.checkpointing=true"], "--name", "fsdp2")
+    done = torchrun_train([*overrides, "train.parallel=fsdp2", "train.checkpointing=true"], "--name", "fsdp2")
     assert done.returncode == 0, done.stderr[-3000:]
     return overrides, root / "runs" / "fsdp2", done.stdout
 
@@ -88,7 +78,7 @@ def test_fsdp2_resume_skips_an_unfinished_newest_checkpoint_and_continues_identi
     newest = list_checkpoints(copy / "checkpoints")[-1][1]
     (newest / MARKER).unlink()  # as if killed before the write finished: counts as corrupt
     (copy / "checkpoints" / ".step-0000005.tmp").mkdir()  # a write cut short by a kill
-    done = _torchrun([], "--resume", str(copy))
+    done = torchrun_train([], "--resume", str(copy))
     assert done.returncode == 0, done.stderr[-3000:]
     assert "resumed at step 3" in done.stdout
     assert "cannot be loaded" in done.stderr  # the warning names the skipped checkpoint

@@ -6,9 +6,6 @@ process training on the whole logical batch, in float64, to summation-order
 rounding.
 """
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -16,15 +13,9 @@ import torch
 
 from bigbatch.train import TrainConfig, Trainer
 from bigbatch.train.checkpoint import list_checkpoints
+from tests.train.conftest import torchrun_train
 
 pytestmark = pytest.mark.distributed
-
-
-def _torchrun(overrides, *args):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
-           "-m", "bigbatch", "train", *[f"--set={o}" for o in overrides], *args]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
 
 
 def _model(run: Path):
@@ -36,7 +27,7 @@ def test_two_ranks_equal_one_process(tiny):
                  "batch.logical_batch_size=13", "batch.micro_batch_size=4"]
     single = Trainer(TrainConfig.load(overrides=[*overrides, "run.name=single"]))
     single.fit()
-    done = _torchrun(overrides, "--name", "ddp")
+    done = torchrun_train(overrides, "--name", "ddp")
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.count("bigbatch train: task text") == 1  # only rank 0 prints
     assert "x 2 ranks" in done.stdout
@@ -49,7 +40,7 @@ def test_two_ranks_equal_one_process(tiny):
     assert max(float((ref[k] - initial[k]).abs().max()) for k in ref) > 1e-3
 
     # Resume at the same world size continues the run.
-    more = _torchrun(["train.steps=6"], "--resume", str(run))
+    more = torchrun_train(["train.steps=6"], "--resume", str(run))
     assert more.returncode == 0, more.stderr[-3000:]
     assert "resumed at step 4" in more.stdout
 
@@ -58,7 +49,7 @@ def test_two_ranks_equal_one_process(tiny):
 def test_max_memory_is_planned_on_rank_0_and_shared(tiny):
     overrides = [*tiny, "train.dtype=float64", "train.steps=2", "train.sample_length=0", "task.n_layers=2",
                  "batch.logical_batch_size=13", "batch.max_memory=1GiB"]  # fmt: skip
-    done = _torchrun(overrides, "--name", "ddp-plan")
+    done = torchrun_train(overrides, "--name", "ddp-plan")
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.count("bigbatch train: planning within") == 1  # rank 0 plans, the others wait
     assert done.stdout.count("CHOSEN") == 1
