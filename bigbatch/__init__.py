@@ -6,10 +6,10 @@
 """
 
 from .accumulator import Accumulator
+from .batch_sizes import BatchSizes, RankSplit, derive_per_rank, resolve_batch_sizes, shard_indices
 from .batches import batch_size, split_batch
 from .checkpointing import checkpoint_blocks
 from .chunked import chunked_cross_entropy
-from .distributed import RankSplit, derive_per_rank, shard_indices
 from .errors import (
     AccumulationWarning,
     BatchCouplingWarning,
@@ -36,6 +36,7 @@ __all__ = [
     "Accumulator",
     "BatchCouplingWarning",
     "BatchError",
+    "BatchSizes",
     "ConfigError",
     "FastMicroStep",
     "GhostBatchNorm",
@@ -56,6 +57,7 @@ __all__ = [
     "derive_per_rank",
     "guard",
     "plan",
+    "resolve_batch_sizes",
     "scale_lr",
     "shard_indices",
     "split_batch",

@@ -16,6 +16,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
+from .batch_sizes import check_positive_int
 from .batches import Batch, batch_size, is_on_device, split_batch, to_device
 from .distributed import FSDP2Sync, LocalSync, full_tensor, grad_sync_for
 from .errors import ConfigError, LossError, MicroBatchTooLargeError
@@ -103,14 +104,10 @@ class Accumulator:
                 "step) and micro_batch_size= (step API: samples per micro-step); got "
                 f"accumulation_steps={accumulation_steps!r}, micro_batch_size={micro_batch_size!r}."
             )
-        if accumulation_steps is not None and (
-            not isinstance(accumulation_steps, int) or accumulation_steps < 1
-        ):
-            raise ConfigError(f"accumulation_steps must be an int >= 1, got {accumulation_steps!r}.")
-        if micro_batch_size is not None and micro_batch_size != "auto" and (
-            not isinstance(micro_batch_size, int) or micro_batch_size < 1
-        ):
-            raise ConfigError(f'micro_batch_size must be an int >= 1 or "auto", got {micro_batch_size!r}.')
+        if accumulation_steps is not None:
+            check_positive_int(accumulation_steps, "accumulation_steps")
+        if micro_batch_size is not None:
+            check_positive_int(micro_batch_size, "micro_batch_size", allow_auto=True)
         if last_window not in ("step", "drop"):
             raise ConfigError(f'last_window must be "step" or "drop", got {last_window!r}.')
         if max_grad_norm is not None and not max_grad_norm > 0:

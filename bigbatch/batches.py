@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 
+from .batch_sizes import check_positive_int
 from .errors import BatchError
 
 Batch = Any  # torch.Tensor | tuple[Batch, ...] | list[Batch] | dict[str, Batch] | other leaf
@@ -74,8 +75,7 @@ def split_batch(batch: Batch, micro_batch_size: int) -> list[Batch]:
     The pieces are views of the input: nothing is copied until they are moved to a device.
     """
     n = batch_size(batch)
-    if micro_batch_size < 1:
-        raise BatchError(f"micro_batch_size must be >= 1, got {micro_batch_size}.")
+    check_positive_int(micro_batch_size, "micro_batch_size", error=BatchError)
 
     def piece(start: int) -> Batch:
         return _map(batch, lambda t: t[start : start + micro_batch_size])

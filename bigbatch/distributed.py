@@ -1,4 +1,4 @@
-"""Gradient-sync control for DDP and FSDP2, counts reduced across ranks, rank arithmetic.
+"""Gradient-sync control for DDP and FSDP2, and counts reduced across ranks.
 
 The engine asks one question per micro-step, "sync gradients now or not?", and
 one per window, "what is the global item count?". This module answers both for
@@ -20,7 +20,6 @@ step (DDP) and, under FSDP2, the same number of forwards (each one all-gathers).
 from __future__ import annotations
 
 import contextlib
-import math
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -248,61 +247,6 @@ def full_tensor(t: torch.Tensor) -> torch.Tensor:
     """A DTensor's whole value (FSDP2's gradient norm), any other tensor unchanged."""
     full = getattr(t, "full_tensor", None)
     return full() if callable(full) else t
-
-
-# -- rank arithmetic ---------------------------------------------------------
-
-
-def _check_world(what: str, n: int, world_size: int) -> None:
-    if not isinstance(world_size, int) or world_size < 1:
-        raise ConfigError(f"world_size must be an int >= 1, got {world_size!r}.")
-    if not isinstance(n, int) or n < world_size:
-        raise ConfigError(
-            f"{what} {n!r} is smaller than the world size {world_size}: every rank needs at "
-            f"least one sample per step; use {what} >= {world_size}, or launch fewer processes."
-        )
-
-
-def shard_indices(n: int, rank: int, world_size: int) -> range:
-    """The positions of one logical batch of `n` items that `rank` takes: rank, rank+W, ...
-
-    Shards differ by at most one item (the first n % W ranks take one more), every
-    item goes to exactly one rank, nothing is padded or repeated (a repeated
-    sample would count twice in the exact global mean).
-
-        x[shard_indices(len(x), rank, world)]
-    """
-    _check_world("the batch size", n, world_size)
-    if not isinstance(rank, int) or not 0 <= rank < world_size:
-        raise ConfigError(f"rank must be in [0, {world_size}), got {rank!r}.")
-    return range(rank, n, world_size)
-
-
-@dataclass(frozen=True)
-class RankSplit:
-    """How a global logical batch divides over ranks and micro-steps."""
-
-    rank_batch_sizes: tuple[int, ...]  # samples per rank per step; they sum to the logical batch
-    micro_batch_size: int  # at most what was asked, never more than a rank holds
-    accumulation_steps: int  # micro-steps per optimizer step, the same on every rank
-
-
-def derive_per_rank(logical_batch: int, micro_batch_size: int, world_size: int) -> RankSplit:
-    """Per-rank batch sizes and accumulation steps for a global logical batch.
-
-    The logical batch is global (what one optimizer step sees over all ranks); it is
-    split as `shard_indices` splits it, and every rank runs the same number of
-    micro-steps (ceil of the largest shard over the micro-batch size), so FSDP2's
-    per-forward all-gathers line up.
-
-        derive_per_rank(64, 4, 2)  # RankSplit((32, 32), 4, 8)
-    """
-    _check_world("the logical batch", logical_batch, world_size)
-    if not isinstance(micro_batch_size, int) or micro_batch_size < 1:
-        raise ConfigError(f"micro_batch_size must be an int >= 1, got {micro_batch_size!r}.")
-    sizes = tuple(len(range(r, logical_batch, world_size)) for r in range(world_size))
-    micro = min(micro_batch_size, sizes[0])
-    return RankSplit(sizes, micro, math.ceil(sizes[0] / micro))
 
 
 # -- counting communication --------------------------------------------------

@@ -37,6 +37,7 @@ from typing import Any
 
 import torch
 
+from .batch_sizes import check_positive_int
 from .errors import AccumulationWarning, ConfigError
 
 _INTERNAL = (str(Path(torch.__file__).parent), str(Path(__file__).parent))
@@ -66,8 +67,7 @@ class Guard:
                 f"guard watches an optimizer, got {type(optimizer).__name__}; "
                 "pass the one your loop steps: bb.guard(optimizer, accumulation_steps=N)."
             )
-        if not isinstance(accumulation_steps, int) or accumulation_steps < 1:
-            raise ConfigError(f"accumulation_steps must be an int >= 1, got {accumulation_steps!r}.")
+        check_positive_int(accumulation_steps, "accumulation_steps")
         self.optimizer = optimizer
         self.accumulation_steps = accumulation_steps
         self.scheduler = scheduler

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from typing import Literal
 
+from .batch_sizes import check_positive_int
 from .errors import ConfigError
 
 
@@ -16,8 +17,8 @@ def scale_lr(
     "linear" (Goyal et al., 2017, for SGD) scales with the batch; "sqrt" (often
     better for Adam) with its square root. Both are starting points, not laws.
     """
-    if from_batch < 1 or to_batch < 1:
-        raise ConfigError(f"batch sizes must be >= 1, got from_batch={from_batch}, to_batch={to_batch}.")
+    check_positive_int(from_batch, "from_batch")
+    check_positive_int(to_batch, "to_batch")
     ratio = to_batch / from_batch
     if rule == "linear":
         return lr * ratio

@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from .batch_sizes import check_positive_int
 from .errors import ConfigError
 
 
@@ -72,8 +73,7 @@ class GhostBatchNorm(nn.Module):
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
-        if not isinstance(ghost_batch_size, int) or ghost_batch_size < 1:
-            raise ConfigError(f"ghost_batch_size must be an int >= 1, got {ghost_batch_size!r}.")
+        check_positive_int(ghost_batch_size, "ghost_batch_size")
         self.num_features = num_features
         self.ghost_batch_size = ghost_batch_size
         self.eps = eps

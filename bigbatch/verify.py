@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from .accumulator import Accumulator, _model_device
+from .batch_sizes import check_positive_int
 from .batches import Batch, _map, batch_size, to_device
 from .errors import BatchCouplingWarning, ConfigError
 from .losses import LossSum, split_loss
@@ -246,8 +247,7 @@ def verify(
     if n < 2:
         raise ConfigError(f"verify needs a batch of at least 2 samples to split, got {n}.")
     size = micro_batch_size if micro_batch_size is not None else _default_micro_batch_size(n)
-    if not isinstance(size, int) or size < 1:
-        raise ConfigError(f"micro_batch_size must be an int >= 1, got {size!r}.")
+    check_positive_int(size, "micro_batch_size")
     if size >= n:
         raise ConfigError(
             f"micro_batch_size={size} holds the whole batch of {n}, so nothing is accumulated and "

@@ -25,10 +25,10 @@ def loss_fn(model, batch):
     [
         ({}, "exactly one of accumulation_steps"),
         ({"accumulation_steps": 2, "micro_batch_size": 4}, "exactly one of accumulation_steps"),
-        ({"accumulation_steps": 0}, "accumulation_steps must be an int >= 1"),
-        ({"accumulation_steps": 2.5}, "accumulation_steps must be an int >= 1"),
-        ({"micro_batch_size": 0}, "micro_batch_size must be an int >= 1"),
-        ({"micro_batch_size": "big"}, "micro_batch_size must be an int >= 1"),
+        ({"accumulation_steps": 0}, "accumulation_steps must be an integer >= 1"),
+        ({"accumulation_steps": 2.5}, "accumulation_steps must be an integer >= 1"),
+        ({"micro_batch_size": 0}, "micro_batch_size must be an integer >= 1"),
+        ({"micro_batch_size": "big"}, "micro_batch_size must be an integer >= 1"),
         ({"micro_batch_size": 2, "precision": "fp8"}, "precision must be one of"),
         ({"micro_batch_size": 2, "last_window": "keep"}, 'last_window must be "step" or "drop"'),
         ({"micro_batch_size": 2, "max_grad_norm": 0}, "max_grad_norm must be > 0"),
@@ -130,7 +130,7 @@ def test_scale_lr():
     assert bb.scale_lr(0.1, 256, 1024, rule="sqrt") == pytest.approx(0.2)
     with pytest.raises(bb.ConfigError, match="rule must be"):
         bb.scale_lr(0.1, 1, 2, rule="cubic")
-    with pytest.raises(bb.ConfigError, match="batch sizes must be >= 1"):
+    with pytest.raises(bb.ConfigError, match="from_batch must be an integer >= 1, got 0"):
         bb.scale_lr(0.1, 0, 2)
 
 

@@ -202,7 +202,7 @@ def test_close_removes_every_hook_and_the_scheduler_wrapper():
 
 def test_bad_arguments():
     model, opt, _, _ = setup(scheduler=False)
-    with pytest.raises(bb.ConfigError, match="accumulation_steps must be an int >= 1, got 0"):
+    with pytest.raises(bb.ConfigError, match="accumulation_steps must be an integer >= 1, got 0"):
         bb.guard(opt, accumulation_steps=0)
     with pytest.raises(bb.ConfigError, match="watches an optimizer, got Sequential"):
         bb.guard(model, accumulation_steps=2)

@@ -189,7 +189,7 @@ def test_the_default_split_has_several_micro_batches():
 
 @pytest.mark.parametrize(
     "n,m,match",
-    [(1, 1, "at least 2 samples"), (8, 8, "holds the whole batch of 8"), (8, 0, "must be an int >= 1, got 0")],
+    [(1, 1, "at least 2 samples"), (8, 8, "holds the whole batch of 8"), (8, 0, "must be an integer >= 1, got 0")],
 )
 def test_a_split_that_checks_nothing_is_refused(n, m, match):
     with pytest.raises(bb.ConfigError, match=match):

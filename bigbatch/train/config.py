@@ -27,6 +27,7 @@ from typing import Any, Literal
 
 import torch
 
+from ..batch_sizes import check_positive_int
 from ..errors import ConfigError
 from ..memory import parse_memory
 from ..tasks import task_options
@@ -177,21 +178,24 @@ class TrainConfig:
 
     def validate(self) -> None:
         """Check values that must hold whatever the layers said."""
+        for name, count in (
+            ("train.steps", self.train.steps),
+            ("optim.reference_batch_size", self.optim.reference_batch_size),
+            ("train.eval_every", self.train.eval_every),
+            ("train.max_nonfinite_steps", self.train.max_nonfinite_steps),
+            ("checkpoint.keep", self.checkpoint.keep),
+        ):
+            check_positive_int(count, name)
         checks = [
-            (self.train.steps >= 1, f"train.steps must be >= 1, got {self.train.steps}"),
             (self.optim.lr > 0, f"optim.lr must be > 0, got {self.optim.lr}"),
-            (self.optim.reference_batch_size >= 1, "optim.reference_batch_size must be >= 1"),
             (self.optim.warmup_steps >= 0, "optim.warmup_steps must be >= 0"),
             (0 <= self.optim.min_lr_ratio <= 1, f"optim.min_lr_ratio must be in [0, 1], got {self.optim.min_lr_ratio}"),
             (0 <= self.optim.beta1 < 1, f"optim.beta1 must be in [0, 1), got {self.optim.beta1}"),
             (0 <= self.optim.beta2 < 1, f"optim.beta2 must be in [0, 1), got {self.optim.beta2}"),
             (self.optim.weight_decay >= 0, f"optim.weight_decay must be >= 0, got {self.optim.weight_decay}"),
             (self.optim.momentum >= 0, f"optim.momentum must be >= 0, got {self.optim.momentum}"),
-            (self.train.eval_every >= 1, "train.eval_every must be >= 1"),
-            (self.train.max_nonfinite_steps >= 1, "train.max_nonfinite_steps must be >= 1"),
             (self.train.threads >= 0, "train.threads must be >= 0 (0: torch's default)"),
             (self.checkpoint.every >= 0, "checkpoint.every must be >= 0 (0: only at the end)"),
-            (self.checkpoint.keep >= 1, "checkpoint.keep must be >= 1"),
         ]
         for ok, message in checks:
             if not ok:

@@ -7,20 +7,17 @@
 
 One process ignores the setting. Under FSDP2 every forward is a collective, so
 every rank must run the same number of micro-steps per logical batch
-(`check_fsdp2_batch`) and evaluation and sampling run on all ranks together.
+(`bigbatch.batch_sizes.check_equal_micro_steps`) and evaluation and sampling run on all ranks together.
 """
 
 from __future__ import annotations
 
 import inspect
-import math
 from typing import Any
 
 from torch import nn
 
 from ..checkpointing import find_blocks
-from ..errors import ConfigError
-from .batching import BatchPlan
 from .runtime import Runtime
 
 
@@ -57,22 +54,3 @@ def is_sharded(model: nn.Module) -> bool:
     except ImportError:  # pragma: no cover - torch without distributed
         return False
     return any(isinstance(m, FSDPModule) for m in model.modules())
-
-
-def check_fsdp2_batch(plan: BatchPlan) -> None:
-    """Refuse a batch plan whose ranks would run different numbers of micro-steps."""
-    micro = plan.micro_batch_size
-    assert isinstance(micro, int)
-    shares = [stop - start for start, stop in map(plan.shard, range(plan.world_size))]
-    steps = {math.ceil(s / micro) for s in shares}
-    if len(steps) == 1:
-        return
-    small = min(shares)
-    fits = [m for m in range(micro, 0, -1) if small % m] + [m for m in range(micro + 1, small + 2) if small % m]
-    raise ConfigError(
-        f"under train.parallel = \"fsdp2\" every rank must run the same number of micro-steps (each "
-        f"forward all-gathers), but the logical batch of {plan.logical_batch_size} splits into "
-        f"{min(shares)} and {max(shares)} samples per rank, which micro-batches of {micro} cut into "
-        f"{min(steps)} and {max(steps)} micro-steps. Use batch.micro_batch_size = {fits[0]}, or a "
-        f"logical_batch_size divisible by {plan.world_size} ranks."
-    )

@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from ..accumulator import Accumulator
+from ..batch_sizes import BatchSizes, check_equal_micro_steps, resolve_batch_sizes
 from ..batches import Batch, _map
 from ..checkpointing import checkpoint_blocks
 from ..distributed import unwrap_ddp
@@ -32,7 +33,6 @@ from ..errors import ConfigError
 from ..lr import scale_lr
 from ..tasks import Task, build_task
 from . import report
-from .batching import BatchPlan, resolve_batch
 from .checkpoint import (
     list_checkpoints,
     load_latest_checkpoint,
@@ -44,7 +44,7 @@ from .config import TrainConfig
 from .interrupt import StopOnInterrupt, TrainingInterrupted
 from .memory_plan import plan_memory
 from .metrics import MetricsLog
-from .parallel import check_fsdp2_batch, wrap_model
+from .parallel import wrap_model
 from .progress import Progress, memory_text
 from .runtime import Runtime
 from .sampler import Sampler
@@ -127,7 +127,10 @@ class Trainer:
                 'under train.parallel = "fsdp2" give batch.micro_batch_size (`bigbatch plan` suggests one).'
             )
         micro = None if planning and b.micro_batch_size == "auto" else b.micro_batch_size  # the planner picks it
-        self.plan: BatchPlan = resolve_batch(b.logical_batch_size, micro, b.accumulation_steps, rt.world_size)
+        self.plan: BatchSizes = resolve_batch_sizes(
+            logical_batch_size=b.logical_batch_size, micro_batch_size=micro, accumulation_steps=b.accumulation_steps,
+            world_size=rt.world_size, setting_prefix="batch.",
+        )
         options = dict(config.task.options)
         if config.task.data is not None:
             options["data"] = config.task.data
@@ -152,11 +155,12 @@ class Trainer:
             # share of the first logical batch; a resumed run keeps its config's choice.
             b.logical_batch_size = self.plan.logical_batch_size
             self.memory_plan = plan_memory(
-                config, rt, model, self._batch_at(0, rt.world_size - 1), self._loss_fn, self._make_optimizer
+                config, rt, model, self._batch_at(0, self.plan.largest_rank), self._loss_fn, self._make_optimizer
             )
-            self.plan = resolve_batch(b.logical_batch_size, b.micro_batch_size, b.accumulation_steps, rt.world_size)
+            assert isinstance(b.micro_batch_size, int)
+            self.plan = self.plan.with_micro_batch_size(b.micro_batch_size)
         if self.sharded:
-            check_fsdp2_batch(self.plan)
+            check_equal_micro_steps(self.plan, setting_prefix="batch.", context='under train.parallel = "fsdp2"')
         if config.train.checkpointing:
             checkpoint_blocks(model)
         model = self.model = wrap_model(model, config.train.parallel, rt)  # the optimizer comes after it
@@ -325,8 +329,8 @@ class Trainer:
     def _batch_at(self, position: int, rank: int) -> Batch:
         """Rank `rank`'s share of the logical batch that starts `position` samples into the run."""
         indices = self.sampler.indices(position, self.plan.logical_batch_size)
-        start, stop = self.plan.shard(rank)
-        batch = self.task.train_batch(indices[start:stop])
+        share = self.plan.shard(rank)
+        batch = self.task.train_batch(indices[share.start : share.stop])
         return _map(batch, lambda t: t.to(self.dtype) if t.is_floating_point() else t)
 
     def _print(self, text: str) -> None:

@@ -2,8 +2,8 @@
 
 The oracle is plain PyTorch on one process: the whole global logical batch in
 one forward, the mean loss over every sample (or every valid token), backward,
-clip, AdamW. The ranks see strided shards of it, split into uneven micro-batches,
-with token counts that differ about tenfold between ranks.
+clip, AdamW. The ranks see contiguous shards of it, split into uneven micro-batches,
+with token counts that differ about sevenfold between ranks.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from bigbatch.distributed import shard_indices
+from bigbatch.batch_sizes import shard_indices
 
 from . import scenarios as sc
 

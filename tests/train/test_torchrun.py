@@ -1,7 +1,7 @@
 """`torchrun --nproc-per-node 2 -m bigbatch train`: the same logical batch gives the same model.
 
 Two CPU processes (gloo) each take their share of every logical batch (uneven:
-6 and 7 samples, with different token counts); the result must equal one
+7 and 6 samples, with different token counts); the result must equal one
 process training on the whole logical batch, in float64, to summation-order
 rounding.
 """
