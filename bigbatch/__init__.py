@@ -3,7 +3,14 @@
     import bigbatch as bb
     acc = bb.Accumulator(model, optimizer, micro_batch_size=8)
     stats = acc.step(batch, loss_fn)   # one exact optimizer step over the logical batch
+
+`import bigbatch` loads the library only (the engine and its tools). The
+trainer (`bb.Trainer`, `bb.TrainConfig`) is loaded on first use: it brings
+torch.distributed.checkpoint, the built-in tasks and the config parser, which a
+user of the engine does not need (see docs/design.md, "Layers").
 """
+
+from typing import TYPE_CHECKING, Any
 
 from .accumulator import Accumulator
 from .batch_sizes import BatchSizes, RankSplit, derive_per_rank, resolve_batch_sizes, shard_indices
@@ -26,10 +33,15 @@ from .norms import GhostBatchNorm, convert_batchnorm
 from .planner import plan
 from .plans import Plan
 from .stats import StepStats
-from .train import TrainConfig, Trainer
 from .verify import VerifyReport, verify
 
+if TYPE_CHECKING:  # the type checker sees them; at run time __getattr__ loads them
+    from .train import TrainConfig, Trainer
+
 __version__ = "0.1.0"
+
+# Public names whose module is imported on first access, not by `import bigbatch`.
+_LAZY = {"TrainConfig": "bigbatch.train", "Trainer": "bigbatch.train"}
 
 __all__ = [
     "AccumulationWarning",
@@ -64,3 +76,33 @@ __all__ = [
     "token_cross_entropy",
     "verify",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    """Load the trainer's public names on first use (PEP 562), so `import bigbatch` stays light.
+
+    Args:
+        name: the attribute asked for.
+
+    Returns:
+        The public object `name` (then cached in this module's namespace).
+
+    Raises:
+        AttributeError: `name` is not a public name of bigbatch.
+    """
+    if name in _LAZY:
+        import importlib
+
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value  # the next access is a plain attribute lookup
+        return value
+    raise AttributeError(f"module 'bigbatch' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    """The module's names, the lazily loaded ones included (for tab completion).
+
+    Returns:
+        Sorted attribute names.
+    """
+    return sorted({*globals(), *_LAZY})

@@ -5,52 +5,68 @@
     bigbatch plan MODULE:FACTORY --max-memory 8GiB       # what micro-batch and checkpointing fit
     bigbatch bench                                       # bigbatch against the plain loop
 
-Each subcommand lives in its own module with `add_arguments(parser)` and
-`run(args) -> exit code`; they are imported only when used, so `--help` is quick.
+Each subcommand lives in its own module of bigbatch.commands with
+`add_arguments(parser)` and `run(args) -> exit code`. Only the chosen one is
+imported: `bigbatch --help` lists the commands from the table below without
+importing any of them, and `bigbatch train --help` imports the train command
+alone.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
-import importlib.util
 import sys
 
-COMMANDS = {
-    "train": ("bigbatch.train.command", "train a model (a built-in task by default)"),
+# name -> (module, one-line description); the description is what `bigbatch --help` shows.
+COMMANDS: dict[str, tuple[str, str]] = {
+    "train": ("bigbatch.commands.train", "train a model (a built-in task by default)"),
     "verify": ("bigbatch.commands.verify", "check that accumulation equals the full batch"),
     "plan": ("bigbatch.commands.plan", "pick micro-batch size and checkpointing for a memory budget"),
     "bench": ("bigbatch.commands.bench", "measure bigbatch against the plain accumulation loop"),
 }
 
 
-def _available() -> dict[str, str]:
-    found = {}
-    for name, (module, _) in COMMANDS.items():
-        try:
-            spec = importlib.util.find_spec(module)
-        except ModuleNotFoundError:  # its parent package is not there yet
-            spec = None
-        if spec is not None:
-            found[name] = module
-    return found
+def _chosen(argv: list[str]) -> str | None:
+    """The subcommand named on the command line, or None (`--help`, `--version`, a typo).
+
+    The top-level parser has no option that takes a value, so the first word that
+    does not start with "-" is the command.
+    """
+    for word in argv:
+        if not word.startswith("-"):
+            return word if word in COMMANDS else None
+    return None
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="bigbatch", description=__doc__.split("\n")[0])
+    """Parse `argv` (default: sys.argv[1:]) and run the chosen subcommand.
+
+    Args:
+        argv: the arguments after the program name.
+
+    Returns:
+        The subcommand's exit status (0 success; see each command's help).
+    """
+    argv = sys.argv[1:] if argv is None else list(argv)
     from . import __version__
 
+    parser = argparse.ArgumentParser(prog="bigbatch", description=(__doc__ or "").split("\n")[0])
     parser.add_argument("--version", action="version", version=f"bigbatch {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    modules = {}
-    for name, module_name in _available().items():
-        help_text = COMMANDS[name][1]
-        command_parser = sub.add_parser(name, help=help_text, description=help_text)
-        module = importlib.import_module(module_name)
-        module.add_arguments(command_parser)
-        modules[name] = module
+    parsers = {
+        name: sub.add_parser(name, help=help_text, description=help_text)
+        for name, (_, help_text) in COMMANDS.items()
+    }
+    chosen = _chosen(argv)
+    module = None
+    if chosen is not None:
+        module = importlib.import_module(COMMANDS[chosen][0])
+        module.add_arguments(parsers[chosen])
     args = parser.parse_args(argv)
-    return int(modules[args.command].run(args) or 0)
+    if module is None:  # parse_args exits first on a missing or unknown command; kept for safety
+        parser.error(f"choose a command: {', '.join(COMMANDS)}")
+    return int(module.run(args) or 0)
 
 
 if __name__ == "__main__":

@@ -21,10 +21,15 @@ import sys
 from pathlib import Path
 
 from ..errors import ConfigError
-from .config import TrainConfig
+from ..train.config import TrainConfig
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Declare `bigbatch train`'s options on `parser` (each maps to one config field).
+
+    Args:
+        parser: the subcommand's parser.
+    """
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
     parser.epilog = "examples:\n" + __doc__.split("\n\n")[1] + (
         "\n\nconfig sections (bigbatch.train.config): [task] [batch] [optim] [train] [checkpoint] [run];"
@@ -43,7 +48,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def build_config(args: argparse.Namespace) -> TrainConfig:
-    """Defaults <- the config file (or the resumed run's config.toml) <- flags <- --set."""
+    """Defaults <- the config file (or the resumed run's config.toml) <- flags <- --set.
+
+    Args:
+        args: the parsed command line.
+
+    Returns:
+        The validated config.
+    """
     path = args.config
     if args.resume is not None:
         if path is not None:
@@ -68,8 +80,16 @@ def _quote(text: str) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from .interrupt import TrainingInterrupted
-    from .trainer import NonFiniteLossError, Trainer
+    """Train as `args` say; errors become a message on stderr and an exit status.
+
+    Args:
+        args: what `add_arguments`' options parsed to.
+
+    Returns:
+        0 done, 1 training failed (non-finite losses), 2 a config error, 130/143 interrupted.
+    """
+    from ..train.interrupt import TrainingInterrupted
+    from ..train.trainer import NonFiniteLossError, Trainer
 
     trainer = None
     try:
