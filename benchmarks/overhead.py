@@ -57,7 +57,7 @@ def runners(x: torch.Tensor, y: torch.Tensor, micro: int) -> dict[str, Callable[
 
     plain_model, plain_opt = tiny_model()
 
-    def plain() -> None:  # the classic loop of shared/DESIGN.md, exact here since micro divides n
+    def plain() -> None:  # the classic loop (README, "Why"), exact here since micro divides n
         for i, (xi, yi) in enumerate(loader):
             loss = F.cross_entropy(plain_model(xi), yi) / k
             loss.backward()

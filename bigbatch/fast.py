@@ -1,7 +1,7 @@
 """Fast micro-steps: the forward and loss compiled, optionally replayed as CUDA graphs.
 
 Small micro-batches are launch-bound: at micro-batch 4 a GPT-2-small step spends
-more time launching kernels than running them (shared/DESIGN.md). Two remedies,
+more time launching kernels than running them (docs/design.md, its figures). Two remedies,
 chosen with `Accumulator(..., fast_micro_step=...)`:
 
 - "compile": `torch.compile` the step API's `loss_fn(model, micro_batch)` (fewer,

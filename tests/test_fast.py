@@ -196,7 +196,7 @@ def test_gpu_fast_micro_step_gives_the_eager_update(fast, loss_fn):
 
 @pytest.mark.gpu
 def test_gpu_raw_cudagraph_accumulation_fails_where_the_engine_does_not():
-    """Negative control: the DESIGN.md failure, reduce-overhead + the plain accumulation loop."""
+    """Negative control: the failure docs/design.md reports, reduce-overhead + the plain accumulation loop."""
     eager = _cuda_mlp()
     raw = twin(eager)
     compiled = torch.compile(raw, mode="reduce-overhead")

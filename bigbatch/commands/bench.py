@@ -2,7 +2,7 @@
 
     bigbatch bench                                     # built-in char LM, CPU-sized, under a minute
     bigbatch bench --micro-batch-sizes 1 2 4 8 16 --steps 10
-    bigbatch bench --model gpt2-small --device cuda    # shared/DESIGN.md's setup: bf16, fused AdamW
+    bigbatch bench --model gpt2-small --device cuda    # docs/design.md's setup: bf16, fused AdamW
     bigbatch bench --methods plain bigbatch bigbatch-cudagraphs
 
 Every method runs the same logical batches, one optimizer step per batch:
