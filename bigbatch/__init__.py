@@ -29,6 +29,7 @@ from .fast import FastMicroStep
 from .guard import Guard, guard
 from .losses import LossSum, token_cross_entropy
 from .lr import scale_lr
+from .noise import NoiseStats
 from .norms import GhostBatchNorm, convert_batchnorm
 from .planner import plan
 from .plans import Plan
@@ -56,6 +57,7 @@ __all__ = [
     "LossError",
     "LossSum",
     "MicroBatchTooLargeError",
+    "NoiseStats",
     "Plan",
     "RankSplit",
     "StepStats",

@@ -22,6 +22,7 @@ from .distributed import FSDP2Sync, LocalSync, full_tensor, grad_sync_for
 from .errors import ConfigError, LossError, MicroBatchTooLargeError
 from .fast import CompiledLoss, FastMicroStep, mark_micro_step
 from .losses import Count, LossSum, split_loss
+from .noise import NoiseMeter
 from .oom import RngSnapshot, release_memory
 from .precision import Float32Grads, autocast_dtype, make_scaler
 from .probes import warn_if_batch_coupled
@@ -72,6 +73,11 @@ class Accumulator:
         fast_micro_step: "compile" (torch.compile the step API's loss_fn) or
             "cudagraphs" (the same as CUDA graphs, each micro-step marked), or a
             bb.FastMicroStep; see bigbatch/fast.py.
+        measure_noise: estimate the gradient noise scale from the micro-steps
+            (`stats.noise`, a bb.NoiseStats; docs/noise.md): no extra forward or
+            backward, the same update; a norm per parameter per micro-step.
+        noise_ema_decay: `stats.noise.simple_noise_scale` from EMAs with this decay
+            per step instead of running means over every step (None).
 
     The Accumulator owns `.grad`: it zeroes gradients when created and after
     every step. Limits: layers that couple samples (BatchNorm) see micro-batch
@@ -92,6 +98,8 @@ class Accumulator:
         skip_nonfinite: bool = True,
         sync_each_micro_step: bool = False,
         fast_micro_step: Literal["compile", "cudagraphs"] | FastMicroStep | None = None,
+        measure_noise: bool = False,
+        noise_ema_decay: float | None = None,
     ) -> None:
         if not isinstance(model, nn.Module) or not isinstance(optimizer, torch.optim.Optimizer):
             raise ConfigError(
@@ -175,6 +183,7 @@ class Accumulator:
         self._seed = torch.ones(())  # replaced on the first micro-step
         self._sync_gradients = False
         self._window = Window(self.device, self._sync, accumulation_steps)
+        self._noise = NoiseMeter(self._params, self._sync, ema_decay=noise_ema_decay) if measure_noise else None
         optimizer.zero_grad(set_to_none=True)
 
     # -- public: loop API -------------------------------------------------
@@ -316,6 +325,7 @@ class Accumulator:
             "optimizer_steps": self.optimizer_steps,
             "auto_micro_batch_size": self._auto_micro_batch_size,
             "scaler": self._scaler.state_dict() if self._scaler is not None else None,
+            "noise": self._noise.state_dict() if self._noise is not None else None,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -330,6 +340,8 @@ class Accumulator:
         self._auto_micro_batch_size = state["auto_micro_batch_size"]
         if self._scaler is not None and state.get("scaler"):
             self._scaler.load_state_dict(state["scaler"])
+        if self._noise is not None and state.get("noise"):
+            self._noise.load_state_dict(state["noise"])
 
     # -- the window -------------------------------------------------------
 
@@ -372,6 +384,8 @@ class Accumulator:
 
     def _start_window(self) -> None:
         self._window.reset()
+        if self._noise is not None:
+            self._noise.reset()
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
 
@@ -394,6 +408,8 @@ class Accumulator:
         """
         window = self._window
         count = window.count(count)
+        if self._noise is not None:
+            self._noise.add_count(count)
         ref = window.ref
         assert ref is not None
         seed: torch.Tensor | None = None
@@ -431,7 +447,8 @@ class Accumulator:
         return grads
 
     def _finish_window(self, micro_batch_size: int | None = None) -> StepStats:
-        count, loss_sum = self._window.totals()
+        noise_sums = self._noise.local_sums() if self._noise is not None else None
+        count, loss_sum = self._window.totals(also=noise_sums)  # summed over ranks in one collective
         if self._scaler is not None:
             # GradScaler unscales (and checks) `.grad` only: round the float32 sums into it first.
             self._float32_grads.write_back_()
@@ -441,6 +458,7 @@ class Accumulator:
         if factor is not None and grads:
             torch._foreach_mul_(grads, factor)
         grad_norm = full_tensor(torch.nn.utils.get_total_norm(grads, foreach=True))  # FSDP2: all shards
+        noise = None if self._noise is None else self._noise.finish(count, grad_norm, self._window.ref, self._scaler)
         if self.max_grad_norm is not None and grads:
             # The same rule as torch.nn.utils.clip_grad_norm_, applied to the gradient
             # tensors themselves (they may be float32 buffers, not `.grad`).
@@ -466,6 +484,7 @@ class Accumulator:
             peak_memory_bytes=(
                 torch.cuda.max_memory_allocated(self.device) if self.device.type == "cuda" else None
             ),
+            noise=noise,
         )
         self._window.reset()
         return stats

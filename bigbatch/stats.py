@@ -7,6 +7,8 @@ from typing import Any
 
 import torch
 
+from .noise import NoiseStats
+
 
 @dataclass
 class StepStats:
@@ -24,10 +26,13 @@ class StepStats:
     micro_steps: int
     skipped: bool  # the optimizer did not step: a non-finite gradient or loss, or no item
     peak_memory_bytes: int | None  # CUDA only
+    noise: NoiseStats | None = None  # measure_noise=True: the gradient noise estimates
 
     def to_dict(self) -> dict[str, Any]:
+        """Every field as a Python value (one host read); `noise` as a dict or None."""
         out = asdict(self)
         for key in ("loss", "grad_norm"):
             out[key] = float(out[key])
         out["count"] = int(out["count"])
+        out["noise"] = self.noise.to_dict() if self.noise is not None else None
         return out

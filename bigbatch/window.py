@@ -77,8 +77,11 @@ class Window:
             return count.detach().to(self.device, _exact_dtype(self.device)).clamp_min(1) * steps
         return float(max(count, 1) * steps)
 
-    def totals(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(item count, loss sum) of the window over all ranks, on the device."""
+    def totals(self, also: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(item count, loss sum) of the window over all ranks, on the device.
+
+        `also` (a float64 vector) is summed over ranks in place, in the same collective.
+        """
         # torch.full, not torch.tensor: a fill on the device, no blocking host-to-device copy.
         count = torch.full((), self.count_int, device=self.device, dtype=torch.int64)
         if self.count_tensor is not None:
@@ -87,7 +90,11 @@ class Window:
         if self.sync.world_size == 1:
             return count, self.loss_sum
         both = torch.stack([count.double(), self.loss_sum.double()])
+        if also is not None:
+            both = torch.cat([both, also.double()])
         self.sync.all_reduce_sum_(both)  # one small collective per window
+        if also is not None:
+            also.copy_(both[2:])
         return both[0].round().long(), both[1]
 
     def rescale(self, count: torch.Tensor) -> torch.Tensor | None:

@@ -95,6 +95,8 @@ SCENARIOS = [
     pytest.param(dict(precision="bf16", max_grad_norm=0.5), mean_loss, id="bf16-autocast-clip"),
     pytest.param(dict(precision="fp32"), token_loss, id="token-count-tensor"),
     pytest.param(dict(precision="fp32", skip_nonfinite=False), mean_loss, id="no-skip"),
+    pytest.param(dict(precision="fp32", max_grad_norm=0.5, measure_noise=True), mean_loss, id="noise-clip"),
+    pytest.param(dict(precision="bf16", measure_noise=True), token_loss, id="noise-bf16-token-count"),
 ]
 
 
@@ -181,6 +183,8 @@ GPU_SCENARIOS = [
     pytest.param(dict(precision="bf16"), torch.float32, id="bf16-autocast"),
     pytest.param(dict(precision="bf16", max_grad_norm=1.0), torch.bfloat16, id="bf16-params-clip"),
     pytest.param(dict(precision="fp32", skip_nonfinite=False), torch.float32, id="no-skip"),
+    pytest.param(dict(precision="bf16", max_grad_norm=1.0, measure_noise=True), torch.bfloat16,
+                 id="noise-bf16-params-clip"),
 ]
 
 

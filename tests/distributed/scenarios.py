@@ -274,6 +274,64 @@ def fsdp2_uneven_micro_steps(rank: int, world: int) -> dict[str, Any]:
     return out
 
 
+def _noise_record(model: nn.Module, stats: list[bb.StepStats]) -> dict[str, Any]:
+    out = _record(model, stats)
+    out["noise"] = [None if s.noise is None else (s.noise.grad_norm_sq.item(), s.noise.trace_cov.item())
+                    for s in stats]
+    return out
+
+
+def ddp_noise_sample_step(rank: int, world: int) -> dict[str, Any]:
+    """measure_noise off and on (same training), and with one micro-step per rank."""
+    out: dict[Any, Any] = {}
+    for measure in (False, True):
+        model = DDP(mlp())
+        acc = bb.Accumulator(model, optimizer(model), micro_batch_size=2, max_grad_norm=MAX_GRAD_NORM,
+                             measure_noise=measure)
+        out[measure] = _noise_record(
+            model.module, [acc.step(shard(sample_batch(s), rank, world), sample_loss) for s in range(STEPS)]
+        )
+    model = DDP(mlp())
+    acc = bb.Accumulator(model, optimizer(model), micro_batch_size=8, measure_noise=True)
+    out["one_micro_step"] = _noise_record(model.module, [acc.step(shard(sample_batch(0), rank, world), sample_loss)])
+    return out
+
+
+def ddp_noise_token_loop(rank: int, world: int) -> dict[str, Any]:
+    """Loop API, token counts as tensors, a window cut short and flushed; off and on."""
+    out = {}
+    for measure in (False, True):
+        model = DDP(TinyLM())
+        acc = bb.Accumulator(model, optimizer(model), accumulation_steps=LOOP_ACCUMULATION_STEPS,
+                             max_grad_norm=MAX_GRAD_NORM, measure_noise=measure)
+        out[measure] = _noise_record(model.module, _token_loop(model, acc, rank, world))
+    return out
+
+
+def fsdp2_noise_token_step(rank: int, world: int) -> dict[str, Any]:
+    """FSDP2, step API (no reduce-scatter until the last micro-step); off and on."""
+    out = {}
+    for measure in (False, True):
+        model = _shard_fsdp(TinyLM())
+        acc = bb.Accumulator(model, optimizer(model), micro_batch_size=2, max_grad_norm=MAX_GRAD_NORM,
+                             measure_noise=measure)
+        out[measure] = _noise_record(
+            model, [acc.step(shard(token_batch(s), rank, world), token_loss) for s in range(STEPS)]
+        )
+    return out
+
+
+def fsdp2_noise_token_loop_sync_each(rank: int, world: int) -> dict[str, Any]:
+    """FSDP2, loop API, reduce-scatter every micro-step, a window flushed; off and on."""
+    out = {}
+    for measure in (False, True):
+        model = _shard_fsdp(TinyLM())
+        acc = bb.Accumulator(model, optimizer(model), accumulation_steps=LOOP_ACCUMULATION_STEPS,
+                             max_grad_norm=MAX_GRAD_NORM, sync_each_micro_step=True, measure_noise=measure)
+        out[measure] = _noise_record(model, _token_loop(model, acc, rank, world))
+    return out
+
+
 COMM_MICRO_STEPS = 4
 
 
@@ -342,6 +400,10 @@ SCENARIOS: dict[str, Callable[[int, int], dict[str, Any]]] = {
     "fsdp2_grads_inside_a_window": fsdp2_grads_inside_a_window,
     "fsdp2_uneven_micro_steps": fsdp2_uneven_micro_steps,
     "comm_rounds": comm_rounds,
+    "ddp_noise_sample_step": ddp_noise_sample_step,
+    "ddp_noise_token_loop": ddp_noise_token_loop,
+    "fsdp2_noise_token_step": fsdp2_noise_token_step,
+    "fsdp2_noise_token_loop_sync_each": fsdp2_noise_token_loop_sync_each,
     "no_process_group": no_process_group,  # last: it destroys the process group
 }
 

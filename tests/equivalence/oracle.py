@@ -66,3 +66,31 @@ def max_state_diff(opt_a: torch.optim.Optimizer, opt_b: torch.optim.Optimizer) -
             a, b = torch.as_tensor(sa[key][name]), torch.as_tensor(sb[key][name])
             worst = max(worst, (a.double() - b.double()).abs().max().item())
     return worst
+
+
+# -- the gradient noise estimates, written out from each piece's gradient ------
+
+
+def piece_gradient(model: nn.Module, loss_sum) -> torch.Tensor:
+    """The flat gradient of one piece's *summed* loss (zeros where a parameter gets none)."""
+    for p in model.parameters():
+        p.grad = None
+    loss_sum.backward()
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in model.parameters()]
+    for p in model.parameters():
+        p.grad = None
+    return torch.cat([g.reshape(-1) for g in grads]).to(DTYPE)
+
+
+def noise_from_pieces(sums: list[torch.Tensor], counts: list[int]) -> tuple[float, float]:
+    """(|G|^2, tr Sigma) estimates from the pieces' gradient sums S_k over b_k items.
+
+    |G|^2 ~ (|S|^2 - sum|S_k|^2) / (B^2 - sum b_k^2), tr Sigma ~ (sum|S_k|^2 B^2 - sum b_k^2 |S|^2)
+    / (B (B^2 - sum b_k^2)): the pairwise estimator of docs/noise.md, in plain float64.
+    """
+    total = torch.stack(sums).sum(0)
+    big_b = float(sum(counts))
+    s_sq = float(total @ total)
+    t = float(sum(s @ s for s in sums))
+    q = float(sum(b * b for b in counts))
+    return (s_sq - t) / (big_b**2 - q), (t * big_b**2 - q * s_sq) / (big_b * (big_b**2 - q))
