@@ -31,8 +31,7 @@ from .losses import LossSum, token_cross_entropy
 from .lr import scale_lr
 from .noise import NoiseStats
 from .norms import GhostBatchNorm, convert_batchnorm
-from .planner import plan
-from .plans import Plan
+from .planner import Plan, plan
 from .stats import StepStats
 from .verify import VerifyReport, verify
 

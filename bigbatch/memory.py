@@ -1,25 +1,26 @@
-"""Memory accounting that works on any device, and the linear fit the planner predicts with.
+"""Memory accounting that works on any device, and the fit the planner predicts with.
 
 A training step's peak is, to a good approximation, the static part (parameters,
 buffers, gradients, optimizer state) plus what autograd saves for backward,
-which grows linearly with the micro-batch: peak(micro) = a + b * micro.
-What is saved is counted with `torch.autograd.graph.saved_tensors_hooks`
-(storages counted once, parameters skipped), so it works on the CPU as on a
-GPU; on CUDA the measured `torch.cuda.max_memory_allocated` is reported too.
+which grows linearly with the micro-batch: peak(micro) = a + b * micro, or the
+optimizer step's own peak where that is higher. What is saved is counted with
+`torch.autograd.graph.saved_tensors_hooks` (storages counted once, parameters
+skipped), so it works on the CPU as on a GPU.
+
+This module only counts: it imports torch and bigbatch's errors, nothing that
+trains. Measuring a real step is the planner's (bigbatch/planner/runs.py).
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
-from .accumulator import Accumulator
-from .batches import Batch, to_device
 from .errors import ConfigError
 
 _UNITS = {
@@ -143,12 +144,27 @@ def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> int:
 
 @dataclass(frozen=True)
 class StepMemory:
-    """Memory of one training step at one micro-batch size.
+    """Memory of one training step at one micro-batch size, in bytes.
 
-    `estimated_peak` adds the static bytes to what the first micro-batch saved
-    for backward; it misses transient buffers (matmul workspaces, the gradient
-    being computed), so on CUDA `measured_peak` (max_memory_allocated during the
-    step, less what else was on the device) is the number to trust.
+    A step peaks in one of two phases: the window (the micro-steps' forwards and
+    backwards, which grow with the micro-batch) or the optimizer step (the static
+    bytes plus the optimizer's temporaries, which do not: foreach AdamW holds one
+    buffer the size of the parameters). `estimated_peak` is the window's static
+    bytes plus what the first micro-batch saved for backward, a lower bound: it
+    misses transient buffers (the gradients being computed, matmul workspaces)
+    and the optimizer's temporaries. On CUDA the measured peaks
+    (max_memory_allocated, less what else was on the device) are the numbers to
+    trust.
+
+    Args:
+        micro_batch_size: samples per micro-step.
+        parameters: parameters and buffers.
+        gradients: gradients (and bigbatch's float32 buffers for bf16/fp16 parameters).
+        optimizer_state: the optimizer's state tensors (Adam's moments).
+        saved_activations: what autograd saved for backward over the first micro-batch.
+        measured_window_peak: CUDA only: the peak of the micro-steps.
+        measured_optimizer_peak: CUDA only: the peak of the optimizer step
+            (None where it was skipped).
     """
 
     micro_batch_size: int
@@ -156,110 +172,79 @@ class StepMemory:
     gradients: int
     optimizer_state: int
     saved_activations: int
-    measured_peak: int | None  # CUDA only
+    measured_window_peak: int | None = None
+    measured_optimizer_peak: int | None = None
 
     @property
     def static(self) -> int:
+        """What the step holds whatever the micro-batch: parameters, gradients, optimizer state."""
         return self.parameters + self.gradients + self.optimizer_state
 
     @property
     def estimated_peak(self) -> int:
+        """The static bytes plus the saved activations: the accounted peak of the window."""
         return self.static + self.saved_activations
 
     @property
+    def measured_peak(self) -> int | None:
+        """The step's measured peak, the higher of its two phases (CUDA only)."""
+        peaks = [p for p in (self.measured_window_peak, self.measured_optimizer_peak) if p is not None]
+        return max(peaks) if peaks else None
+
+    @property
+    def window_peak(self) -> int:
+        """The window's measured peak where there is one (CUDA), else the estimate."""
+        return self.measured_window_peak if self.measured_window_peak is not None else self.estimated_peak
+
+    @property
     def peak(self) -> int:
-        """The measured peak where there is one (CUDA), else the estimate."""
-        return self.measured_peak if self.measured_peak is not None else self.estimated_peak
-
-
-def warm_optimizer_(model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
-    """Create the optimizer's state (Adam's moments) with one step on zero gradients.
-
-    Most optimizers create their state in their first step, after the first
-    window's activations are gone; a measured first step would miss it. The step
-    changes the parameters (weight decay): use it on copies.
-    """
-    if optimizer.state:
-        return
-    for p in model.parameters():
-        if p.requires_grad:
-            p.grad = torch.zeros_like(p)
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-
-
-def measure_step_memory(
-    acc: Accumulator, batch: Batch, loss_fn: Callable[[nn.Module, Batch], Any], *, meter: bool = True
-) -> StepMemory:
-    """Run one real optimizer step of `acc` (step API) and account for its memory.
-
-    Call `warm_optimizer_` first for a steady-state step. It trains the model:
-    give it copies if the originals must stay as they are. Only the first
-    micro-batch is metered (all have the same size but perhaps the last);
-    `meter=False` skips it (saved_activations is then 0: for CUDA's peak alone).
-
-        m = copy.deepcopy(model); opt = torch.optim.AdamW(m.parameters())
-        warm_optimizer_(m, opt)
-        measure_step_memory(bb.Accumulator(m, opt, micro_batch_size=8), batch, loss_fn).peak
-    """
-    model, optimizer = acc.model, acc.optimizer
-    if not isinstance(acc.micro_batch_size, int):
-        raise ConfigError("measure_step_memory needs an Accumulator with an int micro_batch_size (step API).")
-    device = acc.device
-    cuda = device.type == "cuda"
-    counter = SavedTensorMeter(model)
-    metered = not meter
-
-    def metered_loss(m: nn.Module, micro: Batch) -> Any:
-        nonlocal metered
-        if metered:
-            return loss_fn(m, micro)
-        metered = True
-        with counter:
-            return loss_fn(m, micro)
-
-    if cuda:
-        torch.cuda.synchronize(device)
-        mine = parameter_bytes(model) + optimizer_state_bytes(optimizer)
-        mine += _unique_bytes(p.grad for p in model.parameters() if p.grad is not None)
-        others = torch.cuda.memory_allocated(device) - mine
-    acc.step(batch, metered_loss if meter else loss_fn)  # the engine resets the peak statistics at the window start
-    measured = None
-    if cuda:
-        torch.cuda.synchronize(device)
-        measured = torch.cuda.max_memory_allocated(device) - others
-    return StepMemory(
-        micro_batch_size=acc.micro_batch_size,
-        parameters=parameter_bytes(model),
-        gradients=gradient_bytes(model),
-        optimizer_state=optimizer_state_bytes(optimizer),
-        saved_activations=counter.bytes,
-        measured_peak=measured,
-    )
-
-
-def saved_bytes(model: nn.Module, batch: Batch, loss_fn: Callable[[nn.Module, Batch], Any]) -> int:
-    """Bytes autograd saves for backward over one forward of `loss_fn(model, batch)`.
-
-    The graph is freed without a backward; no gradient is touched.
-    """
-    device = next(model.parameters()).device
-    with SavedTensorMeter(model) as meter:
-        out = loss_fn(model, to_device(batch, device))
-    del out
-    return meter.bytes
+        """The step's measured peak where there is one (CUDA), else the estimate."""
+        measured = self.measured_peak
+        return measured if measured is not None else self.estimated_peak
 
 
 @dataclass(frozen=True)
 class MemoryFit:
-    """peak(micro) = a + b * micro, fitted by least squares to measured peaks."""
+    """peak(micro) = max(a + b * micro, floor): the window grows with the micro-batch, the step does not.
 
-    a: float  # bytes that do not grow with the micro-batch
-    b: float  # bytes per sample of micro-batch
+    `a` and `b` are fitted by least squares to the windows' peaks; `floor` is the
+    optimizer step's peak (0 where it is not measured, as on the CPU).
+
+        fit = MemoryFit.from_points([(1, 110.0), (4, 410.0)], floor=300.0)
+        fit.predict(2)   # 300.0: the optimizer step's peak is the higher
+
+    Args:
+        a: bytes that do not grow with the micro-batch.
+        b: bytes per sample of micro-batch (never negative).
+        floor: bytes no micro-batch goes below.
+    """
+
+    a: float
+    b: float
+    floor: float = 0.0
 
     @classmethod
-    def from_points(cls, points: Iterable[tuple[int, float]], *, intercept: float | None = None) -> MemoryFit:
-        """Fit to (micro-batch size, bytes) points: two or more, or one and a known `intercept`."""
+    def from_points(
+        cls, points: Iterable[tuple[int, float]], *, intercept: float | None = None, floor: float = 0.0
+    ) -> MemoryFit:
+        """Fit to (micro-batch size, bytes) points: two or more sizes, or one and a known `intercept`.
+
+        A fit that falls with the micro-batch is noise (a workspace allocated on
+        the first measurement only, say), not memory that shrinks: it is clamped
+        to a flat line through the highest point (the intercept included), so it
+        never predicts less than was measured.
+
+        Args:
+            points: measured (micro-batch size, peak bytes) pairs.
+            intercept: a known `a`, for a fit from a single size.
+            floor: the optimizer step's peak, kept as `floor`.
+
+        Returns:
+            The fit.
+
+        Raises:
+            ConfigError: fewer than two sizes and no intercept.
+        """
         pts = sorted({(int(m), float(y)) for m, y in points})
         sizes = {m for m, _ in pts}
         if len(sizes) >= 2:
@@ -268,22 +253,19 @@ class MemoryFit:
             mean_y = sum(y for _, y in pts) / n
             var = sum((m - mean_m) ** 2 for m, _ in pts)
             b = sum((m - mean_m) * (y - mean_y) for m, y in pts) / var
-            return cls(a=mean_y - b * mean_m, b=max(b, 0.0))
+            if b < 0:
+                return cls(a=max(y for _, y in pts), b=0.0, floor=floor)
+            return cls(a=mean_y - b * mean_m, b=b, floor=floor)
         if len(sizes) == 1 and intercept is not None:
             m, y = pts[0]
-            return cls(a=intercept, b=max((y - intercept) / m, 0.0))
+            if y < intercept:
+                return cls(a=intercept, b=0.0, floor=floor)
+            return cls(a=intercept, b=(y - intercept) / m, floor=floor)
         raise ConfigError(
             "fitting peak(micro) = a + b * micro needs measurements at two or more micro-batch "
             f"sizes (or one and a known intercept); got sizes {sorted(sizes)}."
         )
 
     def predict(self, micro_batch_size: int) -> float:
-        return self.a + self.b * micro_batch_size
-
-    def largest_fitting(self, max_memory: float) -> int:
-        """The largest micro-batch predicted to fit in `max_memory` bytes (0 if none)."""
-        if self.b <= 0:
-            return 1 << 62 if self.a <= max_memory else 0
-        return max(int((max_memory - self.a) // self.b), 0)
-
-
+        """The predicted peak in bytes at `micro_batch_size`."""
+        return max(self.a + self.b * micro_batch_size, self.floor)

@@ -14,12 +14,11 @@ from bigbatch.memory import (
     SavedTensorMeter,
     format_bytes,
     gradient_bytes,
-    measure_step_memory,
     optimizer_state_bytes,
     parameter_bytes,
     parse_memory,
-    warm_optimizer_,
 )
+from bigbatch.planner.runs import measure_step_memory, warm_optimizer_
 
 from .models import data, loss_fn, tower
 
@@ -90,16 +89,28 @@ def test_saved_activations_are_linear_in_the_micro_batch_and_the_fit_predicts_ex
     assert small.optimizer_state > 0  # created by warm_optimizer_
 
 
-def test_memory_fit_least_squares_and_largest_fitting():
+def test_memory_fit_least_squares_and_its_floor():
     fit = MemoryFit.from_points([(1, 110.0), (2, 190.0), (4, 410.0), (8, 790.0)])
     # By hand: mean micro 3.75, mean bytes 375, Sxy = 2825, Sxx = 28.75.
     assert fit.b == pytest.approx(2825 / 28.75, rel=1e-12)
     assert fit.a == pytest.approx(375 - 2825 / 28.75 * 3.75, rel=1e-12)
-    assert fit.largest_fitting(fit.predict(6) + 1) == 6
-    assert fit.largest_fitting(0) == 0
+    assert fit.predict(6) == pytest.approx(fit.a + 6 * fit.b, rel=1e-12)
+    floored = MemoryFit.from_points([(1, 110.0), (4, 410.0)], floor=300.0)  # the optimizer step peaks at 300
+    assert [floored.predict(m) for m in (1, 2, 3, 4)] == [300.0, 300.0, 310.0, 410.0]
     assert MemoryFit.from_points([(4, 500.0)], intercept=100).b == 100
     with pytest.raises(bb.ConfigError, match="two or more"):
         MemoryFit.from_points([(4, 500.0)])
+
+
+def test_a_falling_fit_is_clamped_flat_through_the_highest_point():
+    """Peaks that fall with the micro-batch are noise (a workspace counted once): never predict below them."""
+    points = [(64, 703.0), (128, 671.0)]
+    fit = MemoryFit.from_points(points)
+    assert fit.b == 0
+    assert [fit.predict(m) for m in (1, 64, 128, 1024)] == [703.0] * 4  # the unclamped intercept gave 735
+    assert all(fit.predict(m) >= y for m, y in points)
+    one = MemoryFit.from_points([(4, 500.0)], intercept=600.0)  # below the intercept: flat through it
+    assert (one.a, one.b) == (600.0, 0.0)
 
 
 @pytest.mark.gpu
@@ -122,16 +133,3 @@ def test_accounting_agrees_with_cuda_max_memory_allocated():
         assert 0.75 * p.measured_peak <= p.estimated_peak <= 1.02 * p.measured_peak, p
     fit = MemoryFit.from_points([(p.micro_batch_size, p.measured_peak) for p in points[:2]])
     assert fit.predict(512) == pytest.approx(points[2].measured_peak, rel=0.1)
-
-
-def test_warm_optimizer_creates_the_state_a_steady_step_holds():
-    model = tower(d=8)
-    opt = torch.optim.AdamW(model.parameters())
-    warm_optimizer_(model, opt)
-    assert optimizer_state_bytes(opt) > 0
-    assert all(p.grad is None for p in model.parameters())
-    sgd = torch.optim.SGD(model.parameters(), lr=0.1)  # no state to create: nothing changes
-    before = [p.detach().clone() for p in model.parameters()]
-    warm_optimizer_(model, sgd)
-    assert optimizer_state_bytes(sgd) == 0
-    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))  # zero gradients, no decay

@@ -8,7 +8,6 @@ import pytest
 import torch
 
 import bigbatch as bb
-from bigbatch.planner import choose_settings
 
 from .equivalence.oracle import full_batch_step, max_param_diff
 from .models import data, loss_fn, tower
@@ -78,17 +77,17 @@ def test_nothing_fits_says_what_to_try(setting):
     assert all(c.samples_per_s is None for c in result.candidates)
     with pytest.raises(bb.MicroBatchTooLargeError, match="max_memory.*bf16"):
         result.settings()
-    with pytest.raises(bb.MicroBatchTooLargeError, match="nothing fits"):
-        choose_settings(model, batch, loss_fn, None, max_memory=1000)
     assert "chosen: none" in result.table()
 
 
-def test_choose_settings_for_the_trainer(setting):
+def test_settings_for_the_trainer_from_an_optimizer_factory(setting):
     model, batch, full_bytes = setting
-    settings = choose_settings(model, batch, loss_fn, lambda params: torch.optim.SGD(params, lr=0.1),
-                               max_memory=full_bytes * 10, steps=1, micro_batch_sizes=[4, 8])  # fmt: skip
-    assert set(settings) == {"micro_batch_size", "checkpointing", "compile"}
+    result = bb.plan(model, batch, loss_fn, optimizer=lambda params: torch.optim.SGD(params, lr=0.1),
+                     max_memory=full_bytes * 10, steps=1, micro_batch_sizes=[4, 8])  # fmt: skip
+    settings = result.settings()
+    assert set(settings) == {"micro_batch_size", "checkpointing", "compile", "loss"}
     assert settings["micro_batch_size"] in (4, 8) and settings["compile"] is False  # no compile on the CPU
+    assert settings == result.best.settings()
 
 
 def test_loss_variants_are_compared_and_chunking_is_predicted_smaller():

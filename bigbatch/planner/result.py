@@ -1,4 +1,9 @@
-"""What the memory planner found: candidates, the chosen one, a table and a plot."""
+"""What the memory planner found: every candidate, the chosen one, and a table of them.
+
+A plain record: `Plan.apply` and `Plan.plot` are thin calls into `runs.set_up`
+(the same set-up every measured run had) and `chart` (matplotlib, imported
+when a picture is asked for).
+"""
 
 from __future__ import annotations
 
@@ -9,12 +14,17 @@ from typing import Any
 import torch
 from torch import nn
 
-from .accumulator import Accumulator
-from .checkpointing import checkpoint_blocks
-from .errors import MicroBatchTooLargeError
-from .memory import format_bytes
+from ..accumulator import Accumulator
+from ..errors import MicroBatchTooLargeError
+from ..memory import format_bytes
+from .chart import Series, plot_throughput
+from .runs import set_up
 
+# A candidate's status: FITS, or why not.
 FITS = "fits"
+NOT_MEASURED = "not measured"
+OVER_BUDGET_PREDICTED = "over budget (predicted)"
+FITS_WITHOUT_CHECKPOINTING = "fits without checkpointing"
 
 
 @dataclass
@@ -28,18 +38,21 @@ class Candidate:
     predicted_bytes: float
     measured_bytes: int | None = None
     samples_per_s: float | None = None
-    status: str = "not measured"  # "fits", or why not
+    status: str = NOT_MEASURED  # FITS, or why not
     chosen: bool = False
 
     @property
     def fits(self) -> bool:
+        """Measured, and within the budget."""
         return self.status == FITS
 
     @property
     def memory_bytes(self) -> float:
+        """The measured bytes where measured, else the predicted ones."""
         return self.measured_bytes if self.measured_bytes is not None else self.predicted_bytes
 
     def settings(self) -> dict[str, Any]:
+        """micro_batch_size, checkpointing, compile and loss (the variant's name)."""
         return {
             "micro_batch_size": self.micro_batch_size,
             "checkpointing": self.checkpointing,
@@ -68,6 +81,7 @@ class Plan:
 
     @property
     def best(self) -> Candidate | None:
+        """The chosen candidate, the fastest that fits (None if none fits)."""
         return next((c for c in self.candidates if c.chosen), None)
 
     def settings(self) -> dict[str, Any]:
@@ -77,6 +91,7 @@ class Plan:
         return self.best.settings()
 
     def nothing_fits_message(self) -> str:
+        """Why nothing fits and what to try, for an error."""
         smallest = min(self.candidates, key=lambda c: c.memory_bytes, default=None)
         need = f"; the smallest setting needs about {format_bytes(smallest.memory_bytes)}" if smallest else ""
         return (
@@ -85,18 +100,37 @@ class Plan:
             "or an optimizer with less state (SGD instead of Adam)."
         )
 
-    def apply(self, model: nn.Module, optimizer: torch.optim.Optimizer, **accumulator_kwargs: Any) -> Accumulator:
-        """Set up training with the best candidate: checkpointing on `model` (in place), and an
-        Accumulator at its micro-batch size (fast_micro_step="compile" where compile won).
-        Use the loss variant `best.loss` yourself."""
+    def apply(
+        self, model: nn.Module, optimizer: torch.optim.Optimizer, **accumulator_kwargs: Any
+    ) -> Accumulator:
+        """Set up training with the best candidate, as its measured run was set up.
+
+        Checkpointing is set on `model` (in place), and the Accumulator gets the
+        micro-batch size, the plan's precision and fast_micro_step="compile" where
+        compile won (`accumulator_kwargs` may override them). Use the loss
+        variant `best.loss` yourself.
+
+        Args:
+            model: your model.
+            optimizer: its optimizer.
+            **accumulator_kwargs: passed on to `Accumulator` (scheduler, max_grad_norm, ...).
+
+        Returns:
+            The Accumulator to train with.
+
+        Raises:
+            MicroBatchTooLargeError: nothing fits.
+        """
         best = self.settings()
-        checkpoint_blocks(model, enabled=False)
-        if best["checkpointing"]:
-            checkpoint_blocks(model)
         accumulator_kwargs.setdefault("precision", self.precision)
-        if best["compile"]:
-            accumulator_kwargs.setdefault("fast_micro_step", "compile")
-        return Accumulator(model, optimizer, micro_batch_size=best["micro_batch_size"], **accumulator_kwargs)
+        return set_up(
+            model,
+            optimizer,
+            micro_batch_size=best["micro_batch_size"],
+            checkpointing=best["checkpointing"],
+            compile=best["compile"],
+            **accumulator_kwargs,
+        )
 
     def table(self) -> str:
         """A plain-text table of every candidate, the chosen one marked."""
@@ -128,42 +162,41 @@ class Plan:
         return "\n".join(lines)
 
     def plot(self, path: str | Path) -> Path:
-        """Write a PNG of throughput against memory, the budget as a line, the chosen one circled."""
-        import matplotlib
+        """Write a PNG of throughput against memory, the budget as a line, the chosen one circled.
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        Args:
+            path: where to write it (folders are made).
 
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fig, ax = plt.subplots(figsize=(7, 4.5))
+        Returns:
+            The path written.
+        """
         measured = [c for c in self.candidates if c.samples_per_s is not None]
-        unit, scale = ("GiB", 2**30) if self.max_memory >= 2**30 else ("MiB", 2**20)
-        groups: dict[tuple[bool, bool, str], list[Candidate]] = {}
-        for c in measured:
-            groups.setdefault((c.checkpointing, c.compile, c.loss), []).append(c)
-        for (ck, comp, loss), cs in sorted(groups.items()):
-            cs.sort(key=lambda c: c.micro_batch_size)
-            label = f"checkpointing {'on' if ck else 'off'}, compile {'on' if comp else 'off'}"
-            label += f", loss {loss}" if len({c.loss for c in measured}) > 1 else ""
-            xs = [c.memory_bytes / scale for c in cs]
-            ax.plot(xs, [c.samples_per_s or 0.0 for c in cs], marker="o", label=label)
-            for c, x in zip(cs, xs):
-                ax.annotate(str(c.micro_batch_size), (x, c.samples_per_s), textcoords="offset points",
-                            xytext=(4, 4), fontsize=8)  # fmt: skip
-        ax.axvline(self.max_memory / scale, color="red", linestyle="--", label="budget")
-        if self.best is not None and self.best.samples_per_s is not None:
-            ax.scatter([self.best.memory_bytes / scale], [self.best.samples_per_s], s=250,
-                       facecolors="none", edgecolors="black", label="chosen")  # fmt: skip
-        ax.set_xlabel(f"memory, {unit} ({self.memory_source})")
-        ax.set_ylabel(f"samples / s ({self.timing})")
-        ax.set_title(f"bigbatch plan: logical batch {self.batch_size} on {self.device} (labels: micro-batch)")
-        ax.legend(fontsize=8)
-        fig.tight_layout()
-        fig.savefig(path, dpi=120)
-        plt.close(fig)
-        return path
+        several_losses = len({c.loss for c in measured}) > 1
+        series: dict[str, Series] = {}
+        for c in sorted(measured, key=lambda c: (c.checkpointing, c.compile, c.loss, c.micro_batch_size)):
+            label = f"checkpointing {_on(c.checkpointing)}, compile {_on(c.compile)}"
+            label += f", loss {c.loss}" if several_losses else ""
+            point = (c.memory_bytes, c.samples_per_s or 0.0, str(c.micro_batch_size))
+            series.setdefault(label, []).append(point)
+        best = self.best
+        chosen = None
+        if best is not None and best.samples_per_s is not None:
+            chosen = (best.memory_bytes, best.samples_per_s)
+        return plot_throughput(
+            path,
+            series,
+            budget_bytes=self.max_memory,
+            chosen=chosen,
+            memory_label=self.memory_source,
+            rate_label=f"samples / s ({self.timing})",
+            title=f"bigbatch plan: logical batch {self.batch_size} on {self.device} (labels: micro-batch)",
+        )
 
     def to_dict(self) -> dict[str, Any]:
+        """Every field and candidate as plain values (for JSON)."""
         return {**{k: v for k, v in asdict(self).items() if k != "candidates"},
                 "candidates": [asdict(c) for c in self.candidates]}  # fmt: skip
+
+
+def _on(flag: bool) -> str:
+    return "on" if flag else "off"
