@@ -5,8 +5,11 @@ disk, then renamed over its final name, so a crash leaves either the old set
 or the new one, never half a file under a checkpoint's name. Loading uses
 `torch.load(weights_only=True)` (no pickled code runs); a newest checkpoint
 that is corrupt or truncated is skipped with a warning and the one before it used.
-Under FSDP2 a checkpoint is a step directory instead (bigbatch.train.sharded_checkpoint);
-listing, keep-last-K and the fallback treat both kinds alike.
+Under FSDP2 a checkpoint is a step directory instead, written and loaded by
+bigbatch.train.sharded_checkpoint: its run state lives in `RUN_STATE` and a
+`MARKER` file says the directory is whole. This module knows both kinds on
+disk (names, listing, keep-last-K, the fallback) and nothing of how shards are
+written, so sharded_checkpoint imports it and never the other way round.
 """
 
 from __future__ import annotations
@@ -21,9 +24,11 @@ from typing import Any
 
 import torch
 
+from .state import REQUIRED_KEYS, REQUIRED_SHARDED_KEYS, SHARDED_KEY, STEP_KEY
+
 _NAME = re.compile(r"^step-(\d+)(\.pt)?$")  # a file, or an FSDP2 step directory
-REQUIRED: tuple[str, ...] = ("step", "model", "optimizer", "accumulator", "rng", "samples_seen")
-REQUIRED_SHARDED: tuple[str, ...] = ("step", "accumulator", "rng", "samples_seen", "world_size")
+MARKER = "COMPLETE"  # an FSDP2 step directory's last file: the directory is whole
+RUN_STATE = "trainer.pt"  # an FSDP2 step directory's state besides the shards
 
 
 class CheckpointWarning(UserWarning):
@@ -31,10 +36,12 @@ class CheckpointWarning(UserWarning):
 
 
 def checkpoint_path(directory: Path, step: int) -> Path:
+    """Where the checkpoint file of `step` goes."""
     return directory / f"step-{step:07d}.pt"
 
 
 def sharded_checkpoint_path(directory: Path, step: int) -> Path:
+    """Where the FSDP2 step directory of `step` goes."""
     return directory / f"step-{step:07d}"
 
 
@@ -92,30 +99,36 @@ def fsync_path(path: Path) -> None:
         os.close(fd)
 
 
+def read_run_state(path: Path) -> dict[str, Any]:
+    """The non-tensor state of an FSDP2 step directory; raises if the directory is not whole."""
+    if not (path / MARKER).is_file():
+        raise ValueError(f"no {MARKER} marker: the write did not finish")
+    state: dict[str, Any] = torch.load(path / RUN_STATE, map_location="cpu", weights_only=True)
+    return state
+
+
 def load_latest_checkpoint(directory: Path) -> dict[str, Any] | None:
     """The newest readable checkpoint in `directory`, or None if there is none.
 
     A checkpoint that fails to load (truncated, corrupt, missing keys; a step
     directory without its completion marker) is skipped with a
     `CheckpointWarning` naming it. For a step directory the state holds the
-    non-tensor part and "sharded": its path (model and optimizer load with
+    non-tensor part and `SHARDED_KEY`: its path (model and optimizer load with
     `sharded_checkpoint.load_sharded`, on every rank).
     """
-    from .sharded_checkpoint import read_run_state
-
     for step, path in reversed(list_checkpoints(directory)):
         try:
             if path.is_dir():
                 state = read_run_state(path)
-                required = REQUIRED_SHARDED
+                required = REQUIRED_SHARDED_KEYS
             else:
                 state = torch.load(path, map_location="cpu", weights_only=True)
-                required = REQUIRED
+                required = REQUIRED_KEYS
             missing = [k for k in required if k not in state]
             if missing:
                 raise ValueError(f"missing {', '.join(missing)}")
-            if state["step"] != step:
-                raise ValueError(f"holds step {state['step']}, not {step}")
+            if state[STEP_KEY] != step:
+                raise ValueError(f"holds step {state[STEP_KEY]}, not {step}")
         except Exception as e:  # noqa: BLE001 - any unreadable file falls back to the previous one
             warnings.warn(
                 f"checkpoint {path} cannot be loaded ({type(e).__name__}: {str(e)[:200]}); "
@@ -125,6 +138,6 @@ def load_latest_checkpoint(directory: Path) -> dict[str, Any] | None:
             )
             continue
         if path.is_dir():
-            state["sharded"] = path
+            state[SHARDED_KEY] = path
         return state
     return None

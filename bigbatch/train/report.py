@@ -1,75 +1,138 @@
 """What a run tells its user: the header printed at the start, and the summary,
-loss plot and closing lines at the end (written by rank 0 only)."""
+loss plot and closing lines at the end (written by rank 0 only).
+
+The report reads two small frozen records the trainer fills in, `RunInfo`
+(what the run is) and `RunTotals` (how far it got), never the trainer itself.
+"""
 
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
-from .memory_plan import describe as describe_plan
+from .memory_plan import MemoryChoice
 from .metrics import is_finite_number, plot_losses, write_summary
 
-if TYPE_CHECKING:
-    from .trainer import Trainer
+
+@dataclass(frozen=True)
+class RunInfo:
+    """What a run is, as its report describes it (fixed once the trainer is set up)."""
+
+    task_name: str
+    item_unit: str
+    """What the task counts ("samples", "tokens"): names the throughput."""
+    num_parameters: int
+    device: str
+    world_size: int
+    sharded: bool
+    """FSDP2 over several ranks (else DDP, or one process)."""
+    batch: str
+    """The resolved batch sizes in words (`BatchSizes.describe()`)."""
+    memory_plan: MemoryChoice | None
+    checkpointing: bool
+    fast_micro_step: str
+    lr: float
+    """The peak learning rate, after `optim.lr_scaling`."""
+    base_lr: float
+    """`optim.lr`: the peak at `reference_batch_size`."""
+    lr_scaling: str
+    reference_batch_size: int
+    warmup_steps: int
+    schedule: str
+    run_dir: Path
 
 
-def header(trainer: Trainer, baselines: dict[str, float], resumed: bool) -> str:
-    """The run header: task and model size, device and ranks, batch and memory plan, lr, baselines."""
-    cfg, rt, o = trainer.config, trainer.runtime, trainer.config.optim
+@dataclass(frozen=True)
+class RunTotals:
+    """How far a run got."""
+
+    steps: int
+    samples_seen: int
+    train_seconds: float
+    nonfinite_steps_skipped: int
+
+
+def header(run: RunInfo, baselines: dict[str, float], resumed_at: int | None) -> str:
+    """The run header: task and model size, device and ranks, batch and memory plan, lr, baselines.
+
+    Args:
+        run: what the run is.
+        baselines: the task's reference losses, printed under the header.
+        resumed_at: the step a resumed run continues from (None: a new run).
+
+    Returns:
+        The lines to print.
+    """
     ranks = ""
-    if rt.world_size > 1:
-        ranks = f" x {rt.world_size} ranks" + (" (FSDP2)" if trainer.sharded else " (DDP)")
+    if run.world_size > 1:
+        ranks = f" x {run.world_size} ranks" + (" (FSDP2)" if run.sharded else " (DDP)")
     lines = [
-        f"bigbatch train: task {trainer.task.name} ({trainer.num_parameters:,} parameters) on {rt.device}{ranks}",
-        f"  {trainer.plan.describe()}",
+        f"bigbatch train: task {run.task_name} ({run.num_parameters:,} parameters) on {run.device}{ranks}",
+        f"  {run.batch}",
     ]
-    if trainer.memory_plan:
-        lines.append(f"  {describe_plan(trainer.memory_plan)}")
-    if cfg.train.checkpointing:
+    if run.memory_plan:
+        lines.append(f"  {run.memory_plan.describe()}")
+    if run.checkpointing:
         lines.append("  activation checkpointing on")
-    if cfg.train.fast_micro_step != "none":
-        lines.append(f"  fast micro-step: {cfg.train.fast_micro_step}")
-    scaling = f" ({o.lr_scaling} scaling of {o.lr:g} at batch {o.reference_batch_size})" if o.lr_scaling != "none" else ""
-    lines.append(f"  lr {trainer.lr:.3g}{scaling}, {o.warmup_steps} warmup steps, {o.schedule}")
-    lines.append(f"  run directory {trainer.run_dir}")
-    if resumed:
-        lines.append(f"  resumed at step {trainer.step}")
+    if run.fast_micro_step != "none":
+        lines.append(f"  fast micro-step: {run.fast_micro_step}")
+    scaling = (
+        f" ({run.lr_scaling} scaling of {run.base_lr:g} at batch {run.reference_batch_size})"
+        if run.lr_scaling != "none"
+        else ""
+    )
+    lines.append(f"  lr {run.lr:.3g}{scaling}, {run.warmup_steps} warmup steps, {run.schedule}")
+    lines.append(f"  run directory {run.run_dir}")
+    if resumed_at is not None:
+        lines.append(f"  resumed at step {resumed_at}")
     lines += [f"  baseline: {k.replace('_', ' ')} {v:.4f}" for k, v in baselines.items()]
     return "\n".join(lines)
 
 
 def finish(
-    trainer: Trainer, rows: list[dict[str, Any]], baselines: dict[str, float], sample: str | None
+    run: RunInfo, totals: RunTotals, rows: list[dict[str, Any]], baselines: dict[str, float], sample: str | None
 ) -> tuple[dict[str, Any], str]:
-    """Writes loss.png and summary.json into the run directory; returns the summary and the closing text."""
-    run_dir, task, plan = trainer.run_dir, trainer.task, trainer.plan
+    """Writes loss.png and summary.json into the run directory.
+
+    Args:
+        run: what the run is.
+        totals: how far it got.
+        rows: every metrics row of the run (metrics.jsonl).
+        baselines: the task's reference losses.
+        sample: text the trained model generated, if any.
+
+    Returns:
+        The summary (as written to summary.json) and the closing text to print.
+    """
     losses = [r["loss"] for r in rows[-20:] if is_finite_number(r.get("loss"))]
     final: dict[str, Any] = next((r for r in reversed(rows) if "val_loss" in r), {})
     evals = {k: v for k, v in final.items() if k.startswith("val_")}
     items = sum(r["count"] for r in rows)
     summary: dict[str, Any] = {
-        "run_dir": str(run_dir),
-        "task": task.name,
-        "steps": trainer.step,
-        "samples_seen": trainer.samples_seen,
-        "batch": plan.describe(),
-        "peak_lr": trainer.lr,  # after lr_scaling; metrics.jsonl has the lr of each step
+        "run_dir": str(run.run_dir),
+        "task": run.task_name,
+        "steps": totals.steps,
+        "samples_seen": totals.samples_seen,
+        "batch": run.batch,
+        "peak_lr": run.lr,  # after lr_scaling; metrics.jsonl has the lr of each step
         "train_loss_last_20": sum(losses) / len(losses) if losses else math.nan,
         **evals,
         **baselines,
-        "train_seconds": round(trainer.train_seconds, 2),
-        f"{getattr(task, 'item_unit', 'samples')}_per_s": items / max(trainer.train_seconds, 1e-9),
-        "nonfinite_steps_skipped": trainer.nonfinite_total,
-        "checkpointing": trainer.config.train.checkpointing,
-        "fast_micro_step": trainer.config.train.fast_micro_step,
+        "train_seconds": round(totals.train_seconds, 2),
+        f"{run.item_unit}_per_s": items / max(totals.train_seconds, 1e-9),
+        "nonfinite_steps_skipped": totals.nonfinite_steps_skipped,
+        "checkpointing": run.checkpointing,
+        "fast_micro_step": run.fast_micro_step,
     }
-    if trainer.memory_plan is not None:
-        summary["memory_plan"] = trainer.memory_plan
-    plot_losses(rows, run_dir / "loss.png", baselines, f"{task.name}: {plan.describe()}")
+    if run.memory_plan is not None:
+        summary["memory_plan"] = run.memory_plan.to_dict()
+    plot_losses(rows, run.run_dir / "loss.png", baselines, f"{run.task_name}: {run.batch}")
     if sample is not None:
         summary["sample"] = sample
-    write_summary(run_dir / "summary.json", summary)
-    return summary, _closing_text(summary, trainer.step, trainer.train_seconds, str(run_dir))
+    write_summary(run.run_dir / "summary.json", summary)
+    return summary, _closing_text(summary, totals.steps, totals.train_seconds, str(run.run_dir))
 
 
 def _closing_text(summary: dict[str, Any], steps: int, seconds: float, run_dir: str) -> str:

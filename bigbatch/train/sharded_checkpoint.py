@@ -27,11 +27,9 @@ import torch.distributed.checkpoint as dcp
 from torch import nn
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
-from .checkpoint import fsync_path
+from .checkpoint import MARKER, RUN_STATE, fsync_path
 from .runtime import Runtime
-
-MARKER = "COMPLETE"
-RUN_STATE = "trainer.pt"
+from .state import MODEL_KEY, OPTIMIZER_KEY
 
 
 def save_sharded(
@@ -45,7 +43,7 @@ def save_sharded(
         tmp.mkdir()
     runtime.barrier()
     model_state, optim_state = get_state_dict(model, optimizer)
-    dcp.save({"model": model_state, "optimizer": optim_state}, checkpoint_id=tmp)
+    dcp.save({MODEL_KEY: model_state, OPTIMIZER_KEY: optim_state}, checkpoint_id=tmp)
     runtime.barrier()  # every rank's shards are on disk
     if runtime.is_main:
         with open(tmp / RUN_STATE, "wb") as f:
@@ -63,18 +61,10 @@ def save_sharded(
         fsync_path(final.parent)  # the caller's prune_checkpoints removes what killed writes left
 
 
-def read_run_state(path: Path) -> dict[str, Any]:
-    """The non-tensor state of a sharded checkpoint; raises if the directory is not whole."""
-    if not (path / MARKER).is_file():
-        raise ValueError(f"no {MARKER} marker: the write did not finish")
-    state: dict[str, Any] = torch.load(path / RUN_STATE, map_location="cpu", weights_only=True)
-    return state
-
-
 def load_sharded(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
     """Load model and optimizer shards from `path` in place (every rank, the saving world size)."""
     model_state, optim_state = get_state_dict(model, optimizer)
-    dcp.load({"model": model_state, "optimizer": optim_state}, checkpoint_id=path)  # in place
+    dcp.load({MODEL_KEY: model_state, OPTIMIZER_KEY: optim_state}, checkpoint_id=path)  # in place
     set_state_dict(model, optimizer, model_state_dict=model_state, optim_state_dict=optim_state)
 
 

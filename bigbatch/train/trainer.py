@@ -42,13 +42,31 @@ from .checkpoint import (
 )
 from .config import TrainConfig
 from .interrupt import StopOnInterrupt, TrainingInterrupted
-from .memory_plan import plan_memory
+from .memory_plan import MemoryChoice, plan_memory, resolved_config
 from .metrics import MetricsLog
 from .parallel import wrap_model
 from .progress import Progress, memory_text
 from .runtime import Runtime
 from .sampler import Sampler
 from .sharded_checkpoint import load_sharded, save_sharded
+from .state import (
+    ACCUMULATOR_KEY,
+    MEMORY_PLAN_KEY,
+    MODEL_KEY,
+    NONFINITE_KEY,
+    OPTIMIZER_KEY,
+    OPTIMIZER_NAME_KEY,
+    RNG_KEY,
+    SAMPLES_SEEN_KEY,
+    SCHEDULER_KEY,
+    SHARDED_KEY,
+    STEP_KEY,
+    TRAIN_SECONDS_KEY,
+    WORLD_SIZE_KEY,
+    ResumingRun,
+    check_resume,
+    model_must_fit,
+)
 
 _DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
@@ -94,15 +112,25 @@ def _warn_warmup_too_long(warmup_steps: int, steps: int, peak_lr: float) -> None
         f"whole run and never reaches its peak {peak_lr:.3g} (the last step uses {steps / (warmup_steps + 1):.0%} "
         f"of it); set optim.warmup_steps below train.steps, e.g. --set optim.warmup_steps={steps // 10}.",
         UserWarning,
-        stacklevel=3,
+        stacklevel=4,  # the user's Trainer(...) line: here <- _setup_lr <- __init__ <- caller
     )
+
+
+def _check_setup(*, planning: bool, sharded: bool) -> None:
+    """Refuse settings that contradict each other in this world, before anything is built."""
+    if sharded and planning:
+        raise ConfigError(
+            'batch.max_memory plans for the whole model in one process, not for FSDP2 shards; '
+            'under train.parallel = "fsdp2" give batch.micro_batch_size (`bigbatch plan` suggests one).'
+        )
 
 
 class Trainer:
     """Trains `config`'s task (or `task`) and writes a run directory.
 
     Args:
-        config: the resolved `TrainConfig`.
+        config: the `TrainConfig` (validated here; never written into: a memory
+            plan's choice goes into a copy, `trainer.config`).
         task: use this task object instead of building `config.task` (for your own tasks).
         resume: a run directory to continue from its newest readable checkpoint.
 
@@ -115,73 +143,111 @@ class Trainer:
     """
 
     def __init__(self, config: TrainConfig, *, task: Task | None = None, resume: str | Path | None = None) -> None:
+        # Setup reads top to bottom; each step returns what the next needs. The order is
+        # part of the result and kept as it was: the seed is set just before the model
+        # is built, and the planner (which runs training steps) comes after that.
         config.validate()
-        self.config = config
         self.runtime = Runtime.from_env(config.train.device)
-        rt, b, o = self.runtime, config.batch, config.optim
-        planning = b.max_memory is not None and resume is None
-        self.sharded = config.train.parallel == "fsdp2" and rt.world_size > 1
-        if self.sharded and planning:
-            raise ConfigError(
-                'batch.max_memory plans for the whole model in one process, not for FSDP2 shards; '
-                'under train.parallel = "fsdp2" give batch.micro_batch_size (`bigbatch plan` suggests one).'
-            )
-        micro = None if planning and b.micro_batch_size == "auto" else b.micro_batch_size  # the planner picks it
-        self.plan: BatchSizes = resolve_batch_sizes(
-            logical_batch_size=b.logical_batch_size, micro_batch_size=micro, accumulation_steps=b.accumulation_steps,
-            world_size=rt.world_size, setting_prefix="batch.",
-        )
-        options = dict(config.task.options)
-        if config.task.data is not None:
-            options["data"] = config.task.data
-        self.task: Task = task if task is not None else build_task(config.task.name, **options)
+        planning = config.batch.max_memory is not None and resume is None  # a resumed run keeps its choice
+        self.sharded = config.train.parallel == "fsdp2" and self.runtime.world_size > 1
+        _check_setup(planning=planning, sharded=self.sharded)
+        self.config = config
+        self.batch_sizes = self._setup_batch(planning)
+        self.task = self._setup_task(task)
         self.dtype = _DTYPES[config.train.dtype]
-
         self.sampler = Sampler(self.task.train_size, config.train.seed)
-        self.lr = o.lr if o.lr_scaling == "none" else scale_lr(
-            o.lr, o.reference_batch_size, self.plan.logical_batch_size, o.lr_scaling
-        )
-        if rt.is_main and o.warmup_steps >= config.train.steps:
-            _warn_warmup_too_long(o.warmup_steps, config.train.steps, self.lr)
+        self.lr = self._setup_lr()
         self._loss_fn = self.task.loss_fn  # one object: fast_micro_step compiles it once
-
-        torch.manual_seed(config.train.seed)  # the same initial model on every rank
-        random.seed(config.train.seed)
-        model = self.task.make_model().to(device=rt.device, dtype=self.dtype)
+        model = self._setup_model()
         self.num_parameters = sum(p.numel() for p in model.parameters())
-        self.memory_plan: dict[str, Any] | None = None
+        self.memory_plan: MemoryChoice | None = None  # a resumed run reads its own from the checkpoint
         if planning:
-            # The planner picks micro-batch, checkpointing and compile, on the largest
-            # share of the first logical batch; a resumed run keeps its config's choice.
-            b.logical_batch_size = self.plan.logical_batch_size
-            self.memory_plan = plan_memory(
-                config, rt, model, self._batch_at(0, self.plan.largest_rank), self._loss_fn, self._make_optimizer
-            )
-            assert isinstance(b.micro_batch_size, int)
-            self.plan = self.plan.with_micro_batch_size(b.micro_batch_size)
-        if self.sharded:
-            check_equal_micro_steps(self.plan, setting_prefix="batch.", context='under train.parallel = "fsdp2"')
-        if config.train.checkpointing:
+            self.memory_plan, self.batch_sizes, self.config = self._plan_memory(model)
+        self.model = self._setup_parallel(model)  # the optimizer comes after it
+        self.optimizer, self.scheduler = self._setup_optimizer(self.model)
+        self.accumulator = self._setup_engine(self.model, self.optimizer, self.scheduler)
+        self.run_dir = self._setup_run(resume)
+
+    # -- setup steps, in the order __init__ runs them ----------------------------
+
+    def _setup_batch(self, planning: bool) -> BatchSizes:
+        """Resolve the batch sizes (once); the planner later picks the micro-batch if asked."""
+        b = self.config.batch
+        micro = None if planning and b.micro_batch_size == "auto" else b.micro_batch_size  # the planner picks it
+        sizes = resolve_batch_sizes(
+            logical_batch_size=b.logical_batch_size, micro_batch_size=micro, accumulation_steps=b.accumulation_steps,
+            world_size=self.runtime.world_size, setting_prefix="batch.",
+        )  # fmt: skip
+        if self.sharded:  # never planned (refused by _check_setup): these sizes are final
+            check_equal_micro_steps(sizes, setting_prefix="batch.", context='under train.parallel = "fsdp2"')
+        return sizes
+
+    def _setup_task(self, task: Task | None) -> Task:
+        """The given task, or the built-in one `config.task` names."""
+        if task is not None:
+            return task
+        options = dict(self.config.task.options)
+        if self.config.task.data is not None:
+            options["data"] = self.config.task.data
+        return build_task(self.config.task.name, **options)
+
+    def _setup_lr(self) -> float:
+        """The peak learning rate: `optim.lr` rescaled from its reference batch to the logical batch."""
+        o, steps = self.config.optim, self.config.train.steps
+        lr = o.lr if o.lr_scaling == "none" else scale_lr(
+            o.lr, o.reference_batch_size, self.batch_sizes.logical_batch_size, o.lr_scaling
+        )  # fmt: skip
+        if self.runtime.is_main and o.warmup_steps >= steps:
+            _warn_warmup_too_long(o.warmup_steps, steps, lr)
+        return lr
+
+    def _setup_model(self) -> nn.Module:
+        """The task's model on the run's device and dtype, initialised from the seed (the same on every rank)."""
+        torch.manual_seed(self.config.train.seed)
+        random.seed(self.config.train.seed)
+        return self.task.make_model().to(device=self.runtime.device, dtype=self.dtype)
+
+    def _plan_memory(self, model: nn.Module) -> tuple[MemoryChoice, BatchSizes, TrainConfig]:
+        """The planner's choice (on the largest share of the first batch), the sizes and the config it gives."""
+        batch = self._batch_at(0, self.batch_sizes.largest_rank)
+        choice = plan_memory(self.config, self.runtime, model, batch, self._loss_fn, self._make_optimizer)
+        sizes = self.batch_sizes.with_micro_batch_size(choice.micro_batch_size)
+        return choice, sizes, resolved_config(self.config, choice, sizes.logical_batch_size)
+
+    def _setup_parallel(self, model: nn.Module) -> nn.Module:
+        """`model` with activation checkpointing if asked, wrapped for the world (DDP or FSDP2)."""
+        if self.config.train.checkpointing:
             checkpoint_blocks(model)
-        model = self.model = wrap_model(model, config.train.parallel, rt)  # the optimizer comes after it
-        self.optimizer = self._make_optimizer([p for p in model.parameters() if p.requires_grad])
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, _schedule(config))
-        fast = config.train.fast_micro_step
-        self.accumulator = Accumulator(
-            model, self.optimizer, micro_batch_size=self.plan.micro_batch_size, scheduler=self.scheduler,
-            max_grad_norm=o.max_grad_norm, precision=config.train.precision, skip_nonfinite=True,
-            fast_micro_step=None if fast == "none" else fast,
-        )
+        return wrap_model(model, self.config.train.parallel, self.runtime)
+
+    def _setup_optimizer(self, model: nn.Module) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
+        """The optimizer over the trainable parameters of the wrapped model, and its schedule."""
+        optimizer = self._make_optimizer([p for p in model.parameters() if p.requires_grad])
+        return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(self.config))
+
+    def _setup_engine(
+        self, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LambdaLR
+    ) -> Accumulator:
+        """The Accumulator that runs each logical batch as micro-steps."""
+        t = self.config.train
+        return Accumulator(
+            model, optimizer, micro_batch_size=self.batch_sizes.micro_batch_size, scheduler=scheduler,
+            max_grad_norm=self.config.optim.max_grad_norm, precision=t.precision, skip_nonfinite=True,
+            fast_micro_step=None if t.fast_micro_step == "none" else t.fast_micro_step,
+        )  # fmt: skip
+
+    def _setup_run(self, resume: str | Path | None) -> Path:
+        """The run directory: a new one (named on rank 0), or `resume`, whose checkpoint is loaded."""
         self.step = 0
         self.samples_seen = 0
         self.nonfinite_in_a_row = 0
         self.nonfinite_total = 0
         self.train_seconds = 0.0
-        if resume is not None:
-            self.run_dir = Path(resume)
-            self._load()
-        else:
-            self.run_dir = Path(rt.broadcast(str(self._new_run_dir()) if rt.is_main else None))
+        if resume is None:
+            return Path(self.runtime.broadcast(str(self._new_run_dir()) if self.runtime.is_main else None))
+        self.run_dir = Path(resume)
+        self._resume()
+        return self.run_dir
 
     def _make_optimizer(self, params: Any) -> torch.optim.Optimizer:
         """The run's optimizer over `params` (also the planner's factory, so it plans with the same state)."""
@@ -217,6 +283,7 @@ class Trainer:
 
     @property
     def checkpoint_dir(self) -> Path:
+        """Where this run's checkpoints are."""
         return self.run_dir / "checkpoints"
 
     def _unwrapped(self) -> nn.Module:
@@ -225,28 +292,28 @@ class Trainer:
     def state_dict(self) -> dict[str, Any]:
         """Everything the next step depends on (every rank's RNG state included).
 
-        Under FSDP2 "model" and "optimizer" hold this rank's shards (DTensors);
-        `save` writes those with torch.distributed.checkpoint instead.
+        Under FSDP2 the model and optimizer entries hold this rank's shards
+        (DTensors); `save` writes those with torch.distributed.checkpoint instead.
         """
         return {
             **self._run_state(),
-            "model": self._unwrapped().state_dict(),
-            "optimizer": self.optimizer.state_dict(),
+            MODEL_KEY: self._unwrapped().state_dict(),
+            OPTIMIZER_KEY: self.optimizer.state_dict(),
         }
 
     def _run_state(self) -> dict[str, Any]:
         """The state besides model and optimizer (a collective: the RNG gather)."""
         return {
-            "step": self.step,
-            "samples_seen": self.samples_seen,
-            "world_size": self.runtime.world_size,
-            "scheduler": self.scheduler.state_dict(),
-            "accumulator": self.accumulator.state_dict(),
-            "rng": self.runtime.gather(_rng_state(self.runtime.device)),
-            "nonfinite": [self.nonfinite_in_a_row, self.nonfinite_total],
-            "train_seconds": self.train_seconds,
-            "memory_plan": self.memory_plan,
-            "optimizer_name": self.config.optim.name,  # its state would load into the other one silently
+            STEP_KEY: self.step,
+            SAMPLES_SEEN_KEY: self.samples_seen,
+            WORLD_SIZE_KEY: self.runtime.world_size,
+            SCHEDULER_KEY: self.scheduler.state_dict(),
+            ACCUMULATOR_KEY: self.accumulator.state_dict(),
+            RNG_KEY: self.runtime.gather(_rng_state(self.runtime.device)),
+            NONFINITE_KEY: [self.nonfinite_in_a_row, self.nonfinite_total],
+            TRAIN_SECONDS_KEY: self.train_seconds,
+            MEMORY_PLAN_KEY: None if self.memory_plan is None else self.memory_plan.to_dict(),
+            OPTIMIZER_NAME_KEY: self.config.optim.name,
         }
 
     def save(self) -> None:
@@ -269,7 +336,29 @@ class Trainer:
             save_checkpoint(self.checkpoint_dir, self.step, state, keep)
         rt.barrier()
 
-    def _load(self) -> None:
+    def _resume(self) -> None:
+        """Continue from the newest readable checkpoint, once it is known to fit this run."""
+        state = self._latest_checkpoint()
+        check_resume(state, ResumingRun(
+            run_dir=self.run_dir, world_size=self.runtime.world_size, sharded=self.sharded,
+            optimizer_name=self.config.optim.name, steps=self.config.train.steps,
+        ))  # fmt: skip
+        with model_must_fit(self.checkpoint_dir):
+            if self.sharded:
+                load_sharded(state[SHARDED_KEY], self.model, self.optimizer)
+            else:
+                self._unwrapped().load_state_dict(state[MODEL_KEY])
+                self.optimizer.load_state_dict(state[OPTIMIZER_KEY])
+        self.scheduler.load_state_dict(state[SCHEDULER_KEY])
+        self.accumulator.load_state_dict(state[ACCUMULATOR_KEY])
+        _set_rng_state(state[RNG_KEY][self.runtime.rank], self.runtime.device)
+        self.step, self.samples_seen = state[STEP_KEY], state[SAMPLES_SEEN_KEY]
+        self.nonfinite_in_a_row, self.nonfinite_total = state[NONFINITE_KEY]
+        self.train_seconds = state[TRAIN_SECONDS_KEY]
+        record = state.get(MEMORY_PLAN_KEY)
+        self.memory_plan = None if record is None else MemoryChoice.from_dict(record)
+
+    def _latest_checkpoint(self) -> dict[str, Any]:
         state = load_latest_checkpoint(self.checkpoint_dir)
         if state is None:
             found = list_checkpoints(self.checkpoint_dir)
@@ -278,48 +367,20 @@ class Trainer:
                 + ("no checkpoint could be read." if found else "it holds no checkpoints (it stopped before its first).")
                 + f" Delete {self.run_dir} and start the run again without --resume."
             )
-        if state["world_size"] != self.runtime.world_size:
-            raise ConfigError(
-                f"the checkpoint was written by {state['world_size']} processes and this run has "
-                f"{self.runtime.world_size}; resume with the same number (torchrun --nproc-per-node)."
-            )
-        if ("sharded" in state) != self.sharded:  # a step directory or a file
-            written, now = ("ddp", "fsdp2") if self.sharded else ("fsdp2", "ddp")
-            raise ConfigError(
-                f"the checkpoint was written with train.parallel = {written!r} and this run uses {now!r}; "
-                f"resume with --set train.parallel={written}."
-            )
-        saved_optimizer = state.get("optimizer_name", self.config.optim.name)  # older checkpoints lack it
-        if saved_optimizer != self.config.optim.name:
-            raise ConfigError(
-                f"the checkpoint was written with optim.name = {saved_optimizer!r} and this run uses "
-                f"{self.config.optim.name!r}; resume with --set optim.name={saved_optimizer}."
-            )
-        try:
-            if self.sharded:
-                load_sharded(state["sharded"], self.model, self.optimizer)
-            else:
-                self._unwrapped().load_state_dict(state["model"])
-                self.optimizer.load_state_dict(state["optimizer"])
-        except (RuntimeError, ValueError) as e:
-            first = str(e).strip().splitlines()
-            raise ConfigError(
-                f"the checkpoint in {self.checkpoint_dir} does not fit this run's model ("
-                + (first[-1].strip() if first else type(e).__name__)[:200]
-                + "); resume with the task settings the run was started with, not changed ones."
-            ) from None
-        self.scheduler.load_state_dict(state["scheduler"])
-        self.accumulator.load_state_dict(state["accumulator"])
-        _set_rng_state(state["rng"][self.runtime.rank], self.runtime.device)
-        self.step, self.samples_seen = state["step"], state["samples_seen"]
-        if self.step > self.config.train.steps:
-            raise ConfigError(
-                f"{self.run_dir} is already at step {self.step}, past train.steps={self.config.train.steps}; "
-                f"to train further give a larger total, e.g. --steps {2 * self.step}."
-            )
-        self.nonfinite_in_a_row, self.nonfinite_total = state["nonfinite"]
-        self.train_seconds = state["train_seconds"]
-        self.memory_plan = state.get("memory_plan")
+        return state
+
+    def _run_info(self) -> report.RunInfo:
+        """What the report says about this run."""
+        cfg, o = self.config, self.config.optim
+        return report.RunInfo(
+            task_name=self.task.name, item_unit=getattr(self.task, "item_unit", "samples"),
+            num_parameters=self.num_parameters, device=str(self.runtime.device),
+            world_size=self.runtime.world_size, sharded=self.sharded, batch=self.batch_sizes.describe(),
+            memory_plan=self.memory_plan, checkpointing=cfg.train.checkpointing,
+            fast_micro_step=cfg.train.fast_micro_step, lr=self.lr, base_lr=o.lr, lr_scaling=o.lr_scaling,
+            reference_batch_size=o.reference_batch_size, warmup_steps=o.warmup_steps, schedule=o.schedule,
+            run_dir=self.run_dir,
+        )  # fmt: skip
 
     # -- training -------------------------------------------------------------
 
@@ -328,8 +389,8 @@ class Trainer:
 
     def _batch_at(self, position: int, rank: int) -> Batch:
         """Rank `rank`'s share of the logical batch that starts `position` samples into the run."""
-        indices = self.sampler.indices(position, self.plan.logical_batch_size)
-        share = self.plan.shard(rank)
+        indices = self.sampler.indices(position, self.batch_sizes.logical_batch_size)
+        share = self.batch_sizes.shard(rank)
         batch = self.task.train_batch(indices[share.start : share.stop])
         return _map(batch, lambda t: t.to(self.dtype) if t.is_floating_point() else t)
 
@@ -346,7 +407,8 @@ class Trainer:
             (self.run_dir / "config.toml").write_text(cfg.to_toml(), encoding="utf-8")
         metrics = MetricsLog(self.run_dir / "metrics.jsonl", resume_step) if rt.is_main else None
         baselines = self.task.baselines() if rt.is_main else {}
-        self._print(report.header(self, baselines, resumed=resume_step is not None))
+        info = self._run_info()
+        self._print(report.header(info, baselines, resumed_at=resume_step))
         unit = getattr(self.task, "item_unit", "samples")
         progress = Progress(cfg.train.steps, self.step, unit, rt.is_main and cfg.train.progress, rt.is_main)
         # Subnormal floats make CPU arithmetic (Adam's second moments, say) many times slower.
@@ -381,7 +443,8 @@ class Trainer:
             sample = self._sample() if rt.is_main or self.sharded else None
             summary: dict[str, Any] = {}
             if metrics is not None:  # rank 0
-                summary, text = report.finish(self, metrics.rows, baselines, sample)
+                totals = report.RunTotals(self.step, self.samples_seen, self.train_seconds, self.nonfinite_total)
+                summary, text = report.finish(info, totals, metrics.rows, baselines, sample)
                 self._print(text)
         finally:
             if flush:
@@ -396,7 +459,7 @@ class Trainer:
         stats = self.accumulator.step(self._local_batch(), self._loss_fn)
         row = stats.to_dict()  # the one host sync of the step
         self.step += 1
-        self.samples_seen += self.plan.logical_batch_size
+        self.samples_seen += self.batch_sizes.logical_batch_size
         seconds = time.perf_counter() - start
         self.train_seconds += seconds
         # fp16's scaler skips overflowing steps by design; only a non-finite loss counts there.

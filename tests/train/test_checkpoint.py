@@ -2,13 +2,14 @@ import pytest
 import torch
 
 from bigbatch.train.checkpoint import (
+    MARKER,
+    RUN_STATE,
     CheckpointWarning,
     list_checkpoints,
     load_latest_checkpoint,
     prune_checkpoints,
     save_checkpoint,
 )
-from bigbatch.train.sharded_checkpoint import MARKER, RUN_STATE
 
 
 def _state(step):

@@ -17,8 +17,8 @@ import torch
 
 from bigbatch.errors import ConfigError
 from bigbatch.train import TrainConfig, Trainer
-from bigbatch.train.checkpoint import list_checkpoints
-from bigbatch.train.sharded_checkpoint import MARKER, load_full_state
+from bigbatch.train.checkpoint import MARKER, list_checkpoints
+from bigbatch.train.sharded_checkpoint import load_full_state
 from tests.train.conftest import TINY, torchrun_train
 
 pytestmark = pytest.mark.distributed

@@ -1,5 +1,6 @@
 """`batch.max_memory`: the planner's choice is applied, recorded, reused on resume, and trains exactly."""
 
+import copy
 import json
 
 import pytest
@@ -39,13 +40,19 @@ def _params(trainer):
 
 def test_max_memory_picks_a_smaller_micro_batch_and_trains_as_if_given_by_hand(base, capsys):
     budget = _budget_below_the_full_batch(base)
-    planned = Trainer(TrainConfig.load(overrides=[*base, f"batch.max_memory={budget}", "run.name=planned"]))
+    given = TrainConfig.load(overrides=[*base, f"batch.max_memory={budget}", "run.name=planned"])
+    untouched = copy.deepcopy(given)
+    planned = Trainer(given)
     record = planned.memory_plan
-    assert record is not None and record["micro_batch_size"] < LOGICAL
-    micro, ck = record["micro_batch_size"], record["checkpointing"]
+    assert record is not None and record.micro_batch_size < LOGICAL
+    micro, ck = record.micro_batch_size, record.checkpointing
+    # The caller's config is never written into; the trainer trains with a resolved copy.
+    assert given == untouched and given.batch.micro_batch_size == LOGICAL  # the premise: the plan changed it
+    assert planned.config.batch.micro_batch_size == micro and planned.config.batch.accumulation_steps is None
+    assert planned.config.train.checkpointing == ck
     # Applied: the engine's micro-batch, the model's checkpointing, no compile on the CPU.
-    assert planned.accumulator.micro_batch_size == micro == planned.plan.micro_batch_size
-    assert planned.plan.logical_batch_size == LOGICAL
+    assert planned.accumulator.micro_batch_size == micro == planned.batch_sizes.micro_batch_size
+    assert planned.batch_sizes.logical_batch_size == LOGICAL
     assert is_checkpointed(planned.model) == ck and planned.accumulator.fast_micro_step is None
     assert "CHOSEN" in capsys.readouterr().out  # the planner's table, printed
     planned.fit()
@@ -80,7 +87,7 @@ def test_resume_reuses_the_plan_without_planning_again(base, monkeypatch):
     config = TrainConfig.load(first.run_dir / "config.toml", ["train.steps=4"])
     resumed = Trainer(config, resume=first.run_dir)
     assert resumed.memory_plan == first.memory_plan
-    assert resumed.accumulator.micro_batch_size == first.memory_plan["micro_batch_size"]
+    assert resumed.accumulator.micro_batch_size == first.memory_plan.micro_batch_size
     resumed.fit()
     assert resumed.step == 4
 
@@ -98,5 +105,5 @@ def test_a_bad_budget_names_the_format():
 def test_max_memory_replaces_an_auto_micro_batch(base):
     config = TrainConfig.load(overrides=[*base, "batch.micro_batch_size=auto", "batch.max_memory=1GiB", "run.name=a"])
     trainer = Trainer(config)
-    assert isinstance(trainer.plan.micro_batch_size, int)
-    assert trainer.accumulator.micro_batch_size == trainer.memory_plan["micro_batch_size"]
+    assert isinstance(trainer.batch_sizes.micro_batch_size, int)
+    assert trainer.accumulator.micro_batch_size == trainer.memory_plan.micro_batch_size

@@ -64,3 +64,13 @@ def test_max_memory_is_planned_on_rank_0_and_shared(tiny):
     ddp, ref = _model(run), _model(single.run_dir)
     for key in ref:
         torch.testing.assert_close(ddp[key], ref[key], rtol=0, atol=1e-12)
+
+
+def test_a_planner_error_on_rank_0_stops_every_rank_with_it(tiny):
+    # Rank 0 plans alone; when nothing fits, every rank must raise the same error and exit
+    # (not wait forever for a choice that never comes). torchrun_train's timeout catches a hang.
+    overrides = [*tiny, "train.steps=2", "batch.logical_batch_size=13", "batch.max_memory=1KiB"]
+    done = torchrun_train(overrides, "--name", "ddp-nothing-fits")
+    assert done.returncode != 0
+    assert done.stdout.count("bigbatch train: planning within") == 1  # the premise: only rank 0 planned
+    assert done.stderr.count("batch.max_memory = '1KiB'") == 2, done.stderr[-3000:]  # both ranks name it

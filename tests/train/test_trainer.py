@@ -130,7 +130,7 @@ def test_resume_needs_the_same_world_size(tiny):
 def test_auto_micro_batch_in_one_process(tiny):
     config = TrainConfig.load(overrides=[*tiny, "batch.micro_batch_size=auto", "train.steps=2", "run.name=auto"])
     trainer = Trainer(config)
-    assert trainer.plan.micro_batch_size == "auto"
+    assert trainer.batch_sizes.micro_batch_size == "auto"
     trainer.fit()
     assert trainer.accumulator.optimizer_steps == 2
 

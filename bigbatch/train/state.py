@@ -1,0 +1,118 @@
+"""What a trainer checkpoint holds, and whether it can continue this run.
+
+A checkpoint is one dict (a file, or an FSDP2 step directory's run state plus
+its DCP shards) keyed by the names below; the trainer writes and reads them
+only through these constants. `check_resume` and `model_must_fit` are every
+rule a resumed run must meet, each error naming the setting to change:
+
+- the same number of processes (`world_size` is saved; RNG states are per rank);
+- the same `train.parallel` (a file under DDP, a step directory under FSDP2);
+- the same `optim.name` (AdamW's state would load into SGD silently);
+- a `train.steps` at least the step reached;
+- the same model (its shapes are known only by loading: FSDP2 shards hold them).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ..errors import ConfigError
+
+STEP_KEY = "step"  # optimizer steps taken
+SAMPLES_SEEN_KEY = "samples_seen"  # the data position: the sampler resumes from it
+WORLD_SIZE_KEY = "world_size"
+MODEL_KEY = "model"  # the bare model's state_dict (a file; DCP shards under FSDP2)
+OPTIMIZER_KEY = "optimizer"
+OPTIMIZER_NAME_KEY = "optimizer_name"  # "adamw" | "sgd": one's state loads into the other silently
+SCHEDULER_KEY = "scheduler"
+ACCUMULATOR_KEY = "accumulator"  # the engine's own state (GradScaler, step counters)
+RNG_KEY = "rng"  # every rank's torch / CUDA / Python RNG state, in rank order
+NONFINITE_KEY = "nonfinite"  # [non-finite steps in a row, in total]
+TRAIN_SECONDS_KEY = "train_seconds"
+MEMORY_PLAN_KEY = "memory_plan"  # the planner's choice as a dict, or None
+SHARDED_KEY = "sharded"  # added on load, never saved: the FSDP2 step directory to load shards from
+
+REQUIRED_KEYS: tuple[str, ...] = (STEP_KEY, MODEL_KEY, OPTIMIZER_KEY, ACCUMULATOR_KEY, RNG_KEY, SAMPLES_SEEN_KEY)
+"""What a checkpoint file must hold to count as readable."""
+REQUIRED_SHARDED_KEYS: tuple[str, ...] = (STEP_KEY, ACCUMULATOR_KEY, RNG_KEY, SAMPLES_SEEN_KEY, WORLD_SIZE_KEY)
+"""What an FSDP2 step directory's run state must hold (model and optimizer are its shards)."""
+
+
+@dataclass(frozen=True)
+class ResumingRun:
+    """What the run that wants to continue a checkpoint is (see `check_resume`)."""
+
+    run_dir: Path
+    world_size: int
+    sharded: bool
+    """FSDP2 over several ranks: its checkpoints are step directories."""
+    optimizer_name: str
+    steps: int
+    """The run's `train.steps`."""
+
+
+def check_resume(state: Mapping[str, Any], run: ResumingRun) -> None:
+    """Refuse a checkpoint that `run` cannot continue, before anything is loaded.
+
+    Args:
+        state: the checkpoint as `load_latest_checkpoint` returns it.
+        run: the resuming run.
+
+    Raises:
+        ConfigError: a different world size, `train.parallel`, `optim.name`, or
+            a checkpoint already past `train.steps`; the message names the fix.
+
+    Example:
+        >>> check_resume({"world_size": 1, "step": 2}, ResumingRun(Path("runs/a"), 1, False, "adamw", 4))
+    """
+    if state[WORLD_SIZE_KEY] != run.world_size:
+        raise ConfigError(
+            f"the checkpoint was written by {state[WORLD_SIZE_KEY]} processes and this run has "
+            f"{run.world_size}; resume with the same number (torchrun --nproc-per-node)."
+        )
+    if (SHARDED_KEY in state) != run.sharded:  # a step directory or a file
+        written, now = ("ddp", "fsdp2") if run.sharded else ("fsdp2", "ddp")
+        raise ConfigError(
+            f"the checkpoint was written with train.parallel = {written!r} and this run uses {now!r}; "
+            f"resume with --set train.parallel={written}."
+        )
+    saved_optimizer = state.get(OPTIMIZER_NAME_KEY, run.optimizer_name)  # older checkpoints lack it
+    if saved_optimizer != run.optimizer_name:
+        raise ConfigError(
+            f"the checkpoint was written with optim.name = {saved_optimizer!r} and this run uses "
+            f"{run.optimizer_name!r}; resume with --set optim.name={saved_optimizer}."
+        )
+    step = state[STEP_KEY]
+    if step > run.steps:
+        raise ConfigError(
+            f"{run.run_dir} is already at step {step}, past train.steps={run.steps}; "
+            f"to train further give a larger total, e.g. --steps {2 * step}."
+        )
+
+
+@contextlib.contextmanager
+def model_must_fit(checkpoint_dir: Path) -> Iterator[None]:
+    """Load model and optimizer state inside this: a shape or key mismatch becomes a ConfigError.
+
+    The model's shapes are only known by loading (FSDP2 keeps them in its DCP
+    shards), so this rule is checked by the load itself rather than up front.
+
+    Args:
+        checkpoint_dir: named in the message.
+
+    Raises:
+        ConfigError: "does not fit this run's model (...)", naming the task settings as the fix.
+    """
+    try:
+        yield
+    except (RuntimeError, ValueError) as e:
+        first = str(e).strip().splitlines()
+        raise ConfigError(
+            f"the checkpoint in {checkpoint_dir} does not fit this run's model ("
+            + (first[-1].strip() if first else type(e).__name__)[:200]
+            + "); resume with the task settings the run was started with, not changed ones."
+        ) from None

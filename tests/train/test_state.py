@@ -1,0 +1,53 @@
+"""bigbatch.train.state: the checkpoint's keys and the rules a resumed run must meet (no training needed)."""
+
+from pathlib import Path
+
+import pytest
+
+from bigbatch.errors import ConfigError
+from bigbatch.train import TrainConfig, Trainer, state
+from bigbatch.train.state import ResumingRun, check_resume, model_must_fit
+
+RUN = ResumingRun(run_dir=Path("runs/r"), world_size=2, sharded=False, optimizer_name="adamw", steps=10)
+SAVED = {state.WORLD_SIZE_KEY: 2, state.STEP_KEY: 4, state.OPTIMIZER_NAME_KEY: "adamw"}
+
+
+def test_a_matching_checkpoint_resumes():
+    check_resume(SAVED, RUN)
+    check_resume({k: v for k, v in SAVED.items() if k != state.OPTIMIZER_NAME_KEY}, RUN)  # older checkpoints
+    check_resume({**SAVED, state.STEP_KEY: 10}, RUN)  # finished: fine
+
+
+@pytest.mark.parametrize(
+    "change, match",
+    [
+        ({state.WORLD_SIZE_KEY: 4}, r"written by 4 processes and this run has 2.*--nproc-per-node"),
+        ({state.SHARDED_KEY: Path("step-0000004")}, r"train.parallel = 'fsdp2' and this run uses 'ddp'.*train.parallel=fsdp2"),
+        ({state.OPTIMIZER_NAME_KEY: "sgd"}, r"optim.name = 'sgd' and this run uses 'adamw'.*--set optim.name=sgd"),
+        ({state.STEP_KEY: 11}, r"runs/r is already at step 11, past train.steps=10.*--steps 22"),
+    ],
+)
+def test_each_rule_names_the_setting_to_change(change, match):
+    with pytest.raises(ConfigError, match=match):
+        check_resume({**SAVED, **change}, RUN)
+
+
+def test_a_file_checkpoint_refuses_an_fsdp2_run():
+    with pytest.raises(ConfigError, match=r"train.parallel = 'ddp' and this run uses 'fsdp2'"):
+        check_resume(SAVED, ResumingRun(Path("runs/r"), 2, True, "adamw", 10))
+
+
+def test_a_load_that_does_not_fit_the_model_is_a_config_error():
+    with pytest.raises(ConfigError, match=r"in ckpts does not fit this run's model \(size mismatch for w\).*task settings"):
+        with model_must_fit(Path("ckpts")):
+            raise RuntimeError("Error(s) in loading state_dict:\n\tsize mismatch for w")
+    with pytest.raises(KeyError):  # anything else propagates unchanged
+        with model_must_fit(Path("ckpts")):
+            raise KeyError("x")
+
+
+def test_the_constants_name_every_key_a_checkpoint_holds(tiny):
+    trainer = Trainer(TrainConfig.load(overrides=[*tiny, "run.name=keys"]))
+    keys = {value for name, value in vars(state).items() if name.endswith("_KEY")}
+    assert set(trainer.state_dict()) == keys - {state.SHARDED_KEY}  # SHARDED_KEY is added on load only
+    assert set(state.REQUIRED_KEYS) <= keys and set(state.REQUIRED_SHARDED_KEYS) <= keys
