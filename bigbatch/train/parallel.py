@@ -45,12 +45,3 @@ def wrap_model(model: nn.Module, parallel: str, runtime: Runtime) -> nn.Module:
         else {"broadcast_buffers": False}
     )
     return ddp(model, device_ids=[runtime.device] if runtime.device.type == "cuda" else None, **no_forward_sync)
-
-
-def is_sharded(model: nn.Module) -> bool:
-    """True if `model` (or a module in it) is an FSDP2 module."""
-    try:
-        from torch.distributed.fsdp import FSDPModule
-    except ImportError:  # pragma: no cover - torch without distributed
-        return False
-    return any(isinstance(m, FSDPModule) for m in model.modules())
