@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 from .accumulator import Accumulator
 from .batch_sizes import BatchSizes, RankSplit, derive_per_rank, resolve_batch_sizes, shard_indices
 from .batches import batch_size, split_batch
+from .causal_lm import causal_lm_loss
 from .checkpointing import checkpoint_blocks
 from .chunked import chunked_cross_entropy
 from .errors import (
@@ -64,6 +65,7 @@ __all__ = [
     "Trainer",
     "VerifyReport",
     "batch_size",
+    "causal_lm_loss",
     "checkpoint_blocks",
     "chunked_cross_entropy",
     "convert_batchnorm",

@@ -28,3 +28,28 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def hf_folders(tmp_path_factory):
+    """Tiny GPT-2 and Llama-style causal LMs with a trained tokenizer, saved locally (built once)."""
+    pytest.importorskip("transformers", reason="needs bigbatch[hf]")
+    from . import hf_models
+
+    env = dict(os.environ)
+    hf_models.offline()
+    root = tmp_path_factory.mktemp("hf")
+    hf_models.build_tokenizer(root / "tokenizer")
+    folders = {kind: hf_models.build_model_folder(root / kind, kind, root / "tokenizer") for kind in ("gpt2", "llama")}
+    os.environ.clear()
+    os.environ.update(env)
+    return {**folders, "tokenizer": root / "tokenizer"}
+
+
+@pytest.fixture
+def hf_offline(hf_folders):
+    """The tiny model folders, with the hub switched off for the test."""
+    from . import hf_models
+
+    hf_models.offline()  # the autouse fixture restores the environment afterwards
+    return hf_folders

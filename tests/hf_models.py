@@ -1,0 +1,135 @@
+"""Tiny Hugging Face causal LMs and a tokenizer, built here: nothing is downloaded.
+
+A byte-level BPE tokenizer is trained with `tokenizers` on a slice of the shipped
+Shakespeare text (it has an EOS token and, like GPT-2's, no pad token), and a
+random GPT-2 and a Llama-style model of a few thousand parameters are written with
+`save_pretrained` next to it, so each folder loads with `AutoModelForCausalLM` and
+`AutoTokenizer` like a real checkpoint. transformers is imported only when called.
+"""
+
+from __future__ import annotations
+
+import os
+import types
+from pathlib import Path
+
+import torch
+
+EOS = "<|endoftext|>"
+VOCAB_SIZE = 320  # 256 bytes, EOS and a few dozen merges
+
+
+def offline() -> None:
+    """Make sure nothing reaches for the hub."""
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    os.environ["TRANSFORMERS_OFFLINE"] = "1"
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+
+def shakespeare(chars: int = 40_000) -> str:
+    from importlib import resources
+
+    text = resources.files("bigbatch.tasks").joinpath("data/tinyshakespeare.txt").read_text(encoding="utf-8")
+    return text[:chars]
+
+
+def build_tokenizer(folder: Path) -> None:
+    """A byte-level BPE tokenizer trained on Shakespeare, saved into `folder` (EOS, no pad token)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=VOCAB_SIZE, special_tokens=[EOS], show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )  # fmt: skip
+    tok.train_from_iterator([shakespeare()], trainer=trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=EOS, bos_token=EOS)
+    fast.save_pretrained(folder)
+
+
+def gpt2_config(vocab_size: int):  # type: ignore[no-untyped-def]
+    from transformers import GPT2Config
+
+    return GPT2Config(
+        vocab_size=vocab_size, n_positions=64, n_embd=16, n_layer=2, n_head=2,
+        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0, eos_token_id=0,
+    )  # fmt: skip
+
+
+def llama_config(vocab_size: int):  # type: ignore[no-untyped-def]
+    from transformers import LlamaConfig
+
+    return LlamaConfig(
+        vocab_size=vocab_size, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+        num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64,
+        bos_token_id=0, eos_token_id=0, tie_word_embeddings=False,
+    )  # fmt: skip
+
+
+def build_model_folder(folder: Path, kind: str, tokenizer_folder: Path, seed: int = 0) -> Path:
+    """A random `kind` ("gpt2" or "llama") causal LM and the tokenizer, saved into `folder`."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_folder)
+    config = (gpt2_config if kind == "gpt2" else llama_config)(len(tokenizer))
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config)
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def load(folder: Path, dtype: torch.dtype = torch.float64):  # type: ignore[no-untyped-def]
+    """The saved model in `dtype`, in training mode (dropout is 0 in these configs).
+
+    Llama's RMSNorm computes in float32 whatever the model's dtype, so a float64
+    Llama is only float32-exact (its gradients differ by ~1e-6 after three AdamW
+    steps when the loss is scaled differently, bigbatch or not). For float64 proofs
+    the norms here compute in the model's dtype: the same formula, no float32 floor.
+    """
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(folder).to(dtype)
+    if dtype == torch.float64:
+        in_own_dtype(model)
+    return model.train()
+
+
+def _llama_rms_norm(self, hidden: torch.Tensor) -> torch.Tensor:  # type: ignore[no-untyped-def]
+    return self.weight * (hidden * torch.rsqrt(hidden.pow(2).mean(-1, keepdim=True) + self.variance_epsilon))
+
+
+def _gemma_rms_norm(self, hidden: torch.Tensor) -> torch.Tensor:  # type: ignore[no-untyped-def]
+    return (hidden * torch.rsqrt(hidden.pow(2).mean(-1, keepdim=True) + self.eps)) * (1.0 + self.weight)
+
+
+def in_own_dtype(model):  # type: ignore[no-untyped-def]
+    """`model` with its RMSNorms computing in the model's dtype (see `load`)."""
+    for module in model.modules():
+        name = type(module).__name__
+        if name.endswith("RMSNorm"):
+            forward = _gemma_rms_norm if name.startswith("Gemma") else _llama_rms_norm
+            module.forward = types.MethodType(forward, module)
+    return model
+
+
+def padded_batch(
+    lengths: list[int], vocab_size: int, seed: int = 0, prompt: int = 0
+) -> dict[str, torch.Tensor]:
+    """Right-padded random rows of the given lengths; with `prompt`, labels -100 on the first tokens."""
+    g = torch.Generator().manual_seed(seed)
+    width = max(lengths)
+    ids = torch.zeros(len(lengths), width, dtype=torch.long)
+    mask = torch.zeros(len(lengths), width, dtype=torch.long)
+    for i, n in enumerate(lengths):
+        ids[i, :n] = torch.randint(1, vocab_size, (n,), generator=g)
+        mask[i, :n] = 1
+    batch = {"input_ids": ids, "attention_mask": mask}
+    if prompt:
+        labels = ids.masked_fill(mask == 0, -100)
+        labels[:, :prompt] = -100
+        batch["labels"] = labels
+    return batch
