@@ -27,7 +27,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from .chunked import chunked_cross_entropy
-from .distributed import unwrap_ddp
 from .errors import BatchError
 from .losses import LossSum, token_cross_entropy
 
@@ -127,39 +126,44 @@ def _chunkable_head(model: nn.Module) -> nn.Linear | None:
     The head is looked up every call (cheap, and a head wrapped later by LoRA is
     seen); the model's forward signature and config are read once.
     """
-    net = unwrap_ddp(model)
-    get = getattr(net, "get_output_embeddings", None)
-    head = get() if callable(get) else None
+    lm = _language_model(model)
+    head = lm.get_output_embeddings() if lm is not None else None
     plain = (
         isinstance(head, nn.Linear)
         and type(head).forward is nn.Linear.forward
         and not head._forward_hooks
         and not head._forward_pre_hooks
     )
-    if not plain:
+    if not plain or lm is None:
         return None
     if model not in _STRUCTURE_OK:
-        _STRUCTURE_OK[model] = _accepts_logits_to_keep(net) and not _transforms_logits(net)
+        _STRUCTURE_OK[model] = _accepts_logits_to_keep(lm) and not _transforms_logits(lm)
     return head if _STRUCTURE_OK[model] else None
 
 
-def _accepts_logits_to_keep(net: nn.Module) -> bool:
-    # A peft model passes **kwargs on to the model it wraps: look at that one's forward.
-    get_base = getattr(net, "get_base_model", None)
-    inner = get_base() if callable(get_base) else net
+def _language_model(model: nn.Module) -> Any:
+    """The transformers model inside `model`'s wrappers (DDP, peft, Fabric, Accelerate, torch.compile).
+
+    The first module, outermost first, whose class defines `get_output_embeddings`
+    and that has a `config`: wrappers pass the call on to it.
+    """
+    for module in model.modules():
+        if callable(getattr(type(module), "get_output_embeddings", None)) and hasattr(module, "config"):
+            return module
+    return None
+
+
+def _accepts_logits_to_keep(lm: Any) -> bool:
     try:
-        params = inspect.signature(inner.forward).parameters
+        params = inspect.signature(lm.forward).parameters
     except (TypeError, ValueError):
         return False
     return "logits_to_keep" in params
 
 
-def _transforms_logits(net: nn.Module) -> bool:
+def _transforms_logits(lm: Any) -> bool:
     """A config attribute that soft-caps or scales the logits after the head."""
-    get_base = getattr(net, "get_base_model", None)
-    config = getattr(get_base() if callable(get_base) else net, "config", None)
-    if config is None:
-        return False
+    config = lm.config
     configs = [config, getattr(config, "text_config", None)]
     for cfg in configs:
         if cfg is None or not hasattr(cfg, "to_dict"):

@@ -118,6 +118,8 @@ def test_peft_lora_model_trains_only_its_adapters_exactly(hf_offline):
 
     ref, ours = lora(hf_models.load(hf_offline["llama"])), lora(hf_models.load(hf_offline["llama"]))
     frozen = {n: p.detach().clone() for n, p in ours.named_parameters() if not p.requires_grad}
+    batch = hf_models.padded_batch(LENGTHS, ours.config.vocab_size)
+    assert "Chunked" in type(bb.causal_lm_loss(ours, batch).total.grad_fn).__name__  # through peft too
     ref_opt = torch.optim.AdamW([p for p in ref.parameters() if p.requires_grad], lr=1e-2)
     our_opt = torch.optim.AdamW([p for p in ours.parameters() if p.requires_grad], lr=1e-2)
     acc = bb.Accumulator(ours, our_opt, micro_batch_size=3)
