@@ -8,6 +8,14 @@ import pytest
 import torch
 
 
+def pytest_configure(config):
+    # Nothing in the tests may reach for the Hugging Face hub. huggingface_hub reads these
+    # once, when first imported, so they are set before any test module imports it.
+    for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE", "HF_HUB_DISABLE_PROGRESS_BARS"):
+        os.environ[name] = "1"
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+
 @pytest.fixture(autouse=True)
 def _restore_torch_state():
     dtype = torch.get_default_dtype()
@@ -36,20 +44,14 @@ def hf_folders(tmp_path_factory):
     pytest.importorskip("transformers", reason="needs bigbatch[hf]")
     from . import hf_models
 
-    env = dict(os.environ)
-    hf_models.offline()
     root = tmp_path_factory.mktemp("hf")
     hf_models.build_tokenizer(root / "tokenizer")
     folders = {kind: hf_models.build_model_folder(root / kind, kind, root / "tokenizer") for kind in ("gpt2", "llama")}
-    os.environ.clear()
-    os.environ.update(env)
     return {**folders, "tokenizer": root / "tokenizer"}
 
 
 @pytest.fixture
 def hf_offline(hf_folders):
-    """The tiny model folders, with the hub switched off for the test."""
-    from . import hf_models
-
-    hf_models.offline()  # the autouse fixture restores the environment afterwards
+    """The tiny model folders; the hub is off (HF_HUB_OFFLINE=1, set for the whole session)."""
+    assert os.environ.get("HF_HUB_OFFLINE") == "1"
     return hf_folders

@@ -9,7 +9,6 @@ random GPT-2 and a Llama-style model of a few thousand parameters are written wi
 
 from __future__ import annotations
 
-import os
 import types
 from pathlib import Path
 
@@ -17,13 +16,6 @@ import torch
 
 EOS = "<|endoftext|>"
 VOCAB_SIZE = 320  # 256 bytes, EOS and a few dozen merges
-
-
-def offline() -> None:
-    """Make sure nothing reaches for the hub."""
-    os.environ["HF_HUB_OFFLINE"] = "1"
-    os.environ["TRANSFORMERS_OFFLINE"] = "1"
-    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 
 def shakespeare(chars: int = 40_000) -> str:

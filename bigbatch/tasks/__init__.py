@@ -4,6 +4,7 @@
     task = build_task("text")                      # char-level transformer on Shakespeare
     task = build_task("text", data="my.txt")       # the same model on any text file
     task = build_task("digits", norm="batchnorm")  # a small classifier (norm: none|batchnorm|groupnorm)
+    task = build_task("causal-lm", model="path/to/hf-model", data="my.jsonl", lora_rank=8)  # needs bigbatch[hf]
 
     model = task.make_model()
     for batch in task.train_batches(64, torch.Generator().manual_seed(0)):
@@ -55,13 +56,14 @@ class Task(Protocol):
 
 
 def _registry() -> dict[str, type]:
+    from .causal_lm import CausalLMTask
     from .digits import DigitsTask
     from .text import TextTask
 
-    return {"text": TextTask, "digits": DigitsTask}
+    return {"text": TextTask, "digits": DigitsTask, "causal-lm": CausalLMTask}
 
 
-TASK_NAMES = ("text", "digits")
+TASK_NAMES = ("text", "digits", "causal-lm")
 
 
 def task_options(name: str) -> dict[str, Any]:
@@ -80,7 +82,7 @@ def _task_class(name: str) -> type:
 
 
 def build_task(name: str, **overrides: Any) -> Task:
-    """The built-in task `name` ("text" or "digits") with some options changed."""
+    """The built-in task `name` ("text", "digits" or "causal-lm") with some options changed."""
     cls = _task_class(name)
     valid = task_options(name)
     for key in overrides:

@@ -1,0 +1,521 @@
+"""Fine-tune a Hugging Face causal LM on your text: the whole model or LoRA adapters, the exact token loss.
+
+    bigbatch train --task causal-lm --model path/to/model --data notes.txt
+    bigbatch train --task causal-lm --model path/to/model --data pairs.jsonl --set task.lora_rank=8
+    task = build_task("causal-lm", model="path/to/model", data="notes.txt", max_length=512)
+
+The model is any `AutoModelForCausalLM` with its `AutoTokenizer`, from a local
+folder, or a hub name where the machine reaches the hub (`HF_HUB_OFFLINE=1` is
+honoured: then only local folders and the local cache). The data is one of:
+
+- a `.txt` file: paragraphs (text between blank lines) are samples;
+- a `.jsonl` file: one JSON object a line, with a `text` field, or `prompt` and
+  `completion` fields (the loss is on the completion only);
+- a folder written by `datasets` (`save_to_disk`; its "train" split), or a
+  `.parquet` file or a folder of them, with the same columns;
+- nothing: the built-in Shakespeare text.
+
+Each sample is tokenized (the tokenizer's special tokens, then EOS appended, so
+the model learns where a sample ends). A text sample longer than `max_length`
+tokens is split into pieces of `max_length` that overlap by one token, so every
+token is predicted exactly once (`overflow = "cut"` keeps only the first piece);
+a prompt/completion sample is always cut at `max_length` (a piece without its
+prompt would teach nothing). The last `val_fraction` of the pieces is held out.
+Batches are padded on the right; the loss is `bb.causal_lm_loss`, the exact
+mean over every predicted token of the logical batch.
+
+`lora_rank > 0` wraps the model in peft LoRA adapters (`lora_alpha`,
+`lora_dropout`, `lora_targets`: comma-separated module names, "all-linear", or
+unset for peft's default for the architecture); only the adapters train.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import warnings
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..batches import Batch
+from ..causal_lm import IGNORE_INDEX, causal_lm_loss
+from ..distributed import unwrap_ddp
+from ..errors import ConfigError
+from ..losses import LossSum
+
+_INSTALL = 'pip install "bigbatch[hf]"'
+
+
+def require(*modules: str, why: str = "the causal-lm task") -> None:
+    """Raise a ConfigError naming what to install if any of `modules` is missing."""
+    missing = [m for m in modules if importlib.util.find_spec(m) is None]
+    if missing:
+        raise ConfigError(f"{why} needs {', '.join(missing)}, which is not installed; install it with: {_INSTALL}")
+
+
+@dataclass
+class _Sample:
+    """One sample's text; `prompt` is None for plain text (every token is trained on)."""
+
+    text: str
+    prompt: str | None = None
+
+
+@dataclass
+class _Pieces:
+    """Token pieces: ids, and how many leading ids are prompt (no loss on predicting them)."""
+
+    ids: list[np.ndarray] = field(default_factory=list)
+    prompt: list[int] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+
+@dataclass
+class CausalLMTask:
+    """Next-token fine-tuning of a transformers causal LM; token-level loss, padded batches.
+
+    Options: `model` a folder or hub name (required); `data` a .txt, .jsonl,
+    datasets folder or parquet (None: built-in Shakespeare); `max_length`
+    tokens per sample; `overflow` "split" or "cut" for longer text samples;
+    `lora_rank` (0: train every weight), `lora_alpha`, `lora_dropout`,
+    `lora_targets`; the last `val_fraction` of pieces is held out and
+    `eval_samples` of them are scored by `evaluate`.
+    """
+
+    model: str | None = None
+    data: str | None = None
+    max_length: int = 256
+    overflow: str = "split"
+    lora_rank: int = 0
+    lora_alpha: int = 16
+    lora_dropout: float = 0.0
+    lora_targets: str | None = None
+    val_fraction: float = 0.1
+    eval_samples: int = 64
+    name: str = field(default="causal-lm", init=False)
+    item_unit: str = field(default="tokens", init=False)
+
+    def __post_init__(self) -> None:
+        """Check the options, load the tokenizer and the data; the model loads in `make_model`."""
+        require("transformers", "tokenizers")
+        self._check_options()
+        self._check_model_source()
+        self.tokenizer = self._load_tokenizer()
+        samples = _read_samples(self.data)
+        pieces = self._encode(samples)
+        n_val = max(1, round(len(pieces) * self.val_fraction)) if len(pieces) > 1 else 0
+        if len(pieces) - n_val < 1:
+            raise ConfigError(
+                f"{self._data_name()} gives {len(pieces)} sample(s) of at least 2 tokens: too few to train on "
+                "and hold some out; give more text."
+            )
+        cut = len(pieces) - n_val
+        self._train = _Pieces(pieces.ids[:cut], pieces.prompt[:cut])
+        self._val = _Pieces(pieces.ids[cut:], pieces.prompt[cut:]) if n_val else self._train
+
+    # -- setup -------------------------------------------------------------------
+
+    def _check_options(self) -> None:
+        if self.max_length < 2:
+            raise ConfigError(f"max_length must be >= 2 tokens (one to read, one to predict), got {self.max_length}.")
+        if self.overflow not in ("split", "cut"):
+            raise ConfigError(f'overflow must be "split" or "cut", got {self.overflow!r}.')
+        if self.lora_rank < 0:
+            raise ConfigError(f"lora_rank must be >= 0 (0: full fine-tuning), got {self.lora_rank}.")
+        if not 0 <= self.lora_dropout < 1:
+            raise ConfigError(f"lora_dropout must be in [0, 1), got {self.lora_dropout}.")
+        if self.lora_alpha <= 0:
+            raise ConfigError(f"lora_alpha must be > 0, got {self.lora_alpha}.")
+        if not 0 < self.val_fraction < 1:
+            raise ConfigError(f"val_fraction must be between 0 and 1, got {self.val_fraction}.")
+        if self.eval_samples < 1:
+            raise ConfigError(f"eval_samples must be >= 1, got {self.eval_samples}.")
+        if self.lora_rank:
+            require("peft", why="task.lora_rank")
+
+    def _check_model_source(self) -> None:
+        """A causal LM's config at `model`, or a ConfigError that says what is wrong with it."""
+        if not self.model:
+            raise ConfigError(
+                "the causal-lm task needs a model: --model PATH_OR_NAME (a folder written by save_pretrained, "
+                "or a hub name), or task.model in the config."
+            )
+        from transformers import AutoConfig
+        from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+        path = Path(self.model).expanduser()
+        if path.is_dir() and not (path / "config.json").is_file():
+            raise ConfigError(
+                f"{str(path)!r} has no config.json, so it is not a transformers model folder; give the folder "
+                "that model.save_pretrained(...) wrote (config.json and the weights)."
+            )
+        try:
+            config = AutoConfig.from_pretrained(self.model)
+        except (OSError, ValueError) as e:
+            raise ConfigError(f"cannot load a model config from {self.model!r}: {_first_line(e)}{_hub_hint()}") from None
+        model_type = getattr(config, "model_type", "")
+        if model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+            raise ConfigError(
+                f"{self.model!r} is a {model_type or type(config).__name__!r} model, which transformers cannot "
+                "load as a causal LM (AutoModelForCausalLM); give a decoder model such as GPT-2, Llama, Qwen or "
+                "Mistral."
+            )
+
+    def _load_tokenizer(self) -> Any:
+        from transformers import AutoTokenizer
+
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(self.model)
+        except (OSError, ValueError) as e:
+            raise ConfigError(
+                f"cannot load the tokenizer of {self.model!r}: {_first_line(e)}; the model folder must hold "
+                f"its tokenizer too (tokenizer.save_pretrained(folder)).{_hub_hint()}"
+            ) from None
+        if tokenizer.pad_token is None:
+            if tokenizer.eos_token is None:
+                raise ConfigError(
+                    f"the tokenizer of {self.model!r} has neither a pad token nor an EOS token; add one "
+                    "(tokenizer.add_special_tokens({'pad_token': '<pad>'}) and save it) and try again."
+                )
+            tokenizer.pad_token = tokenizer.eos_token
+            warnings.warn(
+                f"the tokenizer of {self.model!r} has no pad token: padding with its EOS token "
+                f"{tokenizer.eos_token!r} (padded positions are masked out of attention and loss).",
+                UserWarning,
+                stacklevel=2,
+            )
+        return tokenizer
+
+    def _data_name(self) -> str:
+        return "the built-in Shakespeare text" if self.data is None else repr(self.data)
+
+    def _encode(self, samples: list[_Sample]) -> _Pieces:
+        """Token pieces of at most max_length ids (split or cut), each with >= 2 ids."""
+        tok = self.tokenizer
+        eos = [tok.eos_token_id] if tok.eos_token_id is not None else []
+        texts = [s.text for s in samples if s.prompt is None]
+        pairs = [s for s in samples if s.prompt is not None]
+        pieces = _Pieces()
+        step = self.max_length - 1  # consecutive pieces share one token: each token predicted once
+        for ids in tok(texts, add_special_tokens=True)["input_ids"] if texts else []:
+            ids = [*ids, *eos]
+            starts = range(0, max(len(ids) - 1, 1), step) if self.overflow == "split" else range(1)
+            for start in starts:
+                piece = ids[start : start + self.max_length]
+                if len(piece) >= 2:
+                    pieces.ids.append(np.asarray(piece, dtype=np.int64))
+                    pieces.prompt.append(0)
+        if pairs:
+            prompts = tok([s.prompt for s in pairs], add_special_tokens=True)["input_ids"]
+            completions = tok([s.text for s in pairs], add_special_tokens=False)["input_ids"]
+            dropped = 0
+            for p, c in zip(prompts, completions):
+                ids = [*p, *c, *eos][: self.max_length]
+                if len(ids) <= len(p):  # the prompt alone fills max_length: nothing left to learn
+                    dropped += 1
+                    continue
+                pieces.ids.append(np.asarray(ids, dtype=np.int64))
+                pieces.prompt.append(len(p))
+            if dropped:
+                warnings.warn(
+                    f"{dropped} of {len(pairs)} prompt/completion samples were dropped: their prompt alone "
+                    f"takes max_length={self.max_length} tokens; raise task.max_length to keep them.",
+                    UserWarning,
+                    stacklevel=2,
+                )
+        if not len(pieces):
+            raise ConfigError(
+                f"{self._data_name()} holds no sample of at least 2 tokens; give data with some text in it."
+            )
+        return pieces
+
+    # -- the Task protocol -------------------------------------------------------------
+
+    @property
+    def train_size(self) -> int:
+        """Training samples (pieces)."""
+        return len(self._train)
+
+    def make_model(self) -> nn.Module:
+        """The pretrained model, in training mode, wrapped in LoRA adapters if `lora_rank` > 0."""
+        from transformers import AutoModelForCausalLM
+
+        try:
+            model: Any = AutoModelForCausalLM.from_pretrained(str(self.model), dtype=torch.float32)
+        except (OSError, ValueError) as e:
+            raise ConfigError(f"cannot load the model {self.model!r}: {_first_line(e)}{_hub_hint()}") from None
+        rows = int(model.get_input_embeddings().num_embeddings)
+        if len(self.tokenizer) > rows:
+            raise ConfigError(
+                f"the tokenizer of {self.model!r} has {len(self.tokenizer)} tokens but the model's embedding only "
+                f"{rows}; save the model after model.resize_token_embeddings(len(tokenizer))."
+            )
+        if self.lora_rank:
+            model = self._with_lora(model)
+        trained: nn.Module = model.train()
+        return trained
+
+    def _with_lora(self, model: nn.Module) -> nn.Module:
+        from peft import LoraConfig, get_peft_model
+
+        targets: str | list[str] | None = self.lora_targets
+        if isinstance(targets, str) and targets != "all-linear":
+            targets = [t.strip() for t in targets.split(",") if t.strip()]
+        config = LoraConfig(
+            r=self.lora_rank, lora_alpha=self.lora_alpha, lora_dropout=self.lora_dropout,
+            target_modules=targets, task_type="CAUSAL_LM",
+        )  # fmt: skip
+        try:
+            wrapped: nn.Module = get_peft_model(model, config)
+            return wrapped
+        except ValueError as e:
+            linear = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if _is_linear(m)})
+            raise ConfigError(
+                f"LoRA target modules {self.lora_targets!r} do not fit this model ({_first_line(e)}); set "
+                f"task.lora_targets to some of its linear layers: {', '.join(linear)} (comma-separated), "
+                'or "all-linear".'
+            ) from None
+
+    def _batch(self, split: _Pieces, indices: Sequence[int]) -> Batch:
+        rows = [split.ids[i] for i in indices]
+        width = max(len(r) for r in rows)
+        ids = np.full((len(rows), width), self.tokenizer.pad_token_id, dtype=np.int64)
+        mask = np.zeros((len(rows), width), dtype=np.int64)
+        labels = np.full((len(rows), width), IGNORE_INDEX, dtype=np.int64)
+        for row, i in enumerate(indices):
+            piece, prompt = split.ids[i], split.prompt[i]
+            ids[row, : len(piece)] = piece
+            mask[row, : len(piece)] = 1
+            labels[row, prompt : len(piece)] = piece[prompt:]
+        return {
+            "input_ids": torch.from_numpy(ids),
+            "attention_mask": torch.from_numpy(mask),
+            "labels": torch.from_numpy(labels),
+        }
+
+    def train_batch(self, indices: Sequence[int]) -> Batch:
+        """Training pieces `indices`, padded on the right (labels -100 on padding and prompts)."""
+        return self._batch(self._train, indices)
+
+    def train_batches(self, batch_size: int, generator: torch.Generator) -> Iterator[Batch]:
+        """One epoch of training batches in an order drawn from `generator`."""
+        order = torch.randperm(self.train_size, generator=generator).tolist()
+        for i in range(0, len(order), batch_size):
+            yield self.train_batch(order[i : i + batch_size])
+
+    def val_batches(self, batch_size: int) -> Iterator[Batch]:
+        """The first `eval_samples` held-out pieces, in order."""
+        n = min(self.eval_samples, len(self._val))
+        for i in range(0, n, batch_size):
+            yield self._batch(self._val, range(i, min(n, i + batch_size)))
+
+    def loss_fn(self, model: nn.Module, batch: Batch) -> LossSum:
+        """`bb.causal_lm_loss` on the micro-batch, its padding trimmed on the CPU.
+
+        Right padding and causal attention make the trim exact. Not on an
+        accelerator: reading the width would be a host sync per micro-step.
+        """
+        if batch["attention_mask"].device.type == "cpu":
+            width = int(batch["attention_mask"].sum(1).max())
+            batch = {k: v[:, :width] for k, v in batch.items()}
+        return causal_lm_loss(model, batch)
+
+    @torch.no_grad()
+    def evaluate(self, model: nn.Module, batch_size: int = 16) -> dict[str, float]:
+        """Mean validation loss per predicted token over the evaluation pieces."""
+        net = unwrap_ddp(model)
+        was_training = net.training
+        net.eval()
+        device = next(net.parameters()).device
+        total, count = 0.0, 0
+        for batch in self.val_batches(batch_size):
+            out = self.loss_fn(net, {k: v.to(device) for k, v in batch.items()})
+            total += float(out.total)
+            count += int(out.count)
+        net.train(was_training)
+        return {"val_loss": total / max(count, 1), "val_tokens": float(count)}
+
+    def baselines(self) -> dict[str, float]:
+        """Val loss of the unigram model (training token frequencies) and of the uniform guess."""
+        vocab = max(len(self.tokenizer), *(int(p.max()) + 1 for p in self._train.ids))
+        freq = np.ones(vocab, dtype=np.float64)
+        for piece, prompt in zip(self._train.ids, self._train.prompt):
+            freq += np.bincount(piece[max(prompt, 1) :], minlength=vocab)[:vocab]
+        logp = np.log(freq / freq.sum())
+        total, count = 0.0, 0
+        for batch in self.val_batches(64):
+            labels = batch["labels"][:, 1:].numpy()
+            valid = labels[labels != IGNORE_INDEX]
+            total -= float(logp[valid].sum())
+            count += valid.size
+        return {"unigram_val_loss": total / max(count, 1), "uniform_val_loss": math.log(vocab)}
+
+    @torch.no_grad()
+    def generate(
+        self, model: nn.Module, prompt: str = "", n: int = 100, *,
+        temperature: float = 0.8, generator: torch.Generator | None = None,
+    ) -> str:  # fmt: skip
+        """`n` new tokens sampled with the model's own `generate`, after `prompt`.
+
+        A blank prompt starts from the first held-out piece's first 8 tokens. The
+        sampling is seeded from `generator` without touching the global RNG state.
+        """
+        net: Any = unwrap_ddp(model)
+        was_training = net.training
+        net.eval()
+        device = next(net.parameters()).device
+        if prompt.strip():
+            ids = self.tokenizer(prompt, return_tensors="pt")["input_ids"]
+        else:
+            ids = torch.from_numpy(self._val.ids[0][:8])[None]
+        ids = ids.to(device)
+        seed = generator.initial_seed() if generator is not None else 0
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            torch.manual_seed(seed)
+            out = net.generate(
+                input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, do_sample=True,
+                temperature=temperature, top_k=0, pad_token_id=self.tokenizer.pad_token_id,
+            )  # fmt: skip
+        net.train(was_training)
+        text: str = self.tokenizer.decode(out[0].tolist(), skip_special_tokens=True)
+        return text
+
+    def save_pretrained(self, model: nn.Module, directory: str | Path) -> Path:
+        """Write the model (or its LoRA adapters) and the tokenizer with `save_pretrained` (safetensors).
+
+        The folder loads with `AutoModelForCausalLM.from_pretrained(directory)`; for
+        adapters transformers finds the base model through `adapter_config.json`.
+        """
+        directory = Path(directory)
+        net: Any = unwrap_ddp(model)
+        net.save_pretrained(directory, safe_serialization=True)
+        self.tokenizer.save_pretrained(directory)
+        return directory
+
+
+def _is_linear(module: nn.Module) -> bool:
+    return isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D"  # GPT-2's linear layers
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip().splitlines()
+    return (text[0] if text else type(error).__name__)[:300]
+
+
+def _hub_hint() -> str:
+    import os
+
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
+        return " (HF_HUB_OFFLINE is set: only local folders and the local cache are read)"
+    return ""
+
+
+# -- reading the data ---------------------------------------------------------------
+
+
+def _read_samples(data: str | None) -> list[_Sample]:
+    if data is None:
+        text = resources.files("bigbatch.tasks").joinpath("data/tinyshakespeare.txt").read_text(encoding="utf-8")
+        return _paragraphs(text)
+    if not data.strip():
+        raise ConfigError("task.data is empty; give a .txt, .jsonl, datasets folder or parquet path, or unset it.")
+    path = Path(data).expanduser()
+    if not path.exists():
+        raise ConfigError(f"data {str(path)!r} not found; give a .txt, .jsonl, datasets folder or .parquet path.")
+    if path.is_dir():
+        samples = _read_folder(path)
+    elif path.suffix == ".txt":
+        samples = _paragraphs(_read_text(path))
+    elif path.suffix == ".jsonl":
+        samples = _read_jsonl(path)
+    elif path.suffix == ".parquet":
+        samples = _read_parquet([path])
+    else:
+        raise ConfigError(
+            f"cannot read {str(path)!r}: give a .txt file (paragraphs are samples), a .jsonl file (text, or "
+            "prompt and completion), a folder written by datasets' save_to_disk, or .parquet files."
+        )
+    if not samples:
+        raise ConfigError(f"{str(path)!r} holds no samples; give data with some text in it.")
+    return samples
+
+
+def _read_text(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{str(path)!r} is not UTF-8 text ({e.reason} at byte {e.start}).") from None
+
+
+def _paragraphs(text: str) -> list[_Sample]:
+    return [_Sample(p.strip("\n")) for p in text.split("\n\n") if p.strip()]
+
+
+def _sample_from(row: Any, where: str) -> _Sample:
+    """A text or prompt/completion sample from one record, or a ConfigError naming `where`."""
+    if not isinstance(row, dict):
+        raise ConfigError(f'{where}: expected a JSON object such as {{"text": "..."}}, got {type(row).__name__}.')
+    if isinstance(row.get("text"), str):
+        return _Sample(row["text"])
+    if isinstance(row.get("prompt"), str) and isinstance(row.get("completion"), str):
+        return _Sample(row["completion"], prompt=row["prompt"])
+    keys = ", ".join(map(str, row)) or "none"
+    raise ConfigError(
+        f'{where} has no "text" field, nor "prompt" and "completion" (its fields: {keys}); give every sample '
+        '{"text": ...} or {"prompt": ..., "completion": ...}, as strings.'
+    )
+
+
+def _read_jsonl(path: Path) -> list[_Sample]:
+    samples = []
+    for number, line in enumerate(_read_text(path).splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"{path}:{number} is not valid JSON ({e.msg}); write one JSON object a line.") from None
+        samples.append(_sample_from(row, f"{path}:{number}"))
+    return samples
+
+
+def _read_folder(path: Path) -> list[_Sample]:
+    if any((path / name).is_file() for name in ("dataset_info.json", "state.json", "dataset_dict.json")):
+        require("datasets", why="reading a datasets folder")
+        from datasets import DatasetDict, load_from_disk
+
+        dataset = load_from_disk(str(path))
+        if isinstance(dataset, DatasetDict):
+            split = "train" if "train" in dataset else next(iter(dataset), None)
+            if split is None:
+                return []
+            dataset = dataset[split]
+        return [_sample_from(row, f"{path} row {i}") for i, row in enumerate(dataset)]
+    files = sorted(path.glob("*.parquet")) or sorted(path.glob("*/*.parquet"))
+    if files:
+        return _read_parquet(files)
+    raise ConfigError(
+        f"{str(path)!r} is a folder but neither a datasets folder (save_to_disk) nor one with .parquet files; "
+        "give one of those, or a .txt or .jsonl file."
+    )
+
+
+def _read_parquet(files: list[Path]) -> list[_Sample]:
+    require("pyarrow", why="reading parquet files")
+    import pyarrow.parquet as pq
+
+    samples = []
+    for file in files:
+        for i, row in enumerate(pq.read_table(file).to_pylist()):
+            samples.append(_sample_from(row, f"{file} row {i}"))
+    return samples
