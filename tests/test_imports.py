@@ -26,6 +26,8 @@ HEAVY = [
     "torch._dynamo",
     "torch._inductor",
     "matplotlib",
+    "transformers",  # bb.causal_lm_loss works on a transformers model without importing the library
+    "peft",
 ]
 COMMAND_MODULES = ["bigbatch.commands.train", "bigbatch.commands.verify", "bigbatch.commands.plan",
                    "bigbatch.commands.bench"]  # fmt: skip
