@@ -13,11 +13,13 @@ user of the engine does not need (see docs/design.md, "Layers").
 from typing import TYPE_CHECKING, Any
 
 from .accumulator import Accumulator
+from .batch_loss import BatchLoss
 from .batch_sizes import BatchSizes, RankSplit, derive_per_rank, resolve_batch_sizes, shard_indices
 from .batches import batch_size, split_batch
 from .causal_lm import causal_lm_loss
 from .checkpointing import checkpoint_blocks
 from .chunked import chunked_cross_entropy
+from .contrastive import info_nce, multiple_negatives_ranking_loss
 from .errors import (
     AccumulationWarning,
     BatchCouplingWarning,
@@ -49,6 +51,7 @@ __all__ = [
     "Accumulator",
     "BatchCouplingWarning",
     "BatchError",
+    "BatchLoss",
     "BatchSizes",
     "ConfigError",
     "FastMicroStep",
@@ -71,6 +74,8 @@ __all__ = [
     "convert_batchnorm",
     "derive_per_rank",
     "guard",
+    "info_nce",
+    "multiple_negatives_ranking_loss",
     "plan",
     "resolve_batch_sizes",
     "scale_lr",

@@ -16,6 +16,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
+from .batch_loss import BatchLoss, CachedRepresentations, loop_api_message, refuse_in_loop_api
 from .batch_sizes import check_positive_int
 from .batches import Batch, batch_size, is_on_device, split_batch, to_device
 from .distributed import FSDP2Sync, LocalSync, full_tensor, grad_sync_for
@@ -28,6 +29,7 @@ from .precision import Float32Grads, autocast_dtype, make_scaler
 from .probes import warn_if_batch_coupled
 from .stats import StepStats
 from .window import Window
+from .window_plan import WindowEngine, WindowPlan
 
 LossFn = Callable[[nn.Module, Batch], torch.Tensor | LossSum]
 
@@ -184,6 +186,12 @@ class Accumulator:
         self._sync_gradients = False
         self._window = Window(self.device, self._sync, accumulation_steps)
         self._noise = NoiseMeter(self._params, self._sync, ema_decay=noise_ema_decay) if measure_noise else None
+        # What a WindowPlan (bb.BatchLoss's two passes) may use of the engine; see window_plan.py.
+        self._engine = WindowEngine(
+            model=model, params=self._params, device=self.device, sync=self._sync, window=self._window,
+            scaler=self._scaler, autocast_dtype=self._autocast_dtype, fast=fast,
+            start_window=self._start_step_window, micro_step_context=self._micro_step_context,
+        )
         optimizer.zero_grad(set_to_none=True)
 
     # -- public: loop API -------------------------------------------------
@@ -240,6 +248,8 @@ class Accumulator:
         """Backpropagate one micro-batch's loss: a mean over `count` samples, or a LossSum."""
         if not self._in_micro_step:
             raise ConfigError("call acc.backward(...) inside `with acc.accumulate():`.")
+        if self.accumulation_steps != 1:
+            refuse_in_loop_api(loss)  # a loss over the whole batch, cut per micro-batch: not exact
         value, count, is_sum = split_loss(loss, count)  # a bad loss raises here, touching nothing
         self._backward_called = True
         self._add(value, count, is_sum)
@@ -271,7 +281,8 @@ class Accumulator:
         """One optimizer step over a whole logical batch, split into micro-batches.
 
         `loss_fn(model, micro_batch)` returns the micro-batch's mean loss over its
-        samples, or a `LossSum`. Each micro-batch moves to the model's device just
+        samples, or a `LossSum`; a `bb.BatchLoss` (a loss that couples samples, such
+        as contrastive losses) runs its two passes instead. Each micro-batch moves to the model's device just
         in time. Under micro_batch_size="auto" an OOM in a forward or backward drops
         the window, halves the micro-batch, replays the random state and redoes it:
         the result is the one a run at the smaller size gives, and that size is kept
@@ -279,6 +290,8 @@ class Accumulator:
         fails, the window's gradients are dropped before the error propagates.
         """
         if self.micro_batch_size is None:
+            if isinstance(loss_fn, BatchLoss):
+                raise ConfigError(loop_api_message())
             raise ConfigError(
                 "step() is the step API and needs micro_batch_size=; with "
                 "accumulation_steps= use `with acc.accumulate(): acc.backward(...)`."
@@ -286,10 +299,21 @@ class Accumulator:
         n = batch_size(batch)
         auto = self.micro_batch_size == "auto"
         rng = RngSnapshot(self.device) if auto else None
+        # The one hook for engine modes: a plan that runs the window its own way.
+        plan: WindowPlan | None = CachedRepresentations(loss_fn) if isinstance(loss_fn, BatchLoss) else None
+        if plan is not None and self._noise is not None:
+            raise ConfigError(
+                "measure_noise estimates the noise from micro-steps whose gradients are independent "
+                "pieces of a loss summed over samples; a bb.BatchLoss couples every sample, so its "
+                "micro-steps are not: build the Accumulator with measure_noise=False for it."
+            )
         while True:
             size = min(n, self._step_micro_batch_size(n))
             try:
-                self._accumulate_window(batch, n, size, loss_fn)
+                if plan is None:
+                    self._accumulate_window(batch, n, size, loss_fn)
+                else:
+                    plan.run(self._engine, batch, n, size)
             except BaseException as error:
                 if not (auto and isinstance(error, torch.OutOfMemoryError)):
                     self._drop_window()  # never leak a failed window's gradients into the next
@@ -388,6 +412,10 @@ class Accumulator:
             self._noise.reset()
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
+
+    def _start_step_window(self, n: int) -> None:
+        self._start_window()
+        self._window.start_step(n)  # the step API sees the whole batch
 
     def _drop_window(self) -> None:
         self.optimizer.zero_grad(set_to_none=True)

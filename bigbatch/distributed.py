@@ -35,6 +35,7 @@ class GradSync(Protocol):
     """How gradients of one model are synchronised across ranks."""
 
     world_size: int
+    rank: int  # this process's place among the data-parallel ranks
     # What the wrapper divides the summed gradient by; the engine multiplies it back.
     mean_divisor: int
 
@@ -46,11 +47,26 @@ class GradSync(Protocol):
 
     def check_micro_steps(self, micro_steps: int) -> None: ...
 
+    # For losses computed once over the whole logical batch (bb.BatchLoss):
+
+    def gather_rows(self, tensors: list[torch.Tensor]) -> tuple[list[torch.Tensor], int]:
+        """Each tensor concatenated over the ranks in rank order, and this rank's first row."""
+        ...
+
+    def counted_once(self, grad: torch.Tensor) -> torch.Tensor:
+        """This rank's share of a gradient that every rank computed alike, so the sync counts it once."""
+        ...
+
+    def reshard_(self) -> None:
+        """Leave parameters read outside a forward in their at-rest form (FSDP2: sharded)."""
+        ...
+
 
 class LocalSync:
     """One process: nothing to synchronise."""
 
     world_size = 1
+    rank = 0
     mean_divisor = 1
 
     def context(self, sync: bool) -> contextlib.AbstractContextManager[None]:
@@ -64,6 +80,44 @@ class LocalSync:
 
     def check_micro_steps(self, micro_steps: int) -> None:
         pass
+
+    def gather_rows(self, tensors: list[torch.Tensor]) -> tuple[list[torch.Tensor], int]:
+        """The tensors themselves: this process holds every row."""
+        return tensors, 0
+
+    def counted_once(self, grad: torch.Tensor) -> torch.Tensor:
+        """The gradient itself: there is no other rank to count it."""
+        return grad
+
+    def reshard_(self) -> None:
+        """Nothing is sharded."""
+
+
+def gather_rows(tensors: list[torch.Tensor], group: Any) -> tuple[list[torch.Tensor], int]:
+    """`tensors` (one leading dim, which may differ between ranks) concatenated over `group` in rank order.
+
+    Returns the gathered tensors and this rank's first row in them. One small
+    all-gather of the row counts (read on the host: the shares may differ), then
+    one all-gather per tensor, padded to the longest share.
+    """
+    if not tensors:
+        return [], 0
+    world, rank = dist.get_world_size(group), dist.get_rank(group)
+    rows = torch.full((1,), tensors[0].shape[0], dtype=torch.int64, device=tensors[0].device)
+    all_rows = [torch.empty_like(rows) for _ in range(world)]
+    dist.all_gather(all_rows, rows, group=group)
+    counts = [int(r) for r in all_rows]  # one host read per step
+    most = max(counts)
+    gathered = []
+    for t in tensors:
+        kind = t.dtype
+        send = t.to(torch.uint8) if kind == torch.bool else t  # collectives do not all take bool
+        if send.shape[0] < most:
+            send = torch.cat([send, send.new_zeros((most - send.shape[0], *send.shape[1:]))])
+        parts = [torch.empty_like(send) for _ in range(world)]
+        dist.all_gather(parts, send.contiguous(), group=group)
+        gathered.append(torch.cat([p[:c] for p, c in zip(parts, counts)]).to(kind))
+    return gathered, sum(counts[:rank])
 
 
 def _require_process_group(kind: str) -> None:
@@ -83,6 +137,7 @@ class DDPSync:
         self.model = model
         self.group = model.process_group
         self.world_size = dist.get_world_size(self.group)
+        self.rank = dist.get_rank(self.group)
         self.mean_divisor = self.world_size  # DDP's reducer averages over ranks
 
     def context(self, sync: bool) -> contextlib.AbstractContextManager[None]:
@@ -117,6 +172,17 @@ class DDPSync:
     def check_micro_steps(self, micro_steps: int) -> None:
         pass  # only the last (synced) backward communicates: uneven counts are fine
 
+    def gather_rows(self, tensors: list[torch.Tensor]) -> tuple[list[torch.Tensor], int]:
+        """Every rank's rows, in rank order (see `gather_rows`)."""
+        return gather_rows(tensors, self.group)
+
+    def counted_once(self, grad: torch.Tensor) -> torch.Tensor:
+        """Rank 0 brings the gradient, the others zeros: the reducer sums them."""
+        return grad if self.rank == 0 else torch.zeros_like(grad)
+
+    def reshard_(self) -> None:
+        """Nothing is sharded under DDP."""
+
 
 def _fsdp_module_type() -> type | None:
     try:
@@ -146,6 +212,7 @@ class FSDP2Sync:
         self.modules = modules
         self.sync_each_micro_step = sync_each_micro_step
         self.group, self.world_size = _data_parallel_group(model)
+        self.rank = dist.get_rank(self.group)
         self.mean_divisor = 1
         for m in modules:
             m.set_gradient_divide_factor(1.0)
@@ -195,6 +262,25 @@ class FSDP2Sync:
                 f"{micro_steps}); give every rank the same number of samples per step, or a "
                 "micro_batch_size that divides them into the same number of pieces."
             )
+
+    def gather_rows(self, tensors: list[torch.Tensor]) -> tuple[list[torch.Tensor], int]:
+        """Every rank's rows, in rank order (see `gather_rows`)."""
+        return gather_rows(tensors, self.group)
+
+    def counted_once(self, grad: torch.Tensor) -> torch.Tensor:
+        """The gradient itself: it is not reduced across ranks.
+
+        A sharded parameter read as p.full_tensor() gets back its own shard of the
+        gradient; a parameter FSDP2 does not manage is not reduced either.
+        """
+        return grad
+
+    def reshard_(self) -> None:
+        """Reshard every FSDP module's parameters."""
+        # A forward under no_grad leaves the root's parameters unsharded (plain tensors);
+        # resharded, every parameter read outside a forward is its sharded DTensor.
+        for m in self.modules:
+            m.reshard()
 
 
 def _param_device(model: nn.Module) -> torch.device:

@@ -21,8 +21,11 @@ from torch.distributed.fsdp import fully_shard
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import bigbatch as bb
+from bigbatch import distributed as bb_distributed
 from bigbatch.batch_sizes import shard_indices
 from bigbatch.distributed import AllReduceCounter
+
+from ..equivalence.oracle import TwoTower, pair_data
 
 DTYPE = torch.float64
 VOCAB, PAD = 7, -100
@@ -332,6 +335,119 @@ def fsdp2_noise_token_loop_sync_each(rank: int, world: int) -> dict[str, Any]:
     return out
 
 
+# -- BatchLoss: one InfoNCE over the global batch, gathered from both ranks ----------
+
+
+def pairs(step: int, n: int = 9):
+    """A global batch of n (image, text) pairs; 9 over 2 ranks gives shares of 5 and 4."""
+    return pair_data(n, seed=300 + step)
+
+
+def clip_encode(model: nn.Module, batch) -> tuple[torch.Tensor, torch.Tensor]:
+    return model(*batch)  # through DDP's forward (its sync needs it) and FSDP2's root
+
+
+def towers_encode(model: nn.Module, batch) -> tuple[torch.Tensor, torch.Tensor]:
+    """The towers called one by one, past the DDP wrapper: must be refused under DDP."""
+    return model.module.image(batch[0]), model.module.text(batch[1])
+
+
+def clip_loss(model: nn.Module, reps) -> torch.Tensor:
+    """Under DDP `model` is the inner module; under FSDP2 the temperature is a DTensor shard."""
+    return bb.info_nce(*reps, temperature=model.log_temperature.exp())
+
+
+CLIP = bb.BatchLoss(encode=clip_encode, loss=clip_loss)
+
+
+def _batch_loss_steps(model: nn.Module, acc: bb.Accumulator, rank: int, world: int, loss_fn: Any = CLIP):
+    return [acc.step(shard(pairs(s), rank, world), loss_fn) for s in range(STEPS)]
+
+
+def ddp_batch_loss(rank: int, world: int) -> dict[str, Any]:
+    """Shares of 5 and 4 in micro-batches of 2 (3 and 2 micro-steps); the temperature is learnt."""
+    model = DDP(TwoTower())
+    counter = AllReduceCounter(world_size=world)
+    model.register_comm_hook(None, counter.hook)
+    acc = bb.Accumulator(model, optimizer(model), micro_batch_size=2, max_grad_norm=MAX_GRAD_NORM)
+    rounds, stats = [], []
+    for s in range(STEPS):
+        counter.reset()
+        stats.append(acc.step(shard(pairs(s), rank, world), CLIP))
+        rounds.append(counter.rounds)
+    return {**_record(model.module, stats), "rounds": rounds}
+
+
+def ddp_batch_loss_local_negatives(rank: int, world: int) -> dict[str, Any]:
+    """Negative control: each rank's InfoNCE over its own share (no gather), DDP's mean over ranks."""
+    model = DDP(TwoTower())
+    acc = bb.Accumulator(model, optimizer(model), micro_batch_size=5, max_grad_norm=MAX_GRAD_NORM)
+    return _record(model.module, _batch_loss_steps(model, acc, rank, world, CLIP.__call__))
+
+
+SGD_LR = 0.5
+
+
+def ddp_batch_loss_temperature_per_rank(rank: int, world: int) -> dict[str, Any]:
+    """The loss's own parameter (the temperature) counted once, and (negative control) once per rank.
+
+    Plain SGD: AdamW would divide most of a doubled gradient out again.
+    """
+
+    def train() -> list[torch.Tensor]:
+        model = DDP(TwoTower())
+        acc = bb.Accumulator(model, torch.optim.SGD(model.parameters(), lr=SGD_LR), micro_batch_size=2)
+        _batch_loss_steps(model, acc, rank, world)
+        return _full_params(model.module)
+
+    out = {"once": train()}
+    original = bb_distributed.DDPSync.counted_once
+    bb_distributed.DDPSync.counted_once = lambda self, grad: grad  # type: ignore[method-assign]
+    try:
+        out["per_rank"] = train()
+    finally:
+        bb_distributed.DDPSync.counted_once = original  # type: ignore[method-assign]
+    return out
+
+
+def fsdp2_batch_loss(rank: int, world: int) -> dict[str, Any]:
+    """Shares of 5 and 4 in micro-batches of 3 (2 micro-steps each, 3+2 and 3+1).
+
+    Whether a sharded gradient exists when each gradient-pass encode starts tells
+    whether an earlier micro-step reduce-scattered: by default only the last one
+    does; with sync_each_micro_step=True (the control) every one does.
+    """
+    out: dict[str, Any] = {}
+    for sync_each in (False, True):
+        model = _shard_fsdp(TwoTower())
+        acc = bb.Accumulator(model, optimizer(model), micro_batch_size=3, max_grad_norm=MAX_GRAD_NORM,
+                             sync_each_micro_step=sync_each)
+        synced_early: list[bool] = []
+
+        def watching_encode(model: nn.Module, batch, seen: list[bool] = synced_early):
+            if torch.is_grad_enabled():
+                seen.append(any(p.grad is not None for p in model.parameters()))
+            return clip_encode(model, batch)
+
+        watched = bb.BatchLoss(encode=watching_encode, loss=clip_loss)
+        record = _record(model, _batch_loss_steps(model, acc, rank, world, watched))
+        if sync_each:
+            out["sync_each"] = {"params": record["params"], "synced_early": synced_early}
+        else:
+            out.update(record, synced_early=synced_early)
+    return out
+
+
+def ddp_batch_loss_past_the_wrapper(rank: int, world: int) -> dict[str, Any]:
+    model = DDP(TwoTower())
+    acc = bb.Accumulator(model, optimizer(model), micro_batch_size=2)
+    try:
+        acc.step(shard(pairs(0), rank, world), bb.BatchLoss(encode=towers_encode, loss=clip_loss))
+    except bb.ConfigError as e:
+        return {"error": str(e), "grads": [p.grad for p in model.parameters()]}
+    return {"error": None}
+
+
 COMM_MICRO_STEPS = 4
 
 
@@ -404,6 +520,11 @@ SCENARIOS: dict[str, Callable[[int, int], dict[str, Any]]] = {
     "ddp_noise_token_loop": ddp_noise_token_loop,
     "fsdp2_noise_token_step": fsdp2_noise_token_step,
     "fsdp2_noise_token_loop_sync_each": fsdp2_noise_token_loop_sync_each,
+    "ddp_batch_loss": ddp_batch_loss,
+    "ddp_batch_loss_local_negatives": ddp_batch_loss_local_negatives,
+    "ddp_batch_loss_temperature_per_rank": ddp_batch_loss_temperature_per_rank,
+    "fsdp2_batch_loss": fsdp2_batch_loss,
+    "ddp_batch_loss_past_the_wrapper": ddp_batch_loss_past_the_wrapper,
     "no_process_group": no_process_group,  # last: it destroys the process group
 }
 

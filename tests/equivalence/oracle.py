@@ -7,6 +7,7 @@ backward, clip, step, scheduler. Written out by hand, no bigbatch code.
 from __future__ import annotations
 
 import copy
+import math
 
 import torch
 import torch.nn.functional as F
@@ -30,6 +31,39 @@ def classification_data(n: int, seed: int = 1, d_in: int = 4, classes: int = 3):
 def sample_mean_loss(model: nn.Module, batch) -> torch.Tensor:
     x, y = batch
     return F.cross_entropy(model(x), y)
+
+
+class TwoTower(nn.Module):
+    """A CLIP-like pair of encoders and a learnable temperature (1-D: FSDP2 shards no scalars)."""
+
+    def __init__(self, seed: int = 0, dropout: float = 0.0, d_image: int = 6, d_text: int = 4, d: int = 5) -> None:
+        super().__init__()
+        torch.manual_seed(seed)
+        self.image = nn.Sequential(nn.Linear(d_image, 8), nn.Tanh(), nn.Dropout(dropout), nn.Linear(8, d))
+        self.text = nn.Sequential(nn.Linear(d_text, 8), nn.Tanh(), nn.Linear(8, d))
+        self.log_temperature = nn.Parameter(torch.tensor([math.log(0.3)]))
+        self.to(DTYPE)
+
+    def forward(self, images: torch.Tensor, texts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Both towers: under DDP an encoder must run through the wrapper's forward."""
+        return self.image(images), self.text(texts)
+
+
+def pair_data(n: int, seed: int = 1, d_image: int = 6, d_text: int = 4):
+    """n (image, text) pairs; each text is a noisy view of its image, so the pairs can be learnt."""
+    g = torch.Generator().manual_seed(seed)
+    images = torch.randn(n, d_image, generator=g, dtype=DTYPE)
+    texts = images[:, :d_text] + 0.3 * torch.randn(n, d_text, generator=g, dtype=DTYPE)
+    return images, texts
+
+
+def clip_loss(image: torch.Tensor, text: torch.Tensor, log_temperature: torch.Tensor) -> torch.Tensor:
+    """Symmetric InfoNCE written out: cosine similarity over the temperature, cross-entropy both ways."""
+    a = image / image.norm(dim=1, keepdim=True)
+    b = text / text.norm(dim=1, keepdim=True)
+    logits = a @ b.T / log_temperature.exp()
+    labels = torch.arange(len(a))
+    return (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
 
 
 def full_batch_step(model, optimizer, batch, loss_fn=sample_mean_loss, *, max_grad_norm=None, scheduler=None):
