@@ -13,6 +13,10 @@ Two ways to find the layers that break this:
   other samples are unchanged but whose output rows changed mixes samples. A third
   run with another seed finds the modules whose output is random (dropout): same
   input, different output. Each finding names the innermost module responsible.
+
+The loss can couple samples too (`probe_loss`): a contrastive loss scores every
+sample against the others, so the gradient with respect to one sample's output
+changes when another sample changes, although that output does not.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from .batches import Batch, _map, batch_size
 from .errors import BatchCouplingWarning
+from .losses import LossSum
 from .norms import GhostBatchNorm
 
 DROPOUT_TYPES: tuple[type[nn.Module], ...] = (
@@ -280,3 +285,112 @@ def probe(
     ]
     return ProbeResult(coupled=coupled, random=random)
 
+
+
+# -- the loss probe -------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class LossCoupling:
+    """How the loss (not a layer) couples samples, found by `probe_loss`."""
+
+    kind: str  # "samples": another sample's gradient changed; "normalisation": it was only rescaled
+    how: str
+
+
+def _output_gradients(
+    model: nn.Module, batch: Batch, loss_fn: Callable[[nn.Module, Batch], Any], n: int, seed: int
+) -> tuple[list[torch.Tensor], list[torch.Tensor]] | None:
+    """The per-sample outputs of the outermost module calls and the loss's gradient with respect to them.
+
+    Outermost: not made inside another module's forward (the model's own forward,
+    or each tower that a contrastive loss function calls). For a LossSum the
+    gradient is of its total, so a count that changes with the batch is not
+    mistaken for coupling. None when the loss cannot be differentiated.
+    """
+    outputs: list[torch.Tensor] = []
+    depth = [0]
+
+    def pre(mod: nn.Module, args: Any) -> None:
+        depth[0] += 1
+
+    def post(mod: nn.Module, args: Any, output: Any) -> None:
+        depth[0] -= 1
+        if depth[0] == 0:
+            outputs.extend(
+                t for t in _flat_tensors(output)
+                if t.dim() > 0 and t.shape[0] == n and t.is_floating_point() and t.requires_grad
+            )
+
+    handles = [h for m in model.modules() for h in (m.register_forward_pre_hook(pre), m.register_forward_hook(post))]
+    try:
+        torch.manual_seed(seed)
+        with torch.enable_grad():
+            out = loss_fn(model, batch)
+            value = out.total if isinstance(out, LossSum) else out
+            if not (isinstance(value, torch.Tensor) and value.dim() == 0 and value.requires_grad and outputs):
+                return None
+            grads = torch.autograd.grad(value, outputs, allow_unused=True)
+    except RuntimeError:  # an output changed in place after it was recorded, say: no verdict
+        return None
+    finally:
+        for h in handles:
+            h.remove()
+    kept = [(o.detach(), g) for o, g in zip(outputs, grads) if g is not None]
+    return [o for o, _ in kept], [g for _, g in kept]
+
+
+def _only_rescaled(a: list[torch.Tensor], b: list[torch.Tensor], rows: torch.Tensor) -> bool:
+    """True when b's rows are one common multiple of a's (a count that changed, not a coupling)."""
+    x = torch.cat([t[rows].reshape(-1).double() for t in a])
+    y = torch.cat([t[rows].reshape(-1).double() for t in b])
+    scale = float(x @ y) / max(float(x @ x), 1e-300)
+    rtol = _ROW_RTOL.get(a[0].dtype, 1e-2)
+    return bool(torch.linalg.vector_norm(y - scale * x) <= rtol * max(float(torch.linalg.vector_norm(y)), 1e-30))
+
+
+def probe_loss(
+    model: nn.Module, batch: Batch, loss_fn: Callable[[nn.Module, Batch], Any], *, seed: int = 0
+) -> LossCoupling | None:
+    """Find out whether the loss couples samples: the gradient at one sample's output depends on others.
+
+    Runs `loss_fn(model, batch)` with gradients on `batch`, then with the first and
+    then the last sample changed, under one seed, and compares the gradient of the
+    loss with respect to the other samples' outputs (the outermost module calls,
+    see `_output_gradients`). Their outputs must be unchanged (else a layer
+    couples, `probe` names it); if their gradients changed, the loss couples them:
+    "samples" when the change is more than a common rescaling (a contrastive loss,
+    bb.BatchLoss is the way out), "normalisation" when it is one (a mean over a
+    count of items that changed: return a bb.LossSum). Call it on a copy; the
+    caller should save and restore the RNG.
+
+    Limits: only outputs whose leading dimension counts the batch's samples are
+    compared; a loss function that calls no module, or one changed sample that
+    does not reveal the coupling, gives None.
+    """
+    n = batch_size(batch)
+    if n < 2:
+        return None
+    base = _output_gradients(model, batch, loss_fn, n, seed)
+    if base is None:
+        return None
+    g = torch.Generator().manual_seed(seed)
+    for changed in (0, n - 1):
+        rows = torch.tensor([i for i in range(n) if i != changed])
+        other = _output_gradients(model, _perturbed(batch, changed, g), loss_fn, n, seed)
+        if other is None or [t.shape for t in other[0]] != [t.shape for t in base[0]]:
+            continue
+        if _rows_differ(base[0], other[0], rows) or not _rows_differ(base[1], other[1], rows):
+            continue
+        if _only_rescaled(base[1], other[1], rows):
+            return LossCoupling(
+                "normalisation",
+                "the loss's gradient at every other sample was rescaled when one sample changed: it "
+                "divides by a count that depends on the whole batch (a mean over tokens, say)",
+            )
+        return LossCoupling(
+            "samples",
+            "the loss's gradient at another sample's output changed when one sample changed, although "
+            "that output did not: the loss scores samples against each other (in-batch negatives)",
+        )
+    return None

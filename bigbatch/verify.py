@@ -6,7 +6,9 @@ into micro-batches. In float64 the two gradients agree to ~1e-15 when accumulati
 is exact; a layer that mixes samples (BatchNorm), a loss that mixes samples, or a
 loss that is a mean over something other than samples shows up as a difference
 of order one. The report names the parameters that differ and, from the probes
-in `bigbatch.probes`, the modules that cause it.
+in `bigbatch.probes`, the modules or the loss that cause it. A loss that couples
+samples (contrastive) is exact through `bb.BatchLoss`, which verify runs as the
+engine does.
 """
 
 from __future__ import annotations
@@ -23,11 +25,12 @@ import torch
 from torch import nn
 
 from .accumulator import Accumulator, _model_device
+from .batch_loss import BatchLoss
 from .batch_sizes import check_positive_int
 from .batches import Batch, _map, batch_size, to_device
 from .errors import BatchCouplingWarning, ConfigError
 from .losses import LossSum, split_loss
-from .probes import DROPOUT_TYPES, CoupledModule, known_coupled, probe
+from .probes import DROPOUT_TYPES, CoupledModule, LossCoupling, known_coupled, probe, probe_loss
 
 LossFn = Callable[[nn.Module, Batch], Any]
 
@@ -69,6 +72,8 @@ class VerifyReport:
     random: list[str] = field(default_factory=list)  # modules with random output
     neutralized: list[str] = field(default_factory=list)  # dropout switched to eval for the comparison
     buffers: dict[str, float] = field(default_factory=dict)  # buffers that differ, and by how much
+    loss_coupling: LossCoupling | None = None  # the loss itself couples samples (probe_loss)
+    batch_loss: bool = False  # loss_fn is a bb.BatchLoss (coupled losses are exact through it)
 
     @property
     def errors(self) -> dict[str, float]:
@@ -108,6 +113,10 @@ class VerifyReport:
                     "only if they are taken in the same order"
                 )
                 lines.append(f"  {name or '<model>'}: {treated}")
+        if self.loss_coupling is not None:
+            kind = "couples samples" if self.loss_coupling.kind == "samples" else "is normalised by the batch"
+            handled = " (handled: loss_fn is a bb.BatchLoss)" if self.batch_loss else ""
+            lines += ["", f"the loss {kind}{handled}:", f"  {self.loss_coupling.how}"]
         if self.buffers:
             lines += ["", "buffers that differ:"]
             lines += [f"  {name}: {err:.2e}" for name, err in self.buffers.items()]
@@ -281,9 +290,12 @@ def _verify(
     cast = _cast(batch, dtype)
     coupled = known_coupled(model)
     random: list[str] = []
+    loss_coupling = None
     if probe_modules:
         twin = _prepared_copy(model, dtype, [])
         found = probe(twin, to_device(cast, _model_device(twin)), loss_fn, seed=seed)
+        if not coupled and not found.coupled:  # a coupled layer moves every output: no verdict on the loss
+            loss_coupling = probe_loss(twin, to_device(cast, _model_device(twin)), loss_fn, seed=seed)
         del twin
         known = {c.name for c in coupled}
         coupled += [c for c in found.coupled if c.name not in known]
@@ -335,6 +347,8 @@ def _verify(
         random=random,
         neutralized=neutralize,
         buffers=buffers,
+        loss_coupling=loss_coupling,
+        batch_loss=isinstance(loss_fn, BatchLoss),
     )
     report.passed, report.reason = _verdict(report, nonfinite, check_buffers)
     return report
@@ -361,6 +375,8 @@ def _verdict(r: VerifyReport, nonfinite: list[str], check_buffers: bool) -> tupl
         )
     if r.buffers and not check_buffers:
         notes.append(f"buffers differ ({_names(list(r.buffers))}) but were not checked")
+    if r.loss_coupling is not None and r.loss_coupling.kind == "samples" and r.batch_loss and not bad:
+        notes.append("the loss couples samples, and bb.BatchLoss computed it once over the whole batch")
     if not bad and (not r.buffers or not check_buffers):
         worst = r.params[0]
         text = (
@@ -396,7 +412,22 @@ def _verdict(r: VerifyReport, nonfinite: list[str], check_buffers: bool) -> tupl
             f"{_names(unexplained_random)} draw random numbers, so the two runs cannot agree "
             "whatever the split; make them deterministic (eval() or p=0) for this check"
         )
-    if not coupled and not unexplained_random and bad:
+    if not coupled and not unexplained_random and bad and r.loss_coupling is not None:
+        if r.loss_coupling.kind == "samples":
+            parts.append(
+                "cause: the loss couples samples (the gradient at one sample's output depends on the "
+                "others: in-batch negatives, as in contrastive losses), so a loss computed per "
+                "micro-batch sees only that micro-batch's samples. Fix: split loss_fn into a per-sample "
+                "encode and a loss over the whole batch, bb.BatchLoss(encode=..., loss=...): the engine "
+                "then computes the loss once over the whole logical batch (representation caching) and "
+                "the step is exact"
+            )
+        else:
+            parts.append(
+                "cause: " + r.loss_coupling.how + ". Fix: return bb.LossSum(sum_of_losses, count), so "
+                "the engine divides by the count of the whole logical batch"
+            )
+    elif not coupled and not unexplained_random and bad:
         parts.append(
             "no module was found that mixes samples: the loss function itself may mix them "
             "(a contrastive loss, a batch-normalised target), or return a mean over something "

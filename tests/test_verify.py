@@ -270,3 +270,67 @@ def test_running_statistics_updated_per_micro_batch_fail_unless_buffers_are_waiv
 def test_a_loss_of_the_wrong_kind_is_named(loss_fn, match):
     with pytest.raises(bb.LossError, match=match):
         bb.verify(mlp(), classification_data(6), loss_fn, micro_batch_size=2)
+
+
+# -- a loss that couples samples (contrastive) ---------------------------------------
+
+
+def _towers():
+    from .equivalence.oracle import TwoTower
+
+    return TwoTower()
+
+
+def _pairs():
+    from .equivalence.oracle import pair_data
+
+    return pair_data(9)
+
+
+def _encode(m, batch):
+    return m.image(batch[0]), m.text(batch[1])
+
+
+def _clip(m, reps):
+    return bb.info_nce(*reps, temperature=m.log_temperature.exp())
+
+
+def test_a_contrastive_loss_fails_and_the_report_names_batch_loss():
+    report = bb.verify(_towers(), _pairs(), lambda m, b: _clip(m, _encode(m, b)), micro_batch_size=3)
+    assert not report.passed and report.coupled == []
+    assert report.loss_coupling is not None and report.loss_coupling.kind == "samples"
+    assert "the loss couples samples" in report.reason and "bb.BatchLoss(encode=..., loss=...)" in report.reason
+    assert "the loss couples samples:" in report.table()
+
+
+def test_the_same_loss_through_batch_loss_passes_and_says_why():
+    report = bb.verify(_towers(), _pairs(), bb.BatchLoss(encode=_encode, loss=_clip), micro_batch_size=3)
+    assert report.passed, report.reason
+    assert report.worst(1)[0].error < 1e-12
+    assert report.loss_coupling is not None and report.batch_loss  # still found, and handled
+    assert "bb.BatchLoss computed it once" in report.reason
+    assert "(handled: loss_fn is a bb.BatchLoss)" in report.table()
+
+
+def test_a_sample_mean_loss_is_not_called_coupled():
+    """The control: the probe's verdict on a loss that does not couple samples."""
+    x, y = classification_data(9)
+    report = bb.verify(mlp(), (x, y), sample_mean_loss, micro_batch_size=4)
+    assert report.passed and report.loss_coupling is None
+
+
+def test_a_token_mean_is_found_as_a_normalisation_not_as_coupling():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Embedding(11, 8), nn.Linear(8, 11)).double()
+    g = torch.Generator().manual_seed(0)
+    tokens = torch.randint(0, 11, (6, 5), generator=g)
+    labels = tokens.clone()
+    labels[::2, 1:] = -100  # the first sample's donor (the second) has another count of tokens
+
+    def token_mean(m, batch):
+        return F.cross_entropy(m(batch[0]).flatten(0, 1), batch[1].flatten(), ignore_index=-100)
+
+    report = bb.verify(model, (tokens, labels), token_mean, micro_batch_size=3)
+    assert not report.passed
+    assert report.loss_coupling is not None and report.loss_coupling.kind == "normalisation"
+    assert "bb.LossSum" in report.reason and "BatchLoss" not in report.reason
