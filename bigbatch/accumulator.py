@@ -10,7 +10,6 @@ zero. Nothing reads a device value on the host during a window.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable
 from typing import Any, Literal
 
 import torch
@@ -19,10 +18,11 @@ from torch import nn
 from .batch_loss import BatchLoss, CachedRepresentations, loop_api_message, refuse_in_loop_api
 from .batch_sizes import check_positive_int
 from .batches import Batch, batch_size, is_on_device, split_batch, to_device
+from .devices import model_device
 from .distributed import FSDP2Sync, LocalSync, full_tensor, grad_sync_for
 from .errors import ConfigError, LossError, MicroBatchTooLargeError
 from .fast import CompiledLoss, FastMicroStep, mark_micro_step
-from .losses import Count, LossSum, split_loss
+from .losses import Count, LossFn, LossSum, split_loss
 from .noise import NoiseMeter
 from .oom import RngSnapshot, release_memory
 from .precision import Float32Grads, autocast_dtype, make_scaler
@@ -31,15 +31,7 @@ from .stats import StepStats
 from .window import Window
 from .window_plan import WindowEngine, WindowPlan
 
-LossFn = Callable[[nn.Module, Batch], torch.Tensor | LossSum]
-
 _NO_CONTEXT = contextlib.nullcontext()  # reusable: a micro-step with nothing to enter costs nothing
-
-
-def _model_device(model: nn.Module) -> torch.device:
-    for p in model.parameters():
-        return p.device
-    raise ConfigError("the model has no parameters; bigbatch needs something to train.")
 
 
 class Accumulator:
@@ -145,7 +137,7 @@ class Accumulator:
         self.precision = precision
         self.last_window = last_window
         self.skip_nonfinite = skip_nonfinite
-        self.device = _model_device(model)
+        self.device = model_device(model)
         self._autocast_dtype = autocast_dtype(precision)
         self._scaler = make_scaler(precision, self.device)
         self._sync = grad_sync_for(model, sync_each_micro_step=sync_each_micro_step)

@@ -21,13 +21,13 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
-from dataclasses import dataclass
 from typing import Any, Protocol
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
+from .devices import model_device
 from .errors import ConfigError
 
 
@@ -252,7 +252,7 @@ class FSDP2Sync:
         One small all-reduce and one host read per step; the alternative is a hang.
         """
         local = torch.tensor([micro_steps, -micro_steps], dtype=torch.int64)
-        local = local.to(_param_device(self.modules[0]))
+        local = local.to(model_device(self.modules[0], default=torch.device("cpu")))
         dist.all_reduce(local, op=dist.ReduceOp.MAX, group=self.group)
         most, fewest = int(local[0]), -int(local[1])
         if most != fewest:
@@ -281,12 +281,6 @@ class FSDP2Sync:
         # resharded, every parameter read outside a forward is its sharded DTensor.
         for m in self.modules:
             m.reshard()
-
-
-def _param_device(model: nn.Module) -> torch.device:
-    for p in model.parameters():
-        return p.device
-    return torch.device("cpu")
 
 
 def _data_parallel_group(model: nn.Module) -> tuple[Any, int]:
@@ -333,44 +327,3 @@ def full_tensor(t: torch.Tensor) -> torch.Tensor:
     """A DTensor's whole value (FSDP2's gradient norm), any other tensor unchanged."""
     full = getattr(t, "full_tensor", None)
     return full() if callable(full) else t
-
-
-# -- counting communication --------------------------------------------------
-
-
-@dataclass
-class AllReduceCounter:
-    """A DDP communication hook that counts gradient all-reduces and their bytes.
-
-    Install with `ddp.register_comm_hook(None, counter.hook)`; it reduces exactly as
-    DDP's default does (divide by the world size, all-reduce). `rounds` counts
-    backward passes that communicated, `buckets` the all-reduce calls, `bytes`
-    what they sent per rank.
-    """
-
-    world_size: int
-    group: Any = None  # the DDP model's process_group; None is the default group
-    buckets: int = 0
-    bytes: int = 0
-    rounds: int = 0
-
-    def hook(self, state: object, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
-        buf = bucket.buffer()
-        self.buckets += 1
-        self.bytes += buf.numel() * buf.element_size()
-        self.rounds += int(bucket.is_last())  # one round: every bucket of one synced backward
-        buf.div_(self.world_size)
-        work = dist.all_reduce(buf, group=self.group, async_op=True)
-        assert work is not None
-        return work.get_future().then(lambda fut: fut.value()[0])
-
-    def reset(self) -> None:
-        self.buckets = self.bytes = self.rounds = 0
-
-
-# DDP checks a hook's annotations by identity; with postponed annotations they are
-# strings, so give it the real objects.
-if dist.is_available():
-    AllReduceCounter.hook.__annotations__.update(
-        bucket=dist.GradBucket, **{"return": torch.futures.Future[torch.Tensor]}
-    )

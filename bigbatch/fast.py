@@ -36,7 +36,7 @@ import torch
 from torch import nn
 
 from .errors import ConfigError
-from .losses import LossSum
+from .losses import LossFn, LossSum
 
 _NAMED = ("compile", "cudagraphs")
 _CUDAGRAPH_MODES = ("reduce-overhead", "max-autotune")  # the torch.compile modes that use CUDA graphs
@@ -82,7 +82,7 @@ def mark_micro_step() -> None:
     torch.compiler.cudagraph_mark_step_begin()
 
 
-def _pair(loss_fn: Callable[[nn.Module, Any], Any]) -> Callable[[nn.Module, Any], tuple[Any, Any]]:
+def _pair(loss_fn: LossFn) -> Callable[[nn.Module, Any], tuple[Any, Any]]:
     # What the compiled region returns is a tensor and a count, never a LossSum:
     # plain tuples leave the graph without a graph break.
     def micro_step(model: nn.Module, batch: Any) -> tuple[Any, Any]:
@@ -99,10 +99,10 @@ class CompiledLoss:
 
     def __init__(self, spec: FastMicroStep) -> None:
         self.spec = spec
-        self._source: Callable[..., Any] | None = None
+        self._source: LossFn | None = None
         self._compiled: Callable[[nn.Module, Any], tuple[Any, Any]] | None = None
 
-    def __call__(self, loss_fn: Callable[[nn.Module, Any], Any]) -> Callable[[nn.Module, Any], Any]:
+    def __call__(self, loss_fn: LossFn) -> LossFn:
         """`loss_fn` as the engine calls it: compiled (cached while it is the same object)."""
         if loss_fn is not self._source:
             self._compiled = torch.compile(
@@ -113,7 +113,7 @@ class CompiledLoss:
         assert compiled is not None
         cudagraphs = self.spec.cudagraphs
 
-        def call(model: nn.Module, batch: Any) -> Any:
+        def call(model: nn.Module, batch: Any, /) -> torch.Tensor | LossSum:
             if cudagraphs:
                 mark_micro_step()
             value, count = compiled(model, batch)

@@ -1,14 +1,16 @@
-"""Losses that carry their item count, so accumulation can normalise exactly."""
+"""Losses that carry their item count, so accumulation can normalise exactly; the loss-function type."""
 
 from __future__ import annotations
 
 import operator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
+from .batches import Batch
 from .errors import LossError
 
 Count = int | torch.Tensor
@@ -33,6 +35,27 @@ class LossSum:
         """The mean loss per item (0 where there are no items, never NaN)."""
         count = torch.as_tensor(self.count, device=self.total.device)
         return self.total / count.clamp_min(1)
+
+
+class LossFn(Protocol):
+    """A loss function as bigbatch calls it: `loss_fn(model, micro_batch)`.
+
+    It runs the forward on one micro-batch and returns either a scalar tensor,
+    the *mean* loss over the micro-batch's samples, or a `LossSum` for a loss
+    over other items (tokens, pixels). The engine never sees a loss divided by
+    the number of micro-steps: it scales and normalises by item counts itself.
+    The one type for every place that takes a loss function (the Accumulator,
+    bb.verify, bb.plan, the fast micro-step, the commands).
+
+    Example:
+        def loss_fn(model, batch):
+            x, y = batch
+            return F.cross_entropy(model(x), y)   # a mean over len(x) samples
+    """
+
+    def __call__(self, model: nn.Module, batch: Batch, /) -> torch.Tensor | LossSum:
+        """The micro-batch's mean loss over its samples, or a `LossSum`."""
+        ...
 
 
 def token_cross_entropy(

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -33,7 +33,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from .batches import Batch, _map, batch_size
 from .errors import BatchCouplingWarning
-from .losses import LossSum
+from .losses import LossFn, LossSum
 from .norms import GhostBatchNorm
 
 DROPOUT_TYPES: tuple[type[nn.Module], ...] = (
@@ -213,7 +213,7 @@ def _perturbed(batch: Batch, sample: int, generator: torch.Generator) -> Batch:
     return _map(batch, change)
 
 
-def _run(model: nn.Module, batch: Batch, loss_fn: Callable[[nn.Module, Batch], Any], n: int, seed: int):
+def _run(model: nn.Module, batch: Batch, loss_fn: LossFn, n: int, seed: int):
     with _recording(model, n) as calls, torch.no_grad():
         torch.manual_seed(seed)
         loss_fn(model, batch)
@@ -250,7 +250,7 @@ def _random_modules(
 
 
 def probe(
-    model: nn.Module, batch: Batch, loss_fn: Callable[[nn.Module, Batch], Any], *, seed: int = 0
+    model: nn.Module, batch: Batch, loss_fn: LossFn, *, seed: int = 0
 ) -> ProbeResult:
     """Find the modules that mix samples or draw random numbers, by running `model`.
 
@@ -299,7 +299,7 @@ class LossCoupling:
 
 
 def _output_gradients(
-    model: nn.Module, batch: Batch, loss_fn: Callable[[nn.Module, Batch], Any], n: int, seed: int
+    model: nn.Module, batch: Batch, loss_fn: LossFn, n: int, seed: int
 ) -> tuple[list[torch.Tensor], list[torch.Tensor]] | None:
     """The per-sample outputs of the outermost module calls and the loss's gradient with respect to them.
 
@@ -350,7 +350,7 @@ def _only_rescaled(a: list[torch.Tensor], b: list[torch.Tensor], rows: torch.Ten
 
 
 def probe_loss(
-    model: nn.Module, batch: Batch, loss_fn: Callable[[nn.Module, Batch], Any], *, seed: int = 0
+    model: nn.Module, batch: Batch, loss_fn: LossFn, *, seed: int = 0
 ) -> LossCoupling | None:
     """Find out whether the loss couples samples: the gradient at one sample's output depends on others.
 

@@ -17,22 +17,20 @@ import copy
 import math
 import textwrap
 import warnings
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
 
-from .accumulator import Accumulator, _model_device
+from .accumulator import Accumulator
 from .batch_loss import BatchLoss
 from .batch_sizes import check_positive_int
 from .batches import Batch, _map, batch_size, to_device
+from .devices import model_device
 from .errors import BatchCouplingWarning, ConfigError
-from .losses import LossSum, split_loss
+from .losses import LossFn, LossSum, split_loss
 from .probes import DROPOUT_TYPES, CoupledModule, LossCoupling, known_coupled, probe, probe_loss
-
-LossFn = Callable[[nn.Module, Batch], Any]
 
 # Relative error allowed per parameter, by the dtype the comparison ran in: float64
 # leaves room for summation order over deep models, the others for their rounding.
@@ -167,7 +165,7 @@ def _prepared_copy(model: nn.Module, dtype: torch.dtype | None, neutralize: list
 
 
 def _full_batch_grads(model: nn.Module, batch: Batch, loss_fn: LossFn, seed: int) -> dict[str, torch.Tensor]:
-    device = _model_device(model)
+    device = model_device(model)
     torch.manual_seed(seed)
     out = loss_fn(model, to_device(batch, device))
     split_loss(out, None if isinstance(out, LossSum) else 1)  # a wrong kind of loss: the engine's message
@@ -262,7 +260,7 @@ def verify(
             f"micro_batch_size={size} holds the whole batch of {n}, so nothing is accumulated and "
             f"nothing is checked; use a smaller one (e.g. {_default_micro_batch_size(n)})."
         )
-    device = _model_device(model)
+    device = model_device(model)
     dtype: torch.dtype | None = torch.float64 if float64 and device.type != "mps" else None
     devices = [device] if device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices):
@@ -293,9 +291,9 @@ def _verify(
     loss_coupling = None
     if probe_modules:
         twin = _prepared_copy(model, dtype, [])
-        found = probe(twin, to_device(cast, _model_device(twin)), loss_fn, seed=seed)
+        found = probe(twin, to_device(cast, model_device(twin)), loss_fn, seed=seed)
         if not coupled and not found.coupled:  # a coupled layer moves every output: no verdict on the loss
-            loss_coupling = probe_loss(twin, to_device(cast, _model_device(twin)), loss_fn, seed=seed)
+            loss_coupling = probe_loss(twin, to_device(cast, model_device(twin)), loss_fn, seed=seed)
         del twin
         known = {c.name for c in coupled}
         coupled += [c for c in found.coupled if c.name not in known]

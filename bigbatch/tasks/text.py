@@ -25,6 +25,7 @@ from torch import nn
 
 from ..batches import Batch
 from ..chunked import chunked_cross_entropy
+from ..devices import model_device
 from ..distributed import unwrap_ddp
 from ..errors import ConfigError
 from ..losses import LossSum
@@ -283,7 +284,7 @@ class TextTask:
         net = unwrap_ddp(model)
         was_training = net.training
         net.eval()
-        device = next(net.parameters()).device
+        device = model_device(net)
         total, count = 0.0, 0
         for batch in self.val_batches(batch_size):
             out = self.loss_fn(net, {k: v.to(device) for k, v in batch.items()})
@@ -313,7 +314,7 @@ class TextTask:
         net = unwrap_ddp(model)
         was_training = net.training
         net.eval()
-        device = next(net.parameters()).device
+        device = model_device(net)
         ids = self.encode(prompt or "\n")
         for _ in range(n):
             context = torch.tensor([ids[-self.block_size :]], device=device)

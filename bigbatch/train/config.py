@@ -25,9 +25,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-import torch
-
 from ..batch_sizes import check_positive_int
+from ..devices import AUTO, parse_device
 from ..errors import ConfigError
 from ..memory import parse_memory
 from ..tasks import task_options
@@ -165,7 +164,7 @@ class TrainConfig:
             section_name = self._section_of(name)
         section = self._section(section_name, "--set")
         try:
-            self._assign(section_name, section, name, _parse_value(raw), "--set")
+            self._assign(section_name, section, name, parse_value(raw), "--set")
         except ConfigError:
             # `run.name=nan` or `task.data=1.txt`: read as TOML it is not a string, but the field wants one.
             try:
@@ -205,12 +204,8 @@ class TrainConfig:
                 parse_memory(self.batch.max_memory)
             except ConfigError as e:
                 raise ConfigError(f"batch.max_memory: {e}") from None
-        try:
-            torch.device(self.train.device if self.train.device != "auto" else "cpu")
-        except RuntimeError:
-            raise ConfigError(
-                f'train.device = {self.train.device!r} is not a device; write "auto", "cpu", "cuda" or "cuda:1".'
-            ) from None
+        if self.train.device != AUTO:
+            parse_device(self.train.device, setting="train.device")  # is it where it says: at run time
         valid = task_options(self.task.name)  # an unknown task name, with a suggestion
         stale = [key for key in self.task.options if key not in valid]
         if stale:
@@ -287,8 +282,24 @@ def _hint(name: str, valid: list[str]) -> str:
     return f' Did you mean "{close[0]}"?' if close else f" Valid: {', '.join(valid)}."
 
 
-def _parse_value(raw: str) -> Any:
-    """A --set value as TOML (1e-3, true, "x", [1, 2]); a bare word is a string."""
+def parse_value(raw: str) -> Any:
+    """A `--set key=value` value, read as TOML: the one parser for every command's `--set`.
+
+    `bigbatch train --set` and the `--task NAME --set key=value` of `bigbatch
+    verify` and `bigbatch plan` all go through it (the latter by way of
+    `TrainConfig.set`), so a value means the same thing everywhere.
+
+    Args:
+        raw: the text after "=".
+
+    Returns:
+        The TOML value (1e-3 -> float, true -> bool, "x" -> str, [1, 2] -> list); "none" or
+        "null" -> None (unset an optional field); anything that is not TOML (a bare word) -> the text.
+
+    Example:
+        >>> parse_value("1e-3"), parse_value("batchnorm"), parse_value("none")
+        (0.001, 'batchnorm', None)
+    """
     if raw.lower() in (UNSET, "null"):
         return None
     try:

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from ..errors import ConfigError
+from ..devices import choose_device
 
 
 @dataclass
@@ -33,19 +33,8 @@ class Runtime:
         world_size = int(os.environ.get("WORLD_SIZE", "1"))
         rank = int(os.environ.get("RANK", "0"))
         local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-        if device == "auto":
-            device = "cuda" if torch.cuda.is_available() else "cpu"
-        dev = torch.device(device)
+        dev = choose_device(device, local_rank=local_rank, setting="train.device")
         if dev.type == "cuda":
-            if not torch.cuda.is_available():
-                raise ConfigError("train.device is cuda, but no CUDA GPU is available; use device = \"cpu\".")
-            if dev.index is None:
-                dev = torch.device("cuda", local_rank)
-            if dev.index >= torch.cuda.device_count():
-                raise ConfigError(
-                    f"{dev} is not there: this machine has {torch.cuda.device_count()} GPU(s). Give "
-                    'train.device = "auto" or a smaller index (under torchrun, fewer --nproc-per-node).'
-                )
             torch.cuda.set_device(dev)
         owns = False
         if world_size > 1 and not dist.is_initialized():

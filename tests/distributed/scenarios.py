@@ -23,7 +23,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 import bigbatch as bb
 from bigbatch import distributed as bb_distributed
 from bigbatch.batch_sizes import shard_indices
-from bigbatch.distributed import AllReduceCounter
+from bigbatch.testing import AllReduceCounter
 
 from ..equivalence.oracle import TwoTower, pair_data
 

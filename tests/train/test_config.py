@@ -32,7 +32,7 @@ def test_defaults_then_file_then_set(tmp_path):
         ("optim.weight_decay=-1", "optim.weight_decay must be >= 0"),
         ("optim.momentum=-1", "optim.momentum must be >= 0"),
         ("optim.min_lr_ratio=2", "optim.min_lr_ratio must be in"),
-        ("train.device=tpu", "train.device = 'tpu' is not a device"),
+        ("train.device=tpu", "train.device: 'tpu' is not a device"),
     ],
 )
 def test_bad_settings_name_the_fix(item, message):
