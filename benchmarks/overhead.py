@@ -14,7 +14,8 @@ The three are interleaved (each repeat runs all of them, in a rotated order) and
 the table shows medians, so machine noise hits every column alike. Time is the
 process's CPU time by default: on a shared machine it counts only the work this
 process did (single-threaded torch), which is what overhead is. Writes a PNG
-under benchmarks/out/.
+under benchmarks/out/. The timing, table and plot are bigbatch/benchmarking.py's,
+the same harness `bigbatch bench` uses.
 """
 
 from __future__ import annotations
@@ -30,17 +31,35 @@ import torch.nn.functional as F
 from torch import nn
 
 import bigbatch as bb
+from bigbatch.benchmarking import Panel, markdown_table, median_paired_ratio, plot_panels, time_interleaved
 
 OUT = Path(__file__).parent / "out"
 
 
 def tiny_model(seed: int = 0) -> tuple[nn.Module, torch.optim.Optimizer]:
+    """The 32 -> 64 -> 10 MLP and its SGD with momentum, seeded.
+
+    Args:
+        seed: torch's seed for the weights.
+
+    Returns:
+        The model and its optimizer.
+    """
     torch.manual_seed(seed)
     model = nn.Sequential(nn.Linear(32, 64), nn.Tanh(), nn.Linear(64, 10))
     return model, torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
 
 
 def loss_fn(model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """Cross-entropy, a mean over the micro-batch's samples.
+
+    Args:
+        model: the MLP.
+        batch: (inputs, class labels).
+
+    Returns:
+        The mean loss.
+    """
     x, y = batch
     return F.cross_entropy(model(x), y)
 
@@ -50,6 +69,14 @@ def runners(x: torch.Tensor, y: torch.Tensor, micro: int) -> dict[str, Callable[
 
     The micro-batches are cut once, up front, like a loader that yields them: what
     is timed is the loop body, so the comparison is as strict as it can be.
+
+    Args:
+        x: the logical batch's inputs.
+        y: its labels.
+        micro: samples per micro-batch.
+
+    Returns:
+        name -> one optimizer step.
     """
     n = len(x)
     k = -(-n // micro)
@@ -85,73 +112,90 @@ def runners(x: torch.Tensor, y: torch.Tensor, micro: int) -> dict[str, Callable[
 def measure(
     batch_size: int, micro_sizes: list[int], steps: int, repeats: int, clock: Callable[[], float]
 ) -> list[dict[str, float]]:
+    """Samples/s of the three ways at each micro-batch size, and bigbatch's paired ratios to plain.
+
+    Args:
+        batch_size: samples per logical batch.
+        micro_sizes: the micro-batch sizes.
+        steps: optimizer steps per timed block.
+        repeats: interleaved timed blocks per way.
+        clock: the clock.
+
+    Returns:
+        One row per micro-batch size.
+    """
     g = torch.Generator().manual_seed(0)
     x = torch.randn(batch_size, 32, generator=g)
     y = torch.randint(0, 10, (batch_size,), generator=g)
     rows = []
     for micro in micro_sizes:
         runs = runners(x, y, micro)
-        names = list(runs)
         for fn in runs.values():  # warm-up: allocator, optimizer state
             for _ in range(3):
                 fn()
-        seconds: dict[str, list[float]] = {name: [] for name in names}
-        for r in range(repeats):
-            order = names[r % len(names) :] + names[: r % len(names)]
-            for name in order:
-                start = clock()
+
+        def block(fn: Callable[[], None]) -> Callable[[int], None]:
+            def timed(_: int) -> None:
                 for _ in range(steps):
-                    runs[name]()
-                seconds[name].append((clock() - start) / steps)
+                    fn()
+
+            return timed
+
+        seconds = time_interleaved({name: block(fn) for name, fn in runs.items()}, repeats=repeats, clock=clock)
         row = {"micro_batch_size": micro, "micro_steps": -(-batch_size // micro)}
-        for name in names:
-            row[name] = batch_size / statistics.median(seconds[name])  # samples/s
-        for name in names[1:]:
-            # The median of paired ratios: each repeat's runs saw the same machine state.
-            row[f"{name} ratio"] = statistics.median(
-                p / t for p, t in zip(seconds["plain"], seconds[name])
-            )
+        for name in runs:
+            row[name] = batch_size * steps / statistics.median(seconds[name])  # samples/s
+        for name in ("step API", "loop API"):
+            row[f"{name} ratio"] = median_paired_ratio(seconds["plain"], seconds[name])
         rows.append(row)
     return rows
 
 
-def print_table(rows: list[dict[str, float]], batch_size: int) -> None:
-    print(f"logical batch {batch_size} samples; samples/s (median); ratio = bigbatch / plain")
-    print("| micro-batch | micro-steps | plain | step API | loop API | step ratio | loop ratio |")
-    print("| --- | --- | --- | --- | --- | --- | --- |")
-    for r in rows:
-        print(
-            f"| {r['micro_batch_size']:.0f} | {r['micro_steps']:.0f} | {r['plain']:,.0f} | "
-            f"{r['step API']:,.0f} | {r['loop API']:,.0f} | {r['step API ratio']:.3f} | "
-            f"{r['loop API ratio']:.3f} |"
-        )
+def table(rows: list[dict[str, float]]) -> str:
+    """The rows as a Markdown table.
+
+    Args:
+        rows: what `measure` returned.
+
+    Returns:
+        The table.
+    """
+    header = ["micro-batch", "micro-steps", "plain", "step API", "loop API", "step ratio", "loop ratio"]
+    return markdown_table(header, [
+        [f"{r['micro_batch_size']:.0f}", f"{r['micro_steps']:.0f}", f"{r['plain']:,.0f}", f"{r['step API']:,.0f}",
+         f"{r['loop API']:,.0f}", f"{r['step API ratio']:.3f}", f"{r['loop API ratio']:.3f}"]
+        for r in rows
+    ])  # fmt: skip
 
 
-def plot(rows: list[dict[str, float]], path: Path) -> None:
-    import matplotlib
+def plot(rows: list[dict[str, float]], path: Path) -> Path:
+    """Throughput and the ratios against micro-batch size, as a PNG.
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    Args:
+        rows: what `measure` returned.
+        path: the PNG to write.
 
+    Returns:
+        The path written.
+    """
     micro = [r["micro_batch_size"] for r in rows]
-    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
-    for name in ("plain", "step API", "loop API"):
-        left.plot(micro, [r[name] for r in rows], marker="o", label=name)
-    left.set(xscale="log", xlabel="micro-batch size", ylabel="samples/s", title="throughput")
-    left.legend()
-    for name in ("step API", "loop API"):
-        right.plot(micro, [r[f"{name} ratio"] for r in rows], marker="o", label=name)
-    right.axhline(0.95, color="gray", linestyle="--", label="target 0.95")
-    right.axhline(1.0, color="black", linewidth=0.5)
-    right.set(xscale="log", xlabel="micro-batch size", ylabel="bigbatch / plain", title="ratio")
-    right.legend()
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    throughput = Panel(title="throughput", xlabel="micro-batch size", ylabel="samples/s",
+                       series={name: (micro, [r[name] for r in rows]) for name in ("plain", "step API", "loop API")})
+    ratio = Panel(title="ratio", xlabel="micro-batch size", ylabel="bigbatch / plain",
+                  series={name: (micro, [r[f"{name} ratio"] for r in rows]) for name in ("step API", "loop API")},
+                  hlines={"1.0": 1.0, "target 0.95": 0.95})  # fmt: skip
+    return plot_panels(path, [throughput, ratio])
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Measure, print the table, write the plot.
+
+    Args:
+        argv: command-line arguments (default: sys.argv[1:]).
+
+    Returns:
+        0.
+    """
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--batch-size", type=int, default=32, help="samples per logical batch")
     parser.add_argument("--micro-batch-sizes", type=int, nargs="+", default=[1, 2, 4, 8, 32])
@@ -163,9 +207,9 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(1)  # a tiny model gains nothing from threads; one keeps timings steady
     clock = time.process_time if args.clock == "cpu" else time.perf_counter
     rows = measure(args.batch_size, args.micro_batch_sizes, args.steps, args.repeats, clock)
-    print_table(rows, args.batch_size)
-    plot(rows, args.out)
-    print(f"wrote {args.out}")
+    print(f"logical batch {args.batch_size} samples; samples/s (median); ratio = bigbatch / plain")
+    print(table(rows))
+    print(f"wrote {plot(rows, args.out)}")
     return 0
 
 

@@ -14,6 +14,7 @@ benchmarks/out/planner_gpt2[_tiny].png. Memory is CUDA's max_memory_allocated
 on a GPU and bigbatch's accounting (parameters, gradients, optimizer state,
 saved activations) on the CPU, where the ratios say little about a GPU; --tiny
 runs torch single-threaded, which keeps CPU timings steadier on a shared machine.
+The model is bigbatch/tasks/gpt2.py's, the one `bigbatch bench --model gpt2-small` uses.
 """
 
 from __future__ import annotations
@@ -21,78 +22,29 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import replace
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
-from torch import nn
 
 import bigbatch as bb
+from bigbatch.benchmarking import markdown_table
+from bigbatch.devices import choose_device
 from bigbatch.memory import format_bytes
+from bigbatch.tasks.gpt2 import GPT2Shape, chunked_loss, make_gpt2, plain_loss, random_tokens
 
 OUT = Path(__file__).parent / "out"
 
 
-@dataclass
-class Config:
-    vocab: int = 50257
-    seq: int = 1024
-    d_model: int = 768
-    layers: int = 12
-    heads: int = 12
-    batch: int = 64
-
-
-class Block(nn.Module):
-    def __init__(self, c: Config) -> None:
-        super().__init__()
-        self.heads = c.heads
-        self.ln1, self.ln2 = nn.LayerNorm(c.d_model), nn.LayerNorm(c.d_model)
-        self.qkv, self.proj = nn.Linear(c.d_model, 3 * c.d_model), nn.Linear(c.d_model, c.d_model)
-        self.up, self.down = nn.Linear(c.d_model, 4 * c.d_model), nn.Linear(4 * c.d_model, c.d_model)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        n, t, d = x.shape
-        q, k, v = self.qkv(self.ln1(x)).view(n, t, 3, self.heads, d // self.heads).transpose(1, 3).unbind(2)
-        a = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        x = x + self.proj(a.transpose(1, 2).reshape(n, t, d))
-        return x + self.down(F.gelu(self.up(self.ln2(x)), approximate="tanh"))
-
-
-class GPT(nn.Module):
-    """GPT-2 (nanoGPT's shape): token and position embeddings, blocks, final norm, tied head."""
-
-    def __init__(self, c: Config) -> None:
-        super().__init__()
-        self.wte, self.wpe = nn.Embedding(c.vocab, c.d_model), nn.Embedding(c.seq, c.d_model)
-        self.blocks = nn.ModuleList(Block(c) for _ in range(c.layers))
-        self.ln_f = nn.LayerNorm(c.d_model)
-        for m in self.modules():
-            if isinstance(m, (nn.Linear, nn.Embedding)):
-                nn.init.normal_(m.weight, std=0.02)
-
-    def hidden(self, tokens: torch.Tensor) -> torch.Tensor:
-        x = self.wte(tokens) + self.wpe(torch.arange(tokens.shape[1], device=tokens.device))
-        for block in self.blocks:
-            x = block(x)
-        return self.ln_f(x)
-
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        return F.linear(self.hidden(tokens), self.wte.weight)  # the head is tied to the embedding
-
-
-def plain_loss(model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> bb.LossSum:
-    x, y = batch
-    return bb.token_cross_entropy(model(x), y)
-
-
-def chunked_loss(model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> bb.LossSum:
-    x, y = batch
-    return bb.chunked_cross_entropy(model.hidden(x), model.wte.weight, y)  # type: ignore[operator, union-attr]
-
-
 def main(argv: list[str] | None = None) -> int:
+    """Plan GPT-2 within the budget and print the table.
+
+    Args:
+        argv: command-line arguments (default: sys.argv[1:]).
+
+    Returns:
+        0 something fits, 1 nothing does (or the full batch did not run).
+    """
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--tiny", action="store_true", help="a small config on the CPU (under a minute)")
     parser.add_argument("--batch", type=int, help="logical batch (64; tiny 16)")
@@ -107,31 +59,29 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default=None, help="cuda if available (cpu with --tiny)")
     args = parser.parse_args(argv)
 
-    c = Config(vocab=512, seq=128, d_model=32, layers=4, heads=1, batch=16) if args.tiny else Config()
-    for field in ("batch", "seq", "layers", "vocab"):
-        if getattr(args, field) is not None:
-            setattr(c, field, getattr(args, field))
+    shape = GPT2Shape.tiny() if args.tiny else GPT2Shape.small()
+    given = {"seq_len": args.seq, "n_layers": args.layers, "vocab_size": args.vocab}
+    shape = replace(shape, **{k: v for k, v in given.items() if v is not None})
     if args.d_model is not None:
-        c.d_model, c.heads = args.d_model, max(1, args.d_model // 64)
+        shape = shape.with_width(args.d_model)
+    n = args.batch or (16 if args.tiny else 64)
     steps = args.steps or 3
     if args.tiny:
         torch.set_num_threads(1)  # steadier CPU timings on a shared machine
-    device = torch.device(args.device or ("cpu" if args.tiny or not torch.cuda.is_available() else "cuda"))
+    device = choose_device(args.device or ("cpu" if args.tiny else "auto"), setting="--device")
     cuda = device.type == "cuda"
     precision = "bf16" if cuda else "fp32"
     compile_flag = {"auto": None, "on": True, "off": False}[args.compile]
 
     torch.manual_seed(0)
-    model = GPT(c).to(device)
-    g = torch.Generator().manual_seed(0)
-    tokens = torch.randint(0, c.vocab, (c.batch, c.seq + 1), generator=g)
-    batch = (tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous())
+    model = make_gpt2(shape).to(device)
+    batch = random_tokens(shape, n, torch.Generator().manual_seed(0))
 
     def optimizer(params: object) -> torch.optim.Optimizer:
         return torch.optim.AdamW(params, lr=3e-4, weight_decay=0.1, fused=cuda)  # type: ignore[arg-type]
 
     started = time.perf_counter()
-    full = bb.plan(model, batch, plain_loss, optimizer=optimizer, max_memory=1 << 50, micro_batch_sizes=[c.batch],
+    full = bb.plan(model, batch, plain_loss, optimizer=optimizer, max_memory=1 << 50, micro_batch_sizes=[n],
                    checkpointing=False, compile=False, precision=precision, steps=steps)  # fmt: skip
     eager = full.candidates[0]
     if eager.measured_bytes is None or eager.samples_per_s is None:
@@ -143,20 +93,21 @@ def main(argv: list[str] | None = None) -> int:
     elapsed = time.perf_counter() - started
 
     params = sum(p.numel() for p in model.parameters())
-    print(f"GPT {params / 1e6:.1f}M params, seq {c.seq}, logical batch {c.batch}, vocab {c.vocab}, {precision}, "
-          f"{device}{' (' + torch.cuda.get_device_name(device) + ')' if cuda else ''}")  # fmt: skip
-    print(f"eager full batch: {eager.samples_per_s * c.seq:,.0f} tokens/s at {format_bytes(eager.measured_bytes)}; "
-          f"budget 1/{args.fraction:g} = {format_bytes(budget)}; memory = {result.memory_source}; "
+    print(f"GPT {params / 1e6:.1f}M params, seq {shape.seq_len}, logical batch {n}, vocab {shape.vocab_size}, "
+          f"{precision}, {device}{' (' + torch.cuda.get_device_name(device) + ')' if cuda else ''}")  # fmt: skip
+    print(f"eager full batch: {eager.samples_per_s * shape.seq_len:,.0f} tokens/s at "
+          f"{format_bytes(eager.measured_bytes)}; budget 1/{args.fraction:g} = {format_bytes(budget)}; memory = {result.memory_source}; "
           f"tokens/s by {result.timing}, fastest of {steps} step(s)\n")  # fmt: skip
-    print("| micro | checkpointing | loss | compile | predicted | measured | tokens/s | ratio | status |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    rows = []
     for cand in result.candidates:
-        tps = cand.samples_per_s * c.seq if cand.samples_per_s is not None else None
-        ratio = f"{tps / (eager.samples_per_s * c.seq):.2f}" if tps is not None else "-"
-        status = "**chosen**" if cand.chosen else cand.status
-        print(f"| {cand.micro_batch_size} | {'yes' if cand.checkpointing else 'no'} | {cand.loss} | "
-              f"{'yes' if cand.compile else 'no'} | {format_bytes(cand.predicted_bytes)} | "
-              f"{format_bytes(cand.measured_bytes)} | {f'{tps:,.0f}' if tps is not None else '-'} | {ratio} | {status} |")  # fmt: skip
+        tps = cand.samples_per_s * shape.seq_len if cand.samples_per_s is not None else None
+        ratio = f"{tps / (eager.samples_per_s * shape.seq_len):.2f}" if tps is not None else "-"
+        rows.append([cand.micro_batch_size, "yes" if cand.checkpointing else "no", cand.loss,
+                     "yes" if cand.compile else "no", format_bytes(cand.predicted_bytes),
+                     format_bytes(cand.measured_bytes), f"{tps:,.0f}" if tps is not None else "-", ratio,
+                     "**chosen**" if cand.chosen else cand.status])  # fmt: skip
+    print(markdown_table(["micro", "checkpointing", "loss", "compile", "predicted", "measured", "tokens/s", "ratio",
+                          "status"], rows))  # fmt: skip
     png = result.plot(args.out / f"planner_gpt2{'_tiny' if args.tiny else ''}.png")
     best = result.best
     print(f"\nchosen: {best.settings() if best else 'nothing fits'}; planning took {elapsed:.0f} s; plot: {png}")

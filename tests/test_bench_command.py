@@ -1,4 +1,4 @@
-"""`bigbatch bench` runs end to end at tiny sizes, prints its table and writes its PNG."""
+"""`bigbatch bench` runs end to end at tiny sizes, prints its table, and writes a PNG only where asked."""
 
 from __future__ import annotations
 
@@ -9,11 +9,11 @@ from bigbatch.cli import main
 
 
 def test_bench_prints_a_row_per_method_and_micro_batch_and_writes_a_png(tmp_path, capsys):
-    out = tmp_path / "bench.png"
+    out = tmp_path / "pictures" / "bench.png"
     code = main([
         "bench", "--device", "cpu", "--batch-size", "4", "--micro-batch-sizes", "1", "4",
         "--seq-len", "16", "--steps", "1", "--repeats", "1", "--warmup", "0",
-        "--methods", "plain", "bigbatch", "--out", str(out),
+        "--methods", "plain", "bigbatch", "--plot", str(out),
     ])
     assert code == 0
     lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ")]
@@ -23,7 +23,15 @@ def test_bench_prints_a_row_per_method_and_micro_batch_and_writes_a_png(tmp_path
     ]
     assert all(float(r[2].replace(",", "")) > 0 for r in rows)  # tokens/s
     assert [r[4] for r in rows if r[1] == "plain"] == ["1.000", "1.000"]  # its own reference
-    assert out.stat().st_size > 0
+    assert out.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_bench_writes_nothing_unasked(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert main(["bench", "--device", "cpu", "--batch-size", "2", "--micro-batch-sizes", "2", "--seq-len", "8",
+                 "--steps", "1", "--repeats", "1", "--warmup", "0", "--methods", "bigbatch"]) == 0  # fmt: skip
+    assert "| 2 | bigbatch |" in capsys.readouterr().out  # premise: it did run
+    assert list(tmp_path.rglob("*")) == []
 
 
 @pytest.mark.parametrize(
@@ -34,8 +42,8 @@ def test_bench_prints_a_row_per_method_and_micro_batch_and_writes_a_png(tmp_path
         (["--warmup", "-1"], "--warmup must be >= 0, got -1."),
         (["--batch-size", "0"], "--batch-size must be >= 1, got 0."),
         (["--micro-batch-sizes", "4", "0"], "--micro-batch-sizes must all be >= 1, got [4, 0]."),
-        (["--device", "tpu"], "--device 'tpu' is not a device; write auto, cpu, cuda or cuda:1."),
-        pytest.param(["--device", "cuda"], "--device cuda, but no CUDA device is available; use --device cpu.",
+        (["--device", "tpu"], """--device: 'tpu' is not a device; write "auto", "cpu", "cuda" or "cuda:1"."""),
+        pytest.param(["--device", "cuda"], """--device: 'cuda' asks for CUDA, but no CUDA GPU is available; use "cpu".""",
                      marks=pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")),
     ],
 )

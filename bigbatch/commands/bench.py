@@ -3,7 +3,7 @@
     bigbatch bench                                     # built-in char LM, CPU-sized, under a minute
     bigbatch bench --micro-batch-sizes 1 2 4 8 16 --steps 10
     bigbatch bench --model gpt2-small --device cuda    # docs/design.md's setup: bf16, fused AdamW
-    bigbatch bench --methods plain bigbatch bigbatch-cudagraphs
+    bigbatch bench --methods plain bigbatch bigbatch-cudagraphs --plot benchmarks/out/bench.png
 
 Every method runs the same logical batches, one optimizer step per batch:
 
@@ -18,7 +18,10 @@ the ratio to the plain loop at the same micro-batch, and the ratio to the plain
 loop at the largest micro-batch (the full batch when it is listed). Timed blocks
 are repeated and the median kept. On the CPU the methods' blocks are interleaved
 and the clock is the process's CPU time on one thread; on a GPU the methods run
-one at a time (each peak is its own), timed by the wall clock. Writes a PNG.
+one at a time (each peak is its own), timed by the wall clock. `--plot PATH`
+writes a PNG of tokens/s per micro-batch size (nothing is written otherwise).
+The timing, tables and plots are bigbatch/benchmarking.py's, shared with the
+scripts in benchmarks/; the GPT-2 model is bigbatch/tasks/gpt2.py's.
 """
 
 from __future__ import annotations
@@ -29,7 +32,6 @@ import gc
 import importlib.util
 import statistics
 import sys
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,7 +42,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..accumulator import Accumulator
-from ..losses import token_cross_entropy
+from ..benchmarking import Panel, clock_for, markdown_table, plot_panels, sync_device, time_interleaved
+from ..devices import choose_device
+from ..errors import ConfigError
+from ..losses import LossSum, token_cross_entropy
 
 Batch = tuple[torch.Tensor, torch.Tensor]  # (tokens, labels), both (n, seq)
 METHODS = ("plain", "bigbatch", "bigbatch-compile", "bigbatch-cudagraphs", "accelerate")
@@ -58,6 +63,11 @@ class Setup:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Declare `bigbatch bench`'s options on `parser`.
+
+    Args:
+        parser: the subcommand's parser.
+    """
     parser.add_argument("--model", choices=["text", "gpt2-small"], default="text",
                         help="text: the built-in char LM (default); gpt2-small: 124M params, seq 1024 (CUDA)")
     parser.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ...")
@@ -72,13 +82,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="untimed steps first (1; 3 when compile or CUDA graphs run: they record first)")
     parser.add_argument("--methods", nargs="+", choices=METHODS, default=None,
                         help="what to compare (default: all that apply to the device)")
-    parser.add_argument("--out", type=Path, default=Path("benchmarks/out/bench.png"), help="where the PNG goes")
-
-
-def _device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    parser.add_argument("--plot", type=Path, default=None, metavar="PATH",
+                        help="write a PNG of tokens/s per micro-batch size here (default: no picture)")
 
 
 def _text_setup(args: argparse.Namespace, device: torch.device) -> Setup:
@@ -99,23 +104,21 @@ def _text_setup(args: argparse.Namespace, device: torch.device) -> Setup:
 
 
 def _gpt2_small_setup(args: argparse.Namespace, device: torch.device) -> Setup:
-    from ..tasks.text import CharTransformer
+    from dataclasses import replace
 
-    seq, vocab = args.seq_len or 1024, 50257
+    from ..tasks.gpt2 import GPT2Shape, make_gpt2, random_tokens
 
-    def make_model() -> nn.Module:
-        model = CharTransformer(vocab, block_size=seq, d_model=768, n_layers=12, n_heads=12, dropout=0.0)
-        model.head.weight = model.tok.weight  # tied, as in GPT-2: 124M parameters
-        return model
-
+    shape = GPT2Shape.small()
+    if args.seq_len is not None:
+        shape = replace(shape, seq_len=args.seq_len)
     n = args.batch_size or 64
     g = torch.Generator().manual_seed(0)
     batches = []
     for _ in range(args.warmup + args.steps * args.repeats):
-        ids = torch.randint(0, vocab, (n, seq + 1), generator=g)
-        batches.append((ids[:, :-1].to(device), ids[:, 1:].to(device)))
+        tokens, labels = random_tokens(shape, n, g)
+        batches.append((tokens.to(device), labels.to(device)))
     precision = "bf16" if device.type == "cuda" else "fp32"
-    return Setup("GPT-2 small (124M, tied head)", make_model, batches, precision, 6e-4)
+    return Setup("GPT-2 small (124M, tied head)", lambda: make_gpt2(shape), batches, precision, 6e-4)
 
 
 def _optimizer(model: nn.Module, lr: float, device: torch.device) -> torch.optim.Optimizer:
@@ -123,7 +126,7 @@ def _optimizer(model: nn.Module, lr: float, device: torch.device) -> torch.optim
     return torch.optim.AdamW(model.parameters(), lr=lr, fused=fused)
 
 
-def _token_loss(model: nn.Module, batch: Batch) -> Any:
+def _token_loss(model: nn.Module, batch: Batch) -> LossSum:
     tokens, labels = batch
     return token_cross_entropy(model(tokens), labels)
 
@@ -189,40 +192,55 @@ def _accelerate_runner(setup: Setup, micro: int, device: torch.device, model: nn
     return accelerate
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def measure(setup: Setup, micro: int, methods: list[str], device: torch.device, steps: int,
             repeats: int, warmup: int, initial: nn.Module) -> list[dict[str, Any]]:
-    """Time `methods` at one micro-batch size, their blocks interleaved, each on the same batches."""
+    """Time `methods` at one micro-batch size, their blocks interleaved, each on the same batches.
+
+    Args:
+        setup: the model factory, batches and precision.
+        micro: the micro-batch size.
+        methods: what to compare (see METHODS).
+        device: where to run.
+        steps: optimizer steps per timed block.
+        repeats: timed blocks per method (the median is kept).
+        warmup: untimed steps first, per method.
+        initial: the model every method starts from (each gets a copy).
+
+    Returns:
+        One row per method: micro, method, tokens_per_s, peak_bytes (CUDA's peak over all of them).
+    """
     runs = {m: _runner(m, setup, micro, device, copy.deepcopy(initial)) for m in methods}
     for run in runs.values():
         for batch in setup.batches[:warmup]:
             run(batch)
-    _sync(device)
+    sync_device(device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    # On the CPU, this process's CPU time (torch on one thread): a busy machine
-    # does not skew it. On a GPU, wall-clock time between synchronisations.
-    clock = time.process_time if device.type == "cpu" else time.perf_counter
-    seconds: dict[str, list[float]] = {m: [] for m in methods}
-    for r in range(repeats):
-        blocks = setup.batches[warmup + r * steps : warmup + (r + 1) * steps]
-        for method in methods[r % len(methods) :] + methods[: r % len(methods)]:
-            start = clock()
-            for batch in blocks:
-                runs[method](batch)
-            _sync(device)
-            seconds[method].append((clock() - start) / steps)
+
+    def block(run: Callable[[Batch], None]) -> Callable[[int], None]:
+        def timed(r: int) -> None:  # repeat r runs its own `steps` batches
+            for batch in setup.batches[warmup + r * steps : warmup + (r + 1) * steps]:
+                run(batch)
+
+        return timed
+
+    seconds = time_interleaved({m: block(run) for m, run in runs.items()}, repeats=repeats,
+                               clock=clock_for(device), sync=lambda: sync_device(device))  # fmt: skip
     tokens = setup.batches[0][0].numel()
     peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
-    return [{"micro": micro, "method": m, "tokens_per_s": tokens / statistics.median(seconds[m]),
+    return [{"micro": micro, "method": m, "tokens_per_s": tokens * steps / statistics.median(seconds[m]),
              "peak_bytes": peak} for m in methods]
 
 
 def default_methods(device: torch.device) -> list[str]:
+    """What runs by default: compiled micro-steps only on CUDA (compiling on a CPU takes minutes).
+
+    Args:
+        device: where the benchmark runs.
+
+    Returns:
+        The method names, Accelerate's where it is installed.
+    """
     methods = ["plain", "bigbatch"]
     if device.type == "cuda":
         methods += ["bigbatch-compile", "bigbatch-cudagraphs"]
@@ -232,7 +250,15 @@ def default_methods(device: torch.device) -> list[str]:
 
 
 def run_bench(args: argparse.Namespace) -> list[dict[str, Any]]:
-    device = _device(args.device)
+    """Measure every method at every micro-batch size that `args` name.
+
+    Args:
+        args: the parsed command line (checked by `_bad_argument` first).
+
+    Returns:
+        One row per (micro-batch size, method): tokens/s and CUDA peak bytes (None elsewhere).
+    """
+    device = choose_device(args.device, setting="--device")
     methods = args.methods or default_methods(device)
     if args.warmup is None:
         args.warmup = 3 if any(m.startswith("bigbatch-") for m in methods) else 1
@@ -266,35 +292,44 @@ def run_bench(args: argparse.Namespace) -> list[dict[str, Any]]:
     return rows
 
 
-def print_table(rows: list[dict[str, Any]]) -> None:
+def table(rows: list[dict[str, Any]]) -> str:
+    """The rows as a Markdown table, with ratios to the plain loop.
+
+    Args:
+        rows: what `run_bench` measured.
+
+    Returns:
+        The table.
+    """
     plain = {r["micro"]: r["tokens_per_s"] for r in rows if r["method"] == "plain"}
     full = plain.get(max(plain)) if plain else None
-    print("| micro-batch | method | tokens/s | peak GiB | vs plain, same micro | vs plain, largest micro |")
-    print("| --- | --- | --- | --- | --- | --- |")
+    cells = []
     for r in rows:
         same = plain.get(r["micro"])
         peak = "-" if r["peak_bytes"] is None else f"{r['peak_bytes'] / 2**30:.1f}"
         ratio = f"{r['tokens_per_s'] / same:.3f}" if same else "-"
         vs_full = f"{r['tokens_per_s'] / full:.3f}" if full else "-"
-        print(f"| {r['micro']} | {r['method']} | {r['tokens_per_s']:,.0f} | {peak} | {ratio} | {vs_full} |")
+        cells.append([r["micro"], r["method"], f"{r['tokens_per_s']:,.0f}", peak, ratio, vs_full])
+    header = ["micro-batch", "method", "tokens/s", "peak GiB", "vs plain, same micro", "vs plain, largest micro"]
+    return markdown_table(header, cells)
 
 
-def plot(rows: list[dict[str, Any]], path: Path, title: str) -> None:
-    import matplotlib
+def plot(rows: list[dict[str, Any]], path: Path, title: str) -> Path:
+    """Tokens/s against micro-batch size, one line per method, as a PNG at `path`.
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    Args:
+        rows: what `run_bench` measured.
+        path: the PNG to write.
+        title: the plot's title.
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    Returns:
+        The path written.
+    """
+    panel = Panel(title=title, xlabel="micro-batch size (sequences)", ylabel="tokens/s")
     for method in dict.fromkeys(r["method"] for r in rows):
         mine = [r for r in rows if r["method"] == method]
-        ax.plot([r["micro"] for r in mine], [r["tokens_per_s"] for r in mine], marker="o", label=method)
-    ax.set(xscale="log", xlabel="micro-batch size (sequences)", ylabel="tokens/s", title=title)
-    ax.legend()
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+        panel.series[method] = ([r["micro"] for r in mine], [r["tokens_per_s"] for r in mine])
+    return plot_panels(path, [panel])
 
 
 def _bad_argument(args: argparse.Namespace) -> str | None:
@@ -307,21 +342,27 @@ def _bad_argument(args: argparse.Namespace) -> str | None:
     if args.micro_batch_sizes and min(args.micro_batch_sizes) < 1:
         return f"--micro-batch-sizes must all be >= 1, got {args.micro_batch_sizes}."
     try:
-        device = _device(args.device)
-    except RuntimeError:
-        return f"--device {args.device!r} is not a device; write auto, cpu, cuda or cuda:1."
-    if device.type == "cuda" and not torch.cuda.is_available():
-        return "--device cuda, but no CUDA device is available; use --device cpu."
+        choose_device(args.device, setting="--device")
+    except ConfigError as error:
+        return str(error)
     return None
 
 
 def run(args: argparse.Namespace) -> int:
+    """Measure as `args` say, print the table, and write the plot if `--plot` names one.
+
+    Args:
+        args: what `add_arguments`' options parsed to.
+
+    Returns:
+        0 measured, 2 the command line was wrong.
+    """
     bad = _bad_argument(args)
     if bad is not None:
         print(f"bigbatch bench: {bad}", file=sys.stderr)
         return 2
     rows = run_bench(args)
-    print_table(rows)
-    plot(rows, args.out, f"bigbatch bench: {args.model}")
-    print(f"wrote {args.out}")
+    print(table(rows))
+    if args.plot is not None:
+        print(f"plot: {plot(rows, args.plot, f'bigbatch bench: {args.model}')}")
     return 0
