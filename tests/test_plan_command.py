@@ -1,4 +1,4 @@
-"""`bigbatch plan`: 0 when something fits (table and PNG), 1 when nothing does, 2 on misuse."""
+"""`bigbatch plan`: 0 when something fits (table, and a PNG where asked), 1 when nothing does, 2 on misuse."""
 
 from __future__ import annotations
 
@@ -61,10 +61,12 @@ def test_a_file_factory_that_fits_exits_0_with_table_and_png(cases, tmp_path, ca
     assert png.read_bytes()[:4] == b"\x89PNG"
 
 
-def test_module_factory_with_its_own_optimizer_and_the_default_plot_path(cases, tmp_path, capsys):
+def test_module_factory_with_its_own_optimizer_writes_no_picture_unasked(cases, tmp_path, capsys):
+    before = sorted(tmp_path.iterdir())
     assert main(["plan", "plan_cases_mod:with_sgd", "--max-memory", "1GiB", "--steps", "1",
                  "--micro-batch-sizes", "4"]) == 0  # fmt: skip
-    assert (tmp_path / "plan.png").is_file()
+    assert "CHOSEN" in capsys.readouterr().out  # premise: it planned
+    assert sorted(tmp_path.iterdir()) == before  # the current directory (tmp_path) is left as it was
 
 
 def test_nothing_fits_exits_1_and_says_what_to_try(cases, capsys):
@@ -82,7 +84,9 @@ def test_nothing_fits_exits_1_and_says_what_to_try(cases, capsys):
         (["plan", "{cases}:mlp", "--max-memory", "1GiB", "--micro-batch-sizes", "two"], "comma-separated"),
         (["plan", "--task", "txet", "--max-memory", "1GiB"], "text"),
         (["plan", "--task", "digits", "--max-memory", "1GiB", "--batch-size", "0"], "--batch-size must be >= 1"),
-        (["plan", "--task", "digits", "--max-memory", "1GiB", "--device", "tpu"], "--device"),
+        (["plan", "--task", "digits", "--max-memory", "1GiB", "--device", "tpu"], "--device: 'tpu' is not a device"),
+        (["plan", "--task", "digits", "--max-memory", "1GiB", "--set", "nrom=batchnorm"], 'Did you mean "norm"'),
+        (["plan", "{cases}:mlp", "--max-memory", "1GiB", "--set", "norm=none"], "--set KEY=VALUE sets options"),
         pytest.param(["plan", "--task", "digits", "--max-memory", "1GiB", "--device", "cuda"], "no CUDA GPU",
                      marks=pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")),
     ],
@@ -97,3 +101,16 @@ def test_builtin_task(tmp_path, monkeypatch, capsys):
     assert main(["plan", "--task", "digits", "--max-memory", "1GiB", "--batch-size", "8",
                  "--micro-batch-sizes", "8", "--steps", "1", "--device", "cpu"]) == 0  # fmt: skip
     assert "task digits" in capsys.readouterr().out
+
+
+def test_builtin_task_options_change_what_is_planned(tmp_path, monkeypatch, capsys):
+    # --set reaches the task: a wider hidden layer means more parameters, so more memory predicted.
+    monkeypatch.chdir(tmp_path)
+    sizes = {}
+    for hidden in (16, 256):
+        assert main(["plan", "--task", "digits", "--set", f"hidden={hidden}", "--max-memory", "1GiB",
+                     "--batch-size", "8", "--micro-batch-sizes", "8", "--checkpointing", "off", "--steps", "1",
+                     "--device", "cpu"]) == 0  # fmt: skip
+        row = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("8 "))
+        sizes[hidden] = row.split()[3:5]  # the predicted memory, e.g. ["12.3", "KiB"]
+    assert sizes[16] != sizes[256], sizes

@@ -128,6 +128,23 @@ def test_a_built_in_task_passes_and_its_batchnorm_variant_fails(capsys):
     assert main(["verify", "--task", "digits", "--batch-size", "8", "--set", "norm=batchnorm"]) == 1
     out = capsys.readouterr().out
     assert "FAIL: " in out and "(BatchNorm1d)" in out
+    # The same option written as `bigbatch train` writes it, and a quoted TOML string: the same parser.
+    assert main(["verify", "--task", "digits", "--batch-size", "8", "--set", 'task.norm="batchnorm"']) == 1
+
+
+@pytest.mark.parametrize(
+    "setting,message",
+    [
+        ("hidden=1.5", "task.hidden = 1.5 is not valid; expected int"),  # typed as the config types it
+        ("nrom=batchnorm", 'Did you mean "norm"?'),
+        ("optim.lr=1e-3", "here --set sets an option of the built-in --task"),
+        ("name=text", "name the task with --task"),
+    ],
+)
+def test_task_options_are_read_by_the_training_configs_parser(capsys, setting, message):
+    assert main(["verify", "--task", "digits", "--batch-size", "8", "--set", setting]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("bigbatch verify: ") and message in err, err
 
 
 @pytest.mark.parametrize(

@@ -1,12 +1,18 @@
-"""The case a command works on: a user's factory that returns (model, batch, loss_fn).
+"""The case a command works on: a user's factory that returns (model, batch, loss_fn), or a built-in task.
 
 Shared by `bigbatch verify` and `bigbatch plan`: `make_case("pkg.mod:make")` or
 `make_case("path/case.py:make")`, then `unpack_case(case, target)`. The user's code
 failing to import or run is a `UsageError` naming the exception and its file:line.
+
+A built-in task is named the same way in every command: `--task NAME --set
+KEY=VALUE` (`add_task_arguments`), the options read by the trainer's config
+(`task_options`), so `bigbatch verify --task digits --set norm=batchnorm`
+means what `bigbatch train --task digits --set task.norm=batchnorm` means.
 """
 
 from __future__ import annotations
 
+import argparse
 import importlib
 import importlib.util
 import os
@@ -15,6 +21,8 @@ import traceback
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+from ..errors import ConfigError
 
 
 class UsageError(Exception):
@@ -78,11 +86,80 @@ def _describe(error: BaseException) -> str:
     return f"{type(error).__name__}: {error}{where}"
 
 
+def add_task_arguments(parser: argparse.ArgumentParser, *, verb: str, batch_size: int) -> None:
+    """Declare `--task NAME`, `--set KEY=VALUE` and `--batch-size N` on a command's parser.
+
+    Args:
+        parser: the subcommand's parser.
+        verb: what the command does with the task, for the help ("verify", "plan").
+        batch_size: the default number of samples in the task's batch.
+    """
+    parser.add_argument("--task", help=f"{verb} a built-in task instead of a factory: text or digits")
+    parser.add_argument(
+        "--set", dest="task_settings", action="append", default=[], metavar="KEY=VALUE",
+        help="an option of --task, as `bigbatch train --set task.KEY=VALUE` takes it "
+        "(e.g. norm=batchnorm, d_model=128; values are TOML); repeatable",
+    )  # fmt: skip
+    parser.add_argument("--batch-size", type=int, default=batch_size,
+                        help=f"samples in the logical batch for --task ({batch_size})")  # fmt: skip
+
+
+def task_options(name: str, settings: list[str]) -> dict[str, Any]:
+    """The options of built-in task `name` from `--set KEY=VALUE` items, read as `bigbatch train` reads them.
+
+    Each item goes through `TrainConfig.set` as `task.KEY=VALUE`: the value is
+    parsed by the config's TOML parser (`bigbatch.train.config.parse_value`) and
+    checked against the option's type, and a misspelt key names the nearest one.
+
+    Args:
+        name: the task ("text", "digits").
+        settings: the `--set` items; KEY may be written bare or as task.KEY.
+
+    Returns:
+        The options to build the task with (`build_task(name, **options)`).
+
+    Raises:
+        UsageError: an item is not KEY=VALUE, sets something other than a task option, or the
+            config rejects it (unknown task or option, a value of the wrong type).
+    """
+    from ..train.config import TrainConfig  # the trainer's parser and checks, loaded only for --task
+
+    overrides = [f"task.name={name}"]
+    for item in settings:
+        key, sep, value = item.partition("=")
+        section, _, option = key.strip().rpartition(".")
+        if not sep or not option:
+            raise UsageError(f"--set takes KEY=VALUE (e.g. norm=batchnorm), got {item!r}.")
+        if section not in ("", "task") or option == "name":
+            raise UsageError(
+                f"--set {item!r}: here --set sets an option of the built-in --task (e.g. norm=batchnorm "
+                "or task.norm=batchnorm); name the task with --task."
+            )
+        overrides.append(f"task.{option}={value}")
+    try:
+        config = TrainConfig.load(None, overrides)
+    except ConfigError as error:
+        raise UsageError(str(error).removeprefix("--set: ")) from error
+    options = dict(config.task.options)
+    if config.task.data is not None:
+        options["data"] = config.task.data
+    return options
+
+
 def task_case(name: str, options: dict[str, Any], batch_size: int, seed: int) -> tuple[Any, Any, Any]:
-    """(model, batch, loss_fn) of built-in task `name`: a model seeded with `seed`, its first batch."""
+    """(model, batch, loss_fn) of built-in task `name`: a model seeded with `seed`, its first batch.
+
+    Args:
+        name: the task.
+        options: its options (see `task_options`).
+        batch_size: samples in the batch.
+        seed: seeds the model's initialisation and the batch's draw.
+
+    Returns:
+        The model, one batch and the task's loss function.
+    """
     import torch
 
-    from ..errors import ConfigError
     from ..tasks import build_task
 
     if batch_size < 1:

@@ -2,12 +2,15 @@
 
     bigbatch plan mypackage.models:make_case --max-memory 8GiB
     bigbatch plan path/to/case.py:make_case --max-memory 8GiB --plot plan.png
-    bigbatch plan --task text --max-memory 64MiB --batch-size 32
+    bigbatch plan --task text --max-memory 64MiB --batch-size 32 --set d_model=128
 
 The factory takes no arguments and returns `(model, batch, loss_fn)`, or a dict
 with those keys (and optionally "optimizer": an optimizer or a factory
-`params -> optimizer`; AdamW by default). `batch` is one logical batch. Prints
-the table of candidates and writes a PNG of throughput against memory.
+`params -> optimizer`; AdamW by default). `batch` is one logical batch.
+`--task NAME --set KEY=VALUE` plans a built-in task instead, its options read as
+`bigbatch train --set task.KEY=VALUE` reads them. Prints the table of
+candidates and the chosen setting; `--plot PATH` also writes a PNG of
+throughput against memory (nothing is written otherwise).
 Exit status: 0 something fits, 1 nothing fits (the message says what to try),
 2 the command was used wrongly.
 """
@@ -16,26 +19,33 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 from typing import Any
 
 import torch
 
+from ..devices import choose_device
 from ..errors import BatchError, ConfigError, LossError
 from ..planner import plan
-from .cases import UsageError, make_case, task_case, unpack_case
+from .cases import UsageError, add_task_arguments, make_case, task_case, task_options, unpack_case
 
 _SWITCH = {"auto": None, "on": True, "off": False}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Declare `bigbatch plan`'s options on `parser`.
+
+    Args:
+        parser: the subcommand's parser.
+    """
     parser.add_argument(
         "target", nargs="?", help="MODULE:FACTORY or path/to/file.py:FACTORY; the factory returns (model, batch, loss_fn)"
     )
-    parser.add_argument("--task", help="plan a built-in task instead (text, digits)")
+    add_task_arguments(parser, verb="plan", batch_size=64)
     parser.add_argument("--max-memory", required=True, help='the memory budget, e.g. "8GiB", "7.5GB", "512MiB"')
-    parser.add_argument("--plot", default="plan.png", help="where to write the PNG (plan.png)")
-    parser.add_argument("--batch-size", type=int, default=64, help="logical batch for --task (64)")
-    parser.add_argument("--device", default=None, help="device for --task (cuda if available, else cpu)")
+    parser.add_argument("--plot", type=Path, default=None, metavar="PATH",
+                        help="write a PNG of throughput against memory here (default: no picture)")
+    parser.add_argument("--device", default="auto", help="device for --task: auto (cuda if available), cpu, cuda:1")
     parser.add_argument("--micro-batch-sizes", default=None, help="comma-separated candidates (powers of two)")
     parser.add_argument("--checkpointing", choices=list(_SWITCH), default="auto",
                         help="auto: try both where the model has repeated blocks; on/off: only that")
@@ -46,15 +56,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0, help="random seed for the model and batch (0)")
 
 
-def _task_case(name: str, batch_size: int, seed: int, device: str | None) -> dict[str, Any]:
-    model, batch, loss_fn = task_case(name, {}, batch_size, seed)
-    try:
-        target = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    except RuntimeError:
-        raise UsageError(f'--device {device!r} is not a device; write "cpu", "cuda" or "cuda:1".') from None
-    if target.type == "cuda" and not torch.cuda.is_available():
-        raise UsageError("--device cuda, but no CUDA GPU is available; use --device cpu.")
-    return {"model": model.to(target), "batch": batch, "loss_fn": loss_fn}
+def _task_case(args: argparse.Namespace) -> dict[str, Any]:
+    device = choose_device(args.device, setting="--device")
+    options = task_options(args.task, args.task_settings)
+    model, batch, loss_fn = task_case(args.task, options, args.batch_size, args.seed)
+    return {"model": model.to(device), "batch": batch, "loss_fn": loss_fn}
 
 
 def _sizes(text: str | None) -> list[int] | None:
@@ -70,11 +76,21 @@ def _sizes(text: str | None) -> list[int] | None:
 
 
 def run(args: argparse.Namespace) -> int:
+    """Plan as `args` say, print the table and the choice, and write the plot if `--plot` names one.
+
+    Args:
+        args: what `add_arguments`' options parsed to.
+
+    Returns:
+        0 something fits, 1 nothing fits, 2 the command was used wrongly.
+    """
     try:
         if (args.target is None) == (args.task is None):
             raise UsageError("give either a target MODULE:FACTORY or --task NAME (not both).")
+        if args.task_settings and args.task is None:
+            raise UsageError("--set KEY=VALUE sets options of a built-in --task; a factory sets its own.")
         if args.task is not None:
-            case = _task_case(args.task, args.batch_size, args.seed, args.device)
+            case = _task_case(args)
             what = f"task {args.task}"
         else:
             torch.manual_seed(args.seed)
@@ -94,8 +110,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"bigbatch plan: {error}", file=sys.stderr)
         return 2
     print(f"{what}\n{result.table()}")
-    path = result.plot(args.plot)
-    print(f"plot: {path}")
+    if args.plot is not None:
+        print(f"plot: {result.plot(args.plot)}")
     if result.best is None:
         print(f"bigbatch plan: {result.nothing_fits_message()}", file=sys.stderr)
         return 1

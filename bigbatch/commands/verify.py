@@ -3,10 +3,12 @@
     bigbatch verify mypackage.models:make_case --micro-batch-size 4
     bigbatch verify path/to/case.py:make_case
     bigbatch verify --task digits --set norm=batchnorm    # fails: names the BatchNorm layers
+    bigbatch verify --task text --set d_model=32 --set n_layers=1 --batch-size 8
 
 The factory takes no arguments and returns `(model, batch, loss_fn)`, or a dict
 with those keys; `loss_fn(model, batch)` returns the mean loss over the batch's
-samples or a `bb.LossSum`. Exit status: 0 the check passed, 1 it failed, 2 the
+samples or a `bb.LossSum`. `--task NAME --set KEY=VALUE` checks a built-in task
+instead, its options read as `bigbatch train --set task.KEY=VALUE` reads them. Exit status: 0 the check passed, 1 it failed, 2 the
 command was used wrongly (bad target, factory, or options).
 """
 
@@ -14,30 +16,26 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import Any
 
 import torch
 
 from ..errors import BatchError, ConfigError, LossError
 from ..verify import verify
-from .cases import UsageError, make_case, task_case, unpack_case
+from .cases import UsageError, add_task_arguments, make_case, task_case, task_options, unpack_case
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Declare `bigbatch verify`'s options on `parser`.
+
+    Args:
+        parser: the subcommand's parser.
+    """
     parser.add_argument(
         "target",
         nargs="?",
         help="MODULE:FACTORY or path/to/file.py:FACTORY; the factory returns (model, batch, loss_fn)",
     )
-    parser.add_argument("--task", help="verify a built-in task instead (e.g. text, digits)")
-    parser.add_argument(
-        "--set",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="a task option for --task (e.g. norm=batchnorm); repeatable",
-    )
-    parser.add_argument("--batch-size", type=int, default=16, help="samples in the batch for --task (16)")
+    add_task_arguments(parser, verb="verify", batch_size=16)
     parser.add_argument(
         "--micro-batch-size", type=int, default=None, help="samples per micro-batch (about a third of the batch)"
     )
@@ -51,35 +49,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--rows", type=int, default=12, help="parameters shown in the table (12)")
 
 
-def _value(text: str) -> Any:
-    if text.lower() in ("true", "false"):
-        return text.lower() == "true"
-    for kind in (int, float):
-        try:
-            return kind(text)
-        except ValueError:
-            pass
-    return text
-
-
-def _task_case(name: str, options: list[str], batch_size: int, seed: int) -> tuple[Any, Any, Any]:
-    overrides = {}
-    for option in options:
-        key, sep, value = option.partition("=")
-        if not sep or not key:
-            raise UsageError(f"--set takes KEY=VALUE, got {option!r}.")
-        overrides[key.strip()] = _value(value.strip())
-    return task_case(name, overrides, batch_size, seed)
-
-
 def run(args: argparse.Namespace) -> int:
+    """Run the check as `args` say and print the report.
+
+    Args:
+        args: what `add_arguments`' options parsed to.
+
+    Returns:
+        0 the check passed, 1 it failed, 2 the command was used wrongly.
+    """
     try:
         if (args.target is None) == (args.task is None):
             raise UsageError("give either a target MODULE:FACTORY or --task NAME (not both).")
-        if args.set and args.task is None:
+        if args.task_settings and args.task is None:
             raise UsageError("--set KEY=VALUE sets options of a built-in --task; a factory sets its own.")
         if args.task is not None:
-            model, batch, loss_fn = _task_case(args.task, args.set, args.batch_size, args.seed)
+            options = task_options(args.task, args.task_settings)
+            model, batch, loss_fn = task_case(args.task, options, args.batch_size, args.seed)
             what = f"task {args.task}"
         else:
             model, batch, loss_fn = unpack_case(make_case(args.target), args.target)
