@@ -9,7 +9,8 @@ of 8, AdamW, clipping): what leaving it on in the trainer costs; and a tiny MLP 
 micro-batch 1, where the model costs nearly nothing and the per-parameter,
 per-micro-step norm shows most. Off and on alternate (each repeat runs both, in a
 rotated order), time is the process's CPU time (one torch thread), the table
-shows medians and the median of paired ratios.
+shows medians and the median of paired ratios (the harness of
+bigbatch/benchmarking.py, shared with `bigbatch bench` and benchmarks/overhead.py).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import bigbatch as bb
+from bigbatch.benchmarking import markdown_table, median_paired_ratio, time_interleaved
 from bigbatch.tasks import build_task
 
 
@@ -69,19 +71,21 @@ def measure(steps: int, repeats: int) -> list[dict[str, Any]]:
         for fn, _, _ in runs.values():  # warm-up: allocator, optimizer state
             for _ in range(2):
                 fn()
-        seconds: dict[bool, list[float]] = {False: [], True: []}
-        for r in range(repeats):
-            for measure_noise in ((False, True) if r % 2 == 0 else (True, False)):
-                fn = runs[measure_noise][0]
-                start = time.process_time()
+
+        def block(fn: Callable[[], None]) -> Callable[[int], None]:
+            def timed(_: int) -> None:
                 for _ in range(steps):
                     fn()
-                seconds[measure_noise].append((time.process_time() - start) / steps)
-        off, on = statistics.median(seconds[False]), statistics.median(seconds[True])
+
+            return timed
+
+        seconds = time_interleaved({"off": block(runs[False][0]), "on": block(runs[True][0])},
+                                   repeats=repeats, clock=time.process_time)  # fmt: skip
+        off, on = statistics.median(seconds["off"]) / steps, statistics.median(seconds["on"]) / steps
         rows.append({
             "case": name, "params": runs[True][1], "micro_steps": runs[True][2],
             "off_ms": off * 1e3, "on_ms": on * 1e3,
-            "ratio": statistics.median(b / a for a, b in zip(seconds[False], seconds[True])),
+            "ratio": median_paired_ratio(seconds["on"], seconds["off"]),  # on / off
         })
     return rows
 
@@ -94,11 +98,11 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(1)
     rows = measure(args.steps, args.repeats)
     print("CPU ms per optimizer step (median); ratio = on / off (median of paired repeats)")
-    print("| case | parameter tensors | micro-steps | off | on | added | ratio |")
-    print("| --- | --- | --- | --- | --- | --- | --- |")
-    for r in rows:
-        print(f"| {r['case']} | {r['params']} | {r['micro_steps']} | {r['off_ms']:.2f} | {r['on_ms']:.2f} | "
-              f"{r['on_ms'] - r['off_ms']:+.2f} | {r['ratio']:.3f} |")
+    print(markdown_table(
+        ["case", "parameter tensors", "micro-steps", "off", "on", "added", "ratio"],
+        [[r["case"], r["params"], r["micro_steps"], f"{r['off_ms']:.2f}", f"{r['on_ms']:.2f}",
+          f"{r['on_ms'] - r['off_ms']:+.2f}", f"{r['ratio']:.3f}"] for r in rows],
+    ))  # fmt: skip
     return 0
 
 
