@@ -36,3 +36,12 @@ def test_every_path_the_design_notes_cite_exists():
     assert "bigbatch/window.py" in paths  # premise: the pattern finds the citations
     missing = sorted(p for p in paths if not (ROOT / p).exists())
     assert missing == []
+
+
+def test_the_design_notes_name_every_public_name():
+    import bigbatch as bb
+
+    text = (ROOT / "docs" / "design.md").read_text(encoding="utf-8")
+    named = set(re.findall(r"[A-Za-z_]\w*", text))
+    assert "Accumulator" in named  # premise
+    assert sorted(set(bb.__all__) - named) == []
