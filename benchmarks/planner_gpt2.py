@@ -110,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
                           "status"], rows))  # fmt: skip
     png = result.plot(args.out / f"planner_gpt2{'_tiny' if args.tiny else ''}.png")
     best = result.best
-    print(f"\nchosen: {best.settings() if best else 'nothing fits'}; planning took {elapsed:.0f} s; plot: {png}")
+    print(f"\nchosen: {result.summary()}\nplanning took {elapsed:.0f} s; plot: {png}")
     return 0 if best is not None else 1
 
 

@@ -26,14 +26,6 @@ ENTRY = {"bigbatch", "bigbatch.cli", "bigbatch.__main__"}
 ENGINE = ["accumulator", "window", "losses", "batches", "distributed", "precision", "fast", "oom", "memory",
           "devices", "batch_sizes"]  # fmt: skip
 
-# Cycles other branches are removing. Each entry must still be a cycle (a stale one fails, so the
-# list only shrinks); delete it when its branch lands.
-KNOWN_CYCLES = {
-    # arch-batch (issue 10 item 3): report.py receives a record, not the Trainer.
-    frozenset({"bigbatch.train.report", "bigbatch.train.trainer"}),
-    # arch-batch (issue 10 item 3): checkpoint.py and sharded_checkpoint.py stop importing each other.
-    frozenset({"bigbatch.train.checkpoint", "bigbatch.train.sharded_checkpoint"}),
-}
 
 
 def read_package(root: Path) -> dict[str, tuple[str, bool]]:
@@ -160,7 +152,4 @@ def test_the_engine_imports_nothing_from_tasks_train_or_commands():
 def test_no_import_cycle_among_bigbatchs_modules():
     graph = import_graph(read_package(PACKAGE))
     assert len(graph) > 40 and graph["bigbatch.accumulator"]  # premise: the real tree was read
-    found = cycles(graph)
-    assert found - KNOWN_CYCLES == set(), "new import cycles"
-    stale = KNOWN_CYCLES - found
-    assert not stale, f"these cycles are gone: remove them from KNOWN_CYCLES: {stale}"
+    assert cycles(graph) == set()

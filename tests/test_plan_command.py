@@ -114,3 +114,24 @@ def test_builtin_task_options_change_what_is_planned(tmp_path, monkeypatch, caps
         row = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("8 "))
         sizes[hidden] = row.split()[3:5]  # the predicted memory, e.g. ["12.3", "KiB"]
     assert sizes[16] != sizes[256], sizes
+
+
+def test_the_chosen_line_is_a_sentence_with_the_gain_over_plain_accumulation():
+    from bigbatch.planner import Candidate, Plan
+
+    def cand(micro, ck, comp, sps, status="fits", chosen=False, loss="plain"):
+        return Candidate(micro_batch_size=micro, checkpointing=ck, compile=comp, loss=loss, predicted_bytes=2**30,
+                         measured_bytes=2**30 if sps else None, samples_per_s=sps, status=status, chosen=chosen)
+
+    candidates = [cand(4, False, False, 100.0), cand(8, False, False, None, status="over budget (predicted)"),
+                  cand(16, True, True, 107.0, chosen=True)]  # fmt: skip
+    plan = Plan(candidates=candidates, max_memory=8 * 2**30, batch_size=64, device="cuda", precision="bf16",
+                memory_source="max_memory_allocated")  # fmt: skip
+    assert plan.table().splitlines()[-1] == (
+        "chosen: micro-batch 16 with activation checkpointing, compiled: 107.0 samples/s, "
+        "1.07x plain accumulation (micro-batch 4); 1.00 GiB measured within 8.00 GiB"
+    )
+    # The plain setting chosen: no ratio to itself. Several losses: the loss is named.
+    candidates[0].chosen, candidates[2].chosen = True, False
+    candidates.append(cand(4, False, False, 90.0, loss="chunked"))
+    assert plan.summary() == "micro-batch 4, loss plain: 100.0 samples/s; 1.00 GiB measured within 8.00 GiB"

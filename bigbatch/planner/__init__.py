@@ -27,10 +27,10 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import nn
 
-from ..accumulator import LossFn
 from ..batches import Batch, batch_size
 from ..checkpointing import find_blocks
 from ..errors import ConfigError
+from ..losses import LossFn
 from ..memory import parse_memory
 from .measure import choose_fastest, measure_candidates
 from .predict import fit_memory, predict_candidates

@@ -13,7 +13,7 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
-from ..accumulator import LossFn
+from ..losses import LossFn
 from .result import FITS, NOT_MEASURED, Candidate
 from .runs import Workload
 

@@ -15,7 +15,7 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
-from ..accumulator import LossFn
+from ..losses import LossFn
 from ..memory import MemoryFit, StepMemory
 from .result import FITS_WITHOUT_CHECKPOINTING, OVER_BUDGET_PREDICTED, Candidate
 from .runs import Workload

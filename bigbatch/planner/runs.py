@@ -16,10 +16,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..accumulator import Accumulator, LossFn
+from ..accumulator import Accumulator
 from ..batches import Batch, batch_size, split_batch
 from ..checkpointing import checkpoint_blocks
+from ..devices import model_device
 from ..errors import ConfigError
+from ..losses import LossFn
 from ..memory import (
     SavedTensorMeter,
     StepMemory,
@@ -201,7 +203,7 @@ class Workload:
     @property
     def device(self) -> torch.device:
         """The device the model is on, where every run trains."""
-        return next(self.model.parameters()).device
+        return model_device(self.model)
 
     def run(self, *, micro_batch_size: int, checkpointing: bool, compile: bool) -> Run:
         """A fresh copy of the model and optimizer, set up for one candidate, its optimizer state made."""

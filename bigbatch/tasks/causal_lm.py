@@ -47,6 +47,7 @@ from torch import nn
 
 from ..batches import Batch
 from ..causal_lm import IGNORE_INDEX, causal_lm_loss
+from ..devices import model_device
 from ..distributed import unwrap_ddp
 from ..errors import ConfigError
 from ..losses import LossSum
@@ -336,7 +337,7 @@ class CausalLMTask:
         net = unwrap_ddp(model)
         was_training = net.training
         net.eval()
-        device = next(net.parameters()).device
+        device = model_device(net)
         total, count = 0.0, 0
         for batch in self.val_batches(batch_size):
             out = self.loss_fn(net, {k: v.to(device) for k, v in batch.items()})
@@ -373,7 +374,7 @@ class CausalLMTask:
         net: Any = unwrap_ddp(model)
         was_training = net.training
         net.eval()
-        device = next(net.parameters()).device
+        device = model_device(net)
         if prompt.strip():
             ids = self.tokenizer(prompt, return_tensors="pt")["input_ids"]
         else:

@@ -28,9 +28,9 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from ..accumulator import LossFn
 from ..batches import Batch
 from ..errors import ConfigError, MicroBatchTooLargeError
+from ..losses import LossFn
 from ..memory import format_bytes, parse_memory
 from ..planner import plan
 from .config import TrainConfig
