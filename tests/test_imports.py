@@ -40,7 +40,7 @@ steps = {}
 import bigbatch as bb
 steps["import"] = loaded()
 from bigbatch.cli import main
-for name, argv in (("help", ["--help"]), ("verify_help", ["verify", "--help"])):
+for name, argv in (("help", ["--help"]), ("verify_help", ["verify", "--help"]), ("train_help", ["train", "--help"])):
     with contextlib.redirect_stdout(io.StringIO()), contextlib.suppress(SystemExit):
         main(argv)
     steps[name] = loaded()
@@ -71,6 +71,11 @@ def test_bigbatch_help_imports_no_command_and_a_command_help_only_its_own(steps)
     assert _heavy(steps["help"], COMMAND_MODULES + HEAVY) == []
     assert _heavy(steps["verify_help"], COMMAND_MODULES) == ["bigbatch.commands.verify"]
     assert _heavy(steps["verify_help"], ["bigbatch.train", "torch.distributed.checkpoint", "matplotlib"]) == []
+
+
+def test_train_help_reads_the_config_without_loading_the_trainer(steps):
+    assert "bigbatch.commands.train" in steps["train_help"] and "bigbatch.train.config" in steps["train_help"]
+    assert _heavy(steps["train_help"], ["bigbatch.train.trainer", "torch.distributed.checkpoint"]) == []
 
 
 def test_trainer_and_config_are_loaded_on_first_use(steps):
