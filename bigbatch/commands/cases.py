@@ -1,7 +1,8 @@
-"""The case a command works on: a user's factory that returns (model, batch, loss_fn), or a built-in task.
+"""The case a command works on: a user's factory (returning (model, batch, loss_fn), or a Task), or a built-in task.
 
 Shared by `bigbatch verify` and `bigbatch plan`: `make_case("pkg.mod:make")` or
-`make_case("path/case.py:make")`, then `unpack_case(case, target)`. The user's code
+`make_case("path/case.py:make")`, then `unpack_case(case, target)`; and by
+`bigbatch train --task pkg.mod:make_task`, whose factory returns a Task. The user's code
 failing to import or run is a `UsageError` naming the exception and its file:line.
 
 A built-in task is named the same way in every command: `--task NAME --set
@@ -64,11 +65,11 @@ def load_factory(target: str) -> Callable[[], Any]:
     return factory
 
 
-def make_case(target: str) -> Any:
-    """What the factory named by `target` returns (see `load_factory`)."""
+def make_case(target: str, **kwargs: Any) -> Any:
+    """What the factory named by `target` returns when called with `kwargs` (see `load_factory`)."""
     factory = load_factory(target)
     try:
-        return factory()
+        return factory(**kwargs)
     except Exception as error:  # noqa: BLE001 - the user's factory: report it, not our traceback
         raise UsageError(f"{target} raised {_describe(error)}") from error
 

@@ -1,8 +1,10 @@
-"""`bigbatch train`: train a built-in task (or your text file) and write runs/NAME/.
+"""`bigbatch train`: train a built-in task, a Hugging Face causal LM or your own task; write runs/NAME/.
 
     bigbatch train                                    # char-level transformer on Shakespeare, ~2 min on a laptop CPU
     bigbatch train --task digits --set task.norm=batchnorm
     bigbatch train --task text --data my.txt --name mine
+    bigbatch train --task causal-lm --model path/to/hf-model --data my.jsonl --set task.lora_rank=8
+    bigbatch train --task mypkg.tasks:make_task       # your own Task (or path/to/tasks.py:make_task)
     bigbatch train config.toml --set batch.micro_batch_size=4 --set optim.lr=1e-3
     bigbatch train --set batch.max_memory=8GiB        # the memory planner picks micro-batch, checkpointing, compile
     bigbatch train --set train.checkpointing=true --set train.fast_micro_step=compile
@@ -19,9 +21,13 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ..errors import ConfigError
 from ..train.config import TrainConfig
+
+if TYPE_CHECKING:
+    from ..tasks import Task
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -39,8 +45,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("config", nargs="?", help="a TOML config file (default: the built-in defaults)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config field, e.g. --set optim.lr=1e-3 (repeatable)")
-    parser.add_argument("--task", help="task.name: text or digits")
-    parser.add_argument("--data", help="task.data: a text file for the text task")
+    parser.add_argument("--task", help="task.name: text, digits, causal-lm, or your MODULE:FACTORY / file.py:FACTORY")
+    parser.add_argument("--model", help="task.model: a Hugging Face model folder or hub name (causal-lm)")
+    parser.add_argument("--data", help="task.data: a text file (text), .txt/.jsonl/datasets/parquet (causal-lm)")
     parser.add_argument("--name", help="run.name: the run directory's name under run.dir")
     parser.add_argument("--steps", type=int, help="train.steps: optimizer steps in all")
     parser.add_argument("--resume", metavar="RUN_DIR",
@@ -65,7 +72,9 @@ def build_config(args: argparse.Namespace) -> TrainConfig:
         path = Path(args.resume) / "config.toml"
         if not path.is_file():
             raise ConfigError(f"{args.resume} is not a run directory (no config.toml in it).")
-    flags = [f"task.name={args.task}"] if args.task else []
+    flags = [f"task.name={_quote(args.task)}"] if args.task else []
+    if args.model:
+        flags.append(f"task.model={_quote(args.model)}")
     if args.data:
         flags.append(f"task.data={_quote(args.data)}")
     if args.name:
@@ -73,6 +82,33 @@ def build_config(args: argparse.Namespace) -> TrainConfig:
     if args.steps is not None:
         flags.append(f"train.steps={args.steps}")
     return TrainConfig.load(path, [*flags, *args.overrides])
+
+
+def user_task(name: str, data: str | None) -> Task | None:
+    """The task a user's factory returns, if `name` is MODULE:FACTORY or file.py:FACTORY (None otherwise).
+
+    The factory is called with no arguments, or with `data=` when task.data is set.
+
+    Args:
+        name: task.name.
+        data: task.data.
+
+    Returns:
+        The task, or None for a built-in task name.
+    """
+    from ..tasks import is_task_factory, missing_members
+    from .cases import UsageError, make_case
+
+    if not is_task_factory(name):
+        return None
+    task = make_case(name, **({"data": data} if data is not None else {}))
+    missing = missing_members(task)
+    if missing:
+        raise UsageError(
+            f"{name} returned a {type(task).__name__}, which lacks {', '.join(missing)} of the Task protocol "
+            "(bigbatch.tasks.Task; the README's \"Your own task\" shows a complete one)."
+        )
+    return task  # type: ignore[no-any-return]
 
 
 def _quote(text: str) -> str:
@@ -90,15 +126,16 @@ def run(args: argparse.Namespace) -> int:
     """
     from ..train.interrupt import TrainingInterrupted
     from ..train.trainer import NonFiniteLossError, Trainer
+    from .cases import UsageError
 
     trainer = None
     try:
         config = build_config(args)
-        trainer = Trainer(config, resume=args.resume)
+        trainer = Trainer(config, task=user_task(config.task.name, config.task.data), resume=args.resume)
         trainer.fit()
-    except (ConfigError, NonFiniteLossError) as e:
+    except (ConfigError, NonFiniteLossError, UsageError) as e:
         print(f"bigbatch train: error: {e}", file=sys.stderr)
-        return 2 if isinstance(e, ConfigError) else 1
+        return 1 if isinstance(e, NonFiniteLossError) else 2
     except TrainingInterrupted as e:
         print(f"bigbatch train: {e}", file=sys.stderr)
         return e.exit_code  # 130 for Ctrl-C, 143 for SIGTERM, as a shell reports them

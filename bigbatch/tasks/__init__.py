@@ -55,6 +55,17 @@ class Task(Protocol):
     def baselines(self) -> dict[str, float]: ...
 
 
+TASK_MEMBERS = (
+    "name", "item_unit", "train_size", "make_model", "train_batch", "train_batches", "val_batches",
+    "loss_fn", "evaluate", "baselines",
+)  # fmt: skip
+
+
+def missing_members(task: object) -> list[str]:
+    """The members of the `Task` protocol that `task` lacks (empty: it is a Task)."""
+    return [name for name in TASK_MEMBERS if not hasattr(task, name)]
+
+
 def _registry() -> dict[str, type]:
     from .causal_lm import CausalLMTask
     from .digits import DigitsTask
@@ -66,8 +77,15 @@ def _registry() -> dict[str, type]:
 TASK_NAMES = ("text", "digits", "causal-lm")
 
 
+def is_task_factory(name: str) -> bool:
+    """True if `name` names a user's task factory (MODULE:FACTORY or path/to/file.py:FACTORY)."""
+    return ":" in name
+
+
 def task_options(name: str) -> dict[str, Any]:
-    """The options of task `name` and their defaults."""
+    """The options of task `name` and their defaults (none for a user's factory: it sets its own)."""
+    if is_task_factory(name):
+        return {}
     cls = _task_class(name)
     return {f.name: f.default for f in dataclasses.fields(cls) if f.init}
 
@@ -83,6 +101,11 @@ def _task_class(name: str) -> type:
 
 def build_task(name: str, **overrides: Any) -> Task:
     """The built-in task `name` ("text", "digits" or "causal-lm") with some options changed."""
+    if is_task_factory(name):
+        raise ConfigError(
+            f"{name!r} names your own task factory, which `bigbatch train --task {name}` loads; from Python, "
+            "call it and pass the task: Trainer(config, task=make_task())."
+        )
     cls = _task_class(name)
     valid = task_options(name)
     for key in overrides:
@@ -96,4 +119,4 @@ def build_task(name: str, **overrides: Any) -> Task:
     return task
 
 
-__all__ = ["TASK_NAMES", "Task", "build_task", "task_options"]
+__all__ = ["TASK_NAMES", "Task", "build_task", "is_task_factory", "missing_members", "task_options"]

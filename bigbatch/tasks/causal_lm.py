@@ -386,22 +386,43 @@ class CausalLMTask:
             out = net.generate(
                 input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, do_sample=True,
                 temperature=temperature, top_k=0, pad_token_id=self.tokenizer.pad_token_id,
+                synced_gpus=_is_sharded(net),  # FSDP2: every rank runs every forward, until all are done
             )  # fmt: skip
         net.train(was_training)
         text: str = self.tokenizer.decode(out[0].tolist(), skip_special_tokens=True)
         return text
 
-    def save_pretrained(self, model: nn.Module, directory: str | Path) -> Path:
+    def save_pretrained(
+        self, model: nn.Module, directory: str | Path, state_dict: dict[str, torch.Tensor] | None = None
+    ) -> Path:
         """Write the model (or its LoRA adapters) and the tokenizer with `save_pretrained` (safetensors).
 
         The folder loads with `AutoModelForCausalLM.from_pretrained(directory)`; for
-        adapters transformers finds the base model through `adapter_config.json`.
+        adapters transformers finds the base model through `adapter_config.json`
+        (its `base_model_name_or_path` is task.model as given).
+
+        Args:
+            model: the trained model (a DDP wrapper is looked through).
+            directory: where to write; created if needed.
+            state_dict: the full weights when `model` holds only shards (FSDP2).
+
+        Returns:
+            `directory`.
         """
         directory = Path(directory)
         net: Any = unwrap_ddp(model)
-        net.save_pretrained(directory, safe_serialization=True)
+        net.save_pretrained(directory, **({} if state_dict is None else {"state_dict": state_dict}))
         self.tokenizer.save_pretrained(directory)
         return directory
+
+
+def _is_sharded(model: nn.Module) -> bool:
+    """True if `model` holds FSDP2 shards in a process group of several ranks."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return False
+    from torch.distributed.fsdp import FSDPModule
+
+    return torch.distributed.get_world_size() > 1 and any(isinstance(m, FSDPModule) for m in model.modules())
 
 
 def _is_linear(module: nn.Module) -> bool:

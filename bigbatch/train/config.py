@@ -5,7 +5,7 @@ Every field has a default, so `bigbatch train` runs with no file at all. An
 unknown key is an error that names the nearest valid one. A bare key
 (`--set lr=1e-3`) works where only one section has it.
 
-    [task]           name = "text" | "digits", data = "my.txt", and the task's options
+    [task]           name = "text" | "digits" | "causal-lm" | "pkg.mod:make_task", data = "my.txt", and the task's options
     [batch]          logical_batch_size, micro_batch_size (or "auto"), accumulation_steps,
                      max_memory ("8GiB": the memory planner picks micro-batch, checkpointing, compile)
     [optim]          name, lr, lr_scaling, reference_batch_size, warmup_steps, schedule, ...
@@ -29,7 +29,7 @@ from ..batch_sizes import check_positive_int
 from ..devices import AUTO, parse_device
 from ..errors import ConfigError
 from ..memory import parse_memory
-from ..tasks import task_options
+from ..tasks import is_task_factory, task_options
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -41,10 +41,14 @@ UNSET = "none"  # `--set batch.accumulation_steps=none` clears an optional field
 
 @dataclass
 class TaskSection:
-    """Which built-in task; `options` holds its other settings (see bigbatch.tasks)."""
+    """Which task; `options` holds its other settings (see bigbatch.tasks)."""
 
+    # "text", "digits", "causal-lm", or your own: MODULE:FACTORY or path/to/file.py:FACTORY
+    # (a function returning a bigbatch.tasks.Task; `bigbatch train` calls it).
     name: str = "text"
-    data: str | None = None  # a text file for the "text" task; None: built-in Shakespeare
+    # text: a text file; causal-lm: .txt, .jsonl, a datasets folder or parquet; your factory
+    # gets it as data=. None: the built-in Shakespeare (or your factory's own data).
+    data: str | None = None
     options: dict[str, Any] = field(default_factory=dict)
 
 
@@ -208,6 +212,8 @@ class TrainConfig:
             parse_device(self.train.device, setting="train.device")  # is it where it says: at run time
         valid = task_options(self.task.name)  # an unknown task name, with a suggestion
         stale = [key for key in self.task.options if key not in valid]
+        if stale and is_task_factory(self.task.name):
+            raise ConfigError(_factory_takes_no_options(self.task.name, stale[0]))
         if stale:
             raise ConfigError(
                 f"task {self.task.name!r} has no option {', '.join(map(repr, stale))} (set for another task?); "
@@ -263,6 +269,8 @@ class TrainConfig:
     def _assign(self, section_name: str, section: Any, key: str, value: Any, source: str) -> None:
         if section_name == "task" and key not in ("name", "data"):
             valid = task_options(self.task.name)
+            if key not in valid and is_task_factory(self.task.name):
+                raise ConfigError(f"{source}: {_factory_takes_no_options(self.task.name, key)}")
             if key not in valid:
                 raise ConfigError(
                     f"{source}: task {self.task.name!r} has no option {key!r}.{_hint(key, list(valid))}"
@@ -275,6 +283,13 @@ class TrainConfig:
             raise ConfigError(f"{source}: unknown setting {section_name}.{key}.{_hint(f'{section_name}.{key}', full)}")
         hints = typing.get_type_hints(type(section))
         setattr(section, key, _coerce(value, hints[key], f"{section_name}.{key}"))
+
+
+def _factory_takes_no_options(name: str, key: str) -> str:
+    return (
+        f"task.{key}: a task from {name} takes no task options (only task.data, passed to the factory "
+        "as data=); set its options inside your factory."
+    )
 
 
 def _hint(name: str, valid: list[str]) -> str:

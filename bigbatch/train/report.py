@@ -92,7 +92,12 @@ def header(run: RunInfo, baselines: dict[str, float], resumed_at: int | None) ->
 
 
 def finish(
-    run: RunInfo, totals: RunTotals, rows: list[dict[str, Any]], baselines: dict[str, float], sample: str | None
+    run: RunInfo,
+    totals: RunTotals,
+    rows: list[dict[str, Any]],
+    baselines: dict[str, float],
+    sample: str | None,
+    model_dir: Path | None = None,
 ) -> tuple[dict[str, Any], str]:
     """Writes loss.png and summary.json into the run directory.
 
@@ -102,6 +107,7 @@ def finish(
         rows: every metrics row of the run (metrics.jsonl).
         baselines: the task's reference losses.
         sample: text the trained model generated, if any.
+        model_dir: where the task wrote the trained model (save_pretrained), if it did.
 
     Returns:
         The summary (as written to summary.json) and the closing text to print.
@@ -129,6 +135,8 @@ def finish(
     if run.memory_plan is not None:
         summary["memory_plan"] = run.memory_plan.to_dict()
     plot_losses(rows, run.run_dir / "loss.png", baselines, f"{run.task_name}: {run.batch}")
+    if model_dir is not None:
+        summary["model_dir"] = str(model_dir)
     if sample is not None:
         summary["sample"] = sample
     write_summary(run.run_dir / "summary.json", summary)
@@ -141,7 +149,8 @@ def _closing_text(summary: dict[str, Any], steps: int, seconds: float, run_dir: 
         if key.startswith("val_") or key.endswith("_val_loss"):
             whole = not isinstance(value, float) or value.is_integer()
             lines.append(f"  {key:<20} {value:.0f}" if whole else f"  {key:<20} {value:.4f}")
-    lines.append(f"  wrote {run_dir}/ (config.toml, metrics.jsonl, loss.png, summary.json, checkpoints/)")
+    model = ", model/" if "model_dir" in summary else ""
+    lines.append(f"  wrote {run_dir}/ (config.toml, metrics.jsonl, loss.png, summary.json, checkpoints/{model})")
     if "sample" in summary:
         lines.append("sample:\n" + summary["sample"])
     return "\n".join(lines)

@@ -77,3 +77,21 @@ def load_full_state(path: str | Path) -> dict[str, Any]:
         dcp_to_torch_save(path, out)
         full: dict[str, Any] = torch.load(out, map_location="cpu", weights_only=True)
     return full
+
+
+def full_model_state(model: nn.Module) -> dict[str, Any]:
+    """The whole model's weights gathered from the FSDP2 shards, on rank 0's CPU (a collective).
+
+    Every rank must call it; the other ranks get an empty dict. A tied weight (GPT-2's
+    LM head and token embedding) appears once, under its first name, as in the model's
+    own state_dict: the gathered copies no longer share storage, so a writer could not
+    tell they are one.
+    """
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    first: dict[int, str] = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        if first.setdefault(id(param), name) != name:
+            state.pop(name, None)
+    return state
