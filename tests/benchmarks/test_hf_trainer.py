@@ -1,0 +1,31 @@
+"""benchmarks/hf_trainer.py at a tiny size: the HF Trainer misses the full batch, bigbatch does not.
+
+No timing is asserted; the distances are. GPT-2 built from a config has no
+loss_type, so the Trainer counts every label, not the shifted ones.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import re
+import sys
+from pathlib import Path
+
+import pytest
+
+SCRIPT = Path(__file__).parents[2] / "benchmarks" / "hf_trainer.py"
+
+
+def test_tiny_hf_trainer_benchmark_prints_the_table_and_the_miss(capsys, monkeypatch):
+    pytest.importorskip("transformers", reason="needs bigbatch[hf]")
+    spec = importlib.util.spec_from_file_location("hf_trainer_bench", SCRIPT)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, spec.name, module)
+    spec.loader.exec_module(module)
+    assert module.main(["--steps", "2", "--logical", "8", "--micro", "4", "--width", "16", "--models", "gpt2"]) == 0
+    out = capsys.readouterr().out
+    rows = dict(re.findall(r"\| gpt2 \| (HF Trainer|bigbatch) \| ([0-9.e+-]+) \|", out))
+    assert set(rows) == {"HF Trainer", "bigbatch"}, out
+    assert float(rows["bigbatch"]) < 1e-12
+    assert float(rows["HF Trainer"]) > 1e-7
