@@ -39,7 +39,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
     parser.epilog = "examples:\n" + __doc__.split("\n\n")[1] + (
         "\n\nconfig sections (bigbatch.train.config): [task] [batch] [optim] [train] [checkpoint] [run];"
-        "\noutputs: runs/NAME/config.toml, metrics.jsonl, loss.png, summary.json, checkpoints/"
+        "\noutputs: runs/NAME/config.toml, metrics.jsonl, loss.png, summary.json, checkpoints/ (and model/: causal-lm)"
         "\nCtrl-C (or SIGTERM) finishes the optimizer step, checkpoints it and exits 130 (143); --resume continues from there."
     )
     parser.add_argument("config", nargs="?", help="a TOML config file (default: the built-in defaults)")
