@@ -24,6 +24,7 @@ pytest.importorskip("transformers", reason="needs bigbatch[hf]")
 pytestmark = [
     pytest.mark.filterwarnings("ignore:the tokenizer of .* has no pad token"),
     pytest.mark.filterwarnings("ignore:FSDP2-wrapped module"),
+    pytest.mark.filterwarnings("ignore:fan_in_fan_out is set to False"),  # peft on GPT-2's Conv1D layers
 ]
 
 
