@@ -383,11 +383,20 @@ class CausalLMTask:
         seed = generator.initial_seed() if generator is not None else 0
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
             torch.manual_seed(seed)
-            out = net.generate(
-                input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, do_sample=True,
-                temperature=temperature, top_k=0, pad_token_id=self.tokenizer.pad_token_id,
-                synced_gpus=_is_sharded(net),  # FSDP2: every rank runs every forward, until all are done
-            )  # fmt: skip
+            sharded = _is_sharded(net)
+            if sharded:
+                # peft's generate calls the wrapped model's, past the root's FSDP2 hooks: gather the
+                # root's own parameters (embeddings, head) by hand; each layer gathers its own.
+                net.unshard()
+            try:
+                out = net.generate(
+                    input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, do_sample=True,
+                    temperature=temperature, top_k=0, pad_token_id=self.tokenizer.pad_token_id,
+                    synced_gpus=sharded,  # FSDP2: every rank runs every forward, until all are done
+                )  # fmt: skip
+            finally:
+                if sharded:
+                    net.reshard()
         net.train(was_training)
         text: str = self.tokenizer.decode(out[0].tolist(), skip_special_tokens=True)
         return text
@@ -417,12 +426,12 @@ class CausalLMTask:
 
 
 def _is_sharded(model: nn.Module) -> bool:
-    """True if `model` holds FSDP2 shards in a process group of several ranks."""
+    """True if `model` is an FSDP2 root (its parameters sharded over several ranks)."""
     if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
         return False
     from torch.distributed.fsdp import FSDPModule
 
-    return torch.distributed.get_world_size() > 1 and any(isinstance(m, FSDPModule) for m in model.modules())
+    return torch.distributed.get_world_size() > 1 and isinstance(model, FSDPModule)
 
 
 def _is_linear(module: nn.Module) -> bool:

@@ -24,6 +24,8 @@ class RunInfo:
     item_unit: str
     """What the task counts ("samples", "tokens"): names the throughput."""
     num_parameters: int
+    trainable_parameters: int
+    """Parameters the optimizer updates (fewer than num_parameters under LoRA or with frozen layers)."""
     device: str
     world_size: int
     sharded: bool
@@ -69,7 +71,7 @@ def header(run: RunInfo, baselines: dict[str, float], resumed_at: int | None) ->
     if run.world_size > 1:
         ranks = f" x {run.world_size} ranks" + (" (FSDP2)" if run.sharded else " (DDP)")
     lines = [
-        f"bigbatch train: task {run.task_name} ({run.num_parameters:,} parameters) on {run.device}{ranks}",
+        f"bigbatch train: task {run.task_name} ({run.num_parameters:,} parameters{_trainable(run)}) on {run.device}{ranks}",
         f"  {run.batch}",
     ]
     if run.memory_plan:
@@ -89,6 +91,12 @@ def header(run: RunInfo, baselines: dict[str, float], resumed_at: int | None) ->
         lines.append(f"  resumed at step {resumed_at}")
     lines += [f"  baseline: {k.replace('_', ' ')} {v:.4f}" for k, v in baselines.items()]
     return "\n".join(lines)
+
+
+def _trainable(run: RunInfo) -> str:
+    if run.trainable_parameters == run.num_parameters:
+        return ""
+    return f", {run.trainable_parameters:,} trainable"
 
 
 def finish(

@@ -160,6 +160,7 @@ class Trainer:
         self._loss_fn = self.task.loss_fn  # one object: fast_micro_step compiles it once
         model = self._setup_model()
         self.num_parameters = sum(p.numel() for p in model.parameters())
+        self.trainable_parameters = sum(p.numel() for p in model.parameters() if p.requires_grad)
         self.memory_plan: MemoryChoice | None = None  # a resumed run reads its own from the checkpoint
         if planning:
             self.memory_plan, self.batch_sizes, self.config = self._plan_memory(model)
@@ -374,7 +375,8 @@ class Trainer:
         cfg, o = self.config, self.config.optim
         return report.RunInfo(
             task_name=self.task.name, item_unit=getattr(self.task, "item_unit", "samples"),
-            num_parameters=self.num_parameters, device=str(self.runtime.device),
+            num_parameters=self.num_parameters, trainable_parameters=self.trainable_parameters,
+            device=str(self.runtime.device),
             world_size=self.runtime.world_size, sharded=self.sharded, batch=self.batch_sizes.describe(),
             memory_plan=self.memory_plan, checkpointing=cfg.train.checkpointing,
             fast_micro_step=cfg.train.fast_micro_step, lr=self.lr, base_lr=o.lr, lr_scaling=o.lr_scaling,
