@@ -32,7 +32,14 @@ from ..losses import LossSum
 
 @runtime_checkable
 class Task(Protocol):
-    """What the trainer needs from a task."""
+    """What the trainer needs from a task.
+
+    Two optional members the trainer uses when present: `generate(model, prompt, n,
+    generator=...) -> str` (a sample printed after training) and
+    `save_pretrained(model, directory, state_dict=None)` (the trained model written to
+    runs/NAME/model/; `state_dict` holds the full weights under FSDP2). A task of your
+    own runs from the command line with `bigbatch train --task MODULE:FACTORY`.
+    """
 
     name: str
     item_unit: str  # what the loss counts: "tokens" or "samples"
