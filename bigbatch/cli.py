@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+import warnings
 
 # name -> (module, one-line description); the description is what `bigbatch --help` shows.
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -66,7 +67,36 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if module is None:  # parse_args exits first on a missing or unknown command; kept for safety
         parser.error(f"choose a command: {', '.join(COMMANDS)}")
-    return int(module.run(args) or 0)
+    # Warnings read as the command's own lines, not as Python's "file.py:166: UserWarning".
+    # Only here, never at import: a library user keeps Python's format (and their own hooks).
+    previous, warnings.formatwarning = warnings.formatwarning, format_warning
+    try:
+        return int(module.run(args) or 0)
+    finally:
+        warnings.formatwarning = previous
+
+
+def format_warning(
+    message: Warning | str, category: type[Warning], filename: str, lineno: int, line: str | None = None
+) -> str:
+    """A warning as the command line prints it: `bigbatch: warning: MESSAGE`.
+
+    bigbatch's own warnings and plain UserWarnings print their message alone;
+    another library's keep their category in front (`DeprecationWarning: ...`),
+    so a reader can tell who is speaking.
+
+    Args:
+        message: the warning (or its text).
+        category: its class.
+        filename: where it was raised (not shown).
+        lineno: the line (not shown).
+        line: the source line (not shown).
+
+    Returns:
+        One line (more if the message has several), ending in a newline.
+    """
+    ours = category is UserWarning or category.__module__.split(".")[0] == "bigbatch"
+    return f"bigbatch: warning: {'' if ours else category.__name__ + ': '}{message}\n"
 
 
 if __name__ == "__main__":

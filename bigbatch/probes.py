@@ -57,6 +57,8 @@ class CoupledModule:
 
 @dataclass
 class ProbeResult:
+    """What the perturbation probe found: modules that couple samples, and modules with random output."""
+
     coupled: list[CoupledModule] = field(default_factory=list)
     random: list[str] = field(default_factory=list)  # modules with random output, innermost
 
@@ -85,12 +87,27 @@ def known_coupled(model: nn.Module) -> list[CoupledModule]:
     return found
 
 
+def module_path(name: str) -> str:
+    """A module's qualified name as the Python that reaches it: "1" -> "model[1]", "blocks.0.norm" -> "model.blocks[0].norm".
+
+    Args:
+        name: the name `model.named_modules()` gives ("" for the model itself).
+
+    Returns:
+        The expression, starting from `model`.
+    """
+    path = "model"
+    for part in name.split(".") if name else []:
+        path += f"[{part}]" if part.isdigit() else f".{part}"
+    return path
+
+
 def warn_if_batch_coupled(model: nn.Module) -> None:
     """Warn (BatchCouplingWarning) when `model` holds a layer that makes accumulation inexact."""
     coupled = [c for c in known_coupled(model) if c.type_name != GhostBatchNorm.__name__]
     if not coupled:
         return
-    names = ", ".join(f"{c.name or '<model>'} ({c.type_name})" for c in coupled[:5])
+    names = ", ".join(f"{module_path(c.name)} ({c.type_name})" for c in coupled[:5])
     more = f" and {len(coupled) - 5} more" if len(coupled) > 5 else ""
     warnings.warn(
         f"{names}{more} normalise with batch statistics, so each micro-batch is normalised "

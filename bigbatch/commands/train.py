@@ -36,10 +36,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     Args:
         parser: the subcommand's parser.
     """
+    from ..train.settings import settings_keys_text
+
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
     parser.epilog = "examples:\n" + __doc__.split("\n\n")[1] + (
-        "\n\nconfig sections (bigbatch.train.config): [task] [batch] [optim] [train] [checkpoint] [run];"
-        "\noutputs: runs/NAME/config.toml, metrics.jsonl, loss.png, summary.json, checkpoints/ (and model/: causal-lm)"
+        "\n\nconfig keys (--set section.key=value; --list-settings prints each one's default and meaning):\n"
+        + settings_keys_text()
+        + "\n\noutputs: runs/NAME/config.toml, metrics.jsonl, loss.png, summary.json, checkpoints/ (and model/: causal-lm)"
         "\nCtrl-C (or SIGTERM) finishes the optimizer step, checkpoints it and exits 130 (143); --resume continues from there."
     )
     parser.add_argument("config", nargs="?", help="a TOML config file (default: the built-in defaults)")
@@ -52,6 +55,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--steps", type=int, help="train.steps: optimizer steps in all")
     parser.add_argument("--resume", metavar="RUN_DIR",
                         help="continue runs/NAME from its newest checkpoint (its config.toml, then --set)")
+    parser.add_argument("--list-settings", nargs="?", const="text", choices=["text", "markdown"], metavar="FORMAT",
+                        help="print every config key with its default and what it does, and exit "
+                             "(the chosen task's options; FORMAT markdown: the README's tables)")
 
 
 def build_config(args: argparse.Namespace) -> TrainConfig:
@@ -124,6 +130,8 @@ def run(args: argparse.Namespace) -> int:
     Returns:
         0 done, 1 training failed (non-finite losses), 2 a config error, 130/143 interrupted.
     """
+    if args.list_settings is not None:
+        return _list_settings(args)
     from ..train.interrupt import TrainingInterrupted
     from ..train.trainer import NonFiniteLossError, Trainer
     from .cases import UsageError
@@ -146,4 +154,20 @@ def run(args: argparse.Namespace) -> int:
     finally:
         if trainer is not None:
             trainer.runtime.close()
+    return 0
+
+
+def _list_settings(args: argparse.Namespace) -> int:
+    """Print the settings (`--list-settings`): those of the task the command line names."""
+    from ..train.settings import settings_markdown, settings_text
+
+    if args.list_settings == "markdown":
+        print(settings_markdown())
+        return 0
+    try:
+        task_name = build_config(args).task.name
+    except ConfigError as e:
+        print(f"bigbatch train: error: {e}", file=sys.stderr)
+        return 2
+    print(settings_text(task_name))
     return 0

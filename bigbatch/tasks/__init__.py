@@ -97,6 +97,20 @@ def task_options(name: str) -> dict[str, Any]:
     return {f.name: f.default for f in dataclasses.fields(cls) if f.init}
 
 
+def task_option_docs(name: str) -> dict[str, str]:
+    """The documentation of each option of task `name` (the docstring under its field).
+
+    Args:
+        name: a built-in task's name.
+
+    Returns:
+        option -> its documentation (the same keys as `task_options`, where documented).
+    """
+    from ..field_docs import field_docs
+
+    return field_docs(_task_class(name))
+
+
 def _task_class(name: str) -> type:
     tasks = _registry()
     if name not in tasks:
@@ -126,4 +140,4 @@ def build_task(name: str, **overrides: Any) -> Task:
     return task
 
 
-__all__ = ["TASK_NAMES", "Task", "build_task", "is_task_factory", "missing_members", "task_options"]
+__all__ = ["TASK_NAMES", "Task", "build_task", "is_task_factory", "missing_members", "task_option_docs", "task_options"]

@@ -94,15 +94,25 @@ class CausalLMTask:
     """
 
     model: str | None = None
+    """A transformers causal LM: a local folder or a hub name (required)."""
     data: str | None = None
+    """A .txt, .jsonl, datasets folder or parquet file; unset: the built-in Shakespeare."""
     max_length: int = 256
+    """Tokens per sample at most."""
     overflow: str = "split"
+    """A longer text sample is "split" into pieces or "cut" at max_length."""
     lora_rank: int = 0
+    """LoRA rank (peft); 0 trains every weight."""
     lora_alpha: int = 16
+    """LoRA's scaling numerator."""
     lora_dropout: float = 0.0
+    """Dropout on LoRA's input."""
     lora_targets: str | None = None
+    """The modules LoRA adapts: comma-separated names or "all-linear"; unset: peft's default for the model."""
     val_fraction: float = 0.1
+    """The last fraction of pieces held out for validation."""
     eval_samples: int = 64
+    """Held-out pieces scored at each evaluation."""
     name: str = field(default="causal-lm", init=False)
     item_unit: str = field(default="tokens", init=False)
 

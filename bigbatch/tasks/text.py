@@ -137,13 +137,21 @@ class TextTask:
     """
 
     data: str | None = None
+    """A UTF-8 text file; paragraphs (between blank lines) are samples. Unset: the built-in Shakespeare."""
     block_size: int = 128
+    """The longest sample in predicted characters; a longer paragraph is cut into pieces."""
     d_model: int = 128
+    """The transformer's width."""
     n_layers: int = 4
+    """Transformer blocks."""
     n_heads: int = 4
+    """Attention heads per block (d_model must be divisible by it)."""
     dropout: float = 0.0
+    """Dropout probability. Above 0 the masks depend on the micro-batch split, so the loss curve does too."""
     val_fraction: float = 0.1
+    """The last fraction of paragraphs held out for validation."""
     eval_samples: int = 256
+    """Held-out samples scored at each evaluation."""
     name: str = field(default="text", init=False)
     item_unit: str = field(default="tokens", init=False)
 

@@ -131,8 +131,7 @@ def load_latest_checkpoint(directory: Path) -> dict[str, Any] | None:
                 raise ValueError(f"holds step {state[STEP_KEY]}, not {step}")
         except Exception as e:  # noqa: BLE001 - any unreadable file falls back to the previous one
             warnings.warn(
-                f"checkpoint {path} cannot be loaded ({type(e).__name__}: {str(e)[:200]}); "
-                "trying the previous one.",
+                f"checkpoint {path} cannot be loaded ({_reason(e)}); trying the previous one.",
                 CheckpointWarning,
                 stacklevel=2,
             )
@@ -141,3 +140,28 @@ def load_latest_checkpoint(directory: Path) -> dict[str, Any] | None:
             state[SHARDED_KEY] = path
         return state
     return None
+
+
+def _reason(error: Exception) -> str:
+    """Why a checkpoint did not load, in a few whole words (never cut mid-sentence).
+
+    torch's messages run to paragraphs (weights_only's among them, with advice to
+    load the file unsafely, which is not advice to give here): the first sentence
+    of what matters is kept, with the exception's name.
+    """
+    text = str(error).strip()
+    marker = "WeightsUnpickler error:"  # torch.load(weights_only=True) refused the pickle
+    if marker in text:
+        detail = _first_sentence(text.split(marker, 1)[1])
+        if detail.startswith("Unsupported global"):
+            return f"it holds an object torch.load(weights_only=True) will not build: {detail}"
+        return f"not a readable torch file: {detail}"
+    first = _first_sentence(text)
+    return f"{type(error).__name__}: {first}" if first else type(error).__name__
+
+
+def _first_sentence(text: str) -> str:
+    lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
+    first = lines[0] if lines else ""
+    end = first.find(". ")
+    return (first[: end + 1] if end != -1 else first).rstrip(".")

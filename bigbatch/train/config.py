@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import sys
 import types
 import typing
@@ -37,18 +38,21 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 UNSET = "none"  # `--set batch.accumulation_steps=none` clears an optional field
+UNSET_KEY = "unset"  # config.toml's top-level list of keys unset although their default is set
 
 
 @dataclass
 class TaskSection:
     """Which task; `options` holds its other settings (see bigbatch.tasks)."""
 
-    # "text", "digits", "causal-lm", or your own: MODULE:FACTORY or path/to/file.py:FACTORY
-    # (a function returning a bigbatch.tasks.Task; `bigbatch train` calls it).
     name: str = "text"
-    # text: a text file; causal-lm: .txt, .jsonl, a datasets folder or parquet; your factory
-    # gets it as data=. None: the built-in Shakespeare (or your factory's own data).
+    """The task: "text" (a character-level transformer), "digits" (an 8x8-digit classifier), "causal-lm"
+    (a transformers causal LM), or your own as MODULE:FACTORY or path/to/file.py:FACTORY (a function
+    returning a bigbatch.tasks.Task)."""
     data: str | None = None
+    """The task's data (text: a UTF-8 text file, paragraphs are samples; causal-lm: .txt, .jsonl, a
+    datasets folder or parquet; your factory gets it as data=); unset: the built-in Shakespeare (or
+    your factory's own data)."""
     options: dict[str, Any] = field(default_factory=dict)
 
 
@@ -56,67 +60,105 @@ class TaskSection:
 class BatchSection:
     """logical_batch_size = micro_batch_size x accumulation_steps x world size; give any two."""
 
-    logical_batch_size: int | None = 32  # samples per optimizer step, over all ranks
-    micro_batch_size: int | Literal["auto"] | None = 8  # samples per forward/backward, per rank
+    logical_batch_size: int | None = 32
+    """Samples per optimizer step, over all ranks: what the update is the mean over."""
+    micro_batch_size: int | Literal["auto"] | None = 8
+    """Samples per forward/backward on one rank; "auto" halves it on out-of-memory (one process)."""
     accumulation_steps: int | None = None
-    # A memory budget per process ("8GiB", "512MiB" or bytes): before training, the
-    # memory planner (bb.plan) picks micro_batch_size, train.checkpointing and
-    # train.fast_micro_step (compile or none) for the logical batch, replacing those
-    # settings; the resolved config records its choice, and --resume reuses it.
+    """Micro-steps per optimizer step; unset: derived from the other two."""
     max_memory: str | int | None = None
+    """A memory budget per process ("8GiB", "512MiB" or bytes): before training the planner (bb.plan)
+    picks micro_batch_size, train.checkpointing and train.fast_micro_step for it; the resolved config
+    records the choice and --resume reuses it."""
 
 
 @dataclass
 class OptimSection:
+    """The optimizer and its learning-rate schedule (stepped once per logical batch)."""
+
     name: Literal["adamw", "sgd"] = "adamw"
-    lr: float = 3e-3  # the peak learning rate at reference_batch_size
+    """The optimizer: "adamw" or "sgd" (with momentum)."""
+    lr: float = 3e-3
+    """The peak learning rate at reference_batch_size (rescaled to the logical batch by lr_scaling)."""
     lr_scaling: Literal["linear", "sqrt", "none"] = "sqrt"
-    reference_batch_size: int = 32  # the logical batch `lr` was tuned at
+    """How lr follows the logical batch: "sqrt", "linear" or "none"."""
+    reference_batch_size: int = 32
+    """The logical batch size `lr` was tuned at."""
     warmup_steps: int = 30
+    """Optimizer steps of linear warmup to the peak learning rate."""
     schedule: Literal["cosine", "constant"] = "cosine"
-    min_lr_ratio: float = 0.1  # cosine decays to lr x this
+    """After warmup: "cosine" decay to lr x min_lr_ratio at train.steps, or "constant"."""
+    min_lr_ratio: float = 0.1
+    """Where the cosine schedule ends, as a fraction of the peak learning rate."""
     weight_decay: float = 0.01
+    """Decoupled weight decay (AdamW) or L2 penalty (SGD)."""
     beta1: float = 0.9
+    """AdamW's first-moment decay."""
     beta2: float = 0.99
-    momentum: float = 0.9  # sgd only
+    """AdamW's second-moment decay."""
+    momentum: float = 0.9
+    """SGD's momentum (sgd only)."""
     max_grad_norm: float | None = 1.0
+    """Clip the accumulated, normalised gradient to this norm; unset: no clipping."""
 
 
 @dataclass
 class TrainSection:
-    steps: int = 320  # optimizer steps (the default run: about two minutes on two CPU cores)
+    """How training runs: length, seed, device, precision, parallelism, evaluation."""
+
+    steps: int = 320
+    """Optimizer steps in all (the default run: about two minutes on two CPU cores)."""
     seed: int = 0
-    device: str = "auto"  # "auto": cuda (this rank's GPU) if available, else cpu
-    precision: Literal["fp32", "bf16", "fp16"] = "fp32"  # autocast
-    dtype: Literal["float32", "float64"] = "float32"  # parameters and float inputs
-    checkpointing: bool = False  # activation checkpointing of the model's repeated blocks (bb.checkpoint_blocks)
-    # Accumulator(fast_micro_step=...): "compile" torch.compiles each micro-step's
-    # forward and loss, "cudagraphs" also replays it as CUDA graphs (one process only).
+    """Seeds the model's initialisation, the data order and every random draw."""
+    device: str = "auto"
+    """"auto" (this rank's GPU if CUDA is available, else the CPU), "cpu", "cuda" or "cuda:N"."""
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    """Autocast: "fp32" (none), "bf16", or "fp16" (with a GradScaler)."""
+    dtype: Literal["float32", "float64"] = "float32"
+    """The dtype of the parameters and of float inputs."""
+    checkpointing: bool = False
+    """Activation checkpointing of the model's repeated blocks (bb.checkpoint_blocks): same gradients,
+    less memory, one more forward."""
     fast_micro_step: Literal["none", "compile", "cudagraphs"] = "none"
-    eval_every: int = 80  # steps; and always at the end
-    max_nonfinite_steps: int = 5  # stop after this many non-finite steps in a row
-    sample_length: int = 300  # characters generated at the end (text task)
+    """"compile" torch.compiles each micro-step's forward and loss, "cudagraphs" also replays it as
+    CUDA graphs (one process only)."""
+    eval_every: int = 80
+    """Evaluate every this many optimizer steps, and always at the end."""
+    max_nonfinite_steps: int = 5
+    """Stop after this many optimizer steps in a row with an inf/NaN loss or gradient (each is skipped)."""
+    sample_length: int = 300
+    """Characters generated by the trained model at the end (text task; 0: none)."""
     progress: bool = True
-    # Under torchrun: "ddp" replicates the model on every rank; "fsdp2" shards each
-    # repeated block and the root with fully_shard (parameters, gradients and optimizer
-    # state split over ranks; checkpoints become distributed checkpoints). Ignored in one process.
+    """A progress bar on a terminal; a plain line every few steps when stderr is not one."""
     parallel: Literal["ddp", "fsdp2"] = "ddp"
-    # CPU threads for torch on a CPU run (0: torch's default). One suits the small
-    # built-in models: on a busy 2-core machine, threads of small ops wait on each
-    # other and two threads ran 5-20x slower than one.
+    """Under torchrun: "ddp" replicates the model on every rank; "fsdp2" shards each repeated block
+    and the root with fully_shard (checkpoints become distributed checkpoints). Ignored in one process."""
     threads: int = 1
+    """CPU threads for torch on a CPU run (0: torch's default). One suits the small built-in models:
+    on a busy 2-core machine, threads of small ops wait on each other (two ran 5-20x slower than one)."""
+    timeout: int = 600
+    """Under torchrun: seconds a rank waits in a collective for the others before it stops the run
+    with an error (a rank that hangs or died); passed to init_process_group."""
 
 
 @dataclass
 class CheckpointSection:
-    every: int = 100  # steps; and always at the end (0: only at the end)
-    keep: int = 3  # the most recent checkpoints kept
+    """When checkpoints are written and how many are kept."""
+
+    every: int = 100
+    """Checkpoint every this many optimizer steps, and always at the end (0: only at the end)."""
+    keep: int = 3
+    """The most recent checkpoints kept; older ones are deleted."""
 
 
 @dataclass
 class RunSection:
-    name: str | None = None  # None: "<task>-<date>-<time>"
+    """Where the run's folder is."""
+
+    name: str | None = None
+    """The run folder's name under `dir`; unset: "<task>-<date>-<time>"."""
     dir: str = "runs"
+    """The folder that holds the runs."""
 
 
 @dataclass
@@ -149,7 +191,17 @@ class TrainConfig:
         return config
 
     def update(self, data: dict[str, Any], source: str = "config") -> None:
-        """Merge a nested dict (as parsed from TOML) into this config."""
+        """Merge a nested dict (as parsed from TOML) into this config.
+
+        Args:
+            data: {section: {key: value}}; a top-level `unset = ["section.key", ...]`
+                unsets those keys (how `to_toml` writes an unset key whose default is set).
+            source: how messages name where `data` came from.
+        """
+        data = dict(data)
+        unset = data.pop(UNSET_KEY, [])
+        if not isinstance(unset, list) or not all(isinstance(k, str) and "." in k for k in unset):
+            raise ConfigError(f'{source}: {UNSET_KEY} must be a list of "section.key" names, got {unset!r}.')
         for section_name, values in data.items():
             section = self._section(section_name, source)
             if not isinstance(values, dict):
@@ -157,6 +209,9 @@ class TrainConfig:
             # The task's name first: which options are valid depends on it, not on the file's key order.
             for key, value in sorted(values.items(), key=lambda item: item[0] != "name"):
                 self._assign(section_name, section, key, value, source)
+        for dotted in unset:
+            section_name, _, key = dotted.rpartition(".")
+            self._assign(section_name, self._section(section_name, source), key, None, source)
 
     def set(self, item: str) -> None:
         """Apply one `section.key=value` (or `key=value` where the key is unique) override."""
@@ -181,12 +236,16 @@ class TrainConfig:
 
     def validate(self) -> None:
         """Check values that must hold whatever the layers said."""
+        for name, value in self._floats():
+            if not math.isfinite(value):
+                raise ConfigError(f"{name} = {value} is not a finite number; give a finite value.")
         for name, count in (
             ("train.steps", self.train.steps),
             ("optim.reference_batch_size", self.optim.reference_batch_size),
             ("train.eval_every", self.train.eval_every),
             ("train.max_nonfinite_steps", self.train.max_nonfinite_steps),
             ("checkpoint.keep", self.checkpoint.keep),
+            ("train.timeout", self.train.timeout),
         ):
             check_positive_int(count, name)
         checks = [
@@ -221,20 +280,46 @@ class TrainConfig:
             )
 
     def to_dict(self) -> dict[str, Any]:
+        """{section: {key: value}}, the task's options beside name and data (as in TOML)."""
         out = dataclasses.asdict(self)
         options = out["task"].pop("options")
         out["task"].update(options)
         return out
 
     def to_toml(self) -> str:
-        """The resolved config as TOML (an unset optional field is written as "none")."""
-        lines = []
-        for section_name, values in self.to_dict().items():
+        """The resolved config as TOML; loading it back gives an equal config.
+
+        TOML has no null: an unset key is a comment line, and one whose default
+        is set (`optim.max_grad_norm`, say) is also named in a top-level
+        `unset = [...]` list, so that loading does not bring the default back.
+        """
+        defaults = TrainConfig().to_dict()
+        values = self.to_dict()
+        unset = [
+            f"{section}.{key}"
+            for section, items in values.items()
+            for key, value in items.items()
+            if value is None and defaults[section].get(key) is not None
+        ]
+        lines = ["# The resolved config of a bigbatch run; `bigbatch train THIS_FILE` trains it again."]
+        if unset:
+            lines.append(f"{UNSET_KEY} = {toml_value(unset)}  # unset here, set by default")
+        lines.append("")
+        for section_name, items in values.items():
             lines.append(f"[{section_name}]")
-            for key, value in values.items():
-                lines.append(f'{key} = "{UNSET}"' if value is None else f"{key} = {_toml_value(value)}")
+            for key, value in items.items():
+                lines.append(f"# {key}: unset" if value is None else f"{key} = {toml_value(value)}")
             lines.append("")
         return "\n".join(lines)
+
+    def _floats(self) -> list[tuple[str, float]]:
+        """(dotted name, value) of every float setting, task options included."""
+        found = []
+        for section_name, items in self.to_dict().items():
+            for key, value in items.items():
+                if isinstance(value, float):
+                    found.append((f"{section_name}.{key}", value))
+        return found
 
     # -- helpers -----------------------------------------------------------
 
@@ -359,7 +444,18 @@ def _is_union(hint: Any) -> bool:
     return typing.get_origin(hint) in (typing.Union, types.UnionType)
 
 
-def _toml_value(value: Any) -> str:
+def toml_value(value: Any) -> str:
+    """`value` (bool, number, string or a list of them) as a TOML literal.
+
+    Args:
+        value: a setting's value.
+
+    Returns:
+        The TOML text: true/false, repr of a number, a double-quoted escaped string, [a, b].
+
+    Raises:
+        ConfigError: a value TOML cannot write (None among them: an unset key is left out).
+    """
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, (int, float)):
@@ -367,5 +463,5 @@ def _toml_value(value: Any) -> str:
     if isinstance(value, str):
         return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
     if isinstance(value, (list, tuple)):
-        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+        return "[" + ", ".join(toml_value(v) for v in value) + "]"
     raise ConfigError(f"cannot write {value!r} to TOML.")

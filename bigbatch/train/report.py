@@ -106,6 +106,8 @@ def finish(
     baselines: dict[str, float],
     sample: str | None,
     model_dir: Path | None = None,
+    *,
+    diverged: bool = False,
 ) -> tuple[dict[str, Any], str]:
     """Writes loss.png and summary.json into the run directory.
 
@@ -116,6 +118,7 @@ def finish(
         baselines: the task's reference losses.
         sample: text the trained model generated, if any.
         model_dir: where the task wrote the trained model (save_pretrained), if it did.
+        diverged: the model's parameters hold inf or NaN (recorded, and said).
 
     Returns:
         The summary (as written to summary.json) and the closing text to print.
@@ -137,6 +140,7 @@ def finish(
         "train_seconds": round(totals.train_seconds, 2),
         f"{run.item_unit}_per_s": items / max(totals.train_seconds, 1e-9),
         "nonfinite_steps_skipped": totals.nonfinite_steps_skipped,
+        "diverged": diverged,
         "checkpointing": run.checkpointing,
         "fast_micro_step": run.fast_micro_step,
     }
@@ -157,6 +161,11 @@ def _closing_text(summary: dict[str, Any], steps: int, seconds: float, run_dir: 
         if key.startswith("val_") or key.endswith("_val_loss"):
             whole = not isinstance(value, float) or value.is_integer()
             lines.append(f"  {key:<20} {value:.0f}" if whole else f"  {key:<20} {value:.4f}")
+    if summary["diverged"]:
+        lines.append(
+            "  the model diverged: its parameters hold inf or NaN, so it was not sampled; loss.png and "
+            "metrics.jsonl show where (lower optim.lr, or set optim.max_grad_norm if it is unset)"
+        )
     model = ", model/" if "model_dir" in summary else ""
     lines.append(f"  wrote {run_dir}/ (config.toml, metrics.jsonl, loss.png, summary.json, checkpoints/{model})")
     if "sample" in summary:
