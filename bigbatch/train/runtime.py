@@ -7,6 +7,7 @@ plain `bigbatch train` is a world of one and touches no process group.
 
 from __future__ import annotations
 
+import datetime
 import os
 from dataclasses import dataclass
 from typing import Any
@@ -29,7 +30,18 @@ class Runtime:
         return self.rank == 0
 
     @classmethod
-    def from_env(cls, device: str = "auto") -> Runtime:
+    def from_env(cls, device: str = "auto", *, timeout_s: float = 600.0) -> Runtime:
+        """This process's place in the run: torchrun's environment, or a world of one.
+
+        Args:
+            device: train.device ("auto", "cpu", "cuda", "cuda:N").
+            timeout_s: train.timeout: how long a collective waits for the other ranks
+                before it fails (gloo raises in the waiting rank; NCCL's watchdog aborts
+                the process). Without it a rank that hangs keeps the others waiting forever.
+
+        Returns:
+            The runtime; under torchrun the process group is joined.
+        """
         world_size = int(os.environ.get("WORLD_SIZE", "1"))
         rank = int(os.environ.get("RANK", "0"))
         local_rank = int(os.environ.get("LOCAL_RANK", "0"))
@@ -38,7 +50,9 @@ class Runtime:
             torch.cuda.set_device(dev)
         owns = False
         if world_size > 1 and not dist.is_initialized():
-            dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo")
+            dist.init_process_group(
+                backend="nccl" if dev.type == "cuda" else "gloo", timeout=datetime.timedelta(seconds=timeout_s)
+            )
             owns = True
         if dist.is_initialized():
             rank, world_size = dist.get_rank(), dist.get_world_size()

@@ -151,7 +151,7 @@ class Trainer:
         # part of the result and kept as it was: the seed is set just before the model
         # is built, and the planner (which runs training steps) comes after that.
         config.validate()
-        self.runtime = Runtime.from_env(config.train.device)
+        self.runtime = Runtime.from_env(config.train.device, timeout_s=config.train.timeout)
         planning = config.batch.max_memory is not None and resume is None  # a resumed run keeps its choice
         self.sharded = config.train.parallel == "fsdp2" and self.runtime.world_size > 1
         _check_setup(planning=planning, sharded=self.sharded)
