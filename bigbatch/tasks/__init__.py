@@ -101,13 +101,15 @@ def task_option_docs(name: str) -> dict[str, str]:
     """The documentation of each option of task `name` (the docstring under its field).
 
     Args:
-        name: a built-in task's name.
+        name: a built-in task's name (a user's MODULE:FACTORY has none).
 
     Returns:
         option -> its documentation (the same keys as `task_options`, where documented).
     """
     from ..field_docs import field_docs
 
+    if is_task_factory(name):  # a user's factory declares no options here
+        return {}
     return field_docs(_task_class(name))
 
 

@@ -73,7 +73,8 @@ def settings_text(task_name: str) -> str:
         name = setting.key.split(".")[0]
         if name != section:
             section = name
-            lines += ["", f"[{name}]" + (f"  (task {task_name!r}; --task NAME for another's options)" if name == "task" else "")]
+            note = f"  (task {task_name!r}; --task NAME for another's options)" if name == "task" else ""
+            lines += ["", f"[{name}]{note}"]
         lines.append(f"{setting.key} = {setting.default_text()}")
         lines += textwrap.wrap(setting.doc, width=100, initial_indent="    ", subsequent_indent="    ", break_on_hyphens=False)
     return "\n".join(lines[1:])
