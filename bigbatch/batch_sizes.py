@@ -182,6 +182,13 @@ class BatchSizes:
             logical_batch_size=self.logical_batch_size, micro_batch_size=micro_batch_size, world_size=self.world_size
         )
 
+    def with_logical_batch_size(self, logical_batch_size: int) -> BatchSizes:
+        """Another logical batch over the same ranks, in micro-batches of the same size (steps derived)."""
+        micro = self.micro_batch_size
+        return resolve_batch_sizes(
+            logical_batch_size=logical_batch_size, micro_batch_size=micro, world_size=self.world_size
+        )
+
     def describe(self) -> str:
         """One line: "logical batch 32 = micro-batch 8 x 4 accumulation steps" (x ranks, uneven)."""
         micro = self.micro_batch_size

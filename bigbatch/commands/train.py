@@ -8,6 +8,8 @@
     bigbatch train config.toml --set batch.micro_batch_size=4 --set optim.lr=1e-3
     bigbatch train --set batch.max_memory=8GiB        # the memory planner picks micro-batch, checkpointing, compile
     bigbatch train --set train.checkpointing=true --set train.fast_micro_step=compile
+    bigbatch train --set batch.schedule=ramp --set batch.ramp_samples=20000 --set batch.logical_batch_size=128
+    bigbatch train --set batch.schedule=adaptive --set batch.logical_batch_size=256   # follow the noise scale
     bigbatch train --resume runs/mine                 # continue from the newest checkpoint
     torchrun --nproc-per-node 2 -m bigbatch train     # the same logical batch over 2 processes
     torchrun --nproc-per-node 2 -m bigbatch train --set train.parallel=fsdp2   # ... with sharded parameters

@@ -37,8 +37,8 @@ ScheduleKind = Literal["constant", "ramp", "adaptive"]
 
 
 @dataclass(frozen=True)
-class Progress:
-    """What the run has consumed before the step whose size is asked for."""
+class Consumed:
+    """What the run has consumed before the step whose size is asked for, and the noise it measured."""
 
     step: int  # optimizer steps done
     samples_seen: int
@@ -62,7 +62,7 @@ class BatchSchedule:
 
     Example:
         >>> s = BatchSchedule("ramp", target=64, quantum=8, start=8, ramp_samples=1000)
-        >>> s.size(Progress(step=10, samples_seen=500, items_seen=500, noise_scale=math.nan), current=32)
+        >>> s.size(Consumed(step=10, samples_seen=500, items_seen=500, noise_scale=math.nan), current=32)
         32
     """
 
@@ -90,6 +90,18 @@ class BatchSchedule:
         if self.kind == "adaptive" and not self.noise_scale_factor > 0:
             raise ConfigError(f"batch.noise_scale_factor must be > 0, got {self.noise_scale_factor}.")
 
+    def describe(self, item_unit: str) -> str:
+        """The schedule in words, for the run header ("" for a constant batch)."""
+        if self.kind == "constant":
+            return ""
+        if self.kind == "ramp":
+            length = f"{self.ramp_samples:,} samples" if self.ramp_samples is not None else f"{self.ramp_items:,} {item_unit}"
+            return f"batch ramp: {self.first} -> {self.target} samples over the first {length}"
+        return (
+            f"adaptive batch: from {self.first} up to {self.target} samples, {self.noise_scale_factor:g} x the noise "
+            f"scale, in steps of {self.quantum}, decided every {self.adaptive_every} steps"
+        )
+
     @property
     def first(self) -> int:
         """The size of the first step."""
@@ -97,7 +109,7 @@ class BatchSchedule:
             return self.target
         return self._on_grid(max(self.start, self.quantum), up=True)
 
-    def size(self, progress: Progress, current: int) -> int:
+    def size(self, progress: Consumed, current: int) -> int:
         """The size of the next step, given what the run consumed and the size in use."""
         if self.kind == "constant":
             return self.target

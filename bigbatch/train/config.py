@@ -7,7 +7,9 @@ unknown key is an error that names the nearest valid one. A bare key
 
     [task]           name = "text" | "digits" | "causal-lm" | "pkg.mod:make_task", data = "my.txt", and the task's options
     [batch]          logical_batch_size, micro_batch_size (or "auto"), accumulation_steps,
-                     max_memory ("8GiB": the memory planner picks micro-batch, checkpointing, compile)
+                     max_memory ("8GiB": the memory planner picks micro-batch, checkpointing, compile),
+                     schedule ("constant" | "ramp" | "adaptive"), ramp_start, ramp_samples, ramp_tokens,
+                     adaptive_every, noise_scale_factor, measure_noise, noise_ema_decay
     [optim]          name, lr, lr_scaling, reference_batch_size, warmup_steps, schedule, ...
     [train]          steps, seed, device, precision, dtype, parallel ("ddp" | "fsdp2"), eval_every, ...
     [checkpoint]     every, keep
@@ -70,6 +72,31 @@ class BatchSection:
     """A memory budget per process ("8GiB", "512MiB" or bytes): before training the planner (bb.plan)
     picks micro_batch_size, train.checkpointing and train.fast_micro_step for it; the resolved config
     records the choice and --resume reuses it."""
+    schedule: Literal["constant", "ramp", "adaptive"] = "constant"
+    """How the logical batch changes over the run: "constant" (logical_batch_size every step), "ramp"
+    (from ramp_start up to logical_batch_size over ramp_samples samples or ramp_tokens tokens) or
+    "adaptive" (from ramp_start, then noise_scale_factor x the measured noise scale every adaptive_every
+    steps, growing only, at most logical_batch_size). Sizes are whole micro-batches on every rank; the
+    lr follows each size by optim.lr_scaling."""
+    ramp_start: int | None = None
+    """The first logical batch of "ramp" and "adaptive", in samples over all ranks (rounded up to whole
+    micro-batches per rank); unset: one micro-batch per rank ("adaptive" in one process: two, the fewest
+    that measure the noise scale)."""
+    ramp_samples: int | None = None
+    """"ramp": its length in samples consumed (or give ramp_tokens)."""
+    ramp_tokens: int | None = None
+    """"ramp": its length in tokens consumed, i.e. the items the loss counts (samples for a per-sample loss)."""
+    adaptive_every: int = 10
+    """"adaptive": optimizer steps between decisions."""
+    noise_scale_factor: float = 1.0
+    """"adaptive": the logical batch is this times the measured noise scale (converted to samples)."""
+    measure_noise: bool = True
+    """Measure the gradient noise scale from the micro-steps (no extra forward or backward, the same
+    training, about 2% per step here): metrics.jsonl and loss.png carry it, the summary says what it
+    suggests. A run with one micro-step in one process cannot measure it."""
+    noise_ema_decay: float = 0.95
+    """The noise scale reported (and followed by "adaptive") is the ratio of EMAs of the per-step
+    estimates with this decay per step; one step's estimates are noisy."""
 
 
 @dataclass
@@ -246,6 +273,10 @@ class TrainConfig:
             ("train.max_nonfinite_steps", self.train.max_nonfinite_steps),
             ("checkpoint.keep", self.checkpoint.keep),
             ("train.timeout", self.train.timeout),
+            ("batch.adaptive_every", self.batch.adaptive_every),
+            *((name, value) for name, value in (
+                ("batch.ramp_start", self.batch.ramp_start), ("batch.ramp_samples", self.batch.ramp_samples),
+                ("batch.ramp_tokens", self.batch.ramp_tokens)) if value is not None),
         ):
             check_positive_int(count, name)
         checks = [
@@ -258,10 +289,22 @@ class TrainConfig:
             (self.optim.momentum >= 0, f"optim.momentum must be >= 0, got {self.optim.momentum}"),
             (self.train.threads >= 0, "train.threads must be >= 0 (0: torch's default)"),
             (self.checkpoint.every >= 0, "checkpoint.every must be >= 0 (0: only at the end)"),
+            (0 <= self.batch.noise_ema_decay < 1, f"batch.noise_ema_decay must be in [0, 1), got {self.batch.noise_ema_decay}"),
+            (self.batch.noise_scale_factor > 0, f"batch.noise_scale_factor must be > 0, got {self.batch.noise_scale_factor}"),
         ]
         for ok, message in checks:
             if not ok:
                 raise ConfigError(message + ".")
+        if self.batch.schedule == "adaptive" and not self.batch.measure_noise:
+            raise ConfigError(
+                'batch.schedule = "adaptive" follows the measured noise scale; set batch.measure_noise = true, '
+                'or use schedule = "ramp".'
+            )
+        if self.batch.schedule != "constant" and self.batch.micro_batch_size == "auto" and self.batch.max_memory is None:
+            raise ConfigError(
+                f'batch.schedule = "{self.batch.schedule}" grows the batch in whole micro-batches, so it needs '
+                'a fixed batch.micro_batch_size, not "auto"; give one (or batch.max_memory to have it planned).'
+            )
         if self.batch.max_memory is not None:
             try:
                 parse_memory(self.batch.max_memory)

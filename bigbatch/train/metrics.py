@@ -51,8 +51,14 @@ class MetricsLog:
             f.write(to_json(row) + "\n")
 
 
-def plot_losses(rows: list[dict[str, Any]], path: Path, baselines: dict[str, float], title: str) -> None:
-    """Training loss per step, validation loss where measured, and the baselines."""
+def plot_losses(
+    rows: list[dict[str, Any]], path: Path, baselines: dict[str, float], title: str, unit: str = ""
+) -> None:
+    """Training loss per step, validation loss where measured, and the baselines.
+
+    Where the run measured the gradient noise scale, a second panel shows it next
+    to the logical batch, both in items (`unit`) per step.
+    """
     import matplotlib
 
     matplotlib.use("Agg")  # files only, never a window
@@ -60,7 +66,19 @@ def plot_losses(rows: list[dict[str, Any]], path: Path, baselines: dict[str, flo
 
     train = [(r["step"], r["loss"]) for r in rows if is_finite_number(r.get("loss"))]
     val = [(r["step"], r["val_loss"]) for r in rows if is_finite_number(r.get("val_loss"))]
-    fig, ax = plt.subplots(figsize=(7, 4))
+    noise = [(r["step"], r["noise_scale"]) for r in rows
+             if is_finite_number(r.get("noise_scale")) and r["noise_scale"] > 0]  # fmt: skip
+    if noise:
+        fig, (ax, lower) = plt.subplots(2, 1, figsize=(7, 6.5), sharex=True, height_ratios=(3, 2))
+        # The batch in the noise scale's unit (items: tokens for a token-level loss).
+        lower.plot(*zip(*noise), lw=1.2, label="noise scale (EMA)")
+        lower.plot([r["step"] for r in rows], [r["count"] for r in rows], lw=1, alpha=0.7, label="logical batch")
+        lower.set_yscale("log")
+        lower.set_ylabel(f"{unit} per step" if unit else "items per step")
+        lower.set_xlabel("optimizer step")
+        lower.legend()
+    else:
+        fig, ax = plt.subplots(figsize=(7, 4))
     if train:
         ax.plot(*zip(*train), lw=1, alpha=0.8, label="train loss")
     if val:
@@ -68,7 +86,8 @@ def plot_losses(rows: list[dict[str, Any]], path: Path, baselines: dict[str, flo
     for name, value in baselines.items():
         ax.axhline(value, ls="--", lw=1, color="grey")
         ax.annotate(name.replace("_", " "), (0, value), fontsize=8, color="grey", va="bottom")
-    ax.set_xlabel("optimizer step")
+    if not noise:
+        ax.set_xlabel("optimizer step")
     ax.set_ylabel("loss")
     ax.set_title(title)
     if train or val:  # a run with no finite loss has nothing to label (legend() would warn)

@@ -32,6 +32,8 @@ class RunInfo:
     """FSDP2 over several ranks (else DDP, or one process)."""
     batch: str
     """The resolved batch sizes in words (`BatchSizes.describe()`)."""
+    batch_schedule: str
+    """How the logical batch changes over the run, in words ("" for a constant one)."""
     memory_plan: MemoryChoice | None
     checkpointing: bool
     fast_micro_step: str
@@ -74,6 +76,8 @@ def header(run: RunInfo, baselines: dict[str, float], resumed_at: int | None) ->
         f"bigbatch train: task {run.task_name} ({run.num_parameters:,} parameters{_trainable(run)}) on {run.device}{ranks}",
         f"  {run.batch}",
     ]
+    if run.batch_schedule:
+        lines.append(f"  {run.batch_schedule}, the lr following it")
     if run.memory_plan:
         lines.append(f"  {run.memory_plan.describe()}")
     if run.checkpointing:
@@ -146,7 +150,9 @@ def finish(
     }
     if run.memory_plan is not None:
         summary["memory_plan"] = run.memory_plan.to_dict()
-    plot_losses(rows, run.run_dir / "loss.png", baselines, f"{run.task_name}: {run.batch}")
+    summary.update(noise_summary(rows, run.item_unit))
+    title = f"{run.task_name}: {run.batch_schedule or run.batch}"
+    plot_losses(rows, run.run_dir / "loss.png", baselines, title, run.item_unit)
     if model_dir is not None:
         summary["model_dir"] = str(model_dir)
     if sample is not None:
@@ -166,8 +172,61 @@ def _closing_text(summary: dict[str, Any], steps: int, seconds: float, run_dir: 
             "  the model diverged: its parameters hold inf or NaN, so it was not sampled; loss.png and "
             "metrics.jsonl show where (lower optim.lr, or set optim.max_grad_norm if it is unset)"
         )
+    if "noise_advice" in summary:
+        lines.append(f"  {summary['noise_advice']}")
     model = ", model/" if "model_dir" in summary else ""
     lines.append(f"  wrote {run_dir}/ (config.toml, metrics.jsonl, loss.png, summary.json, checkpoints/{model})")
     if "sample" in summary:
         lines.append("sample:\n" + summary["sample"])
     return "\n".join(lines)
+
+
+def _about(x: float) -> str:
+    """A positive number to two significant figures, for prose: 37, 910, 12,000."""
+    digits = 1 - math.floor(math.log10(x))
+    rounded = round(x, digits)
+    return f"{rounded:,.0f}" if rounded >= 10 else f"{rounded:.2g}"
+
+
+def noise_summary(rows: list[dict[str, Any]], item_unit: str) -> dict[str, Any]:
+    """How the measured noise scale moved, and what it says about the batch size.
+
+    The start is read a tenth of the way into the run (the EMA begins from a few
+    noisy estimates), the end at the last step; the batch is the last tenth's mean
+    items per step. Empty when the run measured no noise scale.
+
+    Args:
+        rows: every metrics row of the run.
+        item_unit: what the loss counts ("samples", "tokens").
+
+    Returns:
+        noise_scale_start, noise_scale_end (in items) and noise_advice (a sentence), or {}.
+    """
+    scales = [(r["step"], r["noise_scale"]) for r in rows
+              if is_finite_number(r.get("noise_scale")) and r["noise_scale"] > 0]  # fmt: skip
+    if len(scales) < 2:
+        return {}
+    settled = [v for step, v in scales if step >= 0.1 * rows[-1]["step"]]
+    start, end = (settled or [v for _, v in scales])[0], scales[-1][1]
+    tail = rows[-max(1, len(rows) // 10) :]
+    items = sum(r["count"] for r in tail) / len(tail)
+    samples = int(rows[-1]["batch_size"]) if "batch_size" in rows[-1] else None
+    moved = "grew" if end > 1.5 * start else "fell" if end < start / 1.5 else "stayed near"
+    scale = f"~{_about(start)}" if moved == "stayed near" else f"from ~{_about(start)} to ~{_about(end)}"
+    batch = f"a logical batch of {samples} samples" if samples is not None else "the logical batch"
+    if item_unit != "samples":
+        batch += f" (~{_about(items)} {item_unit})"
+    ratio = end / max(items, 1e-12)
+    if ratio >= 2:
+        per_sample = items / samples if samples else 1.0
+        verdict = (f"is below it: larger batches (up to ~{_about(end / per_sample)} samples) would take fewer "
+                   "steps for the same loss")  # fmt: skip
+    elif ratio <= 0.5:
+        verdict = "is above it: smaller batches would reach the same loss on fewer samples, in more steps"
+    else:
+        verdict = "is near it: about as many samples as a step can use well"
+    return {
+        "noise_scale_start": start,
+        "noise_scale_end": end,
+        "noise_advice": f"the noise scale {moved} {scale} {item_unit}; {batch} {verdict}.",
+    }

@@ -24,6 +24,9 @@ from ..errors import ConfigError
 
 STEP_KEY = "step"  # optimizer steps taken
 SAMPLES_SEEN_KEY = "samples_seen"  # the data position: the sampler resumes from it
+ITEMS_SEEN_KEY = "items_seen"  # items the loss counted so far (a ramp in tokens reads it)
+BATCH_SIZE_KEY = "batch_size"  # the logical batch of the last step (batch.schedule changes it)
+NOISE_SCALE_KEY = "noise_scale"  # the last simple noise scale, which "adaptive" decides from
 WORLD_SIZE_KEY = "world_size"
 MODEL_KEY = "model"  # the bare model's state_dict (a file; DCP shards under FSDP2)
 OPTIMIZER_KEY = "optimizer"

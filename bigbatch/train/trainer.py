@@ -33,6 +33,7 @@ from ..errors import ConfigError
 from ..lr import scale_lr
 from ..tasks import Task, build_task
 from . import report
+from .batch_schedule import BatchSchedule, Consumed
 from .checkpoint import (
     list_checkpoints,
     load_latest_checkpoint,
@@ -51,8 +52,11 @@ from .sampler import Sampler
 from .sharded_checkpoint import full_model_state, load_sharded, save_sharded
 from .state import (
     ACCUMULATOR_KEY,
+    BATCH_SIZE_KEY,
+    ITEMS_SEEN_KEY,
     MEMORY_PLAN_KEY,
     MODEL_KEY,
+    NOISE_SCALE_KEY,
     NONFINITE_KEY,
     OPTIMIZER_KEY,
     OPTIMIZER_NAME_KEY,
@@ -168,6 +172,7 @@ class Trainer:
         self.memory_plan: MemoryChoice | None = None  # a resumed run reads its own from the checkpoint
         if planning:
             self.memory_plan, self.batch_sizes, self.config = self._plan_memory(model)
+        self.batch_schedule = self._setup_batch_schedule()
         self.model = self._setup_parallel(model)  # the optimizer comes after it
         self.optimizer, self.scheduler = self._setup_optimizer(self.model)
         self.accumulator = self._setup_engine(self.model, self.optimizer, self.scheduler)
@@ -206,6 +211,32 @@ class Trainer:
             _warn_warmup_too_long(o.warmup_steps, steps, lr)
         return lr
 
+    def _setup_batch_schedule(self) -> BatchSchedule:
+        """The logical batch size of each step (`batch.schedule`), in whole micro-batches per rank."""
+        b, sizes = self.config.batch, self.batch_sizes
+        micro = sizes.micro_batch_size
+        if b.schedule == "constant" or not isinstance(micro, int):  # "auto" is refused for the others
+            return BatchSchedule("constant", target=sizes.logical_batch_size, quantum=1)
+        quantum = micro * sizes.world_size
+        start = b.ramp_start
+        if start is None:  # one micro-batch per rank; two in one process, so the noise is measurable
+            start = quantum * (2 if b.schedule == "adaptive" and sizes.world_size == 1 else 1)
+        if b.schedule == "adaptive" and sizes.world_size == 1 and start <= micro:
+            raise ConfigError(
+                f'batch.schedule = "adaptive" measures the noise scale from two or more micro-steps, but '
+                f"batch.ramp_start = {start} is one micro-batch of {micro} in one process, so it would never "
+                f"measure it and never grow; use batch.ramp_start = {2 * micro} or more."
+            )
+        return BatchSchedule(
+            b.schedule, target=sizes.logical_batch_size, quantum=quantum, start=start, ramp_samples=b.ramp_samples,
+            ramp_items=b.ramp_tokens, adaptive_every=b.adaptive_every, noise_scale_factor=b.noise_scale_factor,
+        )  # fmt: skip
+
+    def _lr_at(self, logical_batch_size: int) -> float:
+        """The peak learning rate for a logical batch of this size (`optim.lr_scaling`)."""
+        o = self.config.optim
+        return o.lr if o.lr_scaling == "none" else scale_lr(o.lr, o.reference_batch_size, logical_batch_size, o.lr_scaling)
+
     def _setup_model(self) -> nn.Module:
         """The task's model on the run's device and dtype, initialised from the seed (the same on every rank)."""
         torch.manual_seed(self.config.train.seed)
@@ -228,7 +259,11 @@ class Trainer:
     def _setup_optimizer(self, model: nn.Module) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
         """The optimizer over the trainable parameters of the wrapped model, and its schedule."""
         optimizer = self._make_optimizer([p for p in model.parameters() if p.requires_grad])
-        return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(self.config))
+        # The peak lr is for logical_batch_size; a scheduled batch of another size multiplies
+        # it by lr_at(size) / lr, read when the schedule is evaluated (see _use_batch_size).
+        factor = _schedule(self.config)
+        self._lr_ratio = self._lr_at(self.batch_schedule.first) / self.lr
+        return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: factor(step) * self._lr_ratio)
 
     def _setup_engine(
         self, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LambdaLR
@@ -239,12 +274,16 @@ class Trainer:
             model, optimizer, micro_batch_size=self.batch_sizes.micro_batch_size, scheduler=scheduler,
             max_grad_norm=self.config.optim.max_grad_norm, precision=t.precision, skip_nonfinite=True,
             fast_micro_step=None if t.fast_micro_step == "none" else t.fast_micro_step,
+            measure_noise=self.config.batch.measure_noise, noise_ema_decay=self.config.batch.noise_ema_decay,
         )  # fmt: skip
 
     def _setup_run(self, resume: str | Path | None) -> Path:
         """The run directory: a new one (named on rank 0), or `resume`, whose checkpoint is loaded."""
         self.step = 0
         self.samples_seen = 0
+        self.items_seen = 0  # what the loss counted: tokens for a token-level loss, else samples
+        self.batch_size = self.batch_schedule.first  # the logical batch of the step last run (or the first)
+        self.noise_scale = math.nan  # the last step's simple noise scale (an EMA), in items
         self.nonfinite_in_a_row = 0
         self.nonfinite_total = 0
         self.train_seconds = 0.0
@@ -311,6 +350,9 @@ class Trainer:
         return {
             STEP_KEY: self.step,
             SAMPLES_SEEN_KEY: self.samples_seen,
+            ITEMS_SEEN_KEY: self.items_seen,
+            BATCH_SIZE_KEY: self.batch_size,
+            NOISE_SCALE_KEY: self.noise_scale,
             WORLD_SIZE_KEY: self.runtime.world_size,
             SCHEDULER_KEY: self.scheduler.state_dict(),
             ACCUMULATOR_KEY: self.accumulator.state_dict(),
@@ -358,6 +400,9 @@ class Trainer:
         self.accumulator.load_state_dict(state[ACCUMULATOR_KEY])
         _set_rng_state(state[RNG_KEY][self.runtime.rank], self.runtime.device)
         self.step, self.samples_seen = state[STEP_KEY], state[SAMPLES_SEEN_KEY]
+        self.items_seen = state.get(ITEMS_SEEN_KEY, 0)
+        self.noise_scale = state.get(NOISE_SCALE_KEY, math.nan)
+        self._use_batch_size(state.get(BATCH_SIZE_KEY, self.batch_sizes.logical_batch_size), refresh_lr=False)
         self.nonfinite_in_a_row, self.nonfinite_total = state[NONFINITE_KEY]
         self.train_seconds = state[TRAIN_SECONDS_KEY]
         record = state.get(MEMORY_PLAN_KEY)
@@ -382,6 +427,7 @@ class Trainer:
             num_parameters=self.num_parameters, trainable_parameters=self.trainable_parameters,
             device=str(self.runtime.device),
             world_size=self.runtime.world_size, sharded=self.sharded, batch=self.batch_sizes.describe(),
+            batch_schedule=self.batch_schedule.describe(getattr(self.task, "item_unit", "samples")),
             memory_plan=self.memory_plan, checkpointing=cfg.train.checkpointing,
             fast_micro_step=cfg.train.fast_micro_step, lr=self.lr, base_lr=o.lr, lr_scaling=o.lr_scaling,
             reference_batch_size=o.reference_batch_size, warmup_steps=o.warmup_steps, schedule=o.schedule,
@@ -390,13 +436,29 @@ class Trainer:
 
     # -- training -------------------------------------------------------------
 
-    def _local_batch(self) -> Batch:
-        return self._batch_at(self.samples_seen, self.runtime.rank)
+    def _use_batch_size(self, logical_batch_size: int, *, refresh_lr: bool = True) -> None:
+        """Run the next steps at this logical batch, with the learning rate that goes with it.
 
-    def _batch_at(self, position: int, rank: int) -> Batch:
-        """Rank `rank`'s share of the logical batch that starts `position` samples into the run."""
-        indices = self.sampler.indices(position, self.batch_sizes.logical_batch_size)
-        share = self.batch_sizes.shard(rank)
+        The scheduler set this step's lr for the previous size; it is set again from the
+        same schedule factor (a resumed run's optimizer already holds it: no refresh).
+        """
+        self.batch_size = logical_batch_size
+        self._lr_ratio = self._lr_at(logical_batch_size) / self.lr
+        if refresh_lr:
+            for group, base, rule in zip(self.optimizer.param_groups, self.scheduler.base_lrs,
+                                         self.scheduler.lr_lambdas):  # fmt: skip
+                group["lr"] = base * rule(self.scheduler.last_epoch)
+
+    def _sizes(self, logical_batch_size: int) -> BatchSizes:
+        if logical_batch_size == self.batch_sizes.logical_batch_size:
+            return self.batch_sizes
+        return self.batch_sizes.with_logical_batch_size(logical_batch_size)
+
+    def _batch_at(self, position: int, rank: int, sizes: BatchSizes | None = None) -> Batch:
+        """Rank `rank`'s share of the logical batch (`sizes`, default the target) `position` samples in."""
+        sizes = sizes or self.batch_sizes
+        indices = self.sampler.indices(position, sizes.logical_batch_size)
+        share = sizes.shard(rank)
         batch = self.task.train_batch(indices[share.start : share.stop])
         return _map(batch, lambda t: t.to(self.dtype) if t.is_floating_point() else t)
 
@@ -459,11 +521,23 @@ class Trainer:
         return summary
 
     def _train_step(self) -> dict[str, Any]:
+        size = self.batch_schedule.size(
+            Consumed(self.step, self.samples_seen, self.items_seen, self.noise_scale), self.batch_size
+        )
+        if size != self.batch_size:
+            self._use_batch_size(size)
         start = time.perf_counter()
-        stats = self.accumulator.step(self._local_batch(), self._loss_fn)
+        stats = self.accumulator.step(self._batch_at(self.samples_seen, self.runtime.rank, self._sizes(size)),
+                                      self._loss_fn)  # fmt: skip
         row = stats.to_dict()  # the one host sync of the step
         self.step += 1
-        self.samples_seen += self.batch_sizes.logical_batch_size
+        self.samples_seen += size
+        self.items_seen += row["count"]
+        noise = row.pop("noise")
+        if noise is not None:
+            self.noise_scale = noise["simple_noise_scale"]
+            row.update(noise_scale=self.noise_scale, grad_norm_sq_est=noise["grad_norm_sq"], trace_cov_est=noise["trace_cov"])
+        row["batch_size"] = size
         seconds = time.perf_counter() - start
         self.train_seconds += seconds
         # fp16's scaler skips overflowing steps by design; only a non-finite loss counts there.

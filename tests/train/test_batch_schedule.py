@@ -7,7 +7,7 @@ import math
 import pytest
 
 from bigbatch.errors import ConfigError
-from bigbatch.train.batch_schedule import BatchSchedule, Progress
+from bigbatch.train.batch_schedule import BatchSchedule, Consumed
 
 NAN = math.nan
 
@@ -16,7 +16,7 @@ def run(schedule: BatchSchedule, steps: int, items_per_sample: int = 1, noise=la
     """The sizes a run would use: each step consumes its size (and items_per_sample items per sample)."""
     sizes, samples, current = [], 0, schedule.first
     for step in range(steps):
-        progress = Progress(step=step, samples_seen=samples, items_seen=samples * items_per_sample,
+        progress = Consumed(step=step, samples_seen=samples, items_seen=samples * items_per_sample,
                             noise_scale=noise(step))
         current = schedule.size(progress, current) if step else schedule.first
         sizes.append(current)
@@ -66,9 +66,9 @@ def test_adaptive_follows_the_noise_scale_in_samples_grows_only_and_stays_within
 
 def test_adaptive_rounds_down_to_the_quantum_but_not_below_the_start():
     schedule = BatchSchedule("adaptive", target=100, quantum=8, start=16, adaptive_every=1)
-    progress = Progress(step=3, samples_seen=100, items_seen=100, noise_scale=31.0)
+    progress = Consumed(step=3, samples_seen=100, items_seen=100, noise_scale=31.0)
     assert schedule.size(progress, current=16) == 24
-    progress = Progress(step=3, samples_seen=100, items_seen=100, noise_scale=3.0)
+    progress = Consumed(step=3, samples_seen=100, items_seen=100, noise_scale=3.0)
     assert schedule.size(progress, current=16) == 16
 
 
@@ -81,3 +81,115 @@ def test_adaptive_rounds_down_to_the_quantum_but_not_below_the_start():
 def test_bad_settings_name_the_fix(kwargs, match):
     with pytest.raises(ConfigError, match=match):
         BatchSchedule(**kwargs)
+
+
+# -- in the trainer ---------------------------------------------------------------
+
+import json  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+from bigbatch.lr import scale_lr  # noqa: E402
+from bigbatch.tasks import build_task  # noqa: E402
+from bigbatch.train import TrainConfig, Trainer  # noqa: E402
+from bigbatch.train.trainer import _schedule  # noqa: E402
+
+
+class _Recording:
+    """The tiny text task, remembering the sample indices of every training batch it builds."""
+
+    def __init__(self):
+        self.inner = build_task("text", d_model=16, n_layers=1, n_heads=2, block_size=16, eval_samples=8)
+        self.batches: list[list[int]] = []
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    def train_batch(self, indices):
+        self.batches.append(list(indices))
+        return self.inner.train_batch(indices)
+
+
+def _rows(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def _check_lr_follows_the_batch(config: TrainConfig, rows: list[dict]) -> None:
+    """Each step's lr is optim.lr scaled to that step's batch, times the warmup/cosine factor."""
+    o, factor = config.optim, _schedule(config)
+    for k, r in enumerate(rows):
+        want = scale_lr(o.lr, o.reference_batch_size, r["batch_size"], o.lr_scaling) * factor(k)
+        assert r["lr"] == pytest.approx(want, rel=1e-12), (k, r["batch_size"])
+
+
+def test_ramp_in_the_trainer_reads_the_data_in_order_and_the_lr_follows_the_batch(tiny):
+    config = TrainConfig.load(overrides=[
+        *tiny, "train.steps=40", "batch.schedule=ramp", "batch.logical_batch_size=40", "batch.micro_batch_size=4",
+        "batch.ramp_start=4", "batch.ramp_samples=300", "optim.warmup_steps=3", "run.name=ramp",
+    ])  # fmt: skip
+    task = _Recording()
+    trainer = Trainer(config, task=task)
+    trainer.fit()
+    rows = _rows(trainer.run_dir)
+    sizes = [r["batch_size"] for r in rows]
+    schedule = BatchSchedule("ramp", target=40, quantum=4, start=4, ramp_samples=300)
+    assert sizes == run(schedule, 40)  # the module's schedule, step for step
+    assert sizes[0] == 4 and sizes[-1] == 40 and len(set(sizes)) > 5  # premise: it ramped
+    assert [r["micro_steps"] for r in rows] == [s // 4 for s in sizes]  # whole micro-batches
+    # The data position is exact: step k reads the sampler's next `size` samples, none skipped or repeated.
+    position = 0
+    for size, indices in zip(sizes, task.batches):
+        assert indices == trainer.sampler.indices(position, size)
+        position += size
+    assert trainer.samples_seen == position == sum(sizes)
+    assert trainer.items_seen == sum(r["count"] for r in rows)
+    _check_lr_follows_the_batch(config, rows)
+
+
+def test_adaptive_in_the_trainer_grows_with_the_noise_scale_in_whole_micro_batches(tiny):
+    config = TrainConfig.load(overrides=[
+        *tiny, "train.steps=40", "batch.schedule=adaptive", "batch.logical_batch_size=64", "batch.micro_batch_size=4",
+        "batch.adaptive_every=4", "batch.noise_scale_factor=16.0", "batch.noise_ema_decay=0.8", "run.name=adaptive",
+    ])  # fmt: skip
+    trainer = Trainer(config)
+    trainer.fit()
+    rows = _rows(trainer.run_dir)
+    sizes = [r["batch_size"] for r in rows]
+    assert sizes[0] == 8  # two micro-batches: the fewest that measure the noise in one process
+    assert len(set(sizes)) > 2 and sizes == sorted(sizes) and max(sizes) <= 64  # premise: it adapted, grew only
+    assert all(s % 4 == 0 for s in sizes)
+    for k in range(1, len(sizes)):
+        if sizes[k] != sizes[k - 1]:
+            assert k % 4 == 0  # decided every adaptive_every steps
+            # From the noise scale the step before reported, in samples at the run's tokens per sample.
+            seen = rows[:k]
+            per_sample = sum(r["count"] for r in seen) / sum(r["batch_size"] for r in seen)
+            wanted = 16.0 * seen[-1]["noise_scale"] / per_sample
+            assert sizes[k] == min(64, max(sizes[k - 1], int(wanted // 4) * 4))
+    _check_lr_follows_the_batch(config, rows)
+
+
+def test_the_run_reports_the_noise_scale_and_what_it_suggests(tiny):
+    config = TrainConfig.load(overrides=[*tiny, "train.steps=30", "run.name=noise"])
+    summary = Trainer(config).fit()
+    rows = _rows(Path(config.run.dir) / "noise")
+    assert all(r["noise_scale"] is None or r["noise_scale"] > 0 for r in rows)
+    assert sum(r["noise_scale"] is not None for r in rows) > 20
+    assert all("grad_norm_sq_est" in r and "trace_cov_est" in r for r in rows)
+    advice = summary["noise_advice"]
+    assert advice.startswith("the noise scale ") and " tokens; a logical batch of 32 samples (~" in advice
+    assert summary["noise_scale_end"] == pytest.approx(rows[-1]["noise_scale"])
+    off = TrainConfig.load(overrides=[*tiny, "train.steps=3", "batch.measure_noise=false", "run.name=off"])
+    summary = Trainer(off).fit()
+    assert "noise_advice" not in summary and "noise_scale" not in _rows(Path(off.run.dir) / "off")[0]
+
+
+@pytest.mark.parametrize("overrides,match", [
+    (["batch.schedule=adaptive", "batch.measure_noise=false"], "set batch.measure_noise = true"),
+    (["batch.schedule=ramp", "batch.ramp_samples=100", "batch.micro_batch_size=auto"], 'not "auto"'),
+    (["batch.schedule=adaptive", "batch.ramp_start=8", "batch.micro_batch_size=8"], "batch.ramp_start = 16"),
+    (["batch.schedule=ramp"], "ramp_samples"),
+    (["batch.ramp_samples=0"], "batch.ramp_samples must be an integer >= 1"),
+])
+def test_bad_schedule_settings_in_the_config(tiny, overrides, match):
+    with pytest.raises(ConfigError, match=match):
+        Trainer(TrainConfig.load(overrides=[*tiny, *overrides]))

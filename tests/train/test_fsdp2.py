@@ -23,8 +23,11 @@ from tests.train.conftest import TINY, torchrun_train
 
 pytestmark = pytest.mark.distributed
 
+# A batch ramp 8, 8, 8, 13: whole micro-batches per rank (4 + 4) until the target (7 + 6), the
+# same sizes one process picks; resuming at step 3 crosses the change.
 OVERRIDES = ["train.dtype=float64", "train.steps=4", "checkpoint.every=1", "checkpoint.keep=2", "task.n_layers=2",
-             "batch.logical_batch_size=13", "batch.micro_batch_size=4", "train.eval_every=2"]  # fmt: skip
+             "batch.logical_batch_size=13", "batch.micro_batch_size=4", "train.eval_every=2",
+             "batch.schedule=ramp", "batch.ramp_start=8", "batch.ramp_samples=24"]  # fmt: skip
 
 
 def _rows(run: Path):
@@ -57,6 +60,7 @@ def test_fsdp2_two_ranks_equal_one_process(fsdp2_run):
     for key in ref["model"]:
         torch.testing.assert_close(got["model"][key], ref["model"][key], rtol=0, atol=1e-12)
     # Evaluation ran on the sharded model (all ranks together) and saw the same parameters.
+    assert [r["batch_size"] for r in _rows(run)] == [r["batch_size"] for r in _rows(single.run_dir)] == [8, 8, 8, 13]
     for a, b in zip(_rows(run), _rows(single.run_dir)):
         assert a["step"] == b["step"]
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-12)

@@ -121,3 +121,90 @@ def test_a_stop_signal_saves_a_checkpoint_at_the_step_and_exits_128_plus_signum(
     assert resumed.step == stopped[0][0]
     resumed.fit()
     _assert_identical(_final_state(run), _final_state(reference.run_dir))
+
+
+
+RAMP = ["batch.schedule=ramp", "batch.logical_batch_size=32", "batch.micro_batch_size=4", "batch.ramp_start=4",
+        "batch.ramp_tokens=6000"]  # fmt: skip
+
+
+def test_sigkill_mid_ramp_then_resume_is_bit_identical(tiny):
+    """A ramp in tokens resumes where it was (samples and items seen), with the lr that follows it."""
+    steps = 40
+    overrides = [*tiny, *RAMP, f"train.steps={steps}", "checkpoint.every=1", "checkpoint.keep=2"]
+    reference = Trainer(TrainConfig.load(overrides=[*overrides, "run.name=whole"]))
+    reference.fit()
+    whole = [json.loads(line) for line in (reference.run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert len({r["batch_size"] for r in whole}) > 4  # premise: the batch ramps during the run
+
+    kill_at = random.Random().randint(16, 34)
+    print(f"killing at step {kill_at}")
+    cmd, env = _cli(*[f"--set={o}" for o in overrides], "--name", "killed")
+    run = Path(TrainConfig.load(overrides=overrides).run.dir) / "killed"
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    metrics = run / "metrics.jsonl"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and proc.poll() is None:
+        if metrics.exists() and metrics.read_text().count("\n") >= kill_at:
+            proc.send_signal(signal.SIGKILL)
+            break
+        time.sleep(0.002)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, proc.stderr.read().decode() if proc.stderr else ""
+    stopped, path = list_checkpoints(run / "checkpoints")[-1]
+    assert 0 < stopped < steps
+    assert 4 < torch.load(path, weights_only=True)["batch_size"] < 32  # premise: killed mid-ramp
+
+    cmd, env = _cli("--resume", str(run))
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    _assert_identical_schedules(run, reference.run_dir, whole, steps)
+
+
+def _assert_identical_schedules(run: Path, reference: Path, whole: list, steps: int) -> None:
+    final, ref = _final_state(run), _final_state(reference)
+    assert final["step"] == ref["step"] == steps
+    for key in ref["model"]:
+        assert torch.equal(final["model"][key], ref["model"][key]), key
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    for key in ("batch_size", "lr", "loss", "noise_scale"):
+        assert [r[key] for r in rows] == [r[key] for r in whole], key
+
+
+class _Crash(Exception):
+    pass
+
+
+def test_a_crash_mid_adaptation_then_resume_is_bit_identical(tiny):
+    """The adaptive batch resumes where it was: its size, the noise scale it decides from
+    and the noise estimates' running means. The run dies (an exception from the data, no
+    cleanup) at a random step and is resumed in the same process."""
+    steps = 40
+    overrides = [*tiny, "batch.schedule=adaptive", "batch.logical_batch_size=64", "batch.micro_batch_size=4",
+                 "batch.adaptive_every=4", "batch.noise_scale_factor=16.0", "batch.noise_ema_decay=0.8",
+                 f"train.steps={steps}", "checkpoint.every=1", "checkpoint.keep=2"]  # fmt: skip
+    reference = Trainer(TrainConfig.load(overrides=[*overrides, "run.name=whole"]))
+    reference.fit()
+    whole = [json.loads(line) for line in (reference.run_dir / "metrics.jsonl").read_text().splitlines()]
+    sizes = [r["batch_size"] for r in whole]
+    crash_at = random.Random().randint(6, 26)
+    print(f"crashing at step {crash_at}")
+    assert sizes[0] < sizes[crash_at] < sizes[-1]  # premise: it grew before the crash, and grows after it
+
+    config = TrainConfig.load(overrides=[*overrides, "run.name=crashed"])
+    trainer = Trainer(config)
+    calls = {"n": 0}
+    original = trainer.task.train_batch
+
+    def dies(indices):
+        calls["n"] += 1
+        if calls["n"] > crash_at:
+            raise _Crash
+        return original(indices)
+
+    trainer.task.train_batch = dies
+    with pytest.raises(_Crash):
+        trainer.fit()
+    assert list_checkpoints(trainer.checkpoint_dir)[-1][0] == crash_at
+    Trainer(config, resume=trainer.run_dir).fit()
+    _assert_identical_schedules(trainer.run_dir, reference.run_dir, whole, steps)
