@@ -5,6 +5,7 @@
     task = build_task("text", data="my.txt")       # the same model on any text file
     task = build_task("digits", norm="batchnorm")  # a small classifier (norm: none|batchnorm|groupnorm)
     task = build_task("causal-lm", model="path/to/hf-model", data="my.jsonl", lora_rank=8)  # needs bigbatch[hf]
+    task = build_task("contrastive")               # SimCLR-style on digits; its loss_fn is a bb.BatchLoss
 
     model = task.make_model()
     for batch in task.train_batches(64, torch.Generator().manual_seed(0)):
@@ -75,13 +76,14 @@ def missing_members(task: object) -> list[str]:
 
 def _registry() -> dict[str, type]:
     from .causal_lm import CausalLMTask
+    from .contrastive import ContrastiveTask
     from .digits import DigitsTask
     from .text import TextTask
 
-    return {"text": TextTask, "digits": DigitsTask, "causal-lm": CausalLMTask}
+    return {"text": TextTask, "digits": DigitsTask, "causal-lm": CausalLMTask, "contrastive": ContrastiveTask}
 
 
-TASK_NAMES = ("text", "digits", "causal-lm")
+TASK_NAMES = ("text", "digits", "causal-lm", "contrastive")
 
 
 def is_task_factory(name: str) -> bool:
@@ -123,7 +125,7 @@ def _task_class(name: str) -> type:
 
 
 def build_task(name: str, **overrides: Any) -> Task:
-    """The built-in task `name` ("text", "digits" or "causal-lm") with some options changed."""
+    """The built-in task `name` ("text", "digits", "causal-lm" or "contrastive") with some options changed."""
     if is_task_factory(name):
         raise ConfigError(
             f"{name!r} names your own task factory, which `bigbatch train --task {name}` loads; from Python, "
