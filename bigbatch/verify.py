@@ -71,6 +71,7 @@ class VerifyReport:
     neutralized: list[str] = field(default_factory=list)  # dropout switched to eval for the comparison
     buffers: dict[str, float] = field(default_factory=dict)  # buffers that differ, and by how much
     loss_coupling: LossCoupling | None = None  # the loss itself couples samples (probe_loss)
+    random_loss: bool = False  # loss_fn's value changes with the seed where no module explains it
     batch_loss: bool = False  # loss_fn is a bb.BatchLoss (coupled losses are exact through it)
 
     @property
@@ -111,6 +112,8 @@ class VerifyReport:
                     "only if they are taken in the same order"
                 )
                 lines.append(f"  {name or '<model>'}: {treated}")
+        if self.random_loss:
+            lines += ["", "loss_fn draws random numbers itself (outside any module): its value changes with the seed"]
         if self.loss_coupling is not None:
             kind = "couples samples" if self.loss_coupling.kind == "samples" else "is normalised by the batch"
             handled = " (handled: loss_fn is a bb.BatchLoss)" if self.batch_loss else ""
@@ -306,6 +309,11 @@ def _verify(
     random += [name for name in neutralize if name not in random]
 
     # One copy at a time: a model that barely fits its device can still be verified.
+    random_loss = False
+    if probe_modules and not [m for m in random if m not in neutralize]:
+        twin = _prepared_copy(model, dtype, neutralize)  # its forwards move running statistics
+        random_loss = _draws_itself(twin, to_device(cast, model_device(twin)), loss_fn, seed)
+        del twin
     twin = _prepared_copy(model, dtype, neutralize)
     full = _full_batch_grads(twin, cast, loss_fn, seed)
     full_buffers = {name: b.detach().clone() for name, b in twin.named_buffers()}
@@ -347,9 +355,26 @@ def _verify(
         buffers=buffers,
         loss_coupling=loss_coupling,
         batch_loss=isinstance(loss_fn, BatchLoss),
+        random_loss=random_loss,
     )
     report.passed, report.reason = _verdict(report, nonfinite, check_buffers)
     return report
+
+
+def _draws_itself(model: nn.Module, batch: Batch, loss_fn: LossFn, seed: int) -> bool:
+    """True when loss_fn's value changes with the seed: it draws random numbers outside any module
+    found (a random augmentation inside it, say), which a whole batch and its micro-batches draw apart."""
+    values = []
+    for s in (seed, seed + 1):
+        torch.manual_seed(s)
+        with torch.no_grad():
+            out = loss_fn(model, batch)
+        value = out.total if isinstance(out, LossSum) else out
+        if not isinstance(value, torch.Tensor) or value.dim() != 0:
+            return False  # a wrong kind of loss: the full-batch run names it
+        values.append(float(value))
+    scale = max(abs(values[0]), abs(values[1]), 1e-30)
+    return abs(values[0] - values[1]) > RTOL.get(torch.float64, 1e-9) * scale
 
 
 def _names(names: list[str], limit: int = 4) -> str:
@@ -410,7 +435,15 @@ def _verdict(r: VerifyReport, nonfinite: list[str], check_buffers: bool) -> tupl
             f"{_names(unexplained_random)} draw random numbers, so the two runs cannot agree "
             "whatever the split; make them deterministic (eval() or p=0) for this check"
         )
-    if not coupled and not unexplained_random and bad and r.loss_coupling is not None:
+    if bad and r.random_loss:
+        parts.append(
+            "loss_fn draws random numbers itself (its value changes with the seed, and no module "
+            "explains it: a random augmentation inside it, say), and a whole batch and its micro-batches "
+            "draw them differently, so the two runs cannot agree whatever the split; turn the "
+            "randomness off for this check (in training a bb.BatchLoss replays each micro-batch's "
+            "draws in its gradient pass, so its step is exact for the draws it made)"
+        )
+    elif not coupled and not unexplained_random and bad and r.loss_coupling is not None:
         if r.loss_coupling.kind == "samples":
             parts.append(
                 "cause: the loss couples samples (the gradient at one sample's output depends on the "

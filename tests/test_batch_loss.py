@@ -405,3 +405,28 @@ def test_calling_a_batch_loss_is_the_full_batch_loss():
     batch = pair_data(8)
     assert torch.equal(CLIP(model, batch), clip(model, encode(model, batch)))
     assert abs(CLIP(model, batch).item() - full_clip(copy.deepcopy(model), batch).item()) < TOL
+
+
+def test_the_planner_meters_a_batch_loss_in_its_two_passes():
+    """bb.plan's step meter keeps a BatchLoss a BatchLoss, and counts its loss phase and one gradient micro-batch."""
+    from bigbatch.memory import SavedTensorMeter
+    from bigbatch.planner.runs import measure_step_memory
+
+    batch = pair_data(12)
+    ref, ours = TwoTower(), TwoTower()
+    probe_model = TwoTower()
+    bb.Accumulator(ref, sgd(ref), micro_batch_size=4).step(batch, CLIP)
+    memory = measure_step_memory(bb.Accumulator(ours, sgd(ours), micro_batch_size=4), batch, CLIP)
+    assert max_param_diff(ref, ours) == 0  # the two passes ran, not one loss per micro-batch
+
+    # The same parts measured by hand: the loss over the whole batch's representations, one
+    # micro-batch's encode with grad, and the representations (and their gradient) held.
+    with torch.no_grad():
+        reps = [r.requires_grad_() for r in encode(probe_model, batch)]
+    with SavedTensorMeter(probe_model) as loss_meter:
+        clip(probe_model, reps)
+    with SavedTensorMeter(probe_model) as encode_meter:
+        encode(probe_model, tuple(t[:4] for t in batch))
+    reps_bytes = sum(r.numel() * r.element_size() for r in reps)
+    expected = max(max(loss_meter.bytes, reps_bytes) + reps_bytes, encode_meter.bytes + reps_bytes)
+    assert memory.saved_activations == expected > 0

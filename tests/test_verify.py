@@ -334,3 +334,18 @@ def test_a_token_mean_is_found_as_a_normalisation_not_as_coupling():
     assert not report.passed
     assert report.loss_coupling is not None and report.loss_coupling.kind == "normalisation"
     assert "bb.LossSum" in report.reason and "BatchLoss" not in report.reason
+
+
+def test_random_numbers_drawn_inside_the_loss_function_are_named():
+    """A random augmentation in loss_fn: a whole batch and its micro-batches draw different numbers."""
+
+    def augmenting(m, batch):
+        images, texts = batch
+        return _clip(m, _encode(m, (images + 0.1 * torch.randn_like(images), texts)))
+
+    report = bb.verify(_towers(), _pairs(), bb.BatchLoss(encode=lambda m, b: _encode(m, (
+        b[0] + 0.1 * torch.randn_like(b[0]), b[1])), loss=_clip), micro_batch_size=3)
+    assert not report.passed and report.random_loss and report.coupled == [] and report.random == []
+    assert "draws random numbers itself" in report.reason
+    assert bb.verify(_towers(), _pairs(), augmenting, micro_batch_size=3).random_loss
+    assert not bb.verify(_towers(), _pairs(), bb.BatchLoss(encode=_encode, loss=_clip), micro_batch_size=3).random_loss

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from ..accumulator import Accumulator
+from ..batch_loss import BatchLoss
 from ..batches import Batch, batch_size, split_batch
 from ..checkpointing import checkpoint_blocks
 from ..devices import model_device
@@ -159,6 +160,10 @@ def measure_step_memory(acc: Accumulator, batch: Batch, loss_fn: LossFn, *, mete
         with counter:
             return loss_fn(m, micro)
 
+    batch_meter = _BatchLossMeter(loss_fn, model) if isinstance(loss_fn, BatchLoss) and meter else None
+    if batch_meter is not None:
+        metered_loss = batch_meter.batch_loss  # type: ignore[assignment]  # the engine must see a BatchLoss
+
     phases, others = None, 0
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -177,10 +182,49 @@ def measure_step_memory(acc: Accumulator, batch: Batch, loss_fn: LossFn, *, mete
         parameters=parameter_bytes(model),
         gradients=gradient_bytes(model),
         optimizer_state=optimizer_state_bytes(optimizer),
-        saved_activations=counter.bytes,
+        saved_activations=counter.bytes if batch_meter is None else batch_meter.bytes,
         measured_window_peak=window,
         measured_optimizer_peak=optimizer_peak,
     )
+
+
+class _BatchLossMeter:
+    """A BatchLoss whose two memory phases are counted: the whole-batch loss, and one gradient-pass micro-batch.
+
+    The loss phase holds the representations of the logical batch, what the loss
+    saves for backward (the N x N similarities of a contrastive loss) and the
+    representations' gradient; the gradient pass holds that gradient and what one
+    micro-batch's encode saves. `bytes` is the larger: the part of the window's
+    peak above the static bytes (an estimate, like the plain loss's).
+    """
+
+    def __init__(self, batch_loss: BatchLoss, model: nn.Module) -> None:
+        """Meter `batch_loss` on `model`; hand the engine `self.batch_loss`."""
+        self.inner = batch_loss
+        self.encode_meter, self.loss_meter = SavedTensorMeter(model), SavedTensorMeter(model)
+        self.encode_metered = False
+        self.reps_bytes = 0
+        self.batch_loss = BatchLoss(encode=self.encode, loss=self.loss)
+
+    def encode(self, model: nn.Module, micro: Batch) -> Any:
+        if not torch.is_grad_enabled() or self.encode_metered:  # the first pass saves nothing
+            return self.inner.encode(model, micro)
+        self.encode_metered = True
+        with self.encode_meter:
+            return self.inner.encode(model, micro)
+
+    def loss(self, model: nn.Module, reps: Any) -> Any:
+        tensors = [reps] if isinstance(reps, torch.Tensor) else list(reps)
+        self.reps_bytes = sum(t.numel() * t.element_size() for t in tensors if isinstance(t, torch.Tensor))
+        with self.loss_meter:
+            return self.inner.loss(model, reps)
+
+    @property
+    def bytes(self) -> int:
+        # The loss saves the representations it reads (most do), so they count once there.
+        loss_phase = max(self.loss_meter.bytes, self.reps_bytes) + self.reps_bytes
+        gradient_pass = self.encode_meter.bytes + self.reps_bytes
+        return max(loss_phase, gradient_pass)
 
 
 @dataclass(frozen=True)
