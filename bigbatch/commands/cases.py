@@ -95,7 +95,7 @@ def add_task_arguments(parser: argparse.ArgumentParser, *, verb: str, batch_size
         verb: what the command does with the task, for the help ("verify", "plan").
         batch_size: the default number of samples in the task's batch.
     """
-    parser.add_argument("--task", help=f"{verb} a built-in task instead of a factory: text or digits")
+    parser.add_argument("--task", help=f"{verb} a built-in task instead of a factory: text, digits or contrastive")
     parser.add_argument(
         "--set", dest="task_settings", action="append", default=[], metavar="KEY=VALUE",
         help="an option of --task, as `bigbatch train --set task.KEY=VALUE` takes it "

@@ -2,6 +2,7 @@
 
     bigbatch train                                    # char-level transformer on Shakespeare, ~2 min on a laptop CPU
     bigbatch train --task digits --set task.norm=batchnorm
+    bigbatch train --task contrastive --set batch.logical_batch_size=512 --set batch.micro_batch_size=32
     bigbatch train --task text --data my.txt --name mine
     bigbatch train --task causal-lm --model path/to/hf-model --data my.jsonl --set task.lora_rank=8
     bigbatch train --task mypkg.tasks:make_task       # your own Task (or path/to/tasks.py:make_task)
@@ -50,7 +51,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("config", nargs="?", help="a TOML config file (default: the built-in defaults)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config field, e.g. --set optim.lr=1e-3 (repeatable)")
-    parser.add_argument("--task", help="task.name: text, digits, causal-lm, or your MODULE:FACTORY / file.py:FACTORY")
+    parser.add_argument("--task", help="task.name: text, digits, causal-lm, contrastive, or your MODULE:FACTORY / file.py:FACTORY")
     parser.add_argument("--model", help="task.model: a Hugging Face model folder or hub name (causal-lm)")
     parser.add_argument("--data", help="task.data: a text file (text), .txt/.jsonl/datasets/parquet (causal-lm)")
     parser.add_argument("--name", help="run.name: the run directory's name under run.dir")

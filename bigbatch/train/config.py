@@ -5,7 +5,7 @@ Every field has a default, so `bigbatch train` runs with no file at all. An
 unknown key is an error that names the nearest valid one. A bare key
 (`--set lr=1e-3`) works where only one section has it.
 
-    [task]           name = "text" | "digits" | "causal-lm" | "pkg.mod:make_task", data = "my.txt", and the task's options
+    [task]           name = "text" | "digits" | "causal-lm" | "contrastive" | "pkg.mod:make_task", data = "my.txt", and the task's options
     [batch]          logical_batch_size, micro_batch_size (or "auto"), accumulation_steps,
                      max_memory ("8GiB": the memory planner picks micro-batch, checkpointing, compile),
                      schedule ("constant" | "ramp" | "adaptive"), ramp_start, ramp_samples, ramp_tokens,
