@@ -138,31 +138,31 @@ def probe_accuracy(
 
 @dataclass
 class ContrastiveTask:
-    """Contrastive pre-training on 8x8 digits (1,797 images), judged by a linear probe.
+    """Contrastive pre-training on 8x8 digits (1,797 images), judged by retrieval and a linear probe.
 
-    Options: `negatives` "logical_batch" (a bb.BatchLoss: exact in-batch negatives)
-    or "micro_batch" (each micro-batch's loss on its own, plain accumulation);
-    `hidden` units of the encoder's two hidden layers; `features`, the size of
-    the representation the probe sees; `projection`, what the loss compares;
-    `temperature` of InfoNCE; `val_size` images held out (the digits task's
-    seeded split); `probe_labels` labelled training images per class the
-    probe is fitted on (0: every training label; with all 1,500 labels even
-    raw pixels or a random encoder score about 0.97, so the probe could not
-    tell encoders apart); `augment` false uses each image as both of its
-    views: nothing is learnt, but nothing is random either, which is what
-    `bigbatch verify --task contrastive --set augment=false` needs (random
+    With all 1,500 training labels even raw pixels or a random encoder score
+    about 0.97 on the probe, so it is fitted on a few labels per class
+    (`probe_labels`). `augment = false` exists for `bigbatch verify`: random
     augmentations of a whole batch and of its micro-batches draw different
-    numbers, so verify's two runs could not agree).
+    numbers, so verify's two runs could not agree.
     """
 
     negatives: str = "logical_batch"
+    """"logical_batch": the loss is a bb.BatchLoss, every other image of the logical batch is a negative (exact); "micro_batch": each micro-batch's InfoNCE on its own, what plain accumulation computes."""
     hidden: int = 256
+    """Units in each of the encoder's two hidden layers."""
     features: int = 64
+    """Size of the representation the probe judges (the encoder's output)."""
     projection: int = 32
+    """Size of the projection head's output, what the loss compares."""
     temperature: float = 0.2
+    """InfoNCE's temperature (cosine similarities are divided by it)."""
     val_size: int = 297
+    """Images held out for evaluation (the digits task's seeded split of the 1,797)."""
     probe_labels: int = 10
+    """Labelled training images per class the linear probe is fitted on (mean over 5 draws); 0: all 1,500."""
     augment: bool = True
+    """Two random views per image (shift, noise, erasing); false: the image itself twice, nothing random (for bigbatch verify)."""
     name: str = field(default="contrastive", init=False)
     item_unit: str = field(default="samples", init=False)
     loss_fn: Callable[[nn.Module, Batch], torch.Tensor | LossSum] = field(init=False, repr=False)

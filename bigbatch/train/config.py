@@ -49,8 +49,8 @@ class TaskSection:
 
     name: str = "text"
     """The task: "text" (a character-level transformer), "digits" (an 8x8-digit classifier), "causal-lm"
-    (a transformers causal LM), or your own as MODULE:FACTORY or path/to/file.py:FACTORY (a function
-    returning a bigbatch.tasks.Task)."""
+    (a transformers causal LM), "contrastive" (SimCLR-style on the digits, a bb.BatchLoss), or your own
+    as MODULE:FACTORY or path/to/file.py:FACTORY (a function returning a bigbatch.tasks.Task)."""
     data: str | None = None
     """The task's data (text: a UTF-8 text file, paragraphs are samples; causal-lm: .txt, .jsonl, a
     datasets folder or parquet; your factory gets it as data=); unset: the built-in Shakespeare (or
