@@ -93,7 +93,8 @@ class BatchSection:
     measure_noise: bool = True
     """Measure the gradient noise scale from the micro-steps (no extra forward or backward, the same
     training, about 2% per step here): metrics.jsonl and loss.png carry it, the summary says what it
-    suggests. A run with one micro-step in one process cannot measure it."""
+    suggests. A run with one micro-step in one process cannot measure it, nor can a loss that couples
+    samples (the contrastive task's bb.BatchLoss): there it is off."""
     noise_ema_decay: float = 0.95
     """The noise scale reported (and followed by "adaptive") is the ratio of EMAs of the per-step
     estimates with this decay per step; one step's estimates are noisy."""

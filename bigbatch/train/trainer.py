@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from ..accumulator import Accumulator
+from ..batch_loss import BatchLoss
 from ..batch_sizes import BatchSizes, check_equal_micro_steps, resolve_batch_sizes
 from ..batches import Batch, _map
 from ..checkpointing import checkpoint_blocks
@@ -215,6 +216,11 @@ class Trainer:
         """The logical batch size of each step (`batch.schedule`), in whole micro-batches per rank."""
         b, sizes = self.config.batch, self.batch_sizes
         micro = sizes.micro_batch_size
+        if b.schedule == "adaptive" and isinstance(self._loss_fn, BatchLoss):
+            raise ConfigError(
+                'batch.schedule = "adaptive" follows the measured noise scale, and a loss that couples '
+                "samples (this task's bb.BatchLoss) has none to measure; use batch.schedule = \"ramp\" or \"constant\"."
+            )
         if b.schedule == "constant" or not isinstance(micro, int):  # "auto" is refused for the others
             return BatchSchedule("constant", target=sizes.logical_batch_size, quantum=1)
         quantum = micro * sizes.world_size
@@ -270,11 +276,13 @@ class Trainer:
     ) -> Accumulator:
         """The Accumulator that runs each logical batch as micro-steps."""
         t = self.config.train
+        # The noise estimator needs independent micro-steps; a BatchLoss's are pieces of one loss.
+        measure_noise = self.config.batch.measure_noise and not isinstance(self._loss_fn, BatchLoss)
         return Accumulator(
             model, optimizer, micro_batch_size=self.batch_sizes.micro_batch_size, scheduler=scheduler,
             max_grad_norm=self.config.optim.max_grad_norm, precision=t.precision, skip_nonfinite=True,
             fast_micro_step=None if t.fast_micro_step == "none" else t.fast_micro_step,
-            measure_noise=self.config.batch.measure_noise, noise_ema_decay=self.config.batch.noise_ema_decay,
+            measure_noise=measure_noise, noise_ema_decay=self.config.batch.noise_ema_decay,
         )  # fmt: skip
 
     def _setup_run(self, resume: str | Path | None) -> Path:

@@ -114,3 +114,20 @@ def test_bigbatch_train_runs_the_task_with_a_batch_loss(tmp_path):
     assert summary["steps"] == 3 and "val_probe_accuracy" in summary and "val_retrieval" in summary
     rows = [json.loads(line) for line in (tmp_path / "c" / "metrics.jsonl").read_text().splitlines()]
     assert [r["micro_steps"] for r in rows] == [4, 4, 4] and all(r["count"] == 64 for r in rows)
+
+
+def test_the_trainer_measures_no_noise_scale_for_a_batch_loss_and_refuses_to_follow_one(tmp_path):
+    """The noise estimator needs independent micro-steps; a BatchLoss's are pieces of one loss."""
+    config = TrainConfig.load(None, [
+        "task.name=contrastive", "task.hidden=16", "batch.logical_batch_size=32", "batch.micro_batch_size=8",
+        "train.steps=1", "optim.warmup_steps=0", "train.progress=false", f"run.dir={tmp_path}", "run.name=n",
+    ])  # fmt: skip
+    assert config.batch.measure_noise  # the premise: the default asks for it
+    trainer = Trainer(config)
+    assert trainer.accumulator._noise is None
+    trainer.fit()
+    rows = [json.loads(line) for line in (tmp_path / "n" / "metrics.jsonl").read_text().splitlines()]
+    assert "noise_scale" not in rows[0]
+    adaptive = TrainConfig.load(None, ["task.name=contrastive", "batch.schedule=adaptive", f"run.dir={tmp_path}"])
+    with pytest.raises(ConfigError, match="adaptive.*BatchLoss.*ramp"):
+        Trainer(adaptive)
