@@ -430,3 +430,32 @@ def test_the_planner_meters_a_batch_loss_in_its_two_passes():
     reps_bytes = sum(r.numel() * r.element_size() for r in reps)
     expected = max(max(loss_meter.bytes, reps_bytes) + reps_bytes, encode_meter.bytes + reps_bytes)
     assert memory.saved_activations == expected > 0
+
+
+@pytest.mark.gpu
+def test_on_cuda_batch_loss_matches_the_full_batch_and_its_peak_follows_the_micro_batch():
+    device = torch.device("cuda")
+    n = 2048
+
+    class Wide(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            torch.manual_seed(0)
+            self.image = nn.Sequential(nn.Linear(256, 4096), nn.GELU(), nn.Linear(4096, 128))
+            self.text = nn.Sequential(nn.Linear(256, 4096), nn.GELU(), nn.Linear(4096, 128))
+            self.log_temperature = nn.Parameter(torch.tensor([-2.0]))
+
+    g = torch.Generator().manual_seed(0)
+    batch = (torch.randn(n, 256, generator=g).to(device), torch.randn(n, 256, generator=g).to(device))
+    runs = {}
+    for name, micro, loss_fn in (("full", n, CLIP.__call__), ("batch_loss", 128, CLIP)):
+        model = Wide().to(device)
+        acc = bb.Accumulator(model, torch.optim.SGD(model.parameters(), lr=0.1), micro_batch_size=micro)
+        acc.step(batch, loss_fn)  # warm-up: CUDA libraries allocate their workspaces once
+        model.load_state_dict(Wide().to(device).state_dict())
+        torch.cuda.synchronize(device)
+        stats = acc.step(batch, loss_fn)
+        runs[name] = (stats.peak_memory_bytes, [p.detach().clone() for p in model.parameters()])
+    assert runs["batch_loss"][0] < 0.6 * runs["full"][0]  # activations of 128 samples, not 2048
+    for p, q in zip(runs["full"][1], runs["batch_loss"][1]):
+        torch.testing.assert_close(p, q, rtol=1e-3, atol=1e-5)  # float32 (TF32 where enabled)
