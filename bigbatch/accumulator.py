@@ -28,7 +28,7 @@ from .oom import RngSnapshot, release_memory
 from .precision import Float32Grads, autocast_dtype, make_scaler
 from .probes import warn_if_batch_coupled
 from .stats import StepStats
-from .window import Window
+from .window import Window, scale_grads_
 from .window_plan import WindowEngine, WindowPlan
 
 _NO_CONTEXT = contextlib.nullcontext()  # reusable: a micro-step with nothing to enter costs nothing
@@ -60,8 +60,9 @@ class Accumulator:
             "step" it, normalised by what it holds, or "drop" it.
         skip_nonfinite: skip a step whose gradient norm or loss is inf/NaN, or whose
             window holds no item (every token ignored): one host sync per optimizer
-            step. fp16 always skips through its scaler. With False nothing is
-            checked, and an empty window steps a zero gradient.
+            step. With False nothing is checked, and an empty window steps a zero
+            gradient; except under fp16, which always skips a non-finite gradient
+            or an empty window (its scaler backs off), in the same one sync.
         sync_each_micro_step: FSDP2 only; reduce-scatter every micro-step,
             spending communication to keep sharded gradients (less memory).
         fast_micro_step: "compile" (torch.compile the step API's loss_fn) or
@@ -475,15 +476,15 @@ class Accumulator:
             self._scaler.unscale_(self.optimizer)
         grads = self._grads()
         factor = self._window.rescale(count)
-        if factor is not None and grads:
-            torch._foreach_mul_(grads, factor)
+        if factor is not None:
+            scale_grads_(grads, factor)  # one launch per dtype on CUDA, not one per parameter
         grad_norm = full_tensor(torch.nn.utils.get_total_norm(grads, foreach=True))  # FSDP2: all shards
         noise = None if self._noise is None else self._noise.finish(count, grad_norm, self._window.ref, self._scaler)
         if self.max_grad_norm is not None and grads:
             # The same rule as torch.nn.utils.clip_grad_norm_, applied to the gradient
             # tensors themselves (they may be float32 buffers, not `.grad`).
             clip_coef = (self.max_grad_norm / (grad_norm + 1e-6)).clamp(max=1.0)
-            torch._foreach_mul_(grads, clip_coef.to(grads[0].dtype))
+            scale_grads_(grads, clip_coef)
         self._float32_grads.write_back_()
         loss = loss_sum / count.clamp_min(1)
         lr = float(self.optimizer.param_groups[0]["lr"])
@@ -522,19 +523,26 @@ class Accumulator:
         """Step unless the gradient is non-finite or the window holds no item; True if stepped.
 
         A window without items (every token ignored) has no mean loss, and stepping
-        its zero gradient would still apply weight decay and momentum.
+        its zero gradient would still apply weight decay and momentum. One host sync,
+        the bool read below, under fp16 too.
         """
+        # x - x is exactly 0 for a finite x and NaN for inf or NaN: three cheap ops
+        # where isfinite() twice costs eight (it runs every optimizer step).
         if self._scaler is not None:
-            if not bool(count > 0):  # this path syncs anyway (get_scale)
-                self._scaler.update()  # ends the unscale_ of this step; no inf was found
-                return False
-            scale = self._scaler.get_scale()
-            self._scaler.step(self.optimizer)
+            # The gradients are unscaled already (`unscale_` in _finish_window), so an inf or
+            # NaN in them shows in their norm: the scaler's own checks (`step()` reads its
+            # found_inf, `get_scale()` its scale, each a sync) are not needed to decide.
+            # `update()` still reads the found_inf that `unscale_` left on the device, and
+            # backs the scale off when it is set, without a sync.
+            ok = (grad_norm - grad_norm == 0) & (count > 0)
+            if self.skip_nonfinite:
+                ok = ok & (loss - loss == 0)
+            stepped = bool(ok)  # the one host sync per optimizer step
+            if stepped:
+                self.optimizer.step()
             self._scaler.update()
-            return not self._scaler.get_scale() < scale
+            return stepped
         if self.skip_nonfinite:
-            # x - x is exactly 0 for a finite x and NaN for inf or NaN: three cheap ops
-            # where isfinite() twice costs eight (it runs every optimizer step).
             ok = ((grad_norm - grad_norm) + (loss - loss) == 0) & (count > 0)
             if not bool(ok):  # the one host sync per optimizer step
                 return False

@@ -10,6 +10,8 @@ every item of the logical batch. Nothing here reads a device value on the host.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 
 from .distributed import GradSync
@@ -97,20 +99,58 @@ class Window:
             also.copy_(both[2:])
         return both[0].round().long(), both[1]
 
-    def rescale(self, count: torch.Tensor) -> torch.Tensor | None:
-        """The factor that turns accumulated gradients into the mean gradient; None when 1."""
+    def rescale(self, count: torch.Tensor) -> float | torch.Tensor | None:
+        """The factor that turns accumulated gradients into the mean gradient; None when 1.
+
+        A Python float where the host already knows it (one process, counts given as
+        ints: the loop API's uneven micro-batches), else a float64 tensor on the device.
+        """
         assert self.ref is not None
-        exact = (
-            self.sync.world_size == 1
-            and self.count_tensor is None
-            and isinstance(self.ref, float)
-            and self.ref == self.count_int
-        )
-        if exact:
+        local = self.sync.world_size == 1 and self.count_tensor is None and isinstance(self.ref, float)
+        if local and self.ref == self.count_int:
             return None
+        if local:
+            # The same double `ref / count` the tensor path computes, without a device op.
+            return float(self.ref) / max(self.count_int, 1)
         dtype = _exact_dtype(self.device)
         # A Python number stays a kernel argument; torch.as_tensor would copy it to the device.
         numerator = self.ref * self.sync.mean_divisor
         if isinstance(numerator, torch.Tensor):
             numerator = numerator.to(dtype)
         return numerator / count.to(dtype).clamp_min(1)
+
+
+def scale_grads_(grads: Sequence[torch.Tensor], factor: float | torch.Tensor) -> None:
+    """Multiply gradients in place by `factor`, one foreach launch per device and dtype.
+
+    CUDA's `torch._foreach_mul_` takes its fast path (one kernel for the whole
+    list) only when every tensor shares one device and dtype and a tensor factor
+    has that dtype too; otherwise it launches one kernel per tensor, every
+    optimizer step. So the gradients go in groups, and a tensor factor is cast to
+    each group's dtype first. That changes no result: multiplying a float32 tensor
+    by a float64 scalar tensor already rounds the scalar to float32 (the CPU reads
+    it as a float32 scalar, CUDA's per-tensor kernel casts it on load). A float64
+    group keeps the float64 factor: the float64 path stays exact.
+
+    The exception is a tensor factor for bf16 or fp16 gradients (only under DDP or
+    FSDP2, where `.grad` stays in the parameters' dtype): the fast path would read
+    the factor in that dtype, off by up to 2**-9 of every gradient, so those keep
+    one multiply per tensor, the factor in float32. A Python float goes as it is
+    (a kernel argument, held in float32 for low-precision tensors).
+
+    Args:
+        grads: the gradients (`.grad` or float32 buffers); any devices and dtypes.
+        factor: a Python float, or a scalar tensor on the gradients' device.
+    """
+    groups: dict[tuple[torch.device, torch.dtype], list[torch.Tensor]] = {}
+    for g in grads:
+        groups.setdefault((g.device, g.dtype), []).append(g)
+    for (_, dtype), group in groups.items():
+        if not isinstance(factor, torch.Tensor):
+            torch._foreach_mul_(group, factor)
+        elif dtype.itemsize >= 4:
+            torch._foreach_mul_(group, factor.to(dtype))
+        else:
+            wide = factor.to(torch.promote_types(dtype, torch.float32))
+            for g in group:
+                g.mul_(wide)

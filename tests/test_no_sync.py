@@ -8,8 +8,9 @@ data (`nonzero`, boolean masks). They watch through PyTorch's own extension poin
 (a TorchFunctionMode and a TorchDispatchMode), nothing patched.
 
 What does sync, once per optimizer step: `skip_nonfinite=True` reads one bool (is
-the gradient norm and loss finite?), and fp16's GradScaler reads its inf check
-and its scale. Nothing else.
+the gradient norm and loss finite, and does the window hold items?); under fp16
+the same one bool decides the step, where GradScaler's own `step()` and
+`get_scale()` would read three more values. Nothing else.
 """
 
 from __future__ import annotations
@@ -97,12 +98,20 @@ SCENARIOS = [
     pytest.param(dict(precision="fp32", skip_nonfinite=False), mean_loss, id="no-skip"),
     pytest.param(dict(precision="fp32", max_grad_norm=0.5, measure_noise=True), mean_loss, id="noise-clip"),
     pytest.param(dict(precision="bf16", measure_noise=True), token_loss, id="noise-bf16-token-count"),
+    pytest.param(dict(precision="fp16", max_grad_norm=0.5), mean_loss, id="fp16-clip"),
+    pytest.param(dict(precision="fp16", skip_nonfinite=False, measure_noise=True), token_loss,
+                 id="fp16-no-skip-noise-token-count"),
 ]
+
+
+def syncs_per_step(kwargs) -> int:
+    """The finite check's one read; fp16 always decides its step with it (its scaler needs to know)."""
+    return 1 if kwargs.get("skip_nonfinite", True) or kwargs.get("precision") == "fp16" else 0
 
 
 @pytest.mark.parametrize("kwargs,loss_fn", SCENARIOS)
 def test_step_api_reads_nothing_per_micro_step(kwargs, loss_fn):
-    expected = 1 if kwargs.get("skip_nonfinite", True) else 0  # the finite check
+    expected = syncs_per_step(kwargs)
     batch = data(12)
     per_step = {}
     for micro in (12, 1):  # one micro-step, then twelve
@@ -132,7 +141,7 @@ def test_step_api_reads_nothing_per_micro_step(kwargs, loss_fn):
 
 @pytest.mark.parametrize("kwargs,loss_fn", SCENARIOS)
 def test_loop_api_reads_nothing_until_the_window_ends(kwargs, loss_fn):
-    expected = 1 if kwargs.get("skip_nonfinite", True) else 0
+    expected = syncs_per_step(kwargs)
     steps = 4
     model = mlp()
     acc = bb.Accumulator(model, torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9),
@@ -173,6 +182,30 @@ def test_the_counter_catches_the_classic_loop_logging_its_loss():
                 break
         opt.step()
     assert reads.count() == 8  # item() and bool() per micro-step
+
+
+def test_the_counter_sees_each_read_of_the_usual_fp16_step():
+    """Negative control for the fp16 count of one: the usual GradScaler sequence reads four values.
+
+    `bool(count > 0)`, the scale before and after (was the step skipped?), and
+    `scaler.step`'s own read of its inf check: what the engine did before.
+    """
+    model = mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    scaler = torch.amp.GradScaler("cpu")
+    x, y = data(4)
+    with torch.autocast("cpu", dtype=torch.float16):
+        loss = mean_loss(model, (x, y))
+    scaler.scale(loss).backward()
+    count = torch.tensor(4)
+    with HostReads() as reads:
+        scaler.unscale_(opt)
+        if bool(count > 0):
+            before = scaler.get_scale()
+            scaler.step(opt)
+            scaler.update()
+            assert not scaler.get_scale() < before
+    assert reads.count() == 4, reads.events
 
 
 # -- on a GPU: the real thing --------------------------------------------------
@@ -249,21 +282,26 @@ def test_gpu_step_api_syncs_once_per_optimizer_step_however_many_micro_steps(kwa
 
 
 @pytest.mark.gpu
-def test_gpu_fp16_micro_steps_do_not_sync():
-    """fp16's GradScaler syncs at the optimizer step (inf check, scale); never before."""
+def test_gpu_fp16_micro_steps_do_not_sync_and_the_step_syncs_once():
+    """fp16: no sync inside a window; one at the optimizer step (unscale, inf check, step, scale update)."""
     steps = 3
     model = mlp(torch.float32, "cuda")
     acc = bb.Accumulator(model, torch.optim.SGD(model.parameters(), lr=0.1),
-                         accumulation_steps=steps, precision="fp16")
+                         accumulation_steps=steps, precision="fp16", max_grad_norm=1.0)
     pieces = [data(4, "cuda") for _ in range(2 * steps)]
-    for i, (x, y) in enumerate(pieces):
+
+    def micro_step(x, y):
+        with acc.accumulate():
+            acc.backward(F.cross_entropy(model(x).float(), y), count=4)
+
+    for i, (x, y) in enumerate(pieces[:-1]):
         mid_window = i >= steps and i % steps != steps - 1
         torch.cuda.set_sync_debug_mode("error" if mid_window else "default")
         try:
-            with acc.accumulate():
-                acc.backward(F.cross_entropy(model(x).float(), y), count=4)
+            micro_step(x, y)
         finally:
             torch.cuda.set_sync_debug_mode("default")
+    assert _count_syncs(lambda: micro_step(*pieces[-1])) == 1
     assert acc.optimizer_steps == 2
 
 
