@@ -18,6 +18,8 @@ Not part of bigbatch's public API (nothing here is in `bigbatch.__all__`).
 
 from __future__ import annotations
 
+import json
+import os
 import statistics
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -48,6 +50,38 @@ def sync_device(device: torch.device) -> None:
     """
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+def device_name(device: torch.device) -> str:
+    """What to call `device` in a table or a results file.
+
+    Args:
+        device: the device measured on.
+
+    Returns:
+        The GPU's name ("NVIDIA H200") for a CUDA device, else the device type ("cpu").
+    """
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return device.type
+
+
+def append_jsonl(path: str | Path, record: Mapping[str, object]) -> None:
+    """Append `record` to `path` as one JSON line, flushed to disk before returning.
+
+    A benchmark appends each result the moment it is measured, so a crash or a
+    timeout later loses nothing already measured. The folder is created.
+
+    Args:
+        path: the .jsonl file.
+        record: JSON-serialisable values.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a", encoding="utf-8") as f:
+        f.write(json.dumps(record, sort_keys=False) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
 
 
 def _nothing() -> None:

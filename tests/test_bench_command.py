@@ -50,3 +50,137 @@ def test_bench_writes_nothing_unasked(tmp_path, monkeypatch, capsys):
 def test_bad_arguments_exit_2_with_the_rule(argv, message, capsys):
     assert main(["bench", "--device", "cpu", *argv]) == 2
     assert capsys.readouterr().err.strip() == f"bigbatch bench: {message}"
+
+
+def test_each_row_is_printed_and_appended_the_moment_it_is_measured(tmp_path, capsys, monkeypatch):
+    """A run that dies during its second measurement has printed and saved the first one's rows."""
+    import json
+
+    import bigbatch.commands.bench as bench
+
+    jsonl = tmp_path / "rows.jsonl"
+    looks = []
+    real_measure = bench.measure
+
+    def look_then_measure(*args, **kwargs):
+        looks.append((capsys.readouterr().out, jsonl.read_text() if jsonl.exists() else ""))
+        if len(looks) == 2:
+            raise KeyboardInterrupt  # the run is stopped during the second group
+        return real_measure(*args, **kwargs)
+
+    monkeypatch.setattr(bench, "measure", look_then_measure)
+    with pytest.raises(KeyboardInterrupt):
+        main(["bench", "--device", "cpu", "--batch-size", "4", "--micro-batch-sizes", "1", "4", "--seq-len", "16",
+              "--steps", "1", "--repeats", "1", "--warmup", "0", "--methods", "plain", "bigbatch",
+              "--jsonl", str(jsonl)])  # fmt: skip
+    assert len(looks) == 2  # one interleaved group per micro-batch size on the CPU
+    assert looks[0][1] == ""  # premise: nothing before the first measurement
+    out, saved = looks[1]
+    assert "measured: micro-batch 1, plain:" in out and "measured: micro-batch 1, bigbatch:" in out
+    records = [json.loads(line) for line in saved.splitlines()]
+    assert [(r["micro"], r["method"]) for r in records] == [(1, "plain"), (1, "bigbatch")]
+    assert all(r["tokens_per_s"] > 0 and r["device"] == "cpu" and r["torch"] == torch.__version__ for r in records)
+
+
+class LargestFloat32:
+    """The most elements of any float32 tensor an op produced while active."""
+
+    def __init__(self):
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        outer = self
+        self.largest = 0
+
+        class Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                out = func(*args, **(kwargs or {}))
+                for t in out if isinstance(out, (tuple, list)) else [out]:
+                    if isinstance(t, torch.Tensor) and t.dtype == torch.float32:
+                        outer.largest = max(outer.largest, t.numel())
+                return out
+
+        self.mode = Mode()
+
+    def __enter__(self):
+        self.mode.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        self.mode.__exit__(*exc)
+
+
+def test_no_method_holds_a_micro_batchs_float32_logits_on_gpt2(monkeypatch):
+    """GPT-2's bench loss is the chunked one for every method: never micro x seq x vocab floats at once.
+
+    The chunk is made small (16,384 logits) so that tiny sizes show what GPT-2 small does at
+    scale (2**25 logits a chunk against 3.3e9 for a micro-batch of 64).
+    """
+    import importlib.util
+
+    import bigbatch.chunked
+    from bigbatch.commands.bench import gpt2_setup, make_runner
+    from bigbatch.tasks.gpt2 import GPT2Shape, plain_loss
+
+    monkeypatch.setattr(bigbatch.chunked, "_CHUNK_ELEMENTS", 16384)
+    shape = GPT2Shape(vocab_size=512, seq_len=64, d_model=16, n_layers=1, n_heads=1)
+    cpu = torch.device("cpu")
+    setup = gpt2_setup(cpu, shape, batch_size=4, n_batches=1)
+    whole = 2 * shape.seq_len * shape.vocab_size  # one micro-batch of 2 sequences: 65,536 logits
+    methods = ["plain", "bigbatch"] + (["accelerate"] if importlib.util.find_spec("accelerate") else [])
+    for method in methods:
+        torch.manual_seed(0)
+        run = make_runner(method, setup, 2, cpu, setup.make_model())
+        with LargestFloat32() as seen:
+            run(setup.batches[0])
+        assert 0 < seen.largest <= whole / 4, method  # a chunk: 32 rows of 512 logits
+    # Negative control: the full logits' loss, what the bench computed before.
+    model = setup.make_model()
+    with LargestFloat32() as seen:
+        plain_loss(model, (setup.batches[0][0][:2], setup.batches[0][1][:2])).total.backward()
+    assert seen.largest >= whole
+
+
+def test_a_compiled_size_compiles_once_and_every_later_run_at_it_reuses_the_graph():
+    """Runs on fresh model copies at a size already compiled add no graph; a new size adds one."""
+    from torch._dynamo.utils import counters
+
+    import bigbatch as bb
+    from bigbatch.commands.bench import gpt2_setup, measure
+    from bigbatch.tasks.gpt2 import GPT2Shape
+
+    cpu = torch.device("cpu")
+    setup = gpt2_setup(cpu, GPT2Shape(vocab_size=64, seq_len=8, d_model=8, n_layers=1, n_heads=1), batch_size=4,
+                       n_batches=1)  # fmt: skip
+    fast = {"bigbatch-compile": bb.FastMicroStep(backend="aot_eager")}  # no codegen: seconds, not minutes
+    initial = setup.make_model()
+    torch._dynamo.reset()
+    graphs = []
+    for micro in (2, 2, 4):
+        measure(setup, micro, ["bigbatch-compile"], cpu, 1, 1, {"bigbatch-compile": 1}, initial, fast=fast)
+        graphs.append(counters["stats"]["unique_graphs"])
+    torch._dynamo.reset()
+    assert graphs == [1, 1, 2]
+
+
+@pytest.mark.gpu
+def test_gpu_every_method_measures_its_peak_the_same_way_on_the_gpu_asked_for():
+    """Doing the same work (one micro-step a window), the methods peak alike; nothing lands on another GPU."""
+    import importlib.util
+
+    from bigbatch.commands.bench import gpt2_setup, measure
+    from bigbatch.memory import parameter_bytes
+    from bigbatch.tasks.gpt2 import GPT2Shape
+
+    device = torch.device("cuda", torch.cuda.device_count() - 1)  # the last GPU: not the default one
+    setup = gpt2_setup(device, GPT2Shape(vocab_size=8192, seq_len=256, d_model=256, n_layers=4, n_heads=4),
+                       batch_size=8, n_batches=2)  # fmt: skip
+    initial = setup.make_model().to(device)
+    methods = ["plain", "bigbatch"] + (["accelerate"] if importlib.util.find_spec("accelerate") else [])
+    rows = [row for method in methods
+            for row in measure(setup, 8, [method], device, 1, 2, {method: 1}, initial)]  # fmt: skip
+    peaks = [row["peak_bytes"] for row in rows]
+    static = 4 * parameter_bytes(initial)  # parameters, gradients and AdamW's two moments
+    assert min(peaks) > static  # premise: the peak counts the run's own model and activations
+    assert max(peaks) < 1.1 * min(peaks), rows
+    others = [i for i in range(torch.cuda.device_count()) if i != device.index]
+    assert all(torch.cuda.memory_allocated(i) == 0 for i in others)

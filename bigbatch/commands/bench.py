@@ -4,24 +4,37 @@
     bigbatch bench --micro-batch-sizes 1 2 4 8 16 --steps 10
     bigbatch bench --model gpt2-small --device cuda    # docs/design.md's setup: bf16, fused AdamW
     bigbatch bench --methods plain bigbatch bigbatch-cudagraphs --plot benchmarks/out/bench.png
+    bigbatch bench --model gpt2-small --jsonl benchmarks/out/bench.jsonl   # one JSON line per row, as measured
 
-Every method runs the same logical batches, one optimizer step per batch:
+Every method runs the same logical batches, one optimizer step per batch, with
+the same loss (token cross-entropy):
 
 - plain: the classic loop, `(loss / k).backward()` per micro-batch, a step every k;
 - bigbatch: `acc.step(batch, loss_fn)`, exact token-level accumulation;
 - bigbatch-compile / bigbatch-cudagraphs: the same with `fast_micro_step=`
-  (default on CUDA only: compiling on the CPU takes minutes);
+  (default on CUDA only: compiling on the CPU takes minutes), at the sizes of
+  `--compile-micro-batch-sizes` (gpt2-small: those up to 4). Each size compiles
+  once per method (about a minute for GPT-2 small) and every later run at that
+  size reuses the graph;
 - accelerate: Hugging Face Accelerate's `accelerator.accumulate(model)`, if installed.
 
-The table gives tokens/s (every position of every sequence), peak memory (CUDA),
-the ratio to the plain loop at the same micro-batch, and the ratio to the plain
-loop at the largest micro-batch (the full batch when it is listed). Timed blocks
-are repeated and the median kept. On the CPU the methods' blocks are interleaved
-and the clock is the process's CPU time on one thread; on a GPU the methods run
-one at a time (each peak is its own), timed by the wall clock. `--plot PATH`
-writes a PNG of tokens/s per micro-batch size (nothing is written otherwise).
-The timing, tables and plots are bigbatch/benchmarking.py's, shared with the
-scripts in benchmarks/; the GPT-2 model is bigbatch/tasks/gpt2.py's.
+GPT-2's loss is `bb.chunked_cross_entropy` (the model's `forward(tokens, labels)`),
+so no method holds a micro-batch's float32 logits (12 GiB at micro-batch 64).
+
+Each row is printed the moment it is measured (and appended to `--jsonl PATH`),
+so an interrupted run keeps what it measured; the table follows at the end:
+tokens/s (every position of every sequence), peak memory (CUDA), the ratio to
+the plain loop at the same micro-batch, and the ratio to the plain loop at the
+largest micro-batch (the full batch when it is listed). Timed blocks are
+repeated and the median kept. On the CPU the methods' blocks are interleaved and
+the clock is the process's CPU time on one thread; on a GPU the methods run one
+at a time, timed by the wall clock. The peak is CUDA's max_memory_allocated
+within one optimizer step, reset at the start of every step for every method
+alike, the highest over the timed steps, less what the bench holds for all
+methods (the initial model and the batches). `--plot PATH` writes a PNG of
+tokens/s per micro-batch size (nothing is written otherwise). The timing, tables
+and plots are bigbatch/benchmarking.py's, shared with the scripts in benchmarks/
+(`make gpu-check` runs this code too); the GPT-2 model is bigbatch/tasks/gpt2.py's.
 """
 
 from __future__ import annotations
@@ -32,7 +45,8 @@ import gc
 import importlib.util
 import statistics
 import sys
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -42,24 +56,51 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..accumulator import Accumulator
-from ..benchmarking import Panel, clock_for, markdown_table, plot_panels, sync_device, time_interleaved
+from ..benchmarking import (
+    Panel,
+    append_jsonl,
+    clock_for,
+    device_name,
+    markdown_table,
+    plot_panels,
+    sync_device,
+    time_interleaved,
+)
 from ..devices import choose_device
 from ..errors import ConfigError
+from ..fast import FastMicroStep
 from ..losses import LossSum, token_cross_entropy
 
 Batch = tuple[torch.Tensor, torch.Tensor]  # (tokens, labels), both (n, seq)
+Runner = Callable[[Batch], None]  # one optimizer step over one logical batch
 METHODS = ("plain", "bigbatch", "bigbatch-compile", "bigbatch-cudagraphs", "accelerate")
+FAST = {"bigbatch": None, "bigbatch-compile": "compile", "bigbatch-cudagraphs": "cudagraphs"}
 
 
 @dataclass
 class Setup:
-    """A model factory, the logical batches, and how to train it."""
+    """A model factory, the logical batches, and how to train it.
+
+    Args:
+        name: what the table's heading calls it.
+        make_model: builds the model (on the CPU, from torch's current random state).
+        batches: the logical batches; timed blocks cycle through them.
+        precision: "fp32" or "bf16" (autocast).
+        lr: AdamW's learning rate.
+        loss: every method's loss, `loss(model, micro_batch) -> LossSum` (a token sum and count).
+    """
 
     name: str
     make_model: Callable[[], nn.Module]
     batches: list[Batch]
-    precision: str  # "fp32" or "bf16"
+    precision: str
     lr: float
+    loss: Callable[[nn.Module, Batch], LossSum]
+
+    @property
+    def tokens_per_batch(self) -> int:
+        """Every position of every sequence of one logical batch."""
+        return self.batches[0][0].numel()
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -75,50 +116,81 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="sequences per logical batch (text: 16, gpt2-small: 64)")
     parser.add_argument("--micro-batch-sizes", type=int, nargs="+", default=None,
                         help="micro-batch sizes to compare (text: 1 4 16; gpt2-small: 1 2 4 8 16 32 64)")
+    parser.add_argument("--compile-micro-batch-sizes", type=int, nargs="+", default=None,
+                        help="where the compiled methods run (default: text every size, gpt2-small up to 4)")
     parser.add_argument("--seq-len", type=int, default=None, help="tokens per sequence (text: 64, gpt2-small: 1024)")
     parser.add_argument("--steps", type=int, default=2, help="timed optimizer steps per block (2)")
     parser.add_argument("--repeats", type=int, default=3, help="timed blocks per method; the median is kept (3)")
     parser.add_argument("--warmup", type=int, default=None,
-                        help="untimed steps first (1; 3 when compile or CUDA graphs run: they record first)")
+                        help="untimed steps first (1; 3 for compile and CUDA graphs: they record first)")
     parser.add_argument("--methods", nargs="+", choices=METHODS, default=None,
                         help="what to compare (default: all that apply to the device)")
     parser.add_argument("--plot", type=Path, default=None, metavar="PATH",
                         help="write a PNG of tokens/s per micro-batch size here (default: no picture)")
+    parser.add_argument("--jsonl", type=Path, default=None, metavar="PATH",
+                        help="append each row to this file as a JSON line the moment it is measured")
 
 
-def _text_setup(args: argparse.Namespace, device: torch.device) -> Setup:
+# -- the workloads --------------------------------------------------------------
+
+
+def _logits_loss(model: nn.Module, batch: Batch) -> LossSum:
+    tokens, labels = batch
+    return token_cross_entropy(model(tokens), labels)
+
+
+def text_setup(device: torch.device, *, seq_len: int = 64, batch_size: int = 16, n_batches: int = 6) -> Setup:
+    """The built-in char LM, small (d_model 64, 2 layers), speeches padded to `seq_len` tokens.
+
+    Args:
+        device: where the batches go.
+        seq_len: tokens per sequence (every batch padded to it: one shape, compiled graphs reused).
+        batch_size: sequences per logical batch.
+        n_batches: how many logical batches.
+
+    Returns:
+        The setup; fp32, its loss the full logits' token cross-entropy (the vocabulary is small).
+    """
     from ..tasks import build_task
 
-    seq = args.seq_len or 64
-    task: Any = build_task("text", block_size=seq, d_model=64, n_layers=2, n_heads=4)
-    n = args.batch_size or 16
+    task: Any = build_task("text", block_size=seq_len, d_model=64, n_layers=2, n_heads=4)
     g = torch.Generator().manual_seed(0)
     batches = []
-    for _ in range(args.warmup + args.steps * args.repeats):
-        b = task.train_batch(torch.randint(0, task.train_size, (n,), generator=g).tolist())
-        pad = seq - b["tokens"].shape[1]  # one shape for every batch: compiled graphs are reused
+    for _ in range(n_batches):
+        b = task.train_batch(torch.randint(0, task.train_size, (batch_size,), generator=g).tolist())
+        pad = seq_len - b["tokens"].shape[1]
         tokens = F.pad(b["tokens"], (0, pad))
         labels = F.pad(b["labels"], (0, pad), value=-100)
         batches.append((tokens.to(device), labels.to(device)))
-    return Setup("char LM (built-in text task)", task.make_model, batches, "fp32", 1e-3)
+    return Setup("char LM (built-in text task)", task.make_model, batches, "fp32", 1e-3, _logits_loss)
 
 
-def _gpt2_small_setup(args: argparse.Namespace, device: torch.device) -> Setup:
-    from dataclasses import replace
+def gpt2_setup(device: torch.device, shape: Any = None, *, batch_size: int = 64, n_batches: int = 6) -> Setup:
+    """GPT-2 (small by default) on random tokens: bf16 autocast on CUDA, fp32 elsewhere.
 
-    from ..tasks.gpt2 import GPT2Shape, make_gpt2, random_tokens
+    Args:
+        device: where the batches go.
+        shape: a `bigbatch.tasks.gpt2.GPT2Shape` (default: GPT-2 small, sequence 1024).
+        batch_size: sequences per logical batch.
+        n_batches: how many logical batches.
 
-    shape = GPT2Shape.small()
-    if args.seq_len is not None:
-        shape = replace(shape, seq_len=args.seq_len)
-    n = args.batch_size or 64
+    Returns:
+        The setup; its loss `bb.chunked_cross_entropy` through the model's forward.
+    """
+    from ..tasks.gpt2 import GPT2Shape, chunked_loss, make_gpt2, random_tokens
+
+    shape = shape or GPT2Shape.small()
     g = torch.Generator().manual_seed(0)
     batches = []
-    for _ in range(args.warmup + args.steps * args.repeats):
-        tokens, labels = random_tokens(shape, n, g)
+    for _ in range(n_batches):
+        tokens, labels = random_tokens(shape, batch_size, g)
         batches.append((tokens.to(device), labels.to(device)))
+    name = "GPT-2 small (124M, tied head)" if shape == GPT2Shape.small() else f"GPT-2 shape {shape}"
     precision = "bf16" if device.type == "cuda" else "fp32"
-    return Setup("GPT-2 small (124M, tied head)", lambda: make_gpt2(shape), batches, precision, 6e-4)
+    return Setup(name, lambda: make_gpt2(shape), batches, precision, 6e-4, chunked_loss)
+
+
+# -- the methods ----------------------------------------------------------------
 
 
 def _optimizer(model: nn.Module, lr: float, device: torch.device) -> torch.optim.Optimizer:
@@ -126,37 +198,32 @@ def _optimizer(model: nn.Module, lr: float, device: torch.device) -> torch.optim
     return torch.optim.AdamW(model.parameters(), lr=lr, fused=fused)
 
 
-def _token_loss(model: nn.Module, batch: Batch) -> LossSum:
-    tokens, labels = batch
-    return token_cross_entropy(model(tokens), labels)
+def make_runner(method: str, setup: Setup, micro: int, device: torch.device, model: nn.Module, *,
+                fast: Mapping[str, str | FastMicroStep | None] | None = None) -> Runner:  # fmt: skip
+    """One optimizer step over a logical batch per call, the way `method` trains.
 
+    Args:
+        method: one of METHODS.
+        setup: the workload.
+        micro: the micro-batch size.
+        device: where the model is.
+        model: the model to train (a copy of its own).
+        fast: the fast_micro_step of each bigbatch method, where not FAST's.
 
-def _runner(method: str, setup: Setup, micro: int, device: torch.device, model: nn.Module
-            ) -> Callable[[Batch], None]:
-    """One optimizer step over a logical batch per call."""
+    Returns:
+        The runner.
+    """
     opt = _optimizer(model, setup.lr, device)
     if method == "plain":
-        autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=setup.precision == "bf16")
-
-        def plain(batch: Batch) -> None:
-            tokens, labels = batch
-            pieces = list(zip(tokens.split(micro), labels.split(micro)))
-            for x, y in pieces:
-                with autocast:
-                    logits = model(x)
-                loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten()) / len(pieces)
-                loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-
-        return plain
-    if method.startswith("bigbatch"):
-        fast = {"bigbatch": None, "bigbatch-compile": "compile", "bigbatch-cudagraphs": "cudagraphs"}[method]
+        return _plain_runner(setup, micro, device, model, opt)
+    if method in FAST:
+        spec = (fast or {}).get(method, FAST[method])
         acc = Accumulator(model, opt, micro_batch_size=micro, precision=setup.precision,  # type: ignore[arg-type]
-                          fast_micro_step=fast)  # type: ignore[arg-type]
+                          fast_micro_step=spec)  # type: ignore[arg-type]
+        loss = setup.loss  # one object every step: its compiled graph is reused
 
         def bigbatch(batch: Batch) -> None:
-            acc.step(batch, _token_loss)
+            acc.step(batch, loss)
 
         return bigbatch
     if method == "accelerate":
@@ -164,18 +231,39 @@ def _runner(method: str, setup: Setup, micro: int, device: torch.device, model: 
     raise ValueError(method)
 
 
+def _plain_runner(setup: Setup, micro: int, device: torch.device, model: nn.Module,
+                  opt: torch.optim.Optimizer) -> Runner:  # fmt: skip
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=setup.precision == "bf16")
+
+    def plain(batch: Batch) -> None:
+        tokens, labels = batch
+        pieces = list(zip(tokens.split(micro), labels.split(micro)))
+        for x, y in pieces:
+            with autocast:
+                out = setup.loss(model, (x, y))
+            (out.total / out.count / len(pieces)).backward()  # the micro-batch's token mean, / k
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    return plain
+
+
 def _accelerate_runner(setup: Setup, micro: int, device: torch.device, model: nn.Module,
-                       opt: torch.optim.Optimizer) -> Callable[[Batch], None]:
+                       opt: torch.optim.Optimizer) -> Runner:  # fmt: skip
     from accelerate import Accelerator  # type: ignore[import-not-found]
     from accelerate.state import AcceleratorState, GradientState  # type: ignore[import-not-found]
 
     AcceleratorState._reset_state(True)  # one Accelerator per method run
     GradientState._reset_state()
     k = -(-len(setup.batches[0][0]) // micro)
+    if device.type == "cuda":
+        # Accelerate trains on torch's current CUDA device: make it ours (--device cuda:1).
+        torch.cuda.set_device(device)
     accelerator = Accelerator(
         gradient_accumulation_steps=k,
         mixed_precision="bf16" if setup.precision == "bf16" else "no",
         cpu=device.type == "cpu",
+        device_placement=False,  # the model and the batches are on `device` already
     )
     model, opt = accelerator.prepare(model, opt)
 
@@ -183,18 +271,70 @@ def _accelerate_runner(setup: Setup, micro: int, device: torch.device, model: nn
         tokens, labels = batch
         for x, y in zip(tokens.split(micro), labels.split(micro)):
             with accelerator.accumulate(model):
-                logits = model(x)
-                loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten())
-                accelerator.backward(loss)  # divides by k
+                out = setup.loss(model, (x, y))
+                accelerator.backward(out.total / out.count)  # divides by k
                 opt.step()  # Accelerate skips it until the window is full
                 opt.zero_grad()
 
     return accelerate
 
 
-def measure(setup: Setup, micro: int, methods: list[str], device: torch.device, steps: int,
-            repeats: int, warmup: int, initial: nn.Module) -> list[dict[str, Any]]:
-    """Time `methods` at one micro-batch size, their blocks interleaved, each on the same batches.
+# -- measuring ------------------------------------------------------------------
+
+
+def time_runs(runs: Mapping[str, Runner], setup: Setup, device: torch.device, *, steps: int, repeats: int,
+              warmup: Mapping[str, int], held_bytes: int = 0) -> list[dict[str, Any]]:  # fmt: skip
+    """Warm each run up, then time them in interleaved blocks of `steps` optimizer steps.
+
+    Args:
+        runs: method name -> its runner.
+        setup: the workload (its batches are cycled through).
+        device: where the runs train.
+        steps: optimizer steps per timed block.
+        repeats: timed blocks per run; the median is kept.
+        warmup: untimed steps per run, before any is timed.
+        held_bytes: CUDA memory held for every run (the initial model, the batches), left
+            out of the peaks.
+
+    Returns:
+        One row per run: method, tokens_per_s, peak_bytes (CUDA, else None), first_step_s
+        (the first warm-up step, where compiling happens; None without warm-up).
+    """
+    cuda = device.type == "cuda"
+    batches = setup.batches
+    first: dict[str, float | None] = dict.fromkeys(runs)
+    for name, run in runs.items():
+        for i in range(warmup[name]):
+            sync_device(device)
+            started = time.perf_counter()
+            run(batches[i % len(batches)])
+            sync_device(device)
+            if i == 0:
+                first[name] = time.perf_counter() - started
+    peaks = dict.fromkeys(runs, 0)
+
+    def block(name: str, run: Runner) -> Callable[[int], None]:
+        def timed(r: int) -> None:  # repeat r runs its own `steps` batches
+            for i in range(r * steps, (r + 1) * steps):
+                if cuda:  # every method's peak from the same point: the start of its step
+                    torch.cuda.reset_peak_memory_stats(device)
+                run(batches[i % len(batches)])
+                if cuda:  # the allocator's books are on the host: no sync
+                    peaks[name] = max(peaks[name], torch.cuda.max_memory_allocated(device))
+
+        return timed
+
+    seconds = time_interleaved({m: block(m, run) for m, run in runs.items()}, repeats=repeats,
+                               clock=clock_for(device), sync=lambda: sync_device(device))  # fmt: skip
+    return [{"method": m, "tokens_per_s": setup.tokens_per_batch * steps / statistics.median(seconds[m]),
+             "peak_bytes": peaks[m] - held_bytes if cuda else None, "first_step_s": first[m]}
+            for m in runs]  # fmt: skip
+
+
+def measure(setup: Setup, micro: int, methods: list[str], device: torch.device, steps: int, repeats: int,
+            warmup: Mapping[str, int], initial: nn.Module, *,
+            fast: Mapping[str, str | FastMicroStep | None] | None = None) -> list[dict[str, Any]]:  # fmt: skip
+    """Time `methods` at one micro-batch size, their blocks interleaved, each on a copy of `initial`.
 
     Args:
         setup: the model factory, batches and precision.
@@ -205,31 +345,15 @@ def measure(setup: Setup, micro: int, methods: list[str], device: torch.device, 
         repeats: timed blocks per method (the median is kept).
         warmup: untimed steps first, per method.
         initial: the model every method starts from (each gets a copy).
+        fast: the fast_micro_step of each bigbatch method, where not FAST's.
 
     Returns:
-        One row per method: micro, method, tokens_per_s, peak_bytes (CUDA's peak over all of them).
+        One row per method: micro, method, tokens_per_s, peak_bytes, first_step_s (see `time_runs`).
     """
-    runs = {m: _runner(m, setup, micro, device, copy.deepcopy(initial)) for m in methods}
-    for run in runs.values():
-        for batch in setup.batches[:warmup]:
-            run(batch)
-    sync_device(device)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-
-    def block(run: Callable[[Batch], None]) -> Callable[[int], None]:
-        def timed(r: int) -> None:  # repeat r runs its own `steps` batches
-            for batch in setup.batches[warmup + r * steps : warmup + (r + 1) * steps]:
-                run(batch)
-
-        return timed
-
-    seconds = time_interleaved({m: block(run) for m, run in runs.items()}, repeats=repeats,
-                               clock=clock_for(device), sync=lambda: sync_device(device))  # fmt: skip
-    tokens = setup.batches[0][0].numel()
-    peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
-    return [{"micro": micro, "method": m, "tokens_per_s": tokens * steps / statistics.median(seconds[m]),
-             "peak_bytes": peak} for m in methods]
+    held = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
+    runs = {m: make_runner(m, setup, micro, device, copy.deepcopy(initial), fast=fast) for m in methods}
+    rows = time_runs(runs, setup, device, steps=steps, repeats=repeats, warmup=warmup, held_bytes=held)
+    return [{"micro": micro, **row} for row in rows]
 
 
 def default_methods(device: torch.device) -> list[str]:
@@ -249,46 +373,69 @@ def default_methods(device: torch.device) -> list[str]:
     return methods
 
 
-def run_bench(args: argparse.Namespace) -> list[dict[str, Any]]:
+def run_bench(args: argparse.Namespace,
+              on_row: Callable[[dict[str, Any]], None] | None = None) -> list[dict[str, Any]]:  # fmt: skip
     """Measure every method at every micro-batch size that `args` name.
 
     Args:
         args: the parsed command line (checked by `_bad_argument` first).
+        on_row: called with each row the moment it is measured.
 
     Returns:
-        One row per (micro-batch size, method): tokens/s and CUDA peak bytes (None elsewhere).
+        One row per (micro-batch size, method): tokens/s, CUDA peak bytes (None elsewhere)
+        and the first warm-up step's seconds.
     """
     device = choose_device(args.device, setting="--device")
     methods = args.methods or default_methods(device)
-    if args.warmup is None:
-        args.warmup = 3 if any(m.startswith("bigbatch-") for m in methods) else 1
     if args.model == "gpt2-small" and device.type != "cuda":
         print("note: gpt2-small on the CPU is very slow; it is meant for --device cuda.")
-    setup = (_gpt2_small_setup if args.model == "gpt2-small" else _text_setup)(args, device)
-    n = len(setup.batches[0][0])
-    micros = args.micro_batch_sizes or ([1, 2, 4, 8, 16, 32, 64] if args.model == "gpt2-small" else [1, 4, 16])
-    micros = sorted({min(m, n) for m in micros})
     if "accelerate" in methods and importlib.util.find_spec("accelerate") is None:
         print("note: accelerate is not installed; skipping it (pip install accelerate).")
         methods = [m for m in methods if m != "accelerate"]
+    if device.type == "cuda":
+        torch.cuda.set_device(device)  # libraries that say "cuda" (Accelerate) mean this one
+    n_batches = args.steps * args.repeats
+    if args.model == "gpt2-small":
+        from dataclasses import replace
+
+        from ..tasks.gpt2 import GPT2Shape
+
+        shape = GPT2Shape.small() if args.seq_len is None else replace(GPT2Shape.small(), seq_len=args.seq_len)
+        setup = gpt2_setup(device, shape, batch_size=args.batch_size or 64, n_batches=n_batches)
+    else:
+        setup = text_setup(device, seq_len=args.seq_len or 64, batch_size=args.batch_size or 16, n_batches=n_batches)
+    n = len(setup.batches[0][0])
+    micros = args.micro_batch_sizes or ([1, 2, 4, 8, 16, 32, 64] if args.model == "gpt2-small" else [1, 4, 16])
+    micros = sorted({min(m, n) for m in micros})
+    compile_sizes = set(args.compile_micro_batch_sizes or
+                        [m for m in micros if args.model != "gpt2-small" or m <= 4])  # fmt: skip
+    warmup = {m: args.warmup if args.warmup is not None else (3 if FAST.get(m) else 1) for m in methods}
     if device.type == "cpu":
         torch.set_num_threads(1)
     torch.manual_seed(0)
     initial = setup.make_model().to(device)
-    print(f"{setup.name} on {device}, {setup.precision}; logical batch {n} x {setup.batches[0][0].shape[1]} "
-          f"tokens; {args.steps} steps x {args.repeats} repeats (median), {args.warmup} warm-up")
-    rows = []
-    for micro in micros:
-        # On the CPU all methods are timed together, blocks interleaved, so machine
-        # noise hits each alike; on a GPU one at a time, so each peak is its own.
-        groups = [methods] if device.type == "cpu" else [[m] for m in methods]
-        for group in groups:
-            rows += measure(setup, micro, group, device, args.steps, args.repeats, args.warmup, initial)
-            gc.collect()
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
-            if any(m.startswith("bigbatch-") for m in group):
-                torch._dynamo.reset()  # each run compiles its own graphs
+    print(f"{setup.name} on {device_name(device)}, {setup.precision}; logical batch {n} x "
+          f"{setup.batches[0][0].shape[1]} tokens; {args.steps} steps x {args.repeats} repeats (median), "
+          f"warm-up {warmup}", flush=True)  # fmt: skip
+    # Each (compiled method, size) is one entry of torch._dynamo's cache for the loss (its
+    # default limit is 8, past which it would quietly run eager): room for all of them,
+    # an uneven last micro-batch's shape included.
+    entries = 2 * len(compile_sizes) * len([m for m in methods if FAST.get(m)])
+    rows: list[dict[str, Any]] = []
+    with torch._dynamo.config.patch(recompile_limit=max(8, entries + 2)):
+        for micro in micros:
+            here = [m for m in methods if not FAST.get(m) or micro in compile_sizes]
+            # On the CPU all methods are timed together, blocks interleaved, so machine
+            # noise hits each alike; on a GPU one at a time, as a user would run them.
+            groups = [here] if device.type == "cpu" else [[m] for m in here]
+            for group in groups:
+                for row in measure(setup, micro, group, device, args.steps, args.repeats, warmup, initial):
+                    rows.append(row)
+                    if on_row is not None:
+                        on_row(row)
+                gc.collect()
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
     return rows
 
 
@@ -339,8 +486,10 @@ def _bad_argument(args: argparse.Namespace) -> str | None:
     for flag, (value, low) in least.items():
         if value is not None and value < low:
             return f"{flag} must be >= {low}, got {value}."
-    if args.micro_batch_sizes and min(args.micro_batch_sizes) < 1:
-        return f"--micro-batch-sizes must all be >= 1, got {args.micro_batch_sizes}."
+    for flag, sizes in (("--micro-batch-sizes", args.micro_batch_sizes),
+                        ("--compile-micro-batch-sizes", args.compile_micro_batch_sizes)):  # fmt: skip
+        if sizes and min(sizes) < 1:
+            return f"{flag} must all be >= 1, got {sizes}."
     try:
         choose_device(args.device, setting="--device")
     except ConfigError as error:
@@ -348,8 +497,25 @@ def _bad_argument(args: argparse.Namespace) -> str | None:
     return None
 
 
+def describe_row(row: dict[str, Any]) -> str:
+    """One measured row as a line of text, printed the moment it is measured.
+
+    Args:
+        row: a row of `run_bench`.
+
+    Returns:
+        "measured: micro-batch 4, bigbatch: 46,240 tokens/s, peak 5.80 GiB, first step 1.2 s".
+    """
+    words = f"measured: micro-batch {row['micro']}, {row['method']}: {row['tokens_per_s']:,.0f} tokens/s"
+    if row.get("peak_bytes") is not None:
+        words += f", peak {row['peak_bytes'] / 2**30:.2f} GiB"
+    if row.get("first_step_s") is not None:
+        words += f", first step {row['first_step_s']:.1f} s"
+    return words
+
+
 def run(args: argparse.Namespace) -> int:
-    """Measure as `args` say, print the table, and write the plot if `--plot` names one.
+    """Measure as `args` say, printing each row as it comes; then the table, and the plot if asked.
 
     Args:
         args: what `add_arguments`' options parsed to.
@@ -361,7 +527,16 @@ def run(args: argparse.Namespace) -> int:
     if bad is not None:
         print(f"bigbatch bench: {bad}", file=sys.stderr)
         return 2
-    rows = run_bench(args)
+    device = choose_device(args.device, setting="--device")
+    context = {"model": args.model, "device": device_name(device), "torch": torch.__version__,
+               "steps": args.steps, "repeats": args.repeats}  # fmt: skip
+
+    def on_row(row: dict[str, Any]) -> None:
+        print(describe_row(row), flush=True)
+        if args.jsonl is not None:
+            append_jsonl(args.jsonl, {**context, **row})
+
+    rows = run_bench(args, on_row)
     print(table(rows))
     if args.plot is not None:
         print(f"plot: {plot(rows, args.plot, f'bigbatch bench: {args.model}')}")
