@@ -7,7 +7,7 @@ VENV ?= .venv
 TORCH ?= torch==2.13.0
 BIN := $(VENV)/bin
 
-.PHONY: train test lint typecheck unit bench clean
+.PHONY: train test lint typecheck unit bench gpu-check clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -32,6 +32,23 @@ unit: $(BIN)/.installed
 
 bench: $(BIN)/.installed
 	$(BIN)/python benchmarks/overhead.py
+
+# Every GPU test and the GPT-2 benchmark in about 9 minutes, each result written as it comes
+# (benchmarks/README.md, "GPU check"). On a GPU machine it runs the repository in place with
+# that machine's python3 and its torch: no venv, no pip (GPU_PYTHON= to pick another).
+# `make gpu-check DEVICE=cpu` runs the same script on a tiny model in .venv, in about a minute.
+DEVICE ?= cuda
+GPU_PYTHON ?= python3
+ifeq ($(DEVICE),cpu)
+GPU_CHECK_NEEDS := $(BIN)/.installed
+GPU_CHECK_PYTHON := $(BIN)/python
+else
+GPU_CHECK_NEEDS :=
+GPU_CHECK_PYTHON := PYTHONPATH=. $(GPU_PYTHON)
+endif
+
+gpu-check: $(GPU_CHECK_NEEDS)
+	$(GPU_CHECK_PYTHON) benchmarks/gpu_check.py --device $(DEVICE) $(ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -30,8 +30,9 @@ repeated and the median kept. On the CPU the methods' blocks are interleaved and
 the clock is the process's CPU time on one thread; on a GPU the methods run one
 at a time, timed by the wall clock. The peak is CUDA's max_memory_allocated
 within one optimizer step, reset at the start of every step for every method
-alike, the highest over the timed steps, less what the bench holds for all
-methods (the initial model and the batches). `--plot PATH` writes a PNG of
+alike, the highest over the timed steps, less what the bench and the other
+methods hold (the initial model, the batches, other models): the bytes the
+method keeps between steps and its step's transients. `--plot PATH` writes a PNG of
 tokens/s per micro-batch size (nothing is written otherwise). The timing, tables
 and plots are bigbatch/benchmarking.py's, shared with the scripts in benchmarks/
 (`make gpu-check` runs this code too); the GPT-2 model is bigbatch/tasks/gpt2.py's.
@@ -282,19 +283,24 @@ def _accelerate_runner(setup: Setup, micro: int, device: torch.device, model: nn
 # -- measuring ------------------------------------------------------------------
 
 
-def time_runs(runs: Mapping[str, Runner], setup: Setup, device: torch.device, *, steps: int, repeats: int,
-              warmup: Mapping[str, int], held_bytes: int = 0) -> list[dict[str, Any]]:  # fmt: skip
-    """Warm each run up, then time them in interleaved blocks of `steps` optimizer steps.
+def time_runs(builders: Mapping[str, Callable[[], Runner]], setup: Setup, device: torch.device, *, steps: int,
+              repeats: int, warmup: Mapping[str, int]) -> list[dict[str, Any]]:  # fmt: skip
+    """Build and warm up each run, then time them all in interleaved blocks of `steps` optimizer steps.
+
+    A run's peak is CUDA's max_memory_allocated within one of its optimizer steps,
+    reset at the start of every step, less what the others hold then: what was
+    allocated before it was built (the initial model, the batches) and what the
+    other runs keep between their steps. So runs timed together on one GPU each
+    report their own peak: the bytes the run keeps (model, optimizer state) and
+    its step's transients.
 
     Args:
-        runs: method name -> its runner.
+        builders: method name -> a function that builds its runner (on a copy of the model).
         setup: the workload (its batches are cycled through).
         device: where the runs train.
         steps: optimizer steps per timed block.
         repeats: timed blocks per run; the median is kept.
-        warmup: untimed steps per run, before any is timed.
-        held_bytes: CUDA memory held for every run (the initial model, the batches), left
-            out of the peaks.
+        warmup: untimed steps per run, right after it is built.
 
     Returns:
         One row per run: method, tokens_per_s, peak_bytes (CUDA, else None), first_step_s
@@ -302,8 +308,12 @@ def time_runs(runs: Mapping[str, Runner], setup: Setup, device: torch.device, *,
     """
     cuda = device.type == "cuda"
     batches = setup.batches
-    first: dict[str, float | None] = dict.fromkeys(runs)
-    for name, run in runs.items():
+    runs: dict[str, Runner] = {}
+    kept: dict[str, int] = {}  # bytes each run keeps between its steps
+    first: dict[str, float | None] = dict.fromkeys(builders)
+    for name, build in builders.items():
+        before = torch.cuda.memory_allocated(device) if cuda else 0
+        runs[name] = run = build()
         for i in range(warmup[name]):
             sync_device(device)
             started = time.perf_counter()
@@ -311,24 +321,25 @@ def time_runs(runs: Mapping[str, Runner], setup: Setup, device: torch.device, *,
             sync_device(device)
             if i == 0:
                 first[name] = time.perf_counter() - started
+        kept[name] = torch.cuda.memory_allocated(device) - before if cuda else 0
     peaks = dict.fromkeys(runs, 0)
 
     def block(name: str, run: Runner) -> Callable[[int], None]:
         def timed(r: int) -> None:  # repeat r runs its own `steps` batches
             for i in range(r * steps, (r + 1) * steps):
-                if cuda:  # every method's peak from the same point: the start of its step
+                if cuda:  # every method's peak from the same point, the start of its step
+                    others = torch.cuda.memory_allocated(device) - kept[name]  # host-side books: no sync
                     torch.cuda.reset_peak_memory_stats(device)
                 run(batches[i % len(batches)])
-                if cuda:  # the allocator's books are on the host: no sync
-                    peaks[name] = max(peaks[name], torch.cuda.max_memory_allocated(device))
+                if cuda:
+                    peaks[name] = max(peaks[name], torch.cuda.max_memory_allocated(device) - others)
 
         return timed
 
     seconds = time_interleaved({m: block(m, run) for m, run in runs.items()}, repeats=repeats,
                                clock=clock_for(device), sync=lambda: sync_device(device))  # fmt: skip
     return [{"method": m, "tokens_per_s": setup.tokens_per_batch * steps / statistics.median(seconds[m]),
-             "peak_bytes": peaks[m] - held_bytes if cuda else None, "first_step_s": first[m]}
-            for m in runs]  # fmt: skip
+             "peak_bytes": peaks[m] if cuda else None, "first_step_s": first[m]} for m in runs]  # fmt: skip
 
 
 def measure(setup: Setup, micro: int, methods: list[str], device: torch.device, steps: int, repeats: int,
@@ -350,9 +361,11 @@ def measure(setup: Setup, micro: int, methods: list[str], device: torch.device, 
     Returns:
         One row per method: micro, method, tokens_per_s, peak_bytes, first_step_s (see `time_runs`).
     """
-    held = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
-    runs = {m: make_runner(m, setup, micro, device, copy.deepcopy(initial), fast=fast) for m in methods}
-    rows = time_runs(runs, setup, device, steps=steps, repeats=repeats, warmup=warmup, held_bytes=held)
+
+    def builder(method: str) -> Callable[[], Runner]:
+        return lambda: make_runner(method, setup, micro, device, copy.deepcopy(initial), fast=fast)
+
+    rows = time_runs({m: builder(m) for m in methods}, setup, device, steps=steps, repeats=repeats, warmup=warmup)
     return [{"micro": micro, **row} for row in rows]
 
 
@@ -426,7 +439,7 @@ def run_bench(args: argparse.Namespace,
         for micro in micros:
             here = [m for m in methods if not FAST.get(m) or micro in compile_sizes]
             # On the CPU all methods are timed together, blocks interleaved, so machine
-            # noise hits each alike; on a GPU one at a time, as a user would run them.
+            # noise hits each alike; on a GPU one at a time, each model alone on the card.
             groups = [here] if device.type == "cpu" else [[m] for m in here]
             for group in groups:
                 for row in measure(setup, micro, group, device, args.steps, args.repeats, warmup, initial):
