@@ -152,6 +152,9 @@ class TrainSection:
     CUDA graphs (one process only)."""
     eval_every: int = 80
     """Evaluate every this many optimizer steps, and always at the end."""
+    stop_at_val_loss: float | None = None
+    """Stop at the first evaluation whose validation loss is at or below this, checkpointed and summarised
+    as a last step would be (train.steps stays the limit, and the lr schedule's length); unset: never."""
     max_nonfinite_steps: int = 5
     """Stop after this many optimizer steps in a row with an inf/NaN loss or gradient (each is skipped)."""
     sample_length: int = 300

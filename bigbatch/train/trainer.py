@@ -504,18 +504,25 @@ class Trainer:
                         progress.close()
                         self._finish(metrics, info, baselines, stopped=True)  # the curve shows where it went
                         raise error
+                    reached = False
                     if self.step % cfg.train.eval_every == 0 or self.step == cfg.train.steps:
                         # Under FSDP2 every forward all-gathers: all ranks evaluate together.
                         if rt.is_main or self.sharded:
                             row.update(self.task.evaluate(self.model))
                         if rt.is_main:
                             progress.write(f"step {self.step}: val loss {row['val_loss']:.4f}")
+                        target = cfg.train.stop_at_val_loss
+                        if target is not None:  # rank 0's verdict, so that every rank stops at this step
+                            reached = rt.broadcast(rt.is_main and row["val_loss"] <= target)
                     if metrics is not None:
                         metrics.write(row)
                     progress.update(row["loss"], row["items_per_s"], memory_text(rt.device, row["peak_memory_bytes"]))
                     every = cfg.checkpoint.every
-                    if (every and self.step % every == 0) or self.step == cfg.train.steps or stop.requested:
+                    if (every and self.step % every == 0) or self.step == cfg.train.steps or stop.requested or reached:
                         self.save()
+                    if reached:
+                        progress.write(f"step {self.step}: reached train.stop_at_val_loss = {target}; stopping")
+                        break
                     if stop.requested and self.step < cfg.train.steps:
                         raise TrainingInterrupted(self.step, str(self.run_dir), stop.signum)
             progress.close()

@@ -1,4 +1,4 @@
-"""train.checkpointing and train.fast_micro_step: applied to the model and engine, same training."""
+"""train.checkpointing, train.fast_micro_step and train.stop_at_val_loss: applied to the model and engine, same training."""
 
 import pytest
 import torch
@@ -54,3 +54,21 @@ def test_fast_micro_step_trains_like_eager_on_cuda(tiny, fast):
     for key in ref:  # float32, fused kernels: rounding differs
         torch.testing.assert_close(got[key], ref[key], rtol=1e-4, atol=1e-5)
     assert max(float((ref[k] - initial[k]).abs().max()) for k in ref) > 1e-3
+
+
+def test_stop_at_val_loss_stops_at_the_first_evaluation_that_reaches_it(tiny):
+    import json
+
+    overrides = [*tiny, "train.steps=40", "train.eval_every=5", "train.sample_length=0"]
+    whole, _, _ = _fit(overrides, "whole")
+    rows = [json.loads(line) for line in (whole.run_dir / "metrics.jsonl").read_text().splitlines()]
+    evals = [(r["step"], r["val_loss"]) for r in rows if "val_loss" in r]
+    target = (evals[2][1] + evals[3][1]) / 2  # reached at the 4th evaluation, not before
+    assert evals[3][1] <= target < min(v for _, v in evals[:3])  # premise
+    stopped, _, params = _fit([*overrides, f"train.stop_at_val_loss={target}"], "stopped")
+    assert stopped.step == evals[3][0] < 40
+    got = [json.loads(line) for line in (stopped.run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["loss"] for r in got] == [r["loss"] for r in rows[: evals[3][0]]]  # the same run, cut there
+    ckpt = torch.load(sorted((stopped.run_dir / "checkpoints").iterdir())[-1], weights_only=True)
+    assert ckpt["step"] == stopped.step and all(torch.equal(ckpt["model"][k], params[k]) for k in params)
+    assert json.loads((stopped.run_dir / "summary.json").read_text())["steps"] == stopped.step
