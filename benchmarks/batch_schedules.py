@@ -1,7 +1,7 @@
 """Steps, samples and time to a target validation loss: a small batch, a large one, a ramp, the adaptive batch.
 
-    python benchmarks/batch_schedules.py                     # the table in benchmarks/README.md (~5 min, 2 cores)
-    python benchmarks/batch_schedules.py --seeds 0 1 2 --target 2.35
+    python benchmarks/batch_schedules.py                     # the table in benchmarks/README.md (~4 min, 2 cores)
+    python benchmarks/batch_schedules.py --seeds 0 --target 2.35   # one seed: ~1.5 min
 
 The built-in text task (character-level Shakespeare, one speech per sample, the
 loss a mean over tokens) in a small setting so the whole experiment runs in a
@@ -9,11 +9,12 @@ few minutes on two CPU cores: d_model 64, 2 layers, pieces of at most 64
 characters, AdamW at optim.lr = 3e-3 for a batch of 32 (sqrt lr scaling, so
 every schedule's lr follows its batch), 10 warmup steps then a constant lr (a
 cosine would tie the lr to a step count each run reaches differently),
-micro-batches of 8. Four ways, each `bigbatch train` (the library's Trainer)
+micro-batches of 8. Five ways, each `bigbatch train` (the library's Trainer)
 until its validation loss first reaches the target (evaluated every 5 steps on
 128 held-out speeches; `train.stop_at_val_loss`):
 
 - fixed small: 8 samples per step;
+- fixed medium: 32 (the trainer's default, and about the measured noise scale here);
 - fixed large: 128 samples per step;
 - ramp: 8 -> 128 over the first --ramp-samples samples (GPT-3 style);
 - adaptive: from 16 (two micro-batches: the fewest that measure the noise in one
@@ -24,8 +25,9 @@ the one that reached it): optimizer steps, samples, tokens and training time
 (the trainer's per-step time, evaluation excluded). Optimizer steps are what a
 parallel machine pays for (a step of 128 costs about what a step of 8 costs on
 a GPU that is not yet full); samples are what a CPU pays for. Writes
-benchmarks/out/batch_schedules.png (validation loss against steps and samples,
-and each run's batch size).
+benchmarks/out/batch_schedules.png (seed 0's validation loss against steps and
+samples and its batch sizes; every seed's steps against samples to the target)
+and the figures as batch_schedules.json beside it.
 """
 
 from __future__ import annotations
@@ -52,6 +54,7 @@ def runs(ramp_samples: int) -> dict[str, list[str]]:
     """The four ways, as `--set` overrides on top of COMMON."""
     return {
         "fixed small (8)": ["batch.logical_batch_size=8"],
+        "fixed medium (32)": ["batch.logical_batch_size=32"],
         "fixed large (128)": ["batch.logical_batch_size=128"],
         f"ramp 8 -> 128 over {ramp_samples:,} samples": [
             "batch.logical_batch_size=128", "batch.schedule=ramp", "batch.ramp_start=8",
@@ -96,13 +99,17 @@ def train(name: str, overrides: list[str], seed: int, target: float, max_steps: 
     return [json.loads(line) for line in (trainer.run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
-def plot(curves: dict[str, list[dict]], target: float, path: Path) -> None:
+def plot(
+    curves: dict[str, list[dict]], results: dict[str, list[dict[str, float] | None]], target: float, path: Path
+) -> None:
+    """Seed 0's validation curves against steps and samples and its batch sizes; every seed's
+    (samples, steps) to the target."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
+    fig, axes = plt.subplots(1, 4, figsize=(17, 3.8))
     for name, rows in curves.items():
         evals = [r for r in rows if r.get("val_loss") is not None]
         samples, seen = [], 0
@@ -117,18 +124,31 @@ def plot(curves: dict[str, list[dict]], target: float, path: Path) -> None:
         ax.axhline(target, ls="--", lw=1, color="grey")
         ax.set(xscale="log", xlabel=xlabel, ylabel="validation loss", ylim=(target - 0.15, 3.4))
     axes[2].set(xlabel="samples", ylabel="logical batch (samples)", yscale="log")
+    for i, (name, outcomes) in enumerate(results.items()):
+        done = [o for o in outcomes if o is not None]
+        axes[3].scatter([o["samples"] for o in done], [o["steps"] for o in done], color=f"C{i}", label=name)
+    axes[3].set(xscale="log", yscale="log", xlabel="samples to the target", ylabel="optimizer steps to the target")
     axes[0].legend(fontsize=8)
-    fig.suptitle(f"text task to validation loss {target}: one seed")
+    fig.suptitle(f"text task to validation loss {target} (seed 0)")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=90)
     plt.close(fig)
 
 
+def _cell(values: list[float], digits: int) -> str:
+    """The median, and the range when there are several values: "651 (598-702)"."""
+    def fmt(v: float) -> str:
+        return f"{v:,.{digits}f}"
+
+    text = fmt(statistics.median(values))
+    return text if len(values) == 1 else f"{text} ({fmt(min(values))}-{fmt(max(values))})"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--target", type=float, default=2.3, help="validation loss to reach (nats per character)")
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="train.seed of each repetition")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="train.seed of each repetition")
     parser.add_argument("--ramp-samples", type=int, default=4000, help="the ramp's length in samples")
     parser.add_argument("--max-steps", type=int, default=3000, help="give up on a run after this many steps")
     parser.add_argument("--out", type=Path, default=OUT / "batch_schedules.png")
@@ -143,10 +163,11 @@ def main(argv: list[str] | None = None) -> int:
                 results.setdefault(name, []).append(to_target(rows, args.target))
                 if seed == args.seeds[0]:
                     curves[name] = rows
-    plot(curves, args.target, args.out)
+    plot(curves, results, args.target, args.out)
+    (args.out.with_suffix(".json")).write_text(json.dumps({"target": args.target, "results": results}, indent=1))
     seeds = len(args.seeds)
-    print(f"\nto validation loss {args.target} (median of {seeds} seed{'s' * (seeds > 1)}; "
-          f"training time only, 1 CPU thread)")  # fmt: skip
+    print(f"\nto validation loss {args.target}: median (min-max) over {seeds} seed{'s' * (seeds > 1)}; "
+          "seconds of training only, 1 CPU thread")  # fmt: skip
     print("| schedule | optimizer steps | samples | tokens | seconds | reached |")
     print("| --- | --- | --- | --- | --- | --- |")
     for name, outcomes in results.items():
@@ -154,9 +175,9 @@ def main(argv: list[str] | None = None) -> int:
         if not done:
             print(f"| {name} | - | - | - | - | 0/{seeds} |")
             continue
-        med = {k: statistics.median(o[k] for o in done) for k in done[0]}
-        print(f"| {name} | {med['steps']:,.0f} | {med['samples']:,.0f} | {med['tokens']:,.0f} | "
-              f"{med['seconds']:.1f} | {len(done)}/{seeds} |")  # fmt: skip
+        cells = [_cell([o[k] for o in done], digits) for k, digits in
+                 (("steps", 0), ("samples", 0), ("tokens", 0), ("seconds", 1))]  # fmt: skip
+        print(f"| {name} | {' | '.join(cells)} | {len(done)}/{seeds} |")
     print(f"\nwrote {args.out}; {time.perf_counter() - start:.0f} s in all")
     return 0
 
