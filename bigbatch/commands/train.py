@@ -131,11 +131,14 @@ def run(args: argparse.Namespace) -> int:
         args: what `add_arguments`' options parsed to.
 
     Returns:
-        0 done, 1 training failed (non-finite losses), 2 a config error, 130/143 interrupted.
+        0 done; 1 training could not go on (non-finite losses, the run folder in use by another
+        run, a disk full or read-only, a rank that stopped answering); 2 a config error;
+        130/143 interrupted.
     """
     if args.list_settings is not None:
         return _list_settings(args)
     from ..train.interrupt import TrainingInterrupted
+    from ..train.rundir import RunInUseError, RunStorageError
     from ..train.trainer import NonFiniteLossError, Trainer
     from .cases import UsageError
 
@@ -144,9 +147,12 @@ def run(args: argparse.Namespace) -> int:
         config = build_config(args)
         trainer = Trainer(config, task=user_task(config.task.name, config.task.data), resume=args.resume)
         trainer.fit()
-    except (ConfigError, NonFiniteLossError, UsageError) as e:
+    except (ConfigError, UsageError) as e:
         print(f"bigbatch train: error: {e}", file=sys.stderr)
-        return 1 if isinstance(e, NonFiniteLossError) else 2
+        return 2
+    except (NonFiniteLossError, RunInUseError, RunStorageError) as e:  # the run could not go on
+        print(f"bigbatch train: error: {e}", file=sys.stderr)
+        return 1
     except TrainingInterrupted as e:
         print(f"bigbatch train: {e}", file=sys.stderr)
         return e.exit_code  # 130 for Ctrl-C, 143 for SIGTERM, as a shell reports them
@@ -156,6 +162,7 @@ def run(args: argparse.Namespace) -> int:
         return 130
     finally:
         if trainer is not None:
+            trainer.close()
             trainer.runtime.close()
     return 0
 

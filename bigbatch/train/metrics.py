@@ -7,6 +7,8 @@ import math
 from pathlib import Path
 from typing import Any
 
+from .rundir import writing
+
 
 def to_json(value: Any, **kwargs: Any) -> str:
     """JSON that strict readers accept: a non-finite float (a skipped step's NaN loss) is null."""
@@ -41,13 +43,15 @@ class MetricsLog:
                     continue
                 if row.get("step", math.inf) <= resume_step:
                     self.rows.append(row)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with path.open("w", encoding="utf-8") as f:
-            f.writelines(to_json(row) + "\n" for row in self.rows)
+        with writing("writing the metrics log", path):
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with path.open("w", encoding="utf-8") as f:
+                f.writelines(to_json(row) + "\n" for row in self.rows)
 
     def write(self, row: dict[str, Any]) -> None:
+        """Append one step's row (an OS fault becomes a RunStorageError naming the step)."""
         self.rows.append(row)
-        with self.path.open("a", encoding="utf-8") as f:
+        with writing(f"writing the metrics of step {row.get('step')}", self.path), self.path.open("a", encoding="utf-8") as f:
             f.write(to_json(row) + "\n")
 
 

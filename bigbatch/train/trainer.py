@@ -18,6 +18,7 @@ import math
 import random
 import time
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +37,7 @@ from ..tasks import Task, build_task
 from . import report
 from .batch_schedule import BatchSchedule, Consumed
 from .checkpoint import (
+    checkpoint_path,
     list_checkpoints,
     load_latest_checkpoint,
     prune_checkpoints,
@@ -48,6 +50,7 @@ from .memory_plan import MemoryChoice, plan_memory, resolved_config
 from .metrics import MetricsLog
 from .parallel import wrap_model
 from .progress import Progress, memory_text
+from .rundir import RUN_LOCK, RunInUseError, RunLock, RunStorageError, create_run_folder, writing
 from .runtime import Runtime
 from .sampler import Sampler
 from .sharded_checkpoint import full_model_state, load_sharded, save_sharded
@@ -119,6 +122,18 @@ def _warn_warmup_too_long(warmup_steps: int, steps: int, peak_lr: float) -> None
         UserWarning,
         stacklevel=4,  # the user's Trainer(...) line: here <- _setup_lr <- __init__ <- caller
     )
+
+
+def _check_new_run_dir(path: Path) -> None:
+    """Refuse a new run in a folder that holds another run (its lock file aside)."""
+    if not any(p.name != RUN_LOCK for p in path.iterdir()):
+        return
+    if not list_checkpoints(path / "checkpoints"):
+        raise ConfigError(
+            f"run directory {path} already exists but holds no checkpoint to resume (it stopped "
+            f"before its first); delete {path} or pick another --name."
+        )
+    raise ConfigError(f"run directory {path} already exists; continue it with --resume {path}, or pick another --name.")
 
 
 def _sentence(text: str) -> str:
@@ -286,7 +301,7 @@ class Trainer:
         )  # fmt: skip
 
     def _setup_run(self, resume: str | Path | None) -> Path:
-        """The run directory: a new one (named on rank 0), or `resume`, whose checkpoint is loaded."""
+        """The run folder, locked by rank 0 for the run's life: a new one, or `resume`, whose checkpoint is loaded."""
         self.step = 0
         self.samples_seen = 0
         self.items_seen = 0  # what the loss counted: tokens for a token-level loss, else samples
@@ -295,11 +310,68 @@ class Trainer:
         self.nonfinite_in_a_row = 0
         self.nonfinite_total = 0
         self.train_seconds = 0.0
-        if resume is None:
-            return Path(self.runtime.broadcast(str(self._new_run_dir()) if self.runtime.is_main else None))
-        self.run_dir = Path(resume)
-        self._resume()
-        return self.run_dir
+        self.last_checkpoint: tuple[int, Path] | None = None  # (step, path) of the newest one known good
+        self._lock: RunLock | None = None
+        try:
+            folder = self._on_rank0(lambda: self._claim_run_dir(resume))
+        except RunStorageError as e:
+            if resume is None:
+                e.state = "Nothing was written."
+            else:
+                found = list_checkpoints(Path(resume) / "checkpoints")
+                e.state = f"Its newest checkpoint, step {found[-1][0]}, is untouched." if found else ""
+                e.then = f"continue with: bigbatch train --resume {resume}"
+            raise
+        if resume is not None:
+            self.run_dir = folder
+            try:
+                self._resume()
+            except BaseException:
+                self.close()  # a refused resume leaves the folder free for the next attempt
+                raise
+        return folder
+
+    def _claim_run_dir(self, resume: str | Path | None) -> Path:
+        """Rank 0: create (or find) the run folder and take its lock before anything is written."""
+        if resume is not None:
+            folder = Path(resume)
+            if not folder.is_dir():
+                raise ConfigError(f"{folder} is not a run directory (no such folder); give the run's folder to resume.")
+        else:
+            run = self.config.run
+            base = f"{self.task.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+            folder = create_run_folder(Path(run.dir), run.name, base)
+        self._lock = RunLock(folder)
+        self._lock.acquire()
+        try:
+            if resume is None:
+                _check_new_run_dir(folder)
+        except BaseException:
+            self.close()
+            raise
+        return folder
+
+    def _on_rank0(self, make: Callable[[], Path]) -> Path:
+        """`make()` on rank 0; its result on every rank, or its error raised on every rank (none waits forever)."""
+        outcome: Path | Exception | None = None
+        error: Exception | None = None
+        if self.runtime.is_main:
+            try:
+                outcome = make()
+            except (ConfigError, RunInUseError, RunStorageError) as e:
+                outcome = error = e
+        outcome = self.runtime.broadcast(outcome)
+        if error is not None:
+            raise error  # rank 0: the original, with its traceback
+        if isinstance(outcome, Exception):
+            raise outcome from None
+        assert isinstance(outcome, Path)
+        return outcome
+
+    def close(self) -> None:
+        """Let the run folder go (its lock); `fit` does this when it ends. Safe to call twice."""
+        if self._lock is not None:
+            self._lock.release()
 
     def _make_optimizer(self, params: Any) -> torch.optim.Optimizer:
         """The run's optimizer over `params` (also the planner's factory, so it plans with the same state)."""
@@ -309,29 +381,6 @@ class Trainer:
         return torch.optim.SGD(params, lr=self.lr, momentum=o.momentum, weight_decay=o.weight_decay)
 
     # -- run directory and checkpoints --------------------------------------
-
-    def _new_run_dir(self) -> Path:
-        run = self.config.run
-        root = Path(run.dir)
-        if run.name is not None:
-            path = root / run.name
-            if path.exists() and any(path.iterdir()):
-                if not list_checkpoints(path / "checkpoints"):
-                    raise ConfigError(
-                        f"run directory {path} already exists but holds no checkpoint to resume (it stopped "
-                        f"before its first); delete {path} or pick another --name."
-                    )
-                raise ConfigError(
-                    f"run directory {path} already exists; continue it with --resume {path}, "
-                    "or pick another --name."
-                )
-            return path
-        base = f"{self.task.name}-{time.strftime('%Y%m%d-%H%M%S')}"
-        path, n = root / base, 1
-        while path.exists():
-            n += 1
-            path = root / f"{base}-{n}"
-        return path
 
     @property
     def checkpoint_dir(self) -> Path:
@@ -381,15 +430,20 @@ class Trainer:
         if self.sharded:
             run_state = self._run_state()  # a collective: every rank calls it
             path = sharded_checkpoint_path(self.checkpoint_dir, self.step)
-            save_sharded(path, self.model, self.optimizer, run_state, rt)
-            if rt.is_main:
-                prune_checkpoints(self.checkpoint_dir, keep)
+            with writing(f"writing the checkpoint of step {self.step}", path):
+                save_sharded(path, self.model, self.optimizer, run_state, rt)
+                if rt.is_main:
+                    prune_checkpoints(self.checkpoint_dir, keep)
             rt.barrier()
+            self.last_checkpoint = (self.step, path)
             return
         state = self.state_dict()  # a collective (the RNG gather): every rank calls it
+        path = checkpoint_path(self.checkpoint_dir, self.step)
         if rt.is_main:
-            save_checkpoint(self.checkpoint_dir, self.step, state, keep)
+            with writing(f"writing the checkpoint of step {self.step}", path):
+                save_checkpoint(self.checkpoint_dir, self.step, state, keep)
         rt.barrier()
+        self.last_checkpoint = (self.step, path)
 
     def _resume(self) -> None:
         """Continue from the newest readable checkpoint, once it is known to fit this run."""
@@ -475,12 +529,43 @@ class Trainer:
             print(text, flush=True)
 
     def fit(self) -> dict[str, Any]:
-        """Train to `train.steps`; returns the summary (also written to summary.json)."""
+        """Train to `train.steps`; returns the summary (also written to summary.json).
+
+        The run folder stays locked until this returns (then `close()` lets it go).
+
+        Raises:
+            RunStorageError: the operating system refused a write (disk full, read-only);
+                its message says where the run stands (the last good checkpoint) and
+                how to continue.
+            NonFiniteLossError: too many non-finite steps in a row.
+        """
+        if self._lock is not None:
+            self._lock.acquire()  # a no-op unless fit() runs again after an earlier one let it go
+        try:
+            return self._fit()
+        except RunStorageError as e:
+            e.state, e.then = self._where_it_stands()
+            raise
+        finally:
+            self.close()
+
+    def _where_it_stands(self) -> tuple[str, str]:
+        """(Where the run stands, how to continue) for an error that stops it."""
+        if self.last_checkpoint is None:
+            return "No checkpoint was written yet.", f"delete {self.run_dir} and start the run again"
+        step, path = self.last_checkpoint
+        return (
+            f"The last good checkpoint is step {step} ({path}), untouched.",
+            f"continue with: bigbatch train --resume {self.run_dir}",
+        )
+
+    def _fit(self) -> dict[str, Any]:
         cfg, rt = self.config, self.runtime
         resume_step = self.step if self.step else None
         if rt.is_main:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            (self.run_dir / "config.toml").write_text(cfg.to_toml(), encoding="utf-8")
+            config_path = self.run_dir / "config.toml"
+            with writing("writing the run's config", config_path):
+                config_path.write_text(cfg.to_toml(), encoding="utf-8")
         metrics = MetricsLog(self.run_dir / "metrics.jsonl", resume_step) if rt.is_main else None
         baselines = self.task.baselines() if rt.is_main else {}
         info = self._run_info()
@@ -592,7 +677,8 @@ class Trainer:
         directory = self.run_dir / "model"
         state = full_model_state(self.model) if self.sharded else None  # a collective
         if self.runtime.is_main:
-            save(self._unwrapped(), directory, state_dict=state)
+            with writing("saving the trained model", directory):
+                save(self._unwrapped(), directory, state_dict=state)
         self.runtime.barrier()
         return directory
 
@@ -612,7 +698,8 @@ class Trainer:
         if metrics is None:  # not rank 0
             return {}
         totals = report.RunTotals(self.step, self.samples_seen, self.train_seconds, self.nonfinite_total)
-        summary, text = report.finish(info, totals, metrics.rows, baselines, sample, model_dir, diverged=diverged)
+        with writing("writing the summary and the loss plot", self.run_dir):
+            summary, text = report.finish(info, totals, metrics.rows, baselines, sample, model_dir, diverged=diverged)
         if not stopped:
             self._print(text)
         return summary

@@ -36,7 +36,8 @@ def test_a_run_writes_its_directory(tiny):
     config = TrainConfig.load(overrides=[*tiny, "train.steps=12", "run.name=r", "checkpoint.every=5", "checkpoint.keep=2"])
     summary = Trainer(config).fit()
     run = Path(config.run.dir) / "r"
-    assert sorted(p.name for p in run.iterdir()) == ["checkpoints", "config.toml", "loss.png", "metrics.jsonl", "summary.json"]
+    assert sorted(p.name for p in run.iterdir()) == ["checkpoints", "config.toml", "loss.png", "metrics.jsonl", "run.lock",
+                                                     "summary.json"]
     assert TrainConfig.load(run / "config.toml") == config
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-0000010.pt", "step-0000012.pt"]
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
