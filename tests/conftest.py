@@ -57,3 +57,11 @@ def hf_offline(hf_folders):
     """The tiny model folders; the hub is off (HF_HUB_OFFLINE=1, set for the whole session)."""
     assert os.environ.get("HF_HUB_OFFLINE") == "1"
     return hf_folders
+
+
+@pytest.fixture(scope="session")
+def fsdp2_run(tmp_path_factory):
+    """One 4-step two-rank FSDP2 run, shared by tests/train and tests/faults (it takes ~10 s)."""
+    from .train.conftest import run_fsdp2
+
+    return run_fsdp2(tmp_path_factory.mktemp("fsdp2"))

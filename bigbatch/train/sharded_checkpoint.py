@@ -3,12 +3,14 @@
     checkpoints/step-0000400/
         .metadata, __0_0.distcp, __1_0.distcp, ...   model + optimizer, each rank its shards (DCP)
         trainer.pt                                   the rest (step, scheduler, every rank's RNG, ...)
+        SHA256SUMS                                   the SHA-256 of every file above (`sha256sum -c`)
         COMPLETE                                     written last: the directory is whole
 
-All ranks write into `.step-0000400.tmp/`; after a barrier rank 0 adds
-trainer.pt and COMPLETE and renames the folder to its final name, so a crash
-leaves no half-written directory under a checkpoint's name, and a directory
-without COMPLETE counts as corrupt (the loader falls back to the one before).
+All ranks write into `.step-0000400.tmp/` and hash their own shards; after a
+barrier rank 0 adds trainer.pt, SHA256SUMS and COMPLETE and renames the folder
+to its final name, so a crash leaves no half-written directory under a
+checkpoint's name, and a directory without COMPLETE, or whose files do not
+match SHA256SUMS, counts as corrupt (the loader falls back to the one before).
 Loading needs the same world size (`load_sharded` on every rank);
 `load_full_state` reads a sharded checkpoint's whole model and optimizer state
 in one process (no process group), for export or inspection.
@@ -20,7 +22,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import IO, Any, cast
 
 import torch
 import torch.distributed.checkpoint as dcp
@@ -28,6 +30,7 @@ from torch import nn
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
 from .checkpoint import MARKER, RUN_STATE, fsync_path
+from .checksums import MANIFEST, HashingWriter, checksum_line, sha256_of, write_durably
 from .runtime import Runtime
 from .state import MODEL_KEY, OPTIMIZER_KEY
 
@@ -35,30 +38,51 @@ from .state import MODEL_KEY, OPTIMIZER_KEY
 def save_sharded(
     final: Path, model: nn.Module, optimizer: torch.optim.Optimizer, run_state: dict[str, Any], runtime: Runtime
 ) -> None:
-    """Write the checkpoint directory `final` (a collective: every rank calls it with the same path)."""
+    """Write the checkpoint directory `final` (a collective: every rank calls it with the same path).
+
+    Each rank hashes the shard files it wrote (`__RANK_*.distcp`, still in the page
+    cache) and rank 0 the rest, so the SHA256SUMS manifest costs each rank its own
+    share. A failure leaves no temporary folder behind (rank 0 removes it).
+    """
     tmp = final.parent / f".{final.name}.tmp"
     if runtime.is_main:
         final.parent.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(tmp, ignore_errors=True)  # left by a crash
         tmp.mkdir()
     runtime.barrier()
-    model_state, optim_state = get_state_dict(model, optimizer)
-    dcp.save({MODEL_KEY: model_state, OPTIMIZER_KEY: optim_state}, checkpoint_id=tmp)
-    runtime.barrier()  # every rank's shards are on disk
-    if runtime.is_main:
-        with open(tmp / RUN_STATE, "wb") as f:
-            torch.save(run_state, f)
-            f.flush()
-            os.fsync(f.fileno())
-        with open(tmp / MARKER, "wb") as f:
-            f.write(b"ok\n")
-            f.flush()
-            os.fsync(f.fileno())
-        fsync_path(tmp)
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        fsync_path(final.parent)  # the caller's prune_checkpoints removes what killed writes left
+    try:
+        model_state, optim_state = get_state_dict(model, optimizer)
+        dcp.save({MODEL_KEY: model_state, OPTIMIZER_KEY: optim_state}, checkpoint_id=tmp)
+        runtime.barrier()  # every rank's shards are on disk
+        # DCP names rank r's files "__r_N.distcp"; anything no rank claims, rank 0 hashes below.
+        mine = {p.name: sha256_of(p) for p in sorted(tmp.glob(f"__{runtime.rank}_*"))}
+        digests = {name: digest for part in runtime.gather(mine) for name, digest in part.items()}
+        if runtime.is_main:
+            _finish_folder(tmp, final, run_state, digests)
+    except BaseException:
+        if runtime.is_main:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _finish_folder(tmp: Path, final: Path, run_state: dict[str, Any], digests: dict[str, str]) -> None:
+    """Rank 0: add the run state and SHA256SUMS, mark the folder whole, rename it into place."""
+    with open(tmp / RUN_STATE, "wb") as f:
+        writer = HashingWriter(f)
+        torch.save(run_state, cast("IO[bytes]", writer))
+        f.flush()
+        os.fsync(f.fileno())
+    digests = {**digests, RUN_STATE: writer.hexdigest()}
+    for path in sorted(tmp.iterdir()):
+        if path.name not in digests and path.is_file():
+            digests[path.name] = sha256_of(path)  # .metadata, and any file DCP named otherwise
+    write_durably(tmp / MANIFEST, "".join(checksum_line(d, name) for name, d in sorted(digests.items())))
+    write_durably(tmp / MARKER, "ok\n")
+    fsync_path(tmp)
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    fsync_path(final.parent)  # the caller's prune_checkpoints removes what killed writes left
 
 
 def load_sharded(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:

@@ -39,8 +39,9 @@ from .batch_schedule import BatchSchedule, Consumed
 from .checkpoint import (
     checkpoint_path,
     list_checkpoints,
-    load_latest_checkpoint,
+    newest_valid_checkpoint,
     prune_checkpoints,
+    read_checkpoint,
     save_checkpoint,
     sharded_checkpoint_path,
 )
@@ -471,14 +472,19 @@ class Trainer:
         self.memory_plan = None if record is None else MemoryChoice.from_dict(record)
 
     def _latest_checkpoint(self) -> dict[str, Any]:
-        state = load_latest_checkpoint(self.checkpoint_dir)
-        if state is None:
-            found = list_checkpoints(self.checkpoint_dir)
+        """The newest checkpoint that verifies: rank 0 checks (and warns), every rank loads the one it chose."""
+        rt = self.runtime
+        found = newest_valid_checkpoint(self.checkpoint_dir) if rt.is_main else None
+        path = rt.broadcast(None if found is None else str(found[0]))
+        if path is None:
+            listed = list_checkpoints(self.checkpoint_dir)
             raise ConfigError(
                 f"nothing to resume in {self.run_dir}: "
-                + ("no checkpoint could be read." if found else "it holds no checkpoints (it stopped before its first).")
+                + ("no checkpoint could be read." if listed else "it holds no checkpoints (it stopped before its first).")
                 + f" Delete {self.run_dir} and start the run again without --resume."
             )
+        state = found[1] if found is not None else read_checkpoint(Path(path), verify=False)  # rank 0 verified it
+        self.last_checkpoint = (state[STEP_KEY], Path(path))
         return state
 
     def _run_info(self) -> report.RunInfo:

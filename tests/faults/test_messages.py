@@ -17,6 +17,7 @@ from bigbatch.probes import module_path
 from bigbatch.train import NonFiniteLossError, TrainConfig, Trainer
 from bigbatch.train.checkpoint import CheckpointWarning, load_latest_checkpoint, save_checkpoint
 from bigbatch.train.progress import LOG_LINES, Progress
+from tests.train.conftest import resave_checkpoint
 from tests.train.test_trainer import _Poisoned
 
 
@@ -92,7 +93,7 @@ def test_a_checkpoint_warning_is_whole_sentences(tmp_path):
     for step in (1, 2):
         save_checkpoint(tmp_path, step, state(step), keep=3)
     newest = tmp_path / "step-0000002.pt"
-    torch.save({**state(2), "evil": CheckpointWarning("x")}, newest)  # weights_only refuses it, at length
+    resave_checkpoint(newest, {**state(2), "evil": CheckpointWarning("x")})  # weights_only refuses it, at length
     with pytest.warns(CheckpointWarning) as seen:
         load_latest_checkpoint(tmp_path)
     message = str(seen[0].message)

@@ -35,3 +35,27 @@ def torchrun_train(overrides, *args):
            "-m", "bigbatch", "train", *[f"--set={o}" for o in overrides], *args]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
+
+
+def resave_checkpoint(path, state):
+    """Overwrite the checkpoint file `path` with `state` and a checksum that matches (a deliberate edit,
+    as opposed to the damage the checksum is there to catch)."""
+    from bigbatch.train.checksums import checksum_line, sha256_of, sidecar_path
+
+    torch.save(state, path)
+    sidecar_path(path).write_text(checksum_line(sha256_of(path), path.name))
+
+
+# A batch ramp 8, 8, 8, 13: whole micro-batches per rank (4 + 4) until the target (7 + 6), the
+# same sizes one process picks; resuming at step 3 crosses the change.
+FSDP2_OVERRIDES = ["train.dtype=float64", "train.steps=4", "checkpoint.every=1", "checkpoint.keep=2",
+                   "task.n_layers=2", "batch.logical_batch_size=13", "batch.micro_batch_size=4", "train.eval_every=2",
+                   "batch.schedule=ramp", "batch.ramp_start=8", "batch.ramp_samples=24"]  # fmt: skip
+
+
+def run_fsdp2(root):
+    """One 4-step two-rank FSDP2 run (activation checkpointing on) under `root`: (overrides, run folder, stdout)."""
+    overrides = [*TINY, f'run.dir="{root / "runs"}"', *FSDP2_OVERRIDES]
+    done = torchrun_train([*overrides, "train.parallel=fsdp2", "train.checkpointing=true"], "--name", "fsdp2")
+    assert done.returncode == 0, done.stderr[-3000:]
+    return overrides, root / "runs" / "fsdp2", done.stdout

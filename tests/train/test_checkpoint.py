@@ -10,6 +10,8 @@ from bigbatch.train.checkpoint import (
     prune_checkpoints,
     save_checkpoint,
 )
+from bigbatch.train.checksums import MANIFEST, checksum_line, sha256_of
+from tests.train.conftest import resave_checkpoint
 
 
 def _state(step):
@@ -21,7 +23,9 @@ def test_keeps_the_last_k_and_leaves_no_temp_files(tmp_path):
     for step in range(1, 6):
         save_checkpoint(tmp_path, step, _state(step), keep=2)
     assert [s for s, _ in list_checkpoints(tmp_path)] == [4, 5]
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["step-0000004.pt", "step-0000005.pt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "step-0000004.pt", "step-0000004.pt.sha256", "step-0000005.pt", "step-0000005.pt.sha256"
+    ]  # each with its checksum (bigbatch.train.checksums)
     assert load_latest_checkpoint(tmp_path)["samples_seen"] == 50
 
 
@@ -34,8 +38,8 @@ def test_a_bad_newest_checkpoint_falls_back_with_a_warning(tmp_path, damage):
         newest.write_bytes(newest.read_bytes()[:200])
     elif damage == "garbage":
         newest.write_bytes(b"not a checkpoint")
-    else:  # weights_only=True refuses arbitrary objects
-        torch.save({**_state(2), "evil": CheckpointWarning("x")}, newest)
+    else:  # weights_only=True refuses arbitrary objects, even under a checksum that matches
+        resave_checkpoint(newest, {**_state(2), "evil": CheckpointWarning("x")})
     with pytest.warns(CheckpointWarning, match="step-0000002.pt cannot be loaded"):
         state = load_latest_checkpoint(tmp_path)
     assert state["step"] == 1 and torch.equal(state["model"]["w"], torch.ones(3))
@@ -52,6 +56,7 @@ def _step_dir(directory, step, complete=True):
     state = {k: v for k, v in _state(step).items() if k not in ("model", "optimizer")}
     torch.save({**state, "world_size": 2}, path / RUN_STATE)
     (path / "__0_0.distcp").write_bytes(b"shard")
+    (path / MANIFEST).write_text("".join(checksum_line(sha256_of(f), f.name) for f in sorted(path.iterdir())))
     if complete:
         (path / MARKER).write_text("ok\n")
     return path
@@ -80,4 +85,6 @@ def test_a_save_removes_temp_files_left_by_a_killed_write(tmp_path):
     (tmp_path / ".step-0000002.tmp").mkdir()  # an FSDP2 step directory cut short
     (tmp_path / "notes.txt").write_text("mine")  # not ours: left alone
     save_checkpoint(tmp_path, 2, _state(2), keep=2)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt", "step-0000001.pt", "step-0000002.pt"]
+    assert sorted(p.name for p in tmp_path.iterdir() if not p.name.endswith(".sha256")) == [
+        "notes.txt", "step-0000001.pt", "step-0000002.pt"
+    ]

@@ -19,29 +19,13 @@ from bigbatch.errors import ConfigError
 from bigbatch.train import TrainConfig, Trainer
 from bigbatch.train.checkpoint import MARKER, list_checkpoints
 from bigbatch.train.sharded_checkpoint import load_full_state
-from tests.train.conftest import TINY, torchrun_train
+from tests.train.conftest import torchrun_train
 
 pytestmark = pytest.mark.distributed
-
-# A batch ramp 8, 8, 8, 13: whole micro-batches per rank (4 + 4) until the target (7 + 6), the
-# same sizes one process picks; resuming at step 3 crosses the change.
-OVERRIDES = ["train.dtype=float64", "train.steps=4", "checkpoint.every=1", "checkpoint.keep=2", "task.n_layers=2",
-             "batch.logical_batch_size=13", "batch.micro_batch_size=4", "train.eval_every=2",
-             "batch.schedule=ramp", "batch.ramp_start=8", "batch.ramp_samples=24"]  # fmt: skip
 
 
 def _rows(run: Path):
     return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-
-
-@pytest.fixture(scope="module")
-def fsdp2_run(tmp_path_factory):
-    """One 4-step FSDP2 run (activation checkpointing on), and its overrides."""
-    root = tmp_path_factory.mktemp("fsdp2")
-    overrides = [*TINY, f'run.dir="{root / "runs"}"', *OVERRIDES]
-    done = torchrun_train([*overrides, "train.parallel=fsdp2", "train.checkpointing=true"], "--name", "fsdp2")
-    assert done.returncode == 0, done.stderr[-3000:]
-    return overrides, root / "runs" / "fsdp2", done.stdout
 
 
 def test_fsdp2_two_ranks_equal_one_process(fsdp2_run):

@@ -9,6 +9,7 @@ import torch
 from bigbatch.errors import ConfigError
 from bigbatch.tasks import build_task
 from bigbatch.train import NonFiniteLossError, TrainConfig, Trainer
+from tests.train.conftest import resave_checkpoint
 
 
 def _curve(tiny, *extra):
@@ -39,7 +40,9 @@ def test_a_run_writes_its_directory(tiny):
     assert sorted(p.name for p in run.iterdir()) == ["checkpoints", "config.toml", "loss.png", "metrics.jsonl", "run.lock",
                                                      "summary.json"]
     assert TrainConfig.load(run / "config.toml") == config
-    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-0000010.pt", "step-0000012.pt"]
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == [
+        "step-0000010.pt", "step-0000010.pt.sha256", "step-0000012.pt", "step-0000012.pt.sha256"
+    ]
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == list(range(1, 13))
     assert [r["step"] for r in rows if "val_loss" in r] == [5, 10, 12]
@@ -123,7 +126,7 @@ def test_resume_needs_the_same_world_size(tiny):
     first.fit()
     path = first.checkpoint_dir / "step-0000002.pt"
     state = torch.load(path, weights_only=True)
-    torch.save({**state, "world_size": 2}, path)
+    resave_checkpoint(path, {**state, "world_size": 2})
     with pytest.raises(ConfigError, match="written by 2 processes and this run has 1"):
         Trainer(config, resume=first.run_dir)
 
