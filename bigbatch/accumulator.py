@@ -10,6 +10,7 @@ zero. Nothing reads a device value on the host during a window.
 from __future__ import annotations
 
 import contextlib
+import warnings
 from typing import Any, Literal
 
 import torch
@@ -20,7 +21,7 @@ from .batch_sizes import check_positive_int
 from .batches import Batch, batch_size, is_on_device, split_batch, to_device
 from .devices import model_device
 from .distributed import FSDP2Sync, LocalSync, full_tensor, grad_sync_for
-from .errors import ConfigError, LossError, MicroBatchTooLargeError
+from .errors import AccumulationWarning, ConfigError, LossError, MicroBatchTooLargeError
 from .fast import CompiledLoss, FastMicroStep, mark_micro_step
 from .losses import Count, LossFn, LossSum, split_loss
 from .noise import NoiseMeter
@@ -32,6 +33,36 @@ from .window import Window, scale_grads_
 from .window_plan import WindowEngine, WindowPlan
 
 _NO_CONTEXT = contextlib.nullcontext()  # reusable: a micro-step with nothing to enter costs nothing
+
+
+def _check_optimizer_fits_model(model: nn.Module, optimizer_params: list[torch.Tensor]) -> None:
+    """Refuse an optimizer that holds none of the model's trainable parameters; warn if it misses some.
+
+    An optimizer built for another model (or for a copy of this one) would step
+    nothing while the model's `.grad` grew every window, and the reported
+    gradient norm would be 0. Parameters the optimizer holds beyond the model's
+    (a learnable temperature in the loss, say) are fine: the loss may use them.
+    """
+    trainable = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+    held = {id(p) for p in optimizer_params}
+    missing = [name for name, p in trainable if id(p) not in held]
+    if not missing:
+        return
+    if len(missing) == len(trainable):
+        raise ConfigError(
+            f"the optimizer holds none of the model's {len(trainable)} trainable parameters (was it built for "
+            "another model, or for a copy of this one?): its step would change nothing while the model's .grad "
+            "grew every window. Build it from this model, e.g. torch.optim.AdamW(model.parameters(), lr=...)."
+        )
+    more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
+    warnings.warn(
+        f"{len(missing)} of the model's {len(trainable)} trainable parameters are not in the optimizer "
+        f"({', '.join(missing[:3])}{more}): they get a gradient every micro-step but are never stepped, and "
+        "their .grad keeps growing. Set requires_grad=False on them (which also skips their backward), or add "
+        "them to the optimizer.",
+        AccumulationWarning,
+        stacklevel=3,
+    )
 
 
 class Accumulator:
@@ -185,6 +216,7 @@ class Accumulator:
             scaler=self._scaler, autocast_dtype=self._autocast_dtype, fast=fast,
             start_window=self._start_step_window, micro_step_context=self._micro_step_context,
         )
+        _check_optimizer_fits_model(model, self._params)  # after the arguments' own checks
         optimizer.zero_grad(set_to_none=True)
 
     # -- public: loop API -------------------------------------------------

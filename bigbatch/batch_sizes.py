@@ -219,7 +219,8 @@ def resolve_batch_sizes(
     batch and `micro_batch_size="auto"`. Where the sizes do not divide, the
     micro-batch is rounded up and the accumulation steps are the micro-steps
     the largest share really runs: 9 samples in 4 steps gives micro-batches of
-    3, so 3 steps.
+    3, so 3 steps. A micro-batch larger than the largest rank's share is that
+    share (what runs): 32 samples with micro-batches of 64 is one micro-batch of 32.
 
     Args:
         logical_batch_size: samples per optimizer step over all ranks.
@@ -290,6 +291,8 @@ def resolve_batch_sizes(
             f"{name('accumulation_steps')} (or the logical batch alone for no accumulation)."
         )
     _check_enough_samples(logical, world_size)
+    # A micro-batch larger than a rank's share runs as the share: report what runs.
+    micro = min(micro, math.ceil(logical / world_size))
     # The micro-steps the largest share runs: fewer than asked when the sizes do not
     # divide (9 samples in 4 steps: micro-batches of 3, so 3 steps).
     steps = math.ceil(math.ceil(logical / world_size) / micro)

@@ -24,4 +24,4 @@ class BatchCouplingWarning(UserWarning):
 
 
 class AccumulationWarning(UserWarning):
-    """A hand-written accumulation loop does something that is probably a mistake."""
+    """An accumulation set-up or hand-written loop that is probably a mistake."""

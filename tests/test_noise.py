@@ -248,7 +248,8 @@ def test_one_micro_step_in_one_process_has_no_estimate():
     assert all(math.isnan(v) for v in noise.to_dict().values())
     noise = acc.step((x[:32], y[:32]), cross_entropy).noise  # two micro-steps: now it can
     assert math.isfinite(noise.grad_norm_sq.item()) and math.isfinite(noise.trace_cov.item())
-    off = bb.Accumulator(mlp(), torch.optim.SGD(model.parameters(), lr=0.1), micro_batch_size=4)
+    other = mlp()
+    off = bb.Accumulator(other, torch.optim.SGD(other.parameters(), lr=0.1), micro_batch_size=4)
     assert off.step((x[:8], y[:8]), cross_entropy).noise is None
     assert off.last_stats is None or off.last_stats.noise is None
 
@@ -280,7 +281,7 @@ def test_simple_noise_scale_is_the_ratio_of_running_means_or_emas_and_survives_r
     with pytest.raises(bb.ConfigError, match="noise_ema_decay"):
         resumed.load_state_dict({**state, "noise": {**state["noise"], "ema_decay": 0.5}})
     with pytest.raises(bb.ConfigError, match="noise_ema_decay must be"):
-        bb.Accumulator(mlp(), torch.optim.SGD(mlp().parameters(), lr=0.1), micro_batch_size=4,
+        bb.Accumulator(twin, torch.optim.SGD(twin.parameters(), lr=0.1), micro_batch_size=4,
                        measure_noise=True, noise_ema_decay=1.0)
 
 

@@ -139,6 +139,7 @@ def run(args: argparse.Namespace) -> int:
         return _list_settings(args)
     from ..train.interrupt import TrainingInterrupted
     from ..train.rundir import RunInUseError, RunStorageError
+    from ..train.runtime import RankLostError
     from ..train.trainer import NonFiniteLossError, Trainer
     from .cases import UsageError
 
@@ -150,7 +151,7 @@ def run(args: argparse.Namespace) -> int:
     except (ConfigError, UsageError) as e:
         print(f"bigbatch train: error: {e}", file=sys.stderr)
         return 2
-    except (NonFiniteLossError, RunInUseError, RunStorageError) as e:  # the run could not go on
+    except (NonFiniteLossError, RunInUseError, RunStorageError, RankLostError) as e:  # the run could not go on
         print(f"bigbatch train: error: {e}", file=sys.stderr)
         return 1
     except TrainingInterrupted as e:

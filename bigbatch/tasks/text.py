@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 import typing
+import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from importlib import resources
@@ -31,6 +32,9 @@ from ..errors import ConfigError
 from ..losses import LossSum
 
 IGNORE = -100
+MIN_VAL_TOKENS = 100
+"""Fewer held-out tokens than this get a warning: the per-token loss's spread is about 1 nat,
+so the mean over n tokens is uncertain by about 1/sqrt(n) nats, 0.1 at 100 tokens."""
 
 
 
@@ -194,6 +198,16 @@ class TextTask:
         self._val = self._encode(paragraphs[-n_val:])
         if len(self._train.starts) == 0:
             raise ConfigError("the text is too short to hold out a validation part; give a longer file.")
+        val_tokens = int((self._val.lengths[: self.eval_samples] - 1).sum())
+        if val_tokens < MIN_VAL_TOKENS:
+            warnings.warn(
+                f"the validation part of {self.data or 'the text'} holds {val_tokens} tokens in {n_val} "
+                f"paragraph{'' if n_val == 1 else 's'}: its loss says little (a mean over fewer than "
+                f"{MIN_VAL_TOKENS} tokens is uncertain by more than about 0.1 nats). Give more text, or a larger "
+                "task.val_fraction.",
+                UserWarning,
+                stacklevel=2,
+            )
 
     @property
     def vocab_size(self) -> int:

@@ -18,6 +18,45 @@ import torch.distributed as dist
 from ..devices import choose_device
 
 
+class RankLostError(RuntimeError):
+    """A collective gave up on the other ranks: one stopped answering (train.timeout) or died."""
+
+
+_LOST = ("timed out", "timeout", "connection closed by peer", "connection reset by peer", "broken pipe")
+
+
+def rank_lost(error: BaseException, timeout_s: float) -> RankLostError | None:
+    """A `RankLostError` for `error` if it is a collective that lost the other ranks, else None.
+
+    gloo raises a plain RuntimeError ("Timed out waiting 600000ms for recv operation
+    to complete", or "Connection closed by peer" when a rank died); torch's own
+    distributed errors are `torch.distributed.DistError`. NCCL's watchdog aborts the
+    process instead of raising: nothing reaches Python there.
+
+    Args:
+        error: what a training step raised.
+        timeout_s: train.timeout, for the message.
+
+    Returns:
+        The error to raise in its place, or None for any other error.
+    """
+    text = str(error)
+    if not isinstance(error, dist.DistError) and not any(k in text.lower() for k in _LOST):
+        return None
+    first = next((line.strip() for line in text.splitlines() if line.strip()), type(error).__name__)
+    if "]" in first and first.startswith("["):  # gloo's "[file.cc:78] message": the message
+        first = first.split("]", 1)[1].strip()
+    waited = "timed out" in text.lower() or "timeout" in text.lower()
+    what = (
+        f"waited train.timeout = {timeout_s:g} s for the other ranks in a collective and gave up"
+        if waited
+        else "lost the other ranks in a collective"
+    )
+    return RankLostError(
+        f"this rank {what}: another rank stopped, hung or died ({first.rstrip('.')})."
+    )
+
+
 @dataclass
 class Runtime:
     rank: int

@@ -52,7 +52,7 @@ from .metrics import MetricsLog
 from .parallel import wrap_model
 from .progress import Progress, memory_text
 from .rundir import RUN_LOCK, RunInUseError, RunLock, RunStorageError, create_run_folder, writing
-from .runtime import Runtime
+from .runtime import RankLostError, Runtime, rank_lost
 from .sampler import Sampler
 from .sharded_checkpoint import full_model_state, load_sharded, save_sharded
 from .state import (
@@ -179,6 +179,7 @@ class Trainer:
         self.config = config
         self.batch_sizes = self._setup_batch(planning)
         self.task = self._setup_task(task)
+        self._check_data()
         self.dtype = _DTYPES[config.train.dtype]
         self.sampler = Sampler(self.task.train_size, config.train.seed)
         self.lr = self._setup_lr()
@@ -217,6 +218,18 @@ class Trainer:
         if self.config.task.data is not None:
             options["data"] = self.config.task.data
         return build_task(self.config.task.name, **options)
+
+    def _check_data(self) -> None:
+        """Refuse a training split smaller than one logical batch: each step would count samples twice."""
+        n, logical = self.task.train_size, self.batch_sizes.logical_batch_size
+        if n >= logical:
+            return
+        data = f" from {self.config.task.data}" if self.config.task.data else ""
+        raise ConfigError(
+            f"task {self.task.name!r} has {n} training sample{'' if n == 1 else 's'}{data}, fewer than a logical "
+            f"batch of {logical}: every optimizer step would count some samples more than once. Give more data, "
+            f"or --set batch.logical_batch_size={n} (or less)."
+        )
 
     def _setup_lr(self) -> float:
         """The peak learning rate: `optim.lr` rescaled from its reference batch to the logical batch."""
@@ -494,13 +507,21 @@ class Trainer:
             task_name=self.task.name, item_unit=getattr(self.task, "item_unit", "samples"),
             num_parameters=self.num_parameters, trainable_parameters=self.trainable_parameters,
             device=str(self.runtime.device),
-            world_size=self.runtime.world_size, sharded=self.sharded, batch=self.batch_sizes.describe(),
+            world_size=self.runtime.world_size, sharded=self.sharded, batch=self._batch_text(),
             batch_schedule=self.batch_schedule.describe(getattr(self.task, "item_unit", "samples")),
             memory_plan=self.memory_plan, checkpointing=cfg.train.checkpointing,
             fast_micro_step=cfg.train.fast_micro_step, lr=self.lr, base_lr=o.lr, lr_scaling=o.lr_scaling,
             reference_batch_size=o.reference_batch_size, warmup_steps=o.warmup_steps, schedule=o.schedule,
             run_dir=self.run_dir,
         )  # fmt: skip
+
+    def _batch_text(self) -> str:
+        """The batch sizes that run, in words, and a word on a micro-batch larger than a rank's share."""
+        asked, runs = self.config.batch.micro_batch_size, self.batch_sizes.micro_batch_size
+        text = self.batch_sizes.describe()
+        if isinstance(asked, int) and isinstance(runs, int) and asked > runs:
+            text += f" (batch.micro_batch_size = {asked} is more than a rank's share of the logical batch)"
+        return text
 
     # -- training -------------------------------------------------------------
 
@@ -544,6 +565,9 @@ class Trainer:
                 its message says where the run stands (the last good checkpoint) and
                 how to continue.
             NonFiniteLossError: too many non-finite steps in a row.
+            RankLostError: under torchrun, a collective waited train.timeout seconds for
+                another rank (stopped, hung, died) and gave up; the message says where
+                the run stands.
         """
         if self._lock is not None:
             self._lock.acquire()  # a no-op unless fit() runs again after an earlier one let it go
@@ -552,6 +576,15 @@ class Trainer:
         except RunStorageError as e:
             e.state, e.then = self._where_it_stands()
             raise
+        except RuntimeError as e:
+            lost = rank_lost(e, self.config.train.timeout) if self.runtime.world_size > 1 else None
+            if lost is None:
+                raise
+            state, then = self._where_it_stands()
+            raise RankLostError(
+                f"{lost} {state} To go on: find why that rank stopped (its own error, or a stuck process), "
+                f"then {then} (under torchrun, the same number of processes)."
+            ) from e
         finally:
             self.close()
 

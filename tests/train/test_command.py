@@ -5,7 +5,7 @@ from bigbatch.cli import main
 
 def test_train_on_your_own_text_file(tiny, tmp_path, capsys):
     data = tmp_path / "poem.txt"
-    data.write_text("roses are red\nviolets are blue\n\n" * 20 + "sugar is sweet\n\nand so are you\n", encoding="utf-8")
+    data.write_text("roses are red\nviolets are blue\n\n" * 60 + "sugar is sweet\n\nand so are you\n", encoding="utf-8")
     sets = [f"--set={o}" for o in tiny]
     code = main(["train", "--task", "text", "--data", str(data), "--name", "poem", "--steps", "3", *sets])
     out = capsys.readouterr().out
