@@ -206,7 +206,7 @@ class TextTask:
                 f"{MIN_VAL_TOKENS} tokens is uncertain by more than about 0.1 nats). Give more text, or a larger "
                 "task.val_fraction.",
                 UserWarning,
-                stacklevel=2,
+                stacklevel=3,  # the caller of TextTask(...), past the dataclass's generated __init__
             )
 
     @property
