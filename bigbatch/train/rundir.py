@@ -67,15 +67,17 @@ class RunStorageError(RuntimeError):
         self.what, self.path, self.error = what, path, error
         self.state = ""
         self.then = ""
-        super().__init__(what)
+        self.existing_run = False  # the run folder holds a run already: it can be moved, not re-pointed
+        super().__init__(what, path, error)  # what pickling rebuilds it from (torchrun shares it)
 
     def __str__(self) -> str:
         """One message: what failed, on which path, why, where the run stands, what to do."""
         reason = self.error.strerror or type(self.error).__name__
+        elsewhere = "copy the run folder to {} and resume it there" if self.existing_run else "set run.dir to {}"
         if self.error.errno in _NO_SPACE:
-            fix = "free space on that disk (or set run.dir to one with room)"
+            fix = f"free space on that disk (or {elsewhere.format('a disk with room')})"
         elif self.error.errno in _NOT_WRITABLE:
-            fix = "make that folder writable (or set run.dir to one you can write to)"
+            fix = f"make that folder writable (or {elsewhere.format('a folder you can write to')})"
         elif self.error.errno in (errno.ENOTDIR, errno.EEXIST):
             fix = "a file stands where a folder must go: set run.dir to a folder (or move the file)"
         else:

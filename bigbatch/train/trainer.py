@@ -335,6 +335,7 @@ class Trainer:
                 found = list_checkpoints(Path(resume) / "checkpoints")
                 e.state = f"Its newest checkpoint, step {found[-1][0]}, is untouched." if found else ""
                 e.then = f"continue with: bigbatch train --resume {resume}"
+                e.existing_run = True
             raise
         if resume is not None:
             self.run_dir = folder
@@ -575,6 +576,7 @@ class Trainer:
             return self._fit()
         except RunStorageError as e:
             e.state, e.then = self._where_it_stands()
+            e.existing_run = True
             raise
         except RuntimeError as e:
             lost = rank_lost(e, self.config.train.timeout) if self.runtime.world_size > 1 else None

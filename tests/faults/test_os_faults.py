@@ -62,7 +62,8 @@ def test_disk_full_at_a_checkpoint_is_one_line_and_loses_nothing(tiny, small_dis
     assert line == (
         f"bigbatch train: error: writing the checkpoint of step 4 failed on {run}/checkpoints/step-0000004.pt: "
         f"No space left on device. The last good checkpoint is step 2 ({run}/checkpoints/step-0000002.pt), "
-        "untouched. To go on: free space on that disk (or set run.dir to one with room), then continue with: "
+        "untouched. To go on: free space on that disk (or copy the run folder to a disk with room and resume it "
+        "there), then continue with: "
         f"bigbatch train --resume {run}."
     )
     names = sorted(p.name for p in (run / "checkpoints").iterdir())
@@ -94,8 +95,8 @@ def test_a_read_only_run_folder_is_refused_before_anything_is_written(tiny, caps
     assert line.startswith(f"bigbatch train: error: opening the run's lock file failed on {run}/run.lock: ")
     assert ("Read-only file system" in line) or ("Permission denied" in line), line
     assert line.endswith(
-        "Its newest checkpoint, step 2, is untouched. To go on: make that folder writable (or set run.dir to one "
-        f"you can write to), then continue with: bigbatch train --resume {run}."
+        "Its newest checkpoint, step 2, is untouched. To go on: make that folder writable (or copy the run folder "
+        f"to a folder you can write to and resume it there), then continue with: bigbatch train --resume {run}."
     ), line
     assert {p: p.stat().st_mtime_ns for p in run.rglob("*")} == before  # nothing written, nothing removed
     assert main(["train", "--resume", str(run), "--steps", "4"]) == 0  # writable again: it continues
@@ -110,8 +111,8 @@ def test_a_new_run_in_a_read_only_folder(tiny, tmp_path, capsys):
         assert main(["train", "--set", f"run.dir={parent}", "--name", "x", "--steps", "1", *sets]) == 1
     line = _one_error_line(capsys.readouterr().err)
     assert line.startswith(f"bigbatch train: error: creating the run folder failed on {parent}/x: ")
-    assert line.endswith("Nothing was written. To go on: make that folder writable (or set run.dir to one you can "
-                         "write to).")  # fmt: skip
+    assert line.endswith("Nothing was written. To go on: make that folder writable (or set run.dir to a folder "
+                         "you can write to).")  # fmt: skip
     assert list(parent.iterdir()) == []
 
 
@@ -137,3 +138,17 @@ def test_a_write_error_that_is_not_an_os_fault_propagates_unchanged(tiny, monkey
     trainer = Trainer(TrainConfig.load(overrides=[*tiny, "train.steps=1", "run.name=bug"]))
     with pytest.raises(ValueError, match="a bug, not a disk"):
         trainer.fit()
+
+
+def test_a_storage_error_crosses_ranks_whole():
+    # Under torchrun rank 0's error is broadcast (pickled) to every rank, which raises it too.
+    import pickle
+
+    from bigbatch.train.rundir import RunStorageError
+
+    error = RunStorageError("creating the run folder", Path("runs/x"), OSError(errno.EROFS, "Read-only file system"))
+    copy = pickle.loads(pickle.dumps(error))
+    assert type(copy) is RunStorageError and str(copy) == str(error) == (
+        "creating the run folder failed on runs/x: Read-only file system. To go on: make that folder writable "
+        "(or set run.dir to a folder you can write to)."
+    )
