@@ -7,6 +7,7 @@ from bigbatch import FastMicroStep
 from bigbatch.checkpointing import is_checkpointed
 from bigbatch.errors import ConfigError
 from bigbatch.train import TrainConfig, Trainer
+from bigbatch.train.checkpoint import list_checkpoints
 
 
 def _fit(overrides, name):
@@ -69,6 +70,6 @@ def test_stop_at_val_loss_stops_at_the_first_evaluation_that_reaches_it(tiny):
     assert stopped.step == evals[3][0] < 40
     got = [json.loads(line) for line in (stopped.run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["loss"] for r in got] == [r["loss"] for r in rows[: evals[3][0]]]  # the same run, cut there
-    ckpt = torch.load(sorted((stopped.run_dir / "checkpoints").iterdir())[-1], weights_only=True)
+    ckpt = torch.load(list_checkpoints(stopped.checkpoint_dir)[-1][1], weights_only=True)
     assert ckpt["step"] == stopped.step and all(torch.equal(ckpt["model"][k], params[k]) for k in params)
     assert json.loads((stopped.run_dir / "summary.json").read_text())["steps"] == stopped.step
