@@ -12,7 +12,8 @@ directory instead, written and loaded by bigbatch.train.sharded_checkpoint: its
 run state lives in `RUN_STATE`, its checksums in `SHA256SUMS` and a `MARKER`
 file says the directory is whole. This module knows both kinds on disk (names,
 listing, keep-last-K, verification, the fallback) and nothing of how shards are
-written, so sharded_checkpoint imports it and never the other way round."""
+written, so sharded_checkpoint imports it and never the other way round.
+"""
 
 from __future__ import annotations
 
@@ -102,9 +103,12 @@ def save_checkpoint(directory: Path, step: int, state: dict[str, Any], keep: int
 
 
 def prune_checkpoints(directory: Path, keep: int) -> None:
-    """Delete all but the newest `keep` checkpoints (files or step directories) with their checksums,
-    and what writes cut short by a kill left: temporary files and folders, checksums without a file.
-    Call it after a save."""
+    """Delete all but the newest `keep` checkpoints, and what writes cut short by a kill left.
+
+    Checkpoints are files (with their checksums) or step directories; a kill
+    leaves temporary files and folders, and checksums without a file. Call it
+    after a save.
+    """
     stale = list(directory.glob(".step-*.tmp"))
     for old in [path for _, path in list_checkpoints(directory)[:-keep]] + stale:
         if old.is_dir():

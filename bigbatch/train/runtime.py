@@ -59,6 +59,8 @@ def rank_lost(error: BaseException, timeout_s: float) -> RankLostError | None:
 
 @dataclass
 class Runtime:
+    """This process's rank, the world size, its device, and whether it owns the process group."""
+
     rank: int
     world_size: int
     device: torch.device
@@ -66,6 +68,7 @@ class Runtime:
 
     @property
     def is_main(self) -> bool:
+        """Rank 0: the rank that prints, logs and writes."""
         return self.rank == 0
 
     @classmethod
@@ -98,6 +101,7 @@ class Runtime:
         return cls(rank, world_size, dev, owns)
 
     def barrier(self) -> None:
+        """Wait for every rank (a no-op in one process)."""
         if self.world_size > 1:
             dist.barrier()
 
@@ -118,5 +122,6 @@ class Runtime:
         return out
 
     def close(self) -> None:
+        """Leave the process group if this runtime joined it."""
         if self.owns_process_group and dist.is_initialized():
             dist.destroy_process_group()
