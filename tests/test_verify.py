@@ -11,7 +11,7 @@ from torch import nn
 
 import bigbatch as bb
 
-from .equivalence.oracle import classification_data, mlp, sample_mean_loss
+from .equivalence.oracle import classification_data, mlp, sample_mean_loss, twin
 
 
 class SampleMix(nn.Module):
@@ -349,3 +349,82 @@ def test_random_numbers_drawn_inside_the_loss_function_are_named():
     assert "draws random numbers itself" in report.reason
     assert bb.verify(_towers(), _pairs(), augmenting, micro_batch_size=3).random_loss
     assert not bb.verify(_towers(), _pairs(), bb.BatchLoss(encode=_encode, loss=_clip), micro_batch_size=3).random_loss
+
+
+
+class Float32Norm(nn.Module):
+    """An RMSNorm that computes in float32 whatever its input's dtype, as Llama's does in transformers."""
+
+    def __init__(self, d):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(d))
+
+    def forward(self, x):
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-6)
+        return self.weight * h.to(x.dtype)
+
+
+def _float32_floor_model():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(4, 16), Float32Norm(16), nn.Tanh(), nn.Linear(16, 3))
+
+
+def _token_data(n=12, t=5, seed=0):
+    """Per-token inputs and labels, -100 past each sequence's own length (lengths 1..t)."""
+    g = torch.Generator().manual_seed(seed)
+    x, y = torch.randn(n, t, 4, generator=g), torch.randint(0, 3, (n, t), generator=g)
+    lengths = torch.randint(1, t + 1, (n,), generator=g)
+    y[torch.arange(t)[None, :] >= lengths[:, None]] = -100
+    return x, y
+
+
+def _token_loss(m, batch):
+    x, y = batch
+    total = F.cross_entropy(m(x).flatten(0, 1), y.flatten(), ignore_index=-100, reduction="sum")
+    return bb.LossSum(total, (y != -100).sum())
+
+
+def test_a_float32_floor_inside_the_model_is_told_from_a_real_coupling():
+    """A layer that rounds to float32 in a float64 check misses rtol 1e-9 by rounding alone.
+
+    The premise (float32 rounding, not accumulation, sets the error) is checked against an
+    independent reference: the full-batch gradient computed twice, once with the loss scaled by
+    3 and divided back, differs by about as much as the accumulated one. verify must pass it,
+    naming the floor, and not suggest that the loss mixes samples.
+    """
+    model, (x, y) = _float32_floor_model(), _token_data()
+    full, scaled = twin(model).double(), twin(model).double()
+    _token_loss(full, (x.double(), y)).mean().backward()
+    (3 * _token_loss(scaled, (x.double(), y)).mean()).backward()
+    floor = max(
+        float((q.grad / 3 - p.grad).norm() / p.grad.norm()) for p, q in zip(full.parameters(), scaled.parameters())
+    )
+    assert 1e-9 < floor < 1e-5  # the premise: rounding alone misses float64's rtol
+
+    report = bb.verify(model, (x, y), _token_loss, micro_batch_size=5)
+    assert report.dtype == torch.float64 and report.rtol == 1e-9
+    assert 1e-9 < max(report.errors.values()) < 1e-5  # accumulation misses rtol too, by rounding
+    assert report.passed, report.table()
+    assert report.precision_floor is not None and 1e-9 < report.precision_floor < 1e-5
+    assert "floor" in report.reason and "mix" not in report.reason
+    assert "floor" in report.table()
+
+
+def test_a_real_error_on_top_of_a_float32_floor_still_fails():
+    """Negative control: the floor excuses rounding, not the classic error (a token mean as a
+    sample mean), which misses by ~1e-1, 10^5 times the floor."""
+    model, batch = _float32_floor_model(), _token_data()
+
+    def token_mean(m, b):
+        return _token_loss(m, b).mean()  # a plain scalar: weighted as a mean over samples
+
+    report = bb.verify(model, batch, token_mean, micro_batch_size=5)
+    assert not report.passed, report.table()
+    assert report.precision_floor is not None and max(report.errors.values()) > 1e4 * report.precision_floor
+    assert "floor" not in report.reason and "LossSum" in report.reason
+
+
+def test_a_pure_float64_model_measures_no_floor():
+    report = bb.verify(mlp(), classification_data(11), sample_mean_loss, micro_batch_size=4)
+    assert report.passed and report.precision_floor is None  # measured only when a parameter misses rtol
