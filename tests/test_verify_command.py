@@ -160,3 +160,16 @@ def test_task_misuse_exits_2(capsys, argv):
     pytest.importorskip("bigbatch.tasks")
     assert main(argv) == 2
     assert "bigbatch verify: " in capsys.readouterr().err
+
+
+def test_a_llama_style_model_passes_at_its_float32_floor_and_a_long_max_length_is_misuse(hf_offline, capsys):
+    """transformers' Llama RMSNorm computes in float32: in a float64 check the accumulated gradient
+    misses rtol 1e-9 by rounding alone (~5e-8). verify passes it, naming the floor, instead of
+    suggesting that the loss mixes samples; a max_length past the model's 64 positions is exit 2."""
+    llama = f"model={hf_offline['llama']}"
+    with pytest.warns(UserWarning, match="no pad token"):
+        assert main(["verify", "--task", "causal-lm", "--set", llama, "--set", "max_length=32"]) == 0
+    out = capsys.readouterr().out
+    assert "precision floor" in out and "PASS: " in out and "mix" not in out
+    assert main(["verify", "--task", "causal-lm", "--set", f"model={hf_offline['gpt2']}"]) == 2
+    assert "64 positions" in capsys.readouterr().err

@@ -181,6 +181,14 @@ class CausalLMTask:
                 "load as a causal LM (AutoModelForCausalLM); give a decoder model such as GPT-2, Llama, Qwen or "
                 "Mistral."
             )
+        positions = getattr(config, "max_position_embeddings", None)
+        if isinstance(positions, int) and 0 < positions < self.max_length:
+            # GPT-2's learnt position embedding has no row past it: the forward would end in an IndexError.
+            raise ConfigError(
+                f"max_length={self.max_length} tokens is longer than {self.model!r} reads: its config has "
+                f"{positions} positions (max_position_embeddings); set task.max_length={positions} or less "
+                f"(--set task.max_length={positions})."
+            )
 
     def _load_tokenizer(self) -> Any:
         from transformers import AutoTokenizer

@@ -37,6 +37,7 @@ def task_of(hf_offline, small_text):
             options["data"] = str(small_text)
         elif options["data"] is None:
             del options["data"]
+        options.setdefault("max_length", 64)  # the tiny models' positions
         with pytest.warns(UserWarning, match="no pad token: padding with its EOS token"):
             return build_task("causal-lm", model=str(hf_offline[kind]), **options)
 
@@ -91,10 +92,10 @@ def test_jsonl_prompt_completion_trains_on_the_completion_only(task_of, tmp_path
 def test_a_jsonl_line_without_the_field_names_the_line_and_the_fix(hf_offline, tmp_path):
     data = write_jsonl(tmp_path / "bad.jsonl", [{"text": "fine"}, {"body": "no text here"}])
     with pytest.raises(ConfigError, match=r'bad.jsonl:2 has no "text" field.*its fields: body'):
-        build_task("causal-lm", model=str(hf_offline["gpt2"]), data=data)
+        build_task("causal-lm", model=str(hf_offline["gpt2"]), data=data, max_length=64)
     (tmp_path / "broken.jsonl").write_text('{"text": "ok"}\n{"text": \n', encoding="utf-8")
     with pytest.raises(ConfigError, match=r"broken.jsonl:2 is not valid JSON"):
-        build_task("causal-lm", model=str(hf_offline["gpt2"]), data=str(tmp_path / "broken.jsonl"))
+        build_task("causal-lm", model=str(hf_offline["gpt2"]), data=str(tmp_path / "broken.jsonl"), max_length=64)
 
 
 @pytest.mark.parametrize("content", ["", "\n\n  \n", "{}\n"], ids=["empty", "blank", "no-rows"])
@@ -103,7 +104,7 @@ def test_an_empty_dataset_is_an_error(hf_offline, tmp_path, content):
     path = tmp_path / f"empty{suffix}"
     path.write_text(content.replace("{}\n", ""), encoding="utf-8")
     with pytest.raises(ConfigError, match="holds no samples"):
-        build_task("causal-lm", model=str(hf_offline["gpt2"]), data=str(path))
+        build_task("causal-lm", model=str(hf_offline["gpt2"]), data=str(path), max_length=64)
 
 
 def test_datasets_folder_and_parquet_files(task_of, tmp_path):
@@ -118,7 +119,7 @@ def test_datasets_folder_and_parquet_files(task_of, tmp_path):
     assert all(torch.equal(a, b) for a, b in zip(saved.train_batch([0, 4]).values(), parquet.train_batch([0, 4]).values()))
     Dataset.from_dict({"body": ["x"]}).save_to_disk(str(tmp_path / "wrong"))
     with pytest.raises(ConfigError, match='row 0 has no "text" field'):
-        build_task("causal-lm", model=str(saved.model), data=str(tmp_path / "wrong"))
+        build_task("causal-lm", model=str(saved.model), data=str(tmp_path / "wrong"), max_length=64)
 
 
 def test_a_model_that_is_not_a_causal_lm_is_refused(hf_offline, tmp_path):
@@ -134,6 +135,18 @@ def test_a_model_that_is_not_a_causal_lm_is_refused(hf_offline, tmp_path):
         build_task("causal-lm")
     with pytest.raises(ConfigError, match="HF_HUB_OFFLINE is set"):
         build_task("causal-lm", model="no-such-org/no-such-model")
+
+
+def test_a_max_length_beyond_the_models_positions_is_refused(hf_offline):
+    """The tiny GPT-2 has 64 positions: the default max_length of 256 would end in an IndexError
+    from its position embedding, mid-forward; it is a ConfigError that names both numbers."""
+    from transformers import AutoConfig
+
+    assert AutoConfig.from_pretrained(hf_offline["gpt2"]).max_position_embeddings == 64 < 256
+    with pytest.raises(ConfigError, match=r"max_length=256 .* 64 positions.*task.max_length=64"):
+        build_task("causal-lm", model=str(hf_offline["gpt2"]))
+    with pytest.warns(UserWarning, match="no pad token"):
+        assert build_task("causal-lm", model=str(hf_offline["gpt2"]), max_length=64).train_size > 0
 
 
 def test_without_the_extra_the_error_says_what_to_install(monkeypatch):
