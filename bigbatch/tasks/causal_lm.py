@@ -165,6 +165,12 @@ class CausalLMTask:
         from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
         path = Path(self.model).expanduser()
+        looks_like_a_path = self.model.startswith(("/", "./", "../", "~"))  # a hub name is org/name
+        if looks_like_a_path and not path.exists():
+            raise ConfigError(
+                f"no such folder: {str(path)!r}; give the folder that model.save_pretrained(...) wrote, "
+                "or a hub name (org/name)."
+            )
         if path.is_dir() and not (path / "config.json").is_file():
             raise ConfigError(
                 f"{str(path)!r} has no config.json, so it is not a transformers model folder; give the folder "

@@ -135,6 +135,10 @@ def test_a_model_that_is_not_a_causal_lm_is_refused(hf_offline, tmp_path):
         build_task("causal-lm")
     with pytest.raises(ConfigError, match="HF_HUB_OFFLINE is set"):
         build_task("causal-lm", model="no-such-org/no-such-model")
+    for missing in (str(tmp_path / "no-such-folder"), "./no-such-folder", "~/no-such-folder"):
+        # a path, not a hub name: transformers' "Repo id must be in the form ..." would mislead
+        with pytest.raises(ConfigError, match="no such folder.*save_pretrained"):
+            build_task("causal-lm", model=missing)
 
 
 def test_a_max_length_beyond_the_models_positions_is_refused(hf_offline):
