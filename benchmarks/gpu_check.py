@@ -290,10 +290,10 @@ def targets(rows: list[dict[str, Any]], full: float | None) -> list[tuple[bool, 
         out.append((False, "planner within 1/8 of the eager full batch's peak >= 1.0 of the eager full batch: "
                     "not measured"))
     pytest_row = next((r for r in rows if r.get("stage") == "pytest"), None)
-    no_sync: dict[str, int] = (pytest_row or {}).get("no_sync") or {}
-    out.append((no_sync.get("passed", 0) > 0 and not no_sync.get("failed") and not no_sync.get("error"),
-                "zero host syncs inside a window under sync_debug_mode('error'): tests/test_no_sync.py's GPU tests "
-                + (json.dumps(no_sync) if no_sync else "not run")))
+    host_syncs: dict[str, int] = (pytest_row or {}).get("host_syncs") or {}
+    out.append((host_syncs.get("passed", 0) > 0 and not host_syncs.get("failed") and not host_syncs.get("error"),
+                "zero host syncs inside a window under sync_debug_mode('error'): tests/test_host_syncs.py's GPU tests "
+                + (json.dumps(host_syncs) if host_syncs else "not run")))
     return out
 
 
@@ -685,12 +685,12 @@ def run_pytest(results: Results, deadline: float, workers: int = 1) -> dict[str,
             test, outcome = (match.group(1), match.group(2)) if match.group(1) else (match.group(4), match.group(3))
             outcomes.setdefault(test, outcome)  # the live line; the summary at the end repeats it
     counts = {k.lower(): sum(1 for v in outcomes.values() if v == k) for k in ("PASSED", "FAILED", "ERROR", "SKIPPED")}
-    no_sync = {k.lower(): sum(1 for t, v in outcomes.items() if v == k and t.startswith("tests/test_no_sync.py::test_gpu"))
+    host_syncs = {k.lower(): sum(1 for t, v in outcomes.items() if v == k and t.startswith("tests/test_host_syncs.py::test_gpu"))
                for k in ("PASSED", "FAILED", "ERROR")}  # fmt: skip
     summary = next((line.strip("= ") for line in reversed(text.splitlines()) if re.search(r"\d+ (passed|failed|skipped|error)", line)), "")
     status = "timed out" if timed_out else ("ok" if proc.returncode in (0, 5) else "failed")
     row = {"stage": "pytest", "method": "pytest -m gpu", "status": status, "exit": proc.returncode,
-           "summary": summary or f"{counts}", **counts, "no_sync": no_sync, "files": files,
+           "summary": summary or f"{counts}", **counts, "host_syncs": host_syncs, "files": files,
            "seconds": round(time.time() - started, 1), "log": results.pytest_log.name}  # fmt: skip
     if timed_out:
         row["reason"] = f"killed at the stage's deadline; {counts} before that"

@@ -1,4 +1,4 @@
-"""Bad input gets an error that names the problem and the fix."""
+"""The Accumulator's contract: bad input gets an error that names the problem and the fix; its state round-trips."""
 
 from __future__ import annotations
 
@@ -123,15 +123,6 @@ def test_loss_without_grad():
     _, acc = make(micro_batch_size=2)
     with pytest.raises(bb.LossError, match="does not require grad"):
         acc.step((torch.zeros(2, 4), torch.zeros(2, dtype=torch.long)), lambda m, b: torch.tensor(1.0))
-
-
-def test_scale_lr():
-    assert bb.scale_lr(0.1, 256, 1024) == pytest.approx(0.4)
-    assert bb.scale_lr(0.1, 256, 1024, rule="sqrt") == pytest.approx(0.2)
-    with pytest.raises(bb.ConfigError, match="rule must be"):
-        bb.scale_lr(0.1, 1, 2, rule="cubic")
-    with pytest.raises(bb.ConfigError, match="from_batch must be an integer >= 1, got 0"):
-        bb.scale_lr(0.1, 0, 2)
 
 
 def test_state_dict_round_trip_and_open_window_refused():

@@ -110,7 +110,7 @@ def test_the_table_computes_the_targets_from_this_runs_rows(gpu_check):
     rows = [
         {"run": "r", "stage": "start", "device": "NVIDIA H200", "torch": "2.11.0", "model": "GPT-2 small"},
         {"run": "r", "stage": "pytest", "status": "ok", "summary": "30 passed",
-         "no_sync": {"passed": 19, "failed": 0, "error": 0}},
+         "host_syncs": {"passed": 19, "failed": 0, "error": 0}},
         row("plain", 1, 40.0), row("bigbatch", 1, 39.8), row("plain", 4, 150.0), row("bigbatch", 4, 147.0),
         row("plain", 64, 340.0), row("bigbatch", 64, 339.0),
         row("bigbatch-compile", 4, 200.0, "compile"), row("bigbatch-cudagraphs", 4, 260.0, "cudagraphs"),
@@ -130,13 +130,13 @@ def test_the_table_computes_the_targets_from_this_runs_rows(gpu_check):
 
 
 def test_the_pytest_stage_reads_outcomes_with_and_without_xdist(gpu_check):
-    lines = ["tests/test_no_sync.py::test_gpu_fp16_x PASSED                [ 10%]",
+    lines = ["tests/test_host_syncs.py::test_gpu_fp16_x PASSED                [ 10%]",
              "[gw1] [ 20%] FAILED tests/test_fast.py::test_gpu_fast[compile-mean] ",
              "FAILED tests/test_fast.py::test_gpu_fast[compile-mean] - AssertionError"]  # fmt: skip
     found = [gpu_check._OUTCOME.search(line) for line in lines]
     assert [(m.group(1) or m.group(4), m.group(2) or m.group(3)) for m in found] == [
-        ("tests/test_no_sync.py::test_gpu_fp16_x", "PASSED"), ("tests/test_fast.py::test_gpu_fast[compile-mean]", "FAILED"),
+        ("tests/test_host_syncs.py::test_gpu_fp16_x", "PASSED"), ("tests/test_fast.py::test_gpu_fast[compile-mean]", "FAILED"),
         ("tests/test_fast.py::test_gpu_fast[compile-mean]", "FAILED")]
     files = gpu_check.gpu_test_files()
-    assert "tests/test_no_sync.py" in files and "tests/test_window.py" in files
+    assert "tests/test_host_syncs.py" in files and "tests/test_window.py" in files
     assert "tests/test_accumulator.py" not in files  # no gpu-marked test there: not collected
