@@ -22,11 +22,11 @@ from .batches import Batch, batch_size, is_on_device, split_batch, to_device
 from .devices import model_device
 from .distributed import FSDP2Sync, LocalSync, full_tensor, grad_sync_for
 from .errors import AccumulationWarning, ConfigError, LossError, MicroBatchTooLargeError
-from .fast import CompiledLoss, FastMicroStep, mark_micro_step
+from .fast import CompiledLoss, FastMicroStep, FastSpec, mark_micro_step
 from .losses import Count, LossFn, LossSum, split_loss
 from .noise import NoiseMeter
 from .oom import RngSnapshot, release_memory
-from .precision import Float32Grads, autocast_dtype, make_scaler
+from .precision import Float32Grads, Precision, autocast_dtype, make_scaler
 from .probes import warn_if_batch_coupled
 from .stats import StepStats
 from .window import Window, scale_grads_
@@ -119,11 +119,11 @@ class Accumulator:
         micro_batch_size: int | Literal["auto"] | None = None,
         scheduler: Any = None,
         max_grad_norm: float | None = None,
-        precision: Literal["fp32", "bf16", "fp16"] = "fp32",
+        precision: Precision = "fp32",
         last_window: Literal["step", "drop"] = "step",
         skip_nonfinite: bool = True,
         sync_each_micro_step: bool = False,
-        fast_micro_step: Literal["compile", "cudagraphs"] | FastMicroStep | None = None,
+        fast_micro_step: FastSpec = None,
         measure_noise: bool = False,
         noise_ema_decay: float | None = None,
     ) -> None:
@@ -494,7 +494,7 @@ class Accumulator:
         buffers = self._float32_grads.buffers
         grads = []
         for p in self._params:
-            grad = buffers.get(p, p.grad)  # type: ignore[call-overload]
+            grad = buffers.get(p, p.grad)
             if grad is not None:
                 grads.append(grad)
         return grads

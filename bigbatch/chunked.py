@@ -10,6 +10,7 @@ to O(chunk x vocab), for one extra matmul.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -39,7 +40,7 @@ def _logits(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, dt
 
 class _ChunkedCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(  # type: ignore[override]
+    def forward(
         ctx: Any,
         hidden: torch.Tensor,
         weight: torch.Tensor,
@@ -67,7 +68,7 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
         return total
 
     @staticmethod
-    def backward(ctx: Any, grad_total: torch.Tensor) -> tuple[torch.Tensor | None, ...]:  # type: ignore[override]
+    def backward(ctx: Any, grad_total: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         hidden, weight, bias, labels, lse = ctx.saved_tensors
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
         dtype, acc_dtype = ctx.dtype, torch.promote_types(weight.dtype, torch.float32)
@@ -97,6 +98,10 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
             None if grad_b is None else grad_b.to(bias.dtype),
             None, None, None, None,
         )  # fmt: skip
+
+
+# Function.apply is untyped in torch: this names what it returns here, so the call is typed.
+_chunked_cross_entropy: Callable[..., torch.Tensor] = _ChunkedCrossEntropy.apply
 
 
 def chunked_cross_entropy(
@@ -149,5 +154,5 @@ def chunked_cross_entropy(
     flat_h = hidden.reshape(-1, hidden.shape[-1])
     flat_y = labels.reshape(-1)
     dtype = _compute_dtype(hidden, head_weight)
-    total = _ChunkedCrossEntropy.apply(flat_h, head_weight, bias, flat_y, ignore_index, chunk_size, dtype)
+    total = _chunked_cross_entropy(flat_h, head_weight, bias, flat_y, ignore_index, chunk_size, dtype)
     return LossSum(total, (labels != ignore_index).sum())

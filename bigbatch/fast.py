@@ -30,7 +30,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import nn
@@ -75,6 +75,10 @@ class FastMicroStep:
         raise ConfigError(
             f'fast_micro_step must be None, "compile", "cudagraphs" or a bb.FastMicroStep, got {spec!r}.'
         )
+
+
+FastSpec = Literal["compile", "cudagraphs"] | FastMicroStep | None
+"""What `fast_micro_step=` takes: a name, a `FastMicroStep`, or None (eager)."""
 
 
 def mark_micro_step() -> None:

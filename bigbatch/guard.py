@@ -32,6 +32,7 @@ from __future__ import annotations
 import sys
 import types
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -89,14 +90,14 @@ class Guard:
             torch.autograd.graph.register_multi_grad_hook(self._params, self._on_backward, mode="any"),
         ]
         self._handles += [p.register_post_accumulate_grad_hook(self._on_accumulated) for p in self._params]
-        self._original_scheduler_step = None
+        self._original_scheduler_step: Callable[..., Any] | None = None
         if scheduler is not None:
-            self._original_scheduler_step = scheduler.step
+            original = self._original_scheduler_step = scheduler.step
             guard = self
 
             def step(sched: Any, *args: Any, **kwargs: Any) -> Any:
                 guard._on_scheduler_step()
-                return guard._original_scheduler_step(*args, **kwargs)  # type: ignore[misc]
+                return original(*args, **kwargs)
 
             scheduler.step = types.MethodType(step, scheduler)
 

@@ -80,12 +80,11 @@ class GhostBatchNorm(nn.Module):
         self.momentum = momentum
         self.affine = affine
         self.track_running_stats = track_running_stats
-        factory = {"device": device, "dtype": dtype}
         self.weight: nn.Parameter | None
         self.bias: nn.Parameter | None
         if affine:
-            self.weight = nn.Parameter(torch.ones(num_features, **factory))  # type: ignore[arg-type]
-            self.bias = nn.Parameter(torch.zeros(num_features, **factory))  # type: ignore[arg-type]
+            self.weight = nn.Parameter(torch.ones(num_features, device=device, dtype=dtype))
+            self.bias = nn.Parameter(torch.zeros(num_features, device=device, dtype=dtype))
         else:
             self.register_parameter("weight", None)
             self.register_parameter("bias", None)
@@ -93,8 +92,8 @@ class GhostBatchNorm(nn.Module):
         self.running_var: torch.Tensor | None
         self.num_batches_tracked: torch.Tensor | None
         if track_running_stats:
-            self.register_buffer("running_mean", torch.zeros(num_features, **factory))  # type: ignore[arg-type]
-            self.register_buffer("running_var", torch.ones(num_features, **factory))  # type: ignore[arg-type]
+            self.register_buffer("running_mean", torch.zeros(num_features, device=device, dtype=dtype))
+            self.register_buffer("running_var", torch.ones(num_features, device=device, dtype=dtype))
             self.register_buffer(
                 "num_batches_tracked", torch.tensor(0, dtype=torch.long, device=device)
             )
@@ -176,11 +175,12 @@ def _replacement(
         new.load_state_dict(bn.state_dict())  # the same parameter and buffer names
     else:
         groups = 1 if to == "layernorm" else _largest_divisor_at_most(c, num_groups)
-        new = nn.GroupNorm(groups, c, eps=bn.eps, affine=bn.affine, device=device, dtype=dtype)
-    if bn.affine and to != "ghost":
-        with torch.no_grad():
-            new.weight.copy_(bn.weight)  # type: ignore[union-attr, arg-type]
-            new.bias.copy_(bn.bias)  # type: ignore[union-attr, arg-type]
+        norm = nn.GroupNorm(groups, c, eps=bn.eps, affine=bn.affine, device=device, dtype=dtype)
+        if bn.affine:
+            with torch.no_grad():
+                norm.weight.copy_(bn.weight)
+                norm.bias.copy_(bn.bias)
+        new = norm
     new.train(bn.training)
     return new
 

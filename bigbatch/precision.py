@@ -10,12 +10,17 @@ clipped float32 sum is rounded once into `.grad` for the optimizer.
 
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 from torch.utils.weak import WeakIdKeyDictionary
 
 from .errors import ConfigError
+
+Precision = Literal["fp32", "bf16", "fp16"]
+"""What `precision=` takes: float32, or bf16/fp16 autocast."""
 
 _AUTOCAST = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 _LOW_PRECISION = (torch.bfloat16, torch.float16)
@@ -46,7 +51,7 @@ class Float32Grads:
 
     def __init__(self, params: list[nn.Parameter]) -> None:
         self.params = params
-        self.buffers: dict[nn.Parameter, torch.Tensor] = {}
+        self.buffers: dict[torch.Tensor, torch.Tensor] = {}
         for p in params:
             old: RemovableHandle | None = _HOOKS.get(p)
             if old is not None:
@@ -60,12 +65,12 @@ class Float32Grads:
 
     def _move_to_buffer(self, p: torch.Tensor) -> None:
         assert p.grad is not None
-        buf = self.buffers.get(p)  # type: ignore[call-overload]
+        buf = self.buffers.get(p)
         if buf is None:
             # A copy even when the dtype already fits: the fresh gradient may live in
             # memory a CUDA graph overwrites on its next replay.
             dtype = torch.promote_types(p.grad.dtype, torch.float32)
-            self.buffers[p] = p.grad.to(dtype, copy=True)  # type: ignore[index]
+            self.buffers[p] = p.grad.to(dtype, copy=True)
         else:
             buf.add_(p.grad)
         p.grad = None

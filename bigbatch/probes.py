@@ -230,7 +230,7 @@ def _perturbed(batch: Batch, sample: int, generator: torch.Generator) -> Batch:
     return _map(batch, change)
 
 
-def _run(model: nn.Module, batch: Batch, loss_fn: LossFn, n: int, seed: int):
+def _run(model: nn.Module, batch: Batch, loss_fn: LossFn, n: int, seed: int) -> dict[str, list[_Call]]:
     with _recording(model, n) as calls, torch.no_grad():
         torch.manual_seed(seed)
         loss_fn(model, batch)

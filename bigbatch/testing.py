@@ -16,10 +16,14 @@ rest. Nothing here is in `bigbatch.__all__`; names may change without notice.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
+from torch.futures import Future
+
+if TYPE_CHECKING:  # its defining module; torch.distributed re-exports it only where built with it
+    from torch._C._distributed_c10d import GradBucket
 
 
 @dataclass
@@ -49,7 +53,7 @@ class AllReduceCounter:
     bytes: int = 0
     rounds: int = 0
 
-    def hook(self, state: object, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
+    def hook(self, state: object, bucket: GradBucket) -> Future[torch.Tensor]:
         """Reduce one gradient bucket as DDP's default does, counting it.
 
         Args:
@@ -66,16 +70,22 @@ class AllReduceCounter:
         buf.div_(self.world_size)
         work = dist.all_reduce(buf, group=self.group, async_op=True)
         assert work is not None  # async_op=True always returns a Work
-        return work.get_future().then(lambda fut: fut.value()[0])
+        future: Future[list[torch.Tensor]] = work.get_future()
+        return future.then(_first_tensor)
 
     def reset(self) -> None:
         """Start counting from zero."""
         self.buckets = self.bytes = self.rounds = 0
 
 
+def _first_tensor(future: Future[list[torch.Tensor]]) -> torch.Tensor:
+    """The one tensor an all-reduce's future holds."""
+    return future.value()[0]
+
+
 # DDP checks a hook's annotations by identity; with postponed annotations they are
 # strings, so give it the real objects.
 if dist.is_available():
-    AllReduceCounter.hook.__annotations__.update(
-        bucket=dist.GradBucket, **{"return": torch.futures.Future[torch.Tensor]}
-    )
+    from torch._C._distributed_c10d import GradBucket
+
+    AllReduceCounter.hook.__annotations__.update(bucket=GradBucket, **{"return": Future[torch.Tensor]})

@@ -17,8 +17,9 @@ import copy
 import math
 import textwrap
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import overload
 
 import torch
 from torch import nn
@@ -153,12 +154,24 @@ class _CaptureGrads(torch.optim.Optimizer):
         super().__init__(params, {"lr": 0.0})
         self.grads: dict[int, torch.Tensor] = {}
 
+    @overload
+    def step(self, closure: None = None) -> None: ...
+
+    @overload
+    def step(self, closure: Callable[[], float]) -> float: ...
+
     @torch.no_grad()
-    def step(self, closure: Any = None) -> None:  # type: ignore[override]
+    def step(self, closure: Callable[[], float] | None = None) -> float | None:
+        """Copy every gradient; the closure, if given, is called first, as torch's optimizers do."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
         for group in self.param_groups:
             for p in group["params"]:
                 if p.grad is not None:
                     self.grads[id(p)] = p.grad.detach().clone()
+        return loss
 
 
 def _default_micro_batch_size(n: int) -> int:

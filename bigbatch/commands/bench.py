@@ -50,7 +50,7 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -69,13 +69,13 @@ from ..benchmarking import (
 )
 from ..devices import choose_device
 from ..errors import ConfigError
-from ..fast import FastMicroStep
+from ..fast import FastSpec
 from ..losses import LossSum, token_cross_entropy
 
 Batch = tuple[torch.Tensor, torch.Tensor]  # (tokens, labels), both (n, seq)
 Runner = Callable[[Batch], None]  # one optimizer step over one logical batch
 METHODS = ("plain", "bigbatch", "bigbatch-compile", "bigbatch-cudagraphs", "accelerate")
-FAST = {"bigbatch": None, "bigbatch-compile": "compile", "bigbatch-cudagraphs": "cudagraphs"}
+FAST: dict[str, FastSpec] = {"bigbatch": None, "bigbatch-compile": "compile", "bigbatch-cudagraphs": "cudagraphs"}
 
 
 @dataclass
@@ -94,7 +94,7 @@ class Setup:
     name: str
     make_model: Callable[[], nn.Module]
     batches: list[Batch]
-    precision: str
+    precision: Literal["fp32", "bf16"]
     lr: float
     loss: Callable[[nn.Module, Batch], LossSum]
 
@@ -187,7 +187,7 @@ def gpt2_setup(device: torch.device, shape: Any = None, *, batch_size: int = 64,
         tokens, labels = random_tokens(shape, batch_size, g)
         batches.append((tokens.to(device), labels.to(device)))
     name = "GPT-2 small (124M, tied head)" if shape == GPT2Shape.small() else f"GPT-2 shape {shape}"
-    precision = "bf16" if device.type == "cuda" else "fp32"
+    precision: Literal["fp32", "bf16"] = "bf16" if device.type == "cuda" else "fp32"
     return Setup(name, lambda: make_gpt2(shape), batches, precision, 6e-4, chunked_loss)
 
 
@@ -200,7 +200,7 @@ def _optimizer(model: nn.Module, lr: float, device: torch.device) -> torch.optim
 
 
 def make_runner(method: str, setup: Setup, micro: int, device: torch.device, model: nn.Module, *,
-                fast: Mapping[str, str | FastMicroStep | None] | None = None) -> Runner:  # fmt: skip
+                fast: Mapping[str, FastSpec] | None = None) -> Runner:  # fmt: skip
     """One optimizer step over a logical batch per call, the way `method` trains.
 
     Args:
@@ -219,8 +219,8 @@ def make_runner(method: str, setup: Setup, micro: int, device: torch.device, mod
         return _plain_runner(setup, micro, device, model, opt)
     if method in FAST:
         spec = (fast or {}).get(method, FAST[method])
-        acc = Accumulator(model, opt, micro_batch_size=micro, precision=setup.precision,  # type: ignore[arg-type]
-                          fast_micro_step=spec)  # type: ignore[arg-type]
+        acc = Accumulator(model, opt, micro_batch_size=micro, precision=setup.precision,
+                          fast_micro_step=spec)
         loss = setup.loss  # one object every step: its compiled graph is reused
 
         def bigbatch(batch: Batch) -> None:
@@ -251,8 +251,8 @@ def _plain_runner(setup: Setup, micro: int, device: torch.device, model: nn.Modu
 
 def _accelerate_runner(setup: Setup, micro: int, device: torch.device, model: nn.Module,
                        opt: torch.optim.Optimizer) -> Runner:  # fmt: skip
-    from accelerate import Accelerator  # type: ignore[import-not-found]
-    from accelerate.state import AcceleratorState, GradientState  # type: ignore[import-not-found]
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState, GradientState
 
     AcceleratorState._reset_state(True)  # one Accelerator per method run
     GradientState._reset_state()
@@ -344,7 +344,7 @@ def time_runs(builders: Mapping[str, Callable[[], Runner]], setup: Setup, device
 
 def measure(setup: Setup, micro: int, methods: list[str], device: torch.device, steps: int, repeats: int,
             warmup: Mapping[str, int], initial: nn.Module, *,
-            fast: Mapping[str, str | FastMicroStep | None] | None = None) -> list[dict[str, Any]]:  # fmt: skip
+            fast: Mapping[str, FastSpec] | None = None) -> list[dict[str, Any]]:  # fmt: skip
     """Time `methods` at one micro-batch size, their blocks interleaved, each on a copy of `initial`.
 
     Args:

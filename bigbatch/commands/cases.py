@@ -30,7 +30,7 @@ class UsageError(Exception):
     """The command was given something it cannot use; exit status 2."""
 
 
-def load_factory(target: str) -> Callable[[], Any]:
+def load_factory(target: str) -> Callable[..., Any]:
     """The callable named by MODULE:FACTORY or path/to/file.py:FACTORY."""
     location, sep, name = target.rpartition(":")
     if not sep or not location or not name:
@@ -59,7 +59,7 @@ def load_factory(target: str) -> Callable[[], Any]:
             raise UsageError(f"importing {location} failed: {_describe(error)}") from error
         except Exception as error:  # noqa: BLE001 - the user's module: report it, not our traceback
             raise UsageError(f"importing {location} failed: {_describe(error)}") from error
-    factory = getattr(module, name, None)
+    factory: Callable[..., Any] | None = getattr(module, name, None)
     if not callable(factory):
         raise UsageError(f"{location} has no callable named {name!r}.")
     return factory

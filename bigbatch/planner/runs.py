@@ -161,8 +161,12 @@ def measure_step_memory(acc: Accumulator, batch: Batch, loss_fn: LossFn, *, mete
             return loss_fn(m, micro)
 
     batch_meter = _BatchLossMeter(loss_fn, model) if isinstance(loss_fn, BatchLoss) and meter else None
+    # A BatchLoss stays one (the engine runs its two passes), counted by its own meter.
+    step_loss: LossFn | BatchLoss = loss_fn
     if batch_meter is not None:
-        metered_loss = batch_meter.batch_loss  # type: ignore[assignment]  # the engine must see a BatchLoss
+        step_loss = batch_meter.batch_loss
+    elif meter:
+        step_loss = metered_loss
 
     phases, others = None, 0
     if device.type == "cuda":
@@ -171,7 +175,7 @@ def measure_step_memory(acc: Accumulator, batch: Batch, loss_fn: LossFn, *, mete
         torch.cuda.reset_peak_memory_stats(device)
         phases = _PhasePeaks(optimizer, device)
     try:
-        acc.step(batch, metered_loss if meter else loss_fn)
+        acc.step(batch, step_loss)
     finally:
         peaks = phases.finish() if phases is not None else None
     window = optimizer_peak = None

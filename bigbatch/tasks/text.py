@@ -62,7 +62,8 @@ class _Block(nn.Module):
             is_causal=True, dropout_p=self.dropout if self.training else 0.0,
         )
         x = x + self.drop(self.proj(a.transpose(1, 2).reshape(n, t, d)))
-        return x + self.mlp(self.norm2(x))
+        out: torch.Tensor = x + self.mlp(self.norm2(x))  # a Module call is typed Any
+        return out
 
 
 class CharTransformer(nn.Module):
@@ -102,7 +103,8 @@ class CharTransformer(nn.Module):
         x = self.drop(self.tok(tokens) + self.pos(torch.arange(t, device=tokens.device)))
         for block in self.blocks:
             x = block(x)
-        return self.norm(x)
+        out: torch.Tensor = self.norm(x)
+        return out
 
     @typing.overload
     def forward(self, tokens: torch.Tensor, labels: None = None) -> torch.Tensor: ...
@@ -113,7 +115,8 @@ class CharTransformer(nn.Module):
     def forward(self, tokens: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor | LossSum:
         """The logits (n, t, vocab); with `labels`, the chunked cross-entropy summed over valid tokens."""
         if labels is None:
-            return self.head(self.hidden(tokens))
+            logits: torch.Tensor = self.head(self.hidden(tokens))
+            return logits
         return chunked_cross_entropy(self.hidden(tokens), self.head.weight, labels, IGNORE)
 
 

@@ -37,7 +37,9 @@ from pathlib import Path
 try:
     import fcntl
 except ImportError:  # pragma: no cover - Windows: no flock
-    fcntl = None  # type: ignore[assignment]
+    _HAVE_FLOCK = False
+else:
+    _HAVE_FLOCK = True
 
 RUN_LOCK = "run.lock"
 """The lock file in every run folder (see the module docstring)."""
@@ -157,7 +159,7 @@ class RunLock:
             RunInUseError: another process (or another Trainer in this one) holds it.
             RunStorageError: the lock file cannot be created or written (a read-only folder).
         """
-        if self._fd is not None or fcntl is None:
+        if self._fd is not None or not _HAVE_FLOCK:
             return
         with writing("opening the run's lock file", self.path):
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)

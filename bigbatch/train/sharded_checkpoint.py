@@ -25,9 +25,12 @@ from pathlib import Path
 from typing import IO, Any, cast
 
 import torch
-import torch.distributed.checkpoint as dcp
 from torch import nn
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+# dcp.load and dcp.save, from the modules that define them (the package re-exports them implicitly).
+from torch.distributed.checkpoint.state_dict_loader import load as dcp_load
+from torch.distributed.checkpoint.state_dict_saver import save as dcp_save
 
 from .checkpoint import MARKER, RUN_STATE, fsync_path
 from .checksums import MANIFEST, HashingWriter, checksum_line, sha256_of, write_durably
@@ -52,7 +55,7 @@ def save_sharded(
     runtime.barrier()
     try:
         model_state, optim_state = get_state_dict(model, optimizer)
-        dcp.save({MODEL_KEY: model_state, OPTIMIZER_KEY: optim_state}, checkpoint_id=tmp)
+        dcp_save({MODEL_KEY: model_state, OPTIMIZER_KEY: optim_state}, checkpoint_id=tmp)
         runtime.barrier()  # every rank's shards are on disk
         # DCP names rank r's files "__r_N.distcp"; anything no rank claims, rank 0 hashes below.
         mine = {p.name: sha256_of(p) for p in sorted(tmp.glob(f"__{runtime.rank}_*"))}
@@ -88,7 +91,7 @@ def _finish_folder(tmp: Path, final: Path, run_state: dict[str, Any], digests: d
 def load_sharded(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
     """Load model and optimizer shards from `path` in place (every rank, the saving world size)."""
     model_state, optim_state = get_state_dict(model, optimizer)
-    dcp.load({MODEL_KEY: model_state, OPTIMIZER_KEY: optim_state}, checkpoint_id=path)  # in place
+    dcp_load({MODEL_KEY: model_state, OPTIMIZER_KEY: optim_state}, checkpoint_id=path)  # in place
     set_state_dict(model, optimizer, model_state_dict=model_state, optim_state_dict=optim_state)
 
 
