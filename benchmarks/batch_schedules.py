@@ -102,8 +102,10 @@ def train(name: str, overrides: list[str], seed: int, target: float, max_steps: 
 def plot(
     curves: dict[str, list[dict]], results: dict[str, list[dict[str, float] | None]], target: float, path: Path
 ) -> None:
-    """Seed 0's validation curves against steps and samples and its batch sizes; every seed's
-    (samples, steps) to the target."""
+    """Plot seed 0's validation curves and batch sizes, and every seed's (samples, steps) to the target.
+
+    Seed 0's curves against steps and against samples; the points of every seed.
+    """
     import matplotlib
 
     matplotlib.use("Agg")

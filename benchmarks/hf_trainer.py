@@ -106,7 +106,7 @@ def reference(folder: Path, batches: list[list[list[int]]], pad_id: int, lr: flo
 
 
 def run_hf_trainer(folder: Path, rows: list[list[int]], pad_id: int, args: argparse.Namespace, out: Path) -> tuple[Any, float]:
-    """transformers' Trainer with gradient_accumulation_steps; returns (state_dict, seconds)."""
+    """Train with transformers' Trainer and gradient_accumulation_steps; returns (state_dict, seconds)."""
     from transformers import AutoModelForCausalLM, Trainer, TrainingArguments
 
     model = AutoModelForCausalLM.from_pretrained(folder).double().train()
@@ -126,7 +126,7 @@ def run_hf_trainer(folder: Path, rows: list[list[int]], pad_id: int, args: argpa
 
 
 def run_bigbatch(folder: Path, args: argparse.Namespace, out: Path) -> tuple[Any, float, Any]:
-    """bigbatch's trainer on the causal-lm task; returns (state_dict, seconds, trainer)."""
+    """Train with bigbatch's trainer on the causal-lm task; returns (state_dict, seconds, trainer)."""
     from bigbatch.train import TrainConfig, Trainer
 
     config = TrainConfig.load(overrides=[

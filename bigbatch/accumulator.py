@@ -543,8 +543,11 @@ class Accumulator:
         return stats
 
     def _finish_window_or_drop(self, micro_batch_size: int | None = None) -> StepStats:
-        """`_finish_window`, but a failure (an OOM in the optimizer's state, say) drops the
-        window before it propagates, so the next window starts clean in either API."""
+        """`_finish_window`, dropping the window if it fails.
+
+        A failure (an OOM in the optimizer's state, say) drops the window before it
+        propagates, so the next window starts clean in either API.
+        """
         try:
             return self._finish_window(micro_batch_size)
         except BaseException:

@@ -85,6 +85,7 @@ def checkpoint_blocks(
         bb.checkpoint_blocks(model, enabled=False)   # back to plain
 
     Args:
+        model: the model whose blocks to checkpoint (changed in place).
         enabled: turn checkpointing on (True) or off everywhere in `model` (False).
         blocks: the modules to checkpoint instead of `find_blocks(model)`.
 

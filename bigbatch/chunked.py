@@ -123,9 +123,10 @@ def chunked_cross_entropy(
         out = bb.chunked_cross_entropy(h, model.lm_head.weight, y)  # h: (batch, seq, d)
 
     Args:
-        hidden: (..., d) final hidden states; labels: (...) aligned with them
-            (shift for next-token prediction before calling).
+        hidden: (..., d) final hidden states.
         head_weight: (vocab, d), as in nn.Linear(d, vocab).weight.
+        labels: (...) aligned with `hidden` (shift for next-token prediction before calling).
+        ignore_index: the label of tokens that count for nothing (padding).
         bias: optional (vocab,).
         chunk_size: rows per chunk; by default about 2**25 logits (128 MiB in float32).
 

@@ -39,13 +39,21 @@ class GradSync(Protocol):
     # What the wrapper divides the summed gradient by; the engine multiplies it back.
     mean_divisor: int
 
-    def context(self, sync: bool) -> contextlib.AbstractContextManager[None]: ...
+    def context(self, sync: bool) -> contextlib.AbstractContextManager[None]:
+        """Entered around every micro-step; `sync=False` defers the gradient sync (all but a window's last)."""
+        ...
 
-    def all_reduce_sum_(self, tensor: torch.Tensor) -> None: ...
+    def all_reduce_sum_(self, tensor: torch.Tensor) -> None:
+        """Sum `tensor` over the ranks in place, on its device (the window's count and loss sum)."""
+        ...
 
-    def sync_now_(self, params: list[nn.Parameter], buffers: dict[Any, torch.Tensor]) -> None: ...
+    def sync_now_(self, params: list[nn.Parameter], buffers: dict[Any, torch.Tensor]) -> None:
+        """Reduce a window whose last backward ran unsynced (the data ended inside it)."""
+        ...
 
-    def check_micro_steps(self, micro_steps: int) -> None: ...
+    def check_micro_steps(self, micro_steps: int) -> None:
+        """Refuse, before a hang, ranks that would run different numbers of micro-steps this step."""
+        ...
 
     # For losses computed once over the whole logical batch (bb.BatchLoss):
 
@@ -70,16 +78,17 @@ class LocalSync:
     mean_divisor = 1
 
     def context(self, sync: bool) -> contextlib.AbstractContextManager[None]:
+        """Nothing to enter: no sync to defer."""
         return contextlib.nullcontext()
 
     def all_reduce_sum_(self, tensor: torch.Tensor) -> None:
-        pass
+        """Nothing to do: this rank's sum is the sum."""
 
     def sync_now_(self, params: list[nn.Parameter], buffers: dict[Any, torch.Tensor]) -> None:
-        pass
+        """Nothing to do: the gradients are whole already."""
 
     def check_micro_steps(self, micro_steps: int) -> None:
-        pass
+        """Any number is fine: no other rank waits."""
 
     def gather_rows(self, tensors: list[torch.Tensor]) -> tuple[list[torch.Tensor], int]:
         """The tensors themselves: this process holds every row."""
@@ -141,9 +150,11 @@ class DDPSync:
         self.mean_divisor = self.world_size  # DDP's reducer averages over ranks
 
     def context(self, sync: bool) -> contextlib.AbstractContextManager[None]:
+        """DDP's `no_sync()` unless this micro-step syncs."""
         return contextlib.nullcontext() if sync else self.model.no_sync()
 
     def all_reduce_sum_(self, tensor: torch.Tensor) -> None:
+        """One all-reduce (SUM) over DDP's process group."""
         dist.all_reduce(tensor, group=self.group)
 
     def sync_now_(self, params: list[nn.Parameter], buffers: dict[Any, torch.Tensor]) -> None:
@@ -170,7 +181,7 @@ class DDPSync:
             offset += g.numel()
 
     def check_micro_steps(self, micro_steps: int) -> None:
-        pass  # only the last (synced) backward communicates: uneven counts are fine
+        """Any number is fine: only the last (synced) backward communicates."""
 
     def gather_rows(self, tensors: list[torch.Tensor]) -> tuple[list[torch.Tensor], int]:
         """Every rank's rows, in rank order (see `gather_rows`)."""
@@ -231,12 +242,19 @@ class FSDP2Sync:
             self._set(True)  # a backward outside the Accumulator behaves as FSDP's default
 
     def context(self, sync: bool) -> contextlib.AbstractContextManager[None]:
+        """Every FSDP module's gradient sync off for this micro-step unless it syncs; back on after."""
         return self._sync_context(sync)
 
     def all_reduce_sum_(self, tensor: torch.Tensor) -> None:
+        """One all-reduce (SUM) over the data-parallel group."""
         dist.all_reduce(tensor, group=self.group)
 
     def sync_now_(self, params: list[nn.Parameter], buffers: dict[Any, torch.Tensor]) -> None:
+        """Nothing to do with `sync_each_micro_step` (every micro-step was reduced); refused without it.
+
+        Raises:
+            ConfigError: a micro-step skipped its reduce-scatter, and FSDP2 cannot do it afterwards.
+        """
         if not self.sync_each_micro_step:
             raise ConfigError(
                 "an FSDP2 window was cut short by the end of the data after a micro-step that "

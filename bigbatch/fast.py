@@ -62,10 +62,16 @@ class FastMicroStep:
 
     @property
     def cudagraphs(self) -> bool:
+        """Whether this mode runs CUDA graphs (each micro-step must then be marked, see `mark_micro_step`)."""
         return self.mode in _CUDAGRAPH_MODES
 
     @classmethod
     def parse(cls, spec: str | FastMicroStep | None) -> FastMicroStep | None:
+        """What `fast_micro_step=` names: "compile", "cudagraphs", a FastMicroStep, or None (eager).
+
+        Raises:
+            ConfigError: any other value.
+        """
         if spec is None or isinstance(spec, FastMicroStep):
             return spec
         if spec == "compile":

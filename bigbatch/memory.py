@@ -97,6 +97,7 @@ class SavedTensorMeter:
 
     @property
     def bytes(self) -> int:
+        """The bytes of every distinct storage saved for backward so far (parameters not counted)."""
         return sum(self._seen.values())
 
     def _pack(self, t: torch.Tensor) -> torch.Tensor:
@@ -119,8 +120,10 @@ def parameter_bytes(model: nn.Module) -> int:
 
 
 def gradient_bytes(model: nn.Module) -> int:
-    """The gradients of the trainable parameters, plus the float32 accumulation
-    buffers bigbatch keeps for bf16/fp16 parameters."""
+    """The bytes of the trainable parameters' gradients.
+
+    Plus the float32 accumulation buffers bigbatch keeps for bf16/fp16 parameters.
+    """
     total = 0
     for p in model.parameters():
         if p.requires_grad:

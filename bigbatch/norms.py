@@ -103,6 +103,7 @@ class GhostBatchNorm(nn.Module):
             self.register_buffer("num_batches_tracked", None)
 
     def extra_repr(self) -> str:
+        """The settings, as BatchNorm prints them."""
         return (
             f"{self.num_features}, ghost_batch_size={self.ghost_batch_size}, eps={self.eps}, "
             f"momentum={self.momentum}, affine={self.affine}, "
@@ -110,6 +111,11 @@ class GhostBatchNorm(nn.Module):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Normalise `x` (N, C, ...) per ghost batch in training, with the running statistics in eval.
+
+        Raises:
+            ValueError: `x` is not (N, num_features, ...).
+        """
         if x.dim() < 2 or x.shape[1] != self.num_features:
             raise ValueError(
                 f"GhostBatchNorm({self.num_features}) expects input (N, {self.num_features}, ...), "
@@ -202,6 +208,7 @@ def convert_batchnorm(
         model = bb.convert_batchnorm(model, to="ghost", ghost_batch_size=8)
 
     Args:
+        model: the model to change in place (or a BatchNorm itself).
         to: "groupnorm", "layernorm" (GroupNorm with one group) or "ghost".
         num_groups: for "groupnorm", the most groups; the largest divisor of the
             channel count not above it is used.

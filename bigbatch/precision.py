@@ -30,6 +30,11 @@ _HOOKS: WeakIdKeyDictionary = WeakIdKeyDictionary()
 
 
 def autocast_dtype(precision: str) -> torch.dtype | None:
+    """The dtype autocast runs in for `precision`, None for fp32 (no autocast).
+
+    Raises:
+        ConfigError: `precision` is not "fp32", "bf16" or "fp16".
+    """
     if precision not in _AUTOCAST:
         raise ConfigError(f'precision must be one of "fp32", "bf16", "fp16", got {precision!r}.')
     return _AUTOCAST[precision]
@@ -82,4 +87,5 @@ class Float32Grads:
         self.buffers.clear()
 
     def clear(self) -> None:
+        """Forget the window's sums (a dropped window)."""
         self.buffers.clear()

@@ -52,6 +52,8 @@ FLOOR_MARGIN = 10.0
 
 @dataclass(frozen=True)
 class ParamError:
+    """One parameter's accumulated gradient against the full-batch one."""
+
     name: str
     shape: tuple[int, ...]
     grad_norm: float  # norm of the full-batch gradient
@@ -93,9 +95,11 @@ class VerifyReport:
         return {p.name: p.error for p in self.params}
 
     def worst(self, k: int = 5) -> list[ParamError]:
+        """The `k` parameters with the largest relative error."""
         return self.params[:k]
 
     def table(self, max_rows: int = 12) -> str:
+        """Everything found, as text: the worst `max_rows` parameters, the modules named, the verdict."""
         lines = [
             f"bigbatch verify: {self.batch_size} samples, {self.micro_steps} micro-batches of "
             f"{self.micro_batch_size}, {str(self.dtype).replace('torch.', '')}, rtol {self.rtol:.0e}",
@@ -220,8 +224,10 @@ def _precision_floor(
     full: dict[str, torch.Tensor],
     total: float,
 ) -> float:
-    """The largest relative change of any parameter's full-batch gradient when only the loss's scale
-    changes: zero in exact arithmetic, so what it measures is the model's own rounding."""
+    """The largest relative change of any parameter's full-batch gradient when only the loss's scale changes.
+
+    Zero in exact arithmetic, so what it measures is the model's own rounding.
+    """
     floor = 0.0
     for scale in _FLOOR_SCALES:
         twin = _prepared_copy(model, dtype, neutralize)
@@ -423,8 +429,11 @@ def _verify(
 
 
 def _draws_itself(model: nn.Module, batch: Batch, loss_fn: LossFn, seed: int) -> bool:
-    """True when loss_fn's value changes with the seed: it draws random numbers outside any module
-    found (a random augmentation inside it, say), which a whole batch and its micro-batches draw apart."""
+    """True when loss_fn's value changes with the seed.
+
+    Then it draws random numbers outside any module found (a random augmentation
+    inside it, say), which a whole batch and its micro-batches draw apart.
+    """
     values = []
     for s in (seed, seed + 1):
         torch.manual_seed(s)
@@ -476,7 +485,7 @@ def _verdict(r: VerifyReport, nonfinite: list[str], check_buffers: bool) -> tupl
                 f"computes below {str(r.dtype).replace('torch.', '')} whatever its dtype (transformers' "
                 "RMSNorm in Llama-style models computes in float32), a rounding floor no split removes"
             )
-        return True, "; ".join([text] + notes) + "."
+        return True, "; ".join([text, *notes]) + "."
     parts = []
     coupled = [f"{c.name or '<model>'} ({c.type_name})" for c in r.coupled]
     if bad:

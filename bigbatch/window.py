@@ -36,6 +36,7 @@ class Window:
         self.reset()
 
     def reset(self) -> None:
+        """An empty window: no micro-step, no item, no loss, `ref` not fixed yet."""
         self.micro_steps = 0
         self.ref = None
         self.count_int = 0  # counts given as Python ints
@@ -43,8 +44,11 @@ class Window:
         self.loss_sum: torch.Tensor | None = None
 
     def start_step(self, n: int) -> None:
-        """A step-API window over `n` samples: with sample-mean losses ref is the total, and
-        the final rescale is skipped. Across ranks ref must be the same number, so there 1."""
+        """A step-API window over `n` samples.
+
+        With sample-mean losses ref is the total, and the final rescale is skipped.
+        Across ranks ref must be the same number, so there it is 1.
+        """
         self.reset()
         self.ref = float(n) if self.sync.world_size == 1 else 1.0
 

@@ -140,7 +140,7 @@ def test_oom_in_the_whole_batch_loss_is_not_retried_and_says_why():
         raise torch.OutOfMemoryError("CUDA out of memory (simulated, in the loss)")
 
     acc = bb.Accumulator(model, sgd(model), micro_batch_size="auto")
-    with pytest.raises(bb.MicroBatchTooLargeError, match="whole logical batch.*8 samples.*no smaller micro-batch"):
+    with pytest.raises(bb.MicroBatchTooLargeError, match=r"whole logical batch.*8 samples.*no smaller micro-batch"):
         acc.step(pair_data(8), bb.BatchLoss(encode=encode, loss=loss_that_runs_out))
     assert calls == [8]  # one attempt: halving the micro-batch does not shrink the loss
     assert no_grads(model)
@@ -369,7 +369,7 @@ def test_noise_measurement_is_refused_for_a_batch_loss():
 
 
 def test_batch_loss_parts_must_be_callable():
-    with pytest.raises(bb.ConfigError, match="encode=.*callable"):
+    with pytest.raises(bb.ConfigError, match=r"encode=.*callable"):
         bb.BatchLoss(encode=None, loss=clip)
 
 
@@ -380,9 +380,9 @@ def test_batch_loss_in_the_loop_api_says_to_use_the_step_api():
     with pytest.raises(bb.ConfigError, match=r"whole logical batch.*micro_batch_size=.*acc.step\(logical_batch"):
         acc.step((images, texts), CLIP)
     with acc.accumulate():
-        with pytest.raises(bb.LossError, match="loop API sees one micro-batch.*acc.step"):
+        with pytest.raises(bb.LossError, match=r"loop API sees one micro-batch.*acc.step"):
             acc.backward(CLIP)
-        with pytest.raises(bb.LossError, match="its own negatives.*micro_batch_size="):
+        with pytest.raises(bb.LossError, match=r"its own negatives.*micro_batch_size="):
             acc.backward(CLIP(model, (images[:3], texts[:3])), count=3)  # what a BatchLoss computed
         acc.backward(full_clip(model, (images[:3], texts[:3])), count=3)  # the user's own loss: their call
     assert acc._window.micro_steps == 1

@@ -86,7 +86,7 @@ def test_saves_a_fraction_of_the_unchunked_loss():
 
 
 def test_bf16_autocast_is_close_to_the_unchunked_loss():
-    hidden, weight, b, labels = inputs()
+    hidden, weight, _b, labels = inputs()
     h32, w32 = hidden.detach().float().requires_grad_(), weight.detach().float().requires_grad_()
     with torch.autocast("cpu", dtype=torch.bfloat16):
         ref = bb.token_cross_entropy(F.linear(h32, w32), labels)

@@ -182,7 +182,7 @@ def test_zeroing_inside_a_window_warns():
                 opt.step()
                 sched.step()
 
-    found, kinds = run(zero_each)
+    _found, kinds = run(zero_each)
     assert kinds == {"zeroed"}
 
 

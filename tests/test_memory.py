@@ -34,7 +34,7 @@ def test_parse_memory(text, expected):
 
 @pytest.mark.parametrize("text", ["8 parsecs", "", "-1GiB", "0", "GiB", 0])
 def test_parse_memory_rejects_nonsense_and_shows_the_form(text):
-    with pytest.raises(bb.ConfigError, match="8GiB|> 0"):
+    with pytest.raises(bb.ConfigError, match=r"8GiB|> 0"):
         parse_memory(text)
 
 

@@ -204,7 +204,7 @@ def run_and_check_against_pieces(api: str, steps: int = 4, **kwargs) -> None:
         assert stats.noise.grad_norm_sq.item() == pytest.approx(want_g, rel=1e-10, abs=1e-14)
         assert stats.noise.trace_cov.item() == pytest.approx(want_tr, rel=1e-10)
         # Negative control: the last piece taken as a full micro-batch of 4 is visibly off.
-        naive_g, naive_tr = noise_from_pieces(sums, [4] * len(sizes))
+        _naive_g, naive_tr = noise_from_pieces(sums, [4] * len(sizes))
         assert abs(naive_tr - want_tr) > 1e-2 * abs(want_tr)
         clipped |= stats.grad_norm.item() > kwargs["max_grad_norm"]
     assert clipped  # premise: clipping acted, and the estimates are of the unclipped gradient

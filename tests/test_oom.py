@@ -150,7 +150,7 @@ def test_failed_attempt_frees_its_activations():
 def test_one_sample_that_does_not_fit_is_a_clear_error_and_leaks_nothing():
     model = OOMAbove(budget=0.5, where="backward")
     acc = bb.Accumulator(model, torch.optim.SGD(model.parameters(), lr=0.1), micro_batch_size="auto")
-    with pytest.raises(bb.MicroBatchTooLargeError, match="one sample.*checkpoint"):
+    with pytest.raises(bb.MicroBatchTooLargeError, match=r"one sample.*checkpoint"):
         acc.step(data(6, seed=0), loss_fn)
     assert [size for size, _ in model.log] == [6, 3, 1]  # halves down to one, then stops
     assert all(p.grad is None for p in model.parameters())

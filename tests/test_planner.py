@@ -76,7 +76,7 @@ def test_nothing_fits_says_what_to_try(setting):
     result = bb.plan(model, batch, loss_fn, max_memory=1000, steps=1)
     assert result.best is None
     assert all(c.samples_per_s is None for c in result.candidates)
-    with pytest.raises(bb.MicroBatchTooLargeError, match="max_memory.*bf16"):
+    with pytest.raises(bb.MicroBatchTooLargeError, match=r"max_memory.*bf16"):
         result.settings()
     assert "chosen: none" in result.table()
 

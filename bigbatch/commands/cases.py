@@ -46,7 +46,7 @@ def load_factory(target: str) -> Callable[..., Any]:
         sys.modules.setdefault(path.stem, module)
         try:
             spec.loader.exec_module(module)
-        except Exception as error:  # noqa: BLE001 - the user's module: report it, not our traceback
+        except Exception as error:  # the user's module: report it, not our traceback
             raise UsageError(f"importing {path} failed: {_describe(error)}") from error
     else:
         if os.getcwd() not in sys.path:
@@ -57,7 +57,7 @@ def load_factory(target: str) -> Callable[..., Any]:
             if error.name is not None and location.startswith(error.name):
                 raise UsageError(f"cannot import module {location!r}: {error}") from error
             raise UsageError(f"importing {location} failed: {_describe(error)}") from error
-        except Exception as error:  # noqa: BLE001 - the user's module: report it, not our traceback
+        except Exception as error:  # the user's module: report it, not our traceback
             raise UsageError(f"importing {location} failed: {_describe(error)}") from error
     factory: Callable[..., Any] | None = getattr(module, name, None)
     if not callable(factory):
@@ -70,7 +70,7 @@ def make_case(target: str, **kwargs: Any) -> Any:
     factory = load_factory(target)
     try:
         return factory(**kwargs)
-    except Exception as error:  # noqa: BLE001 - the user's factory: report it, not our traceback
+    except Exception as error:  # the user's factory: report it, not our traceback
         raise UsageError(f"{target} raised {_describe(error)}") from error
 
 

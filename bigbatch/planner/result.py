@@ -83,6 +83,7 @@ class Candidate:
 class Plan:
     """The planner's result: every candidate, and `best`, the fastest that fits.
 
+    Example:
         plan = bb.plan(model, batch, loss_fn, max_memory="8GiB")
         print(plan.table()); plan.plot("plan.png")
         acc = plan.apply(model, optimizer)   # checkpointing, compile and micro-batch size set

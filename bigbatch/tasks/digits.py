@@ -88,21 +88,26 @@ class DigitsTask:
 
     @property
     def train_size(self) -> int:
+        """Images in the training split."""
         return len(self._y_train)
 
     def make_model(self) -> nn.Sequential:
+        """The MLP of `make_digits_model` with this task's options."""
         return make_digits_model(self.hidden, self.norm, self.dropout)
 
     def train_batch(self, indices: Sequence[int]) -> Batch:
+        """{"x": pixels (n, 64) in [0, 1], "y": labels (n,)} of the training images at `indices`."""
         idx = torch.as_tensor(list(indices), dtype=torch.int64)
         return {"x": self._x_train[idx], "y": self._y_train[idx]}
 
     def train_batches(self, batch_size: int, generator: torch.Generator) -> Iterator[Batch]:
+        """One shuffled epoch of the training split; the last batch may be smaller."""
         order = torch.randperm(self.train_size, generator=generator).tolist()
         for i in range(0, len(order), batch_size):
             yield self.train_batch(order[i : i + batch_size])
 
     def val_batches(self, batch_size: int) -> Iterator[Batch]:
+        """The held-out images, in order."""
         for i in range(0, len(self._y_val), batch_size):
             yield {"x": self._x_val[i : i + batch_size], "y": self._y_val[i : i + batch_size]}
 

@@ -214,10 +214,12 @@ class TextTask:
 
     @property
     def vocab_size(self) -> int:
+        """Distinct characters of the text (and the newline)."""
         return len(self.chars)
 
     @property
     def train_size(self) -> int:
+        """Training samples: pieces of at most block_size + 1 characters, none across a paragraph."""
         return len(self._train.starts)
 
     def _encode(self, paragraphs: list[str]) -> _Split:
@@ -241,15 +243,22 @@ class TextTask:
         return _Split(ids, np.asarray(starts, dtype=np.int64), np.asarray(lengths, dtype=np.int64))
 
     def encode(self, text: str) -> list[int]:
+        """Token ids of `text`.
+
+        Raises:
+            ConfigError: `text` holds a character the vocabulary lacks.
+        """
         unknown = sorted(set(text) - set(self.stoi))
         if unknown:
             raise ConfigError(f"characters {unknown!r} are not in the vocabulary of this text.")
         return [self.stoi[c] for c in text]
 
     def decode(self, ids: Sequence[int]) -> str:
+        """The text of token ids."""
         return "".join(self.chars[i] for i in ids)
 
     def make_model(self) -> CharTransformer:
+        """A `CharTransformer` of this task's size, over its vocabulary."""
         return CharTransformer(
             self.vocab_size, block_size=self.block_size, d_model=self.d_model,
             n_layers=self.n_layers, n_heads=self.n_heads, dropout=self.dropout,

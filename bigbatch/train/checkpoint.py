@@ -192,7 +192,7 @@ def newest_valid_checkpoint(directory: Path) -> tuple[Path, dict[str, Any]] | No
     for _, path in reversed(list_checkpoints(directory)):
         try:
             state = read_checkpoint(path)
-        except Exception as e:  # noqa: BLE001 - any unreadable file falls back to the previous one
+        except Exception as e:  # any unreadable file falls back to the previous one
             warnings.warn(
                 f"checkpoint {path} cannot be loaded ({_reason(e)}); trying the previous one.",
                 CheckpointWarning,

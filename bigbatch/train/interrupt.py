@@ -34,8 +34,10 @@ class TrainingInterrupted(KeyboardInterrupt):
 
 
 class StopOnInterrupt:
-    """A context manager whose `requested` turns true on the first SIGINT or SIGTERM (when
-    `enabled`); `signum` says which."""
+    """A context manager whose `requested` turns true on the first SIGINT or SIGTERM.
+
+    Only when `enabled`; `signum` says which signal it was.
+    """
 
     SIGNALS = (signal.SIGINT, signal.SIGTERM)
 

@@ -26,6 +26,7 @@ def _finite_or_none(value: Any) -> Any:
 
 
 def is_finite_number(value: Any) -> bool:
+    """Whether `value` is an int or float that is neither inf nor NaN."""
     return isinstance(value, (int, float)) and math.isfinite(value)
 
 
@@ -102,4 +103,5 @@ def plot_losses(
 
 
 def write_summary(path: Path, summary: dict[str, Any]) -> None:
+    """Write `summary` to `path` as indented JSON, inf and NaN as null."""
     path.write_text(to_json(summary, indent=2) + "\n", encoding="utf-8")

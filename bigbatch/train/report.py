@@ -1,5 +1,6 @@
-"""What a run tells its user: the header printed at the start, and the summary,
-loss plot and closing lines at the end (written by rank 0 only).
+"""What a run tells its user: a header at the start; summary, loss plot and closing lines at the end.
+
+Rank 0 writes them all.
 
 The report reads two small frozen records the trainer fills in, `RunInfo`
 (what the run is) and `RunTotals` (how far it got), never the trainer itself.

@@ -100,7 +100,7 @@ def _set_rng_state(state: dict[str, Any], device: torch.device) -> None:
 
 
 def _schedule(config: TrainConfig) -> Any:
-    """lr multiplier per optimizer step: linear warmup, then cosine to min_lr_ratio (or constant)."""
+    """The learning-rate multiplier per optimizer step: linear warmup, then cosine to min_lr_ratio (or constant)."""
     o, total = config.optim, config.train.steps
 
     def factor(step: int) -> float:

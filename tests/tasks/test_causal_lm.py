@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
@@ -126,10 +127,10 @@ def test_a_model_that_is_not_a_causal_lm_is_refused(hf_offline, tmp_path):
     from transformers import T5Config
 
     T5Config(d_model=8, num_layers=1, num_heads=1, d_ff=8, vocab_size=32).save_pretrained(tmp_path / "t5")
-    with pytest.raises(ConfigError, match="'t5' model.*cannot load as a causal LM"):
+    with pytest.raises(ConfigError, match=r"'t5' model.*cannot load as a causal LM"):
         build_task("causal-lm", model=str(tmp_path / "t5"))
     (tmp_path / "empty").mkdir()
-    with pytest.raises(ConfigError, match="no config.json"):
+    with pytest.raises(ConfigError, match=re.escape("no config.json")):
         build_task("causal-lm", model=str(tmp_path / "empty"))
     with pytest.raises(ConfigError, match="needs a model: --model"):
         build_task("causal-lm")
@@ -137,7 +138,7 @@ def test_a_model_that_is_not_a_causal_lm_is_refused(hf_offline, tmp_path):
         build_task("causal-lm", model="no-such-org/no-such-model")
     for missing in (str(tmp_path / "no-such-folder"), "./no-such-folder", "~/no-such-folder"):
         # a path, not a hub name: transformers' "Repo id must be in the form ..." would mislead
-        with pytest.raises(ConfigError, match="no such folder.*save_pretrained"):
+        with pytest.raises(ConfigError, match=r"no such folder.*save_pretrained"):
             build_task("causal-lm", model=missing)
 
 

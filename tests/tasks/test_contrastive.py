@@ -129,5 +129,5 @@ def test_the_trainer_measures_no_noise_scale_for_a_batch_loss_and_refuses_to_fol
     rows = [json.loads(line) for line in (tmp_path / "n" / "metrics.jsonl").read_text().splitlines()]
     assert "noise_scale" not in rows[0]
     adaptive = TrainConfig.load(None, ["task.name=contrastive", "batch.schedule=adaptive", f"run.dir={tmp_path}"])
-    with pytest.raises(ConfigError, match="adaptive.*BatchLoss.*ramp"):
+    with pytest.raises(ConfigError, match=r"adaptive.*BatchLoss.*ramp"):
         Trainer(adaptive)

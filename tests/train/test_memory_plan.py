@@ -98,7 +98,7 @@ def test_nothing_fits_is_a_clear_error(base):
 
 
 def test_a_bad_budget_names_the_format():
-    with pytest.raises(ConfigError, match='batch.max_memory: cannot read.*"8GiB"'):
+    with pytest.raises(ConfigError, match=r'batch.max_memory: cannot read.*"8GiB"'):
         TrainConfig.load(overrides=["max_memory=lots"])
 
 
