@@ -65,13 +65,13 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))  # the repository's bigbatch, run in place (no install on the GPU machine)
 
-import torch  # noqa: E402
+import torch  # noqa: E402 - after the sys.path line above
 
-import bigbatch as bb  # noqa: E402
-from bigbatch.benchmarking import append_jsonl, markdown_table  # noqa: E402
-from bigbatch.commands import bench  # noqa: E402
-from bigbatch.memory import format_bytes  # noqa: E402
-from bigbatch.tasks.gpt2 import GPT2Shape, chunked_loss, plain_loss  # noqa: E402
+import bigbatch as bb  # noqa: E402 - after the sys.path line above
+from bigbatch.benchmarking import append_jsonl, markdown_table  # noqa: E402 - after the sys.path line above
+from bigbatch.commands import bench  # noqa: E402 - after the sys.path line above
+from bigbatch.memory import format_bytes  # noqa: E402 - after the sys.path line above
+from bigbatch.tasks.gpt2 import GPT2Shape, chunked_loss, plain_loss  # noqa: E402 - after the sys.path line above
 
 STAGES = ("pytest", "eager", "accelerate", "compile", "cudagraphs", "planner")
 COMPILED = {"compile": "bigbatch-compile", "cudagraphs": "bigbatch-cudagraphs"}

@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from collections.abc import Iterable
 from dataclasses import replace
 from pathlib import Path
 
@@ -77,8 +78,8 @@ def main(argv: list[str] | None = None) -> int:
     model = make_gpt2(shape).to(device)
     batch = random_tokens(shape, n, torch.Generator().manual_seed(0))
 
-    def optimizer(params: object) -> torch.optim.Optimizer:
-        return torch.optim.AdamW(params, lr=3e-4, weight_decay=0.1, fused=cuda)  # type: ignore[arg-type]
+    def optimizer(params: Iterable[torch.Tensor]) -> torch.optim.Optimizer:
+        return torch.optim.AdamW(params, lr=3e-4, weight_decay=0.1, fused=cuda)
 
     started = time.perf_counter()
     full = bb.plan(model, batch, plain_loss, optimizer=optimizer, max_memory=1 << 50, micro_batch_sizes=[n],

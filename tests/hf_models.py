@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import types
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -42,7 +43,7 @@ def build_tokenizer(folder: Path) -> None:
     fast.save_pretrained(folder)
 
 
-def gpt2_config(vocab_size: int):  # type: ignore[no-untyped-def]
+def gpt2_config(vocab_size: int) -> Any:
     from transformers import GPT2Config
 
     return GPT2Config(
@@ -51,7 +52,7 @@ def gpt2_config(vocab_size: int):  # type: ignore[no-untyped-def]
     )  # fmt: skip
 
 
-def llama_config(vocab_size: int):  # type: ignore[no-untyped-def]
+def llama_config(vocab_size: int) -> Any:
     from transformers import LlamaConfig
 
     return LlamaConfig(
@@ -74,7 +75,7 @@ def build_model_folder(folder: Path, kind: str, tokenizer_folder: Path, seed: in
     return folder
 
 
-def load(folder: Path, dtype: torch.dtype = torch.float64):  # type: ignore[no-untyped-def]
+def load(folder: Path, dtype: torch.dtype = torch.float64) -> Any:
     """The saved model in `dtype`, in training mode (dropout is 0 in these configs).
 
     Llama's RMSNorm computes in float32 whatever the model's dtype, so a float64
@@ -90,15 +91,15 @@ def load(folder: Path, dtype: torch.dtype = torch.float64):  # type: ignore[no-u
     return model.train()
 
 
-def _llama_rms_norm(self, hidden: torch.Tensor) -> torch.Tensor:  # type: ignore[no-untyped-def]
+def _llama_rms_norm(self: Any, hidden: torch.Tensor) -> torch.Tensor:
     return self.weight * (hidden * torch.rsqrt(hidden.pow(2).mean(-1, keepdim=True) + self.variance_epsilon))
 
 
-def _gemma_rms_norm(self, hidden: torch.Tensor) -> torch.Tensor:  # type: ignore[no-untyped-def]
+def _gemma_rms_norm(self: Any, hidden: torch.Tensor) -> torch.Tensor:
     return (hidden * torch.rsqrt(hidden.pow(2).mean(-1, keepdim=True) + self.eps)) * (1.0 + self.weight)
 
 
-def in_own_dtype(model):  # type: ignore[no-untyped-def]
+def in_own_dtype(model: Any) -> Any:
     """`model` with its RMSNorms computing in the model's dtype (see `load`)."""
     for module in model.modules():
         name = type(module).__name__

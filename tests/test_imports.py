@@ -88,4 +88,4 @@ def test_trainer_and_config_are_loaded_on_first_use(steps):
 def test_lazy_names_are_public_and_unknown_names_fail_clearly():
     assert {"Trainer", "TrainConfig"} <= set(bb.__all__) and {"Trainer", "TrainConfig"} <= set(dir(bb))
     with pytest.raises(AttributeError, match="no attribute 'Traner'"):
-        _ = bb.Traner  # type: ignore[attr-defined]
+        _ = bb.Traner  # type: ignore[attr-defined]  # the misspelling is the test

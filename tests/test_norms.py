@@ -166,7 +166,7 @@ def test_bad_arguments_say_what_to_write():
     with pytest.raises(bb.ConfigError, match="ghost_batch_size"):
         bb.convert_batchnorm(nn.BatchNorm1d(3), to="ghost")
     with pytest.raises(bb.ConfigError, match="groupnorm"):
-        bb.convert_batchnorm(nn.BatchNorm1d(3), to="instancenorm")  # type: ignore[arg-type]
+        bb.convert_batchnorm(nn.BatchNorm1d(3), to="instancenorm")  # type: ignore[arg-type]  # the bad value is the test
     with pytest.raises(bb.ConfigError, match="not initialised"):
         bb.convert_batchnorm(nn.LazyBatchNorm1d())
     with pytest.raises(bb.ConfigError):

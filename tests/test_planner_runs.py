@@ -93,7 +93,7 @@ def test_on_cuda_the_window_and_the_optimizer_step_peak_apart(monkeypatch, skip_
     allocator.free(5_000)
     opt = TemporaryOptimizer(model.parameters(), allocator, temporary=300)
     acc = CudaLikeAccumulator(model, opt, allocator, activations=700, skip_step=skip_step)
-    step = measure_step_memory(acc, data(4), loss_fn, meter=False)  # type: ignore[arg-type]
+    step = measure_step_memory(acc, data(4), loss_fn, meter=False)  # type: ignore[arg-type]  # a stand-in with the members it reads
     assert step.measured_window_peak == resident + 700  # what else was on the device is not the step's
     assert step.measured_optimizer_peak == (None if skip_step else resident + 300)
     assert step.measured_peak == resident + 700 and step.peak == resident + 700

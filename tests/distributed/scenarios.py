@@ -402,11 +402,11 @@ def ddp_batch_loss_temperature_per_rank(rank: int, world: int) -> dict[str, Any]
 
     out = {"once": train()}
     original = bb_distributed.DDPSync.counted_once
-    bb_distributed.DDPSync.counted_once = lambda self, grad: grad  # type: ignore[method-assign]
+    bb_distributed.DDPSync.counted_once = lambda self, grad: grad  # type: ignore[method-assign]  # the negative control: every rank counts it
     try:
         out["per_rank"] = train()
     finally:
-        bb_distributed.DDPSync.counted_once = original  # type: ignore[method-assign]
+        bb_distributed.DDPSync.counted_once = original  # type: ignore[method-assign]  # put back
     return out
 
 

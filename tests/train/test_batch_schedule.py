@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import json
 import math
+from pathlib import Path
 
 import pytest
 
 from bigbatch.errors import ConfigError
+from bigbatch.lr import scale_lr
+from bigbatch.tasks import build_task
+from bigbatch.train import TrainConfig, Trainer
 from bigbatch.train.batch_schedule import BatchSchedule, Consumed
+from bigbatch.train.trainer import _schedule
 
 NAN = math.nan
 
@@ -84,14 +90,6 @@ def test_bad_settings_name_the_fix(kwargs, match):
 
 
 # -- in the trainer ---------------------------------------------------------------
-
-import json  # noqa: E402
-from pathlib import Path  # noqa: E402
-
-from bigbatch.lr import scale_lr  # noqa: E402
-from bigbatch.tasks import build_task  # noqa: E402
-from bigbatch.train import TrainConfig, Trainer  # noqa: E402
-from bigbatch.train.trainer import _schedule  # noqa: E402
 
 
 class _Recording:
