@@ -150,10 +150,10 @@ def run(args: argparse.Namespace) -> int:
         trainer = Trainer(config, task=user_task(config.task.name, config.task.data), resume=args.resume)
         trainer.fit()
     except (ConfigError, UsageError) as e:
-        print(f"bigbatch train: error: {e}", file=sys.stderr)
+        _error(f"bigbatch train: error: {e}")
         return 2
     except (NonFiniteLossError, RunInUseError, RunStorageError, RankLostError) as e:  # the run could not go on
-        print(f"bigbatch train: error: {e}", file=sys.stderr)
+        _error(f"bigbatch train: error: {e}")
         return 1
     except TrainingInterrupted as e:
         print(f"bigbatch train: {e}", file=sys.stderr)
@@ -169,6 +169,15 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _error(line: str) -> None:
+    """Print one line to stderr in one write: under torchrun every rank prints its error at once.
+
+    (print() writes the text and the newline separately, so two ranks' lines could run together.)
+    """
+    sys.stderr.write(line + "\n")
+    sys.stderr.flush()
+
+
 def _list_settings(args: argparse.Namespace) -> int:
     """Print the settings (`--list-settings`): those of the task the command line names."""
     from ..train.settings import settings_markdown, settings_text
@@ -179,7 +188,7 @@ def _list_settings(args: argparse.Namespace) -> int:
     try:
         task_name = build_config(args).task.name
     except ConfigError as e:
-        print(f"bigbatch train: error: {e}", file=sys.stderr)
+        _error(f"bigbatch train: error: {e}")
         return 2
     print(settings_text(task_name))
     return 0
