@@ -1,13 +1,14 @@
 """Splitting nested batches into micro-batches and moving them to a device.
 
-A batch is a tensor, or a tuple, list or dict of batches (nested to any depth).
+A batch is a tensor, or a tuple, list or dict of batches (nested to any depth); any
+Mapping counts as a dict (a tokenizer's BatchEncoding, say) and keeps its type.
 Every tensor's leading dimension counts samples, and they must agree. Leaves that
 are not tensors (flags, names) are passed unchanged to every micro-batch.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import torch
@@ -21,8 +22,12 @@ Batch = Any  # torch.Tensor | tuple[Batch, ...] | list[Batch] | dict[str, Batch]
 def _map(batch: Batch, fn: Callable[[torch.Tensor], Any]) -> Batch:
     if isinstance(batch, torch.Tensor):
         return fn(batch)
-    if isinstance(batch, dict):
-        return type(batch)((k, _map(v, fn)) for k, v in batch.items())
+    if isinstance(batch, Mapping):
+        items = {k: _map(v, fn) for k, v in batch.items()}
+        try:
+            return type(batch)(items)  # type: ignore[call-arg]  # a dict subclass or a UserDict
+        except TypeError:  # a constructor that takes something else first (defaultdict): a plain dict
+            return items
     if isinstance(batch, tuple) and hasattr(batch, "_fields"):  # namedtuple
         return type(batch)(*(_map(v, fn) for v in batch))
     if isinstance(batch, (tuple, list)):
@@ -33,7 +38,7 @@ def _map(batch: Batch, fn: Callable[[torch.Tensor], Any]) -> Batch:
 def _tensors(batch: Batch, path: str = "batch") -> Iterator[tuple[str, torch.Tensor]]:
     if isinstance(batch, torch.Tensor):
         yield path, batch
-    elif isinstance(batch, dict):
+    elif isinstance(batch, Mapping):
         for k, v in batch.items():
             yield from _tensors(v, f"{path}[{k!r}]")
     elif isinstance(batch, (tuple, list)):

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -131,7 +131,7 @@ class _Call:
 def _flat_tensors(obj: Any) -> list[torch.Tensor]:
     if isinstance(obj, torch.Tensor):
         return [obj]
-    if isinstance(obj, dict):
+    if isinstance(obj, Mapping):
         return [t for v in obj.values() for t in _flat_tensors(v)]
     if isinstance(obj, (tuple, list)):
         return [t for v in obj for t in _flat_tensors(v)]
