@@ -188,6 +188,7 @@ class CausalLMTask:
                 "Mistral."
             )
         positions = getattr(config, "max_position_embeddings", None)
+        self._positions = positions if isinstance(positions, int) and positions > 0 else None
         if isinstance(positions, int) and 0 < positions < self.max_length:
             # GPT-2's learnt position embedding has no row past it: the forward would end in an IndexError.
             raise ConfigError(
@@ -394,6 +395,7 @@ class CausalLMTask:
 
         A blank prompt starts from the first held-out piece's first 8 tokens. The
         sampling is seeded from `generator` without touching the global RNG state.
+        The sample stops at the model's last position (max_position_embeddings).
         """
         net: Any = unwrap_ddp(model)
         was_training = net.training
@@ -404,6 +406,9 @@ class CausalLMTask:
         else:
             ids = torch.from_numpy(self._val.ids[0][:8])[None]
         ids = ids.to(device)
+        if self._positions is not None:  # past it GPT-2's position embedding has no row: an IndexError
+            ids = ids[:, -self._positions :]
+            n = min(n, self._positions - ids.shape[1])
         seed = generator.initial_seed() if generator is not None else 0
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
             torch.manual_seed(seed)

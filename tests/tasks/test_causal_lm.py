@@ -193,6 +193,15 @@ def test_the_tasks_loss_over_micro_batches_equals_the_full_batch(task_of):
     assert max_param_diff(ref, ours) < 1e-12
 
 
+def test_a_sample_longer_than_the_models_positions_stops_at_them(task_of):
+    """train.sample_length=300 (the default) on a model of 64 positions: generate's forward would
+    index past GPT-2's position embedding after training; the sample stops where the model ends."""
+    task = task_of(max_length=24)
+    model = task.make_model()
+    text = task.generate(model, "", 300, generator=torch.Generator().manual_seed(0))
+    assert text == task.generate(model, "", 64 - 8, generator=torch.Generator().manual_seed(0))  # 8: the prompt
+
+
 def test_evaluate_baselines_generate_and_save_pretrained(task_of, tmp_path):
     from transformers import AutoModelForCausalLM
 
