@@ -16,8 +16,10 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 import warnings
+from typing import TextIO
 
 # name -> (module, one-line description); the description is what `bigbatch --help` shows.
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -65,6 +67,7 @@ def main(argv: list[str] | None = None) -> int:
         module = importlib.import_module(COMMANDS[chosen][0])
         module.add_arguments(parsers[chosen])
     args = parser.parse_args(argv)
+    quiet_third_party_progress(sys.stderr)
     if module is None:  # parse_args exits first on a missing or unknown command; kept for safety
         parser.error(f"choose a command: {', '.join(COMMANDS)}")
     # Warnings read as the command's own lines, not as Python's "file.py:166: UserWarning".
@@ -74,6 +77,21 @@ def main(argv: list[str] | None = None) -> int:
         return int(module.run(args) or 0)
     finally:
         warnings.formatwarning = previous
+
+
+def quiet_third_party_progress(stream: TextIO) -> None:
+    """Turn off Hugging Face's progress bars ("Loading weights", "Writing model shards") off a terminal.
+
+    Off a terminal (a log file, CI) every tqdm frame lands in the log as a `\\r` line;
+    bigbatch's own progress prints plain lines there, and these bars would undo it.
+    huggingface_hub reads HF_HUB_DISABLE_PROGRESS_BARS when first imported, which
+    the commands do later; a value the user set is kept.
+
+    Args:
+        stream: where the bars would go (stderr).
+    """
+    if not stream.isatty():
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
 
 def format_warning(
