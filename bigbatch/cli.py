@@ -19,6 +19,7 @@ import importlib
 import os
 import sys
 import warnings
+from pathlib import Path
 from typing import TextIO
 
 # name -> (module, one-line description); the description is what `bigbatch --help` shows.
@@ -101,7 +102,8 @@ def format_warning(
 
     bigbatch's own warnings and plain UserWarnings print their message alone;
     another library's keep their category in front (`DeprecationWarning: ...`),
-    so a reader can tell who is speaking.
+    or, for a plain UserWarning raised inside an installed package, its name
+    (`peft: ...`), so a reader can tell who is speaking.
 
     Args:
         message: the warning (or its text).
@@ -114,6 +116,11 @@ def format_warning(
         One line (more if the message has several), ending in a newline.
     """
     ours = category is UserWarning or category.__module__.split(".")[0] == "bigbatch"
+    parts = Path(filename).parts
+    if category is UserWarning and "site-packages" in parts[:-1]:
+        package = parts[parts.index("site-packages") + 1]  # peft, transformers, ...: not bigbatch's words
+        if package.split(".")[0] != "bigbatch":
+            return f"bigbatch: warning: {package}: {message}\n"
     return f"bigbatch: warning: {'' if ours else category.__name__ + ': '}{message}\n"
 
 

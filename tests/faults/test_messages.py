@@ -69,6 +69,14 @@ def test_format_warning_is_installed_by_the_command_only(monkeypatch):
         "bigbatch: warning: checkpoint x skipped\n"
     )
     assert format_warning("old", DeprecationWarning, "f.py", 3) == "bigbatch: warning: DeprecationWarning: old\n"
+    # Another library's plain UserWarning names its package, not passing for bigbatch's own words.
+    peft = "/venv/lib/python3.11/site-packages/peft/tuners/lora/layer.py"
+    assert format_warning("fan_in_fan_out is set to False", UserWarning, peft, 3) == (
+        "bigbatch: warning: peft: fan_in_fan_out is set to False\n"
+    )
+    assert format_warning("no pad token", UserWarning, "/x/bigbatch/tasks/causal_lm.py", 3) == (
+        "bigbatch: warning: no pad token\n"
+    )
     import bigbatch.commands.train as command
 
     seen = []
