@@ -105,7 +105,7 @@ class VerifyReport:
             f"{self.micro_batch_size}, {str(self.dtype).replace('torch.', '')}, rtol {self.rtol:.0e}",
             "",
         ]
-        if self.precision_floor is not None:
+        if self.precision_floor is not None and FLOOR_MARGIN * self.precision_floor > self.rtol:  # it moved the bar
             lines[-1:-1] = [
                 f"the model's precision floor: {self.precision_floor:.1e} (the full-batch gradient against "
                 f"itself with the loss rescaled); up to {FLOOR_MARGIN:g}x it counts as rounding"

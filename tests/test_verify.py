@@ -422,6 +422,10 @@ def test_a_real_error_on_top_of_a_float32_floor_still_fails():
 
     report = bb.verify(model, batch, token_mean, micro_batch_size=5)
     assert not report.passed, report.table()
+    bn_model = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.Tanh(), nn.Linear(8, 3)).double()
+    bn = bb.verify(bn_model, classification_data(12), sample_mean_loss, micro_batch_size=5)
+    assert not bn.passed and bn.precision_floor is not None and 10 * bn.precision_floor < bn.rtol
+    assert "precision floor" not in bn.table()  # a float64 floor changes nothing: not shown
     assert report.precision_floor is not None and max(report.errors.values()) > 1e4 * report.precision_floor
     assert "floor" not in report.reason and "LossSum" in report.reason
 
