@@ -83,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
 def quiet_third_party_progress(stream: TextIO) -> None:
     """Turn off Hugging Face's progress bars ("Loading weights", "Writing model shards") off a terminal.
 
-    Off a terminal (a log file, CI) every tqdm frame lands in the log as a `\\r` line;
+    Off a terminal (a log file, CI) every tqdm frame lands in the log as a carriage-return line;
     bigbatch's own progress prints plain lines there, and these bars would undo it.
     huggingface_hub reads HF_HUB_DISABLE_PROGRESS_BARS when first imported, which
     the commands do later; a value the user set is kept.
