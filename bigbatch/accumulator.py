@@ -2,67 +2,44 @@
 
 Every micro-step backpropagates a *sum* of per-item losses divided by a constant
 `ref`, and counts its items; at the end of the window the gradient is rescaled
-once to the mean over every item of the logical batch (the rule and its
-bookkeeping: bigbatch/window.py). Then: unscale (fp16), clip, step, schedule,
-zero. Nothing reads a device value on the host during a window.
+once to the mean over every item of the logical batch. Then: unscale (fp16),
+clip, step, schedule, zero. Nothing reads a device value on the host during a
+window. This module is the public facade that wires the parts and runs the two
+APIs and the OOM retry; the parts live apart:
+
+    window.py              the window's bookkeeping: count, loss sum, `ref`, the rescale
+    micro_step.py          each micro-step's context and backward by the window's rule
+    optimizer_step.py      the window's end: normalise, unscale, clip, step unless non-finite
+    accumulator_checks.py  the constructor's checks (arguments, parts, optimizer vs model)
+    window_plan.py         the contract a step-API engine mode (bb.BatchLoss) plugs into
 """
 
 from __future__ import annotations
 
 import contextlib
-import warnings
 from typing import Any, Literal
 
 import torch
 from torch import nn
 
+from .accumulator_checks import check_arguments, check_engine_parts, check_fast_micro_step
+from .accumulator_checks import check_optimizer_fits_model as _check_optimizer_fits_model
 from .batch_loss import BatchLoss, CachedRepresentations, loop_api_message, refuse_in_loop_api
-from .batch_sizes import check_positive_int
 from .batches import Batch, batch_size, is_on_device, split_batch, to_device
 from .devices import model_device
-from .distributed import FSDP2Sync, LocalSync, full_tensor, grad_sync_for
-from .errors import AccumulationWarning, ConfigError, LossError, MicroBatchTooLargeError
+from .distributed import LocalSync, grad_sync_for
+from .errors import ConfigError, LossError, MicroBatchTooLargeError
 from .fast import CompiledLoss, FastMicroStep, FastSpec, mark_micro_step
 from .losses import Count, LossFn, LossSum, split_loss
+from .micro_step import NO_CONTEXT, MicroStepBackward
 from .noise import NoiseMeter
 from .oom import RngSnapshot, release_memory
+from .optimizer_step import normalise_window_, step_unless_nonfinite
 from .precision import Float32Grads, Precision, autocast_dtype, make_scaler
 from .probes import warn_if_batch_coupled
 from .stats import StepStats
-from .window import Window, scale_grads_
+from .window import Window
 from .window_plan import WindowEngine, WindowPlan
-
-_NO_CONTEXT = contextlib.nullcontext()  # reusable: a micro-step with nothing to enter costs nothing
-
-
-def _check_optimizer_fits_model(model: nn.Module, optimizer_params: list[torch.Tensor]) -> None:
-    """Refuse an optimizer that holds none of the model's trainable parameters; warn if it misses some.
-
-    An optimizer built for another model (or for a copy of this one) would step
-    nothing while the model's `.grad` grew every window, and the reported
-    gradient norm would be 0. Parameters the optimizer holds beyond the model's
-    (a learnable temperature in the loss, say) are fine: the loss may use them.
-    """
-    trainable = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
-    held = {id(p) for p in optimizer_params}
-    missing = [name for name, p in trainable if id(p) not in held]
-    if not missing:
-        return
-    if len(missing) == len(trainable):
-        raise ConfigError(
-            f"the optimizer holds none of the model's {len(trainable)} trainable parameters (was it built for "
-            "another model, or for a copy of this one?): its step would change nothing while the model's .grad "
-            "grew every window. Build it from this model, e.g. torch.optim.AdamW(model.parameters(), lr=...)."
-        )
-    more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
-    warnings.warn(
-        f"{len(missing)} of the model's {len(trainable)} trainable parameters are not in the optimizer "
-        f"({', '.join(missing[:3])}{more}): they get a gradient every micro-step but are never stepped, and "
-        "their .grad keeps growing. Set requires_grad=False on them (which also skips their backward), or add "
-        "them to the optimizer.",
-        AccumulationWarning,
-        stacklevel=3,
-    )
 
 
 class Accumulator:
@@ -127,37 +104,12 @@ class Accumulator:
         measure_noise: bool = False,
         noise_ema_decay: float | None = None,
     ) -> None:
-        if not isinstance(model, nn.Module) or not isinstance(optimizer, torch.optim.Optimizer):
-            raise ConfigError(
-                "Accumulator(model, optimizer, ...) takes an nn.Module and a torch.optim.Optimizer, "
-                f"got {type(model).__name__} and {type(optimizer).__name__}."
-            )
-        if (accumulation_steps is None) == (micro_batch_size is None):
-            raise ConfigError(
-                "give exactly one of accumulation_steps= (loop API: micro-steps per optimizer "
-                "step) and micro_batch_size= (step API: samples per micro-step); got "
-                f"accumulation_steps={accumulation_steps!r}, micro_batch_size={micro_batch_size!r}."
-            )
-        if accumulation_steps is not None:
-            check_positive_int(accumulation_steps, "accumulation_steps")
-        if micro_batch_size is not None:
-            check_positive_int(micro_batch_size, "micro_batch_size", allow_auto=True)
-        if last_window not in ("step", "drop"):
-            raise ConfigError(f'last_window must be "step" or "drop", got {last_window!r}.')
-        if max_grad_norm is not None and not max_grad_norm > 0:
-            raise ConfigError(f"max_grad_norm must be > 0 (or None for no clipping), got {max_grad_norm!r}.")
-        if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
-            raise ConfigError(
-                "ReduceLROnPlateau steps on a metric the engine does not have; pass scheduler=None "
-                "and call scheduler.step(val_loss) yourself after each evaluation."
-            )
+        check_arguments(
+            model, optimizer, accumulation_steps=accumulation_steps, micro_batch_size=micro_batch_size,
+            last_window=last_window, max_grad_norm=max_grad_norm, scheduler=scheduler,
+        )
         fast = FastMicroStep.parse(fast_micro_step)
-        if fast is not None and accumulation_steps is not None and not fast.cudagraphs:
-            raise ConfigError(
-                "fast_micro_step compiles the step API's loss_fn; in the loop API the forward is "
-                "yours: compile your model (model = torch.compile(model)), and pass "
-                'fast_micro_step="cudagraphs" if you compiled it with mode="reduce-overhead".'
-            )
+        check_fast_micro_step(fast, loop_api=accumulation_steps is not None)
 
         warn_if_batch_coupled(model)  # BatchCouplingWarning: no split can be exact for BatchNorm
         self.model = model
@@ -173,43 +125,36 @@ class Accumulator:
         self._autocast_dtype = autocast_dtype(precision)
         self._scaler = make_scaler(precision, self.device)
         self._sync = grad_sync_for(model, sync_each_micro_step=sync_each_micro_step)
-        self._bare_micro_step = self._autocast_dtype is None and isinstance(self._sync, LocalSync)
-        if micro_batch_size == "auto" and isinstance(self._sync, FSDP2Sync):
-            raise ConfigError('micro_batch_size="auto" under FSDP2 would leave the ranks that did not '
-                              "run out of memory waiting in an all-gather; give an int micro_batch_size.")
         self._params = [
             p for group in optimizer.param_groups for p in group["params"] if p.requires_grad
         ]
-        if self._scaler is not None and any(p.dtype == torch.float16 for p in self._params):
-            raise ConfigError(
-                'precision="fp16" needs float32 parameters (autocast runs the fp16 compute; '
-                "GradScaler cannot unscale fp16 gradients): keep the model in float32, or hold "
-                'it in bfloat16 with precision="bf16".'
-            )
+        self._mark_micro_steps = fast is not None and fast.cudagraphs
+        check_engine_parts(
+            micro_batch_size=micro_batch_size, sync=self._sync, scaler=self._scaler, params=self._params,
+            cudagraphs=self._mark_micro_steps,
+        )
         self.fast_micro_step = fast
         self._compiled_loss = CompiledLoss(fast) if fast is not None else None
-        self._mark_micro_steps = fast is not None and fast.cudagraphs
         # Under CUDA graphs a fresh gradient lives in memory the next replay
         # overwrites: the engine keeps the window's sum in buffers of its own.
         # DDP/FSDP2 read `.grad` in their own backward hooks: moving it aside would skip the
         # sync, so under a wrapper low-precision parameters accumulate in their own dtype.
         local_params = self._params if isinstance(self._sync, LocalSync) else []
-        if self._mark_micro_steps and not isinstance(self._sync, LocalSync):
-            raise ConfigError(
-                'fast_micro_step="cudagraphs" needs the engine to own the window\'s gradients, '
-                "which DDP and FSDP2 hooks do not allow; use \"compile\" (no CUDA graphs) there."
-            )
         self._float32_grads = Float32Grads.for_params(local_params, every=self._mark_micro_steps)
         self._auto_micro_batch_size: int | None = None  # the size that last fitted, under "auto"
         self.optimizer_steps = 0
         self.last_stats: StepStats | None = None
         self._in_micro_step = False
         self._micro_step = _MicroStep(self)
-        self._seed_key: tuple[float, torch.dtype, torch.device] | None = None
-        self._seed = torch.ones(())  # replaced on the first micro-step
         self._sync_gradients = False
         self._window = Window(self.device, self._sync, accumulation_steps)
         self._noise = NoiseMeter(self._params, self._sync, ema_decay=noise_ema_decay) if measure_noise else None
+        # The per-micro-step work (context, backward by the window's rule): micro_step.py.
+        self._backward = MicroStepBackward(
+            device=self.device, sync=self._sync, window=self._window, scaler=self._scaler,
+            autocast_dtype=self._autocast_dtype, noise=self._noise,
+        )
+        self._micro_step_context = self._backward.context
         # What a WindowPlan (bb.BatchLoss's two passes) may use of the engine; see window_plan.py.
         self._engine = WindowEngine(
             model=model, params=self._params, device=self.device, sync=self._sync, window=self._window,
@@ -277,7 +222,7 @@ class Accumulator:
             refuse_in_loop_api(loss)  # a loss over the whole batch, cut per micro-batch: not exact
         value, count, is_sum = split_loss(loss, count)  # a bad loss raises here, touching nothing
         self._backward_called = True
-        self._add(value, count, is_sum)
+        self._backward.add(value, count, is_sum)
 
     def flush(self) -> StepStats | None:
         """End a window the data cut short: step what it holds, or drop it (`last_window`).
@@ -419,17 +364,8 @@ class Accumulator:
                 out = loss_fn(self.model, to_device(piece, self.device) if move else piece)
                 # split_batch cuts `size` samples per piece, the rest into the last one.
                 count = n - i * size if last else size
-                self._add(*split_loss(out, None if isinstance(out, LossSum) else count))
+                self._backward.add(*split_loss(out, None if isinstance(out, LossSum) else count))
             self._window.micro_steps += 1
-
-    def _micro_step_context(self, sync: bool) -> contextlib.AbstractContextManager[Any]:
-        if self._bare_micro_step:
-            return _NO_CONTEXT
-        stack = contextlib.ExitStack()
-        stack.enter_context(self._sync.context(sync))
-        if self._autocast_dtype is not None:
-            stack.enter_context(torch.autocast(self.device.type, dtype=self._autocast_dtype))
-        return stack
 
     def _start_window(self) -> None:
         self._window.reset()
@@ -450,94 +386,24 @@ class Accumulator:
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
 
-    def _add(self, value: torch.Tensor, count: Count, is_sum: bool) -> None:
-        """Backpropagate one micro-batch's loss: `value` sums `count` items, or is their mean.
-
-        Runs every micro-step, so it spends as few tensor ops as it can. With a float
-        `ref` and an int count (the common case) the scale is not a multiply: it seeds
-        the backward pass as its output gradient (what `(loss * w).backward()` sends
-        down anyway), from a tensor cached while the scale stays the same; the loss
-        is summed for the stats with one in-place add.
-        """
-        window = self._window
-        count = window.count(count)
-        if self._noise is not None:
-            self._noise.add_count(count)
-        ref = window.ref
-        assert ref is not None
-        seed: torch.Tensor | None = None
-        if isinstance(count, int) and isinstance(ref, float) and self._scaler is None:
-            weight = 1 if is_sum else count
-            window.add_loss(value.detach(), weight)
-            out, seed = value, self._backward_seed(weight / ref, value)
-        else:
-            total = value if is_sum else value * count
-            window.add_loss(total.detach())
-            out = total / ref
-            if self._scaler is not None:
-                out = self._scaler.scale(out)
-        if self._autocast_dtype is None:
-            torch.autograd.backward(out, seed)
-        else:
-            with torch.autocast(self.device.type, enabled=False):
-                torch.autograd.backward(out, seed)
-
-    def _backward_seed(self, scale: float, value: torch.Tensor) -> torch.Tensor:
-        key = (scale, value.dtype, value.device)
-        if self._seed_key != key:
-            self._seed = torch.full((), scale, dtype=value.dtype, device=value.device)
-            self._seed_key = key
-        return self._seed
-
-    def _grads(self) -> list[torch.Tensor]:
-        """The window's accumulated gradients: float32 buffers where kept, else `.grad`."""
-        buffers = self._float32_grads.buffers
-        grads = []
-        for p in self._params:
-            grad = buffers.get(p, p.grad)
-            if grad is not None:
-                grads.append(grad)
-        return grads
-
     def _finish_window(self, micro_batch_size: int | None = None) -> StepStats:
-        noise_sums = self._noise.local_sums() if self._noise is not None else None
-        count, loss_sum = self._window.totals(also=noise_sums)  # summed over ranks in one collective
-        if self._scaler is not None:
-            # GradScaler unscales (and checks) `.grad` only: round the float32 sums into it first.
-            self._float32_grads.write_back_()
-            self._scaler.unscale_(self.optimizer)
-        grads = self._grads()
-        factor = self._window.rescale(count)
-        if factor is not None:
-            scale_grads_(grads, factor)  # one launch per dtype on CUDA, not one per parameter
-        grad_norm = full_tensor(torch.nn.utils.get_total_norm(grads, foreach=True))  # FSDP2: all shards
-        noise = None if self._noise is None else self._noise.finish(count, grad_norm, self._window.ref, self._scaler)
-        if self.max_grad_norm is not None and grads:
-            # The same rule as torch.nn.utils.clip_grad_norm_, applied to the gradient
-            # tensors themselves (they may be float32 buffers, not `.grad`).
-            clip_coef = (self.max_grad_norm / (grad_norm + 1e-6)).clamp(max=1.0)
-            scale_grads_(grads, clip_coef)
-        self._float32_grads.write_back_()
-        loss = loss_sum / count.clamp_min(1)
+        loss, count, grad_norm, noise = normalise_window_(
+            window=self._window, noise=self._noise, scaler=self._scaler, float32_grads=self._float32_grads,
+            optimizer=self.optimizer, params=self._params, max_grad_norm=self.max_grad_norm,
+        )
         lr = float(self.optimizer.param_groups[0]["lr"])
-        skipped = not self._optimizer_step(loss, grad_norm, count)
+        skipped = not step_unless_nonfinite(
+            self.optimizer, self._scaler, loss, grad_norm, count, skip_nonfinite=self.skip_nonfinite
+        )
         if not skipped:
             self.optimizer_steps += 1
             if self.scheduler is not None:
                 self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
+        peak = torch.cuda.max_memory_allocated(self.device) if self.device.type == "cuda" else None
         stats = StepStats(
-            loss=loss,
-            count=count,
-            grad_norm=grad_norm,
-            lr=lr,
-            micro_batch_size=micro_batch_size,
-            micro_steps=self._window.micro_steps,
-            skipped=skipped,
-            peak_memory_bytes=(
-                torch.cuda.max_memory_allocated(self.device) if self.device.type == "cuda" else None
-            ),
-            noise=noise,
+            loss=loss, count=count, grad_norm=grad_norm, lr=lr, micro_batch_size=micro_batch_size,
+            micro_steps=self._window.micro_steps, skipped=skipped, peak_memory_bytes=peak, noise=noise,
         )
         self._window.reset()
         return stats
@@ -554,36 +420,6 @@ class Accumulator:
             self._drop_window()
             raise
 
-    def _optimizer_step(self, loss: torch.Tensor, grad_norm: torch.Tensor, count: torch.Tensor) -> bool:
-        """Step unless the gradient is non-finite or the window holds no item; True if stepped.
-
-        A window without items (every token ignored) has no mean loss, and stepping
-        its zero gradient would still apply weight decay and momentum. One host sync,
-        the bool read below, under fp16 too.
-        """
-        # x - x is exactly 0 for a finite x and NaN for inf or NaN: three cheap ops
-        # where isfinite() twice costs eight (it runs every optimizer step).
-        if self._scaler is not None:
-            # The gradients are unscaled already (`unscale_` in _finish_window), so an inf or
-            # NaN in them shows in their norm: the scaler's own checks (`step()` reads its
-            # found_inf, `get_scale()` its scale, each a sync) are not needed to decide.
-            # `update()` still reads the found_inf that `unscale_` left on the device, and
-            # backs the scale off when it is set, without a sync.
-            ok = (grad_norm - grad_norm == 0) & (count > 0)
-            if self.skip_nonfinite:
-                ok = ok & (loss - loss == 0)
-            stepped = bool(ok)  # the one host sync per optimizer step
-            if stepped:
-                self.optimizer.step()
-            self._scaler.update()
-            return stepped
-        if self.skip_nonfinite:
-            ok = ((grad_norm - grad_norm) + (loss - loss) == 0) & (count > 0)
-            if not bool(ok):  # the one host sync per optimizer step
-                return False
-        self.optimizer.step()
-        return True
-
 
 class _MicroStep:
     """The context manager `Accumulator.accumulate()` returns: one micro-step of the loop API."""
@@ -592,16 +428,16 @@ class _MicroStep:
 
     def __init__(self, acc: Accumulator) -> None:
         self._acc = acc
-        self._context: contextlib.AbstractContextManager[Any] = _NO_CONTEXT
+        self._context: contextlib.AbstractContextManager[Any] = NO_CONTEXT
 
     def __enter__(self) -> None:
         self._context = self._acc._open_micro_step()
-        if self._context is not _NO_CONTEXT:
+        if self._context is not NO_CONTEXT:
             self._context.__enter__()
 
     def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
         try:
-            if self._context is not _NO_CONTEXT:
+            if self._context is not NO_CONTEXT:
                 self._context.__exit__(exc_type, exc, tb)
         finally:
             self._acc._close_micro_step(failed=exc_type is not None)

@@ -87,7 +87,7 @@ def split_loss(loss: Any, count: Count | None) -> tuple[torch.Tensor, Count, boo
     """A loss as (value, item count, value is a sum), validated; a mean is not multiplied out.
 
     The engine folds the mean's count into the one scale it applies anyway, so a
-    micro-step costs no extra tensor op (see Accumulator._add).
+    micro-step costs no extra tensor op (see MicroStepBackward.add in micro_step.py).
     """
     if isinstance(loss, torch.Tensor):  # the common case first: a sample-mean loss
         if count is None:

@@ -23,8 +23,8 @@ PACKAGE = Path(__file__).resolve().parent.parent / "bigbatch"
 LAYERS = ("library", "tasks", "train", "commands", "entry")
 ENTRY = {"bigbatch", "bigbatch.cli", "bigbatch.__main__"}
 # The engine modules: each must exist and sit in the library layer.
-ENGINE = ["accumulator", "window", "losses", "batches", "distributed", "precision", "fast", "oom", "memory",
-          "devices", "batch_sizes"]  # fmt: skip
+ENGINE = ["accumulator", "accumulator_checks", "micro_step", "optimizer_step", "window", "losses", "batches",
+          "distributed", "precision", "fast", "oom", "memory", "devices", "batch_sizes"]  # fmt: skip
 
 
 
