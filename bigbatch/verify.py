@@ -31,7 +31,7 @@ from .batches import Batch, _map, batch_size, to_device
 from .devices import model_device
 from .errors import BatchCouplingWarning, ConfigError
 from .losses import LossFn, LossSum, split_loss
-from .probes import DROPOUT_TYPES, CoupledModule, LossCoupling, known_coupled, probe, probe_loss
+from .probes import DROPOUT_TYPES, CoupledModule, LossCoupling, known_coupled, module_path, probe, probe_loss
 
 # Relative error allowed per parameter, by the dtype the comparison ran in: float64
 # leaves room for summation order over deep models, the others for their rounding.
@@ -123,7 +123,7 @@ class VerifyReport:
             lines.append(f"... {len(self.params) - max_rows} more parameters ({bad} of them failing)")
         if self.coupled:
             lines += ["", "batch-coupled modules:"]
-            lines += [f"  {c.name or '<model>'} ({c.type_name}): {c.how}" for c in self.coupled]
+            lines += [f"  {module_path(c.name)} ({c.type_name}): {c.how}" for c in self.coupled]
         if self.random:
             lines += ["", "random modules (output changes between identical runs):"]
             for name in self.random:
@@ -133,7 +133,7 @@ class VerifyReport:
                     else "left as is (not an nn.Dropout): both runs use one seed, so the draws agree "
                     "only if they are taken in the same order"
                 )
-                lines.append(f"  {name or '<model>'}: {treated}")
+                lines.append(f"  {module_path(name)}: {treated}")
         if self.random_loss:
             lines += ["", "loss_fn draws random numbers itself (outside any module): its value changes with the seed"]
         if self.loss_coupling is not None:
@@ -458,7 +458,7 @@ def _verdict(r: VerifyReport, nonfinite: list[str], check_buffers: bool) -> tupl
     if nonfinite:
         return False, f"non-finite gradients in {_names(nonfinite)}; fix the model or data first."
     bad = [p for p in r.params if not p.ok]
-    unexplained_random = [m for m in r.random if m not in r.neutralized]
+    unexplained_random = [module_path(m) for m in r.random if m not in r.neutralized]
     notes = []
     if r.neutralized:
         notes.append(f"dropout ({_names(r.neutralized)}) was switched to eval for the comparison")
@@ -487,7 +487,7 @@ def _verdict(r: VerifyReport, nonfinite: list[str], check_buffers: bool) -> tupl
             )
         return True, "; ".join([text, *notes]) + "."
     parts = []
-    coupled = [f"{c.name or '<model>'} ({c.type_name})" for c in r.coupled]
+    coupled = [f"{module_path(c.name)} ({c.type_name})" for c in r.coupled]
     if bad:
         parts.append(
             f"{len(bad)} of {len(r.params)} parameters get a different gradient when accumulated "

@@ -75,7 +75,7 @@ def test_batchnorm_fails_with_the_error_a_hand_written_split_gives():
     assert not report.passed
     assert [c.name for c in report.coupled] == ["1"]
     assert report.coupled[0].type_name == "BatchNorm1d"
-    assert "1 (BatchNorm1d)" in report.reason and "convert_batchnorm" in report.reason
+    assert "model[1] (BatchNorm1d)" in report.reason and "convert_batchnorm" in report.reason
     assert {"1.running_mean", "1.running_var", "1.num_batches_tracked"} <= set(report.buffers)
 
     # The reference, by hand: full-batch gradient vs the sum of micro-batch gradients / n.
@@ -90,6 +90,20 @@ def test_batchnorm_fails_with_the_error_a_hand_written_split_gives():
     assert max(report.errors.values()) > 0.05  # the premise: the split really changes the gradient
 
 
+def test_the_report_and_the_warning_name_a_layer_the_same_way():
+    """verify's table and verdict, and the Accumulator's BatchCouplingWarning, all say `model[1]`."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4), nn.Tanh(), nn.Linear(4, 3)).double()
+    with pytest.warns(bb.BatchCouplingWarning) as caught:
+        bb.Accumulator(model, torch.optim.SGD(model.parameters(), lr=0.1), micro_batch_size=4)
+    report = bb.verify(model, classification_data(12), sample_mean_loss, micro_batch_size=4)
+    expected = "model[1] (BatchNorm1d)"
+    assert str(caught[0].message).startswith(expected)
+    assert expected in report.reason
+    assert f"  {expected}: normalises" in report.table()
+    assert not re.search(r"(^|[ ,])1 \(BatchNorm1d\)", report.table(), re.M)  # the bare qualified name is gone
+
+
 def test_custom_sample_mixing_layer_fails_and_is_named():
     torch.manual_seed(0)
     model = nn.Sequential()
@@ -99,8 +113,8 @@ def test_custom_sample_mixing_layer_fails_and_is_named():
     report = bb.verify(model, classification_data(9, seed=3), sample_mean_loss, micro_batch_size=4)
     assert not report.passed
     assert [(c.name, c.type_name) for c in report.coupled] == [("body.1", "SampleMix")]
-    assert "body.1 (SampleMix)" in report.reason
-    assert "body.1" in report.table()
+    assert "model.body[1] (SampleMix)" in report.reason
+    assert "model.body[1]" in report.table()
 
 
 def test_dropout_is_reported_as_randomness_and_switched_off_for_the_comparison():

@@ -78,7 +78,7 @@ def test_a_module_target_works_from_the_current_directory(cases, capsys):
 def test_a_coupled_model_exits_1_and_names_the_layer(cases, capsys):
     assert main(["verify", "verify_cases_mod:coupled", "--micro-batch-size", "4"]) == 1
     out = capsys.readouterr().out
-    assert "FAIL: " in out and "1 (BatchNorm1d)" in out
+    assert "FAIL: " in out and "model[1] (BatchNorm1d)" in out
 
 
 @pytest.mark.parametrize(
