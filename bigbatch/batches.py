@@ -46,6 +46,15 @@ def _tensors(batch: Batch, path: str = "batch") -> Iterator[tuple[str, torch.Ten
             yield from _tensors(v, f"{path}[{i}]")
 
 
+def _holds_arrays(batch: object) -> bool:
+    """Whether `batch` holds a numpy array (or another array type torch does not split)."""
+    if isinstance(batch, Mapping):
+        return any(_holds_arrays(v) for v in batch.values())
+    if isinstance(batch, (tuple, list)):
+        return any(_holds_arrays(v) for v in batch)
+    return hasattr(batch, "__array__") and hasattr(batch, "shape")
+
+
 def batch_size(batch: Batch) -> int:
     """The number of samples in `batch`: the leading dimension all its tensors share."""
     sizes = {}
@@ -57,8 +66,9 @@ def batch_size(batch: Batch) -> int:
             )
         sizes[path] = t.shape[0]
     if not sizes:
+        arrays = " (it holds numpy arrays: convert each with torch.from_numpy(a))" if _holds_arrays(batch) else ""
         raise BatchError(
-            f"the batch holds no tensors (got {type(batch).__name__}); pass a tensor, "
+            f"the batch holds no tensors (got {type(batch).__name__}){arrays}; pass a tensor, "
             "or a tuple, list or dict of tensors whose leading dimension counts samples."
         )
     distinct = set(sizes.values())

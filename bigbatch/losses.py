@@ -68,7 +68,7 @@ def token_cross_entropy(
     ignored gives total 0 and count 0, never NaN.
     """
     if logits.shape[:-1] != labels.shape:
-        raise ValueError(
+        raise LossError(
             f"logits {tuple(logits.shape)} and labels {tuple(labels.shape)} do not line up; "
             "logits must be labels.shape + (vocab,)."
         )

@@ -315,6 +315,11 @@ def verify(
         raise ConfigError(
             f"loss_fn must be callable as loss_fn(model, batch) -> loss, got {type(loss_fn).__name__}."
         )
+    if rtol is not None and not (isinstance(rtol, (int, float)) and 0 < rtol < math.inf):
+        raise ConfigError(
+            f"rtol must be a finite number > 0 (the relative error allowed per parameter), got {rtol!r}; "
+            "leave it unset for the default by dtype (1e-9 in float64)."
+        )
     n = batch_size(batch)
     if n < 2:
         raise ConfigError(f"verify needs a batch of at least 2 samples to split, got {n}.")

@@ -49,7 +49,7 @@ def test_bench_writes_nothing_unasked(tmp_path, monkeypatch, capsys):
 )
 def test_bad_arguments_exit_2_with_the_rule(argv, message, capsys):
     assert main(["bench", "--device", "cpu", *argv]) == 2
-    assert capsys.readouterr().err.strip() == f"bigbatch bench: {message}"
+    assert capsys.readouterr().err.strip() == f"bigbatch bench: error: {message}"
 
 
 def test_each_row_is_printed_and_appended_the_moment_it_is_measured(tmp_path, capsys, monkeypatch):

@@ -101,7 +101,7 @@ def test_a_coupled_model_exits_1_and_names_the_layer(cases, capsys):
 def test_misuse_exits_2_with_a_message(cases, capsys, argv, message):
     assert main(argv) == 2
     err = capsys.readouterr().err
-    assert err.startswith("bigbatch verify: ") and message in err and err.count("\n") == 1, err
+    assert err.startswith("bigbatch verify: error: ") and message in err and err.count("\n") == 1, err
 
 
 @pytest.mark.parametrize("command", ["verify", "plan"])
@@ -144,7 +144,7 @@ def test_a_built_in_task_passes_and_its_batchnorm_variant_fails(capsys):
 def test_task_options_are_read_by_the_training_configs_parser(capsys, setting, message):
     assert main(["verify", "--task", "digits", "--batch-size", "8", "--set", setting]) == 2
     err = capsys.readouterr().err
-    assert err.startswith("bigbatch verify: ") and message in err, err
+    assert err.startswith("bigbatch verify: error: ") and message in err, err
 
 
 @pytest.mark.parametrize(
@@ -159,7 +159,7 @@ def test_task_options_are_read_by_the_training_configs_parser(capsys, setting, m
 def test_task_misuse_exits_2(capsys, argv):
     pytest.importorskip("bigbatch.tasks")
     assert main(argv) == 2
-    assert "bigbatch verify: " in capsys.readouterr().err
+    assert "bigbatch verify: error: " in capsys.readouterr().err
 
 
 def test_a_llama_style_model_passes_at_its_float32_floor_and_a_long_max_length_is_misuse(hf_offline, capsys):

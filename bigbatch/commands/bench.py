@@ -538,7 +538,7 @@ def run(args: argparse.Namespace) -> int:
     """
     bad = _bad_argument(args)
     if bad is not None:
-        print(f"bigbatch bench: {bad}", file=sys.stderr)
+        print(f"bigbatch bench: error: {bad}", file=sys.stderr)
         return 2
     device = choose_device(args.device, setting="--device")
     context = {"model": args.model, "device": device_name(device), "torch": torch.__version__,

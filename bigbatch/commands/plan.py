@@ -107,12 +107,12 @@ def run(args: argparse.Namespace) -> int:
             compile=_SWITCH[args.compile], precision=args.precision, steps=args.steps, warmup=args.warmup,
         )  # fmt: skip
     except (UsageError, ConfigError, BatchError, LossError) as error:
-        print(f"bigbatch plan: {error}", file=sys.stderr)
+        print(f"bigbatch plan: error: {error}", file=sys.stderr)
         return 2
     print(f"{what}\n{result.table()}")
     if args.plot is not None:
         print(f"plot: {result.plot(args.plot)}")
     if result.best is None:
-        print(f"bigbatch plan: {result.nothing_fits_message()}", file=sys.stderr)
+        print(f"bigbatch plan: error: {result.nothing_fits_message()}", file=sys.stderr)
         return 1
     return 0

@@ -26,7 +26,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ..errors import ConfigError
+from ..errors import BatchError, ConfigError, LossError
 from ..train.config import TrainConfig
 
 if TYPE_CHECKING:
@@ -149,7 +149,7 @@ def run(args: argparse.Namespace) -> int:
         config = build_config(args)
         trainer = Trainer(config, task=user_task(config.task.name, config.task.data), resume=args.resume)
         trainer.fit()
-    except (ConfigError, UsageError) as e:
+    except (ConfigError, UsageError, LossError, BatchError) as e:  # LossError, BatchError: a task's loss_fn or batches
         _error(f"bigbatch train: error: {e}")
         return 2
     except (NonFiniteLossError, RunInUseError, RunStorageError, RankLostError) as e:  # the run could not go on

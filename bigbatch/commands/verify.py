@@ -84,7 +84,7 @@ def run(args: argparse.Namespace) -> int:
             seed=args.seed,
         )
     except (UsageError, ConfigError, BatchError, LossError) as error:
-        print(f"bigbatch verify: {error}", file=sys.stderr)
+        print(f"bigbatch verify: error: {error}", file=sys.stderr)
         return 2
     print(f"{what}\n{report.table(max_rows=args.rows)}")
     return 0 if report.passed else 1

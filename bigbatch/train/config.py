@@ -249,6 +249,8 @@ class TrainConfig:
         if "=" not in item:
             raise ConfigError(f"--set wants key=value (e.g. --set optim.lr=1e-3); got {item!r}.")
         key, raw = (s.strip() for s in item.split("=", 1))
+        if not key:
+            raise ConfigError(f"--set wants key=value (e.g. --set optim.lr=1e-3); got {item!r}, with no key.")
         section_name, _, name = key.rpartition(".")
         if not section_name:
             section_name = self._section_of(name)
