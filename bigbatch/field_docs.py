@@ -2,7 +2,7 @@
 
 A string literal on the line after `lr: float = 3e-3` in a dataclass body is
 that field's documentation; `field_docs(OptimSection)["lr"]` returns it. It is
-the one source for `bigbatch train --list-settings`, `--help` and the README's
+the one source for `bigbatch train --list-settings`, `--help` and docs/train.md's
 table of settings. Python keeps no such string at run time, so it is read from
 the class's source with `ast` (torchtitan's habit, without its dependency).
 

@@ -60,7 +60,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="continue runs/NAME from its newest checkpoint (its config.toml, then --set)")
     parser.add_argument("--list-settings", nargs="?", const="text", choices=["text", "markdown"], metavar="FORMAT",
                         help="print every config key with its default and what it does, and exit "
-                             "(the chosen task's options; FORMAT markdown: the README's tables)")
+                             "(the chosen task's options; FORMAT markdown: docs/train.md's tables)")
 
 
 def build_config(args: argparse.Namespace) -> TrainConfig:
@@ -115,7 +115,7 @@ def user_task(name: str, data: str | None) -> Task | None:
     if missing:
         raise UsageError(
             f"{name} returned a {type(made).__name__}, which lacks {', '.join(missing)} of the Task protocol "
-            "(bigbatch.tasks.Task; the README's \"Your own task\" shows a complete one)."
+            "(bigbatch.tasks.Task; docs/train.md's \"Your own task\" shows a complete one)."
         )
     task: Task = made  # it has every member of the protocol
     return task

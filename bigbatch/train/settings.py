@@ -2,11 +2,11 @@
 
     bigbatch train --list-settings                  # the general settings and the text task's options
     bigbatch train --task digits --list-settings    # ... with the digits task's options
-    bigbatch train --list-settings markdown         # the README's tables
+    bigbatch train --list-settings markdown         # docs/train.md's tables
 
 The documentation is the docstring under each dataclass field (bigbatch.train.config's
 sections, each task's options; see bigbatch.field_docs), so `--list-settings`, `--help`
-and the README's table come from one text; a test keeps the README's copy current.
+and docs/train.md's table come from one text; a test keeps that copy current.
 """
 
 from __future__ import annotations
@@ -91,7 +91,7 @@ def settings_keys_text() -> str:
 
 
 def settings_markdown() -> str:
-    """The README's tables: every general setting, then every built-in task's options."""
+    """docs/train.md's tables: every general setting, then every built-in task's options."""
 
     def row(cells: list[str]) -> str:
         return "| " + " | ".join(cell.replace("|", "\\|") for cell in cells) + " |"

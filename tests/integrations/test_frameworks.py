@@ -1,6 +1,6 @@
-"""The README's Fabric, Accelerate and LightningModule examples, run as written, against the full batch.
+"""The Fabric, Accelerate and LightningModule examples of docs/integrations.md, run as written, against the full batch.
 
-Each example's code block is read from README.md and executed with a tiny GPT-2
+Each example's code block is read from docs/integrations.md and executed with a tiny GPT-2
 in float64 and a loader of right-padded micro-batches of token sequences of
 uneven lengths (8 sequences in micro-batches of 3, 3 and 2). With
 accumulation_steps=3 each epoch is one logical batch, so two epochs are two
@@ -29,13 +29,13 @@ pytestmark = pytest.mark.filterwarnings("ignore:`isinstance\\(treespec, LeafSpec
 TOL = 1e-12
 LENGTHS = [3, 17, 6, 12, 2, 9, 14, 5]
 MICRO, STEPS, EPOCHS, LR = 3, 3, 2, 1e-2
-README = Path(__file__).resolve().parents[2] / "README.md"
+GUIDE = Path(__file__).resolve().parents[2] / "docs" / "integrations.md"
 
 
-def readme_example(name: str) -> str:
-    """The python block after `<!-- example: NAME -->` in README.md."""
-    match = re.search(rf"<!-- example: {name} -->\n```python\n(.*?)```", README.read_text(encoding="utf-8"), re.S)
-    assert match, f"README.md has no example {name!r}"
+def doc_example(name: str) -> str:
+    """The python block after `<!-- example: NAME -->` in docs/integrations.md."""
+    match = re.search(rf"<!-- example: {name} -->\n```python\n(.*?)```", GUIDE.read_text(encoding="utf-8"), re.S)
+    assert match, f"docs/integrations.md has no example {name!r}"
     return match.group(1)
 
 
@@ -88,7 +88,7 @@ def run_example(name: str, model: torch.nn.Module, rows: list[list[int]]) -> tor
         "bb": bb, "torch": torch, "model": ours, "epochs": EPOCHS, "loader": loader(rows),
         "optimizer": torch.optim.AdamW(ours.parameters(), lr=LR),
     }  # fmt: skip
-    exec(compile(readme_example(name), f"README.md:{name}", "exec"), namespace)
+    exec(compile(doc_example(name), f"docs/integrations.md:{name}", "exec"), namespace)
     return ours
 
 

@@ -1,4 +1,4 @@
-"""`bigbatch train --task MODULE:FACTORY`: the README's complete Task example, trained from the command line."""
+"""`bigbatch train --task MODULE:FACTORY`: docs/train.md's complete Task example, trained from the command line."""
 
 from __future__ import annotations
 
@@ -12,16 +12,16 @@ from bigbatch.cli import main
 from bigbatch.train import TrainConfig, Trainer
 from bigbatch.train.checkpoint import list_checkpoints
 
-README = Path(__file__).resolve().parents[2] / "README.md"
+TRAIN_DOC = Path(__file__).resolve().parents[2] / "docs" / "train.md"  # "Your own task"
 FAST = ["train.progress=false", "train.eval_every=5", "checkpoint.every=0", "optim.warmup_steps=1",
         "optim.lr=0.3", "optim.weight_decay=0", "batch.logical_batch_size=32", "batch.micro_batch_size=10"]  # fmt: skip
 
 
-def write_readme_task(folder: Path) -> Path:
-    """mytask.py, as the README shows it."""
-    text = README.read_text(encoding="utf-8")
+def write_documented_task(folder: Path) -> Path:
+    """mytask.py, as docs/train.md shows it."""
+    text = TRAIN_DOC.read_text(encoding="utf-8")
     match = re.search(r"<!-- example: task -->\n```python\n(.*?)```", text, re.S)
-    assert match, "README.md has no Task example"
+    assert match, "docs/train.md has no Task example"
     path = folder / "mytask.py"
     path.write_text(match.group(1), encoding="utf-8")
     return path
@@ -35,8 +35,8 @@ def final_model(run: Path) -> dict[str, torch.Tensor]:
     return torch.load(list_checkpoints(run / "checkpoints")[-1][1], weights_only=True)["model"]
 
 
-def test_the_readme_task_trains_from_a_file_and_equals_the_same_task_from_python(tmp_path, capsys):
-    path = write_readme_task(tmp_path)
+def test_the_documented_task_trains_from_a_file_and_equals_the_same_task_from_python(tmp_path, capsys):
+    path = write_documented_task(tmp_path)
     code = main(["train", "--task", f"{path}:make_task", "--steps", "30", "--name", "cli", *sets(tmp_path)])
     out = capsys.readouterr()
     assert code == 0, out.err
@@ -46,7 +46,7 @@ def test_the_readme_task_trains_from_a_file_and_equals_the_same_task_from_python
 
     import importlib.util
 
-    spec = importlib.util.spec_from_file_location("readme_task", path)
+    spec = importlib.util.spec_from_file_location("documented_task", path)
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -57,7 +57,7 @@ def test_the_readme_task_trains_from_a_file_and_equals_the_same_task_from_python
 
 
 def test_a_module_factory_gets_data_and_the_run_resumes(tmp_path, capsys, monkeypatch):
-    write_readme_task(tmp_path)
+    write_documented_task(tmp_path)
     (tmp_path / "tasks_with_data.py").write_text(
         "from mytask import NoisyLine\n\n\ndef make(data=None):\n"
         "    task = NoisyLine(n=int(data))\n    task.name = f'line{data}'\n    return task\n",
@@ -73,7 +73,7 @@ def test_a_module_factory_gets_data_and_the_run_resumes(tmp_path, capsys, monkey
 
 
 def test_bad_factories_and_options_are_errors_that_say_why(tmp_path, capsys):
-    path = write_readme_task(tmp_path)
+    path = write_documented_task(tmp_path)
     (tmp_path / "bad.py").write_text(
         "def not_a_task(data=None):\n    return object()\n\n\ndef broken(data=None):\n    raise ValueError('no data here')\n",
         encoding="utf-8",
