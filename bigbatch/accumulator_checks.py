@@ -64,8 +64,16 @@ def check_arguments(
         check_positive_int(micro_batch_size, "micro_batch_size", allow_auto=True)
     if last_window not in ("step", "drop"):
         raise ConfigError(f'last_window must be "step" or "drop", got {last_window!r}.')
-    if max_grad_norm is not None and not max_grad_norm > 0:
-        raise ConfigError(f"max_grad_norm must be > 0 (or None for no clipping), got {max_grad_norm!r}.")
+    if max_grad_norm is not None and (
+        isinstance(max_grad_norm, bool) or not isinstance(max_grad_norm, (int, float)) or not max_grad_norm > 0
+    ):
+        raise ConfigError(f"max_grad_norm must be > 0 (a number, or None for no clipping), got {max_grad_norm!r}.")
+    if scheduler is not None and (isinstance(scheduler, torch.optim.Optimizer) or not callable(getattr(scheduler, "step", None))):
+        raise ConfigError(
+            f"scheduler must be a learning-rate scheduler (an object with .step(), stepped once per "
+            f"optimizer step), got {type(scheduler).__name__}; e.g. "
+            "scheduler=torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)."
+        )
     if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
         raise ConfigError(
             "ReduceLROnPlateau steps on a metric the engine does not have; pass scheduler=None "

@@ -43,6 +43,8 @@ def _verify(**kwargs):
 LIBRARY = [
     # (what the user did, the call, the error class, words the message must hold)
     ("micro_batch_size=0", lambda: _step(micro_batch_size=0), bb.ConfigError, 'integer >= 1 or "auto", got 0'),
+    ("max_grad_norm as a string", lambda: _step(max_grad_norm="1.0"), bb.ConfigError, "max_grad_norm must be > 0 (a number"),
+    ("the optimizer passed as the scheduler", lambda: _step(scheduler=torch.optim.SGD(_model().parameters(), lr=0.1)), bb.ConfigError, "got SGD; e.g. scheduler=torch.optim.lr_scheduler.LambdaLR"),
     ("precision typo", lambda: _step(precision="fp8"), bb.ConfigError, 'one of "fp32", "bf16", "fp16"'),
     ("a loss returning a float", lambda: _step(loss_fn=lambda m, b: _loss(m, b).item()), bb.LossError, "got float; return loss.mean()"),
     ("a loss returning an HF-style dict", lambda: _step(loss_fn=lambda m, b: {"loss": _loss(m, b)}), bb.LossError, "got dict"),
