@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ..batch_sizes import BatchSizes
 from .memory_plan import MemoryChoice
 from .metrics import is_finite_number, plot_losses, write_summary
 
@@ -231,3 +232,20 @@ def noise_summary(rows: list[dict[str, Any]], item_unit: str) -> dict[str, Any]:
         "noise_scale_end": end,
         "noise_advice": f"the noise scale {moved} {scale} {item_unit}; {batch} {verdict}.",
     }
+
+
+def batch_text(asked_micro_batch_size: int | str | None, sizes: BatchSizes) -> str:
+    """The batch sizes that run, in words, and a word on a micro-batch larger than a rank's share.
+
+    Args:
+        asked_micro_batch_size: batch.micro_batch_size as configured.
+        sizes: the batch sizes that run.
+
+    Returns:
+        The header's batch line.
+    """
+    asked, runs = asked_micro_batch_size, sizes.micro_batch_size
+    text = sizes.describe()
+    if isinstance(asked, int) and isinstance(runs, int) and asked > runs:
+        text += f" (batch.micro_batch_size = {asked} is more than a rank's share of the logical batch)"
+    return text

@@ -31,8 +31,12 @@ import os
 import socket
 import time
 import weakref
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+
+from ..errors import ConfigError
+from .checkpoint import list_checkpoints
+from .runtime import Runtime
 
 try:
     import fcntl
@@ -228,3 +232,77 @@ def create_run_folder(root: Path, name: str | None, base: str) -> Path:
                 return path
             except FileExistsError:
                 n += 1
+
+
+def claim_run_folder(resume: Path | None, root: Path, name: str | None, task_name: str) -> tuple[Path, RunLock]:
+    """Rank 0: create (or find) the run folder and take its lock before anything is written.
+
+    Args:
+        resume: the folder of a run to continue, or None for a new run.
+        root: run.dir.
+        name: run.name, or None for an automatic name from the task and the time.
+        task_name: the task's name, the automatic name's stem.
+
+    Returns:
+        The folder and its held lock.
+
+    Raises:
+        ConfigError: `resume` is no folder, or a new run's folder holds another run.
+        RunInUseError: another process holds the folder's lock.
+        RunStorageError: the folder cannot be created.
+    """
+    if resume is not None:
+        folder = resume
+        if not folder.is_dir():
+            raise ConfigError(f"{folder} is not a run directory (no such folder); give the run's folder to resume.")
+    else:
+        base = f"{task_name}-{time.strftime('%Y%m%d-%H%M%S')}"
+        folder = create_run_folder(root, name, base)
+    lock = RunLock(folder)
+    lock.acquire()
+    try:
+        if resume is None:
+            _check_new_run_folder(folder)
+    except BaseException:
+        lock.release()
+        raise
+    return folder, lock
+
+
+def _check_new_run_folder(path: Path) -> None:
+    """Refuse a new run in a folder that holds another run (its lock file aside)."""
+    if not any(p.name != RUN_LOCK for p in path.iterdir()):
+        return
+    if not list_checkpoints(path / "checkpoints"):
+        raise ConfigError(
+            f"run directory {path} already exists but holds no checkpoint to resume (it stopped "
+            f"before its first); delete {path} or pick another --name."
+        )
+    raise ConfigError(f"run directory {path} already exists; continue it with --resume {path}, or pick another --name.")
+
+
+def on_rank0(runtime: Runtime, make: Callable[[], Path]) -> Path:
+    """`make()` on rank 0; its result on every rank, or its error raised on every rank (none waits forever).
+
+    Args:
+        runtime: the run's processes.
+        make: what rank 0 runs (claiming the run folder); its ConfigError,
+            RunInUseError or RunStorageError reaches every rank.
+
+    Returns:
+        What `make()` returned on rank 0.
+    """
+    outcome: Path | Exception | None = None
+    error: Exception | None = None
+    if runtime.is_main:
+        try:
+            outcome = make()
+        except (ConfigError, RunInUseError, RunStorageError) as e:
+            outcome = error = e
+    outcome = runtime.broadcast(outcome)
+    if error is not None:
+        raise error  # rank 0: the original, with its traceback
+    if isinstance(outcome, Exception):
+        raise outcome from None
+    assert isinstance(outcome, Path)
+    return outcome

@@ -15,10 +15,13 @@ rule a resumed run must meet, each error naming the setting to change:
 from __future__ import annotations
 
 import contextlib
+import random
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+import torch
 
 from ..errors import ConfigError
 
@@ -119,3 +122,32 @@ def model_must_fit(checkpoint_dir: Path) -> Iterator[None]:
             + (first[-1].strip() if first else type(e).__name__)[:200]
             + "); resume with the task settings the run was started with, not changed ones."
         ) from None
+
+
+def rng_state(device: torch.device) -> dict[str, Any]:
+    """This process's random state (torch, CUDA on `device`, Python), as `RNG_KEY` holds one rank's.
+
+    Args:
+        device: the run's device (CUDA's generator is per device).
+
+    Returns:
+        The state, for `set_rng_state`.
+    """
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
+        "python": random.getstate(),
+    }
+
+
+def set_rng_state(state: dict[str, Any], device: torch.device) -> None:
+    """Restore what `rng_state` returned.
+
+    Args:
+        state: one rank's entry of `RNG_KEY`.
+        device: the run's device.
+    """
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] is not None and device.type == "cuda":
+        torch.cuda.set_rng_state(state["cuda"], device)
+    random.setstate(state["python"])

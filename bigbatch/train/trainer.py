@@ -10,51 +10,61 @@ names the batch's samples, this rank takes its share, the engine splits it into
 micro-batches. Checkpoints fall on optimizer-step boundaries and hold
 everything the next step depends on, so a resumed run is bit-identical to one
 that was never stopped (on the CPU; CUDA kernels may not be deterministic).
+
+This module wires the run and drives its loop; the parts it wires live apart:
+
+    setup.py        the setup steps, in the order __init__ runs them
+    lr_schedule.py  the peak learning rate per batch size, warmup and cosine
+    save_resume.py  a checkpoint across ranks: who writes, which one resumes
+    state.py        what a checkpoint holds, and whether it fits this run
+    nonfinite.py    which steps count as blown up, and the error that stops the run
+    run_end.py      the end of a run: divergence, the model saved, a sample, the summary
+    rundir.py       the run folder: claimed and locked by rank 0, OS faults as sentences
 """
 
 from __future__ import annotations
 
 import math
-import random
 import time
-import warnings
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from ..accumulator import Accumulator
-from ..batch_loss import BatchLoss
-from ..batch_sizes import BatchSizes, check_equal_micro_steps, resolve_batch_sizes
+from ..batch_sizes import BatchSizes
 from ..batches import Batch, _map
-from ..checkpointing import checkpoint_blocks
 from ..distributed import unwrap_ddp
-from ..errors import ConfigError
-from ..lr import scale_lr
-from ..tasks import Task, build_task
+from ..tasks import Task
 from . import report
-from .batch_schedule import BatchSchedule, Consumed
-from .checkpoint import (
-    checkpoint_path,
-    list_checkpoints,
-    newest_valid_checkpoint,
-    prune_checkpoints,
-    read_checkpoint,
-    save_checkpoint,
-    sharded_checkpoint_path,
-)
+from .batch_schedule import Consumed
+from .checkpoint import list_checkpoints
 from .config import TrainConfig
 from .interrupt import StopOnInterrupt, TrainingInterrupted
+from .lr_schedule import lr_multiplier, peak_lr
+from .lr_schedule import lr_multiplier as _schedule  # noqa: F401 (its old name here, which tests import)
 from .memory_plan import MemoryChoice, plan_memory, resolved_config
 from .metrics import MetricsLog
-from .parallel import wrap_model
+from .nonfinite import NonFiniteLossError, is_nonfinite_step, not_recovering
 from .progress import Progress, memory_text
-from .rundir import RUN_LOCK, RunInUseError, RunLock, RunStorageError, create_run_folder, writing
+from .run_end import finish_run
+from .rundir import RunLock, RunStorageError, claim_run_folder, on_rank0, writing
 from .runtime import RankLostError, Runtime, rank_lost
 from .sampler import Sampler
-from .sharded_checkpoint import full_model_state, load_sharded, save_sharded
+from .save_resume import load_model_and_optimizer, newest_checkpoint, write_checkpoint
+from .setup import (
+    DTYPES,
+    check_data,
+    check_setup,
+    make_optimizer,
+    setup_batch,
+    setup_batch_schedule,
+    setup_engine,
+    setup_lr,
+    setup_model,
+    setup_parallel,
+    setup_task,
+)
 from .state import (
     ACCUMULATOR_KEY,
     BATCH_SIZE_KEY,
@@ -68,86 +78,16 @@ from .state import (
     RNG_KEY,
     SAMPLES_SEEN_KEY,
     SCHEDULER_KEY,
-    SHARDED_KEY,
     STEP_KEY,
     TRAIN_SECONDS_KEY,
     WORLD_SIZE_KEY,
     ResumingRun,
     check_resume,
-    model_must_fit,
+    rng_state,
+    set_rng_state,
 )
 
-_DTYPES = {"float32": torch.float32, "float64": torch.float64}
-
-
-class NonFiniteLossError(RuntimeError):
-    """Too many optimizer steps in a row had an inf/NaN loss or gradient."""
-
-
-def _rng_state(device: torch.device) -> dict[str, Any]:
-    return {
-        "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
-        "python": random.getstate(),
-    }
-
-
-def _set_rng_state(state: dict[str, Any], device: torch.device) -> None:
-    torch.set_rng_state(state["torch"])
-    if state["cuda"] is not None and device.type == "cuda":
-        torch.cuda.set_rng_state(state["cuda"], device)
-    random.setstate(state["python"])
-
-
-def _schedule(config: TrainConfig) -> Any:
-    """The learning-rate multiplier per optimizer step: linear warmup, then cosine to min_lr_ratio (or constant)."""
-    o, total = config.optim, config.train.steps
-
-    def factor(step: int) -> float:
-        if step < o.warmup_steps:
-            return (step + 1) / (o.warmup_steps + 1)
-        if o.schedule == "constant":
-            return 1.0
-        progress = min(1.0, (step - o.warmup_steps) / max(1, total - o.warmup_steps))
-        return o.min_lr_ratio + (1 - o.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
-
-    return factor
-
-
-def _warn_warmup_too_long(warmup_steps: int, steps: int, peak_lr: float) -> None:
-    # The schedule reaches its peak at step warmup_steps + 1 (see _schedule).
-    warnings.warn(
-        f"optim.warmup_steps={warmup_steps} >= train.steps={steps}: the learning rate warms up for the "
-        f"whole run and never reaches its peak {peak_lr:.3g} (the last step uses {steps / (warmup_steps + 1):.0%} "
-        f"of it); set optim.warmup_steps below train.steps, e.g. --set optim.warmup_steps={steps // 10}.",
-        UserWarning,
-        stacklevel=4,  # the user's Trainer(...) line: here <- _setup_lr <- __init__ <- caller
-    )
-
-
-def _check_new_run_dir(path: Path) -> None:
-    """Refuse a new run in a folder that holds another run (its lock file aside)."""
-    if not any(p.name != RUN_LOCK for p in path.iterdir()):
-        return
-    if not list_checkpoints(path / "checkpoints"):
-        raise ConfigError(
-            f"run directory {path} already exists but holds no checkpoint to resume (it stopped "
-            f"before its first); delete {path} or pick another --name."
-        )
-    raise ConfigError(f"run directory {path} already exists; continue it with --resume {path}, or pick another --name.")
-
-
-def _sentence(text: str) -> str:
-    return text[:1].upper() + text[1:]
-
-
-def _check_setup(*, planning: bool, sharded: bool) -> None:
-    """Refuse settings that contradict each other in this world, before anything is built."""
-    if sharded and planning:
-        raise ConfigError(
-            'batch.max_memory plans for the whole model in one process, not for FSDP2 shards; '
-            'under train.parallel = "fsdp2" give batch.micro_batch_size (`bigbatch plan` suggests one).'
-        )
+__all__ = ["NonFiniteLossError", "Trainer"]
 
 
 class Trainer:
@@ -175,108 +115,30 @@ class Trainer:
         self.runtime = Runtime.from_env(config.train.device, timeout_s=config.train.timeout)
         planning = config.batch.max_memory is not None and resume is None  # a resumed run keeps its choice
         self.sharded = config.train.parallel == "fsdp2" and self.runtime.world_size > 1
-        _check_setup(planning=planning, sharded=self.sharded)
+        check_setup(planning=planning, sharded=self.sharded)
         self.config = config
-        self.batch_sizes = self._setup_batch(planning)
-        self.task = self._setup_task(task)
-        self._check_data()
-        self.dtype = _DTYPES[config.train.dtype]
+        self.batch_sizes = setup_batch(config, world_size=self.runtime.world_size, planning=planning,
+                                       sharded=self.sharded)  # fmt: skip
+        self.task = setup_task(config, task)
+        check_data(self.task, config, self.batch_sizes)
+        self.dtype = DTYPES[config.train.dtype]
         self.sampler = Sampler(self.task.train_size, config.train.seed)
-        self.lr = self._setup_lr()
+        self.lr = setup_lr(config, self.batch_sizes, is_main=self.runtime.is_main)
         self._loss_fn = self.task.loss_fn  # one object: fast_micro_step compiles it once
-        model = self._setup_model()
+        model = setup_model(config, self.task, self.runtime.device, self.dtype)
         self.num_parameters = sum(p.numel() for p in model.parameters())
         self.trainable_parameters = sum(p.numel() for p in model.parameters() if p.requires_grad)
         self.memory_plan: MemoryChoice | None = None  # a resumed run reads its own from the checkpoint
         if planning:
             self.memory_plan, self.batch_sizes, self.config = self._plan_memory(model)
-        self.batch_schedule = self._setup_batch_schedule()
-        self.model = self._setup_parallel(model)  # the optimizer comes after it
+        self.batch_schedule = setup_batch_schedule(self.config, self.batch_sizes, self._loss_fn)
+        self.model = setup_parallel(model, self.config, self.runtime)  # the optimizer comes after it
         self.optimizer, self.scheduler = self._setup_optimizer(self.model)
-        self.accumulator = self._setup_engine(self.model, self.optimizer, self.scheduler)
+        self.accumulator = setup_engine(self.config, self.batch_sizes, self._loss_fn, self.model, self.optimizer,
+                                        self.scheduler)  # fmt: skip
         self.run_dir = self._setup_run(resume)
 
-    # -- setup steps, in the order __init__ runs them ----------------------------
-
-    def _setup_batch(self, planning: bool) -> BatchSizes:
-        """Resolve the batch sizes (once); the planner later picks the micro-batch if asked."""
-        b = self.config.batch
-        micro = None if planning and b.micro_batch_size == "auto" else b.micro_batch_size  # the planner picks it
-        sizes = resolve_batch_sizes(
-            logical_batch_size=b.logical_batch_size, micro_batch_size=micro, accumulation_steps=b.accumulation_steps,
-            world_size=self.runtime.world_size, setting_prefix="batch.",
-        )  # fmt: skip
-        if self.sharded:  # never planned (refused by _check_setup): these sizes are final
-            check_equal_micro_steps(sizes, setting_prefix="batch.", context='under train.parallel = "fsdp2"')
-        return sizes
-
-    def _setup_task(self, task: Task | None) -> Task:
-        """The given task, or the built-in one `config.task` names."""
-        if task is not None:
-            return task
-        options = dict(self.config.task.options)
-        if self.config.task.data is not None:
-            options["data"] = self.config.task.data
-        return build_task(self.config.task.name, **options)
-
-    def _check_data(self) -> None:
-        """Refuse a training split smaller than one logical batch: each step would count samples twice."""
-        n, logical = self.task.train_size, self.batch_sizes.logical_batch_size
-        if n >= logical:
-            return
-        data = f" from {self.config.task.data}" if self.config.task.data else ""
-        raise ConfigError(
-            f"task {self.task.name!r} has {n} training sample{'' if n == 1 else 's'}{data}, fewer than a logical "
-            f"batch of {logical}: every optimizer step would count some samples more than once. Give more data, "
-            f"or --set batch.logical_batch_size={n} (or less)."
-        )
-
-    def _setup_lr(self) -> float:
-        """The peak learning rate: `optim.lr` rescaled from its reference batch to the logical batch."""
-        o, steps = self.config.optim, self.config.train.steps
-        lr = o.lr if o.lr_scaling == "none" else scale_lr(
-            o.lr, o.reference_batch_size, self.batch_sizes.logical_batch_size, o.lr_scaling
-        )  # fmt: skip
-        if self.runtime.is_main and o.warmup_steps >= steps:
-            _warn_warmup_too_long(o.warmup_steps, steps, lr)
-        return lr
-
-    def _setup_batch_schedule(self) -> BatchSchedule:
-        """The logical batch size of each step (`batch.schedule`), in whole micro-batches per rank."""
-        b, sizes = self.config.batch, self.batch_sizes
-        micro = sizes.micro_batch_size
-        if b.schedule == "adaptive" and isinstance(self._loss_fn, BatchLoss):
-            raise ConfigError(
-                'batch.schedule = "adaptive" follows the measured noise scale, and a loss that couples '
-                "samples (this task's bb.BatchLoss) has none to measure; use batch.schedule = \"ramp\" or \"constant\"."
-            )
-        if b.schedule == "constant" or not isinstance(micro, int):  # "auto" is refused for the others
-            return BatchSchedule("constant", target=sizes.logical_batch_size, quantum=1)
-        quantum = micro * sizes.world_size
-        start = b.ramp_start
-        if start is None:  # one micro-batch per rank; two in one process, so the noise is measurable
-            start = quantum * (2 if b.schedule == "adaptive" and sizes.world_size == 1 else 1)
-        if b.schedule == "adaptive" and sizes.world_size == 1 and start <= micro:
-            raise ConfigError(
-                f'batch.schedule = "adaptive" measures the noise scale from two or more micro-steps, but '
-                f"batch.ramp_start = {start} is one micro-batch of {micro} in one process, so it would never "
-                f"measure it and never grow; use batch.ramp_start = {2 * micro} or more."
-            )
-        return BatchSchedule(
-            b.schedule, target=sizes.logical_batch_size, quantum=quantum, start=start, ramp_samples=b.ramp_samples,
-            ramp_items=b.ramp_tokens, adaptive_every=b.adaptive_every, noise_scale_factor=b.noise_scale_factor,
-        )  # fmt: skip
-
-    def _lr_at(self, logical_batch_size: int) -> float:
-        """The peak learning rate for a logical batch of this size (`optim.lr_scaling`)."""
-        o = self.config.optim
-        return o.lr if o.lr_scaling == "none" else scale_lr(o.lr, o.reference_batch_size, logical_batch_size, o.lr_scaling)
-
-    def _setup_model(self) -> nn.Module:
-        """The task's model on the run's device and dtype, initialised from the seed (the same on every rank)."""
-        torch.manual_seed(self.config.train.seed)
-        random.seed(self.config.train.seed)
-        return self.task.make_model().to(device=self.runtime.device, dtype=self.dtype)
+    # -- the setup steps that read or write the trainer (the rest: setup.py) ------
 
     def _plan_memory(self, model: nn.Module) -> tuple[MemoryChoice, BatchSizes, TrainConfig]:
         """The planner's choice (on the largest share of the first batch), the sizes and the config it gives."""
@@ -285,34 +147,14 @@ class Trainer:
         sizes = self.batch_sizes.with_micro_batch_size(choice.micro_batch_size)
         return choice, sizes, resolved_config(self.config, choice, sizes.logical_batch_size)
 
-    def _setup_parallel(self, model: nn.Module) -> nn.Module:
-        """`model` with activation checkpointing if asked, wrapped for the world (DDP or FSDP2)."""
-        if self.config.train.checkpointing:
-            checkpoint_blocks(model)
-        return wrap_model(model, self.config.train.parallel, self.runtime)
-
     def _setup_optimizer(self, model: nn.Module) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
         """The optimizer over the trainable parameters of the wrapped model, and its schedule."""
         optimizer = self._make_optimizer([p for p in model.parameters() if p.requires_grad])
         # The peak lr is for logical_batch_size; a scheduled batch of another size multiplies
-        # it by lr_at(size) / lr, read when the schedule is evaluated (see _use_batch_size).
-        factor = _schedule(self.config)
-        self._lr_ratio = self._lr_at(self.batch_schedule.first) / self.lr
+        # it by peak_lr(size) / lr, read when the schedule is evaluated (see _use_batch_size).
+        factor = lr_multiplier(self.config)
+        self._lr_ratio = peak_lr(self.config.optim, self.batch_schedule.first) / self.lr
         return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: factor(step) * self._lr_ratio)
-
-    def _setup_engine(
-        self, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LambdaLR
-    ) -> Accumulator:
-        """The Accumulator that runs each logical batch as micro-steps."""
-        t = self.config.train
-        # The noise estimator needs independent micro-steps; a BatchLoss's are pieces of one loss.
-        measure_noise = self.config.batch.measure_noise and not isinstance(self._loss_fn, BatchLoss)
-        return Accumulator(
-            model, optimizer, micro_batch_size=self.batch_sizes.micro_batch_size, scheduler=scheduler,
-            max_grad_norm=self.config.optim.max_grad_norm, precision=t.precision, skip_nonfinite=True,
-            fast_micro_step=None if t.fast_micro_step == "none" else t.fast_micro_step,
-            measure_noise=measure_noise, noise_ema_decay=self.config.batch.noise_ema_decay,
-        )  # fmt: skip
 
     def _setup_run(self, resume: str | Path | None) -> Path:
         """The run folder, locked by rank 0 for the run's life: a new one, or `resume`, whose checkpoint is loaded."""
@@ -327,7 +169,7 @@ class Trainer:
         self.last_checkpoint: tuple[int, Path] | None = None  # (step, path) of the newest one known good
         self._lock: RunLock | None = None
         try:
-            folder = self._on_rank0(lambda: self._claim_run_dir(resume))
+            folder = on_rank0(self.runtime, lambda: self._claim_run_folder(resume))
         except RunStorageError as e:
             if resume is None:
                 e.state = "Nothing was written."
@@ -346,42 +188,12 @@ class Trainer:
                 raise
         return folder
 
-    def _claim_run_dir(self, resume: str | Path | None) -> Path:
-        """Rank 0: create (or find) the run folder and take its lock before anything is written."""
-        if resume is not None:
-            folder = Path(resume)
-            if not folder.is_dir():
-                raise ConfigError(f"{folder} is not a run directory (no such folder); give the run's folder to resume.")
-        else:
-            run = self.config.run
-            base = f"{self.task.name}-{time.strftime('%Y%m%d-%H%M%S')}"
-            folder = create_run_folder(Path(run.dir), run.name, base)
-        self._lock = RunLock(folder)
-        self._lock.acquire()
-        try:
-            if resume is None:
-                _check_new_run_dir(folder)
-        except BaseException:
-            self.close()
-            raise
+    def _claim_run_folder(self, resume: str | Path | None) -> Path:
+        """Rank 0: create (or find) the run folder and hold its lock (rundir.claim_run_folder)."""
+        run = self.config.run
+        folder, self._lock = claim_run_folder(None if resume is None else Path(resume), Path(run.dir), run.name,
+                                              self.task.name)  # fmt: skip
         return folder
-
-    def _on_rank0(self, make: Callable[[], Path]) -> Path:
-        """`make()` on rank 0; its result on every rank, or its error raised on every rank (none waits forever)."""
-        outcome: Path | Exception | None = None
-        error: Exception | None = None
-        if self.runtime.is_main:
-            try:
-                outcome = make()
-            except (ConfigError, RunInUseError, RunStorageError) as e:
-                outcome = error = e
-        outcome = self.runtime.broadcast(outcome)
-        if error is not None:
-            raise error  # rank 0: the original, with its traceback
-        if isinstance(outcome, Exception):
-            raise outcome from None
-        assert isinstance(outcome, Path)
-        return outcome
 
     def close(self) -> None:
         """Let the run folder go (its lock); `fit` does this when it ends. Safe to call twice."""
@@ -390,10 +202,7 @@ class Trainer:
 
     def _make_optimizer(self, params: Any) -> torch.optim.Optimizer:
         """The run's optimizer over `params` (also the planner's factory, so it plans with the same state)."""
-        o = self.config.optim
-        if o.name == "adamw":
-            return torch.optim.AdamW(params, lr=self.lr, betas=(o.beta1, o.beta2), weight_decay=o.weight_decay)
-        return torch.optim.SGD(params, lr=self.lr, momentum=o.momentum, weight_decay=o.weight_decay)
+        return make_optimizer(self.config.optim, self.lr, params)
 
     # -- run directory and checkpoints --------------------------------------
 
@@ -428,7 +237,7 @@ class Trainer:
             WORLD_SIZE_KEY: self.runtime.world_size,
             SCHEDULER_KEY: self.scheduler.state_dict(),
             ACCUMULATOR_KEY: self.accumulator.state_dict(),
-            RNG_KEY: self.runtime.gather(_rng_state(self.runtime.device)),
+            RNG_KEY: self.runtime.gather(rng_state(self.runtime.device)),
             NONFINITE_KEY: [self.nonfinite_in_a_row, self.nonfinite_total],
             TRAIN_SECONDS_KEY: self.train_seconds,
             MEMORY_PLAN_KEY: None if self.memory_plan is None else self.memory_plan.to_dict(),
@@ -441,41 +250,27 @@ class Trainer:
         Under FSDP2 every rank writes its shards into a step directory (see
         bigbatch.train.sharded_checkpoint).
         """
-        rt, keep = self.runtime, self.config.checkpoint.keep
-        if self.sharded:
-            run_state = self._run_state()  # a collective: every rank calls it
-            path = sharded_checkpoint_path(self.checkpoint_dir, self.step)
-            with writing(f"writing the checkpoint of step {self.step}", path):
-                save_sharded(path, self.model, self.optimizer, run_state, rt)
-                if rt.is_main:
-                    prune_checkpoints(self.checkpoint_dir, keep)
-            rt.barrier()
-            self.last_checkpoint = (self.step, path)
-            return
-        state = self.state_dict()  # a collective (the RNG gather): every rank calls it
-        path = checkpoint_path(self.checkpoint_dir, self.step)
-        if rt.is_main:
-            with writing(f"writing the checkpoint of step {self.step}", path):
-                save_checkpoint(self.checkpoint_dir, self.step, state, keep)
-        rt.barrier()
+        # A collective (the RNG gather): every rank calls it. FSDP2 writes model and optimizer as shards.
+        state = self._run_state() if self.sharded else self.state_dict()
+        path = write_checkpoint(
+            self.runtime, sharded=self.sharded, checkpoint_dir=self.checkpoint_dir, step=self.step,
+            keep=self.config.checkpoint.keep, model=self.model, optimizer=self.optimizer, state=state,
+        )
         self.last_checkpoint = (self.step, path)
 
     def _resume(self) -> None:
         """Continue from the newest readable checkpoint, once it is known to fit this run."""
-        state = self._latest_checkpoint()
+        state, path = newest_checkpoint(self.runtime, self.checkpoint_dir, self.run_dir)
+        self.last_checkpoint = (state[STEP_KEY], path)
         check_resume(state, ResumingRun(
             run_dir=self.run_dir, world_size=self.runtime.world_size, sharded=self.sharded,
             optimizer_name=self.config.optim.name, steps=self.config.train.steps,
         ))  # fmt: skip
-        with model_must_fit(self.checkpoint_dir):
-            if self.sharded:
-                load_sharded(state[SHARDED_KEY], self.model, self.optimizer)
-            else:
-                self._unwrapped().load_state_dict(state[MODEL_KEY])
-                self.optimizer.load_state_dict(state[OPTIMIZER_KEY])
+        load_model_and_optimizer(state, self.model, self.optimizer, sharded=self.sharded,
+                                 checkpoint_dir=self.checkpoint_dir)  # fmt: skip
         self.scheduler.load_state_dict(state[SCHEDULER_KEY])
         self.accumulator.load_state_dict(state[ACCUMULATOR_KEY])
-        _set_rng_state(state[RNG_KEY][self.runtime.rank], self.runtime.device)
+        set_rng_state(state[RNG_KEY][self.runtime.rank], self.runtime.device)
         self.step, self.samples_seen = state[STEP_KEY], state[SAMPLES_SEEN_KEY]
         self.items_seen = state.get(ITEMS_SEEN_KEY, 0)
         self.noise_scale = state.get(NOISE_SCALE_KEY, math.nan)
@@ -485,22 +280,6 @@ class Trainer:
         record = state.get(MEMORY_PLAN_KEY)
         self.memory_plan = None if record is None else MemoryChoice.from_dict(record)
 
-    def _latest_checkpoint(self) -> dict[str, Any]:
-        """The newest checkpoint that verifies: rank 0 checks (and warns), every rank loads the one it chose."""
-        rt = self.runtime
-        found = newest_valid_checkpoint(self.checkpoint_dir) if rt.is_main else None
-        path = rt.broadcast(None if found is None else str(found[0]))
-        if path is None:
-            listed = list_checkpoints(self.checkpoint_dir)
-            raise ConfigError(
-                f"nothing to resume in {self.run_dir}: "
-                + ("no checkpoint could be read." if listed else "it holds no checkpoints (it stopped before its first).")
-                + f" Delete {self.run_dir} and start the run again without --resume."
-            )
-        state = found[1] if found is not None else read_checkpoint(Path(path), verify=False)  # rank 0 verified it
-        self.last_checkpoint = (state[STEP_KEY], Path(path))
-        return state
-
     def _run_info(self) -> report.RunInfo:
         """What the report says about this run."""
         cfg, o = self.config, self.config.optim
@@ -508,21 +287,13 @@ class Trainer:
             task_name=self.task.name, item_unit=getattr(self.task, "item_unit", "samples"),
             num_parameters=self.num_parameters, trainable_parameters=self.trainable_parameters,
             device=str(self.runtime.device),
-            world_size=self.runtime.world_size, sharded=self.sharded, batch=self._batch_text(),
+            world_size=self.runtime.world_size, sharded=self.sharded, batch=report.batch_text(self.config.batch.micro_batch_size, self.batch_sizes),
             batch_schedule=self.batch_schedule.describe(getattr(self.task, "item_unit", "samples")),
             memory_plan=self.memory_plan, checkpointing=cfg.train.checkpointing,
             fast_micro_step=cfg.train.fast_micro_step, lr=self.lr, base_lr=o.lr, lr_scaling=o.lr_scaling,
             reference_batch_size=o.reference_batch_size, warmup_steps=o.warmup_steps, schedule=o.schedule,
             run_dir=self.run_dir,
         )  # fmt: skip
-
-    def _batch_text(self) -> str:
-        """The batch sizes that run, in words, and a word on a micro-batch larger than a rank's share."""
-        asked, runs = self.config.batch.micro_batch_size, self.batch_sizes.micro_batch_size
-        text = self.batch_sizes.describe()
-        if isinstance(asked, int) and isinstance(runs, int) and asked > runs:
-            text += f" (batch.micro_batch_size = {asked} is more than a rank's share of the logical batch)"
-        return text
 
     # -- training -------------------------------------------------------------
 
@@ -533,7 +304,7 @@ class Trainer:
         same schedule factor (a resumed run's optimizer already holds it: no refresh).
         """
         self.batch_size = logical_batch_size
-        self._lr_ratio = self._lr_at(logical_batch_size) / self.lr
+        self._lr_ratio = peak_lr(self.config.optim, logical_batch_size) / self.lr
         if refresh_lr:
             for group, base, rule in zip(self.optimizer.param_groups, self.scheduler.base_lrs,
                                          self.scheduler.lr_lambdas):  # fmt: skip
@@ -626,7 +397,7 @@ class Trainer:
                     if self.nonfinite_in_a_row >= cfg.train.max_nonfinite_steps:
                         if metrics is not None:
                             metrics.write(row)  # the step that stops the run is in the log too
-                        error = self._not_recovering(row)
+                        error = not_recovering(cfg, self.nonfinite_in_a_row, self.step, row)
                         progress.close()
                         self._finish(metrics, info, baselines, stopped=True)  # the curve shows where it went
                         raise error
@@ -681,80 +452,18 @@ class Trainer:
         row["batch_size"] = size
         seconds = time.perf_counter() - start
         self.train_seconds += seconds
-        # fp16's scaler skips overflowing steps by design; only a non-finite loss counts there.
-        # A window with no items at all (every token ignored) is skipped too, but is not a blow-up.
-        if self.config.train.precision == "fp16":
-            bad = not math.isfinite(row["loss"])
-        else:
-            bad = bool(row["skipped"]) and row["count"] > 0
+        bad = is_nonfinite_step(self.config.train.precision, row)  # fp16: a non-finite loss only
         self.nonfinite_in_a_row = self.nonfinite_in_a_row + 1 if bad else 0
         self.nonfinite_total += bad
         row.update(step=self.step, items_per_s=row["count"] / seconds, seconds=seconds)
         return {"step": row.pop("step"), **row}
 
-    def _not_recovering(self, row: dict[str, Any]) -> NonFiniteLossError:
-        cfg = self.config
-        fixes = ["lower optim.lr"]
-        if cfg.optim.max_grad_norm is None:  # never advise what is already in place
-            fixes.append("set optim.max_grad_norm (e.g. 1.0)")
-        if cfg.train.precision == "fp16":
-            fixes.append('use train.precision = "bf16" instead of fp16')
-        fixes.append("check the data")
-        return NonFiniteLossError(
-            f"{self.nonfinite_in_a_row} optimizer steps in a row (up to step {self.step}) had a "
-            f"non-finite loss or gradient (last loss {row['loss']}); they were skipped, but training "
-            f"is not recovering. {_sentence(', '.join(fixes[:-1]))} or {fixes[-1]}; "
-            "train.max_nonfinite_steps sets this limit."
-        )
-
-    def _save_model(self) -> Path | None:
-        """The trained model in run_dir/model/, if the task can write it (`save_pretrained`; causal-lm).
-
-        Rank 0 writes; under FSDP2 every rank first takes part in gathering the full weights.
-        """
-        save = getattr(self.task, "save_pretrained", None)
-        if save is None:
-            return None
-        directory = self.run_dir / "model"
-        state = full_model_state(self.model) if self.sharded else None  # a collective
-        if self.runtime.is_main:
-            with writing("saving the trained model", directory):
-                save(self._unwrapped(), directory, state_dict=state)
-        self.runtime.barrier()
-        return directory
-
     def _finish(
         self, metrics: MetricsLog | None, info: report.RunInfo, baselines: dict[str, float], *, stopped: bool
     ) -> dict[str, Any]:
-        """The end of a run: the sample, summary.json and loss.png, whatever state the model is in.
-
-        A diverged model (inf/NaN parameters) gets no sample (sampling from NaN
-        probabilities fails) and the summary says so; the plot shows the finite part
-        of the curve. A run `stopped` by non-finite steps writes the files and prints
-        nothing (its error says the rest). Every rank calls this (the checks are collectives).
-        """
-        diverged = self._diverged()
-        model_dir = None if stopped or diverged else self._save_model()  # nothing worth keeping otherwise
-        sample = self._sample() if (self.runtime.is_main or self.sharded) and not diverged else None
-        if metrics is None:  # not rank 0
-            return {}
+        """The end of a run (run_end.finish_run): the sample, summary.json and loss.png; every rank calls it."""
         totals = report.RunTotals(self.step, self.samples_seen, self.train_seconds, self.nonfinite_total)
-        with writing("writing the summary and the loss plot", self.run_dir):
-            summary, text = report.finish(info, totals, metrics.rows, baselines, sample, model_dir, diverged=diverged)
-        if not stopped:
-            self._print(text)
-        return summary
-
-    def _diverged(self) -> bool:
-        """Whether any parameter is inf or NaN on any rank (a collective: FSDP2 ranks hold different shards)."""
-        local = not all(bool(torch.isfinite(p.detach()).all()) for p in self._unwrapped().parameters())
-        return any(self.runtime.gather(local))
-
-    def _sample(self) -> str | None:
-        """Text generated by the trained model (text task; on every rank under FSDP2)."""
-        generate = getattr(self.task, "generate", None)
-        if generate is None or self.config.train.sample_length <= 0:
-            return None
-        generator = torch.Generator().manual_seed(self.config.train.seed)  # the same tokens on every rank
-        text: str = generate(self.model, "\n", self.config.train.sample_length, generator=generator)
-        return text
+        return finish_run(
+            task=self.task, model=self.model, config=self.config, runtime=self.runtime, sharded=self.sharded,
+            run_dir=self.run_dir, metrics=metrics, info=info, totals=totals, baselines=baselines, stopped=stopped,
+        )
