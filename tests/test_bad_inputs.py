@@ -137,6 +137,7 @@ CLI = [
     (["train", "--set", "batch.micro_batch_siz=4"], 'Did you mean "batch.micro_batch_size"'),
     (["train", "--set", "batch.micro_batch_size=0"], 'must be an integer >= 1 or "auto", got 0'),
     (["train", "nosuch.toml"], "config file 'nosuch.toml' not found"),
+    (["train", "--task", "digits", "--data", "my.txt"], "task 'digits' ships its own data and takes no --data (task.data); the tasks that read a data file are text, causal-lm"),
     (["verify", "badcase.py:make_case", "--rtol", "-1"], "bigbatch verify: error: rtol must be a finite number > 0"),
     (["verify", "badcase.py:make_case", "--micro-batch-size", "0"], "bigbatch verify: error: micro_batch_size must be an integer >= 1"),
     (["verify", "--task", "digitz"], 'bigbatch verify: error: unknown task \'digitz\'; the built-in tasks are text, digits, causal-lm, contrastive. Did you mean "digits"?'),

@@ -151,6 +151,12 @@ def build_task(name: str, **overrides: Any) -> Task:
     valid = task_options(name)
     for key in overrides:
         if key not in valid:
+            if key == "data":  # --data or task.data: a task that ships its own data has no such option
+                takers = [t for t in TASK_NAMES if "data" in task_options(t)]
+                raise ConfigError(
+                    f"task {name!r} ships its own data and takes no --data (task.data); the tasks that read "
+                    f"a data file are {', '.join(takers)} and your own task (MODULE:FACTORY gets it as data=)."
+                )
             close = difflib.get_close_matches(key, valid, n=1)
             hint = f' Did you mean "{close[0]}"?' if close else ""
             raise ConfigError(
