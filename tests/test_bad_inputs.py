@@ -58,6 +58,8 @@ LIBRARY = [
     ("plan with a memory size it cannot read", lambda: bb.plan(_model(), (X, Y), _loss, max_memory="8XB"), bb.ConfigError, '"8GiB"'),
     ("a typo'd setting", lambda: bb.TrainConfig.load(None, ["batch.micro_batch_siz=4"]), bb.ConfigError, 'Did you mean "batch.micro_batch_size"'),
     ("--set with no key", lambda: bb.TrainConfig.load(None, ["=3"]), bb.ConfigError, "with no key"),
+    ("a config file path given to Trainer", lambda: bb.Trainer("my.toml"), bb.ConfigError, "use Trainer(TrainConfig.load('my.toml'))"),
+    ("a dict given to Trainer", lambda: bb.Trainer({"train": {"steps": 5}}), bb.ConfigError, "got dict"),
 ]  # fmt: skip
 
 

@@ -35,6 +35,7 @@ from torch import nn
 from ..batch_sizes import BatchSizes
 from ..batches import Batch, _map
 from ..distributed import unwrap_ddp
+from ..errors import ConfigError
 from ..tasks import Task
 from . import report
 from .batch_schedule import Consumed
@@ -90,6 +91,19 @@ from .state import (
 __all__ = ["NonFiniteLossError", "Trainer"]
 
 
+
+def check_is_config(config: object) -> None:
+    """Refuse anything but a TrainConfig, naming how to make one from what was given."""
+    if isinstance(config, TrainConfig):
+        return
+    if isinstance(config, (str, Path)):
+        fix = f"Trainer(TrainConfig.load({str(config)!r}))"
+    elif isinstance(config, dict):
+        fix = 'Trainer(TrainConfig.load(overrides=["train.steps=200", ...])), or config = TrainConfig(); config.update(your_nested_dict)'
+    else:
+        fix = "Trainer(TrainConfig.load(path_or_None, overrides=[...]))"
+    raise ConfigError(f"Trainer takes a TrainConfig, got {type(config).__name__}: use {fix}.")
+
 class Trainer:
     """Trains `config`'s task (or `task`) and writes a run directory.
 
@@ -111,6 +125,7 @@ class Trainer:
         # Setup reads top to bottom; each step returns what the next needs. The order is
         # part of the result and kept as it was: the seed is set just before the model
         # is built, and the planner (which runs training steps) comes after that.
+        check_is_config(config)
         config.validate()
         self.runtime = Runtime.from_env(config.train.device, timeout_s=config.train.timeout)
         planning = config.batch.max_memory is not None and resume is None  # a resumed run keeps its choice
