@@ -356,8 +356,7 @@ class Accumulator:
         move = not is_on_device(batch, self.device)
         if self._compiled_loss is not None:
             loss_fn = self._compiled_loss(loss_fn)
-        self._start_window()
-        self._window.start_step(n)  # the step API sees the whole batch
+        self._start_step_window(n)
         for i, piece in enumerate(pieces):
             last = i == len(pieces) - 1
             with self._micro_step_context(sync=last):
