@@ -2,7 +2,7 @@
 
 The order is part of the result: the seed is set just before the model is
 built (`setup_model`), and the planner (which runs training steps) comes after
-that. Checks come before the actions they guard (`check_setup`, `check_data`).
+that. Checks come before the actions they guard (`check_is_config`, `check_setup`, `check_data`).
 The steps that read or write the trainer's own state (the memory plan, the
 optimizer's schedule, the run folder) stay in bigbatch/train/trainer.py.
 """
@@ -10,6 +10,7 @@ optimizer's schedule, the run folder) stay in bigbatch/train/trainer.py.
 from __future__ import annotations
 
 import random
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -30,6 +31,27 @@ from .runtime import Runtime
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 """train.dtype -> the dtype the model and the batches' floats are held in."""
+
+
+def check_is_config(config: object) -> None:
+    """Refuse anything but a TrainConfig, naming how to make one from what was given.
+
+    Args:
+        config: what was passed to `Trainer(...)`.
+
+    Raises:
+        ConfigError: `config` is a path, a dict or anything else but a TrainConfig.
+    """
+    if isinstance(config, TrainConfig):
+        return
+    if isinstance(config, (str, Path)):
+        fix = f"Trainer(TrainConfig.load({str(config)!r}))"
+    elif isinstance(config, dict):
+        fix = ('Trainer(TrainConfig.load(overrides=["train.steps=200", ...])), '
+               "or config = TrainConfig(); config.update(your_nested_dict)")  # fmt: skip
+    else:
+        fix = "Trainer(TrainConfig.load(path_or_None, overrides=[...]))"
+    raise ConfigError(f"Trainer takes a TrainConfig, got {type(config).__name__}: use {fix}.")
 
 
 def check_setup(*, planning: bool, sharded: bool) -> None:

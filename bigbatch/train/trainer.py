@@ -35,7 +35,6 @@ from torch import nn
 from ..batch_sizes import BatchSizes
 from ..batches import Batch, _map
 from ..distributed import unwrap_ddp
-from ..errors import ConfigError
 from ..tasks import Task
 from . import report
 from .batch_schedule import Consumed
@@ -56,6 +55,7 @@ from .save_resume import load_model_and_optimizer, newest_checkpoint, write_chec
 from .setup import (
     DTYPES,
     check_data,
+    check_is_config,
     check_setup,
     make_optimizer,
     setup_batch,
@@ -90,19 +90,6 @@ from .state import (
 
 __all__ = ["NonFiniteLossError", "Trainer"]
 
-
-
-def check_is_config(config: object) -> None:
-    """Refuse anything but a TrainConfig, naming how to make one from what was given."""
-    if isinstance(config, TrainConfig):
-        return
-    if isinstance(config, (str, Path)):
-        fix = f"Trainer(TrainConfig.load({str(config)!r}))"
-    elif isinstance(config, dict):
-        fix = 'Trainer(TrainConfig.load(overrides=["train.steps=200", ...])), or config = TrainConfig(); config.update(your_nested_dict)'
-    else:
-        fix = "Trainer(TrainConfig.load(path_or_None, overrides=[...]))"
-    raise ConfigError(f"Trainer takes a TrainConfig, got {type(config).__name__}: use {fix}.")
 
 class Trainer:
     """Trains `config`'s task (or `task`) and writes a run directory.
