@@ -189,7 +189,7 @@ class CausalLMTask:
             )
         positions = getattr(config, "max_position_embeddings", None)
         self._positions = positions if isinstance(positions, int) and positions > 0 else None
-        if isinstance(positions, int) and 0 < positions < self.max_length:
+        if self._positions is not None and self._positions < self.max_length:
             # GPT-2's learnt position embedding has no row past it: the forward would end in an IndexError.
             raise ConfigError(
                 f"max_length={self.max_length} tokens is longer than {self.model!r} reads: its config has "
