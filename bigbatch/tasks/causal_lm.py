@@ -51,6 +51,7 @@ from ..devices import model_device
 from ..distributed import unwrap_ddp
 from ..errors import ConfigError
 from ..losses import LossSum
+from .epochs import shuffled_epoch
 
 _INSTALL = 'pip install "bigbatch[hf]"'
 
@@ -335,9 +336,7 @@ class CausalLMTask:
 
     def train_batches(self, batch_size: int, generator: torch.Generator) -> Iterator[Batch]:
         """One epoch of training batches in an order drawn from `generator`."""
-        order = torch.randperm(self.train_size, generator=generator).tolist()
-        for i in range(0, len(order), batch_size):
-            yield self.train_batch(order[i : i + batch_size])
+        return shuffled_epoch(self, batch_size, generator)
 
     def val_batches(self, batch_size: int) -> Iterator[Batch]:
         """The first `eval_samples` held-out pieces, in order."""

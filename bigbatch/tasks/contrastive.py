@@ -37,6 +37,7 @@ from ..distributed import unwrap_ddp
 from ..errors import ConfigError
 from ..losses import LossSum
 from .digits import _load
+from .epochs import shuffled_epoch
 
 NEGATIVES = ("logical_batch", "micro_batch")
 _SIDE = 8  # the images are 8 x 8
@@ -212,9 +213,7 @@ class ContrastiveTask:
 
     def train_batches(self, batch_size: int, generator: torch.Generator) -> Iterator[Batch]:
         """One epoch of shuffled training batches."""
-        order = torch.randperm(self.train_size, generator=generator).tolist()
-        for i in range(0, len(order), batch_size):
-            yield self.train_batch(order[i : i + batch_size])
+        return shuffled_epoch(self, batch_size, generator)
 
     def val_batches(self, batch_size: int) -> Iterator[Batch]:
         """The held-out images, in order."""

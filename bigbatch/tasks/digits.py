@@ -22,6 +22,7 @@ from torch import nn
 from ..batches import Batch
 from ..distributed import unwrap_ddp
 from ..errors import ConfigError
+from .epochs import shuffled_epoch
 
 NORMS = ("none", "batchnorm", "groupnorm")
 
@@ -102,9 +103,7 @@ class DigitsTask:
 
     def train_batches(self, batch_size: int, generator: torch.Generator) -> Iterator[Batch]:
         """One shuffled epoch of the training split; the last batch may be smaller."""
-        order = torch.randperm(self.train_size, generator=generator).tolist()
-        for i in range(0, len(order), batch_size):
-            yield self.train_batch(order[i : i + batch_size])
+        return shuffled_epoch(self, batch_size, generator)
 
     def val_batches(self, batch_size: int) -> Iterator[Batch]:
         """The held-out images, in order."""

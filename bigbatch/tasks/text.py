@@ -30,6 +30,7 @@ from ..devices import model_device
 from ..distributed import unwrap_ddp
 from ..errors import ConfigError
 from ..losses import LossSum
+from .epochs import shuffled_epoch
 
 IGNORE = -100
 MIN_VAL_TOKENS = 100
@@ -286,9 +287,7 @@ class TextTask:
 
     def train_batches(self, batch_size: int, generator: torch.Generator) -> Iterator[Batch]:
         """One epoch of training batches in an order drawn from `generator`."""
-        order = torch.randperm(self.train_size, generator=generator).tolist()
-        for i in range(0, len(order), batch_size):
-            yield self.train_batch(order[i : i + batch_size])
+        return shuffled_epoch(self, batch_size, generator)
 
     def val_batches(self, batch_size: int) -> Iterator[Batch]:
         """The first `eval_samples` held-out samples, in order."""
