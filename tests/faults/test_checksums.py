@@ -23,7 +23,7 @@ from bigbatch.train.checkpoint import (
 from bigbatch.train.checksums import MANIFEST, UnverifiedCheckpointWarning, sidecar_path
 from bigbatch.train.runtime import Runtime
 from bigbatch.train.sharded_checkpoint import load_sharded, save_sharded
-from tests.train.conftest import torchrun_train
+from tests.train.conftest import assert_same_sharded_state, torchrun_train
 
 FLIP = 64  # bytes flipped at each offset, as in the report
 
@@ -201,14 +201,7 @@ def test_fsdp2_resume_past_a_flipped_shard_continues_bit_identically(fsdp2_run):
     assert done.returncode == 0, done.stderr[-3000:]
     assert "resumed at step 3" in done.stdout
     assert done.stderr.count("__1_0.distcp does not match its SHA-256") == 1  # rank 0 warns, once
-    from bigbatch.train.sharded_checkpoint import load_full_state
-
-    whole, resumed = (load_full_state(list_checkpoints(r / "checkpoints")[-1][1]) for r in (run, copy))
-    for key in whole["model"]:
-        assert torch.equal(resumed["model"][key], whole["model"][key]), key
-    for fqn, state in whole["optimizer"]["state"].items():
-        for name, value in state.items():
-            assert torch.equal(torch.as_tensor(resumed["optimizer"]["state"][fqn][name]), torch.as_tensor(value))
+    assert_same_sharded_state(run, copy)
 
 
 def test_save_checkpoint_writes_the_pair_atomically_and_prunes_orphans(tmp_path):

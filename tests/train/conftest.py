@@ -59,3 +59,16 @@ def run_fsdp2(root):
     done = torchrun_train([*overrides, "train.parallel=fsdp2", "train.checkpointing=true"], "--name", "fsdp2")
     assert done.returncode == 0, done.stderr[-3000:]
     return overrides, root / "runs" / "fsdp2", done.stdout
+
+
+def assert_same_sharded_state(run, copy):
+    """The newest distributed checkpoints of two run folders hold bit-identical model and optimizer state."""
+    from bigbatch.train.checkpoint import list_checkpoints
+    from bigbatch.train.sharded_checkpoint import load_full_state
+
+    whole, resumed = (load_full_state(list_checkpoints(r / "checkpoints")[-1][1]) for r in (run, copy))
+    for key in whole["model"]:
+        assert torch.equal(resumed["model"][key], whole["model"][key]), key
+    for fqn, state in whole["optimizer"]["state"].items():
+        for name, value in state.items():
+            assert torch.equal(torch.as_tensor(resumed["optimizer"]["state"][fqn][name]), torch.as_tensor(value))

@@ -28,6 +28,20 @@ def _final_state(run: Path):
     return torch.load(list_checkpoints(run / "checkpoints")[-1][1], weights_only=True)
 
 
+def _sigkill_at_row(cmd, env, run: Path, kill_at: int) -> None:
+    """Start `cmd` and SIGKILL it once run/metrics.jsonl holds `kill_at` rows (it must die by the signal)."""
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    metrics = run / "metrics.jsonl"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and proc.poll() is None:
+        if metrics.exists() and metrics.read_text().count("\n") >= kill_at:
+            proc.send_signal(signal.SIGKILL)
+            break
+        time.sleep(0.002)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, proc.stderr.read().decode() if proc.stderr else ""
+
+
 def _assert_identical(a, b):
     assert a["step"] == b["step"] == STEPS
     for key in a["model"]:
@@ -46,16 +60,7 @@ def test_sigkill_at_a_random_step_then_resume_is_bit_identical(tiny, tmp_path):
     print(f"killing at step {kill_at}")
     cmd, env = _cli(*[f"--set={o}" for o in overrides], "--name", "killed")
     run = Path(TrainConfig.load(overrides=overrides).run.dir) / "killed"
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    deadline = time.monotonic() + 120
-    metrics = run / "metrics.jsonl"
-    while time.monotonic() < deadline and proc.poll() is None:
-        if metrics.exists() and metrics.read_text().count("\n") >= kill_at:
-            proc.send_signal(signal.SIGKILL)
-            break
-        time.sleep(0.002)
-    proc.wait()
-    assert proc.returncode == -signal.SIGKILL, proc.stderr.read().decode() if proc.stderr else ""
+    _sigkill_at_row(cmd, env, run, kill_at)
     stopped = list_checkpoints(run / "checkpoints")[-1][0]
     assert 0 < stopped < STEPS  # the premise: it died mid-run
 
@@ -64,7 +69,7 @@ def test_sigkill_at_a_random_step_then_resume_is_bit_identical(tiny, tmp_path):
     assert done.returncode == 0, done.stderr
     assert f"resumed at step {stopped}" in done.stdout
     _assert_identical(_final_state(run), _final_state(reference.run_dir))
-    rows = [json.loads(line) for line in metrics.read_text().splitlines()]
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == list(range(1, STEPS + 1))
     whole = [json.loads(line) for line in (reference.run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["loss"] for r in rows] == [r["loss"] for r in whole]
@@ -141,16 +146,7 @@ def test_sigkill_mid_ramp_then_resume_is_bit_identical(tiny):
     print(f"killing at step {kill_at}")
     cmd, env = _cli(*[f"--set={o}" for o in overrides], "--name", "killed")
     run = Path(TrainConfig.load(overrides=overrides).run.dir) / "killed"
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    metrics = run / "metrics.jsonl"
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and proc.poll() is None:
-        if metrics.exists() and metrics.read_text().count("\n") >= kill_at:
-            proc.send_signal(signal.SIGKILL)
-            break
-        time.sleep(0.002)
-    proc.wait()
-    assert proc.returncode == -signal.SIGKILL, proc.stderr.read().decode() if proc.stderr else ""
+    _sigkill_at_row(cmd, env, run, kill_at)
     stopped, path = list_checkpoints(run / "checkpoints")[-1]
     assert 0 < stopped < steps
     assert 4 < torch.load(path, weights_only=True)["batch_size"] < 32  # premise: killed mid-ramp
