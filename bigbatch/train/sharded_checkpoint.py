@@ -11,8 +11,12 @@ barrier rank 0 adds trainer.pt, SHA256SUMS and COMPLETE and renames the folder
 to its final name, so a crash leaves no half-written directory under a
 checkpoint's name, and a directory without COMPLETE, or whose files do not
 match SHA256SUMS, counts as corrupt (the loader falls back to the one before).
-Loading needs the same world size (`load_sharded` on every rank);
-`load_full_state` reads a sharded checkpoint's whole model and optimizer state
+Loading re-shards: `load_sharded` (on every rank) reads the directory into
+whatever the model is now, FSDP2 shards over any number of ranks or one
+process's whole tensors, since DCP stores each tensor's global shape and which
+slice each file holds. A run with train.parallel = "fsdp2" writes these
+directories in one process too (no process group: DCP's single-process mode),
+so it can move between 1 and N processes. `load_full_state` reads a sharded checkpoint's whole model and optimizer state
 in one process (no process group), for export or inspection.
 """
 
@@ -25,6 +29,7 @@ from pathlib import Path
 from typing import IO, Any, cast
 
 import torch
+import torch.distributed as dist
 from torch import nn
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
@@ -55,7 +60,7 @@ def save_sharded(
     runtime.barrier()
     try:
         model_state, optim_state = get_state_dict(model, optimizer)
-        dcp_save({MODEL_KEY: model_state, OPTIMIZER_KEY: optim_state}, checkpoint_id=tmp)
+        dcp_save({MODEL_KEY: model_state, OPTIMIZER_KEY: optim_state}, checkpoint_id=tmp, no_dist=_no_dist())
         runtime.barrier()  # every rank's shards are on disk
         # DCP names rank r's files "__r_N.distcp"; anything no rank claims, rank 0 hashes below.
         mine = {p.name: sha256_of(p) for p in sorted(tmp.glob(f"__{runtime.rank}_*"))}
@@ -88,10 +93,19 @@ def _finish_folder(tmp: Path, final: Path, run_state: dict[str, Any], digests: d
     fsync_path(final.parent)  # the caller's prune_checkpoints removes what killed writes left
 
 
+def _no_dist() -> bool:
+    """No process group: one process reads and writes the whole tensors (DCP's no_dist mode)."""
+    return not (dist.is_available() and dist.is_initialized())
+
+
 def load_sharded(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
-    """Load model and optimizer shards from `path` in place (every rank, the saving world size)."""
+    """Load model and optimizer from the step directory `path` in place (every rank calls it).
+
+    The world may differ from the one that wrote it: DCP reads each rank's slice of
+    every tensor (or the whole tensor, in one process) from whichever files hold it.
+    """
     model_state, optim_state = get_state_dict(model, optimizer)
-    dcp_load({MODEL_KEY: model_state, OPTIMIZER_KEY: optim_state}, checkpoint_id=path)  # in place
+    dcp_load({MODEL_KEY: model_state, OPTIMIZER_KEY: optim_state}, checkpoint_id=path, no_dist=_no_dist())
     set_state_dict(model, optimizer, model_state_dict=model_state, optim_state_dict=optim_state)
 
 

@@ -5,11 +5,18 @@ its DCP shards) keyed by the names below; the trainer writes and reads them
 only through these constants. `check_resume` and `model_must_fit` are every
 rule a resumed run must meet, each error naming the setting to change:
 
-- the same number of processes (`world_size` is saved; RNG states are per rank);
-- the same `train.parallel` (a file under DDP, a step directory under FSDP2);
+- the same `train.parallel` (a file under DDP or one process, a step directory
+  under FSDP2, in any number of processes);
 - the same `optim.name` (AdamW's state would load into SGD silently);
 - a `train.steps` at least the step reached;
 - the same model (its shapes are known only by loading: FSDP2 shards hold them).
+
+The number of processes and `batch.micro_batch_size` may change: the sampler
+names the samples of the global logical batch, the schedules and meters count
+global steps and items, a batch schedule keeps the grid it started on
+(`BATCH_QUANTUM_KEY`: micro_batch_size x world size then), DCP re-shards FSDP2
+state, and `rank_rng_state` gives a rank the saved world did not have rank 0's
+random state.
 """
 
 from __future__ import annotations
@@ -29,6 +36,7 @@ STEP_KEY = "step"  # optimizer steps taken
 SAMPLES_SEEN_KEY = "samples_seen"  # the data position: the sampler resumes from it
 ITEMS_SEEN_KEY = "items_seen"  # items the loss counted so far (a ramp in tokens reads it)
 BATCH_SIZE_KEY = "batch_size"  # the logical batch of the last step (batch.schedule changes it)
+BATCH_QUANTUM_KEY = "batch_quantum"  # the grid a scheduled size is on, fixed when the run started
 NOISE_SCALE_KEY = "noise_scale"  # the last simple noise scale, which "adaptive" decides from
 WORLD_SIZE_KEY = "world_size"
 MODEL_KEY = "model"  # the bare model's state_dict (a file; DCP shards under FSDP2)
@@ -53,9 +61,8 @@ class ResumingRun:
     """What the run that wants to continue a checkpoint is (see `check_resume`)."""
 
     run_dir: Path
-    world_size: int
     sharded: bool
-    """FSDP2 over several ranks: its checkpoints are step directories."""
+    """train.parallel = "fsdp2" (in any number of processes): its checkpoints are step directories."""
     optimizer_name: str
     steps: int
     """The run's `train.steps`."""
@@ -69,17 +76,12 @@ def check_resume(state: Mapping[str, Any], run: ResumingRun) -> None:
         run: the resuming run.
 
     Raises:
-        ConfigError: a different world size, `train.parallel`, `optim.name`, or
-            a checkpoint already past `train.steps`; the message names the fix.
+        ConfigError: a different `train.parallel`, `optim.name`, or a checkpoint
+            already past `train.steps`; the message names the fix.
 
     Example:
-        >>> check_resume({"world_size": 1, "step": 2}, ResumingRun(Path("runs/a"), 1, False, "adamw", 4))
+        >>> check_resume({"world_size": 2, "step": 2}, ResumingRun(Path("runs/a"), False, "adamw", 4))
     """
-    if state[WORLD_SIZE_KEY] != run.world_size:
-        raise ConfigError(
-            f"the checkpoint was written by {state[WORLD_SIZE_KEY]} processes and this run has "
-            f"{run.world_size}; resume with the same number (torchrun --nproc-per-node)."
-        )
     if (SHARDED_KEY in state) != run.sharded:  # a step directory or a file
         written, now = ("ddp", "fsdp2") if run.sharded else ("fsdp2", "ddp")
         raise ConfigError(
@@ -138,6 +140,24 @@ def rng_state(device: torch.device) -> dict[str, Any]:
         "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
         "python": random.getstate(),
     }
+
+
+def rank_rng_state(saved: list[dict[str, Any]], rank: int) -> dict[str, Any]:
+    """The random state rank `rank` resumes with: its own, or rank 0's if the saved world was smaller.
+
+    Training itself draws no random numbers the split could change unless the
+    model has dropout (then only split-invariant dropout keeps a resumed run on
+    another world exact); rank 0's state keeps what rank 0 alone draws (the
+    sample at the end) the same as the uninterrupted run's.
+
+    Args:
+        saved: `RNG_KEY`: every saving rank's state, in rank order.
+        rank: this process's rank now.
+
+    Returns:
+        The state for `set_rng_state`.
+    """
+    return saved[rank] if rank < len(saved) else saved[0]
 
 
 def set_rng_state(state: dict[str, Any], device: torch.device) -> None:

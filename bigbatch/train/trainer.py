@@ -24,6 +24,7 @@ This module wires the run and drives its loop; the parts it wires live apart:
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from pathlib import Path
@@ -68,6 +69,7 @@ from .setup import (
 )
 from .state import (
     ACCUMULATOR_KEY,
+    BATCH_QUANTUM_KEY,
     BATCH_SIZE_KEY,
     ITEMS_SEEN_KEY,
     MEMORY_PLAN_KEY,
@@ -84,6 +86,7 @@ from .state import (
     WORLD_SIZE_KEY,
     ResumingRun,
     check_resume,
+    rank_rng_state,
     rng_state,
     set_rng_state,
 )
@@ -104,8 +107,9 @@ class Trainer:
     logical batch, and the model is wrapped in DistributedDataParallel (only rank 0
     writes checkpoints) or, with train.parallel = "fsdp2", sharded with `fully_shard`
     (every rank writes its shards into a distributed checkpoint, and evaluation and
-    sampling run on all ranks together). Only rank 0 prints and logs. Limits: resume
-    needs the same world size.
+    sampling run on all ranks together). Only rank 0 prints and logs. A resumed run
+    may have another number of processes or another batch.micro_batch_size: the
+    same logical batches follow, in the same order (bigbatch.train.state).
     """
 
     def __init__(self, config: TrainConfig, *, task: Task | None = None, resume: str | Path | None = None) -> None:
@@ -117,6 +121,8 @@ class Trainer:
         self.runtime = Runtime.from_env(config.train.device, timeout_s=config.train.timeout)
         planning = config.batch.max_memory is not None and resume is None  # a resumed run keeps its choice
         self.sharded = config.train.parallel == "fsdp2" and self.runtime.world_size > 1
+        # Step directories (DCP) under fsdp2 in one process too, so that a run moves between 1 and N.
+        self.sharded_checkpoints = config.train.parallel == "fsdp2"
         check_setup(planning=planning, sharded=self.sharded)
         self.config = config
         self.batch_sizes = setup_batch(config, world_size=self.runtime.world_size, planning=planning,
@@ -235,6 +241,7 @@ class Trainer:
             SAMPLES_SEEN_KEY: self.samples_seen,
             ITEMS_SEEN_KEY: self.items_seen,
             BATCH_SIZE_KEY: self.batch_size,
+            BATCH_QUANTUM_KEY: self.batch_schedule.quantum,
             NOISE_SCALE_KEY: self.noise_scale,
             WORLD_SIZE_KEY: self.runtime.world_size,
             SCHEDULER_KEY: self.scheduler.state_dict(),
@@ -253,9 +260,9 @@ class Trainer:
         bigbatch.train.sharded_checkpoint).
         """
         # A collective (the RNG gather): every rank calls it. FSDP2 writes model and optimizer as shards.
-        state = self._run_state() if self.sharded else self.state_dict()
+        state = self._run_state() if self.sharded_checkpoints else self.state_dict()
         path = write_checkpoint(
-            self.runtime, sharded=self.sharded, checkpoint_dir=self.checkpoint_dir, step=self.step,
+            self.runtime, sharded=self.sharded_checkpoints, checkpoint_dir=self.checkpoint_dir, step=self.step,
             keep=self.config.checkpoint.keep, model=self.model, optimizer=self.optimizer, state=state,
         )
         self.last_checkpoint = (self.step, path)
@@ -265,17 +272,20 @@ class Trainer:
         state, path = newest_checkpoint(self.runtime, self.checkpoint_dir, self.run_dir)
         self.last_checkpoint = (state[STEP_KEY], path)
         check_resume(state, ResumingRun(
-            run_dir=self.run_dir, world_size=self.runtime.world_size, sharded=self.sharded,
+            run_dir=self.run_dir, sharded=self.sharded_checkpoints,
             optimizer_name=self.config.optim.name, steps=self.config.train.steps,
         ))  # fmt: skip
-        load_model_and_optimizer(state, self.model, self.optimizer, sharded=self.sharded,
+        load_model_and_optimizer(state, self.model, self.optimizer, sharded=self.sharded_checkpoints,
                                  checkpoint_dir=self.checkpoint_dir)  # fmt: skip
         self.scheduler.load_state_dict(state[SCHEDULER_KEY])
         self.accumulator.load_state_dict(state[ACCUMULATOR_KEY])
-        set_rng_state(state[RNG_KEY][self.runtime.rank], self.runtime.device)
+        set_rng_state(rank_rng_state(state[RNG_KEY], self.runtime.rank), self.runtime.device)
         self.step, self.samples_seen = state[STEP_KEY], state[SAMPLES_SEEN_KEY]
         self.items_seen = state.get(ITEMS_SEEN_KEY, 0)
         self.noise_scale = state.get(NOISE_SCALE_KEY, math.nan)
+        quantum = state.get(BATCH_QUANTUM_KEY, self.batch_schedule.quantum)  # older checkpoints lack it
+        # Another micro-batch size or world size: the scheduled sizes stay on the grid the run started on.
+        self.batch_schedule = dataclasses.replace(self.batch_schedule, quantum=quantum)
         self._use_batch_size(state.get(BATCH_SIZE_KEY, self.batch_sizes.logical_batch_size), refresh_lr=False)
         self.nonfinite_in_a_row, self.nonfinite_total = state[NONFINITE_KEY]
         self.train_seconds = state[TRAIN_SECONDS_KEY]

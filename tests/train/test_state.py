@@ -8,7 +8,7 @@ from bigbatch.errors import ConfigError
 from bigbatch.train import TrainConfig, Trainer, state
 from bigbatch.train.state import ResumingRun, check_resume, model_must_fit
 
-RUN = ResumingRun(run_dir=Path("runs/r"), world_size=2, sharded=False, optimizer_name="adamw", steps=10)
+RUN = ResumingRun(run_dir=Path("runs/r"), sharded=False, optimizer_name="adamw", steps=10)
 SAVED = {state.WORLD_SIZE_KEY: 2, state.STEP_KEY: 4, state.OPTIMIZER_NAME_KEY: "adamw"}
 
 
@@ -21,7 +21,6 @@ def test_a_matching_checkpoint_resumes():
 @pytest.mark.parametrize(
     "change, match",
     [
-        ({state.WORLD_SIZE_KEY: 4}, r"written by 4 processes and this run has 2.*--nproc-per-node"),
         ({state.SHARDED_KEY: Path("step-0000004")}, r"train.parallel = 'fsdp2' and this run uses 'ddp'.*train.parallel=fsdp2"),
         ({state.OPTIMIZER_NAME_KEY: "sgd"}, r"optim.name = 'sgd' and this run uses 'adamw'.*--set optim.name=sgd"),
         ({state.STEP_KEY: 11}, r"runs/r is already at step 11, past train.steps=10.*--steps 22"),
@@ -34,7 +33,13 @@ def test_each_rule_names_the_setting_to_change(change, match):
 
 def test_a_file_checkpoint_refuses_an_fsdp2_run():
     with pytest.raises(ConfigError, match=r"train.parallel = 'ddp' and this run uses 'fsdp2'"):
-        check_resume(SAVED, ResumingRun(Path("runs/r"), 2, True, "adamw", 10))
+        check_resume(SAVED, ResumingRun(Path("runs/r"), True, "adamw", 10))
+
+
+def test_another_number_of_processes_resumes_and_a_new_rank_takes_rank_0s_random_state():
+    check_resume({**SAVED, state.WORLD_SIZE_KEY: 4}, RUN)  # no rule on the world size
+    saved = [{"torch": 0}, {"torch": 1}]
+    assert [state.rank_rng_state(saved, r)["torch"] for r in range(3)] == [0, 1, 0]
 
 
 def test_a_load_that_does_not_fit_the_model_is_a_config_error():
