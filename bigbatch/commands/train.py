@@ -140,7 +140,7 @@ def run(args: argparse.Namespace) -> int:
         return _list_settings(args)
     from ..train.interrupt import TrainingInterrupted
     from ..train.rundir import RunInUseError, RunStorageError
-    from ..train.runtime import RankLostError
+    from ..train.runtime import RankLostError, leave_process_group
     from ..train.trainer import NonFiniteLossError, Trainer
     from .cases import UsageError
 
@@ -165,7 +165,10 @@ def run(args: argparse.Namespace) -> int:
     finally:
         if trainer is not None:
             trainer.close()
-            trainer.runtime.close()
+        # The trainer's model holds the process group: drop it first, so that leaving the group
+        # (also when Trainer() itself failed) frees gloo's threads now, not during interpreter exit.
+        trainer = None
+        leave_process_group()
     return 0
 
 

@@ -3,11 +3,23 @@
 torchrun sets RANK, WORLD_SIZE and LOCAL_RANK; `Runtime.from_env` then joins
 the process group (nccl on CUDA, gloo on CPU) and picks this rank's GPU. A
 plain `bigbatch train` is a world of one and touches no process group.
+
+Leaving it (`leave_process_group`) destroys the group and then frees it, so
+that gloo's threads (`pt_gloo_runloop`, `gloo_tcp_loop`) are joined while the
+interpreter is alive. `destroy_process_group` alone does not stop them: the
+backend lives while anything holds it (DDP's reducer, FSDP2's mesh, the trainer
+that holds those in a reference cycle), and was then freed during interpreter
+finalization; a gloo thread still finishing the last collective that needed
+the GIL there was ended by Python's pthread_exit, whose unwinding through C++
+aborts the process: "terminate called without an active exception" after a
+complete run (issue 19).
 """
 
 from __future__ import annotations
 
 import datetime
+import gc
+import importlib
 import os
 from dataclasses import dataclass
 from typing import Any
@@ -92,10 +104,15 @@ class Runtime:
             torch.cuda.set_device(dev)
         owns = False
         if world_size > 1 and not dist.is_initialized():
+            # Imported first: its functions take the world group as a default argument, bound at
+            # import; imported after the group exists they would hold it for the life of the process.
+            importlib.import_module("torch.distributed.nn.functional")
+
             dist.init_process_group(
                 backend="nccl" if dev.type == "cuda" else "gloo", timeout=datetime.timedelta(seconds=timeout_s)
             )
             owns = True
+            _JOINED[0] = True
         if dist.is_initialized():
             rank, world_size = dist.get_rank(), dist.get_world_size()
         return cls(rank, world_size, dev, owns)
@@ -122,6 +139,24 @@ class Runtime:
         return out
 
     def close(self) -> None:
-        """Leave the process group if this runtime joined it."""
-        if self.owns_process_group and dist.is_initialized():
-            dist.destroy_process_group()
+        """Leave the process group if this runtime joined it (see `leave_process_group`)."""
+        if self.owns_process_group:
+            leave_process_group()
+
+
+_JOINED = [False]  # whether a Runtime of this process joined the process group (and must leave it)
+
+
+def leave_process_group() -> None:
+    """Destroy the process group a `Runtime` joined, then free it: its threads end here, not at exit.
+
+    Call it on every way out, after dropping the trainer (its model holds the group):
+    the garbage collection here frees the backend, whose destructor joins its threads.
+    A no-op when no Runtime joined a group (a world of one, or a group the caller made).
+    """
+    if not _JOINED[0]:
+        return
+    _JOINED[0] = False
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    gc.collect()

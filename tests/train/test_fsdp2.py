@@ -15,7 +15,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from bigbatch.errors import ConfigError
 from bigbatch.train import TrainConfig, Trainer
 from bigbatch.train.checkpoint import MARKER, list_checkpoints
 from bigbatch.train.sharded_checkpoint import load_full_state
@@ -73,8 +72,32 @@ def test_fsdp2_resume_skips_an_unfinished_newest_checkpoint_and_continues_identi
     assert [r["loss"] for r in _rows(copy)] == [r["loss"] for r in _rows(run)]
 
 
-def test_fsdp2_checkpoint_at_another_world_size_is_a_clear_error(fsdp2_run):
-    _, run, _ = fsdp2_run
-    config = TrainConfig.load(run / "config.toml")
-    with pytest.raises(ConfigError, match="written by 2 processes and this run has 1"):
-        Trainer(config, resume=run)
+def test_fsdp2_resumes_in_one_process_and_back_on_two_at_other_micro_batch_sizes(fsdp2_run):
+    # 2 ranks (micro 4, the fixture) -> 1 process (micro 3) -> 2 ranks (micro 5): DCP re-shards the
+    # step directories each way. The reference takes the same legs (each sets train.steps, which the
+    # cosine schedule reads) in one process at micro 4, with single-file checkpoints.
+    overrides, run, _ = fsdp2_run
+    assert all(13 % micro != 0 for micro in (3, 4, 5))  # the premise: every leg splits 13 unevenly
+    moved = run.parent / "moved"
+    shutil.copytree(run, moved)
+    Trainer(TrainConfig.load(moved / "config.toml", ["train.steps=6", "batch.micro_batch_size=3"]), resume=moved).fit()
+    one = list_checkpoints(moved / "checkpoints")[-1][1]
+    assert one.is_dir() and len(list(one.glob("*.distcp"))) == 1  # one process wrote the whole tensors
+    done = torchrun_train(["train.steps=8", "batch.micro_batch_size=5"], "--resume", str(moved))
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "resumed at step 6" in done.stdout and "x 2 ranks (FSDP2)" in done.stdout
+
+    ref = Trainer(TrainConfig.load(overrides=[*overrides, "run.name=legs"]))
+    ref.fit()
+    for steps in (6, 8):
+        Trainer(TrainConfig.load(ref.run_dir / "config.toml", [f"train.steps={steps}"]), resume=ref.run_dir).fit()
+    want = torch.load(list_checkpoints(ref.checkpoint_dir)[-1][1], weights_only=True)
+    got = load_full_state(list_checkpoints(moved / "checkpoints")[-1][1])
+    for key in want["model"]:
+        torch.testing.assert_close(got["model"][key], want["model"][key], rtol=0, atol=1e-12)
+    names = [name for name, _ in ref._unwrapped().named_parameters()]  # the file keys state by position
+    for i, state in want["optimizer"]["state"].items():
+        for name in ("exp_avg", "exp_avg_sq"):
+            torch.testing.assert_close(got["optimizer"]["state"][names[i]][name], state[name], rtol=0, atol=1e-12)
+    assert [r["batch_size"] for r in _rows(moved)] == [r["batch_size"] for r in _rows(ref.run_dir)]
+    assert [r["loss"] for r in _rows(moved)] == pytest.approx([r["loss"] for r in _rows(ref.run_dir)], rel=1e-12)
