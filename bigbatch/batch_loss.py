@@ -276,7 +276,7 @@ class CachedRepresentations:
                 if marks:
                     mark_micro_step()
                 check = _through_ddp_forward(engine.model) if structure is None else contextlib.nullcontext()
-                with check, engine.autocast():
+                with check, engine.autocast(), engine.forward_context(start, m):
                     reps = encode(engine.model, to_device(piece, engine.device) if move else piece)
                 tensors = _flatten(reps, m)
                 if structure is None:
@@ -306,7 +306,8 @@ class CachedRepresentations:
             with engine.micro_step_context(last):
                 if marks:
                     mark_micro_step()
-                reps = encode(engine.model, to_device(piece, engine.device) if move else piece)
+                with engine.forward_context(start - offset, m):  # the first pass's masks, by sample
+                    reps = encode(engine.model, to_device(piece, engine.device) if move else piece)
                 tensors = _flatten(reps, m)
                 _check_same(structure, reps, tensors, "in the gradient pass (is encode deterministic?)")
                 outputs, grads = [], []

@@ -39,6 +39,7 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from . import dropout_ops
+from .distributed import GradSync
 from .dropout_ops import HANDLERS, Draws
 from .errors import ConfigError
 
@@ -91,24 +92,26 @@ class SplitInvariantDropout:
     """The Accumulator's `split_invariant_dropout`: an engine forward hook keyed by sample index.
 
     `hook(first, count)` is the context for a forward over the samples
-    [first, first + count) of this rank's share; `rank_offset` (set per step by
-    the engine) adds the share's place in the logical batch. `step` advances once
-    per window, so every step draws new masks.
+    [first, first + count) of this rank's share of the logical batch;
+    `start_window` (once per step) finds where that share starts among all ranks'.
+    The step is read from `step()` (the Accumulator's optimizer step count), so
+    every step draws new masks and a resumed run draws the ones it would have.
 
     Args:
+        model: the model whose modules errors name.
         seed: the seed of every draw; None draws one from torch's default
             generator now (so two runs after the same torch.manual_seed agree).
-        model: the model whose modules errors name.
+        step: returns the current optimizer step (0 for the first).
     """
 
-    def __init__(self, model: nn.Module, seed: int | None = None) -> None:
-        """Fix the seed (drawn from torch's default generator when None) and start at step 0."""
+    def __init__(self, model: nn.Module, seed: int | None = None, step: Callable[[], int] = lambda: 0) -> None:
+        """Fix the seed (drawn from torch's default generator when None)."""
         if seed is None:
             seed = int(torch.randint(-(1 << 63), (1 << 63) - 1, (), dtype=torch.int64))
         if not isinstance(seed, int) or isinstance(seed, bool):
-            raise ConfigError(f"seed must be an int, got {type(seed).__name__}.")
+            raise ConfigError(f"seed must be an int (or None to draw one), got {type(seed).__name__}.")
         self.seed = seed
-        self.step = 0
+        self.step = step
         self.rank_offset: int | torch.Tensor = 0
         self._model = model
         self._names: dict[int, str] | None = None
@@ -118,17 +121,30 @@ class SplitInvariantDropout:
         if self._names is None:
             self._names = {id(m): name for name, m in self._model.named_modules()}
         offset = self.rank_offset
-        start = first if isinstance(offset, int) and offset == 0 else offset + first
-        return DropoutMode(Draws(self.seed, self.step, start, count, names=self._names))
+        start = first if isinstance(offset, int) else offset + first
+        return DropoutMode(Draws(self.seed, self.step(), start, count, names=self._names))
+
+    def start_window(self, samples: int, sync: GradSync, device: torch.device) -> None:
+        """Find this rank's first sample in the logical batch: the shares of the ranks before it.
+
+        One all-reduce of one int per rank, summed on the device (no host read), so
+        ranks may hold different numbers of samples (5 and 3, say).
+        """
+        if sync.world_size == 1:
+            self.rank_offset = 0
+            return
+        shares = torch.zeros(sync.world_size, dtype=torch.int64, device=device)
+        shares[sync.rank] = samples
+        sync.all_reduce_sum_(shares)
+        self.rank_offset = shares[: sync.rank].sum()
 
     def state_dict(self) -> dict[str, int]:
-        """The seed and the step, to resume with the same masks."""
-        return {"seed": self.seed, "step": self.step}
+        """The seed, to resume with the same masks (the step is the Accumulator's)."""
+        return {"seed": self.seed}
 
     def load_state_dict(self, state: dict[str, int]) -> None:
         """Restore what `state_dict()` returned."""
         self.seed = int(state["seed"])
-        self.step = int(state["step"])
 
 
 class _Recorded:

@@ -25,7 +25,11 @@ from torch import nn
 from .batches import Batch
 from .distributed import GradSync
 from .fast import FastMicroStep
+from .micro_step import NO_CONTEXT
 from .window import Window
+
+ForwardHook = Callable[[int, int], contextlib.AbstractContextManager[Any]]
+"""`hook(first, count)`: a context entered around the forward over samples [first, first+count) of this rank's share."""
 
 
 @dataclass(frozen=True)
@@ -44,6 +48,8 @@ class WindowEngine:
         start_window: opens a step-API window over this many samples (resets counts and peaks).
         micro_step_context: DDP/FSDP2 sync control and autocast around one micro-step;
             the argument is True on the micro-step that must synchronise gradients.
+        forward_hooks: the Accumulator's forward hooks (split-invariant dropout), entered
+            in order around every forward.
     """
 
     model: nn.Module
@@ -56,6 +62,19 @@ class WindowEngine:
     fast: FastMicroStep | None
     start_window: Callable[[int], None]
     micro_step_context: Callable[[bool], contextlib.AbstractContextManager[Any]]
+    forward_hooks: list[ForwardHook]
+
+    def forward_context(self, first: int, count: int) -> contextlib.AbstractContextManager[Any]:
+        """The forward hooks around one forward over samples [first, first+count) of this rank's share."""
+        hooks = self.forward_hooks
+        if not hooks:
+            return NO_CONTEXT
+        if len(hooks) == 1:
+            return hooks[0](first, count)
+        stack = contextlib.ExitStack()
+        for hook in hooks:
+            stack.enter_context(hook(first, count))
+        return stack
 
     def autocast(self) -> contextlib.AbstractContextManager[Any]:
         """Autocast as `precision` asks (nothing for fp32), without any sync control."""

@@ -72,7 +72,7 @@ def test_masks_change_with_the_step_the_seed_and_the_call():
     hook = SplitInvariantDropout(nn.Linear(1, 1), seed=3)
     with hook(0, 4):
         a, b = F.dropout(x, 0.5), F.dropout(x, 0.5)
-    hook.step = 1
+    hook.step = lambda: 1
     with hook(0, 4):
         c = F.dropout(x, 0.5)
     with SplitInvariantDropout(nn.Linear(1, 1), seed=4)(0, 4):
