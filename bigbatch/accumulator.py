@@ -174,6 +174,8 @@ class Accumulator:
         self._dropout = (
             SplitInvariantDropout(model, seed, step=lambda: self.optimizer_steps) if split_invariant_dropout else None
         )
+        if self._dropout is not None:
+            self._dropout.share_seed(self._sync, self.device)
         self._forward_hooks: list[ForwardHook] = [self._dropout] if self._dropout is not None else []
         self._loop_samples: tuple[int | None, int | None] = (None, None)  # accumulate(samples=, first_sample=)
         self._window_samples = 0  # loop API: samples of the window's earlier micro-steps

@@ -25,6 +25,7 @@ GOLDEN = -7046029254386353131  # 0x9E3779B97F4A7C15 as a signed int64: the Weyl 
 _MUL1 = -4658895280553007687  # 0xBF58476D1CE4E5B9
 _MUL2 = -7723592293110705685  # 0x94D049BB133111EB
 _TWO64 = 1 << 64
+_CPU_CHUNK = 1 << 15  # int64 draws per piece on the CPU: two 256 KiB buffers
 
 
 def _wrap(x: int) -> int:
@@ -81,6 +82,29 @@ def keep_mask(keys: torch.Tensor, elements: int, p: float) -> torch.Tensor:
         elements: draws per row; element e of row r is `mix64(keys[r] + (e + 1) * GOLDEN)`.
         p: the drop probability.
     """
+    threshold = keep_threshold(p)
     stream = torch.arange(1, elements + 1, device=keys.device, dtype=torch.int64).mul_(GOLDEN)
-    z = keys.unsqueeze(1) + stream  # the one (rows, elements) allocation; the rest is in place
-    return mix64_(z) >= keep_threshold(p)
+    if keys.device.type != "cpu":
+        # One pass over (rows, elements): a handful of kernels, whatever the size.
+        return mix64_(keys.unsqueeze(1) + stream) >= threshold
+    # On the CPU, in pieces that stay in cache, through two reused buffers: the
+    # int64 temporaries of a whole pass would cost more in memory traffic and page
+    # faults than the arithmetic (measured: benchmarks/dropout_cost.py).
+    rows = keys.shape[0]
+    out = torch.empty(rows, elements, dtype=torch.bool, device=keys.device)
+    step = max(1, min(elements, _CPU_CHUNK))
+    z = torch.empty(step, dtype=torch.int64)
+    tmp = torch.empty(step, dtype=torch.int64)
+    for r in range(rows):
+        key = keys[r]
+        for start in range(0, elements, step):
+            stop = min(elements, start + step)
+            n = stop - start
+            zn, tn = z[:n], tmp[:n]
+            torch.add(stream[start:stop], key, out=zn)
+            torch.bitwise_right_shift(zn, 30, out=tn)
+            zn.bitwise_xor_(tn).mul_(_MUL1)
+            torch.bitwise_right_shift(zn, 27, out=tn)
+            zn.bitwise_xor_(tn).mul_(_MUL2)
+            torch.ge(zn, threshold, out=out[r, start:stop])
+    return out

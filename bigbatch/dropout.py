@@ -124,6 +124,17 @@ class SplitInvariantDropout:
         start = first if isinstance(offset, int) else offset + first
         return DropoutMode(Draws(self.seed, self.step(), start, count, names=self._names))
 
+    def share_seed(self, sync: GradSync, device: torch.device) -> None:
+        """Take rank 0's seed on every rank (ranks seeded apart would mask a sample by its rank).
+
+        One all-reduce and one host read, when the Accumulator is built.
+        """
+        if sync.world_size == 1:
+            return
+        seed = torch.full((1,), self.seed if sync.rank == 0 else 0, dtype=torch.int64, device=device)
+        sync.all_reduce_sum_(seed)
+        self.seed = int(seed.item())
+
     def start_window(self, samples: int, sync: GradSync, device: torch.device) -> None:
         """Find this rank's first sample in the logical batch: the shares of the ranks before it.
 

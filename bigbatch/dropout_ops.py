@@ -117,7 +117,7 @@ class _MaskedScale(torch.autograd.Function):
 
     @staticmethod
     def forward(x: torch.Tensor, keep: torch.Tensor, scale: float) -> torch.Tensor:
-        return x * keep * scale
+        return x.mul(keep).mul_(scale)
 
     @staticmethod
     def setup_context(ctx: Any, inputs: tuple[Any, ...], output: Any) -> None:
@@ -128,7 +128,7 @@ class _MaskedScale(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
         (keep,) = ctx.saved_tensors
-        return grad * keep * ctx.scale, None, None
+        return grad.mul(keep).mul_(ctx.scale), None, None
 
 
 def _masked_scale(x: torch.Tensor, keep: torch.Tensor, scale: float) -> torch.Tensor:
@@ -203,15 +203,16 @@ def _sdpa(draws: Draws, func: Callable[..., Any], args: tuple[Any, ...], kwargs:
         groups = q.shape[-3] // k.shape[-3]
         k, v = k.repeat_interleave(groups, -3), v.repeat_interleave(groups, -3)
     factor = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
-    scores = torch.matmul(q, k.transpose(-2, -1)) * factor
+    # In place on a fresh tensor that no backward needs (a product by a number saves nothing).
+    scores = torch.matmul(q, k.transpose(-2, -1)).mul_(factor)
     if is_causal:
         allowed = torch.ones(q.shape[-2], k.shape[-2], dtype=torch.bool, device=q.device).tril()
-        scores = scores.masked_fill(~allowed, float("-inf"))
+        scores.masked_fill_(~allowed, float("-inf"))
     if attn_mask is not None:
         if attn_mask.dtype == torch.bool:
-            scores = scores.masked_fill(~attn_mask, float("-inf"))
+            scores.masked_fill_(~attn_mask, float("-inf"))
         else:
-            scores = scores + attn_mask
+            scores = scores + attn_mask  # may broadcast scores to a larger shape
     probs = torch._safe_softmax(scores, -1)  # a row with every key masked gives zeros, as torch's kernels do
     if p >= 1:
         probs = probs * 0

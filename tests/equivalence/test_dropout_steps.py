@@ -76,6 +76,8 @@ def _oracle(model: nn.Module, batches, loss=_loss, lr: float = 0.05) -> tuple[nn
         n = bb.batch_size(batch)
         with masks(0, n):
             value = loss(model, batch)
+        if isinstance(value, bb.LossSum):  # the mean over the batch's items (tokens)
+            value = value.total / value.count
         value.backward()
         norm = torch.nn.utils.clip_grad_norm_(list(model.parameters()), CLIP)
         assert norm > CLIP  # the premise: clipping acts
@@ -215,3 +217,27 @@ def test_batch_loss_with_dropout_needs_no_replay_and_equals_the_full_batch_step(
     for micro in (1, 3):
         got = _bigbatch(model, batches, micro, batch_loss, split_invariant_dropout=True, seed=SEED)
         _assert_same(got[:2], oracle)
+
+
+@pytest.mark.parametrize("attention", ["eager", "sdpa"])
+def test_a_hugging_face_gpt2_with_its_default_dropout_micro_1_3_and_whole(attention):
+    transformers = pytest.importorskip("transformers")
+    from ..hf_models import padded_batch
+
+    config = transformers.GPT2Config(
+        vocab_size=40, n_positions=16, n_embd=8, n_layer=2, n_head=2, attn_implementation=attention,
+    )  # fmt: skip
+    assert config.resid_pdrop == config.embd_pdrop == config.attn_pdrop == 0.1  # the defaults, on
+    torch.manual_seed(0)
+    model = transformers.GPT2LMHeadModel(config).to(DTYPE).train()
+    lengths = [5, 9, 3, 7, 9, 4, 6, 8]
+    batches = [padded_batch(lengths, config.vocab_size, seed=s) for s in range(STEPS)]
+    oracle = _oracle(model, batches, bb.causal_lm_loss, lr=0.01)
+    for micro in (1, 3, N):
+        got = _bigbatch(model, batches, micro, bb.causal_lm_loss, lr=0.01, split_invariant_dropout=True, seed=SEED)
+        _assert_same(got[:2], oracle)
+    torch.manual_seed(0)
+    plain_whole = _bigbatch(model, batches, N, bb.causal_lm_loss, lr=0.01)
+    torch.manual_seed(0)
+    plain_split = _bigbatch(model, batches, 3, bb.causal_lm_loss, lr=0.01)
+    assert max_param_diff(plain_whole[0], plain_split[0]) > 1e-4  # negative control: torch's dropout
