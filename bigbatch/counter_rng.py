@@ -19,12 +19,22 @@ is at least `keep_threshold(p)`: a keep rate of 1 - p to within 2**-64.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import TypeVar
+
 import torch
 
 GOLDEN = -7046029254386353131  # 0x9E3779B97F4A7C15 as a signed int64: the Weyl increment
 _MUL1 = -4658895280553007687  # 0xBF58476D1CE4E5B9
 _MUL2 = -7723592293110705685  # 0x94D049BB133111EB
 _TWO64 = 1 << 64
+_Fn = TypeVar("_Fn", bound=Callable[..., torch.Tensor])
+
+
+def _eager(fn: _Fn) -> _Fn:
+    """`fn` run as it is under torch.compile: inductor folds int64 arithmetic without the wrap-around."""
+    disabled: _Fn = torch.compiler.disable(fn)
+    return disabled
 _CPU_CHUNK = 1 << 15  # int64 draws per piece on the CPU: two 256 KiB buffers
 
 
@@ -59,6 +69,7 @@ def call_key(seed: int, step: int, call: int) -> int:
     return absorb_int(absorb_int(absorb_int(0x5EED, seed), step), call)
 
 
+@_eager
 def row_keys(key: int, first: int | torch.Tensor, count: int, device: torch.device) -> torch.Tensor:
     """Each sample's key for the samples [first, first + count) of the logical batch, on `device`.
 
@@ -74,6 +85,7 @@ def keep_threshold(p: float) -> int:
     return max(-(1 << 63), (1 << 63) - keep)
 
 
+@_eager
 def keep_mask(keys: torch.Tensor, elements: int, p: float) -> torch.Tensor:
     """A (rows, elements) bool mask, True where the element is kept (probability 1 - p each).
 

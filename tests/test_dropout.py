@@ -173,3 +173,30 @@ def test_checkpoint_blocks_recompute_draws_the_forwards_masks():
     block.forward = lambda h, f=type(block).forward.__get__(block): checkpoint(f, h, use_reentrant=False)
     with pytest.raises(ConfigError, match=r"dropout in `blocks.1.drop` \(Dropout\) runs inside torch.utils.checkpoint"):
         _grads(model, x, hook)
+
+
+class _RandInForward(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(4, 8), nn.Dropout(0.3), nn.Linear(8, 2))
+        self.noisy = nn.Linear(2, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.noisy(self.net(x) + 0.1 * torch.rand_like(self.net[0].weight[:1, :2]))
+
+
+def test_verify_keeps_split_invariant_dropout_on_and_names_other_random_calls():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.Dropout(0.3), nn.Linear(8, 3), nn.Dropout(0.2))
+    batch = (torch.randn(7, 4), torch.randint(0, 3, (7,)))
+
+    def loss(m: nn.Module, b) -> torch.Tensor:
+        return F.cross_entropy(m(b[0]), b[1])
+
+    report = bb.verify(model, batch, loss, micro_batch_size=3, split_invariant_dropout=True)
+    assert report.passed and report.neutralized == [] and report.random == []
+    # Control: without it, dropout is switched to eval for the check (and named as neutralized).
+    assert bb.verify(model, batch, loss, micro_batch_size=3).neutralized == ["1", "3"]
+    # A torch.rand in a forward is not dropout: named, and the check fails.
+    noisy = bb.verify(_RandInForward(), (batch[0], batch[1] % 2), loss, micro_batch_size=3, split_invariant_dropout=True)
+    assert not noisy.passed and noisy.random and "net.1" not in noisy.random  # the root's torch.rand, not dropout
