@@ -1,7 +1,7 @@
 """`--resume` on another number of processes and another micro-batch size continues the same run.
 
 1 process (micro-batch 4) -> 2 ranks under torchrun (micro-batch 5, shares 7 + 6)
--> 1 process (micro-batch 3), in float64: the final parameters, the optimizer
+-> 1 process (micro-batch 3), in float64 with dropout 0.1 (split-invariant masks): the final parameters, the optimizer
 state, the learning rate and every logged loss equal those of one process that
 was never stopped, to summation-order rounding. The negative control resumes
 with the data position a trainer that counts samples per rank would keep: it
@@ -42,8 +42,10 @@ def _max_diff(a: dict, b: dict) -> float:
 def test_resume_moves_between_one_and_two_processes_and_micro_batch_sizes(tiny):
     # Each leg sets its own train.steps, which a cosine schedule reads: a constant one, whose
     # warmup (3 steps) crosses the first move. The batch ramp (8 up to 13) crosses the second.
+    # Dropout on: split-invariant masks (train.split_invariant_dropout, the default) depend on each
+    # sample's index in the logical batch and the step, not on the rank or micro-batch that holds it.
     overrides = [*tiny, "train.dtype=float64", "checkpoint.every=2", f"batch.logical_batch_size={LOGICAL}",
-                 "optim.schedule=constant", "optim.warmup_steps=3", *RAMP]  # fmt: skip
+                 "optim.schedule=constant", "optim.warmup_steps=3", "task.dropout=0.1", *RAMP]  # fmt: skip
     # The premise: every leg splits the logical batch differently, unevenly.
     assert all(LOGICAL % micro != 0 for micro in (4, 5, 3)) and LOGICAL % 2 != 0
     ref = Trainer(TrainConfig.load(overrides=[*overrides, "train.steps=6", "batch.micro_batch_size=4", "run.name=ref"]))
