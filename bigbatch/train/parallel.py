@@ -5,7 +5,8 @@
                               every rank holds 1/N of the parameters, gradients and
                               optimizer state; each forward all-gathers a block's parameters
 
-One process ignores the setting. Under FSDP2 every forward is a collective, so
+One process trains the model unwrapped (but "fsdp2" still writes step-folder
+checkpoints, so that a run can move between 1 and N processes). Under FSDP2 every forward is a collective, so
 every rank must run the same number of micro-steps per logical batch
 (`bigbatch.batch_sizes.check_equal_micro_steps`) and evaluation and sampling run on all ranks together.
 """

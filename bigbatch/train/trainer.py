@@ -368,7 +368,7 @@ class Trainer:
             state, then = self._where_it_stands()
             raise RankLostError(
                 f"{lost} {state} To go on: find why that rank stopped (its own error, or a stuck process), "
-                f"then {then} (under torchrun, the same number of processes)."
+                f"then {then}."
             ) from e
         finally:
             self.close()
