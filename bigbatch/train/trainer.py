@@ -36,6 +36,7 @@ from torch import nn
 from ..batch_sizes import BatchSizes
 from ..batches import Batch, _map
 from ..distributed import unwrap_ddp
+from ..errors import ConfigError
 from ..tasks import Task
 from . import report
 from .batch_schedule import Consumed
@@ -46,6 +47,7 @@ from .lr_schedule import lr_multiplier, peak_lr
 from .lr_schedule import lr_multiplier as _schedule  # noqa: F401 (its old name here, which tests import)
 from .memory_plan import MemoryChoice, plan_memory, resolved_config
 from .metrics import MetricsLog
+from .nodes import check_run_folder_shared
 from .nonfinite import NonFiniteLossError, is_nonfinite_step, not_recovering
 from .progress import Progress, memory_text
 from .run_end import finish_run
@@ -186,6 +188,11 @@ class Trainer:
                 e.state = f"Its newest checkpoint, step {found[-1][0]}, is untouched." if found else ""
                 e.then = f"continue with: bigbatch train --resume {resume}"
                 e.existing_run = True
+            raise
+        try:  # several machines: FSDP2 shards and a resume need every rank to see the folder
+            check_run_folder_shared(self.runtime, folder, needed=self.sharded_checkpoints or resume is not None)
+        except ConfigError:
+            self.close()
             raise
         if resume is not None:
             self.run_dir = folder
