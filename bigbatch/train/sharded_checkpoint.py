@@ -25,6 +25,9 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any, cast
 
@@ -60,7 +63,8 @@ def save_sharded(
     runtime.barrier()
     try:
         model_state, optim_state = get_state_dict(model, optimizer)
-        dcp_save({MODEL_KEY: model_state, OPTIMIZER_KEY: optim_state}, checkpoint_id=tmp, no_dist=_no_dist())
+        with _quiet_single_process():
+            dcp_save({MODEL_KEY: model_state, OPTIMIZER_KEY: optim_state}, checkpoint_id=tmp, no_dist=_no_dist())
         runtime.barrier()  # every rank's shards are on disk
         # DCP names rank r's files "__r_N.distcp"; anything no rank claims, rank 0 hashes below.
         mine = {p.name: sha256_of(p) for p in sorted(tmp.glob(f"__{runtime.rank}_*"))}
@@ -98,6 +102,14 @@ def _no_dist() -> bool:
     return not (dist.is_available() and dist.is_initialized())
 
 
+@contextmanager
+def _quiet_single_process() -> Iterator[None]:
+    """DCP warns that it assumes one process even when told so (no_dist=True): one process is the intent."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled", category=UserWarning)
+        yield
+
+
 def load_sharded(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
     """Load model and optimizer from the step directory `path` in place (every rank calls it).
 
@@ -105,7 +117,8 @@ def load_sharded(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer)
     every tensor (or the whole tensor, in one process) from whichever files hold it.
     """
     model_state, optim_state = get_state_dict(model, optimizer)
-    dcp_load({MODEL_KEY: model_state, OPTIMIZER_KEY: optim_state}, checkpoint_id=path, no_dist=_no_dist())
+    with _quiet_single_process():
+        dcp_load({MODEL_KEY: model_state, OPTIMIZER_KEY: optim_state}, checkpoint_id=path, no_dist=_no_dist())
     set_state_dict(model, optimizer, model_state_dict=model_state, optim_state_dict=optim_state)
 
 
