@@ -167,6 +167,10 @@ class TrainSection:
     threads: int = 1
     """CPU threads for torch on a CPU run (0: torch's default). One suits the small built-in models:
     on a busy 2-core machine, threads of small ops wait on each other (two ran 5-20x slower than one)."""
+    init_from: str | None = None
+    """A new run's first weights: a run folder (its newest checkpoint) or one checkpoint (a step-N.pt file or
+    an FSDP2 step folder). Only the model's weights are read, not the optimizer, the step or the data
+    position: how to go on from a run with settings a resume may not change (another --data, say)."""
     timeout: int = 600
     """Under torchrun: seconds a rank waits in a collective for the others before it stops the run
     with an error (a rank that hangs or died); passed to init_process_group."""

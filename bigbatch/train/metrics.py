@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import io
 import json
 import math
 from pathlib import Path
 from typing import Any
 
-from .rundir import writing
+from .files import write_bytes_atomic, write_text_atomic
+from .rundir import RunFolder, writing
 
 
 def to_json(value: Any, **kwargs: Any) -> str:
@@ -57,9 +59,9 @@ class MetricsLog:
 
 
 def plot_losses(
-    rows: list[dict[str, Any]], path: Path, baselines: dict[str, float], title: str, unit: str = ""
+    rows: list[dict[str, Any]], folder: RunFolder, baselines: dict[str, float], title: str, unit: str = ""
 ) -> None:
-    """Training loss per step, validation loss where measured, and the baselines.
+    """Training loss per step, validation loss where measured, and the baselines: the folder's loss.png.
 
     Where the run measured the gradient noise scale, a second panel shows it next
     to the logical batch, both in items (`unit`) per step.
@@ -98,10 +100,12 @@ def plot_losses(
     if train or val:  # a run with no finite loss has nothing to label (legend() would warn)
         ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    image = io.BytesIO()
+    fig.savefig(image, format="png", dpi=120)
     plt.close(fig)
+    write_bytes_atomic(folder.plot, image.getvalue())
 
 
-def write_summary(path: Path, summary: dict[str, Any]) -> None:
-    """Write `summary` to `path` as indented JSON, inf and NaN as null."""
-    path.write_text(to_json(summary, indent=2) + "\n", encoding="utf-8")
+def write_summary(folder: RunFolder, summary: dict[str, Any]) -> None:
+    """Write `summary` to the folder's summary.json (atomically) as indented JSON, inf and NaN as null."""
+    write_text_atomic(folder.summary, to_json(summary, indent=2) + "\n")
