@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ..errors import BatchError, ConfigError, LossError
-from ..train.config import TrainConfig
+from ..train.config import TrainConfig, parse_value
 
 if TYPE_CHECKING:
     from ..tasks import Task
@@ -90,7 +90,21 @@ def build_config(args: argparse.Namespace) -> TrainConfig:
         flags.append(f"run.name={_quote(args.name)}")
     if args.steps is not None:
         flags.append(f"train.steps={args.steps}")
+    if args.resume is not None:
+        _refuse_another_task(Path(args.resume), TrainConfig.load(path), [*flags, *args.overrides])
     return TrainConfig.load(path, [*flags, *args.overrides])
+
+
+def _refuse_another_task(run_dir: Path, saved: TrainConfig, overrides: list[str]) -> None:
+    """--resume with another task.name: the resume's one-line refusal (before the other task's options clash)."""
+    from ..train.resume_settings import refuse_change
+
+    for item in overrides:
+        key, _, raw = item.partition("=")
+        if key.strip() == "task.name":
+            name = parse_value(raw.strip())
+            if name != saved.task.name:
+                refuse_change(run_dir, "task.name", saved.task.name, name, run_dir / "checkpoints")
 
 
 def user_task(name: str, data: str | None) -> Task | None:

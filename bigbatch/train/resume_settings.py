@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ConfigError
+from ..tasks import task_options
 from .config import TrainConfig
 from .state import RunState
 
@@ -53,6 +54,20 @@ FINGERPRINTED = ("task.data", "task.model")
 """Settings naming files: compared by what the files hold (SHA-256), so a moved file still resumes."""
 
 _MODEL_FILES = ("config.json", "tokenizer", "vocab", "merges", "special_tokens_map", "added_tokens", ".model")
+
+
+def settings_of(config: TrainConfig) -> dict[str, Any]:
+    """What a checkpoint records of the config: `to_dict()`, the task's options with their defaults filled in.
+
+    Args:
+        config: the run's config.
+
+    Returns:
+        {section: {key: value}}, every task option present (a default counts as a value).
+    """
+    settings = config.to_dict()
+    settings["task"] = {**task_options(config.task.name), **settings["task"]}
+    return settings
 
 
 def flat(settings: Mapping[str, Mapping[str, Any]] | None) -> dict[str, Any]:
@@ -96,7 +111,8 @@ def fingerprint(value: Any, *, model: bool = False) -> str | None:
             files = [p for p in files if any(part in p.name for part in _MODEL_FILES)]
     digest = hashlib.sha256()
     for file in files:
-        digest.update(str(file.relative_to(path) if path.is_dir() else file.name).encode())
+        if path.is_dir():  # a single file is its bytes (a moved file is the same data)
+            digest.update(str(file.relative_to(path)).encode())
         with open(file, "rb") as f:
             for block in iter(lambda: f.read(1 << 20), b""):
                 digest.update(block)
@@ -146,11 +162,28 @@ def check_unchanged(saved: RunState, now: RunState, run_dir: Path, checkpoint: P
                 continue
         elif before == after:
             continue
-        raise ConfigError(
-            f"--resume {run_dir}: {key} was {_shown(before)} and is {_shown(after)} now; a resume cannot change "
-            f"it ({reason}). Resume without changing it, or start a new run from these weights: "
-            f"--set train.init_from={checkpoint} with the new {key}."
-        )
+        refuse_change(run_dir, key, before, after, checkpoint)
+
+
+def refuse_change(run_dir: Path, key: str, before: Any, after: Any, checkpoint: Path) -> None:
+    """Raise the one-line refusal of a change to `key` (one of `FIXED`, or a task option).
+
+    Args:
+        run_dir: the run resumed.
+        key: the setting.
+        before: the checkpoint's value.
+        after: this run's.
+        checkpoint: what `train.init_from` would start a new run from.
+
+    Raises:
+        ConfigError: always.
+    """
+    reason = _fixed(key) or "it cannot change under the checkpoint's weights"
+    raise ConfigError(
+        f"--resume {run_dir}: {key} was {_shown(before)} and is {_shown(after)} now; a resume cannot change "
+        f"it ({reason}). Resume without changing it, or start a new run from these weights: "
+        f"--set train.init_from={checkpoint} with the new {key}."
+    )
 
 
 def changed_settings(saved: Mapping[str, Any] | None, now: Mapping[str, Any] | None) -> list[tuple[str, Any, Any]]:

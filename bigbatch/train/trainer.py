@@ -46,7 +46,7 @@ from .memory_plan import MemoryChoice, plan_memory, resolved_config
 from .metrics import MetricsLog
 from .nonfinite import NonFiniteLossError, is_nonfinite_step, not_recovering
 from .progress import Progress, memory_text
-from .resume_settings import changed_settings, check_unchanged, fingerprints
+from .resume_settings import changed_settings, check_unchanged, fingerprints, settings_of
 from .run_end import finish_run
 from .rundir import RunFolder, RunLock, RunStorageError, claim_run_folder, on_rank0
 from .runtime import RankLostError, Runtime, rank_lost
@@ -154,7 +154,7 @@ class Trainer:
     def _setup_run(self, resume: str | Path | None) -> Path:
         """The run folder, locked by rank 0 for the run's life: a new one, or `resume`, whose checkpoint is loaded."""
         self.run_state = RunState(
-            batch_size=self.batch_schedule.first, settings=self.config.to_dict(), fingerprints=fingerprints(self.config)
+            batch_size=self.batch_schedule.first, settings=settings_of(self.config), fingerprints=fingerprints(self.config)
         )
         self.resumed_changes: list[tuple[str, Any, Any]] = []  # (setting, checkpoint's value, this run's)
         self.last_checkpoint: tuple[int, Path] | None = None  # (step, path) of the newest one known good
