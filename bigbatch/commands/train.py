@@ -86,7 +86,7 @@ def build_config(args: argparse.Namespace) -> TrainConfig:
         flags.append(f"task.model={_quote(args.model)}")
     if args.data:
         flags.append(f"task.data={_quote(args.data)}")
-    if args.name:
+    if args.name is not None:
         flags.append(f"run.name={_quote(args.name)}")
     if args.steps is not None:
         flags.append(f"train.steps={args.steps}")

@@ -54,16 +54,23 @@ def check_is_config(config: object) -> None:
     raise ConfigError(f"Trainer takes a TrainConfig, got {type(config).__name__}: use {fix}.")
 
 
-def check_setup(*, planning: bool, sharded: bool) -> None:
+def check_setup(*, planning: bool, sharded: bool, fast_micro_step: str = "none", device_type: str = "cpu") -> None:
     """Refuse settings that contradict each other in this world, before anything is built.
 
     Args:
         planning: batch.max_memory asks the planner to pick the micro-batch.
         sharded: FSDP2 over more than one process.
+        fast_micro_step: train.fast_micro_step.
+        device_type: the run's device ("cpu", "cuda", ...).
 
     Raises:
-        ConfigError: both at once.
+        ConfigError: planning under FSDP2; CUDA graphs off CUDA.
     """
+    if fast_micro_step == "cudagraphs" and device_type != "cuda":
+        raise ConfigError(
+            f'train.fast_micro_step = "cudagraphs" records CUDA graphs, and this run is on {device_type}; '
+            'use "compile" (or "none"), or train.device = "cuda".'
+        )
     if sharded and planning:
         raise ConfigError(
             'batch.max_memory plans for the whole model in one process, not for FSDP2 shards; '

@@ -108,7 +108,8 @@ class Trainer:
         self.runtime = Runtime.from_env(config.train.device, timeout_s=config.train.timeout)
         planning = config.batch.max_memory is not None and resume is None  # a resumed run keeps its choice
         self.sharded = config.train.parallel == "fsdp2" and self.runtime.world_size > 1
-        check_setup(planning=planning, sharded=self.sharded)
+        check_setup(planning=planning, sharded=self.sharded, fast_micro_step=config.train.fast_micro_step,
+                    device_type=self.runtime.device.type)  # fmt: skip
         self.config = config
         self.batch_sizes = setup_batch(config, world_size=self.runtime.world_size, planning=planning,
                                        sharded=self.sharded)  # fmt: skip
