@@ -78,6 +78,43 @@ def check_setup(*, planning: bool, sharded: bool, fast_micro_step: str = "none",
         )
 
 
+def check_batchnorm_micro_batches(model: nn.Module, sizes: BatchSizes, *more: BatchSizes) -> None:
+    """Refuse a split that leaves a BatchNorm layer a micro-batch of one sample (torch cannot train on it).
+
+    Args:
+        model: the run's model.
+        sizes: the logical batch's split; `more`: other splits the run will use (a schedule's first).
+
+    Raises:
+        ConfigError: naming the micro-batch of one, and splits that work.
+    """
+    if not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
+        return
+    for split in (sizes, *more):
+        micro = split.micro_batch_size
+        if not isinstance(micro, int):
+            continue
+        for share in split.rank_batch_sizes:
+            if share % micro == 1 or share == 1:
+                whole = f"{share // micro} x {micro} + 1" if share > 1 else "1"
+                raise ConfigError(
+                    f"the model has BatchNorm, and a logical batch of {split.logical_batch_size} in micro-batches "
+                    f"of {micro} leaves a micro-batch of one sample ({whole}{' per rank' if split.world_size > 1 else ''}), "
+                    "which BatchNorm cannot train on; choose batch.logical_batch_size and batch.micro_batch_size so "
+                    f"that no micro-batch holds one sample (e.g. batch.micro_batch_size={_no_single(share, micro)}), "
+                    "or a norm that works per sample (digits: task.norm=groupnorm)."
+                )
+
+
+def _no_single(share: int, micro: int) -> int:
+    """The micro-batch nearest `micro` whose split of `share` leaves no micro-batch of one."""
+    for delta in range(1, share + 1):
+        for candidate in (micro + delta, micro - delta):
+            if 2 <= candidate <= share and share % candidate != 1:
+                return candidate
+    return share
+
+
 def setup_batch(config: TrainConfig, *, world_size: int, planning: bool, sharded: bool) -> BatchSizes:
     """Resolve the batch sizes (once); the planner later picks the micro-batch if asked.
 

@@ -53,6 +53,7 @@ from .runtime import RankLostError, Runtime, rank_lost
 from .sampler import Sampler
 from .save_resume import load_initial_weights, load_model_and_optimizer, newest_checkpoint, write_checkpoint
 from .setup import (
+    check_batchnorm_micro_batches,
     DTYPES,
     check_data,
     check_is_config,
@@ -128,6 +129,7 @@ class Trainer:
         if planning:
             self.memory_plan, self.batch_sizes, self.config = self._plan_memory(model)
         self.batch_schedule = setup_batch_schedule(self.config, self.batch_sizes, self._loss_fn)
+        check_batchnorm_micro_batches(model, self.batch_sizes, self._sizes(self.batch_schedule.first))
         self.model = setup_parallel(model, self.config, self.runtime)  # the optimizer comes after it
         self.optimizer, self.scheduler = self._setup_optimizer(self.model)
         self.accumulator = setup_engine(self.config, self.batch_sizes, self._loss_fn, self.model, self.optimizer,

@@ -118,3 +118,21 @@ def test_checkpoints_and_the_model_get_the_users_umask(tmp_path, mask):
     assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~mask  # mkstemp alone gives 0o600
     assert stat.S_IMODE((tmp_path / "model").stat().st_mode) == 0o777 & ~mask  # mkdtemp alone gives 0o700
     assert stat.S_IMODE((tmp_path / "model" / "model.pt").stat().st_mode) == 0o666 & ~mask
+
+
+def test_batchnorm_with_a_micro_batch_of_one_is_a_config_error_in_train(tmp_path):
+    digits = ["task.name=digits", "task.norm=batchnorm", "train.progress=false", f'run.dir="{tmp_path}"']
+    assert 33 % 8 == 1  # the premise: the documented uneven split ends in a micro-batch of one sample
+    with pytest.raises(ConfigError, match=r"leaves a micro-batch of one sample \(4 x 8 \+ 1\).*micro_batch_size=9"):
+        Trainer(TrainConfig.load(overrides=[*digits, "batch.logical_batch_size=33", "batch.micro_batch_size=8"]))
+    assert not tmp_path.joinpath("digits").exists() and list(tmp_path.iterdir()) == []
+    assert 33 % 9 != 1  # the suggestion works: the trainer builds
+    Trainer(TrainConfig.load(overrides=[*digits, "batch.logical_batch_size=33", "batch.micro_batch_size=9"])).close()
+
+
+def test_batchnorm_with_a_micro_batch_of_one_is_misuse_in_verify(capsys):
+    code = main(["verify", "--task", "digits", "--set", "norm=batchnorm", "--micro-batch-size", "1"])
+    error = capsys.readouterr().err
+    assert code == 2, error  # misuse, not 1 (= the check FAILED)
+    assert error.count("\n") == 1 and "cannot train on a micro-batch of one sample" in error
+    assert "--set norm=groupnorm" in error
