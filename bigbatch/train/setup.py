@@ -83,7 +83,8 @@ def check_batchnorm_micro_batches(model: nn.Module, sizes: BatchSizes, *more: Ba
 
     Args:
         model: the run's model.
-        sizes: the logical batch's split; `more`: other splits the run will use (a schedule's first).
+        sizes: the logical batch's split.
+        *more: other splits the run will use (a batch schedule's first).
 
     Raises:
         ConfigError: naming the micro-batch of one, and splits that work.

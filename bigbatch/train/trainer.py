@@ -53,8 +53,8 @@ from .runtime import RankLostError, Runtime, rank_lost
 from .sampler import Sampler
 from .save_resume import load_initial_weights, load_model_and_optimizer, newest_checkpoint, write_checkpoint
 from .setup import (
-    check_batchnorm_micro_batches,
     DTYPES,
+    check_batchnorm_micro_batches,
     check_data,
     check_is_config,
     check_setup,
