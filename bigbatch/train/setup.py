@@ -240,6 +240,14 @@ def setup_batch_schedule(config: TrainConfig, sizes: BatchSizes, loss_fn: LossFn
         return BatchSchedule("constant", target=sizes.logical_batch_size, quantum=1)
     quantum = micro * sizes.world_size
     start = b.ramp_start
+    if start is None and sizes.logical_batch_size <= quantum:  # no room to grow: say so, not an unset ramp_start
+        raise ConfigError(
+            f'batch.schedule = "{b.schedule}" grows the batch in micro-batches of {micro}'
+            + (f" on each of {sizes.world_size} ranks" if sizes.world_size > 1 else "")
+            + f", and batch.logical_batch_size = {sizes.logical_batch_size} is a single one: nothing to grow; "
+            f"give a logical batch of several micro-batches (e.g. batch.logical_batch_size={8 * quantum}) "
+            'or a smaller batch.micro_batch_size, or use batch.schedule = "constant".'
+        )
     if start is None:  # one micro-batch per rank; two in one process, so the noise is measurable
         start = quantum * (2 if b.schedule == "adaptive" and sizes.world_size == 1 else 1)
     if b.schedule == "adaptive" and sizes.world_size == 1 and start <= micro:

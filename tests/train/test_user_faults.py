@@ -136,3 +136,14 @@ def test_batchnorm_with_a_micro_batch_of_one_is_misuse_in_verify(capsys):
     assert code == 2, error  # misuse, not 1 (= the check FAILED)
     assert error.count("\n") == 1 and "cannot train on a micro-batch of one sample" in error
     assert "--set norm=groupnorm" in error
+
+
+@pytest.mark.parametrize("kind", ["adaptive", "ramp"])
+def test_a_schedule_with_one_micro_batch_says_there_is_nothing_to_grow(kind):
+    extra = ["batch.ramp_samples=100"] if kind == "ramp" else []
+    config = TrainConfig.load(overrides=[f"batch.schedule={kind}", "batch.logical_batch_size=8",
+                                         "batch.micro_batch_size=8", *extra])  # fmt: skip
+    assert config.batch.ramp_start is None  # the premise: the user never set it, so it must not be blamed
+    with pytest.raises(ConfigError, match=r"logical_batch_size = 8 is a single one: nothing to grow") as error:
+        Trainer(config)
+    assert "ramp_start" not in str(error.value)
