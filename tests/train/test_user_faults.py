@@ -147,3 +147,28 @@ def test_a_schedule_with_one_micro_batch_says_there_is_nothing_to_grow(kind):
     with pytest.raises(ConfigError, match=r"logical_batch_size = 8 is a single one: nothing to grow") as error:
         Trainer(config)
     assert "ramp_start" not in str(error.value)
+
+
+def _boxes(fig):
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    ax = fig.axes[0]
+    return renderer, ax, [t.get_window_extent(renderer) for t in ax.texts]
+
+
+def test_the_loss_plot_draws_loss_baselines_apart_and_its_whole_title():
+    import matplotlib.pyplot as plt
+
+    from bigbatch.train.metrics import loss_figure
+
+    rows = [{"step": s, "loss": 2.5 - 0.1 * s, "count": 32, "noise_scale": 40.0 + s} for s in range(1, 6)]
+    digits = {"prior_val_loss": 2.2995, "uniform_val_loss": 2.3026}  # 0.003 apart, as the digits task's are
+    title = ("contrastive: adaptive schedule from 64 up to 4096 samples, every 10 steps, 1.0 x the noise scale; "
+             "micro-batch 32 x 2 ranks")  # fmt: skip
+    fig = loss_figure(rows, {**digits, "pixel_probe_accuracy": 0.93, "chance_retrieval": 0.003}, title, "samples")
+    renderer, ax, labels = _boxes(fig)
+    assert sorted(line.get_ydata()[0] for line in ax.lines[1:]) == sorted(digits.values())  # no accuracy lines
+    assert len(labels) == 2 and not labels[0].overlaps(labels[1])
+    figure_box, title_box = fig.bbox, ax.title.get_window_extent(renderer)
+    assert figure_box.x0 <= title_box.x0 and title_box.x1 <= figure_box.x1  # not cut at either edge
+    plt.close(fig)
