@@ -80,11 +80,11 @@ def _save_model(task: Task, model: nn.Module, runtime: Runtime, sharded: bool, r
         return None
     folder = RunFolder(run_dir)
     state = full_model_state(model) if sharded else None  # a collective
-    if runtime.is_main:
-        # Whole or not at all: a kill mid-save leaves the previous model/ (or none), never half of one.
-        with folder.write_folder(folder.model, "saving the trained model") as tmp:
-            save(unwrap_ddp(model), tmp, state_dict=state)
-    runtime.barrier()
+    with runtime.rank0_alone("saving the trained model"):  # the others wait for it, however long it takes
+        if runtime.is_main:
+            # Whole or not at all: a kill mid-save leaves the previous model/ (or none), never half of one.
+            with folder.write_folder(folder.model, "saving the trained model") as tmp:
+                save(unwrap_ddp(model), tmp, state_dict=state)
     return folder.model
 
 

@@ -70,9 +70,10 @@ def write_checkpoint(
         runtime.barrier()
         return path
     path = checkpoint_path(checkpoint_dir, step)
-    if runtime.is_main:
-        with writing(f"writing the checkpoint of step {step}", path):
-            save_checkpoint(checkpoint_dir, step, state, keep)
+    with runtime.rank0_alone(f"writing the checkpoint of step {step}"):  # the others wait, however long it takes
+        if runtime.is_main:
+            with writing(f"writing the checkpoint of step {step}", path):
+                save_checkpoint(checkpoint_dir, step, state, keep)
     runtime.barrier()
     return path
 

@@ -424,9 +424,11 @@ class Trainer:
                         raise error
                     reached = False
                     if self.step % cfg.train.eval_every == 0 or self.step == cfg.train.steps:
-                        # Under FSDP2 every forward all-gathers: all ranks evaluate together.
-                        if rt.is_main or self.sharded:
-                            row.update(self.task.evaluate(self.model))
+                        # Under FSDP2 every forward all-gathers: all ranks evaluate together. Under DDP
+                        # rank 0 evaluates alone and the others wait for it, however long it takes.
+                        with rt.rank0_alone("evaluating"):
+                            if rt.is_main or self.sharded:
+                                row.update(self.task.evaluate(self.model))
                         if rt.is_main:
                             progress.write(f"step {self.step}: val loss {row['val_loss']:.4f}")
                         target = cfg.train.stop_at_val_loss
@@ -444,7 +446,8 @@ class Trainer:
                     if stop.requested and self.step < cfg.train.steps:
                         raise TrainingInterrupted(self.step, str(self.run_dir), stop.signum)
             progress.close()
-            summary = self._finish(metrics, info, baselines, stopped=False)
+            with rt.rank0_alone("writing the sample, the summary and the plot"):
+                summary = self._finish(metrics, info, baselines, stopped=False)
         finally:
             if flush:
                 torch.set_flush_denormal(False)
