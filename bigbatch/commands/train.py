@@ -45,7 +45,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.epilog = "examples:\n" + __doc__.split("\n\n")[1] + (
         "\n\nconfig keys (--set section.key=value; --list-settings prints each one's default and meaning):\n"
         + settings_keys_text()
-        + "\n\noutputs: runs/NAME/config.toml, metrics.jsonl, loss.png, summary.json, checkpoints/ (and model/: causal-lm)"
+        + "\n\noutputs: runs/NAME/config.toml, metrics.jsonl, loss.png, summary.json, checkpoints/, tensorboard/ (and model/: causal-lm)"
         "\nCtrl-C (or SIGTERM) finishes the optimizer step, checkpoints it and exits 130 (143); --resume continues from there."
     )
     parser.add_argument("config", nargs="?", help="a TOML config file (default: the built-in defaults)")

@@ -167,6 +167,10 @@ class TrainSection:
     threads: int = 1
     """CPU threads for torch on a CPU run (0: torch's default). One suits the small built-in models:
     on a busy 2-core machine, threads of small ops wait on each other (two ran 5-20x slower than one)."""
+    tensorboard: bool = True
+    """Write TensorBoard event files into runs/NAME/tensorboard/ beside metrics.jsonl (loss, val loss, lr,
+    gradient norm, throughput, logical batch, noise scale, the text sample); no package needed to write
+    them, `tensorboard --logdir runs` to watch. false: none."""
     init_from: str | None = None
     """A new run's first weights: a run folder (its newest checkpoint) or one checkpoint (a step-N.pt file or
     an FSDP2 step folder). Only the model's weights are read, not the optimizer, the step or the data

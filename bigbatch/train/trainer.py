@@ -48,7 +48,7 @@ from .nonfinite import NonFiniteLossError, is_nonfinite_step, not_recovering
 from .progress import Progress, memory_text
 from .resume_settings import changed_settings, check_unchanged, fingerprints, settings_of
 from .run_end import finish_run
-from .rundir import RunFolder, RunLock, RunStorageError, claim_run_folder, on_rank0
+from .rundir import RunFolder, RunLock, RunStorageError, claim_run_folder, on_rank0, writing
 from .runtime import RankLostError, Runtime, rank_lost
 from .sampler import Sampler
 from .save_resume import load_initial_weights, load_model_and_optimizer, newest_checkpoint, write_checkpoint
@@ -79,6 +79,7 @@ from .state import (
     rng_state,
     set_rng_state,
 )
+from .tensorboard import TensorBoardLog
 
 __all__ = ["NonFiniteLossError", "Trainer"]
 
@@ -398,12 +399,16 @@ class Trainer:
         if rt.is_main:
             self.folder.write_text(self.folder.config, cfg.to_toml(), "writing the run's config")
         metrics = MetricsLog(self.folder.metrics, resume_step) if rt.is_main else None
+        unit = getattr(self.task, "item_unit", "samples")
+        board = None
+        if rt.is_main and cfg.train.tensorboard:
+            with writing("opening the TensorBoard event file", self.folder.tensorboard):
+                board = TensorBoardLog(self.folder.tensorboard, unit, resume_step)
         baselines = self.task.baselines() if rt.is_main else {}
         info = self._run_info()
         self._print(report.header(info, baselines, resumed_at=resume_step))
         if self.resumed_changes:
             self._print(report.changed_on_resume(self.resumed_changes, self.step))
-        unit = getattr(self.task, "item_unit", "samples")
         progress = Progress(cfg.train.steps, self.step, unit, rt.is_main and cfg.train.progress, rt.is_main)
         # Subnormal floats make CPU arithmetic (Adam's second moments, say) many times slower.
         flush = rt.device.type == "cpu" and torch.set_flush_denormal(True)
@@ -436,6 +441,9 @@ class Trainer:
                             reached = rt.broadcast(rt.is_main and row["val_loss"] <= target)
                     if metrics is not None:
                         metrics.write(row)
+                    if board is not None:
+                        with writing(f"writing the TensorBoard events of step {self.step}", board.path):
+                            board.write(row)
                     progress.update(row["loss"], row["items_per_s"], memory_text(rt.device, row["peak_memory_bytes"]))
                     every = cfg.checkpoint.every
                     if (every and self.step % every == 0) or self.step == cfg.train.steps or stop.requested or reached:
@@ -448,7 +456,11 @@ class Trainer:
             progress.close()
             with rt.rank0_alone("writing the sample, the summary and the plot"):
                 summary = self._finish(metrics, info, baselines, stopped=False)
+            if board is not None and isinstance(summary.get("sample"), str):
+                board.text("sample", summary["sample"], self.step)
         finally:
+            if board is not None:
+                board.close()
             if flush:
                 torch.set_flush_denormal(False)
             torch.set_num_threads(threads)
