@@ -201,7 +201,8 @@ def _closing_text(summary: dict[str, Any], steps: int, seconds: float, run_dir: 
     if "noise_advice" in summary:
         lines.append(f"  {summary['noise_advice']}")
     model = ", model/" if "model_dir" in summary else ""
-    lines.append(f"  wrote {run_dir}/ (config.toml, metrics.jsonl, loss.png, summary.json, checkpoints/{model})")
+    board = ", tensorboard/" if RunFolder(Path(run_dir)).tensorboard.is_dir() else ""
+    lines.append(f"  wrote {run_dir}/ (config.toml, metrics.jsonl, loss.png, summary.json, checkpoints/{board}{model})")
     if "sample" in summary:
         lines.append("sample:\n" + summary["sample"])
     return "\n".join(lines)
