@@ -38,7 +38,7 @@ def test_a_run_writes_its_directory(tiny):
     summary = Trainer(config).fit()
     run = Path(config.run.dir) / "r"
     assert sorted(p.name for p in run.iterdir()) == ["checkpoints", "config.toml", "loss.png", "metrics.jsonl", "run.lock",
-                                                     "summary.json"]
+                                                     "summary.json", "tensorboard"]
     assert TrainConfig.load(run / "config.toml") == config
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == [
         "step-0000010.pt", "step-0000010.pt.sha256", "step-0000012.pt", "step-0000012.pt.sha256"
