@@ -21,9 +21,9 @@ from torch.distributed.fsdp import fully_shard
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import bigbatch as bb
-from bigbatch import distributed as bb_distributed
-from bigbatch.batch_sizes import shard_indices
-from bigbatch.testing import AllReduceCounter
+from bigbatch.engine import grad_sync as bb_distributed
+from bigbatch.engine.batch_sizes import shard_indices
+from bigbatch.tools.comm_counter import AllReduceCounter
 
 from ..equivalence.oracle import TwoTower, pair_data
 
