@@ -14,7 +14,7 @@ Every forward over a micro-batch runs inside `engine.forward_context(first,
 count)` (the samples it holds), where the Accumulator's forward hooks apply.
 
 A loss function asks for a plan itself (`PlansWindow`: a `window_plan(model)`
-method); the engine, the trainer, the planner and `bb.verify` ask through
+method); the engine, the trainer and `bb.verify` ask through
 `window_plan_for` and read the plan's facts (`independent_micro_steps`,
 `loop_api_error`), never the loss's type.
 """
@@ -172,7 +172,7 @@ class PlansWindow(Protocol):
 def window_plan_for(loss_fn: object, model: nn.Module) -> WindowPlan | None:
     """The window plan `loss_fn` asks for on `model` (`PlansWindow`), or None: the default loop.
 
-    The one question the engine, the trainer, the planner and `bb.verify` ask of a loss.
+    The one question the engine, the trainer and `bb.verify` ask of a loss.
     """
     window_plan = getattr(loss_fn, "window_plan", None)
     return None if window_plan is None else window_plan(model)
