@@ -208,7 +208,7 @@ class _BatchLossMeter:
         self.encode_meter, self.loss_meter = SavedTensorMeter(model), SavedTensorMeter(model)
         self.encode_metered = False
         self.reps_bytes = 0
-        self.batch_loss = BatchLoss(encode=self.encode, loss=self.loss)
+        self.batch_loss = BatchLoss(encode=self.encode, loss=self.loss, check_replay=batch_loss.check_replay)
 
     def encode(self, model: nn.Module, micro: Batch) -> Any:
         if not torch.is_grad_enabled() or self.encode_metered:  # the first pass saves nothing
