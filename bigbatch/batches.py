@@ -31,6 +31,8 @@ def _is_sequence(batch: object) -> bool:
     """A list or tuple of per-sample leaves (strings, numbers, objects): split per micro-batch."""
     if not isinstance(batch, (tuple, list)) or hasattr(batch, "_fields"):  # a namedtuple is a container
         return False
+    if all(type(v) is str for v in batch):  # the common case, a text column: no per-element checks
+        return True
     return not any(isinstance(v, (torch.Tensor, Mapping, tuple, list)) or _is_array(v) for v in batch)
 
 
