@@ -24,7 +24,10 @@ cosine; in-batch negatives over the whole logical batch), three exact ways:
   batch (as CachedMNRL does), and `encode` trims each micro-batch's padding
   (`trim_padding`: three lines) before encoding it;
 - CachedMNRL at mini-batch m: the whole batch tokenized once, its loss and
-  backward (it trims padding per mini-batch and computes the loss in chunks).
+  backward (it trims padding per mini-batch and computes the loss in chunks);
+- GradCache at chunk m (luyug/GradCache, not on PyPI: run with its `src` on
+  PYTHONPATH, or the way is left out): the whole batch tokenized once, split
+  into chunks untrimmed, the same loss.
 
 Time: CPU time per step on one thread, interleaved repeats, medians, as a ratio
 to the full batch's. Memory (`--memory`): each way in its own process, the peak
@@ -146,6 +149,8 @@ def stepper(way: str, micro: int, folder: Path) -> Any:
         acc = bb.Accumulator(model, opt, micro_batch_size=micro)
         tokenized = bb.BatchLoss(encode=encode_tokenized, loss=mnrl)
         return lambda batch: acc.step({k: model.preprocess(v) for k, v in batch.items()}, tokenized)
+    if way == "gradcache":
+        return gradcache_stepper(model, opt, micro)
     if way == "cached":
         loss = losses.CachedMultipleNegativesRankingLoss(model, mini_batch_size=micro)
     else:
@@ -155,6 +160,46 @@ def stepper(way: str, micro: int, folder: Path) -> Any:
         features = [model.preprocess(batch["anchor"]), model.preprocess(batch["positive"])]
         opt.zero_grad(set_to_none=True)
         loss(features, torch.zeros(len(batch["anchor"]))).backward()
+        opt.step()
+
+    return step
+
+
+def has_gradcache() -> bool:
+    """Whether luyug/GradCache can be imported (it is not on PyPI)."""
+    try:
+        from grad_cache import GradCache  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def gradcache_stepper(model: Any, opt: torch.optim.Optimizer, chunk: int) -> Any:
+    """One GradCache step per call: both columns encoded by `model` in chunks of `chunk`, MNRL, AdamW."""
+    from grad_cache import GradCache
+
+    def split(features: dict[str, Any], size: int) -> list[dict[str, Any]]:
+        n = len(features["input_ids"])
+        return [{k: v[s : s + size] if isinstance(v, torch.Tensor) else v for k, v in features.items()}
+                for s in range(0, n, size)]
+
+    class Keywords(torch.nn.Module):
+        """GradCache calls model(**features); a SentenceTransformer takes the dict itself."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.inner = model
+
+        def forward(self, **features: Any) -> Any:
+            return self.inner(features)
+
+    wrapped = Keywords()
+    cache = GradCache(models=[wrapped, wrapped], chunk_sizes=chunk, loss_fn=lambda a, p: mnrl(model, (a, p)),
+                      split_input_fn=split, get_rep_fn=lambda out: out["sentence_embedding"])
+
+    def step(batch: dict[str, list[str]]) -> None:
+        opt.zero_grad(set_to_none=True)
+        cache(model.preprocess(batch["anchor"]), model.preprocess(batch["positive"]))
         opt.step()
 
     return step
@@ -182,6 +227,8 @@ def time_table(args: argparse.Namespace, folder: Path, corpus: list[str]) -> Non
         runs[("bigbatch", m)] = stepper("bigbatch", m, folder)
         runs[("bigbatch-tokenized", m)] = stepper("bigbatch-tokenized", m, folder)
         runs[("cached", m)] = stepper("cached", m, folder)
+        if has_gradcache():
+            runs[("gradcache", m)] = stepper("gradcache", m, folder)
     batches = [pairs(corpus, args.logical, r) for r in range(args.repeats + 1)]
     for fn in runs.values():
         fn(batches[-1])  # warm-up
@@ -220,7 +267,8 @@ def memory_table(args: argparse.Namespace, folder: Path) -> None:
     """Every way in its own process at the memory logical batch; print the peaks."""
     rows = []
     micro = args.memory_micro
-    for way in ("full", "bigbatch-whole-matrix", "bigbatch", "bigbatch-tokenized", "cached"):
+    ways = ["full", "bigbatch-whole-matrix", "bigbatch", "bigbatch-tokenized", "cached"]
+    for way in ways + (["gradcache"] if has_gradcache() else []):
         out = subprocess.run([sys.executable, __file__, "--child", way, str(micro), str(args.memory_logical),
                               str(folder)], capture_output=True, text=True, check=True).stdout
         peak = next(line.split()[1] for line in out.splitlines() if line.startswith("PEAK"))

@@ -160,3 +160,17 @@ def test_chunked_low_precision_is_scored_in_float32_and_bad_chunk_sizes_are_refu
     for bad in (0, 2.5, True):
         with pytest.raises(bb.LossError, match="chunk_size must be a positive int"):
             bb.info_nce(a, b, chunk_size=bad)
+
+
+def test_a_one_sided_loss_of_ones_own_in_blocks_is_chunked_cross_entropy_over_the_candidates():
+    """docs/batch-loss.md's recipe: the scores a_i . c_j / t as logits of bb.chunked_cross_entropy, labels the
+    positives' rows: the ranking loss with its gradients, without the (N, candidates) matrix held."""
+    a, b, neg, t = _leaves(9, 2)
+    candidates = torch.cat([b, neg.reshape(-1, 5)])
+    an, cn = torch.nn.functional.normalize(a, dim=-1), torch.nn.functional.normalize(candidates, dim=-1)
+    out = bb.chunked_cross_entropy(an / t, cn, torch.arange(9), chunk_size=4)
+    mine = out.total / out.count
+    ref = _reference(a, candidates, t, both_ways=False)
+    assert abs(mine.item() - ref.item()) < TOL
+    for x, y in zip(torch.autograd.grad(mine, [a, b, neg, t]), torch.autograd.grad(ref, [a, b, neg, t])):
+        assert (x - y).abs().max().item() < TOL
