@@ -267,8 +267,8 @@ def memory_table(args: argparse.Namespace, folder: Path) -> None:
     """Every way in its own process at the memory logical batch; print the peaks."""
     rows = []
     micro = args.memory_micro
-    ways = ["full", "bigbatch-whole-matrix", "bigbatch", "bigbatch-tokenized", "cached"]
-    for way in ways + (["gradcache"] if has_gradcache() else []):
+    ways = args.ways or ["full", "bigbatch-whole-matrix", "bigbatch", "bigbatch-tokenized", "cached"]
+    for way in ways + (["gradcache"] if has_gradcache() and not args.ways else []):
         out = subprocess.run([sys.executable, __file__, "--child", way, str(micro), str(args.memory_logical),
                               str(folder)], capture_output=True, text=True, check=True).stdout
         peak = next(line.split()[1] for line in out.splitlines() if line.startswith("PEAK"))
@@ -287,6 +287,7 @@ def main() -> None:
     parser.add_argument("--memory", action="store_true", help="the peak-memory table instead of the time table")
     parser.add_argument("--memory-logical", type=int, default=8192)
     parser.add_argument("--memory-micro", type=int, default=32)
+    parser.add_argument("--ways", nargs="+", help="with --memory: only these ways (default: all)")
     parser.add_argument("--child", nargs=4, help=argparse.SUPPRESS)
     args = parser.parse_args()
     torch.set_num_threads(1)
