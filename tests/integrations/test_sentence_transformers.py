@@ -9,6 +9,8 @@ when sentence-transformers is not installed (it is not one of bigbatch's depende
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
@@ -92,7 +94,8 @@ def st_step(model, batch, micro=None):
 def test_a_sentence_transformer_with_hard_negatives_steps_as_its_full_batch_mnrl(folder):
     assert N % MICRO != 0
     batch = {"anchor": texts(1), "positive": texts(2), "negative": texts(3)}  # a datasets batch: columns of str
-    ref, ours, naive = load(folder), load(folder), load(folder)
+    ref = load(folder)
+    ours, naive = copy.deepcopy(ref), copy.deepcopy(ref)
     st_step(ref, batch)
     acc = bb.Accumulator(ours, torch.optim.SGD(ours.parameters(), lr=LR), micro_batch_size=MICRO)
     stats = acc.step(batch, bb.BatchLoss(encode=encode, loss=loss))
