@@ -50,7 +50,7 @@ from typing import Any
 import torch
 
 import bigbatch as bb
-from bigbatch.benchmarking import markdown_table, time_interleaved
+from bigbatch.tools.benchmarking import markdown_table, time_interleaved
 
 warnings.filterwarnings("ignore")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import bigbatch as bb
-from bigbatch.fast import FastMicroStep
+from bigbatch.engine.fast_micro_step import FastMicroStep
 
 from .equivalence.oracle import DTYPE, TwoTower, clip_loss, full_batch_step, max_param_diff, pair_data, twin
 from .models import Tower
@@ -409,8 +409,8 @@ def test_calling_a_batch_loss_is_the_full_batch_loss():
 
 def test_the_planner_meters_a_batch_loss_in_its_two_passes():
     """bb.plan's step meter keeps a BatchLoss a BatchLoss, and counts its loss phase and one gradient micro-batch."""
-    from bigbatch.memory import SavedTensorMeter
-    from bigbatch.planner.runs import measure_step_memory
+    from bigbatch.memory.accounting import SavedTensorMeter
+    from bigbatch.memory.planner.runs import measure_step_memory
 
     batch = pair_data(12)
     ref, ours = TwoTower(), TwoTower()
@@ -477,7 +477,7 @@ def test_on_cuda_batch_loss_matches_the_full_batch_and_its_peak_follows_the_micr
 def test_a_chunked_loss_steps_as_the_full_batch_and_the_planner_counts_its_linear_memory():
     """bb.info_nce(chunk_size=...) inside a BatchLoss: the full batch's step (float64), and the
     planner's loss phase holds a few (N, d) tensors, where the whole score matrix holds N x N ones."""
-    from bigbatch.planner.runs import measure_step_memory
+    from bigbatch.memory.planner.runs import measure_step_memory
 
     n, micro, chunk = 200, 64, 48
     assert n % micro != 0 and n % chunk != 0  # uneven micro-batches and blocks

@@ -122,7 +122,7 @@ def test_chunked_losses_equal_the_whole_score_matrix_loss_and_its_gradients(chun
 
 def _graph_bytes(n, **kwargs):
     """Bytes autograd keeps for the backward of info_nce over n pairs of 16 features (float64)."""
-    from bigbatch.memory import SavedTensorMeter
+    from bigbatch.memory.accounting import SavedTensorMeter
 
     a, b = (torch.randn(n, 16, dtype=torch.float64, requires_grad=True) for _ in range(2))
     with SavedTensorMeter() as meter:
@@ -142,7 +142,7 @@ def test_in_blocks_the_loss_graph_grows_with_n_and_whole_it_grows_with_n_squared
 
 
 def test_past_the_block_size_the_default_computes_in_blocks(monkeypatch):
-    import bigbatch.contrastive as contrastive
+    import bigbatch.losses.info_nce as contrastive
 
     n = 64
     whole = _graph_bytes(n)

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 import bigbatch as bb
-from bigbatch import oom
+from bigbatch.engine import oom
 
 from .oracle import (
     DTYPE,
@@ -161,7 +161,7 @@ def test_negative_control_a_gradient_pass_without_the_replay_misses(monkeypatch)
     ref = TwoTower(dropout=0.3)
     ours = twin(ref)
     run_noisy(ref, 3)
-    monkeypatch.setattr(oom.RngSnapshot, "restore", lambda self: None)  # bigbatch.batch_loss replays with it
+    monkeypatch.setattr(oom.RngSnapshot, "restore", lambda self: None)  # bigbatch.losses.batch_loss replays with it
     with pytest.raises(bb.LossError, match="different representations in the gradient pass"):
         run_noisy(twin(ref), 3)  # the replay check sees the second pass differ
     run_noisy(ours, 3, batch_loss=dataclasses.replace(NOISY, check_replay=False))
