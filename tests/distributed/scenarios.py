@@ -21,9 +21,9 @@ from torch.distributed.fsdp import fully_shard
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import bigbatch as bb
-from bigbatch import distributed as bb_distributed
-from bigbatch.batch_sizes import shard_indices
-from bigbatch.testing import AllReduceCounter
+from bigbatch.engine import grad_sync as bb_grad_sync
+from bigbatch.engine.batch_sizes import shard_indices
+from bigbatch.tools.comm_counter import AllReduceCounter
 
 from ..equivalence.oracle import TwoTower, pair_data
 
@@ -401,12 +401,12 @@ def ddp_batch_loss_temperature_per_rank(rank: int, world: int) -> dict[str, Any]
         return _full_params(model.module)
 
     out = {"once": train()}
-    original = bb_distributed.DDPSync.counted_once
-    bb_distributed.DDPSync.counted_once = lambda self, grad: grad  # type: ignore[method-assign]  # the negative control: every rank counts it
+    original = bb_grad_sync.DDPSync.counted_once
+    bb_grad_sync.DDPSync.counted_once = lambda self, grad: grad  # type: ignore[method-assign]  # the negative control: every rank counts it
     try:
         out["per_rank"] = train()
     finally:
-        bb_distributed.DDPSync.counted_once = original  # type: ignore[method-assign]  # put back
+        bb_grad_sync.DDPSync.counted_once = original  # type: ignore[method-assign]  # put back
     return out
 
 
@@ -446,6 +446,27 @@ def ddp_batch_loss_past_the_wrapper(rank: int, world: int) -> dict[str, Any]:
     except bb.ConfigError as e:
         return {"error": str(e), "grads": [p.grad for p in model.parameters()]}
     return {"error": None}
+
+
+def ddp_batch_loss_replay_differs_on_one_rank(rank: int, world: int) -> dict[str, Any]:
+    """Rank 1's encode draws from a private generator (its gradient pass differs), rank 0's does not."""
+    model = DDP(TwoTower())
+    acc = bb.Accumulator(model, optimizer(model), micro_batch_size=2)
+    private = torch.Generator().manual_seed(rank)
+
+    def encode(m: nn.Module, batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        images, texts = batch
+        if rank == 1:
+            images = images + torch.randn(images.shape, generator=private, dtype=images.dtype)
+        return m(images, texts)
+
+    try:
+        acc.step(shard(pairs(0), rank, world), bb.BatchLoss(encode=encode, loss=clip_loss))
+        error = None
+    except bb.LossError as e:
+        error = str(e)
+    after = acc.step(shard(pairs(1), rank, world), CLIP)  # the ranks are still in step
+    return {"error": error, "loss_after": float(after.loss)}
 
 
 COMM_MICRO_STEPS = 4
@@ -525,6 +546,7 @@ SCENARIOS: dict[str, Callable[[int, int], dict[str, Any]]] = {
     "ddp_batch_loss_temperature_per_rank": ddp_batch_loss_temperature_per_rank,
     "fsdp2_batch_loss": fsdp2_batch_loss,
     "ddp_batch_loss_past_the_wrapper": ddp_batch_loss_past_the_wrapper,
+    "ddp_batch_loss_replay_differs_on_one_rank": ddp_batch_loss_replay_differs_on_one_rank,
     "no_process_group": no_process_group,  # last: it destroys the process group
 }
 
