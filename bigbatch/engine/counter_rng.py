@@ -19,8 +19,9 @@ is at least `keep_threshold(p)`: a keep rate of 1 - p to within 2**-64.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
-from typing import TypeVar
+from typing import Any, TypeVar, cast
 
 import torch
 
@@ -32,9 +33,21 @@ _Fn = TypeVar("_Fn", bound=Callable[..., torch.Tensor])
 
 
 def _eager(fn: _Fn) -> _Fn:
-    """`fn` run as it is under torch.compile: inductor folds int64 arithmetic without the wrap-around."""
-    disabled: _Fn = torch.compiler.disable(fn)
-    return disabled
+    """`fn` run as it is under torch.compile: inductor folds int64 arithmetic without the wrap-around.
+
+    The disabled wrapper is made on the first call: `torch.compiler.disable` imports
+    torch._dynamo, which `import bigbatch` must not load (tests/test_imports.py).
+    """
+    made: list[Callable[..., torch.Tensor]] = []
+
+    @functools.wraps(fn)
+    def run(*args: Any, **kwargs: Any) -> torch.Tensor:
+        if not made:
+            made.append(torch.compiler.disable(fn))
+        return made[0](*args, **kwargs)
+
+    return cast("_Fn", run)
+
 _CPU_CHUNK = 1 << 15  # int64 draws per piece on the CPU: two 256 KiB buffers
 
 
