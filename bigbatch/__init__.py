@@ -17,6 +17,7 @@ from .batch_loss import BatchLoss
 from .batch_sizes import BatchSizes, RankSplit, derive_per_rank, resolve_batch_sizes, shard_indices
 from .batches import batch_size, split_batch
 from .causal_lm import causal_lm_loss
+from .check import CheckCase, CheckReport, check_accumulation
 from .checkpointing import checkpoint_blocks
 from .chunked import chunked_cross_entropy
 from .contrastive import info_nce, multiple_negatives_ranking_loss
@@ -53,6 +54,8 @@ __all__ = [
     "BatchError",
     "BatchLoss",
     "BatchSizes",
+    "CheckCase",
+    "CheckReport",
     "ConfigError",
     "FastMicroStep",
     "GhostBatchNorm",
@@ -69,6 +72,7 @@ __all__ = [
     "VerifyReport",
     "batch_size",
     "causal_lm_loss",
+    "check_accumulation",
     "checkpoint_blocks",
     "chunked_cross_entropy",
     "convert_batchnorm",

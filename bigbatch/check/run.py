@@ -1,0 +1,183 @@
+"""`bb.check_accumulation`: run a trainer as the full batch and as several splits, compare, diagnose."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Sequence
+
+import torch
+import torch.distributed as dist
+
+from ..batches import Batch, batch_size
+from ..errors import ConfigError
+from .case import CheckCase, Split, TrainFn, classify, default_splits
+from .compare import State, distance, lowest_dtype, snapshots
+from .mistakes import EXACT, MISTAKES, candidates, replay
+from .report import CheckReport, Diagnosis, SplitResult
+
+FLOAT64_RTOL = 1e-10  # summation order alone moves float64 weights ~1e-15..1e-13 relative after a few steps
+FLOAT32_RTOL = 1e-4  # float32 order effects grow through Adam's normalisation; a real mistake is >= 1e-3
+
+
+def check_accumulation(
+    target: TrainFn | CheckCase,
+    *,
+    logical_batch_size: int | None = None,
+    splits: Sequence[tuple[int, int]] | None = None,
+    float64: bool = True,
+    rtol: float | None = None,
+    diagnose: bool = True,
+) -> CheckReport:
+    """Is the trainer's accumulated step its own full-batch step? Run it both ways and compare.
+
+    The trainer runs once as the full batch (`micro_batch_size` = the logical batch,
+    `accumulation_steps` 1) and once per split; every split's parameters are compared
+    with the full batch's. In float64 (torch's default dtype is float64 during each
+    call, so a model built inside is float64; a model that comes back float32 is
+    compared at float32's tolerance, with a note). Under torchrun each rank runs its
+    share (the logical batch is global) and the ranks' results must agree too. When
+    a split misses and the case describes model, data, loss and optimizer, each known
+    mistake is replayed and the matching one is named with its fix.
+
+    Args:
+        target: `train(micro_batch_size, accumulation_steps)` (see `bb.CheckCase` for its
+            contract), or a `bb.CheckCase` for a diagnosis too.
+        logical_batch_size: samples per optimizer step, all ranks; optional for a case with data.
+        splits: (micro_batch_size, accumulation_steps) pairs per rank; default an even split, an
+            uneven one and one whose data ends inside the window.
+        float64: run the trainer with float64 as torch's default dtype.
+        rtol: the tolerance on max|w - w_full| / max|w_full| per parameter; default 1e-10 in float64,
+            1e-4 in float32.
+        diagnose: replay the known mistakes on a split that misses (a diagnosable case only).
+
+    Returns:
+        A `bb.CheckReport`: `.passed`, `.table()`, `.to_dict()`.
+
+    Raises:
+        ConfigError: a logical batch that does not fit the ranks or the case's data, a split that is not
+            one optimizer step per epoch, a result that is not a model or a state dict.
+
+    Example:
+        report = bb.check_accumulation(train, logical_batch_size=8)
+        assert report.passed, report.table()
+    """
+    case = target if isinstance(target, CheckCase) else CheckCase(train=target)
+    world, rank = (dist.get_world_size(), dist.get_rank()) if dist.is_available() and dist.is_initialized() else (1, 0)
+    with _default_dtype(torch.float64 if float64 else None):
+        data = case.batch() if case.data is not None else None
+    samples = _per_rank_samples(data, logical_batch_size, world)
+    chosen = [classify(samples, m, k) for m, k in splits] if splits else default_splits(samples)
+    notes: list[str] = []
+    with _default_dtype(torch.float64 if float64 else None):
+        full = snapshots(case.train(samples, 1), "the full batch (accumulation_steps=1)")
+        runs: list[tuple[Split, list[State] | str]] = []
+        for split in chosen:
+            try:
+                runs.append((split, snapshots(case.train(split.micro_batch_size, split.accumulation_steps), str(split))))
+            except ConfigError:
+                raise
+            except Exception as error:  # the trainer refuses this split (an uneven one, say): say so, go on
+                runs.append((split, f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"))
+    states = full + [state for _, r in runs if not isinstance(r, str) for state in r]
+    dtype = lowest_dtype(states)
+    if float64 and dtype != torch.float64:
+        notes.append(
+            f"the trainer returned {str(dtype).replace('torch.', '')} parameters although torch's default dtype was "
+            "float64: build the model with dtype=torch.get_default_dtype() (or .double()) for a float64 check; "
+            "compared at float32's tolerance."
+        )
+    tol = rtol if rtol is not None else (FLOAT64_RTOL if dtype == torch.float64 else FLOAT32_RTOL)
+    apart = _ranks_apart([full[-1]] + [r[-1] for _, r in runs if not isinstance(r, str)], world) if world > 1 else 0.0
+    data_by_rank = _gather_data(data, world) if case.diagnosable and diagnose else None
+    results = []
+    for split, run in runs:
+        if isinstance(run, str):
+            results.append(SplitResult(split, None, None, run, exact=False))
+            continue
+        d = distance(run[-1], full[-1])
+        exact = d.max_rel <= tol
+        first = None
+        if not exact and len(run) == len(full) > 1:
+            first = next((i + 1 for i, (a, b) in enumerate(zip(run, full)) if distance(a, b).max_rel > tol), None)
+        diagnosis = None
+        if not exact and data_by_rank is not None:
+            diagnosis = _diagnose(case, split, run[-1], full[-1], data_by_rank, tol, d.max_rel, float64)
+        results.append(SplitResult(split, d, first, None, exact, diagnosis))
+    if case.diagnosable and world > 1 and rank != 0:
+        notes.append("the diagnosis replays every rank's data in this process, in rank order.")
+    return CheckReport(samples * world, world, str(dtype).replace("torch.", ""), tol, results, apart, notes)
+
+
+def _per_rank_samples(data: Batch | None, logical_batch_size: int | None, world: int) -> int:
+    """The logical batch's samples on each rank, checked against the case's data (None: none given)."""
+    local = batch_size(data) if data is not None else None
+    if logical_batch_size is None:
+        if local is None:
+            raise ConfigError("give logical_batch_size (samples per optimizer step), e.g. --logical-batch-size 8.")
+        logical_batch_size = local * world
+    if isinstance(logical_batch_size, bool) or not isinstance(logical_batch_size, int) or logical_batch_size < 1:
+        raise ConfigError(f"logical_batch_size must be a positive int (got {logical_batch_size!r}).")
+    if logical_batch_size % world:
+        raise ConfigError(f"logical_batch_size {logical_batch_size} does not divide over {world} ranks; use a multiple of {world}.")
+    if local is not None and local * world != logical_batch_size:
+        raise ConfigError(
+            f"the case's data holds {local} samples per rank, so the logical batch is {local * world}, "
+            f"not {logical_batch_size}: the data must be exactly one logical batch."
+        )
+    return logical_batch_size // world
+
+
+@contextlib.contextmanager
+def _default_dtype(dtype: torch.dtype | None) -> Iterator[None]:
+    """torch's default dtype set to `dtype` inside (nothing when None), restored after."""
+    previous = torch.get_default_dtype()
+    if dtype is not None:
+        torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(previous)
+
+
+def _ranks_apart(states: list[State], world: int) -> float:
+    """The largest relative distance, over runs and ranks, between a rank's result and rank 0's."""
+    worst = torch.zeros((), dtype=torch.float64)
+    for state in states:
+        theirs = {}
+        for name, tensor in state.items():
+            copy = tensor.clone()
+            dist.broadcast(copy, src=0)
+            theirs[name] = copy
+        worst = torch.maximum(worst, torch.tensor(distance(state, theirs).max_rel, dtype=torch.float64))
+    dist.all_reduce(worst, op=dist.ReduceOp.MAX)
+    return float(worst)
+
+
+def _gather_data(data: Batch, world: int) -> list[Batch]:
+    """Every rank's data, in rank order (the data itself in one process)."""
+    if world == 1:
+        return [data]
+    gathered: list[Batch] = [None] * world
+    dist.all_gather_object(gathered, data)
+    return gathered
+
+
+def _diagnose(
+    case: CheckCase, split: Split, got: State, full: State, data_by_rank: list[Batch], tol: float, miss: float,
+    float64: bool,
+) -> Diagnosis:
+    """Replay the exact step and each applicable mistake; name those that land on `got`."""
+    with _default_dtype(torch.float64 if float64 else None):
+        whole = Split(batch_size(data_by_rank[0]), 1, "full")
+        reference = replay(case, whole, EXACT, data_by_rank)
+        reproduced = distance(reference[-1], full).max_rel
+        distances = {m.name: distance(got, replay(case, split, m, data_by_rank)[-1]).max_rel
+                     for m in candidates(case, split, data_by_rank)}  # fmt: skip
+    if reproduced > tol:
+        return Diagnosis((), "", "", distances, reproduced)
+    # A match explains the trainer's result to the tolerance, or to 1% of its miss (float32 noise).
+    within = max(tol, 1e-2 * miss)
+    matched = tuple(sorted((n for n, d in distances.items() if d <= within), key=distances.__getitem__))
+    first = next((m for m in MISTAKES if matched and m.name == matched[0]), None)
+    return Diagnosis(matched, first.what if first else "", first.fix if first else "", distances, reproduced)
+
