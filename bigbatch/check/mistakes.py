@@ -95,7 +95,18 @@ def _partial(w: Window, c: CheckCase) -> bool:
 
 
 EXACT = Mistake("exact", "the full-batch step", "nothing to fix", _exact)
-MISTAKES = [
+MISTAKES = [  # in order of preference where two coincide on the data (the more specific first)
+    Mistake(
+        "partial_window_dropped", "the window the data ends inside was dropped (no optimizer step)",
+        "step what the window holds at the end of the data (bb.Accumulator's flush(), last_window='step').",
+        _exact, applies=_partial, step=False,
+    ),
+    Mistake(
+        "partial_window_scaled_by_n", "the window the data ends inside divided by accumulation_steps, not what it held",
+        "divide a short window's gradient by the items it holds (its own count), not by accumulation_steps.",
+        lambda w, r, i: w.present / (w.accumulation_steps * w.total),
+        applies=_partial,
+    ),
     Mistake(
         "mean_of_means", "each micro-batch's mean weighted equally (loss / accumulation_steps)",
         "weight each micro-batch by its item count: backward on the loss SUM and divide the window's gradient "
@@ -110,14 +121,14 @@ MISTAKES = [
         applies=lambda w, c: w.token_loss,
     ),
     Mistake(
-        "divided_twice", "the loss divided twice (by its count and again by accumulation_steps)",
+        "divided_twice", "the loss divided twice: by the window's item count and again by accumulation_steps",
         "divide once: by the window's item count, or by accumulation_steps, never both.",
         lambda w, r, i: 1.0 / (w.total * w.accumulation_steps),
     ),
     Mistake(
-        "not_divided", "the loss not divided by accumulation_steps (gradients summed over micro-batches)",
+        "not_divided", "each micro-batch's mean summed, never divided by accumulation_steps",
         "divide the summed gradient by the window's item count (or each micro-batch mean by accumulation_steps).",
-        lambda w, r, i: w.accumulation_steps / w.total,
+        lambda w, r, i: 1.0 / (_count(w, r, i) * w.ranks),
     ),
     Mistake(
         "last_micro_batch_only", "only the last micro-batch's gradient kept (earlier ones overwritten or zeroed)",
@@ -134,17 +145,6 @@ MISTAKES = [
         "never_clipped", "the gradient never clipped",
         "call clip_grad_norm_ on the accumulated gradient before every optimizer.step() (after unscaling).",
         _exact, applies=lambda w, c: c.max_grad_norm is not None, clip="never",
-    ),
-    Mistake(
-        "partial_window_dropped", "the window the data ends inside was dropped (no optimizer step)",
-        "step what the window holds at the end of the data (bb.Accumulator's flush(), last_window='step').",
-        _exact, applies=_partial, step=False,
-    ),
-    Mistake(
-        "partial_window_scaled_by_n", "the window the data ends inside divided by accumulation_steps, not what it held",
-        "divide a short window's gradient by the items it holds (its own count), not by accumulation_steps.",
-        lambda w, r, i: w.present / (w.accumulation_steps * w.total),
-        applies=_partial,
     ),
     Mistake(
         "per_rank_mean", "each rank's own mean, averaged over ranks (DDP's gradient mean on unequal counts)",

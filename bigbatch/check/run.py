@@ -69,7 +69,14 @@ def check_accumulation(
     chosen = [classify(samples, m, k) for m, k in splits] if splits else default_splits(samples)
     notes: list[str] = []
     with _default_dtype(torch.float64 if float64 else None):
-        full = snapshots(case.train(samples, 1), "the full batch (accumulation_steps=1)")
+        try:
+            trained = case.train(samples, 1)
+        except Exception as error:  # the trainer must run its own full batch: that is the reference
+            raise ConfigError(
+                f"the trainer failed on the full batch (micro_batch_size={samples}, accumulation_steps=1): "
+                f"{type(error).__name__}: {error}"
+            ) from error
+        full = snapshots(trained, "the full batch (accumulation_steps=1)")
         runs: list[tuple[Split, list[State] | str]] = []
         for split in chosen:
             try:
@@ -90,6 +97,11 @@ def check_accumulation(
     apart = _ranks_apart([full[-1]] + [r[-1] for _, r in runs if not isinstance(r, str)], world) if world > 1 else 0.0
     data_by_rank = _gather_data(data, world) if case.diagnosable and diagnose else None
     results = []
+    reference = None
+    if data_by_rank is not None:
+        reference, own = _reference(case, samples, full[-1], data_by_rank, tol, float64)
+        if own is not None:  # the trainer's own full batch is not the case's: that is the first finding
+            results.append(own)
     for split, run in runs:
         if isinstance(run, str):
             results.append(SplitResult(split, None, None, run, exact=False))
@@ -100,8 +112,8 @@ def check_accumulation(
         if not exact and len(run) == len(full) > 1:
             first = next((i + 1 for i, (a, b) in enumerate(zip(run, full)) if distance(a, b).max_rel > tol), None)
         diagnosis = None
-        if not exact and data_by_rank is not None:
-            diagnosis = _diagnose(case, split, run[-1], full[-1], data_by_rank, tol, d.max_rel, float64)
+        if not exact and data_by_rank is not None and reference is not None:
+            diagnosis = _diagnose(case, split, run[-1], reference, data_by_rank, tol, d.max_rel, float64)
         results.append(SplitResult(split, d, first, None, exact, diagnosis))
     if case.diagnosable and world > 1 and rank != 0:
         notes.append("the diagnosis replays every rank's data in this process, in rank order.")
@@ -162,22 +174,49 @@ def _gather_data(data: Batch, world: int) -> list[Batch]:
     return gathered
 
 
+def _reference(
+    case: CheckCase, samples: int, full: State, data_by_rank: list[Batch], tol: float, float64: bool
+) -> tuple[State | None, SplitResult | None]:
+    """The case's full batch replayed, and, where the trainer's own full batch misses it, that finding.
+
+    A trainer that never clips (or divides its one micro-batch wrongly) is split-invariant
+    and passes against itself; the case's description catches it here.
+
+    Returns:
+        (the replayed full batch, or None where it cannot stand for the trainer's;
+        a result row for the full batch when it misses the replay, else None).
+    """
+    whole = Split(samples, 1, "full")
+    with _default_dtype(torch.float64 if float64 else None):
+        reference = replay(case, whole, EXACT, data_by_rank)[-1]
+    d = distance(full, reference)
+    if d.max_rel <= tol:
+        return reference, None
+    diagnosis = _diagnose(case, whole, full, reference, data_by_rank, tol, d.max_rel, float64)
+    return (reference if diagnosis.matched else None), SplitResult(whole, d, None, None, False, diagnosis)
+
+
 def _diagnose(
-    case: CheckCase, split: Split, got: State, full: State, data_by_rank: list[Batch], tol: float, miss: float,
+    case: CheckCase, split: Split, got: State, reference: State, data_by_rank: list[Batch], tol: float, miss: float,
     float64: bool,
 ) -> Diagnosis:
-    """Replay the exact step and each applicable mistake; name those that land on `got`."""
+    """Replay each applicable mistake on `split`; name those that land on `got`.
+
+    Args:
+        case: a diagnosable case.
+        split: the split the trainer ran.
+        got: the trainer's final state on it.
+        reference: the case's full batch, replayed.
+        data_by_rank: every rank's data.
+        tol: the tolerance.
+        miss: how far `got` is from the trainer's full batch.
+        float64: replay with float64 as the default dtype.
+    """
     with _default_dtype(torch.float64 if float64 else None):
-        whole = Split(batch_size(data_by_rank[0]), 1, "full")
-        reference = replay(case, whole, EXACT, data_by_rank)
-        reproduced = distance(reference[-1], full).max_rel
         distances = {m.name: distance(got, replay(case, split, m, data_by_rank)[-1]).max_rel
                      for m in candidates(case, split, data_by_rank)}  # fmt: skip
-    if reproduced > tol:
-        return Diagnosis((), "", "", distances, reproduced)
     # A match explains the trainer's result to the tolerance, or to 1% of its miss (float32 noise).
     within = max(tol, 1e-2 * miss)
     matched = tuple(sorted((n for n, d in distances.items() if d <= within), key=distances.__getitem__))
     first = next((m for m in MISTAKES if matched and m.name == matched[0]), None)
-    return Diagnosis(matched, first.what if first else "", first.fix if first else "", distances, reproduced)
-
+    return Diagnosis(matched, first.what if first else "", first.fix if first else "", distances)
