@@ -13,7 +13,7 @@ diagnosis names the candidates whose weights land where the trainer's did.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import torch
@@ -36,12 +36,15 @@ class Window:
         samples: samples per micro-batch, by rank.
         accumulation_steps: what the trainer was told (k).
         token_loss: the loss is a `LossSum` (items are not samples).
+        unshifted: for a causal-LM batch (a dict with labels or input_ids), the labels that are not -100
+            BEFORE the shift, per micro-batch; None for other batches.
     """
 
     counts: list[list[float]]
     samples: list[list[int]]
     accumulation_steps: int
     token_loss: bool
+    unshifted: list[list[float]] | None = None
 
     @property
     def total(self) -> float:
@@ -137,6 +140,14 @@ MISTAKES = [  # in order of preference where two coincide on the data (the more 
         applies=lambda w, c: w.present > 1,
     ),
     Mistake(
+        "unshifted_label_count", "a token loss divided by the labels counted before the shift (one per sequence "
+        "too many: transformers' Trainer on a model without a loss_type)",
+        "count the shifted labels (labels[:, 1:] != -100): set the model's config.loss_type = 'ForCausalLM', "
+        "or use bb.causal_lm_loss.",
+        lambda w, r, i: 1.0 / max(sum(map(sum, w.unshifted or [[1.0]])), 1.0),
+        applies=lambda w, c: w.token_loss and w.unshifted is not None,
+    ),
+    Mistake(
         "clip_per_micro_step", "the gradient clipped after every micro-batch instead of once per step",
         "clip once, after the last micro-batch's backward and before optimizer.step().",
         _exact, applies=lambda w, c: c.max_grad_norm is not None, clip="micro",
@@ -170,15 +181,28 @@ def _windows(data_by_rank: list[Batch], split: Split) -> list[list[Batch]]:
     return [split_batch(data, split.micro_batch_size)[: split.accumulation_steps] for data in data_by_rank]
 
 
+def _unshifted(micro: Batch) -> float | None:
+    """Labels that are not -100 before the shift, for a dict batch with labels (or input_ids and a mask)."""
+    if not isinstance(micro, Mapping) or not isinstance(micro.get("labels", micro.get("input_ids")), torch.Tensor):
+        return None
+    labels = micro.get("labels")
+    if labels is None:
+        mask = micro.get("attention_mask")
+        return float(micro["input_ids"].numel() if mask is None else mask.sum())
+    return float((labels != -100).sum())
+
+
 def _measure(case: CheckCase, model: torch.nn.Module, micro_batches: list[list[Batch]], split: Split) -> Window:
     """The window's item counts at the model's current weights (no gradient)."""
     with torch.no_grad():
         measured = [[_loss_sum(case, model, mb) for mb in rank] for rank in micro_batches]
+    unshifted = [[_unshifted(mb) for mb in rank] for rank in micro_batches]
     return Window(
         counts=[[c for _, c, _ in rank] for rank in measured],
         samples=[[batch_size(mb) for mb in rank] for rank in micro_batches],
         accumulation_steps=split.accumulation_steps,
         token_loss=any(t for rank in measured for _, _, t in rank),
+        unshifted=None if any(c is None for c in unshifted for c in c) else unshifted,  # type: ignore[arg-type]
     )
 
 
