@@ -111,6 +111,12 @@ MISTAKES = [  # in order of preference where two coincide on the data (the more 
         applies=_partial,
     ),
     Mistake(
+        "per_rank_mean", "each rank's own mean, averaged over ranks (DDP's gradient mean on unequal counts)",
+        "all-reduce the item count and divide the summed gradient by the global count (bb.Accumulator does).",
+        lambda w, r, i: 1.0 / (max(sum(w.counts[r]), 1.0) * w.ranks),
+        applies=lambda w, c: w.ranks > 1,
+    ),
+    Mistake(
         "mean_of_means", "each micro-batch's mean weighted equally (loss / accumulation_steps)",
         "weight each micro-batch by its item count: backward on the loss SUM and divide the window's gradient "
         "by the window's total count (bb.Accumulator's acc.backward(loss, count=n)).",
@@ -156,12 +162,6 @@ MISTAKES = [  # in order of preference where two coincide on the data (the more 
         "never_clipped", "the gradient never clipped",
         "call clip_grad_norm_ on the accumulated gradient before every optimizer.step() (after unscaling).",
         _exact, applies=lambda w, c: c.max_grad_norm is not None, clip="never",
-    ),
-    Mistake(
-        "per_rank_mean", "each rank's own mean, averaged over ranks (DDP's gradient mean on unequal counts)",
-        "all-reduce the item count and divide the summed gradient by the global count (bb.Accumulator does).",
-        lambda w, r, i: 1.0 / (max(sum(w.counts[r]), 1.0) * w.ranks),
-        applies=lambda w, c: w.ranks > 1,
     ),
 ]
 

@@ -89,6 +89,10 @@ class CheckReport:
         if self.passed:
             return (f"EXACT: {len(ran)} splits equal the full batch to {worst.distance.max_rel:.1e} "
                     f"(tolerance {self.rtol:.0e}, {self.dtype}).")  # fmt: skip
+        own = next((s for s in ran if s.split.kind == "full"), None)
+        if own is not None and own.distance is not None:
+            return (f"NOT EXACT: the trainer's own full batch misses the case's full-batch step by "
+                    f"{own.distance.max_rel:.1e} relative ({own.distance.max_abs:.1e} absolute).")  # fmt: skip
         off = sum(not s.exact for s in ran)
         return (f"NOT EXACT: {off} of {len(ran)} splits differ from the full batch; worst {worst.distance.max_rel:.1e} "
                 f"relative ({worst.distance.max_abs:.1e} absolute) at {worst.split}.")  # fmt: skip

@@ -1,0 +1,74 @@
+"""The ready-made adapters of bigbatch.check.adapters, checked as a user would run them.
+
+Each framework's own accumulation on the uneven split (3 + 3 + 2 samples) is
+compared with its own full batch: bigbatch's loop API is exact to 1e-12 (and its
+replayed full batch is the case's, so the oracle is independent of the trainer);
+Accelerate's `accumulate()` and Lightning's `accumulate_grad_batches` miss by
+more than 1e-2 (the negative controls) and are diagnosed as equal weights per
+micro-batch; the HF Trainer on a GPT-2 from a config is split-invariant here
+(each window is the whole logical batch) but its full batch divides by the
+labels counted before the shift, which the diagnosis names.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+
+import bigbatch as bb
+from bigbatch.check.adapters import toy
+
+UNEVEN = [(3, 3)]
+
+
+def test_premise_the_split_is_uneven_and_one_window():
+    assert toy.LOGICAL_BATCH_SIZE % 3 != 0 and -(-toy.LOGICAL_BATCH_SIZE // 3) == 3
+
+
+def test_bigbatch_adapter_is_exact_on_every_default_split():
+    from bigbatch.check.adapters import bigbatch_loop
+
+    report = bb.check_accumulation(bigbatch_loop.case)
+    assert report.passed and len(report.splits) == 3, report.table()  # no full-batch row: the case is reproduced
+    assert max(s.distance.max_rel for s in report.splits if s.distance) < 1e-12
+
+
+def test_accelerate_accumulate_misses_the_uneven_split_by_equal_micro_batch_weights():
+    pytest.importorskip("accelerate")
+    from bigbatch.check.adapters import accelerate_loop
+
+    report = bb.check_accumulation(accelerate_loop.case, splits=UNEVEN)
+    (result,) = report.splits
+    assert result.distance is not None and result.distance.max_rel > 1e-2, report.table()
+    assert result.diagnosis is not None and result.diagnosis.matched[0] == "mean_of_means", report.table()
+
+
+@pytest.mark.slow  # Lightning's import and Trainer start-up: seconds
+@pytest.mark.filterwarnings("ignore")
+def test_lightning_accumulate_grad_batches_misses_the_uneven_split_by_equal_micro_batch_weights():
+    pytest.importorskip("lightning")
+    from bigbatch.check.adapters import lightning_loop
+
+    levels = {n: logging.getLogger(n).level for n in ("lightning", "lightning.pytorch", "lightning.fabric")}
+    try:
+        report = bb.check_accumulation(lightning_loop.case, splits=UNEVEN)
+    finally:
+        for name, level in levels.items():
+            logging.getLogger(name).setLevel(level)
+    (result,) = report.splits
+    assert result.distance is not None and result.distance.max_rel > 1e-2, report.table()
+    assert result.diagnosis is not None and result.diagnosis.matched[0] == "mean_of_means", report.table()
+
+
+@pytest.mark.slow  # transformers' Trainer start-up: seconds per run
+@pytest.mark.filterwarnings("ignore")
+def test_hf_trainer_on_a_gpt2_from_a_config_counts_the_unshifted_labels(hf_offline):
+    from bigbatch.check.adapters import hf_trainer
+
+    report = bb.check_accumulation(hf_trainer.case, splits=UNEVEN)
+    full, uneven = report.splits
+    assert full.split.kind == "full" and not report.passed, report.table()
+    assert uneven.exact  # each window is the whole logical batch: the count is wrong the same way every split
+    assert full.distance is not None and 1e-4 < full.distance.max_rel < 5e-2, report.table()
+    assert full.diagnosis is not None and full.diagnosis.matched == ("unshifted_label_count",), report.table()
