@@ -202,7 +202,7 @@ def _measure(case: CheckCase, model: torch.nn.Module, micro_batches: list[list[B
         samples=[[batch_size(mb) for mb in rank] for rank in micro_batches],
         accumulation_steps=split.accumulation_steps,
         token_loss=any(t for rank in measured for _, _, t in rank),
-        unshifted=None if any(c is None for c in unshifted for c in c) else unshifted,  # type: ignore[arg-type]
+        unshifted=None if any(c is None for row in unshifted for c in row) else unshifted,  # type: ignore[arg-type]
     )
 
 

@@ -141,7 +141,7 @@ def _per_rank_samples(data: Batch | None, logical_batch_size: int | None, world:
 
 @contextlib.contextmanager
 def _default_dtype(dtype: torch.dtype | None) -> Iterator[None]:
-    """torch's default dtype set to `dtype` inside (nothing when None), restored after."""
+    """Set torch's default dtype to `dtype` inside (nothing when None); restore it after."""
     previous = torch.get_default_dtype()
     if dtype is not None:
         torch.set_default_dtype(dtype)

@@ -37,7 +37,8 @@ def train(micro_batch_size: int, accumulation_steps: int) -> nn.Module:
                     accelerator.backward(toy.loss(net, batch))  # divided by accumulation_steps inside
                     optimizer.step()  # a no-op until the window (or the data) ends
                     optimizer.zero_grad()
-        return accelerator.unwrap_model(net)
+        trained: nn.Module = accelerator.unwrap_model(net)
+        return trained
     finally:
         AcceleratorState._reset_state(reset_partial_state=True)
         GradientState._reset_state()

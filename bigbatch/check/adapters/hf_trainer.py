@@ -34,8 +34,8 @@ def make_model() -> nn.Module:
     config = GPT2Config(vocab_size=VOCAB, n_positions=32, n_embd=16, n_layer=2, n_head=2, resid_pdrop=0.0,
                         embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0, eos_token_id=0)  # fmt: skip
     torch.manual_seed(0)
-    model: nn.Module = GPT2LMHeadModel(config).to(torch.get_default_dtype())
-    return model.train()
+    model: nn.Module = GPT2LMHeadModel(config)
+    return model.to(torch.get_default_dtype()).train()
 
 
 def rows() -> list[list[int]]:

@@ -24,7 +24,7 @@ def train(micro_batch_size: int, accumulation_steps: int) -> nn.Module:
     """`toy.STEPS` epochs of Lightning's automatic optimization on the CPU."""
     import lightning as L
 
-    class Module(L.LightningModule):  # type: ignore[misc]  # lightning is untyped here
+    class Module(L.LightningModule):
         def __init__(self) -> None:
             super().__init__()
             self.net = toy.make_model()
