@@ -233,6 +233,7 @@ def test_bigbatch_adapter_is_exact_and_the_plain_loop_is_not():
     assert not theirs.passed
     uneven = next(s for s in theirs.splits if s.split.kind == "uneven")
     assert uneven.distance is not None and uneven.distance.max_rel > 1e-2
+    assert uneven.first_step_off == 1  # plain_loop.train returns a state dict per step
     assert uneven.diagnosis is not None and uneven.diagnosis.matched[0] == "mean_of_means"
 
 
