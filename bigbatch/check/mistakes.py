@@ -196,6 +196,11 @@ def _measure(case: CheckCase, model: torch.nn.Module, micro_batches: list[list[B
     """The window's item counts at the model's current weights (no gradient)."""
     with torch.no_grad():
         measured = [[_loss_sum(case, model, mb) for mb in rank] for rank in micro_batches]
+    return _window(measured, micro_batches, split)
+
+
+def _window(measured: list[list[tuple[torch.Tensor, float, bool]]], micro_batches: list[list[Batch]], split: Split) -> Window:
+    """The `Window` of the micro-batches' (loss sum, count, is a LossSum), by rank."""
     unshifted = [[_unshifted(mb) for mb in rank] for rank in micro_batches]
     return Window(
         counts=[[c for _, c, _ in rank] for rank in measured],
@@ -224,12 +229,14 @@ def replay(case: CheckCase, split: Split, mistake: Mistake, data_by_rank: list[B
     micro_batches = _windows(data_by_rank, split)
     states = []
     for _ in range(case.steps):
-        window = _measure(case, model, micro_batches, split)
+        # Every micro-batch's forward first (the weights need the window's counts), each graph kept
+        # until its backward: one forward per micro-batch, and the models checked here are small.
+        losses = [[_loss_sum(case, model, mb) for mb in rank] for rank in micro_batches]
+        window = _window(losses, micro_batches, split)
         weigh = mistake.weigh or _exact
         optimizer.zero_grad(set_to_none=True)
-        for r, rank in enumerate(micro_batches):
-            for i, mb in enumerate(rank):
-                total, _, _ = _loss_sum(case, model, mb)
+        for r, rank in enumerate(losses):
+            for i, (total, _, _) in enumerate(rank):
                 (total * weigh(window, r, i)).backward()
                 if mistake.clip == "micro" and case.max_grad_norm is not None:
                     torch.nn.utils.clip_grad_norm_(model.parameters(), case.max_grad_norm)
