@@ -48,15 +48,23 @@ class Distance:
         max_abs: the largest absolute difference of any element.
         max_rel: the largest per-parameter relative difference, max|a - b| / max|b|.
         worst: (name, relative difference) of the parameters that differ most, worst first (at most 3).
+        update_rel: how far the training moved off, ||w - w_ref|| / ||w_ref - w_0|| over every weight, where
+            the initial weights w_0 are known (a CheckCase with a model), else None.
     """
 
     max_abs: float
     max_rel: float
     worst: tuple[tuple[str, float], ...]
+    update_rel: float | None = None
 
 
-def distance(state: State, reference: State) -> Distance:
+def distance(state: State, reference: State, init: State | None = None) -> Distance:
     """How far `state` is from `reference`, over the names both hold.
+
+    Args:
+        state: the result.
+        reference: what it should be.
+        init: the initial weights, for `update_rel` (None: not computed).
 
     Raises:
         ConfigError: the two hold different parameter names or shapes (not the same model).
@@ -77,7 +85,12 @@ def distance(state: State, reference: State) -> Distance:
         max_abs = max(max_abs, diff)
         rel.append((name, diff / scale if scale > 0 else diff))
     rel.sort(key=lambda item: -item[1])
-    return Distance(max_abs, rel[0][1] if rel else 0.0, tuple((n, r) for n, r in rel[:3] if r > 0))
+    update = None
+    if init is not None and init.keys() >= reference.keys():
+        off = sum(float(((state[k].double() - reference[k].double()) ** 2).sum()) for k in reference)
+        moved = sum(float(((reference[k].double() - init[k].double()) ** 2).sum()) for k in reference)
+        update = (off / moved) ** 0.5 if moved > 0 else float("inf") if off > 0 else 0.0
+    return Distance(max_abs, rel[0][1] if rel else 0.0, tuple((n, r) for n, r in rel[:3] if r > 0), update)
 
 
 def lowest_dtype(states: list[State]) -> torch.dtype:

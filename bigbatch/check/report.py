@@ -91,31 +91,42 @@ class CheckReport:
                     f"(tolerance {self.rtol:.0e}, {self.dtype}).")  # fmt: skip
         own = next((s for s in ran if s.split.kind == "full"), None)
         if own is not None and own.distance is not None:
+            d = own.distance
+            update = "" if d.update_rel is None else f", the update {d.update_rel:.1e} off"
             return (f"NOT EXACT: the trainer's own full batch misses the case's full-batch step by "
-                    f"{own.distance.max_rel:.1e} relative ({own.distance.max_abs:.1e} absolute).")  # fmt: skip
+                    f"{d.max_rel:.1e} relative ({d.max_abs:.1e} absolute{update}).")  # fmt: skip
         off = sum(not s.exact for s in ran)
-        return (f"NOT EXACT: {off} of {len(ran)} splits differ from the full batch; worst {worst.distance.max_rel:.1e} "
-                f"relative ({worst.distance.max_abs:.1e} absolute) at {worst.split}.")  # fmt: skip
+        d = worst.distance
+        update = "" if d.update_rel is None else f", the update {d.update_rel:.1e} off"
+        return (f"NOT EXACT: {off} of {len(ran)} splits differ from the full batch; worst {d.max_rel:.1e} relative "
+                f"({d.max_abs:.1e} absolute{update}) at {worst.split}.")  # fmt: skip
 
     def table(self) -> str:
         """The report as text: a table of splits, the diagnoses, the notes and the verdict."""
         lines = [
             f"logical batch {self.logical_batch_size}"
             + (f" on {self.world_size} ranks" if self.world_size > 1 else "")
-            + f", parameters in {self.dtype}, tolerance {self.rtol:.0e} (max|w - w_full| / max|w_full| per parameter)",
+            + f", parameters in {self.dtype}, tolerance {self.rtol:.0e} on the max rel diff",
             "",
-            "| split (micro x accumulation) | kind | max abs diff | max rel diff | first step off | worst parameter |",
-            "| --- | --- | --- | --- | --- | --- |",
+            "| split (micro x accumulation) | kind | max abs diff | max rel diff | update off | first step off "
+            "| worst parameter |",
+            "| --- | --- | --- | --- | --- | --- | --- |",
         ]
         for s in self.splits:
             where = f"{s.split.micro_batch_size} x {s.split.accumulation_steps}"
             if s.distance is None:
-                lines.append(f"| {where} | {s.split.kind} | refused: {s.refused} | | | |")
+                lines.append(f"| {where} | {s.split.kind} | refused: {s.refused} | | | | |")
                 continue
             d = s.distance
             worst = f"{d.worst[0][0]} ({d.worst[0][1]:.1e})" if d.worst and not s.exact else "-"
             step = str(s.first_step_off) if s.first_step_off else "-"
-            lines.append(f"| {where} | {s.split.kind} | {d.max_abs:.1e} | {d.max_rel:.1e} | {step} | {worst} |")
+            update = "-" if d.update_rel is None else f"{d.update_rel:.1e}"
+            lines.append(f"| {where} | {s.split.kind} | {d.max_abs:.1e} | {d.max_rel:.1e} | {update} | {step} | {worst} |")
+        lines.append("")
+        lines.append(
+            "(max rel diff: max|w - w_full| / max|w_full|, the worst parameter; update off: "
+            "||w - w_full|| / ||w_full - w_0|| over all weights, where the case gives w_0)"
+        )
         for s in self.splits:
             if s.diagnosis is None:
                 continue
@@ -153,6 +164,7 @@ class CheckReport:
                 "refused": s.refused,
                 "max_abs_diff": d.max_abs if d else None,
                 "max_rel_diff": d.max_rel if d else None,
+                "update_rel_diff": d.update_rel if d else None,
                 "worst_parameters": dict(d.worst) if d else {},
                 "first_step_off": s.first_step_off,
                 "diagnosis": None if s.diagnosis is None else {

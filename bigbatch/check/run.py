@@ -99,17 +99,21 @@ def check_accumulation(
     tol = rtol if rtol is not None else (FLOAT64_RTOL if dtype == torch.float64 else FLOAT32_RTOL)
     apart = _ranks_apart([full[-1]] + [r[-1] for _, r in runs if not isinstance(r, str)], world) if world > 1 else 0.0
     data_by_rank = _gather_data(data, world) if case.diagnosable and diagnose else None
+    init = None
+    if case.model is not None:
+        with _default_dtype(torch.float64 if float64 else None):
+            init = snapshots(case.model(), "the case's model()")[0]
     results = []
     reference = None
     if data_by_rank is not None:
-        reference, own = _reference(case, samples, full[-1], data_by_rank, tol, float64)
+        reference, own = _reference(case, samples, full[-1], data_by_rank, tol, float64, init)
         if own is not None:  # the trainer's own full batch is not the case's: that is the first finding
             results.append(own)
     for split, run in runs:
         if isinstance(run, str):
             results.append(SplitResult(split, None, None, run, exact=False))
             continue
-        d = distance(run[-1], full[-1])
+        d = distance(run[-1], full[-1], init)
         exact = d.max_rel <= tol
         first = None
         if not exact and len(run) == len(full) > 1:
@@ -178,7 +182,8 @@ def _gather_data(data: Batch, world: int) -> list[Batch]:
 
 
 def _reference(
-    case: CheckCase, samples: int, full: State, data_by_rank: list[Batch], tol: float, float64: bool
+    case: CheckCase, samples: int, full: State, data_by_rank: list[Batch], tol: float, float64: bool,
+    init: State | None,
 ) -> tuple[State | None, SplitResult | None]:
     """The case's full batch replayed, and, where the trainer's own full batch misses it, that finding.
 
@@ -193,7 +198,7 @@ def _reference(
     whole = Split(samples, 1, "full")
     with _default_dtype(torch.float64 if float64 else None):
         reference = replay(case, whole, EXACT, data_by_rank)[-1]
-    d = distance(full, reference)
+    d = distance(full, reference, init)
     if d.max_rel <= max(tol, DESCRIPTION_RTOL):
         return reference, None
     diagnosis = _diagnose(case, whole, full, reference, data_by_rank, tol, d.max_rel, float64)
