@@ -234,6 +234,8 @@ def test_bigbatch_adapter_is_exact_and_the_plain_loop_is_not():
     uneven = next(s for s in theirs.splits if s.split.kind == "uneven")
     assert uneven.distance is not None and uneven.distance.max_rel > 1e-2
     assert uneven.first_step_off == 1  # plain_loop.train returns a state dict per step
+    assert uneven.distance.update_rel is not None and uneven.distance.update_rel > 1e-2
+    assert all(s.distance is not None and s.distance.update_rel < 1e-12 for s in ours.splits)
     assert uneven.diagnosis is not None and uneven.diagnosis.matched[0] == "mean_of_means"
 
 
