@@ -148,8 +148,8 @@ MISTAKES = [  # in order of preference where two coincide on the data (the more 
     Mistake(
         "unshifted_label_count", "a token loss divided by the labels counted before the shift (one per sequence "
         "too many: transformers' Trainer on a model without a loss_type)",
-        "count the shifted labels (labels[:, 1:] != -100): set the model's config.loss_type = 'ForCausalLM', "
-        "or use bb.causal_lm_loss.",
+        "count the shifted labels (labels[:, 1:] != -100): set model.loss_type = 'ForCausalLM' before the "
+        "Trainer is built, or use bb.causal_lm_loss.",
         lambda w, r, i: 1.0 / max(sum(map(sum, w.unshifted or [[1.0]])), 1.0),
         applies=lambda w, c: w.token_loss and w.unshifted is not None,
     ),

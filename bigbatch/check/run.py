@@ -65,29 +65,14 @@ def check_accumulation(
         assert report.passed, report.table()
     """
     case = target if isinstance(target, CheckCase) else CheckCase(train=target)
-    world, rank = (dist.get_world_size(), dist.get_rank()) if dist.is_available() and dist.is_initialized() else (1, 0)
+    world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
     with _default_dtype(torch.float64 if float64 else None):
         data = case.batch() if case.data is not None else None
     samples = _per_rank_samples(data, logical_batch_size, world)
     chosen = [classify(samples, m, k) for m, k in splits] if splits else default_splits(samples)
     notes: list[str] = []
     with _default_dtype(torch.float64 if float64 else None):
-        try:
-            trained = case.train(samples, 1)
-        except Exception as error:  # the trainer must run its own full batch: that is the reference
-            raise ConfigError(
-                f"the trainer failed on the full batch (micro_batch_size={samples}, accumulation_steps=1): "
-                f"{type(error).__name__}: {error}"
-            ) from error
-        full = snapshots(trained, "the full batch (accumulation_steps=1)")
-        runs: list[tuple[Split, list[State] | str]] = []
-        for split in chosen:
-            try:
-                runs.append((split, snapshots(case.train(split.micro_batch_size, split.accumulation_steps), str(split))))
-            except ConfigError:
-                raise
-            except Exception as error:  # the trainer refuses this split (an uneven one, say): say so, go on
-                runs.append((split, f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"))
+        full, runs = _run_trainer(case, samples, chosen)
     states = full + [state for _, r in runs if not isinstance(r, str) for state in r]
     dtype = lowest_dtype(states)
     if float64 and dtype != torch.float64:
@@ -120,11 +105,34 @@ def check_accumulation(
             first = next((i + 1 for i, (a, b) in enumerate(zip(run, full)) if distance(a, b).max_rel > tol), None)
         diagnosis = None
         if not exact and data_by_rank is not None and reference is not None:
-            diagnosis = _diagnose(case, split, run[-1], reference, data_by_rank, tol, d.max_rel, float64)
+            diagnosis = _diagnose(case, split, run[-1], data_by_rank, tol, d.max_rel, float64)
         results.append(SplitResult(split, d, first, None, exact, diagnosis))
-    if case.diagnosable and world > 1 and rank != 0:
-        notes.append("the diagnosis replays every rank's data in this process, in rank order.")
     return CheckReport(samples * world, world, str(dtype).replace("torch.", ""), tol, results, apart, notes)
+
+
+def _run_trainer(case: CheckCase, samples: int, splits: list[Split]) -> tuple[list[State], list[tuple[Split, list[State] | str]]]:
+    """The trainer's full batch, and each split's result or the error it refused the split with.
+
+    Raises:
+        ConfigError: the full batch failed (it is the reference), or a result is not a model or state dict.
+    """
+    try:
+        trained = case.train(samples, 1)
+    except Exception as error:  # the trainer must run its own full batch: that is the reference
+        raise ConfigError(
+            f"the trainer failed on the full batch (micro_batch_size={samples}, accumulation_steps=1): "
+            f"{type(error).__name__}: {error}"
+        ) from error
+    full = snapshots(trained, "the full batch (accumulation_steps=1)")
+    runs: list[tuple[Split, list[State] | str]] = []
+    for split in splits:
+        try:
+            trained = case.train(split.micro_batch_size, split.accumulation_steps)
+        except Exception as error:  # the trainer refuses this split (an uneven one, say): say so, go on
+            runs.append((split, f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"))
+            continue
+        runs.append((split, snapshots(trained, str(split))))
+    return full, runs
 
 
 def _per_rank_samples(data: Batch | None, logical_batch_size: int | None, world: int) -> int:
@@ -201,13 +209,12 @@ def _reference(
     d = distance(full, reference, init)
     if d.max_rel <= max(tol, DESCRIPTION_RTOL):
         return reference, None
-    diagnosis = _diagnose(case, whole, full, reference, data_by_rank, tol, d.max_rel, float64)
+    diagnosis = _diagnose(case, whole, full, data_by_rank, tol, d.max_rel, float64)
     return (reference if diagnosis.matched else None), SplitResult(whole, d, None, None, False, diagnosis)
 
 
 def _diagnose(
-    case: CheckCase, split: Split, got: State, reference: State, data_by_rank: list[Batch], tol: float, miss: float,
-    float64: bool,
+    case: CheckCase, split: Split, got: State, data_by_rank: list[Batch], tol: float, miss: float, float64: bool
 ) -> Diagnosis:
     """Replay each applicable mistake on `split`; name those that land on `got`.
 
@@ -215,7 +222,6 @@ def _diagnose(
         case: a diagnosable case.
         split: the split the trainer ran.
         got: the trainer's final state on it.
-        reference: the case's full batch, replayed.
         data_by_rank: every rank's data.
         tol: the tolerance.
         miss: how far `got` is from the trainer's full batch.

@@ -16,6 +16,7 @@ wrongly (bad target, options, or a function that does not return a model).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 
@@ -70,14 +71,16 @@ def run(args: argparse.Namespace) -> int:
         target = load_object(args.target, what="function or CheckCase")
         if not isinstance(target, CheckCase) and not callable(target):
             raise UsageError(f"{args.target} is a {type(target).__name__}; name a function or a bb.CheckCase.")
-        report = check_accumulation(
-            target,
-            logical_batch_size=args.logical_batch_size,
-            splits=_splits(args.split) or None,
-            float64=not args.no_float64,
-            rtol=args.rtol,
-            diagnose=not args.no_diagnosis,
-        )
+        # The trainer's own prints (a framework's metrics line) go to stderr: stdout is the report (--json).
+        with contextlib.redirect_stdout(sys.stderr):
+            report = check_accumulation(
+                target,
+                logical_batch_size=args.logical_batch_size,
+                splits=_splits(args.split) or None,
+                float64=not args.no_float64,
+                rtol=args.rtol,
+                diagnose=not args.no_diagnosis,
+            )
     except (UsageError, ConfigError, BatchError, LossError) as error:
         print(f"bigbatch check: error: {error}", file=sys.stderr)
         return 2

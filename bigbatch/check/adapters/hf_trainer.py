@@ -37,7 +37,7 @@ def train(micro_batch_size: int, accumulation_steps: int, loss_type: str | None 
         loss_type: set on the model before the Trainer sees it ("ForCausalLM": the labels are counted
             after the shift); None keeps what the model derives from its class name (nothing, for GPT-2).
     """
-    from transformers import Trainer, TrainingArguments
+    from transformers import PrinterCallback, Trainer, TrainingArguments
 
     model: Any = make_model()  # a GPT2LMHeadModel
     if loss_type is not None:
@@ -52,7 +52,9 @@ def train(micro_batch_size: int, accumulation_steps: int, loss_type: str | None 
             remove_unused_columns=False, seed=0,
         )  # fmt: skip
         samples = [{"input_ids": r} for r in rows()]
-        Trainer(model=model, args=args, train_dataset=samples, data_collator=collate).train()
+        trainer = Trainer(model=model, args=args, train_dataset=samples, data_collator=collate)
+        trainer.remove_callback(PrinterCallback)  # its end-of-training metrics line
+        trainer.train()
     trained: nn.Module = model
     return trained
 
