@@ -138,7 +138,7 @@ class CheckReport:
                              "trainer runs.")  # fmt: skip
                 continue
             if s.split.kind == "full":
-                lines.append(f"the trainer's own full batch is not the case's {s.split.micro_batch_size}-sample step:")
+                lines.append("the trainer's own full batch is not the case's full-batch step:")
             if g.matched:
                 also = f" (indistinguishable here: {', '.join(g.matched[1:])})" if len(g.matched) > 1 else ""
                 lines.append(f"diagnosis at {s.split}: {g.what} [{g.matched[0]}, to "

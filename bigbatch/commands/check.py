@@ -18,8 +18,10 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
 import sys
 
+import torch
 import torch.distributed as dist
 
 from ..check import CheckCase, check_accumulation
@@ -58,6 +60,23 @@ def _splits(items: list[str]) -> list[tuple[int, int]]:
     return splits
 
 
+def _join_torchrun() -> bool:
+    """Under torchrun (WORLD_SIZE > 1) join the process group the check compares the ranks over.
+
+    CPU tensors go over gloo, CUDA tensors over NCCL where a GPU is there. A trainer that
+    initializes its own process group finds this one already joined, as under any launcher.
+
+    Returns:
+        True when this call joined it (and the command leaves it at the end).
+    """
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or dist.is_initialized():
+        return False
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    dist.init_process_group(backend="cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo")
+    return True
+
+
 def run(args: argparse.Namespace) -> int:
     """Run the check as `args` say and print the report (on rank 0 under torchrun).
 
@@ -67,6 +86,16 @@ def run(args: argparse.Namespace) -> int:
     Returns:
         0 exact, 1 not exact, 2 the command was used wrongly.
     """
+    joined = _join_torchrun()
+    try:
+        return _check(args)
+    finally:
+        if joined:
+            dist.destroy_process_group()
+
+
+def _check(args: argparse.Namespace) -> int:
+    """The check itself (see `run`)."""
     try:
         target = load_object(args.target, what="function or CheckCase")
         if not isinstance(target, CheckCase) and not callable(target):

@@ -54,6 +54,12 @@ def bigbatch_train(micro_batch_size: int, accumulation_steps: int) -> torch.nn.M
     return net.module
 
 
+per_rank_case = bb.CheckCase(
+    train=per_rank_mean_train, model=make_model, data=shard, loss=token_loss, optimizer=sgd, steps=STEPS
+)
+bigbatch_case = bb.CheckCase(train=bigbatch_train, model=make_model, data=shard, loss=token_loss, optimizer=sgd, steps=STEPS)
+
+
 def run(rank: int, world: int) -> dict[str, Any]:
     """Both checks on this rank; their JSON reports."""
     out = {}
