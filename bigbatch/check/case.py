@@ -23,9 +23,9 @@ from typing import Protocol
 import torch
 from torch import nn
 
-from ..batches import Batch
+from ..engine.batch_split import Batch
+from ..engine.loss_sum import LossFn
 from ..errors import ConfigError
-from ..losses import LossFn
 
 Trained = nn.Module | Mapping[str, torch.Tensor] | Sequence[nn.Module | Mapping[str, torch.Tensor]]
 

@@ -18,8 +18,8 @@ from dataclasses import dataclass
 
 import torch
 
-from ..batches import Batch, batch_size, split_batch
-from ..losses import LossSum
+from ..engine.batch_split import Batch, batch_size, split_batch
+from ..engine.loss_sum import LossSum
 from .case import CheckCase, Split
 from .compare import State
 

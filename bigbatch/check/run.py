@@ -8,7 +8,7 @@ from collections.abc import Iterator, Sequence
 import torch
 import torch.distributed as dist
 
-from ..batches import Batch, batch_size
+from ..engine.batch_split import Batch, batch_size
 from ..errors import ConfigError
 from .case import CheckCase, Split, TrainFn, classify, default_splits
 from .compare import State, distance, lowest_dtype, snapshots

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from ...causal_lm import causal_lm_loss
+from ...losses.causal_lm_loss import causal_lm_loss
 from ..case import CheckCase
 from . import tiny_lm
 

@@ -12,8 +12,8 @@ from __future__ import annotations
 
 from torch import nn
 
-from ...accumulator import Accumulator
-from ...causal_lm import causal_lm_loss
+from ...engine.accumulator import Accumulator
+from ...losses.causal_lm_loss import causal_lm_loss
 from ..case import CheckCase
 from . import tiny_lm, toy
 

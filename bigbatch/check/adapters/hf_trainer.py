@@ -23,7 +23,7 @@ from typing import Any
 
 from torch import nn
 
-from ...causal_lm import causal_lm_loss
+from ...losses.causal_lm_loss import causal_lm_loss
 from ..case import CheckCase
 from .tiny_lm import LR, STEPS, collate, data, make_model, optimizer, rows
 

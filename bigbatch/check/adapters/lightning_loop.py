@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ...causal_lm import causal_lm_loss
+from ...losses.causal_lm_loss import causal_lm_loss
 from ..case import CheckCase
 from . import tiny_lm
 
