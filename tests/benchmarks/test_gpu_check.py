@@ -108,23 +108,39 @@ def test_the_table_computes_the_targets_from_this_runs_rows(gpu_check):
                 "peak_memory_gib": 1.0, "status": "ok", **extra}  # fmt: skip
 
     rows = [
-        {"run": "r", "stage": "start", "device": "NVIDIA H200", "torch": "2.11.0", "model": "GPT-2 small"},
+        {"run": "r", "stage": "start", "device": "NVIDIA H200", "torch": "2.11.0", "model": "GPT-2 small",
+         "logical_batch_size": 64, "compute_mode": "Default"},
         {"run": "r", "stage": "pytest", "status": "ok", "summary": "30 passed",
          "host_syncs": {"passed": 19, "failed": 0, "error": 0}},
-        row("plain", 1, 40.0), row("bigbatch", 1, 39.8), row("plain", 4, 150.0), row("bigbatch", 4, 147.0),
-        row("plain", 64, 340.0), row("bigbatch", 64, 339.0),
+        row("plain", 1, 40.0), row("bigbatch", 1, 39.8, ratio_to_plain=0.995, ratio_interval=[0.99, 1.0]),
+        row("plain", 4, 150.0), row("bigbatch", 4, 147.0, ratio_to_plain=0.98, ratio_interval=[0.97, 0.99]),
+        row("plain", 16, 300.0), row("plain", 64, 340.0), row("bigbatch", 64, 339.0, ratio_to_plain=0.997),
+        row("plain", 4, 120.0, "accelerate"), row("accelerate", 4, 114.0, "accelerate", ratio_to_plain=0.95),
         row("bigbatch-compile", 4, 200.0, "compile"), row("bigbatch-cudagraphs", 4, 260.0, "cudagraphs"),
         row("bigbatch-cudagraphs", 1, 130.0, "cudagraphs"),
-        row("planner", 16, 350.0, "planner", checkpointing=True, loss="chunked", compile=True, budget_bytes=2**32),
+        row("planner", 16, 350.0, "planner", checkpointing=True, loss="chunked", compile=False, budget_bytes=2**32),
     ]
-    met = [ok for ok, _ in gpu_check.targets(rows, 340.0)]
-    # 147 / 150 = 0.98 at micro 4 misses 0.99; cudagraphs 260 / 340 = 0.765 >= 0.75; 130 / 340 = 0.38 < 0.40;
+    full = gpu_check.full_batch(rows)
+    assert full == 340.0  # the plain loop at the logical batch, 64
+    met = [ok for ok, _ in gpu_check.targets(rows, full)]
+    # The paired 0.98 at micro 4 misses 0.99; cudagraphs 260 / 340 = 0.765 >= 0.75; 130 / 340 = 0.38 < 0.40;
     # the planner 350 / 340 >= 1; nineteen no-sync GPU tests passed.
     assert met == [False, True, False, True, True]
     table = gpu_check.render_table(rows)
-    assert "| bigbatch-cudagraphs | 4 | 260 | 1.00 | 1.733 | 0.765 |" in table
-    assert "| planner | 16 | 350 | 1.00 | - | 1.029 |" in table and "checkpointing, chunked loss, compiled; budget 4.00 GiB" in table
+    # A compiled method has no plain loop in its configuration: a ratio of medians, marked as not paired.
+    assert "| bigbatch-cudagraphs | 4 | 260 | 1.00 +pool | 1.733 * | - | 0.765 |" in table
+    # Accelerate's ratio is to the plain loop timed with it (0.95), not to the eager stage's (114 / 150 = 0.76).
+    assert "| accelerate | 4 | 114 | 1.00 | 0.950 | - | 0.335 |" in table
+    assert "| bigbatch | 4 | 147 | 1.00 | 0.980 | 0.970-0.990 | 0.432 |" in table
+    assert "| planner | 16 | 350 | 1.00 | 1.167 * | - | 1.029 |" in table and "checkpointing, chunked loss; budget 4.00 GiB" in table
     assert "- [x] fast micro-step at micro-batch 4 >= 0.75" in table and "- [ ] bigbatch eager >= 0.99" in table
+    assert "4: 0.980 [0.970, 0.990]" in table and "compute mode Default" in table
+    # Without the plain loop at the logical batch there is no full-batch ratio; the old table took plain@16 instead.
+    no_full = [r for r in rows if not (r.get("method") == "plain" and r.get("micro_batch_size") == 64)]
+    assert gpu_check.full_batch(no_full) is None
+    assert "| bigbatch-cudagraphs | 4 | 260 | 1.00 +pool | 1.733 * | - | - |" in gpu_check.render_table(no_full)
+    assert 260.0 / 300.0 >= 0.75  # premise: plain@16 in its place would have ticked the micro-4 target falsely
+    assert [ok for ok, _ in gpu_check.targets(no_full, None)][1:3] == [False, False]
     # Nothing measured: every target is unmet, and says so.
     assert all(not ok and "not" in text for ok, text in gpu_check.targets([], None))
 
