@@ -78,12 +78,25 @@ if str(ROOT) not in sys.path:
 import torch  # noqa: E402 - after the sys.path line above
 
 import bigbatch as bb  # noqa: E402 - after the sys.path line above
-from benchmarks import gpu_modes  # noqa: E402 - after the sys.path line above
 from bigbatch import workloads  # noqa: E402 - after the sys.path line above
 from bigbatch.benchmarking import append_jsonl, markdown_table, median_interval, sync_device  # noqa: E402 - after the sys.path line
 from bigbatch.memory import format_bytes  # noqa: E402 - after the sys.path line above
 from bigbatch.tasks.gpt2 import GPT2Shape, chunked_loss, gpt2_setup, plain_loss  # noqa: E402 - after the sys.path line
 
+
+def _sibling(name: str) -> Any:
+    """A script beside this one, by its path (a package named "benchmarks" elsewhere on the path cannot shadow it)."""
+    if name in sys.modules:
+        return sys.modules[name]
+    spec = importlib.util.spec_from_file_location(name, Path(__file__).with_name(f"{name}.py"))
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+gpu_modes = _sibling("gpu_modes")
 # The planner runs right after the eager stage (its budget comes from the eager full batch), before
 # anything compiles: it is the target most likely to be cut short.
 STAGES = ("pytest", "eager", "planner", "accelerate", "compile", "cudagraphs", "modes")
@@ -488,7 +501,7 @@ def _plan_kwargs(work: Workload) -> dict[str, Any]:
 
 def run_planner_config(cfg: Config, work: Workload, budget_bytes: int | None,
                        record: Callable[[dict[str, Any]], None], until: float | None = None,
-                       ) -> list[dict[str, Any]]:  # fmt: skip
+                       after_plan: Callable[[], None] | None = None) -> list[dict[str, Any]]:  # fmt: skip
     """bb.plan on its own (eager settings) within 1/fraction of the eager full batch's peak; its choice timed.
 
     The plan is recorded (`record`, stage "planner-plan") before its choice is timed, so
@@ -524,6 +537,8 @@ def run_planner_config(cfg: Config, work: Workload, budget_bytes: int | None,
                                       "planner_tokens_per_s": (best.samples_per_s or 0.0) * work.sizes.shape.seq_len}
     record({**common, "micro_batch_size": None if best is None else best.micro_batch_size, **chosen,
             "plan_steps": steps, "candidates": candidates, "status": "ok" if best is not None else "failed"})  # fmt: skip
+    if after_plan is not None:
+        after_plan()  # the check's own tests: a kill here must leave the plan recorded
     if best is None:
         return [{**common, "micro_batch_size": None, "status": "failed", "reason": "nothing fits the budget"}]
 
@@ -631,7 +646,7 @@ def worker(spec: dict[str, Any]) -> int:
                     work = Workload(device, sizes)
                 if faults.get(cfg.key) in ("raise", "cuda-error"):
                     _inject(faults[cfg.key])
-                rows = _run_config(cfg, work, results, spec, started + share)
+                rows = _run_config(cfg, work, results, spec, started + share, fault=faults.get(cfg.key))
                 rows = [{**row, "status": row.get("status", "ok")} for row in rows]
             except Exception as error:  # recorded, and the next configuration runs
                 traceback.print_exc()
@@ -653,8 +668,8 @@ def worker(spec: dict[str, Any]) -> int:
     return 0
 
 
-def _run_config(cfg: Config, work: Workload, results: Results, spec: dict[str, Any],
-                until: float) -> list[dict[str, Any]]:  # fmt: skip
+def _run_config(cfg: Config, work: Workload, results: Results, spec: dict[str, Any], until: float,
+                fault: str | None = None) -> list[dict[str, Any]]:  # fmt: skip
     """One configuration's rows, by its stage."""
     if cfg.stage == "warm":
         return run_warm_config(cfg, work)
@@ -667,7 +682,8 @@ def _run_config(cfg: Config, work: Workload, results: Results, spec: dict[str, A
         def record(row: dict[str, Any]) -> None:
             results.add({"stage": "planner-plan", "config": cfg.key, **spec["facts"], **row})
 
-        return run_planner_config(cfg, work, planner_budget_bytes(results, work.sizes), record, until=until)
+        return run_planner_config(cfg, work, planner_budget_bytes(results, work.sizes), record, until=until,
+                                  after_plan=(lambda: _inject("hang")) if fault == "hang-after-plan" else None)
     return run_bench_config(cfg, work, until=until)
 
 
@@ -845,6 +861,9 @@ _OUTCOME = re.compile(r"(?:^(tests/\S+::\S+) (PASSED|FAILED|SKIPPED|ERROR|XFAIL|
 def run_pytest(results: Results, deadline: float, workers: int = 1) -> dict[str, Any]:
     """`pytest -m gpu` on the gpu test files, its output in the log as it comes; killed at the deadline."""
     files = gpu_test_files()
+    if importlib.util.find_spec("pytest") is None:
+        return {"stage": "pytest", "method": "pytest -m gpu", "status": "skipped", "reason": "pytest is not installed",
+                "summary": "pytest is not installed", "files": files, "seconds": 0.0, "log": results.pytest_log.name}
     command = [sys.executable, "-m", "pytest", "-m", "gpu", "-v", "-rfEs", "-p", "no:cacheprovider", *files]
     if workers > 1 and importlib.util.find_spec("xdist") is not None:
         # Several compile small models with inductor: on a 16-core GPU machine, four at a time.
@@ -944,7 +963,7 @@ def main(argv: list[str] | None = None) -> int:
                         help=f"a stage's budget; defaults: cuda {BUDGETS['cuda']}, cpu {BUDGETS['cpu']}")
     parser.add_argument("--stages", nargs="+", choices=STAGES, default=list(STAGES), help="run only these stages")
     parser.add_argument("--fault", action="append", default=[], metavar="CONFIG=KIND",
-                        help="for the check's own tests: crash, hang or raise in a configuration")
+                        help="for the check's own tests: crash, hang, raise, cuda-error or hang-after-plan")
     parser.add_argument("--grace", type=float, default=10.0, help=argparse.SUPPRESS)  # the check's own tests
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
