@@ -61,8 +61,12 @@ def test_make_gpu_check_on_the_cpu_runs_every_stage_and_records_every_configurat
     assert {(r["method"], r["micro_batch_size"]) for r in warm} == {
         (m, s) for m in ("bigbatch-compile", "bigbatch-cudagraphs") for s in (1, 4)}
     sizes = gpu_check.Sizes.for_device("cpu")
-    expected = {(m, c.micro) for c in gpu_check.plan_configs(sizes, accelerate=True) for m in c.methods}
-    measured = [r for r in rows if r["stage"] in gpu_check.STAGES[1:]]
+    expected = {(m, c.micro) for c in gpu_check.plan_configs(sizes, accelerate=True) for m in c.methods
+                if c.stage in gpu_check.TIMED}
+    measured = [r for r in rows if r["stage"] in gpu_check.TIMED]
+    modes = {r["method"]: r for r in rows if r["stage"] == "modes"}
+    assert set(modes) == set(gpu_check.gpu_modes.MODES)  # each mode: measured, or skipped saying what is missing
+    assert all(r["status"] == "ok" or (r["status"] == "skipped" and "not" in r["reason"]) for r in modes.values())
     assert {(r["method"], r["micro_batch_size"]) for r in measured if r["method"] != "planner"} == {
         key for key in expected if key[0] != "planner"}
     for r in measured:
