@@ -13,7 +13,10 @@ On the CPU the clock is the process's CPU time (what this process did, not
 what the machine's other jobs did); on a GPU it is the wall clock between
 synchronisations. Benchmarks measure; they never assert (tests prove).
 
-Not part of bigbatch's public API (nothing here is in `bigbatch.__all__`).
+The methods every benchmark compares (the plain loop, bigbatch, its compiled
+micro-steps, Accelerate) are built and timed through this harness by
+bigbatch/workloads.py. Not part of bigbatch's public API (nothing here is in
+`bigbatch.__all__`).
 """
 
 from __future__ import annotations

@@ -3,7 +3,7 @@
     setup = gpt2_setup(device, GPT2Shape.small(), batch_size=64)      # bigbatch.tasks.gpt2
     rows = measure(setup, 4, ["plain", "bigbatch"], device, steps=1, repeats=21, warmup={"plain": 1, "bigbatch": 1},
                    initial=setup.make_model().to(device))
-    ratio = median_paired_ratio(rows[1]["block_seconds"], rows[0]["block_seconds"])   # bigbatch / plain speed
+    ratio = median_paired_ratio(rows[0]["block_seconds"], rows[1]["block_seconds"])   # bigbatch's speed / plain's
 
 `bigbatch bench` (bigbatch/commands/bench.py) and the scripts in benchmarks/
 (`benchmarks/gpu_check.py` among them) take their methods and their timing
