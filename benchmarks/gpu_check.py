@@ -27,7 +27,7 @@ and all within `--total` seconds:
    split-invariant dropout, MoE balancing, chunked InfoNCE), each against bigbatch
    without it; a mode not in the tree is recorded as skipped.
 
-The workload is bigbatch/workloads.py's with bigbatch/tasks/gpt2.py's model: GPT-2 small
+The workload is bigbatch/tasks/workloads.py's with bigbatch/tasks/gpt2.py's model: GPT-2 small
 (124M parameters, tied head), sequence 1024, logical batch 64, bf16 autocast,
 fused AdamW, random tokens, the chunked LM-head loss for every method, tokens/s
 the median of timed blocks, the peak CUDA's max_memory_allocated within a step
@@ -78,7 +78,7 @@ import torch  # noqa: E402
 from gpu_report import COMPILED, STAGES, TIMED, Results, _read, describe, full_batch, render_table, targets  # noqa: E402
 from gpu_runs import RESTART, Config, Sizes, is_cuda_error, plan_configs, warm_configs, worker  # noqa: E402
 
-from bigbatch.benchmarking import append_jsonl  # noqa: E402
+from bigbatch.tools.benchmarking import append_jsonl  # noqa: E402
 
 __all__ = ["COMPILED", "RESTART", "STAGES", "TIMED", "Config", "Sizes", "full_batch", "gpu_modes", "is_cuda_error",
            "plan_configs", "render_table", "targets", "warm_configs"]  # what the check's tests read from here

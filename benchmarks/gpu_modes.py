@@ -10,7 +10,7 @@ check records the row as skipped (with what was looked for) instead of failing.
   torch's own dropout (detected: the Accumulator's signature has the keyword);
 - moe-balancing: `bb.causal_lm_loss` on a small Mixtral built from a config that
   asks for router logits (`router_aux_loss_coef` 0.01), against the same model
-  without them (detected: transformers has Mixtral and bigbatch/causal_lm.py
+  without them (detected: transformers has Mixtral and bigbatch/losses/causal_lm_loss.py
   reads `router_aux_loss_coef`);
 - chunked-info-nce: `bb.info_nce` through `bb.BatchLoss` on a two-tower encoder,
   against InfoNCE written out with the whole N x N score matrix (detected:
@@ -35,8 +35,8 @@ import torch.nn.functional as F
 from torch import nn
 
 import bigbatch as bb
-from bigbatch import workloads
-from bigbatch.benchmarking import median_interval
+from bigbatch.tasks import workloads
+from bigbatch.tools.benchmarking import median_interval
 
 MODES = ("split-invariant-dropout", "moe-balancing", "chunked-info-nce")
 
@@ -49,9 +49,9 @@ def missing(mode: str) -> str | None:
     elif mode == "moe-balancing":
         if importlib.util.find_spec("transformers") is None:
             return "transformers is not installed"
-        import bigbatch.causal_lm
+        import bigbatch.losses.causal_lm_loss
 
-        if "router_aux_loss_coef" not in inspect.getsource(bigbatch.causal_lm):
+        if "router_aux_loss_coef" not in inspect.getsource(bigbatch.losses.causal_lm_loss):
             return "not in this tree: bb.causal_lm_loss does not read router_aux_loss_coef"
     elif mode == "chunked-info-nce":
         doc = (bb.info_nce.__doc__ or "").lower()

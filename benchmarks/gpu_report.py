@@ -12,8 +12,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from bigbatch.benchmarking import append_jsonl, markdown_table
-from bigbatch.memory import format_bytes
+from bigbatch.memory.accounting import format_bytes
+from bigbatch.tools.benchmarking import append_jsonl, markdown_table
 
 # The planner runs right after the eager stage (its budget comes from the eager full batch), before
 # anything compiles: it is the target most likely to be cut short.

@@ -1,4 +1,4 @@
-"""The GPU check's worker: the configurations it runs, and how each is timed (bigbatch/workloads.py).
+"""The GPU check's worker: the configurations it runs, and how each is timed (bigbatch/tasks/workloads.py).
 
 Part of benchmarks/gpu_check.py (see its docstring): the supervisor starts `gpu_check.py --worker SPEC`,
 which runs `worker(SPEC)` here.
@@ -24,9 +24,9 @@ import torch
 from gpu_report import COMPILED, Results, _gib, describe
 
 import bigbatch as bb
-from bigbatch import workloads
-from bigbatch.benchmarking import append_jsonl, median_interval, sync_device
+from bigbatch.tasks import workloads
 from bigbatch.tasks.gpt2 import GPT2Shape, chunked_loss, gpt2_setup, plain_loss
+from bigbatch.tools.benchmarking import append_jsonl, median_interval, sync_device
 
 # The least time a configuration of the stage is started with: one that would overrun is skipped.
 NEEDS = {

@@ -21,7 +21,7 @@ relative distance ||w - w_ref|| / ||w_ref - w_0||. Tokens/s counts predicted
 tokens over the time of the training loop only: the Trainer's `train_runtime`,
 and bigbatch's `train_seconds` (evaluation, checkpoints and the sample are not
 counted); torch runs one thread. The two are timed through the one harness
-(bigbatch/benchmarking.py): `--repeats` runs of each, interleaved with the order
+(bigbatch/tools/benchmarking.py): `--repeats` runs of each, interleaved with the order
 rotated every repeat, the median of each and the median of the ratios paired
 by repeat (bigbatch's first run, which also draws the batches, is untimed).
 """
@@ -42,7 +42,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from bigbatch.benchmarking import median_paired_ratio, time_interleaved
+from bigbatch.tools.benchmarking import median_paired_ratio, time_interleaved
 
 for _name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE", "HF_HUB_DISABLE_PROGRESS_BARS"):
     os.environ.setdefault(_name, "1")  # before transformers is imported: it reads them once

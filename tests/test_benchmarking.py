@@ -14,7 +14,7 @@ import time
 
 import pytest
 
-from bigbatch.benchmarking import (
+from bigbatch.tools.benchmarking import (
     Panel,
     markdown_table,
     median_interval,

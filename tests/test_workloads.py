@@ -1,4 +1,4 @@
-"""bigbatch/workloads.py, the methods every benchmark times: devices named, peaks measured alike (issue 25).
+"""bigbatch/tasks/workloads.py, the methods every benchmark times: devices named, peaks measured alike (issue 25).
 
 CUDA is simulated where the check is about bookkeeping: `torch.cuda`'s memory
 counters routed to a fake allocator (tests/cuda_memory.py), and a fake
@@ -13,7 +13,7 @@ import importlib.util
 import pytest
 import torch
 
-from bigbatch import workloads
+from bigbatch.tasks import workloads
 from bigbatch.tasks.gpt2 import GPT2Shape, gpt2_setup
 from tests.cuda_memory import FakeCudaMemory, Held, allocator_slack, peak_above_baseline
 

@@ -11,7 +11,7 @@ the same loss (token cross-entropy): plain (the classic loop), bigbatch,
 bigbatch-compile and bigbatch-cudagraphs (`fast_micro_step=`, by default on
 CUDA only, at the sizes of `--compile-micro-batch-sizes`: gpt2-small those up
 to 4; each size compiles once per method), and accelerate where installed.
-The methods and their timing are bigbatch/workloads.py's, shared with the
+The methods and their timing are bigbatch/tasks/workloads.py's, shared with the
 scripts in benchmarks/; this module is the command line around them.
 
 GPT-2's loss is `bb.chunked_cross_entropy` (the model's `forward(tokens, labels)`),
@@ -30,7 +30,7 @@ alike, the highest over the timed steps, less what the bench and the other
 methods hold (the initial model, the batches, other models): the bytes the
 method keeps between steps and its step's transients. `--plot PATH` writes a PNG of
 tokens/s per micro-batch size (nothing is written otherwise). The timing, tables
-and plots are bigbatch/benchmarking.py's; the GPT-2 workload is bigbatch/tasks/gpt2.py's.
+and plots are bigbatch/tools/benchmarking.py's; the GPT-2 workload is bigbatch/tasks/gpt2.py's.
 """
 
 from __future__ import annotations
@@ -47,11 +47,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..benchmarking import Panel, append_jsonl, device_name, markdown_table, plot_panels
-from ..devices import choose_device
+from ..engine.devices import choose_device
+from ..engine.loss_sum import LossSum
 from ..errors import ConfigError
-from ..losses import LossSum, token_cross_entropy
-from ..workloads import FAST, METHODS, Batch, Setup, default_methods, indexed, measure
+from ..losses.cross_entropy import token_cross_entropy
+from ..tasks.workloads import FAST, METHODS, Batch, Setup, default_methods, indexed, measure
+from ..tools.benchmarking import Panel, append_jsonl, device_name, markdown_table, plot_panels
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -19,10 +19,11 @@ from typing import Literal
 import torch
 from torch import nn
 
-from ..batches import Batch
-from ..losses import LossSum, token_cross_entropy
-from ..workloads import Setup
+from ..engine.batch_split import Batch
+from ..engine.loss_sum import LossSum
+from ..losses.cross_entropy import token_cross_entropy
 from .text import CharTransformer
+from .workloads import Setup
 
 
 @dataclass(frozen=True)
@@ -143,7 +144,7 @@ def gpt2_setup(device: torch.device, shape: GPT2Shape | None = None, *, batch_si
         n_batches: how many logical batches.
 
     Returns:
-        The setup for bigbatch/workloads.py; its loss `bb.chunked_cross_entropy` through the model's forward.
+        The setup for bigbatch/tasks/workloads.py; its loss `bb.chunked_cross_entropy` through the model's forward.
     """
     shape = shape or GPT2Shape.small()
     g = torch.Generator().manual_seed(0)

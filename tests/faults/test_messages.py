@@ -13,7 +13,7 @@ from torch import nn
 
 import bigbatch as bb
 from bigbatch.cli import format_warning, main
-from bigbatch.probes import module_path
+from bigbatch.engine.checks import module_path
 from bigbatch.train import NonFiniteLossError, TrainConfig, Trainer
 from bigbatch.train.checkpoint import CheckpointWarning, load_latest_checkpoint, save_checkpoint
 from bigbatch.train.progress import LOG_LINES, Progress
