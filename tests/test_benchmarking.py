@@ -1,4 +1,4 @@
-"""bigbatch.benchmarking, the harness of `bigbatch bench` and benchmarks/: order, ratios, tables, plots.
+"""bigbatch.tools.benchmarking, the harness of `bigbatch bench` and benchmarks/: order, ratios, tables, plots.
 
 The timing itself is never asserted (benchmarks measure, tests prove); what is
 proven is the bookkeeping: which block runs when, what a ratio pairs, what a

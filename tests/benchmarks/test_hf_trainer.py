@@ -20,16 +20,16 @@ def test_tiny_hf_trainer_benchmark_prints_the_table_and_the_miss(capsys, monkeyp
     pytest.importorskip("transformers", reason="needs bigbatch[hf]")
     spec = importlib.util.spec_from_file_location("hf_trainer_bench", SCRIPT)
     assert spec is not None and spec.loader is not None
-    import bigbatch.benchmarking
+    import bigbatch.tools.benchmarking
 
     timed = []
-    real = bigbatch.benchmarking.time_interleaved
+    real = bigbatch.tools.benchmarking.time_interleaved
 
     def recorded(runs, **kwargs):
         timed.append((sorted(runs), kwargs["repeats"]))
         return real(runs, **kwargs)
 
-    monkeypatch.setattr(bigbatch.benchmarking, "time_interleaved", recorded)  # before the script imports it
+    monkeypatch.setattr(bigbatch.tools.benchmarking, "time_interleaved", recorded)  # before the script imports it
     module = importlib.util.module_from_spec(spec)
     monkeypatch.setitem(sys.modules, spec.name, module)
     spec.loader.exec_module(module)
