@@ -16,7 +16,7 @@ from .accumulator import Accumulator
 from .batch_loss import BatchLoss
 from .batch_sizes import BatchSizes, RankSplit, derive_per_rank, resolve_batch_sizes, shard_indices
 from .batches import batch_size, split_batch
-from .causal_lm import causal_lm_loss
+from .causal_lm import CausalLMLoss, causal_lm_loss
 from .checkpointing import checkpoint_blocks
 from .chunked import chunked_cross_entropy
 from .contrastive import info_nce, multiple_negatives_ranking_loss
@@ -32,6 +32,7 @@ from .fast import FastMicroStep
 from .guard import Guard, guard
 from .losses import LossSum, token_cross_entropy
 from .lr import scale_lr
+from .moe import BalancedLoss, Routing
 from .noise import NoiseStats
 from .norms import GhostBatchNorm, convert_batchnorm
 from .planner import Plan, plan
@@ -49,10 +50,12 @@ _LAZY = {"TrainConfig": "bigbatch.train", "Trainer": "bigbatch.train"}
 __all__ = [
     "AccumulationWarning",
     "Accumulator",
+    "BalancedLoss",
     "BatchCouplingWarning",
     "BatchError",
     "BatchLoss",
     "BatchSizes",
+    "CausalLMLoss",
     "ConfigError",
     "FastMicroStep",
     "GhostBatchNorm",
@@ -63,6 +66,7 @@ __all__ = [
     "NoiseStats",
     "Plan",
     "RankSplit",
+    "Routing",
     "StepStats",
     "TrainConfig",
     "Trainer",

@@ -39,7 +39,7 @@ from .precision import Float32Grads, Precision, autocast_dtype, make_scaler
 from .probes import warn_if_batch_coupled
 from .stats import StepStats
 from .window import Window
-from .window_plan import WindowEngine, WindowPlan
+from .window_plan import WindowEngine, WindowPlan, planned_window
 
 
 class Accumulator:
@@ -270,7 +270,15 @@ class Accumulator:
         auto = self.micro_batch_size == "auto"
         rng = RngSnapshot(self.device) if auto else None
         # The one hook for engine modes: a plan that runs the window its own way.
-        plan: WindowPlan | None = CachedRepresentations(loss_fn) if isinstance(loss_fn, BatchLoss) else None
+        plan: WindowPlan | None = (
+            CachedRepresentations(loss_fn) if isinstance(loss_fn, BatchLoss) else planned_window(loss_fn, self.model)
+        )
+        if plan is not None and self._noise is not None and not isinstance(loss_fn, BatchLoss):
+            raise ConfigError(
+                f"measure_noise estimates the noise from independent micro-steps, and {loss_fn!r} runs "
+                "its window as one piece (its micro-steps share the window's balancing weights): build "
+                "the Accumulator with measure_noise=False for it."
+            )
         if plan is not None and self._noise is not None:
             raise ConfigError(
                 "measure_noise estimates the noise from micro-steps whose gradients are independent "

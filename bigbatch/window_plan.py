@@ -84,3 +84,12 @@ class WindowPlan(Protocol):
     def run(self, engine: WindowEngine, batch: Batch, n: int, micro_batch_size: int) -> None:
         """Accumulate the gradient of the window over `batch` (`n` samples on this rank)."""
         ...
+
+
+def planned_window(loss_fn: object, model: nn.Module) -> WindowPlan | None:
+    """The plan a loss object asks for through its `window_plan(model)` method; None = the default loop."""
+    method = getattr(loss_fn, "window_plan", None)
+    if method is None or not callable(method):
+        return None
+    plan: WindowPlan | None = method(model)
+    return plan
