@@ -50,12 +50,13 @@ def build(kind: str, top_k: int = 2, seed: int = 0, jitter: float = 0.0) -> Any:
     else:
         raise ValueError(kind)
     config._experts_implementation = "eager"  # grouped_mm has no float64 kernel on CPU
-    torch.manual_seed(seed)
-    model = cls(config).double()
-    with torch.no_grad():  # Qwen2-MoE and OLMoE start their routers at zero: every expert ties
-        for name, p in model.named_parameters():
-            if "gate" in name and "proj" not in name:
-                p.normal_(0, 0.5)
+    with torch.random.fork_rng(devices=[]):  # the caller's random state is left as it was
+        torch.manual_seed(seed)
+        model = cls(config).double()
+        with torch.no_grad():  # Qwen2-MoE and OLMoE start their routers at zero: every expert ties
+            for name, p in model.named_parameters():
+                if "gate" in name and "proj" not in name:
+                    p.normal_(0, 0.5)
     return in_own_dtype(model).train()
 
 
@@ -135,9 +136,9 @@ def optimizer(model: Any) -> torch.optim.AdamW:
     return torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=0.1)
 
 
-def reference_steps(kind: str, steps: int, top_k: int, loss: Any = full_loss) -> tuple[Any, Any]:
+def reference_steps(kind: str, steps: int, top_k: int, loss: Any = full_loss, jitter: float = 0.0) -> tuple[Any, Any]:
     """The model and optimizer after `steps` full-batch steps on `loss`, clipped, by hand."""
-    model = build(kind, top_k)
+    model = build(kind, top_k, jitter=jitter)
     opt = optimizer(model)
     for s in range(steps):
         opt.zero_grad(set_to_none=True)
