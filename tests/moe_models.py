@@ -10,9 +10,8 @@ computes that loss in float32, so it is checked against `out.loss` only to 1e-6.
 
 from __future__ import annotations
 
-from typing import Any
-
 import types
+from typing import Any
 
 import torch
 import torch.nn.functional as F

@@ -15,8 +15,6 @@ before MoE support) miss by 0.92, 0.82 and 0.77 of the gradient's norm
 
 from __future__ import annotations
 
-import copy
-
 import pytest
 import torch
 
@@ -193,7 +191,7 @@ def test_an_moe_model_bigbatch_does_not_know_is_refused_naming_the_dropped_term(
     model = mm.build("mixtral")
     unknown = type("MyMoeForCausalLM", (type(model),), {})
     model.__class__ = unknown
-    with pytest.raises(bb.ConfigError, match="MyMoeForCausalLM.*load-balancing loss.*drop"):
+    with pytest.raises(bb.ConfigError, match=r"MyMoeForCausalLM.*load-balancing loss.*drop"):
         bb.causal_lm_loss(model, mm.batch(0))
     model.config.output_router_logits = False  # no balancing term in its out.loss: the token loss is all
     b = mm.batch(0)
@@ -208,5 +206,5 @@ def test_measure_noise_is_refused_for_an_exact_moe_window():
 
 
 def test_a_bad_balancing_mode_is_refused():
-    with pytest.raises(bb.ConfigError, match="'exact'.*'micro'"):
+    with pytest.raises(bb.ConfigError, match=r"'exact'.*'micro'"):
         bb.CausalLMLoss(balancing="global")  # type: ignore[arg-type]
