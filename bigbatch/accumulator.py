@@ -11,7 +11,8 @@ APIs and the OOM retry; the parts live apart:
     micro_step.py          each micro-step's context and backward by the window's rule
     optimizer_step.py      the window's end: normalise, unscale, clip, step unless non-finite
     accumulator_checks.py  the constructor's checks (arguments, parts, optimizer vs model)
-    window_plan.py         the contract a step-API engine mode (bb.BatchLoss) plugs into
+    window_plan.py         the hook an engine mode plugs into: a loss's window plan
+                           (bb.BatchLoss's two passes), forward hooks around every forward
 """
 
 from __future__ import annotations
@@ -22,9 +23,13 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from .accumulator_checks import check_arguments, check_engine_parts, check_fast_micro_step
+from .accumulator_checks import (
+    check_arguments,
+    check_engine_parts,
+    check_fast_micro_step,
+    warn_if_batch_coupled,
+)
 from .accumulator_checks import check_optimizer_fits_model as _check_optimizer_fits_model
-from .batch_loss import BatchLoss, CachedRepresentations, loop_api_message, refuse_in_loop_api
 from .batches import Batch, batch_size, is_on_device, split_batch, to_device
 from .devices import model_device
 from .distributed import LocalSync, grad_sync_for
@@ -36,10 +41,9 @@ from .noise import NoiseMeter
 from .oom import RngSnapshot, release_memory
 from .optimizer_step import normalise_window_, step_unless_nonfinite
 from .precision import Float32Grads, Precision, autocast_dtype, make_scaler
-from .probes import warn_if_batch_coupled
 from .stats import StepStats
 from .window import Window
-from .window_plan import WindowEngine, WindowPlan, planned_window
+from .window_plan import ForwardHook, WindowEngine, why_not_loop_api, window_plan_for
 
 
 class Accumulator:
@@ -156,10 +160,12 @@ class Accumulator:
         )
         self._micro_step_context = self._backward.context
         # What a WindowPlan (bb.BatchLoss's two passes) may use of the engine; see window_plan.py.
+        self._forward_hooks: list[ForwardHook] = []  # entered around every forward (window_plan.py)
         self._engine = WindowEngine(
             model=model, params=self._params, device=self.device, sync=self._sync, window=self._window,
             scaler=self._scaler, autocast_dtype=self._autocast_dtype, fast=fast,
             start_window=self._start_step_window, micro_step_context=self._micro_step_context,
+            optimizer_steps=lambda: self.optimizer_steps, forward_hooks=self._forward_hooks,
         )
         _check_optimizer_fits_model(model, self._params)  # after the arguments' own checks
         optimizer.zero_grad(set_to_none=True)
@@ -218,8 +224,10 @@ class Accumulator:
         """Backpropagate one micro-batch's loss: a mean over `count` samples, or a LossSum."""
         if not self._in_micro_step:
             raise ConfigError("call acc.backward(...) inside `with acc.accumulate():`.")
-        if self.accumulation_steps != 1:
-            refuse_in_loop_api(loss)  # a loss over the whole batch, cut per micro-batch: not exact
+        if self.accumulation_steps != 1:  # a loss over the whole batch, cut per micro-batch: not exact
+            refusal = why_not_loop_api(loss, self.model)
+            if refusal is not None:
+                raise LossError(refusal)
         value, count, is_sum = split_loss(loss, count)  # a bad loss raises here, touching nothing
         self._backward_called = True
         self._backward.add(value, count, is_sum)
@@ -259,9 +267,11 @@ class Accumulator:
         for the next steps. An OOM in the optimizer step is never retried. Whatever
         fails, the window's gradients are dropped before the error propagates.
         """
+        # The one hook for engine modes: a loss that runs the window its own way says so.
+        plan = window_plan_for(loss_fn, self.model)
         if self.micro_batch_size is None:
-            if isinstance(loss_fn, BatchLoss):
-                raise ConfigError(loop_api_message())
+            if plan is not None and plan.loop_api_error is not None:
+                raise ConfigError(plan.loop_api_error)
             raise ConfigError(
                 "step() is the step API and needs micro_batch_size=; with "
                 "accumulation_steps= use `with acc.accumulate(): acc.backward(...)`."
@@ -269,21 +279,11 @@ class Accumulator:
         n = batch_size(batch)
         auto = self.micro_batch_size == "auto"
         rng = RngSnapshot(self.device) if auto else None
-        # The one hook for engine modes: a plan that runs the window its own way.
-        plan: WindowPlan | None = (
-            CachedRepresentations(loss_fn) if isinstance(loss_fn, BatchLoss) else planned_window(loss_fn, self.model)
-        )
-        if plan is not None and self._noise is not None and not isinstance(loss_fn, BatchLoss):
-            raise ConfigError(
-                f"measure_noise estimates the noise from independent micro-steps, and {loss_fn!r} runs "
-                "its window as one piece (its micro-steps share the window's balancing weights): build "
-                "the Accumulator with measure_noise=False for it."
-            )
-        if plan is not None and self._noise is not None:
+        if plan is not None and self._noise is not None and not plan.independent_micro_steps:
             raise ConfigError(
                 "measure_noise estimates the noise from micro-steps whose gradients are independent "
-                "pieces of a loss summed over samples; a bb.BatchLoss couples every sample, so its "
-                "micro-steps are not: build the Accumulator with measure_noise=False for it."
+                f"pieces of a loss summed over samples; this loss ({type(loss_fn).__name__}) couples every "
+                "sample, so its micro-steps are not: build the Accumulator with measure_noise=False for it."
             )
         while True:
             size = min(n, self._step_micro_batch_size(n))
@@ -365,12 +365,14 @@ class Accumulator:
         if self._compiled_loss is not None:
             loss_fn = self._compiled_loss(loss_fn)
         self._start_step_window(n)
+        forward_context = self._engine.forward_context
         for i, piece in enumerate(pieces):
             last = i == len(pieces) - 1
+            # split_batch cuts `size` samples per piece, the rest into the last one.
+            count = n - i * size if last else size
             with self._micro_step_context(sync=last):
-                out = loss_fn(self.model, to_device(piece, self.device) if move else piece)
-                # split_batch cuts `size` samples per piece, the rest into the last one.
-                count = n - i * size if last else size
+                with forward_context(i * size, count):
+                    out = loss_fn(self.model, to_device(piece, self.device) if move else piece)
                 self._backward.add(*split_loss(out, None if isinstance(out, LossSum) else count))
             self._window.micro_steps += 1
 

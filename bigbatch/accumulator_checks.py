@@ -16,10 +16,11 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
 
 from .batch_sizes import check_positive_int
 from .distributed import FSDP2Sync, GradSync, LocalSync
-from .errors import AccumulationWarning, ConfigError
+from .errors import AccumulationWarning, BatchCouplingWarning, ConfigError
 from .fast import FastMicroStep
 
 
@@ -170,5 +171,50 @@ def check_optimizer_fits_model(model: nn.Module, optimizer_params: list[torch.Te
         "their .grad keeps growing. Set requires_grad=False on them (which also skips their backward), or add "
         "them to the optimizer.",
         AccumulationWarning,
+        stacklevel=3,
+    )
+
+
+# -- layers no split can make exact (a warning, not an error) -----------------
+
+
+def uses_batch_statistics(module: nn.Module) -> bool:
+    """True for a BatchNorm (any kind) that normalises with the statistics of the batch it is given."""
+    return isinstance(module, _BatchNorm) and (module.training or not module.track_running_stats)
+
+
+def module_path(name: str) -> str:
+    """A module's qualified name as the Python that reaches it: "1" -> "model[1]", "blocks.0.norm" -> "model.blocks[0].norm".
+
+    Args:
+        name: the name `model.named_modules()` gives ("" for the model itself).
+
+    Returns:
+        The expression, starting from `model`.
+    """
+    path = "model"
+    for part in name.split(".") if name else []:
+        path += f"[{part}]" if part.isdigit() else f".{part}"
+    return path
+
+
+def warn_if_batch_coupled(model: nn.Module) -> None:
+    """Warn (BatchCouplingWarning) when `model` holds a layer that makes accumulation inexact.
+
+    Those are the BatchNorms that normalise with batch statistics (bb.GhostBatchNorm
+    is not one: its ghost batches make it exact for whole multiples); `bb.verify`
+    and its probes (probes.py) find the rest.
+    """
+    coupled = [(name, type(m).__name__) for name, m in model.named_modules() if uses_batch_statistics(m)]
+    if not coupled:
+        return
+    names = ", ".join(f"{module_path(name)} ({kind})" for name, kind in coupled[:5])
+    more = f" and {len(coupled) - 5} more" if len(coupled) > 5 else ""
+    warnings.warn(
+        f"{names}{more} normalise with batch statistics, so each micro-batch is normalised "
+        "on its own and no split gives the full-batch gradient. Replace them with "
+        'bb.convert_batchnorm(model, to="groupnorm") or to="ghost" (statistics per fixed ghost '
+        "batch), or accept the difference; check with bb.verify(model, batch, loss_fn).",
+        BatchCouplingWarning,
         stacklevel=3,
     )

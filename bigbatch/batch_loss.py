@@ -38,17 +38,16 @@ from .errors import BatchError, ConfigError, LossError, MicroBatchTooLargeError
 from .fast import FastMicroStep, mark_micro_step
 from .losses import Count, LossSum, split_loss
 from .oom import RngSnapshot
-from .window_plan import WindowEngine
+from .window_plan import WindowEngine, mark_loop_api_error
 
 Reps = Any  # what encode returns: torch.Tensor | tuple[torch.Tensor, ...]
 
-# Set on the value a BatchLoss computed when called directly, so the loop API can
-# refuse it (each micro-batch would see only its own negatives).
-_WHOLE_BATCH_TAG = "_bigbatch_batch_loss"
-
-_LOOP_API_FIX = (
-    "use the step API, which sees the whole logical batch: "
-    "acc = bb.Accumulator(model, optimizer, micro_batch_size=...) and acc.step(logical_batch, batch_loss)."
+# Why the loop API refuses a BatchLoss, or a value one computed (each micro-batch
+# would see only its own negatives).
+LOOP_API_ERROR = (
+    "bb.BatchLoss needs the whole logical batch at once, and the loop API sees one micro-batch at a "
+    "time, so each would see only its own negatives; use the step API, which sees the whole logical "
+    "batch: acc = bb.Accumulator(model, optimizer, micro_batch_size=...) and acc.step(logical_batch, batch_loss)."
 )
 
 
@@ -117,8 +116,12 @@ class BatchLoss:
         out = self.loss(unwrap_ddp(model), reps)
         value = out.total if isinstance(out, LossSum) else out
         if isinstance(value, torch.Tensor):
-            setattr(value, _WHOLE_BATCH_TAG, True)
+            mark_loop_api_error(value, LOOP_API_ERROR)
         return out
+
+    def window_plan(self, model: nn.Module) -> CachedRepresentations:
+        """The engine runs this loss's windows in two passes (`PlansWindow`; see the module docstring)."""
+        return CachedRepresentations(self)
 
     def compiled_encode(self, spec: FastMicroStep) -> Callable[[nn.Module, Batch], Reps]:
         """`encode` under torch.compile with `spec`'s settings, compiled once per spec."""
@@ -127,21 +130,6 @@ class BatchLoss:
             compiled = torch.compile(self.encode, mode=spec.mode, backend=spec.backend, dynamic=spec.dynamic)
             self._compiled[spec] = compiled
         return compiled
-
-
-def refuse_in_loop_api(loss: object) -> None:
-    """Raise LossError for a BatchLoss, or a value one computed, handed to the loop API's backward."""
-    value = loss.total if isinstance(loss, LossSum) else loss
-    if isinstance(loss, BatchLoss) or getattr(value, _WHOLE_BATCH_TAG, False):
-        raise LossError(
-            "a bb.BatchLoss couples every sample of the logical batch, and the loop API sees one "
-            "micro-batch at a time, so each would see only its own negatives; " + _LOOP_API_FIX
-        )
-
-
-def loop_api_message() -> str:
-    """What to write instead when a BatchLoss reaches an Accumulator built for the loop API."""
-    return "bb.BatchLoss needs the whole logical batch at once; " + _LOOP_API_FIX
 
 
 # -- encode's output ----------------------------------------------------------
@@ -250,6 +238,10 @@ def _check_loss(out: Any, n_total: int) -> tuple[torch.Tensor, Count, bool]:
 class CachedRepresentations:
     """The `WindowPlan` of a BatchLoss: encode without grad, one loss, encode again and backpropagate."""
 
+    # Every micro-step's gradient is a piece of one loss over the whole batch.
+    independent_micro_steps = False
+    loop_api_error: str | None = LOOP_API_ERROR
+
     def __init__(self, batch_loss: BatchLoss) -> None:
         """Plan the windows of `batch_loss` (one plan per step() call)."""
         self.batch_loss = batch_loss
@@ -276,7 +268,7 @@ class CachedRepresentations:
                 if marks:
                     mark_micro_step()
                 check = _through_ddp_forward(engine.model) if structure is None else contextlib.nullcontext()
-                with check, engine.autocast():
+                with check, engine.autocast(), engine.forward_context(start, m):
                     reps = encode(engine.model, to_device(piece, engine.device) if move else piece)
                 tensors = _flatten(reps, m)
                 if structure is None:
@@ -306,7 +298,8 @@ class CachedRepresentations:
             with engine.micro_step_context(last):
                 if marks:
                     mark_micro_step()
-                reps = encode(engine.model, to_device(piece, engine.device) if move else piece)
+                with engine.forward_context(start - offset, m):
+                    reps = encode(engine.model, to_device(piece, engine.device) if move else piece)
                 tensors = _flatten(reps, m)
                 _check_same(structure, reps, tensors, "in the gradient pass (is encode deterministic?)")
                 outputs, grads = [], []

@@ -36,6 +36,7 @@ from .chunked import chunked_cross_entropy
 from .errors import BatchError
 from .losses import Count, LossSum, token_cross_entropy
 from .moe import (
+    LOOP_API_ERROR,
     Balancing,
     GlobalBalancing,
     Routing,
@@ -44,6 +45,7 @@ from .moe import (
     check_balancing,
     routing_sums,
 )
+from .window_plan import mark_loop_api_error
 
 IGNORE_INDEX = -100
 
@@ -127,6 +129,8 @@ class CausalLMLoss:
         self.last[:] = [routing_sums(routing)]
         result = add_balancing(out, routing, spec.coef)
         assert isinstance(result, LossSum)
+        if self.balancing == "exact":  # the loop API would balance each micro-batch alone
+            mark_loop_api_error(result.total, LOOP_API_ERROR)
         return result
 
     def window_plan(self, model: nn.Module) -> GlobalBalancing | None:

@@ -39,10 +39,17 @@ from .batches import Batch, batch_size, is_on_device, split_batch, to_device
 from .errors import ConfigError, LossError
 from .losses import Count, LossSum, split_loss
 from .oom import RngSnapshot
-from .window_plan import WindowEngine
+from .window_plan import WindowEngine, mark_loop_api_error
 
 Balancing = Literal["exact", "micro"]
 BALANCING: tuple[Balancing, ...] = ("exact", "micro")
+
+LOOP_API_ERROR = (
+    "an exact load-balancing loss needs the routing counts of the whole logical batch before the "
+    "first backward, and the loop API sees one micro-batch at a time: use the step API, "
+    "acc = bb.Accumulator(model, optimizer, micro_batch_size=...) and acc.step(logical_batch, loss), "
+    'or balance each micro-batch on its own with balancing="micro".'
+)
 
 
 @dataclass(frozen=True)
@@ -243,7 +250,10 @@ class BalancedLoss:
         """The loss of `batch` on its own: token loss plus `coef` times `batch`'s balancing loss."""
         out, routing = _call_routed(self.loss, model, batch)
         self.last[:] = [routing_sums(routing)]
-        return add_balancing(out, routing, self.coef)
+        result = add_balancing(out, routing, self.coef)
+        if self.balancing == "exact":
+            mark_loop_api_error(result.total if isinstance(result, LossSum) else result, LOOP_API_ERROR)
+        return result
 
     def window_plan(self, model: nn.Module) -> GlobalBalancing | None:
         """The exact mode's two-pass window plan; None under "micro" (the engine's own loop)."""
@@ -298,6 +308,7 @@ class GlobalBalancing:
     """
 
     independent_micro_steps = False  # every micro-step's aux weight is the whole window's
+    loop_api_error: str | None = LOOP_API_ERROR
 
     def __init__(
         self, loss: RoutedFn, coef: float, probe: ProbeFn | None, record: list[RoutingSums] | None = None
@@ -320,10 +331,11 @@ class GlobalBalancing:
         states: list[RngSnapshot] = []
         sums: RoutingSums | None = None
         items: torch.Tensor | None = None
+        firsts = [sum(sizes[:i]) for i in range(len(sizes))]
         with torch.no_grad():
-            for piece, m in zip(pieces, sizes):
+            for piece, m, first in zip(pieces, sizes, firsts):
                 states.append(RngSnapshot(engine.device))
-                with engine.autocast():
+                with engine.autocast(), engine.forward_context(first, m):
                     count, routing = self._probe(engine.model, to_device(piece, engine.device) if move else piece, m)
                     piece_sums = routing_sums(routing)
                 count_t = torch.as_tensor(count, dtype=piece_sums.rows.dtype).to(piece_sums.rows.device)
@@ -347,11 +359,14 @@ class GlobalBalancing:
         after = RngSnapshot(engine.device)
 
         # Pass 2: each micro-batch with grad under its pass-1 random state.
-        for i, (piece, m) in enumerate(zip(pieces, sizes)):
+        for i, (piece, m, first) in enumerate(zip(pieces, sizes, firsts)):
             last = i == len(pieces) - 1
             states[i].restore()
             with engine.micro_step_context(last):
-                out, routing = _call_routed(self.loss, engine.model, to_device(piece, engine.device) if move else piece)
+                with engine.forward_context(first, m):
+                    out, routing = _call_routed(
+                        self.loss, engine.model, to_device(piece, engine.device) if move else piece
+                    )
                 value, count, is_sum = split_loss(out, None if isinstance(out, LossSum) else m)
                 probs = probability_sums(routing)
                 total = (value if is_sum else value * count) + (weights.to(probs.dtype) * probs).sum().to(value.dtype)

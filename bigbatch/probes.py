@@ -22,17 +22,15 @@ changes when another sample changes, although that output does not.
 from __future__ import annotations
 
 import contextlib
-import warnings
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
-from torch.nn.modules.batchnorm import _BatchNorm
 
+from .accumulator_checks import uses_batch_statistics
 from .batches import Batch, _map, batch_size
-from .errors import BatchCouplingWarning
 from .losses import LossFn, LossSum
 from .norms import GhostBatchNorm
 
@@ -63,10 +61,6 @@ class ProbeResult:
     random: list[str] = field(default_factory=list)  # modules with random output, innermost
 
 
-def _uses_batch_statistics(module: nn.Module) -> bool:
-    return isinstance(module, _BatchNorm) and (module.training or not module.track_running_stats)
-
-
 def known_coupled(model: nn.Module) -> list[CoupledModule]:
     """The modules of `model` that couple samples by their type and mode (no forward pass)."""
     found = []
@@ -78,45 +72,13 @@ def known_coupled(model: nn.Module) -> list[CoupledModule]:
                 f"every micro-batch is a multiple of {module.ghost_batch_size}"
             )
             found.append(CoupledModule(name, kind, how))
-        elif _uses_batch_statistics(module):
+        elif uses_batch_statistics(module):
             mode = "training mode" if module.training else "track_running_stats=False"
             how = f"normalises with the statistics of the (micro-)batch ({mode})"
             if isinstance(module, nn.SyncBatchNorm):
                 how += ", across every rank"
             found.append(CoupledModule(name, kind, how))
     return found
-
-
-def module_path(name: str) -> str:
-    """A module's qualified name as the Python that reaches it: "1" -> "model[1]", "blocks.0.norm" -> "model.blocks[0].norm".
-
-    Args:
-        name: the name `model.named_modules()` gives ("" for the model itself).
-
-    Returns:
-        The expression, starting from `model`.
-    """
-    path = "model"
-    for part in name.split(".") if name else []:
-        path += f"[{part}]" if part.isdigit() else f".{part}"
-    return path
-
-
-def warn_if_batch_coupled(model: nn.Module) -> None:
-    """Warn (BatchCouplingWarning) when `model` holds a layer that makes accumulation inexact."""
-    coupled = [c for c in known_coupled(model) if c.type_name != GhostBatchNorm.__name__]
-    if not coupled:
-        return
-    names = ", ".join(f"{module_path(c.name)} ({c.type_name})" for c in coupled[:5])
-    more = f" and {len(coupled) - 5} more" if len(coupled) > 5 else ""
-    warnings.warn(
-        f"{names}{more} normalise with batch statistics, so each micro-batch is normalised "
-        "on its own and no split gives the full-batch gradient. Replace them with "
-        'bb.convert_batchnorm(model, to="groupnorm") or to="ghost" (statistics per fixed ghost '
-        "batch), or accept the difference; check with bb.verify(model, batch, loss_fn).",
-        BatchCouplingWarning,
-        stacklevel=3,
-    )
 
 
 # -- the perturbation probe ------------------------------------------------

@@ -25,13 +25,14 @@ import torch
 from torch import nn
 
 from .accumulator import Accumulator
-from .batch_loss import BatchLoss
+from .accumulator_checks import module_path
 from .batch_sizes import check_positive_int
 from .batches import Batch, _map, batch_size, to_device
 from .devices import model_device
 from .errors import BatchCouplingWarning, ConfigError
 from .losses import LossFn, LossSum, split_loss
-from .probes import DROPOUT_TYPES, CoupledModule, LossCoupling, known_coupled, module_path, probe, probe_loss
+from .probes import DROPOUT_TYPES, CoupledModule, LossCoupling, known_coupled, probe, probe_loss
+from .window_plan import independent_micro_steps
 
 # Relative error allowed per parameter, by the dtype the comparison ran in: float64
 # leaves room for summation order over deep models, the others for their rounding.
@@ -84,7 +85,8 @@ class VerifyReport:
     buffers: dict[str, float] = field(default_factory=dict)  # buffers that differ, and by how much
     loss_coupling: LossCoupling | None = None  # the loss itself couples samples (probe_loss)
     random_loss: bool = False  # loss_fn's value changes with the seed where no module explains it
-    batch_loss: bool = False  # loss_fn is a bb.BatchLoss (coupled losses are exact through it)
+    # loss_fn runs a window plan over the whole batch (a bb.BatchLoss): coupled losses are exact through it
+    batch_loss: bool = False
     # Measured only when a parameter misses rtol: how far the full-batch gradient moves when only
     # the loss's scale changes (the model's own rounding). Errors up to FLOOR_MARGIN times it pass.
     precision_floor: float | None = None
@@ -425,7 +427,7 @@ def _verify(
         neutralized=neutralize,
         buffers=buffers,
         loss_coupling=loss_coupling,
-        batch_loss=isinstance(loss_fn, BatchLoss),
+        batch_loss=not independent_micro_steps(loss_fn, model),
         random_loss=random_loss,
         precision_floor=floor,
     )

@@ -38,6 +38,7 @@ class Window:
     def reset(self) -> None:
         """An empty window: no micro-step, no item, no loss, `ref` not fixed yet."""
         self.micro_steps = 0
+        self.samples = 0  # this rank's samples in a step-API window (0 in the loop API)
         self.ref = None
         self.count_int = 0  # counts given as Python ints
         self.count_tensor: torch.Tensor | None = None  # counts given as tensors
@@ -50,6 +51,7 @@ class Window:
         Across ranks ref must be the same number, so there it is 1.
         """
         self.reset()
+        self.samples = n
         self.ref = float(n) if self.sync.world_size == 1 else 1.0
 
     def count(self, count: Count) -> Count:

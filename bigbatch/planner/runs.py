@@ -8,16 +8,16 @@ to the user's own model, so a plan applies exactly what was measured.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 from torch import nn
 
 from ..accumulator import Accumulator
-from ..batch_loss import BatchLoss
 from ..batches import Batch, batch_size, split_batch
 from ..checkpointing import checkpoint_blocks
 from ..devices import model_device
@@ -160,9 +160,9 @@ def measure_step_memory(acc: Accumulator, batch: Batch, loss_fn: LossFn, *, mete
         with counter:
             return loss_fn(m, micro)
 
-    batch_meter = _BatchLossMeter(loss_fn, model) if isinstance(loss_fn, BatchLoss) and meter else None
+    batch_meter = _BatchLossMeter(loss_fn, model) if isinstance(loss_fn, _EncodeThenLoss) and meter else None
     # A BatchLoss stays one (the engine runs its two passes), counted by its own meter.
-    step_loss: LossFn | BatchLoss = loss_fn
+    step_loss: LossFn = loss_fn
     if batch_meter is not None:
         step_loss = batch_meter.batch_loss
     elif meter:
@@ -192,6 +192,22 @@ def measure_step_memory(acc: Accumulator, batch: Batch, loss_fn: LossFn, *, mete
     )
 
 
+@runtime_checkable
+class _EncodeThenLoss(Protocol):
+    """A loss given as a per-sample `encode` and a `loss` over the whole batch, run by its own window plan (bb.BatchLoss)."""
+
+    encode: Callable[[nn.Module, Batch], Any]
+    loss: Callable[[nn.Module, Any], Any]
+
+    def __call__(self, model: nn.Module, batch: Batch) -> Any:
+        """The loss of `batch` in one piece."""
+        ...
+
+    def window_plan(self, model: nn.Module) -> Any:
+        """The plan that runs its two passes."""
+        ...
+
+
 class _BatchLossMeter:
     """A BatchLoss whose two memory phases are counted: the whole-batch loss, and one gradient-pass micro-batch.
 
@@ -202,13 +218,13 @@ class _BatchLossMeter:
     peak above the static bytes (an estimate, like the plain loss's).
     """
 
-    def __init__(self, batch_loss: BatchLoss, model: nn.Module) -> None:
-        """Meter `batch_loss` on `model`; hand the engine `self.batch_loss`."""
+    def __init__(self, batch_loss: _EncodeThenLoss, model: nn.Module) -> None:
+        """Meter `batch_loss` on `model`; hand the engine `self.batch_loss` (a copy with metered parts)."""
         self.inner = batch_loss
         self.encode_meter, self.loss_meter = SavedTensorMeter(model), SavedTensorMeter(model)
         self.encode_metered = False
         self.reps_bytes = 0
-        self.batch_loss = BatchLoss(encode=self.encode, loss=self.loss)
+        self.batch_loss: LossFn = dataclasses.replace(batch_loss, encode=self.encode, loss=self.loss)  # type: ignore[type-var]
 
     def encode(self, model: nn.Module, micro: Batch) -> Any:
         if not torch.is_grad_enabled() or self.encode_metered:  # the first pass saves nothing

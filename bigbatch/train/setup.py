@@ -17,12 +17,12 @@ import torch
 from torch import nn
 
 from ..accumulator import Accumulator
-from ..batch_loss import BatchLoss
 from ..batch_sizes import BatchSizes, check_equal_micro_steps, resolve_batch_sizes
 from ..checkpointing import checkpoint_blocks
 from ..errors import ConfigError
 from ..losses import LossFn
 from ..tasks import Task, build_task
+from ..window_plan import independent_micro_steps
 from .batch_schedule import BatchSchedule
 from .config import OptimSection, TrainConfig
 from .lr_schedule import peak_lr, warn_warmup_too_long
@@ -171,13 +171,14 @@ def setup_model(config: TrainConfig, task: Task, device: torch.device, dtype: to
     return task.make_model().to(device=device, dtype=dtype)
 
 
-def setup_batch_schedule(config: TrainConfig, sizes: BatchSizes, loss_fn: LossFn) -> BatchSchedule:
+def setup_batch_schedule(config: TrainConfig, sizes: BatchSizes, loss_fn: LossFn, model: nn.Module) -> BatchSchedule:
     """The logical batch size of each step (`batch.schedule`), in whole micro-batches per rank.
 
     Args:
         config: the run's config (its batch section).
         sizes: the resolved batch sizes (the planner's micro-batch included).
         loss_fn: the task's loss (a bb.BatchLoss has no noise to adapt to).
+        model: the model it trains (a loss's window plan may depend on it).
 
     Returns:
         The schedule.
@@ -186,7 +187,7 @@ def setup_batch_schedule(config: TrainConfig, sizes: BatchSizes, loss_fn: LossFn
         ConfigError: "adaptive" with a BatchLoss, or a ramp start the noise cannot be measured from.
     """
     b, micro = config.batch, sizes.micro_batch_size
-    if b.schedule == "adaptive" and isinstance(loss_fn, BatchLoss):
+    if b.schedule == "adaptive" and not independent_micro_steps(loss_fn, model):
         raise ConfigError(
             'batch.schedule = "adaptive" follows the measured noise scale, and a loss that couples '
             "samples (this task's bb.BatchLoss) has none to measure; use batch.schedule = \"ramp\" or \"constant\"."
@@ -265,7 +266,7 @@ def setup_engine(
     """
     t = config.train
     # The noise estimator needs independent micro-steps; a BatchLoss's are pieces of one loss.
-    measure_noise = config.batch.measure_noise and not isinstance(loss_fn, BatchLoss)
+    measure_noise = config.batch.measure_noise and independent_micro_steps(loss_fn, model)
     return Accumulator(
         model, optimizer, micro_batch_size=sizes.micro_batch_size, scheduler=scheduler,
         max_grad_norm=config.optim.max_grad_norm, precision=t.precision, skip_nonfinite=True,

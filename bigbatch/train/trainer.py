@@ -133,7 +133,7 @@ class Trainer:
         self.memory_plan: MemoryChoice | None = None  # a resumed run reads its own from the checkpoint
         if planning:
             self.memory_plan, self.batch_sizes, self.config = self._plan_memory(model)
-        self.batch_schedule = setup_batch_schedule(self.config, self.batch_sizes, self._loss_fn)
+        self.batch_schedule = setup_batch_schedule(self.config, self.batch_sizes, self._loss_fn, model)
         self.model = setup_parallel(model, self.config, self.runtime)  # the optimizer comes after it
         self.optimizer, self.scheduler = self._setup_optimizer(self.model)
         self.accumulator = setup_engine(self.config, self.batch_sizes, self._loss_fn, self.model, self.optimizer,

@@ -208,3 +208,13 @@ def test_measure_noise_is_refused_for_an_exact_moe_window():
 def test_a_bad_balancing_mode_is_refused():
     with pytest.raises(bb.ConfigError, match=r"'exact'.*'micro'"):
         bb.CausalLMLoss(balancing="global")  # type: ignore[arg-type]
+
+
+def test_the_loop_api_refuses_the_exact_loss_and_takes_micro():
+    model = mm.build("mixtral")
+    acc = bb.Accumulator(model, mm.optimizer(model), accumulation_steps=2)
+    piece = mm.batch(0, 3)
+    with pytest.raises(bb.LossError, match="step API"), acc.accumulate():
+        acc.backward(bb.causal_lm_loss(model, piece))
+    with acc.accumulate():  # balancing="micro" is what a micro-batch at a time can do
+        acc.backward(bb.CausalLMLoss(balancing="micro")(model, piece))
