@@ -166,6 +166,11 @@ class CausalLMLoss:
 causal_lm_loss = CausalLMLoss()
 
 
+def token_loss(model: nn.Module, batch: Batch) -> LossSum:
+    """The summed next-token cross-entropy alone (no balancing term, even on an MoE model), with its count."""
+    return _token_loss(model, batch, {})[0]
+
+
 def _token_loss(model: nn.Module, batch: Batch, extra: dict[str, Any]) -> tuple[LossSum, Any]:
     """The batch's summed next-token loss, and the model's output (`extra`: more forward arguments)."""
     input_ids, attention_mask, labels = _unpack(batch)
