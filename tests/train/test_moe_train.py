@@ -57,6 +57,8 @@ def test_exact_by_default_with_the_expert_load_logged(hf_offline, tmp_path):
     assert all(len(r["expert_load_max"]) == len(r["expert_load_min"]) == 2 for r in rows)  # one per layer
     assert all(0.25 <= hi <= 1 and 0 <= lo <= 0.25 for r in rows for hi, lo in zip(r["expert_load_max"],
                                                                                       r["expert_load_min"]))  # fmt: skip
+    summary = json.loads((exact.run_dir / "summary.json").read_text())
+    assert summary["expert_load_max"] == rows[-1]["expert_load_max"]  # the summary shows the last step's load
     # logical 8 in micro-batches of 3: 3 micro-steps; exact runs each twice (evaluation forwards alike).
     assert exact_forwards - micro_forwards == 2 * 3
     a, b = final_state(exact.run_dir)["model"], final_state(micro.run_dir)["model"]
