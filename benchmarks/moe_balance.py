@@ -24,14 +24,14 @@ from typing import Any
 import torch
 
 import bigbatch as bb
-from bigbatch.benchmarking import (
+from bigbatch.losses.causal_lm_loss import token_loss
+from bigbatch.tools.benchmarking import (
     device_name,
     markdown_table,
     median_paired_ratio,
     sync_device,
     time_interleaved,
 )
-from bigbatch.causal_lm import token_loss
 
 MODES = ("exact", "micro")
 

@@ -52,13 +52,13 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..batches import Batch
-from ..causal_lm import IGNORE_INDEX, CausalLMLoss, token_loss
-from ..devices import model_device
-from ..distributed import unwrap_ddp
+from ..engine.batch_split import Batch
+from ..engine.devices import model_device
+from ..engine.grad_sync import unwrap_ddp
+from ..engine.loss_sum import LossSum
 from ..errors import ConfigError
-from ..losses import LossSum
-from ..moe import BALANCING, describe_load
+from ..losses.causal_lm_loss import IGNORE_INDEX, CausalLMLoss, token_loss
+from ..losses.moe_balancing import BALANCING, describe_load
 from .epochs import shuffled_epoch
 
 _INSTALL = 'pip install "bigbatch[hf]"'
