@@ -16,6 +16,7 @@ from typing import Any
 from ..engine.batch_sizes import BatchSizes
 from .memory_plan import MemoryChoice
 from .metrics import is_finite_number, plot_losses, write_summary
+from .rundir import RunFolder
 
 
 @dataclass(frozen=True)
@@ -99,6 +100,28 @@ def header(run: RunInfo, baselines: dict[str, float], resumed_at: int | None) ->
     return "\n".join(lines)
 
 
+def changed_on_resume(changes: list[tuple[str, Any, Any]], step: int) -> str:
+    """The header's line for the settings a resumed run changed: they apply from the next step.
+
+    Args:
+        changes: (setting, the checkpoint's value, this run's value).
+        step: the step the run resumes at.
+
+    Returns:
+        One line.
+
+    Example:
+        >>> changed_on_resume([("optim.lr", 0.003, 0.3)], 4)
+        '  changed on resume, from step 5: optim.lr 0.003 -> 0.3'
+    """
+    said = ", ".join(f"{key} {_value(old)} -> {_value(new)}" for key, old, new in changes)
+    return f"  changed on resume, from step {step + 1}: {said}"
+
+
+def _value(value: Any) -> str:
+    return "unset" if value is None else f"{value:g}" if isinstance(value, float) else str(value)
+
+
 def _trainable(run: RunInfo) -> str:
     if run.trainable_parameters == run.num_parameters:
         return ""
@@ -157,12 +180,13 @@ def finish(
         summary["expert_load_max"] = rows[-1]["expert_load_max"]
         summary["expert_load_min"] = rows[-1]["expert_load_min"]
     title = f"{run.task_name}: {run.batch_schedule or run.batch}"
-    plot_losses(rows, run.run_dir / "loss.png", baselines, title, run.item_unit)
+    folder = RunFolder(run.run_dir)
+    plot_losses(rows, folder, baselines, title, run.item_unit)
     if model_dir is not None:
         summary["model_dir"] = str(model_dir)
     if sample is not None:
         summary["sample"] = sample
-    write_summary(run.run_dir / "summary.json", summary)
+    write_summary(folder, summary)
     return summary, _closing_text(summary, totals.steps, totals.train_seconds, str(run.run_dir))
 
 
@@ -183,7 +207,8 @@ def _closing_text(summary: dict[str, Any], steps: int, seconds: float, run_dir: 
         shares = ", ".join(f"{hi:.2f}/{lo:.2f}" for hi, lo in zip(summary["expert_load_max"], summary["expert_load_min"]))
         lines.append(f"  expert load per layer (largest/smallest share, last step): {shares}")
     model = ", model/" if "model_dir" in summary else ""
-    lines.append(f"  wrote {run_dir}/ (config.toml, metrics.jsonl, loss.png, summary.json, checkpoints/{model})")
+    board = ", tensorboard/" if RunFolder(Path(run_dir)).tensorboard.is_dir() else ""
+    lines.append(f"  wrote {run_dir}/ (config.toml, metrics.jsonl, loss.png, summary.json, checkpoints/{board}{model})")
     if "sample" in summary:
         lines.append("sample:\n" + summary["sample"])
     return "\n".join(lines)
