@@ -33,10 +33,11 @@ from .errors import (
     MicroBatchTooLargeError,
 )
 from .losses.batch_loss import BatchLoss
-from .losses.causal_lm_loss import causal_lm_loss
+from .losses.causal_lm_loss import CausalLMLoss, causal_lm_loss
 from .losses.chunked_cross_entropy import chunked_cross_entropy
 from .losses.cross_entropy import token_cross_entropy
 from .losses.info_nce import info_nce, multiple_negatives_ranking_loss
+from .losses.moe_balancing import BalancedLoss, Routing
 from .memory.activation_checkpointing import checkpoint_blocks
 from .memory.planner import Plan, plan
 
@@ -51,10 +52,12 @@ _LAZY = {"TrainConfig": "bigbatch.train", "Trainer": "bigbatch.train"}
 __all__ = [
     "AccumulationWarning",
     "Accumulator",
+    "BalancedLoss",
     "BatchCouplingWarning",
     "BatchError",
     "BatchLoss",
     "BatchSizes",
+    "CausalLMLoss",
     "CheckCase",
     "CheckReport",
     "ConfigError",
@@ -67,6 +70,7 @@ __all__ = [
     "NoiseStats",
     "Plan",
     "RankSplit",
+    "Routing",
     "StepStats",
     "TrainConfig",
     "Trainer",
