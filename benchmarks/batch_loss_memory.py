@@ -32,7 +32,6 @@ import argparse
 import contextlib
 import copy
 import statistics
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -42,6 +41,7 @@ from torch import nn
 import bigbatch as bb
 from bigbatch.memory.accounting import SavedTensorMeter, format_bytes
 from bigbatch.memory.planner.runs import measure_step_memory, warm_optimizer_
+from bigbatch.tools.benchmarking import clock_for, sync_device, time_interleaved
 
 OUT = Path(__file__).parent / "out"
 N, TOKENS, D_IN, HIDDEN, D_OUT = 512, 32, 64, 256, 128
@@ -200,21 +200,12 @@ def main() -> None:
         mem[("openclip", m)] = memory("openclip", m, batch, device)
 
     runs = steppers(batch, args.micro, device)
-    times: dict[tuple[str, int], list[float]] = {key: [] for key in runs}
-    clock = time.process_time if device.type == "cpu" else time.perf_counter
     for fn in runs.values():  # warm-up
         fn()
-    for r in range(args.repeats):
-        keys = list(runs)
-        keys = keys[r % len(keys):] + keys[: r % len(keys)]  # rotate, so drift hits every way alike
-        for key in keys:
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            start = clock()
-            runs[key]()
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            times[key].append(clock() - start)
+    # The one harness: the ways interleaved, the order rotated every repeat, medians kept.
+    timed = time_interleaved({f"{w}@{m}": (lambda r, fn=fn: fn()) for (w, m), fn in runs.items()},
+                             repeats=args.repeats, clock=clock_for(device), sync=lambda: sync_device(device))  # fmt: skip
+    times = {key: timed[f"{key[0]}@{key[1]}"] for key in runs}
     median = {key: statistics.median(v) for key, v in times.items()}
     full_time = median[("full", N)]
     static, full_window = mem[("full", N)]

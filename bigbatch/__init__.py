@@ -12,6 +12,7 @@ user of the engine does not need (see docs/design.md, "Layers").
 
 from typing import TYPE_CHECKING, Any
 
+from .check import CheckCase, CheckReport, check_accumulation
 from .diagnose.batchnorm import GhostBatchNorm, convert_batchnorm
 from .diagnose.guard import Guard, guard
 from .diagnose.verify import VerifyReport, verify
@@ -32,10 +33,11 @@ from .errors import (
     MicroBatchTooLargeError,
 )
 from .losses.batch_loss import BatchLoss
-from .losses.causal_lm_loss import causal_lm_loss
+from .losses.causal_lm_loss import CausalLMLoss, causal_lm_loss
 from .losses.chunked_cross_entropy import chunked_cross_entropy
 from .losses.cross_entropy import token_cross_entropy
 from .losses.info_nce import info_nce, multiple_negatives_ranking_loss
+from .losses.moe_balancing import BalancedLoss, Routing
 from .memory.activation_checkpointing import checkpoint_blocks
 from .memory.planner import Plan, plan
 
@@ -50,10 +52,14 @@ _LAZY = {"TrainConfig": "bigbatch.train", "Trainer": "bigbatch.train"}
 __all__ = [
     "AccumulationWarning",
     "Accumulator",
+    "BalancedLoss",
     "BatchCouplingWarning",
     "BatchError",
     "BatchLoss",
     "BatchSizes",
+    "CausalLMLoss",
+    "CheckCase",
+    "CheckReport",
     "ConfigError",
     "FastMicroStep",
     "GhostBatchNorm",
@@ -64,12 +70,14 @@ __all__ = [
     "NoiseStats",
     "Plan",
     "RankSplit",
+    "Routing",
     "StepStats",
     "TrainConfig",
     "Trainer",
     "VerifyReport",
     "batch_size",
     "causal_lm_loss",
+    "check_accumulation",
     "checkpoint_blocks",
     "chunked_cross_entropy",
     "convert_batchnorm",

@@ -4,6 +4,7 @@
     bigbatch verify MODULE:FACTORY                       # is my accumulation exact for this model?
     bigbatch plan MODULE:FACTORY --max-memory 8GiB       # what micro-batch and checkpointing fit
     bigbatch bench                                       # bigbatch against the plain loop
+    bigbatch check MODULE:FUNCTION --logical-batch-size 8  # is YOUR trainer's accumulation exact? why not?
 
 Each subcommand lives in its own module of bigbatch.commands with
 `add_arguments(parser)` and `run(args) -> exit code`. Only the chosen one is
@@ -28,6 +29,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "verify": ("bigbatch.commands.verify", "check that accumulation equals the full batch"),
     "plan": ("bigbatch.commands.plan", "pick micro-batch size and checkpointing for a memory budget"),
     "bench": ("bigbatch.commands.bench", "measure bigbatch against the plain accumulation loop"),
+    "check": ("bigbatch.commands.check", "check any trainer's accumulation against its own full batch"),
 }
 
 

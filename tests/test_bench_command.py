@@ -118,8 +118,8 @@ def test_no_method_holds_a_micro_batchs_float32_logits_on_gpt2(monkeypatch):
     import importlib.util
 
     import bigbatch.losses.chunked_cross_entropy
-    from bigbatch.commands.bench import gpt2_setup, make_runner
-    from bigbatch.tasks.gpt2 import GPT2Shape, plain_loss
+    from bigbatch.tasks.gpt2 import GPT2Shape, gpt2_setup, plain_loss
+    from bigbatch.tasks.workloads import make_runner
 
     monkeypatch.setattr(bigbatch.losses.chunked_cross_entropy, "_CHUNK_ELEMENTS", 16384)
     shape = GPT2Shape(vocab_size=512, seq_len=64, d_model=16, n_layers=1, n_heads=1)
@@ -145,8 +145,8 @@ def test_a_compiled_size_compiles_once_and_every_later_run_at_it_reuses_the_grap
     from torch._dynamo.utils import counters
 
     import bigbatch as bb
-    from bigbatch.commands.bench import gpt2_setup, measure
-    from bigbatch.tasks.gpt2 import GPT2Shape
+    from bigbatch.tasks.gpt2 import GPT2Shape, gpt2_setup
+    from bigbatch.tasks.workloads import measure
 
     cpu = torch.device("cpu")
     setup = gpt2_setup(cpu, GPT2Shape(vocab_size=64, seq_len=8, d_model=8, n_layers=1, n_heads=1), batch_size=4,
@@ -169,9 +169,9 @@ def test_gpu_every_method_measures_its_peak_the_same_way_on_the_gpu_asked_for():
     (the others' models left out); nothing lands on another GPU."""
     import importlib.util
 
-    from bigbatch.commands.bench import gpt2_setup, measure
     from bigbatch.memory.accounting import parameter_bytes
-    from bigbatch.tasks.gpt2 import GPT2Shape
+    from bigbatch.tasks.gpt2 import GPT2Shape, gpt2_setup
+    from bigbatch.tasks.workloads import measure
 
     device = torch.device("cuda", torch.cuda.device_count() - 1)  # the last GPU: not the default one
     setup = gpt2_setup(device, GPT2Shape(vocab_size=8192, seq_len=256, d_model=256, n_layers=4, n_heads=4),

@@ -315,3 +315,97 @@ def test_the_one_finite_check_still_skips_inf_and_nan(bad):
     assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before))
     stats = acc.step(data(6), mean_loss)  # and a finite step after it goes through
     assert not stats.skipped and acc.optimizer_steps == 1
+
+
+# -- the language-model path: attention, the chunked LM-head loss, token counts, bf16 -------------
+
+
+def _tiny_gpt2(device="cpu"):
+    from bigbatch.tasks.gpt2 import GPT2Shape, make_gpt2, random_tokens
+
+    shape = GPT2Shape(vocab_size=96, seq_len=16, d_model=32, n_layers=1, n_heads=2)
+    torch.manual_seed(0)
+    model = make_gpt2(shape).to(device)
+    tokens, labels = random_tokens(shape, 6, torch.Generator().manual_seed(2))
+    labels[:, -5:] = -100  # padded tails: the token count is data-dependent, a tensor
+    labels[0, :] = -100  # and one sequence wholly ignored
+    return model, (tokens.to(device), labels.to(device))
+
+
+def _lm_loss(model, batch):
+    from bigbatch.tasks.gpt2 import chunked_loss
+
+    return chunked_loss(model, batch)  # the model's forward: attention, then bb.chunked_cross_entropy
+
+
+def _lm_loss_counting_on_the_host(model, batch):
+    out = _lm_loss(model, batch)
+    return bb.LossSum(out.total, int(out.count))  # the mistake a hand-written loss makes: count read each step
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_the_language_model_path_reads_nothing_per_micro_step(precision):
+    """A tiny GPT through the loop and step APIs: no read in a micro-step, the one finite check per step.
+
+    SGD, since CPU AdamW (not fused) reads its step count per parameter; the GPU test uses fused AdamW.
+    """
+    model, batch = _tiny_gpt2()
+    tokens, labels = batch
+    acc = bb.Accumulator(model, torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9), micro_batch_size=2,
+                         precision=precision, max_grad_norm=1.0)  # fmt: skip
+    acc.step(batch, _lm_loss)  # optimizer state created outside the count
+    with HostReads() as reads:
+        stats = acc.step(batch, _lm_loss)
+    assert stats.count == int((labels != -100).sum()) == 6 * 11 - 11  # premise: the padding was counted out
+    assert reads.count() == 1, reads.events  # the finite check, at the optimizer step
+    loop = bb.Accumulator(model, torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9), accumulation_steps=3,
+                          precision=precision, max_grad_norm=1.0)  # fmt: skip
+    reads = HostReads()
+    for i in range(3):
+        piece = (tokens[2 * i : 2 * i + 2], labels[2 * i : 2 * i + 2])
+        reads.phase = f"micro-step {i}"
+        with reads, loop.accumulate():
+            out = _lm_loss(model, piece)
+            loop.backward(out.total, count=out.count)
+    assert [p for p, _ in reads.events] == ["micro-step 2"], reads.events  # only the last: the step's check
+
+
+def test_the_counter_sees_a_count_read_on_the_language_model_path():
+    """Negative control: the same path with the count read on the host is caught, once per micro-step."""
+    model, batch = _tiny_gpt2()
+    acc = bb.Accumulator(model, torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9), micro_batch_size=2)
+    acc.step(batch, _lm_loss)
+    with HostReads() as reads:
+        acc.step(batch, _lm_loss_counting_on_the_host)
+    assert reads.count() == 3 + 1, reads.events  # three micro-steps' counts, then the finite check
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_gpu_the_language_model_path_does_not_sync_in_a_window(precision):
+    """The real thing on CUDA: attention kernels, the chunked loss, token counts, bf16 autocast."""
+    model, batch = _tiny_gpt2("cuda")
+    tokens, labels = batch
+    acc = bb.Accumulator(model, torch.optim.AdamW(model.parameters(), lr=1e-3, fused=True),
+                         accumulation_steps=3, precision=precision, max_grad_norm=1.0)  # fmt: skip
+
+    def micro_step(i):
+        with acc.accumulate():
+            out = _lm_loss(model, (tokens[2 * i : 2 * i + 2], labels[2 * i : 2 * i + 2]))
+            acc.backward(out.total, count=out.count)
+
+    for i in range(3):  # warm-up window: optimizer state, kernels, handles
+        micro_step(i)
+    torch.cuda.synchronize()
+    for i in range(2):
+        torch.cuda.set_sync_debug_mode("error")  # any sync in a micro-step raises
+        try:
+            micro_step(i)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    assert _count_syncs(lambda: micro_step(2)) == 1  # the finite check, once, at the optimizer step
+    assert acc.optimizer_steps == 2
+    step_acc = bb.Accumulator(model, torch.optim.AdamW(model.parameters(), lr=1e-3, fused=True),
+                              micro_batch_size=2, precision=precision)  # fmt: skip
+    step_acc.step(batch, _lm_loss)
+    assert _count_syncs(lambda: step_acc.step(batch, _lm_loss)) == 1

@@ -1,6 +1,6 @@
 """The import graph keeps bigbatch's layers (docs/design.md, "Layers"), read from the source with `ast`.
 
-    errors < tools < engine < losses < diagnose < memory < tasks < train < commands < entry points
+    errors < tools < engine < losses < diagnose < check < memory < tasks < train < commands < entry points
 
 Each layer is a folder of bigbatch/ (errors.py on its own; the entry points are
 cli, __main__ and __init__). A module imports only from its own layer or a lower one, and no import cycle
@@ -21,7 +21,7 @@ import ast
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parent.parent / "bigbatch"
-LAYERS = ("errors", "tools", "engine", "losses", "diagnose", "memory", "tasks", "train", "commands", "entry")
+LAYERS = ("errors", "tools", "engine", "losses", "diagnose", "check", "memory", "tasks", "train", "commands", "entry")
 ENTRY = {"bigbatch", "bigbatch.cli", "bigbatch.__main__"}
 # The engine's modules: each must exist and sit in the engine layer.
 ENGINE = ["accumulator", "checks", "micro_step", "optimizer_step", "window", "window_plan", "loss_sum", "batch_split",

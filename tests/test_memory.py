@@ -20,6 +20,7 @@ from bigbatch.memory.accounting import (
 )
 from bigbatch.memory.planner.runs import measure_step_memory, warm_optimizer_
 
+from .cuda_memory import allocator_slack
 from .models import data, loss_fn, tower
 
 
@@ -142,16 +143,19 @@ def test_accounting_agrees_with_cuda_max_memory_allocated():
     params = parameter_bytes(model)
     largest = max(p.numel() * p.element_size() for p in model.parameters())  # a 4096x1024 weight: 16 MiB
     widest = 4 * 1024 * 4  # bytes per sample of the widest activation (4d float32)
+    rounding = allocator_slack(list(model.parameters()))  # tests/cuda_memory.py
     for p in points:
         assert p.measured_window_peak is not None and p.measured_optimizer_peak is not None, p
         # The window: what the accounting leaves out is transient. In backward, a fresh weight gradient
         # waits to be added into .grad (at most the largest parameter), beside an activation gradient or
         # two of the widest layer (16 and 48 MiB at micro 64 and 2048 on the CPU); 8 MiB more for what a
         # library may allocate per call (cuBLASLt's workspace is 1 MiB by default).
-        slack = largest + 2 * widest * p.micro_batch_size + 8 * mib
+        slack = largest + 2 * widest * p.micro_batch_size + 8 * mib + rounding
         assert p.estimated_peak <= p.measured_window_peak <= p.estimated_peak + slack, p
-        # The optimizer step: the static bytes plus foreach AdamW's torch._foreach_sqrt(exp_avg_sq).
-        assert p.static <= p.measured_optimizer_peak <= p.static + params + mib, p
+        # The optimizer step: the static bytes plus foreach AdamW's torch._foreach_sqrt(exp_avg_sq), one
+        # temporary per parameter, each counted as the caching allocator counts its block (up to 1 MiB over
+        # for a large one; 1 MiB of margin alone was within one block of failing).
+        assert p.static <= p.measured_optimizer_peak <= p.static + params + rounding + mib, p
     small, mid, large = points
     assert small.measured_optimizer_peak > small.measured_window_peak  # the premise: the step is higher...
     assert large.measured_window_peak > large.measured_optimizer_peak  # ... until the window outgrows it

@@ -32,6 +32,20 @@ class UsageError(Exception):
 
 def load_factory(target: str) -> Callable[..., Any]:
     """The callable named by MODULE:FACTORY or path/to/file.py:FACTORY."""
+    factory: Callable[..., Any] | None = load_object(target, what="callable")
+    if not callable(factory):
+        location, _, name = target.rpartition(":")
+        raise UsageError(f"{location} has no callable named {name!r}.")
+    return factory
+
+
+def load_object(target: str, *, what: str) -> Any:
+    """The object named by MODULE:NAME or path/to/file.py:NAME (a function, a case, ...).
+
+    Args:
+        target: MODULE:NAME or path/to/file.py:NAME.
+        what: what NAME should be, for the error when the module has no such name.
+    """
     location, sep, name = target.rpartition(":")
     if not sep or not location or not name:
         raise UsageError(f"target {target!r} must look like MODULE:FACTORY or path/to/file.py:FACTORY.")
@@ -62,10 +76,9 @@ def load_factory(target: str) -> Callable[..., Any]:
             raise UsageError(f"importing {location} failed: {_describe(error)}") from error
         except Exception as error:  # the user's module: report it, not our traceback
             raise UsageError(f"importing {location} failed: {_describe(error)}") from error
-    factory: Callable[..., Any] | None = getattr(module, name, None)
-    if not callable(factory):
-        raise UsageError(f"{location} has no callable named {name!r}.")
-    return factory
+    if not hasattr(module, name):
+        raise UsageError(f"{location} has no {what} named {name!r}.")
+    return getattr(module, name)
 
 
 def make_case(target: str, **kwargs: Any) -> Any:

@@ -18,6 +18,8 @@ APIs and the OOM retry; the parts live apart:
 from __future__ import annotations
 
 import contextlib
+import weakref
+from collections.abc import Callable
 from typing import Any, Literal
 
 import torch
@@ -183,8 +185,8 @@ class Accumulator:
         self._engine = WindowEngine(
             model=model, params=self._params, device=self.device, sync=self._sync, window=self._window,
             scaler=self._scaler, autocast_dtype=self._autocast_dtype, fast=fast,
-            start_window=self._start_step_window, micro_step_context=self._micro_step_context,
-            optimizer_steps=lambda: self.optimizer_steps, forward_hooks=self._forward_hooks,
+            start_window=_weakly(self._start_step_window), micro_step_context=self._micro_step_context,
+            optimizer_steps=_optimizer_steps_of(self), forward_hooks=self._forward_hooks,
         )
         check_optimizer_fits_model(model, self._params)  # after the arguments' own checks
         optimizer.zero_grad(set_to_none=True)
@@ -494,13 +496,44 @@ class Accumulator:
             raise
 
 
+def _weakly(method: Callable[[int], None]) -> Callable[[int], None]:
+    """`method` (bound to an Accumulator) called through a weak reference: held by its own parts, no cycle."""
+    ref = weakref.WeakMethod(method)
+
+    def call(n: int) -> None:
+        bound = ref()
+        if bound is None:
+            raise ReferenceError("the Accumulator this window belongs to was freed")
+        bound(n)
+
+    return call
+
+
+def _optimizer_steps_of(acc: Accumulator) -> Callable[[], int]:
+    """A reader of `acc.optimizer_steps` that holds it weakly (a lambda over it would be a reference cycle)."""
+    ref = weakref.ref(acc)
+
+    def read() -> int:
+        held = ref()
+        if held is None:
+            raise ReferenceError("the Accumulator this window belongs to was freed")
+        return held.optimizer_steps
+
+    return read
+
+
 class _MicroStep:
-    """The context manager `Accumulator.accumulate()` returns: one micro-step of the loop API."""
+    """The context manager `Accumulator.accumulate()` returns: one micro-step of the loop API.
+
+    The Accumulator holds it and it refers back through a weak proxy: no reference
+    cycle, so a dropped Accumulator is freed at once, never by a later cycle collection
+    (which could land inside another run's measured window).
+    """
 
     __slots__ = ("_acc", "_context")
 
     def __init__(self, acc: Accumulator) -> None:
-        self._acc = acc
+        self._acc = weakref.proxy(acc)
         self._context: contextlib.AbstractContextManager[Any] = NO_CONTEXT
 
     def __enter__(self) -> None:

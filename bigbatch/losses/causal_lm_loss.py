@@ -13,6 +13,10 @@ the LM head to the final hidden states a chunk at a time. Where the head is not
 a plain `nn.Linear` of the last hidden state (soft-capped or scaled logits, a
 LoRA-wrapped head, a model whose forward lacks `logits_to_keep`), the model's
 own full logits are used instead: still exact, only without the memory saving.
+
+On a mixture-of-experts model that asks for router logits, the loss also holds
+the router's load-balancing term, over the whole logical batch under `acc.step`
+(the window plan of moe_balancing.py; the models it understands: causal_lm_moe.py).
 """
 
 from __future__ import annotations
@@ -26,10 +30,23 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..engine.loss_sum import LossSum
+from ..engine.batch_split import Batch
+from ..engine.loss_sum import Count, LossSum
+from ..engine.window_plan import mark_loop_api_error
 from ..errors import BatchError
+from .causal_lm_moe import MoESpec, moe_spec
 from .chunked_cross_entropy import chunked_cross_entropy
 from .cross_entropy import token_cross_entropy
+from .moe_balancing import (
+    LOOP_API_ERROR,
+    Balancing,
+    GlobalBalancing,
+    Routing,
+    RoutingSums,
+    add_balancing,
+    check_balancing,
+    routing_sums,
+)
 
 IGNORE_INDEX = -100
 
@@ -44,53 +61,138 @@ _STRUCTURE_OK: weakref.WeakKeyDictionary[nn.Module, bool] = weakref.WeakKeyDicti
 _PROBED: weakref.WeakKeyDictionary[nn.Module, bool] = weakref.WeakKeyDictionary()
 
 
-def causal_lm_loss(model: nn.Module, batch: Mapping[str, torch.Tensor]) -> LossSum:
+class CausalLMLoss:
     """Next-token cross-entropy of a transformers causal LM, summed over valid tokens, with their count.
 
-    The rule: position t predicts label t+1 (the shift is done here), and the count
-    is the number of shifted labels that are not -100, so accumulating `LossSum`s
-    over any split gives the full batch's mean over tokens. Neither the model's
-    `loss_type` nor transformers' loss reduction is used: labels are never passed
-    to the model.
+    `bb.causal_lm_loss` is one (balancing "exact"); `bb.CausalLMLoss(balancing="micro")`
+    builds the other kind. Called as `causal_lm_loss(model, batch)` it returns a
+    `bb.LossSum` for that batch. On a mixture-of-experts model whose config asks
+    for router logits (`output_router_logits=True`, `router_aux_loss_coef > 0`;
+    Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE) the total also holds
+    `count * router_aux_loss_coef * aux` of the batch, so its mean is the model's
+    own `out.loss` on that batch; `acc.step(batch, causal_lm_loss)` then runs the
+    window plan `window_plan(model)` returns: with "exact", the load-balancing loss
+    of the WHOLE logical batch (all ranks), one extra no-gradient forward per
+    sample; with "micro", each micro-batch's own (no extra pass). See docs/moe.md.
 
     Args:
-        model: an `AutoModelForCausalLM` (GPT-2, Llama-style, ...), a peft model
-            around one, or either inside DistributedDataParallel / FSDP2.
-        batch: a dict with `input_ids` (n, t), `attention_mask` (n, t) and
-            optionally `labels` (n, t, aligned with `input_ids`, -100 ignored).
-            Without `labels`, `input_ids` are the labels and padding
-            (`attention_mask == 0`) is ignored. Other keys are not used.
-
-    Returns:
-        `bb.LossSum(total, count)`; `count` is a device tensor (no host sync).
-
-    Example:
-        acc = bb.Accumulator(model, optimizer, micro_batch_size=4)
-        stats = acc.step({"input_ids": ids, "attention_mask": mask}, bb.causal_lm_loss)
-
-    Limits: padding on the right keeps every valid token's result independent of
-    the padded width; left padding is exact too but shifts positions where the
-    model counts them from the start of the row. The first call on a model reads
-    one value on the host (to check that its head is a plain linear map).
+        balancing: "exact" or "micro"; it matters only for MoE models.
     """
+
+    def __init__(self, balancing: Balancing = "exact") -> None:
+        """A causal LM loss with the given MoE balancing mode."""
+        check_balancing(balancing)
+        self.balancing: Balancing = balancing
+        self.last: list[RoutingSums] = []  # the last window's routing counts (MoE only)
+
+    def __repr__(self) -> str:
+        """The constructor call that builds this loss."""
+        return f"CausalLMLoss(balancing={self.balancing!r})"
+
+    @property
+    def last_routing(self) -> RoutingSums | None:
+        """The routing counts of the last MoE window (or call), for the expert-load report; else None."""
+        return self.last[-1] if self.last else None
+
+    def __call__(self, model: nn.Module, batch: Mapping[str, torch.Tensor]) -> LossSum:
+        """The batch's next-token loss as a `LossSum` (plus its own balancing loss on an MoE model).
+
+        The rule: position t predicts label t+1 (the shift is done here), and the count
+        is the number of shifted labels that are not -100, so accumulating `LossSum`s
+        over any split gives the full batch's mean over tokens. Neither the model's
+        `loss_type` nor transformers' loss reduction is used: labels are never passed
+        to the model.
+
+        Args:
+            model: an `AutoModelForCausalLM` (GPT-2, Llama-style, Mixtral, ...), a peft
+                model around one, or either inside DistributedDataParallel / FSDP2.
+            batch: a dict with `input_ids` (n, t), `attention_mask` (n, t) and
+                optionally `labels` (n, t, aligned with `input_ids`, -100 ignored).
+                Without `labels`, `input_ids` are the labels and padding
+                (`attention_mask == 0`) is ignored. Other keys are not used.
+
+        Returns:
+            `bb.LossSum(total, count)`; `count` is a device tensor (no host sync).
+
+        Example:
+            acc = bb.Accumulator(model, optimizer, micro_batch_size=4)
+            stats = acc.step({"input_ids": ids, "attention_mask": mask}, bb.causal_lm_loss)
+
+        Limits: padding on the right keeps every valid token's result independent of
+        the padded width; left padding is exact too but shifts positions where the
+        model counts them from the start of the row. The first call on a model reads
+        one value on the host (to check that its head is a plain linear map).
+        """
+        spec = moe_spec(_language_model(model))
+        if spec is None:
+            return _token_loss(model, batch, {})[0]
+        out, routing = self._routed(model, batch, spec)
+        self.last[:] = [routing_sums(routing)]
+        result = add_balancing(out, routing, spec.coef)
+        assert isinstance(result, LossSum)
+        if self.balancing == "exact":  # the loop API would balance each micro-batch alone
+            mark_loop_api_error(result.total, LOOP_API_ERROR)
+        return result
+
+    def window_plan(self, model: nn.Module) -> GlobalBalancing | None:
+        """The exact balancing plan on an MoE model that asks for router logits; None otherwise."""
+        spec = moe_spec(_language_model(model))
+        if spec is None or self.balancing == "micro":
+            return None
+
+        def routed(model: nn.Module, batch: Batch) -> tuple[torch.Tensor | LossSum, Routing]:
+            return self._routed(model, batch, spec)
+
+        def probe(model: nn.Module, batch: Batch) -> tuple[Count, Routing]:
+            return self._probe(model, batch, spec)
+
+        return GlobalBalancing(routed, spec.coef, probe, self.last)
+
+    @staticmethod
+    def _routed(model: nn.Module, batch: Batch, spec: MoESpec) -> tuple[LossSum, Routing]:
+        loss, out = _token_loss(model, batch, {"output_router_logits": True})
+        return loss, spec.routing(out, _unpack(batch)[1])
+
+    @staticmethod
+    def _probe(model: nn.Module, batch: Batch, spec: MoESpec) -> tuple[Count, Routing]:
+        """The label count and the routing, without the LM head's full logits."""
+        input_ids, attention_mask, labels = _unpack(batch)
+        kwargs: dict[str, Any] = {"output_router_logits": True, "use_cache": False}
+        if _accepts_logits_to_keep(_language_model(model)):
+            kwargs["logits_to_keep"] = 1
+        out = model(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+        return (labels[:, 1:] != IGNORE_INDEX).sum(), spec.routing(out, attention_mask)
+
+
+causal_lm_loss = CausalLMLoss()
+
+
+def token_loss(model: nn.Module, batch: Batch) -> LossSum:
+    """The summed next-token cross-entropy alone (no balancing term, even on an MoE model), with its count."""
+    return _token_loss(model, batch, {})[0]
+
+
+def _token_loss(model: nn.Module, batch: Batch, extra: dict[str, Any]) -> tuple[LossSum, Any]:
+    """The batch's summed next-token loss, and the model's output (`extra`: more forward arguments)."""
     input_ids, attention_mask, labels = _unpack(batch)
     shifted = labels[:, 1:]
     head = _chunkable_head(model)
     if head is None:
-        return _full_logits_loss(model, input_ids, attention_mask, shifted)
+        return _full_logits_loss(model, input_ids, attention_mask, shifted, extra)
     out = model(
         input_ids=input_ids, attention_mask=attention_mask,
-        use_cache=False, output_hidden_states=True, logits_to_keep=1,
+        use_cache=False, output_hidden_states=True, logits_to_keep=1, **extra,
     )  # fmt: skip
     hidden = out.hidden_states[-1]
     if model not in _PROBED:
         _PROBED[model] = _head_reproduces(head, hidden, out.logits)
     if not _PROBED[model]:
-        return _full_logits_loss(model, input_ids, attention_mask, shifted)
-    return chunked_cross_entropy(hidden[:, :-1], head.weight, shifted, IGNORE_INDEX, bias=head.bias)
+        return _full_logits_loss(model, input_ids, attention_mask, shifted, extra)
+    loss = chunked_cross_entropy(hidden[:, :-1], head.weight, shifted, IGNORE_INDEX, bias=head.bias)
+    return loss, out
 
 
-def _unpack(batch: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _unpack(batch: Batch | Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(input_ids, attention_mask, labels) from the batch, labels derived from the ids if absent."""
     if not isinstance(batch, Mapping):
         raise BatchError(
@@ -190,8 +292,12 @@ def _head_reproduces(head: nn.Linear, hidden: torch.Tensor, logits: torch.Tensor
 
 
 def _full_logits_loss(
-    model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, shifted: torch.Tensor
-) -> LossSum:
-    out = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    shifted: torch.Tensor,
+    extra: dict[str, Any],
+) -> tuple[LossSum, Any]:
+    out = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **extra)
     logits: Any = out.logits if hasattr(out, "logits") else out[0]
-    return token_cross_entropy(logits[:, :-1], shifted, IGNORE_INDEX)
+    return token_cross_entropy(logits[:, :-1], shifted, IGNORE_INDEX), out

@@ -24,6 +24,13 @@ prompt would teach nothing). The last `val_fraction` of the pieces is held out.
 Batches are padded on the right; the loss is `bb.causal_lm_loss`, the exact
 mean over every predicted token of the logical batch.
 
+On a mixture-of-experts model whose config asks for router logits,
+`moe_balancing` "exact" (the default) balances the experts over the whole
+logical batch (one extra no-gradient forward per sample; docs/moe.md), "micro"
+each micro-batch on its own; metrics.jsonl then shows each layer's expert load
+(`expert_load_max`, `expert_load_min`: the largest and smallest share of the
+routed tokens an expert got), and the validation loss is the token loss alone.
+
 `lora_rank > 0` wraps the model in peft LoRA adapters (`lora_alpha`,
 `lora_dropout`, `lora_targets`: comma-separated module names, "all-linear", or
 unset for peft's default for the architecture); only the adapters train.
@@ -50,7 +57,8 @@ from ..engine.devices import model_device
 from ..engine.grad_sync import unwrap_ddp
 from ..engine.loss_sum import LossSum
 from ..errors import ConfigError
-from ..losses.causal_lm_loss import IGNORE_INDEX, causal_lm_loss
+from ..losses.causal_lm_loss import IGNORE_INDEX, CausalLMLoss, token_loss
+from ..losses.moe_balancing import BALANCING, describe_load
 from .epochs import shuffled_epoch
 
 _INSTALL = 'pip install "bigbatch[hf]"'
@@ -121,6 +129,8 @@ class CausalLMTask:
     """The last fraction of pieces held out for validation."""
     eval_samples: int = 64
     """Held-out pieces scored at each evaluation."""
+    moe_balancing: str = "exact"
+    """MoE models: balance the experts over the whole logical batch ("exact") or per micro-batch ("micro")."""
     name: str = field(default="causal-lm", init=False)
     item_unit: str = field(default="tokens", init=False)
 
@@ -128,6 +138,7 @@ class CausalLMTask:
         """Check the options, load the tokenizer and the data; the model loads in `make_model`."""
         require("transformers", "tokenizers")
         self._check_options()
+        self._loss = _TrimmedLoss(CausalLMLoss(balancing=self.moe_balancing))  # type: ignore[arg-type]
         self._check_model_source()
         self.tokenizer = self._load_tokenizer()
         samples = _read_samples(self.data)
@@ -161,6 +172,8 @@ class CausalLMTask:
             raise ConfigError(f"lora_alpha must be > 0, got {self.lora_alpha}.")
         if not 0 < self.val_fraction < 1:
             raise ConfigError(f"val_fraction must be between 0 and 1, got {self.val_fraction}.")
+        if self.moe_balancing not in BALANCING:
+            raise ConfigError(f'moe_balancing must be "exact" or "micro", got {self.moe_balancing!r}.')
         if self.eval_samples < 1:
             raise ConfigError(f"eval_samples must be >= 1, got {self.eval_samples}.")
         if self.lora_rank:
@@ -385,16 +398,10 @@ class CausalLMTask:
         for i in range(0, n, batch_size):
             yield self._batch(self._val, range(i, min(n, i + batch_size)))
 
-    def loss_fn(self, model: nn.Module, batch: Batch) -> LossSum:
-        """`bb.causal_lm_loss` on the micro-batch, its padding trimmed on the CPU.
-
-        Right padding and causal attention make the trim exact. Not on an
-        accelerator: reading the width would be a host sync per micro-step.
-        """
-        if batch["attention_mask"].device.type == "cpu":
-            width = int(batch["attention_mask"].sum(1).max())
-            batch = {k: v[:, :width] for k, v in batch.items()}
-        return causal_lm_loss(model, batch)
+    @property
+    def loss_fn(self) -> _TrimmedLoss:
+        """`bb.CausalLMLoss` on the micro-batch, its padding trimmed on the CPU (and its MoE window plan)."""
+        return self._loss
 
     @torch.no_grad()
     def evaluate(self, model: nn.Module, batch_size: int = 16) -> dict[str, float]:
@@ -405,7 +412,7 @@ class CausalLMTask:
         device = model_device(net)
         total, count = 0.0, 0
         for batch in self.val_batches(batch_size):
-            out = self.loss_fn(net, {k: v.to(device) for k, v in batch.items()})
+            out = token_loss(net, _trimmed({k: v.to(device) for k, v in batch.items()}))
             total += float(out.total)
             count += int(out.count)
         net.train(was_training)
@@ -637,3 +644,33 @@ def _read_parquet(files: list[Path]) -> list[_Sample]:
         for i, row in enumerate(pq.read_table(file).to_pylist()):
             samples.append(_sample_from(row, f"{file} row {i}"))
     return samples
+
+
+def _trimmed(batch: Batch) -> Batch:
+    """The batch without its all-padding columns, on the CPU (right padding and causal attention: exact).
+
+    Not on an accelerator: reading the width would be a host sync per micro-step.
+    """
+    if batch["attention_mask"].device.type == "cpu":
+        width = int(batch["attention_mask"].sum(1).max())
+        batch = {k: v[:, :width] for k, v in batch.items()}
+    return batch
+
+
+class _TrimmedLoss:
+    """The task's loss: a `CausalLMLoss` on the trimmed micro-batch; its window plan and expert load."""
+
+    def __init__(self, loss: CausalLMLoss) -> None:
+        self.loss = loss
+
+    def __call__(self, model: nn.Module, batch: Batch) -> LossSum:
+        """The micro-batch's loss (`bb.CausalLMLoss`), its padding trimmed first."""
+        return self.loss(model, _trimmed(batch))
+
+    def window_plan(self, model: nn.Module) -> Any:
+        """The MoE balancing plan of the loss (None for a dense model or "micro")."""
+        return self.loss.window_plan(model)
+
+    def step_metrics(self) -> dict[str, Any]:
+        """Per-layer expert load of the last step (MoE models only), for metrics.jsonl."""
+        return describe_load(self.loss.last_routing)

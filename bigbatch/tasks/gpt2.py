@@ -14,6 +14,7 @@ token ids: a speed and memory workload, not something to learn.
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from typing import Literal
 
 import torch
 from torch import nn
@@ -22,6 +23,7 @@ from ..engine.batch_split import Batch
 from ..engine.loss_sum import LossSum
 from ..losses.cross_entropy import token_cross_entropy
 from .text import CharTransformer
+from .workloads import Setup
 
 
 @dataclass(frozen=True)
@@ -129,3 +131,27 @@ def chunked_loss(model: nn.Module, batch: Batch) -> LossSum:
     tokens, labels = batch
     out: LossSum = model(tokens, labels)
     return out
+
+
+def gpt2_setup(device: torch.device, shape: GPT2Shape | None = None, *, batch_size: int = 64,
+               n_batches: int = 6) -> Setup:  # fmt: skip
+    """The benchmark workload: GPT-2 (small by default) on random tokens, bf16 autocast on CUDA, fp32 elsewhere.
+
+    Args:
+        device: where the batches go.
+        shape: the model's shape (default: GPT-2 small, sequence 1024).
+        batch_size: sequences per logical batch.
+        n_batches: how many logical batches.
+
+    Returns:
+        The setup for bigbatch/tasks/workloads.py; its loss `bb.chunked_cross_entropy` through the model's forward.
+    """
+    shape = shape or GPT2Shape.small()
+    g = torch.Generator().manual_seed(0)
+    batches = []
+    for _ in range(n_batches):
+        tokens, labels = random_tokens(shape, batch_size, g)
+        batches.append((tokens.to(device), labels.to(device)))
+    name = "GPT-2 small (124M, tied head)" if shape == GPT2Shape.small() else f"GPT-2 shape {shape}"
+    precision: Literal["fp32", "bf16"] = "bf16" if device.type == "cuda" else "fp32"
+    return Setup(name, lambda: make_gpt2(shape), batches, precision, 6e-4, chunked_loss)

@@ -13,7 +13,10 @@ On the CPU the clock is the process's CPU time (what this process did, not
 what the machine's other jobs did); on a GPU it is the wall clock between
 synchronisations. Benchmarks measure; they never assert (tests prove).
 
-Not part of bigbatch's public API (nothing here is in `bigbatch.__all__`).
+The methods every benchmark compares (the plain loop, bigbatch, its compiled
+micro-steps, Accelerate) are built and timed through this harness by
+bigbatch/tasks/workloads.py. Not part of bigbatch's public API (nothing here is in
+`bigbatch.__all__`).
 """
 
 from __future__ import annotations
@@ -94,15 +97,20 @@ def time_interleaved(
     repeats: int,
     clock: Callable[[], float] = time.perf_counter,
     sync: Callable[[], None] = _nothing,
+    until: float | None = None,
+    min_repeats: int = 3,
 ) -> dict[str, list[float]]:
     """Time each run once per repeat, the runs alternating and their order rotated every repeat.
 
     Args:
         runs: name -> a block of work; it is called with the repeat index (0, 1, ...) so
             each repeat may use its own data.
-        repeats: how many blocks of each run to time.
+        repeats: how many blocks of each run to time (at most, with `until`).
         clock: the clock (see `clock_for`).
         sync: called before reading the clock after each block (see `sync_device`).
+        until: a `time.time()` past which no further repeat starts, once `min_repeats`
+            are done: as many repeats as a time budget allows, every run the same number.
+        min_repeats: the fewest repeats `until` may leave (never more than `repeats`).
 
     Returns:
         name -> the seconds of each of its blocks, in repeat order.
@@ -115,6 +123,8 @@ def time_interleaved(
     names = list(runs)
     seconds: dict[str, list[float]] = {name: [] for name in names}
     for r in range(repeats):
+        if until is not None and r >= min_repeats and time.time() >= until:
+            break
         for name in names[r % len(names) :] + names[: r % len(names)]:
             sync()
             start = clock()
@@ -138,6 +148,33 @@ def median_paired_ratio(reference: Sequence[float], other: Sequence[float]) -> f
         The median ratio; above 1 when `other` is faster.
     """
     return statistics.median(r / o for r, o in zip(reference, other, strict=True))
+
+
+# The ranks (1-based, from each end) of the order statistics that bound a median with at least 95% confidence,
+# for n = 6..25 values: P(lo-th smallest < median < lo-th largest) >= 0.95 under the binomial(n, 1/2).
+_MEDIAN_CI_RANK = {6: 1, 7: 1, 8: 1, 9: 2, 10: 2, 11: 2, 12: 3, 13: 3, 14: 3, 15: 4, 16: 4, 17: 5, 18: 5,
+                   19: 5, 20: 6, 21: 6, 22: 6, 23: 7, 24: 7, 25: 8}  # fmt: skip
+
+
+def median_interval(values: Sequence[float]) -> tuple[float, float] | None:
+    """A distribution-free 95% confidence interval for the median of `values` (order statistics).
+
+    Applied to paired ratios (bigbatch / plain per repeat, say) it says whether a
+    difference of 1% is resolved: it is when the interval excludes the other side.
+
+    Args:
+        values: independent measurements (6 or more; at most 25 are tabulated, more use
+            the normal approximation of the rank).
+
+    Returns:
+        (low, high), or None for fewer than 6 values (no interval reaches 95% then).
+    """
+    n = len(values)
+    if n < 6:
+        return None
+    rank = _MEDIAN_CI_RANK.get(n) or max(1, int(n / 2 - 0.98 * n**0.5))
+    ordered = sorted(values)
+    return ordered[rank - 1], ordered[n - rank]
 
 
 def markdown_row(cells: Sequence[object]) -> str:

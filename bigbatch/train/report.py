@@ -176,6 +176,9 @@ def finish(
     if run.memory_plan is not None:
         summary["memory_plan"] = run.memory_plan.to_dict()
     summary.update(noise_summary(rows, run.item_unit))
+    if rows and "expert_load_max" in rows[-1]:  # an MoE model: each layer's expert shares, last step
+        summary["expert_load_max"] = rows[-1]["expert_load_max"]
+        summary["expert_load_min"] = rows[-1]["expert_load_min"]
     title = f"{run.task_name}: {run.batch_schedule or run.batch}"
     folder = RunFolder(run.run_dir)
     plot_losses(rows, folder, baselines, title, run.item_unit)
@@ -200,6 +203,9 @@ def _closing_text(summary: dict[str, Any], steps: int, seconds: float, run_dir: 
         )
     if "noise_advice" in summary:
         lines.append(f"  {summary['noise_advice']}")
+    if "expert_load_max" in summary:
+        shares = ", ".join(f"{hi:.2f}/{lo:.2f}" for hi, lo in zip(summary["expert_load_max"], summary["expert_load_min"]))
+        lines.append(f"  expert load per layer (largest/smallest share, last step): {shares}")
     model = ", model/" if "model_dir" in summary else ""
     board = ", tensorboard/" if RunFolder(Path(run_dir)).tensorboard.is_dir() else ""
     lines.append(f"  wrote {run_dir}/ (config.toml, metrics.jsonl, loss.png, summary.json, checkpoints/{board}{model})")

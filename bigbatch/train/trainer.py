@@ -502,6 +502,9 @@ class Trainer:
             row.update(noise_scale=run.noise_scale, grad_norm_sq_est=noise["grad_norm_sq"],
                        trace_cov_est=noise["trace_cov"])  # fmt: skip
         row["batch_size"] = size
+        step_metrics = getattr(self._loss_fn, "step_metrics", None)  # a loss's own per-step figures (MoE load)
+        if step_metrics is not None:
+            row.update(step_metrics())
         seconds = time.perf_counter() - start
         run.train_seconds += seconds
         bad = is_nonfinite_step(self.config.train.precision, row)  # fp16: a non-finite loss only
