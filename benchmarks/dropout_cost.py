@@ -8,8 +8,9 @@ dropout after the embeddings, in attention (SDPA dropout_p) and after each
 residual branch) trains with `acc.step` at the default logical batch of 32 and
 micro-batch 8 (train.py's defaults), once with torch's dropout and once with
 `split_invariant_dropout=True`, the steps interleaved and medians kept
-(bigbatch/benchmarking.py). A third column runs with dropout 0, the cost of
-any dropout at all. Memory: the bytes autograd saves for backward in one
+(bigbatch/benchmarking.py). Two more rows run with dropout 0: without the
+option (the cost of any dropout at all) and with it (what intercepting every
+torch function costs when nothing is drawn). Memory: the bytes autograd saves for backward in one
 micro-batch's forward (saved-tensor hooks, each storage counted once), which
 on the CPU is what dropout adds to peak memory.
 """
@@ -77,6 +78,7 @@ def main() -> None:
         "no dropout": accumulator(0.0, False),
         "torch dropout": accumulator(args.dropout, False),
         "split-invariant": accumulator(args.dropout, True),
+        "no dropout, split-invariant on": accumulator(0.0, True),  # the mode's own cost: no draws
     }
     for acc in accs.values():  # warm up (allocator, first-call costs)
         acc.step(batches[0], task.loss_fn)
