@@ -1,19 +1,23 @@
 # Two commands on a fresh machine: `make train` runs the built-in default job,
 # `make test` runs the checks CI runs. Each makes the virtual environment it needs.
+SHELL := /bin/bash
 PYTHON ?= python3
 VENV ?= .venv
 # The CPU build that this machine has on disk; elsewhere set TORCH= to keep the
 # torch you have (pyproject.toml asks only for a range).
 TORCH ?= torch==2.13.0
 BIN := $(VENV)/bin
+# The locked test environment: exact versions of every package the test venv holds
+# (pip constraints; `make lock` refreshes it, docs/testing.md says when and how).
+LOCK := constraints.txt
 
-.PHONY: train test lint typecheck unit bench gpu-check clean
+.PHONY: train test lint typecheck unit bench gpu-check clean test-latest lock
 
-$(BIN)/.installed: pyproject.toml
+$(BIN)/.installed: pyproject.toml $(LOCK)
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(if $(TORCH),$(BIN)/python -m pip install -q $(TORCH))
-	$(BIN)/python -m pip install -q -e '.[dev,hf]'
+	$(if $(TORCH),$(BIN)/python -m pip install -q -c $(LOCK) $(TORCH))
+	$(BIN)/python -m pip install -q -c $(LOCK) -e '.[dev,hf]'
 	touch $@
 
 train: $(BIN)/.installed
@@ -50,5 +54,31 @@ endif
 gpu-check: $(GPU_CHECK_NEEDS)
 	$(GPU_CHECK_PYTHON) benchmarks/gpu_check.py --device $(DEVICE) $(ARGS)
 
+# The same checks in a venv of its own with the newest versions pyproject.toml's ranges allow
+# (no lock), so an upstream release that breaks us is seen the day someone runs this, not the
+# day CI turns red. torch stays the build in TORCH (pip here offers only a multi-GB CUDA build
+# as the newest); TORCH_LATEST=torch lets pip pick. The freeze it ran with: $(LATEST)/freeze.txt.
+LATEST ?= .venv-latest
+TORCH_LATEST ?= $(TORCH)
+test-latest:
+	rm -rf $(LATEST)
+	$(PYTHON) -m venv $(LATEST)
+	$(LATEST)/bin/python -m pip install -q --upgrade pip
+	$(if $(TORCH_LATEST),$(LATEST)/bin/python -m pip install -q $(TORCH_LATEST))
+	$(LATEST)/bin/python -m pip install -q --upgrade --upgrade-strategy eager -e '.[dev,hf]'
+	$(LATEST)/bin/python -m pip freeze --exclude-editable > $(LATEST)/freeze.txt
+	touch $(LATEST)/bin/.installed
+	@echo "== versions that differ from $(LOCK) (< locked, > latest):"
+	@diff <(grep -v '^#' $(LOCK) | sed 's/+cpu//' | sort -f) <(sed 's/+cpu//' $(LATEST)/freeze.txt | sort -f) | grep '^[<>]' || echo "   none"
+	$(MAKE) test VENV=$(LATEST)
+
+# Refresh the lock on purpose: the newest versions the ranges allow, as test-latest installed
+# them (run `make test-latest` first and see it pass), written over $(LOCK).
+lock:
+	test -f $(LATEST)/freeze.txt || { echo "run 'make test-latest' first: the lock is what it tested"; exit 2; }
+	{ sed -n '/^#/p' $(LOCK); sed 's/^torch==\([0-9.]*\)+cpu$$/torch==\1/' $(LATEST)/freeze.txt; } > $(LOCK).new
+	mv $(LOCK).new $(LOCK)
+	@echo "wrote $(LOCK); run 'make clean test' to test it from scratch, then commit it"
+
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) $(LATEST) .pytest_cache .mypy_cache .ruff_cache

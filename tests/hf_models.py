@@ -81,14 +81,20 @@ def load(folder: Path, dtype: torch.dtype = torch.float64) -> Any:
     Llama's RMSNorm computes in float32 whatever the model's dtype, so a float64
     Llama is only float32-exact (its gradients differ by ~1e-6 after three AdamW
     steps when the loss is scaled differently, bigbatch or not). For float64 proofs
-    the norms here compute in the model's dtype: the same formula, no float32 floor.
+    the norms here compute in the model's dtype (`in_own_dtype`), and the model is
+    checked to be float64-exact before any test relies on it (`assert_float64_exact`).
     """
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(folder).to(dtype)
+    # use_kernels=False: transformers >= 5.25 kernelizes by default when the `kernels`
+    # package is installed, and re-kernelizes on train()/eval(), replacing the patched norms.
+    model = AutoModelForCausalLM.from_pretrained(folder, use_kernels=False).to(dtype)
     if dtype == torch.float64:
         in_own_dtype(model)
-    return model.train()
+    model.train()
+    if dtype == torch.float64:
+        assert_float64_exact(model)
+    return model
 
 
 def _llama_rms_norm(self: Any, hidden: torch.Tensor) -> torch.Tensor:
@@ -100,13 +106,58 @@ def _gemma_rms_norm(self: Any, hidden: torch.Tensor) -> torch.Tensor:
 
 
 def in_own_dtype(model: Any) -> Any:
-    """`model` with its RMSNorms computing in the model's dtype (see `load`)."""
+    """`model` with its RMSNorms computing in the model's dtype (see `load`).
+
+    Hub kernels are switched off first: a kernelized model swaps its modules' forward
+    again on every train()/eval(), which would undo the patch below.
+    """
+    if getattr(model, "use_kernels", False):
+        model.reset_kernels()
     for module in model.modules():
         name = type(module).__name__
         if name.endswith("RMSNorm"):
             forward = _gemma_rms_norm if name.startswith("Gemma") else _llama_rms_norm
             module.forward = types.MethodType(forward, module)
     return model
+
+
+def assert_float64_exact(model: Any, tolerance: float = 1e-13) -> None:
+    """Fail unless the same loss, scaled and split two ways, gives equal float64 gradients.
+
+    The float64 proofs compare bigbatch with a full-batch step to ~1e-12, and the two
+    scale their losses differently (1/N once, or per micro-batch). That needs a model
+    whose every layer computes in float64: a module that computes in float32 (a norm's
+    upcast that the `in_own_dtype` patch did not reach, a forward transformers swapped
+    back) rounds the backward's values to float32 at a scale that depends on the loss's
+    scale, and the two gradients then differ by ~1e-7 relative. Plain PyTorch, no
+    bigbatch: the premise of the proofs, checked on its own, and named when it fails.
+    """
+    vocab = model.get_input_embeddings().num_embeddings
+    ids = torch.randint(1, vocab, (4, 12), generator=torch.Generator().manual_seed(0))
+
+    def grads(pieces: list[torch.Tensor], scale: float) -> list[torch.Tensor]:
+        model.zero_grad(set_to_none=True)
+        for piece in pieces:
+            logits = model(input_ids=piece).logits[:, :-1]
+            loss = torch.nn.functional.cross_entropy(
+                logits.reshape(-1, logits.shape[-1]), piece[:, 1:].reshape(-1), reduction="sum"
+            )
+            (loss * scale).backward()
+        out = [p.grad.detach() / scale for p in model.parameters() if p.grad is not None]
+        model.zero_grad(set_to_none=True)
+        return out
+
+    whole, split = grads([ids], 1.0), grads([ids[:1], ids[1:]], 1 / 3)
+    error = max(float(((a - b).abs() / (a.abs().max() + 1e-30)).max()) for a, b in zip(whole, split, strict=True))
+    if error > tolerance:
+        norms = sorted({type(m).__name__ for m in model.modules() if "Norm" in type(m).__name__})
+        raise AssertionError(
+            f"the float64 {type(model).__name__} is not float64-exact: the same loss in one piece and "
+            f"in two pieces scaled by 1/3 gives gradients {error:.1e} apart (relative, > {tolerance:g}). "
+            f"A module computes in float32: a norm that upcasts (its norms: {norms}; tests/hf_models.py "
+            "in_own_dtype patches them) or a forward that transformers swapped back (hub kernels: load "
+            "with use_kernels=False). Fix the fixture, not the tolerance."
+        )
 
 
 def padded_batch(

@@ -430,6 +430,19 @@ def test_the_planner_meters_a_batch_loss_in_its_two_passes():
     reps_bytes = sum(r.numel() * r.element_size() for r in reps)
     expected = max(max(loss_meter.bytes, reps_bytes) + reps_bytes, encode_meter.bytes + reps_bytes)
     assert memory.saved_activations == expected > 0
+    # Independent bounds, from plain losses metered by the same planner: one loss per
+    # micro-batch (what a planner blind to the loss phase sees) under-counts, and the whole
+    # batch in one micro-step (encode and loss over all 12 with grad) keeps more.
+    def per_micro_batch(model, micro):
+        return clip(model, encode(model, micro))
+
+    def metered(micro_batch_size):
+        model = TwoTower()
+        acc = bb.Accumulator(model, sgd(model), micro_batch_size=micro_batch_size)
+        return measure_step_memory(acc, batch, per_micro_batch)
+
+    blind, whole = metered(4), metered(12)
+    assert blind.saved_activations < memory.saved_activations < whole.saved_activations
 
 
 @pytest.mark.gpu

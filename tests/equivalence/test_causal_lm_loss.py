@@ -240,3 +240,23 @@ def test_a_lora_wrapped_head_is_not_treated_as_a_plain_linear(hf_offline):
 def test_bad_batches_name_the_fix(batch, match):
     with pytest.raises(bb.BatchError, match=match):
         bb.causal_lm_loss(torch.nn.Linear(2, 2), batch)
+
+
+def test_the_float64_fixture_checks_its_own_premise(hf_offline):
+    """The premise of every float64 Llama proof above, and its negative control.
+
+    Loaded the default way (float32 RMSNorm upcast, and hub kernels switched on where
+    transformers >= 5.25 finds the `kernels` package), a float64 Llama is only
+    float32-exact and the premise check names it; `hf_models.load` passes it.
+    """
+    from transformers import AutoModelForCausalLM
+
+    hf_models.assert_float64_exact(hf_models.load(hf_offline["llama"]))
+    plain = AutoModelForCausalLM.from_pretrained(hf_offline["llama"]).double().train()
+    with pytest.raises(AssertionError, match="not float64-exact"):
+        hf_models.assert_float64_exact(plain)
+    # Patched, then train()/eval() again: the patch must survive (kernels switched off).
+    patched = hf_models.in_own_dtype(AutoModelForCausalLM.from_pretrained(hf_offline["llama"]).double())
+    patched.eval()
+    patched.train()
+    hf_models.assert_float64_exact(patched)

@@ -193,16 +193,22 @@ def test_model_returning_the_same_tensor_object_is_not_aliased():
     assert abs(stats.loss.item() - expected) < TOL
 
 
-def test_reported_loss_and_norm_do_not_depend_on_the_split():
+def test_reported_loss_and_norm_are_the_full_batch_ones_whatever_the_split():
+    """stats.loss and stats.grad_norm against one full-batch forward and backward written out here."""
     batch = classification_data(16)
-    seen = []
+    ref = mlp()
+    loss = sample_mean_loss(ref, batch)
+    loss.backward()
+    norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in ref.parameters()]))
     for micro_batch_size in (1, 3, 16):
         model = mlp()
         acc = bb.Accumulator(model, torch.optim.SGD(model.parameters(), lr=0.1), micro_batch_size=micro_batch_size)
         stats = acc.step(batch, sample_mean_loss)
-        seen.append((stats.loss.item(), stats.grad_norm.item()))
-    for loss, norm in seen[1:]:
-        assert abs(loss - seen[0][0]) < TOL and abs(norm - seen[0][1]) < TOL
+        assert abs(stats.loss.item() - loss.item()) < TOL and abs(stats.grad_norm.item() - norm.item()) < TOL
+    # Negative control: the mean of the micro-batches' means (5 of 3 and one of 1) is not the batch's mean.
+    assert 16 % 3 != 0
+    naive = sum(sample_mean_loss(ref, (x, y)) for x, y in zip(batch[0].split(3), batch[1].split(3))) / 6
+    assert abs(naive.item() - loss.item()) > 1e-3
 
 
 @pytest.mark.parametrize("api", ["step", "loop"])

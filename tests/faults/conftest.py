@@ -1,7 +1,8 @@
 """The fault suite: real faults where this machine allows them, injected ones where it does not.
 
 A read-only folder is `chmod a-w` for a normal user; root ignores file modes, so
-for root it is a read-only bind mount. A full disk is a small tmpfs (root); for a
+for root it is a read-only bind mount, or the immutable attribute (`chattr +i`)
+where root may not mount; a skip that says NOT TESTED HERE where neither works. A full disk is a small tmpfs (root); for a
 normal user an OSError(ENOSPC) is injected at the write instead. Each fixture
 says which it used, so a test can state what it proved.
 """
@@ -36,15 +37,29 @@ def read_only(path: Path):
             for p, mode in sorted(modes.items(), key=lambda item: len(item[0].parts)):
                 p.chmod(mode)
         return
-    if not _run("mount", "--bind", str(path), str(path)):
-        pytest.skip("root without mount rights: no way to make a folder read-only for root here")
-    if not _run("mount", "-o", "remount,bind,ro", str(path)):
+    if _run("mount", "--bind", str(path), str(path)):
+        if _run("mount", "-o", "remount,bind,ro", str(path)):
+            try:
+                yield "read-only bind mount"
+            finally:
+                _run("umount", str(path))
+            return
         _run("umount", str(path))
-        pytest.skip("root without remount rights: no way to make a folder read-only for root here")
-    try:
-        yield "read-only bind mount"
-    finally:
-        _run("umount", str(path))
+    # No mount rights (a container without CAP_SYS_ADMIN): the immutable attribute stops root too.
+    paths = [path, *path.rglob("*")]
+    if all(_run("chattr", "+i", str(p)) for p in paths):
+        try:
+            yield "chattr +i (immutable)"
+        finally:
+            for p in paths:
+                _run("chattr", "-i", str(p))
+        return
+    for p in paths:
+        _run("chattr", "-i", str(p))
+    pytest.skip(
+        "NOT TESTED HERE: root can neither bind-mount read-only nor set chattr +i on this file system, "
+        "so no folder is read-only for root; run the fault suite as a normal user to cover this case"
+    )
 
 
 @pytest.fixture

@@ -103,5 +103,8 @@ def test_a_stopped_rank_ends_the_run_with_an_error_after_the_timeout(tiny, tmp_p
         "up: another rank stopped, hung or died"
     ), errors[0]
     assert "The last good checkpoint is step " in errors[0] and f"--resume {run}" in errors[0]
-    assert 3 <= waited < 30, waited  # the timeout fired, not the test's own deadline
+    # The timeout fired (its error line, asserted above, arrived before the test's own 60 s
+    # deadline), and not early: a collective timeout cannot fire before train.timeout. No upper
+    # bound on the wait: how soon the error arrives after 3 s depends on the machine's load.
+    assert waited >= 3, waited
     print(f"a stopped rank ended the run {waited:.1f} s after SIGSTOP (train.timeout = 3 s)")

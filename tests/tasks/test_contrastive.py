@@ -77,16 +77,33 @@ def test_batch_loss_replays_the_augmentations_and_matches_one_loss_over_the_logi
     assert _max_diff(ref, naive) > 1e-4  # negative control: per-micro-batch InfoNCE (measured 9e-4)
 
 
-def test_without_augmentation_the_split_does_not_matter():
+def test_without_augmentation_the_split_equals_one_full_batch_step():
+    """Unaugmented views: bigbatch at micro-batch 5 against a full-batch InfoNCE step written out here."""
     task = build_task("contrastive", hidden=32, features=16, projection=8, augment=False)
     torch.manual_seed(0)
-    whole = task.make_model().double()
-    split = task.make_model().double()
-    split.load_state_dict(whole.state_dict())
+    ref, ours, naive = (task.make_model().double() for _ in range(3))
+    ours.load_state_dict(ref.state_dict())
+    naive.load_state_dict(ref.state_dict())
     batch = _double(task.train_batch(range(24)))
-    bb.Accumulator(whole, torch.optim.SGD(whole.parameters(), lr=0.5), micro_batch_size=24).step(batch, task.loss_fn)
-    bb.Accumulator(split, torch.optim.SGD(split.parameters(), lr=0.5), micro_batch_size=5).step(batch, task.loss_fn)
-    assert _max_diff(whole, split) < TOL
+    assert 24 % 5 != 0  # an uneven last micro-batch
+
+    # The oracle, by hand: both views are the embedding itself; symmetric cross-entropy over
+    # cosine similarities / temperature, every other image of the logical batch a negative.
+    z = torch.nn.functional.normalize(ref(batch["x"]), dim=-1)
+    scores = z @ z.T / task.temperature
+    target = torch.arange(24)
+    loss = (torch.nn.functional.cross_entropy(scores, target) + torch.nn.functional.cross_entropy(scores.T, target)) / 2
+    loss.backward()
+    with torch.no_grad():
+        for p in ref.parameters():
+            p -= 0.5 * p.grad
+    bb.Accumulator(ours, torch.optim.SGD(ours.parameters(), lr=0.5), micro_batch_size=5).step(batch, task.loss_fn)
+    assert _max_diff(ref, ours) < TOL
+    # Negative control: InfoNCE within each micro-batch, accumulated (fewer negatives per sample).
+    bb.Accumulator(naive, torch.optim.SGD(naive.parameters(), lr=0.5), micro_batch_size=5).step(
+        batch, task.micro_batch_loss
+    )
+    assert _max_diff(ref, naive) > 1e-4
 
 
 def test_evaluate_reports_loss_retrieval_and_probe_and_leaves_the_rng_alone():

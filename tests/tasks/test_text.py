@@ -97,15 +97,37 @@ def test_head_and_hidden_compose_to_forward(task):
 
 
 def test_accumulated_step_equals_full_batch(task):
+    """bigbatch at micro-batch 3 against one full-batch SGD step written out here, over every valid token."""
     torch.manual_seed(0)
-    full, split = task.make_model().double(), task.make_model().double()
-    split.load_state_dict(full.state_dict())
+    ref, ours = task.make_model().double(), task.make_model().double()
+    ours.load_state_dict(ref.state_dict())
     batch = task.train_batch(list(range(10)))
-    opts = [torch.optim.SGD(m.parameters(), lr=0.5) for m in (full, split)]
-    bb.Accumulator(full, opts[0], micro_batch_size=10).step(batch, task.loss_fn)
-    bb.Accumulator(split, opts[1], micro_batch_size=3).step(batch, task.loss_fn)
-    for a, b in zip(full.parameters(), split.parameters()):
-        torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
+    tokens, labels = batch["tokens"], batch["labels"]
+    assert len(set(batch["lengths"].tolist())) > 1 and 10 % 3 != 0  # the premise: uneven tokens and split
+
+    # The oracle: full logits, one mean over the batch's valid tokens, plain SGD.
+    loss = F.cross_entropy(ref(tokens).flatten(0, 1), labels.flatten(), ignore_index=-100)
+    loss.backward()
+    with torch.no_grad():
+        for p in ref.parameters():
+            p -= 0.5 * p.grad
+    start = {k: v.clone() for k, v in ours.state_dict().items()}
+    bb.Accumulator(ours, torch.optim.SGD(ours.parameters(), lr=0.5), micro_batch_size=3).step(batch, task.loss_fn)
+    for a, b in zip(ref.parameters(), ours.parameters(), strict=True):
+        torch.testing.assert_close(b, a, rtol=0, atol=1e-12)
+
+    # Negative control: the classic loop (each micro-batch's token mean / number of micro-steps).
+    naive = task.make_model().double()
+    naive.load_state_dict(start)
+    pieces = [slice(i, i + 3) for i in range(0, 10, 3)]
+    for piece in pieces:
+        out = naive(tokens[piece])
+        (F.cross_entropy(out.flatten(0, 1), labels[piece].flatten(), ignore_index=-100) / len(pieces)).backward()
+    with torch.no_grad():
+        for p in naive.parameters():
+            p -= 0.5 * p.grad
+    miss = max(float((a - b).abs().max()) for a, b in zip(ref.parameters(), naive.parameters(), strict=True))
+    assert miss > 1e-4, miss
 
 
 def test_any_text_file(tmp_path):

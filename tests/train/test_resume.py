@@ -1,4 +1,4 @@
-"""Kill a training process at a random step (SIGKILL: no cleanup), resume it, and get
+"""Kill a training process at a seeded random step (SIGKILL: no cleanup), resume it, and get
 bit-identical parameters and optimizer state to a run that was never stopped."""
 
 import json
@@ -17,6 +17,15 @@ from bigbatch.train import TrainConfig, Trainer
 from bigbatch.train.checkpoint import CheckpointWarning, list_checkpoints
 
 STEPS = 60
+# The kill steps are drawn from this seed (fixed, so a failure reproduces; pytest shows the
+# printed seed and step of a failing test). BIGBATCH_KILL_SEED=<n> explores other steps.
+KILL_SEED = int(os.environ.get("BIGBATCH_KILL_SEED", "0"))
+
+
+def _draw_step(low: int, high: int, what: str = "killing") -> int:
+    step = random.Random(KILL_SEED).randint(low, high)
+    print(f"{what} at step {step} (BIGBATCH_KILL_SEED={KILL_SEED})")
+    return step
 
 
 def _cli(*args):
@@ -56,8 +65,7 @@ def test_sigkill_at_a_random_step_then_resume_is_bit_identical(tiny, tmp_path):
     reference = Trainer(TrainConfig.load(overrides=[*overrides, "run.name=whole"]))
     reference.fit()
 
-    kill_at = random.Random().randint(3, STEPS - 15)
-    print(f"killing at step {kill_at}")
+    kill_at = _draw_step(3, STEPS - 15)
     cmd, env = _cli(*[f"--set={o}" for o in overrides], "--name", "killed")
     run = Path(TrainConfig.load(overrides=overrides).run.dir) / "killed"
     _sigkill_at_row(cmd, env, run, kill_at)
@@ -142,8 +150,7 @@ def test_sigkill_mid_ramp_then_resume_is_bit_identical(tiny):
     whole = [json.loads(line) for line in (reference.run_dir / "metrics.jsonl").read_text().splitlines()]
     assert len({r["batch_size"] for r in whole}) > 4  # premise: the batch ramps during the run
 
-    kill_at = random.Random().randint(16, 34)
-    print(f"killing at step {kill_at}")
+    kill_at = _draw_step(16, 34)
     cmd, env = _cli(*[f"--set={o}" for o in overrides], "--name", "killed")
     run = Path(TrainConfig.load(overrides=overrides).run.dir) / "killed"
     _sigkill_at_row(cmd, env, run, kill_at)
@@ -183,8 +190,7 @@ def test_a_crash_mid_adaptation_then_resume_is_bit_identical(tiny):
     reference.fit()
     whole = [json.loads(line) for line in (reference.run_dir / "metrics.jsonl").read_text().splitlines()]
     sizes = [r["batch_size"] for r in whole]
-    crash_at = random.Random().randint(6, 26)
-    print(f"crashing at step {crash_at}")
+    crash_at = _draw_step(6, 26, "crashing")
     assert sizes[0] < sizes[crash_at] < sizes[-1]  # premise: it grew before the crash, and grows after it
 
     config = TrainConfig.load(overrides=[*overrides, "run.name=crashed"])

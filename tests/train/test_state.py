@@ -12,10 +12,19 @@ RUN = ResumingRun(run_dir=Path("runs/r"), world_size=2, sharded=False, optimizer
 SAVED = {state.WORLD_SIZE_KEY: 2, state.STEP_KEY: 4, state.OPTIMIZER_NAME_KEY: "adamw"}
 
 
-def test_a_matching_checkpoint_resumes():
-    check_resume(SAVED, RUN)
-    check_resume({k: v for k, v in SAVED.items() if k != state.OPTIMIZER_NAME_KEY}, RUN)  # older checkpoints
-    check_resume({**SAVED, state.STEP_KEY: 10}, RUN)  # finished: fine
+def test_a_matching_checkpoint_resumes_and_the_step_bound_is_exact():
+    accepted = [
+        SAVED,
+        {k: v for k, v in SAVED.items() if k != state.OPTIMIZER_NAME_KEY},  # older checkpoints lack the name
+        {**SAVED, state.STEP_KEY: 10},  # finished at train.steps: fine, nothing left to train
+    ]
+    refused = []
+    for saved in [*accepted, {**SAVED, state.STEP_KEY: 11}]:  # control: one step past the end
+        try:
+            check_resume(saved, RUN)
+        except ConfigError:
+            refused.append(saved[state.STEP_KEY])
+    assert refused == [11]
 
 
 @pytest.mark.parametrize(
