@@ -20,8 +20,8 @@ import torch
 
 from bigbatch.counter_rng import (
     GOLDEN,
-    absorb_dims,
     _wrap,
+    absorb_dims,
     absorb_int,
     call_key,
     keep_mask,
