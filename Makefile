@@ -65,7 +65,7 @@ test-latest:
 	$(PYTHON) -m venv $(LATEST)
 	$(LATEST)/bin/python -m pip install -q --upgrade pip
 	$(if $(TORCH_LATEST),$(LATEST)/bin/python -m pip install -q $(TORCH_LATEST))
-	$(LATEST)/bin/python -m pip install -q --upgrade --upgrade-strategy eager -e '.[dev,hf]'
+	$(LATEST)/bin/python -m pip install -q --upgrade --upgrade-strategy eager $(if $(TORCH_LATEST),-c <(echo '$(TORCH_LATEST)')) -e '.[dev,hf]'
 	$(LATEST)/bin/python -m pip freeze --exclude-editable > $(LATEST)/freeze.txt
 	touch $(LATEST)/bin/.installed
 	@echo "== versions that differ from $(LOCK) (< locked, > latest):"

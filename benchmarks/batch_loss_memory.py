@@ -20,7 +20,7 @@ AdamW. Three ways to take one exact step:
 Memory: the static bytes (parameters, gradients, AdamW's state) plus the
 window's activations: on the CPU bigbatch's accounting (bytes autograd saves
 for backward, counted with saved-tensor hooks, plus the representations and
-their gradient that a BatchLoss holds; `bigbatch.planner.runs.measure_step_memory`),
+their gradient that a BatchLoss holds; `bigbatch.memory.planner.runs.measure_step_memory`),
 on CUDA `max_memory_allocated`. Time: the median over interleaved repeats of
 one optimizer step (the process's CPU time on the CPU, wall time with a
 synchronize on CUDA), as a ratio to the full batch's.
@@ -40,8 +40,8 @@ import torch
 from torch import nn
 
 import bigbatch as bb
-from bigbatch.memory import SavedTensorMeter, format_bytes
-from bigbatch.planner.runs import measure_step_memory, warm_optimizer_
+from bigbatch.memory.accounting import SavedTensorMeter, format_bytes
+from bigbatch.memory.planner.runs import measure_step_memory, warm_optimizer_
 
 OUT = Path(__file__).parent / "out"
 N, TOKENS, D_IN, HIDDEN, D_OUT = 512, 32, 64, 256, 128
@@ -128,7 +128,7 @@ def fresh(device: torch.device) -> tuple[nn.Module, torch.optim.Optimizer]:
 
 def static_bytes(model: nn.Module, opt: torch.optim.Optimizer) -> int:
     """Parameters, gradients and the optimizer's state."""
-    from bigbatch.memory import gradient_bytes, optimizer_state_bytes, parameter_bytes
+    from bigbatch.memory.accounting import gradient_bytes, optimizer_state_bytes, parameter_bytes
 
     return parameter_bytes(model) + gradient_bytes(model) + optimizer_state_bytes(opt)
 

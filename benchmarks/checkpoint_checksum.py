@@ -8,7 +8,7 @@ before) against `save_checkpoint`, which also hashes the bytes as they are
 written and writes the `.sha256` sidecar (fsynced) in the same sequence. Load:
 `torch.load(weights_only=True)` against `read_checkpoint`, which first streams
 the file through SHA-256. Both pairs alternate (the harness of
-bigbatch/benchmarking.py); wall time, since disk writes are the point; the
+bigbatch/tools/benchmarking.py); wall time, since disk writes are the point; the
 table shows medians and the median of paired ratios.
 """
 
@@ -25,8 +25,8 @@ from typing import Any
 
 import torch
 
-from bigbatch.benchmarking import markdown_table, median_paired_ratio, time_interleaved
 from bigbatch.tasks import build_task
+from bigbatch.tools.benchmarking import markdown_table, median_paired_ratio, time_interleaved
 from bigbatch.train.checkpoint import checkpoint_path, read_checkpoint, save_checkpoint
 
 

@@ -28,7 +28,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import bigbatch as bb
-from bigbatch.testing import AllReduceCounter
+from bigbatch.tools.comm_counter import AllReduceCounter
 
 MICRO_BATCH = 4
 WIDTH, DEPTH = 512, 8  # 2.1M parameters, 8.4 MB of float32 gradient: two DDP buckets

@@ -22,8 +22,6 @@ import statistics
 from collections.abc import Callable
 
 import torch
-
-import bigbatch as bb
 from bigbatch.benchmarking import (
     clock_for,
     markdown_table,
@@ -31,6 +29,9 @@ from bigbatch.benchmarking import (
     sync_device,
     time_interleaved,
 )
+
+import bigbatch as bb
+from bigbatch.engine.batch_split import split_batch, to_device
 from bigbatch.tasks import build_task
 
 
@@ -61,7 +62,7 @@ def main() -> None:
     torch.set_num_threads(1)  # process time on a shared CPU: one thread, no spinning
     task = build_task("text", dropout=args.dropout)
     batches = [b for _, b in zip(range(args.repeats * args.steps + 1), task.train_batches(args.batch, torch.Generator().manual_seed(0)))]
-    batches = [bb.batches.to_device(b, device) for b in batches]
+    batches = [to_device(b, device) for b in batches]
 
     def accumulator(dropout: float, split_invariant: bool) -> bb.Accumulator:
         torch.manual_seed(0)
@@ -92,8 +93,8 @@ def main() -> None:
 
     seconds = time_interleaved({k: block(a) for k, a in accs.items()}, repeats=args.repeats,
                                clock=clock_for(device), sync=lambda: sync_device(device))  # fmt: skip
-    micro = {k: v for k, v in bb.batches.split_batch(batches[0], args.micro)[0].items()} if isinstance(
-        batches[0], dict) else bb.batches.split_batch(batches[0], args.micro)[0]  # fmt: skip
+    micro = {k: v for k, v in split_batch(batches[0], args.micro)[0].items()} if isinstance(
+        batches[0], dict) else split_batch(batches[0], args.micro)[0]  # fmt: skip
     saved = {}
     for name, acc in accs.items():
         hook = acc._forward_hooks[0] if acc._forward_hooks else None

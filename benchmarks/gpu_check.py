@@ -68,10 +68,10 @@ if str(ROOT) not in sys.path:
 import torch  # noqa: E402 - after the sys.path line above
 
 import bigbatch as bb  # noqa: E402 - after the sys.path line above
-from bigbatch.benchmarking import append_jsonl, markdown_table  # noqa: E402 - after the sys.path line above
 from bigbatch.commands import bench  # noqa: E402 - after the sys.path line above
-from bigbatch.memory import format_bytes  # noqa: E402 - after the sys.path line above
+from bigbatch.memory.accounting import format_bytes  # noqa: E402 - after the sys.path line above
 from bigbatch.tasks.gpt2 import GPT2Shape, chunked_loss, plain_loss  # noqa: E402 - after the sys.path line above
+from bigbatch.tools.benchmarking import append_jsonl, markdown_table  # noqa: E402 - after the sys.path line above
 
 STAGES = ("pytest", "eager", "accelerate", "compile", "cudagraphs", "planner")
 COMPILED = {"compile": "bigbatch-compile", "cudagraphs": "bigbatch-cudagraphs"}

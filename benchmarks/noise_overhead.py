@@ -10,7 +10,7 @@ micro-batch 1, where the model costs nearly nothing and the per-parameter,
 per-micro-step norm shows most. Off and on alternate (each repeat runs both, in a
 rotated order), time is the process's CPU time (one torch thread), the table
 shows medians and the median of paired ratios (the harness of
-bigbatch/benchmarking.py, shared with `bigbatch bench` and benchmarks/overhead.py).
+bigbatch/tools/benchmarking.py, shared with `bigbatch bench` and benchmarks/overhead.py).
 """
 
 from __future__ import annotations
@@ -26,8 +26,8 @@ import torch.nn.functional as F
 from torch import nn
 
 import bigbatch as bb
-from bigbatch.benchmarking import markdown_table, median_paired_ratio, time_interleaved
 from bigbatch.tasks import build_task
+from bigbatch.tools.benchmarking import markdown_table, median_paired_ratio, time_interleaved
 
 
 def text_case(measure: bool) -> tuple[Callable[[], None], int, int]:

@@ -14,7 +14,7 @@ The three are interleaved (each repeat runs all of them, in a rotated order) and
 the table shows medians, so machine noise hits every column alike. Time is the
 process's CPU time by default: on a shared machine it counts only the work this
 process did (single-threaded torch), which is what overhead is. Writes a PNG
-under benchmarks/out/. The timing, table and plot are bigbatch/benchmarking.py's,
+under benchmarks/out/. The timing, table and plot are bigbatch/tools/benchmarking.py's,
 the same harness `bigbatch bench` uses.
 """
 
@@ -31,7 +31,13 @@ import torch.nn.functional as F
 from torch import nn
 
 import bigbatch as bb
-from bigbatch.benchmarking import Panel, markdown_table, median_paired_ratio, plot_panels, time_interleaved
+from bigbatch.tools.benchmarking import (
+    Panel,
+    markdown_table,
+    median_paired_ratio,
+    plot_panels,
+    time_interleaved,
+)
 
 OUT = Path(__file__).parent / "out"
 

@@ -29,10 +29,10 @@ from pathlib import Path
 import torch
 
 import bigbatch as bb
-from bigbatch.benchmarking import markdown_table
-from bigbatch.devices import choose_device
-from bigbatch.memory import format_bytes
+from bigbatch.engine.devices import choose_device
+from bigbatch.memory.accounting import format_bytes
 from bigbatch.tasks.gpt2 import GPT2Shape, chunked_loss, make_gpt2, plain_loss, random_tokens
+from bigbatch.tools.benchmarking import markdown_table
 
 OUT = Path(__file__).parent / "out"
 

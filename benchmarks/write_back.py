@@ -4,7 +4,7 @@
     python benchmarks/write_back.py --device cuda    # where there is a GPU
 
 Once per optimizer step, a bf16 model's float32 gradient sums are rounded into
-`.grad` (bigbatch/precision.py). Two ways, on the same buffers:
+`.grad` (bigbatch/engine/precision.py). Two ways, on the same buffers:
 
 - per-tensor (`Float32Grads.write_back_`, what bigbatch does): `p.grad = buf.to(p.dtype)`
   for each parameter;
@@ -27,15 +27,15 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from bigbatch.benchmarking import (
+from bigbatch.engine.precision import Float32Grads
+from bigbatch.tasks import build_task
+from bigbatch.tools.benchmarking import (
     clock_for,
     markdown_table,
     median_paired_ratio,
     sync_device,
     time_interleaved,
 )
-from bigbatch.precision import Float32Grads
-from bigbatch.tasks import build_task
 
 
 def _fill(grads: Float32Grads, sums: list[torch.Tensor]) -> None:

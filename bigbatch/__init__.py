@@ -12,14 +12,17 @@ user of the engine does not need (see docs/design.md, "Layers").
 
 from typing import TYPE_CHECKING, Any
 
-from .accumulator import Accumulator
-from .batch_loss import BatchLoss
-from .batch_sizes import BatchSizes, RankSplit, derive_per_rank, resolve_batch_sizes, shard_indices
-from .batches import batch_size, split_batch
-from .causal_lm import causal_lm_loss
-from .checkpointing import checkpoint_blocks
-from .chunked import chunked_cross_entropy
-from .contrastive import info_nce, multiple_negatives_ranking_loss
+from .diagnose.batchnorm import GhostBatchNorm, convert_batchnorm
+from .diagnose.guard import Guard, guard
+from .diagnose.verify import VerifyReport, verify
+from .engine.accumulator import Accumulator
+from .engine.batch_sizes import BatchSizes, RankSplit, derive_per_rank, resolve_batch_sizes, shard_indices
+from .engine.batch_split import batch_size, split_batch
+from .engine.fast_micro_step import FastMicroStep
+from .engine.loss_sum import LossSum
+from .engine.lr_scaling import scale_lr
+from .engine.noise import NoiseStats
+from .engine.stats import StepStats
 from .errors import (
     AccumulationWarning,
     BatchCouplingWarning,
@@ -28,15 +31,13 @@ from .errors import (
     LossError,
     MicroBatchTooLargeError,
 )
-from .fast import FastMicroStep
-from .guard import Guard, guard
-from .losses import LossSum, token_cross_entropy
-from .lr import scale_lr
-from .noise import NoiseStats
-from .norms import GhostBatchNorm, convert_batchnorm
-from .planner import Plan, plan
-from .stats import StepStats
-from .verify import VerifyReport, verify
+from .losses.batch_loss import BatchLoss
+from .losses.causal_lm_loss import causal_lm_loss
+from .losses.chunked_cross_entropy import chunked_cross_entropy
+from .losses.cross_entropy import token_cross_entropy
+from .losses.info_nce import info_nce, multiple_negatives_ranking_loss
+from .memory.activation_checkpointing import checkpoint_blocks
+from .memory.planner import Plan, plan
 
 if TYPE_CHECKING:  # the type checker sees them; at run time __getattr__ loads them
     from .train import TrainConfig, Trainer

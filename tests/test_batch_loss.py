@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import bigbatch as bb
-from bigbatch.fast import FastMicroStep
+from bigbatch.engine.fast_micro_step import FastMicroStep
 
 from .equivalence.oracle import DTYPE, TwoTower, clip_loss, full_batch_step, max_param_diff, pair_data, twin
 from .models import Tower
@@ -409,8 +409,8 @@ def test_calling_a_batch_loss_is_the_full_batch_loss():
 
 def test_the_planner_meters_a_batch_loss_in_its_two_passes():
     """bb.plan's step meter keeps a BatchLoss a BatchLoss, and counts its loss phase and one gradient micro-batch."""
-    from bigbatch.memory import SavedTensorMeter
-    from bigbatch.planner.runs import measure_step_memory
+    from bigbatch.memory.accounting import SavedTensorMeter
+    from bigbatch.memory.planner.runs import measure_step_memory
 
     batch = pair_data(12)
     ref, ours = TwoTower(), TwoTower()

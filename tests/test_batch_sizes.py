@@ -1,4 +1,4 @@
-"""bigbatch.batch_sizes: the triad, each rank's contiguous share, the FSDP2 rule (no processes needed).
+"""bigbatch.engine.batch_sizes: the triad, each rank's contiguous share, the FSDP2 rule (no processes needed).
 
 The references are independent of the module: `torch.tensor_split` for the
 shares, and splitting each share into micro-batches by hand for the step counts.
@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import bigbatch as bb
-from bigbatch.batch_sizes import (
+from bigbatch.engine.batch_sizes import (
     BatchSizes,
     RankSplit,
     check_equal_micro_steps,
@@ -228,7 +228,7 @@ def test_check_positive_int_accepts_and_picks_the_error_class():
 def test_the_docstring_examples_hold():
     import doctest
 
-    import bigbatch.batch_sizes as module
+    import bigbatch.engine.batch_sizes as module
 
     result = doctest.testmod(module)
     assert result.attempted >= 5 and result.failed == 0

@@ -117,11 +117,11 @@ def test_no_method_holds_a_micro_batchs_float32_logits_on_gpt2(monkeypatch):
     """
     import importlib.util
 
-    import bigbatch.chunked
+    import bigbatch.losses.chunked_cross_entropy
     from bigbatch.commands.bench import gpt2_setup, make_runner
     from bigbatch.tasks.gpt2 import GPT2Shape, plain_loss
 
-    monkeypatch.setattr(bigbatch.chunked, "_CHUNK_ELEMENTS", 16384)
+    monkeypatch.setattr(bigbatch.losses.chunked_cross_entropy, "_CHUNK_ELEMENTS", 16384)
     shape = GPT2Shape(vocab_size=512, seq_len=64, d_model=16, n_layers=1, n_heads=1)
     cpu = torch.device("cpu")
     setup = gpt2_setup(cpu, shape, batch_size=4, n_batches=1)
@@ -170,7 +170,7 @@ def test_gpu_every_method_measures_its_peak_the_same_way_on_the_gpu_asked_for():
     import importlib.util
 
     from bigbatch.commands.bench import gpt2_setup, measure
-    from bigbatch.memory import parameter_bytes
+    from bigbatch.memory.accounting import parameter_bytes
     from bigbatch.tasks.gpt2 import GPT2Shape
 
     device = torch.device("cuda", torch.cuda.device_count() - 1)  # the last GPU: not the default one

@@ -1,4 +1,4 @@
-"""bigbatch.benchmarking, the harness of `bigbatch bench` and benchmarks/: order, ratios, tables, plots.
+"""bigbatch.tools.benchmarking, the harness of `bigbatch bench` and benchmarks/: order, ratios, tables, plots.
 
 The timing itself is never asserted (benchmarks measure, tests prove); what is
 proven is the bookkeeping: which block runs when, what a ratio pairs, what a
@@ -11,7 +11,13 @@ import itertools
 
 import pytest
 
-from bigbatch.benchmarking import Panel, markdown_table, median_paired_ratio, plot_panels, time_interleaved
+from bigbatch.tools.benchmarking import (
+    Panel,
+    markdown_table,
+    median_paired_ratio,
+    plot_panels,
+    time_interleaved,
+)
 
 
 def test_blocks_alternate_with_the_order_rotated_every_repeat():

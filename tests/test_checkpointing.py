@@ -11,8 +11,8 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 import bigbatch as bb
-import bigbatch.checkpointing as ckpt
-from bigbatch.memory import SavedTensorMeter
+import bigbatch.memory.activation_checkpointing as ckpt
+from bigbatch.memory.accounting import SavedTensorMeter
 
 from .models import Block, data, loss_fn, tower
 

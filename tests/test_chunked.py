@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import bigbatch as bb
-from bigbatch.memory import SavedTensorMeter
+from bigbatch.memory.accounting import SavedTensorMeter
 
 from .equivalence.oracle import max_param_diff
 

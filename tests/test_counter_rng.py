@@ -18,7 +18,7 @@ import math
 import pytest
 import torch
 
-from bigbatch.counter_rng import (
+from bigbatch.engine.counter_rng import (
     GOLDEN,
     _wrap,
     absorb_dims,

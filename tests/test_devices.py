@@ -1,4 +1,4 @@
-"""bigbatch.devices: the one device chooser and the one way to find a model's device."""
+"""bigbatch.engine.devices: the one device chooser and the one way to find a model's device."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from bigbatch.devices import choose_device, model_device, parse_device
+from bigbatch.engine.devices import choose_device, model_device, parse_device
 from bigbatch.errors import ConfigError
 
 no_cuda = pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")

@@ -17,7 +17,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 import bigbatch as bb
-from bigbatch.dropout import SplitInvariantDropout
+from bigbatch.engine.dropout import SplitInvariantDropout
 from bigbatch.errors import ConfigError
 
 from .models import tower

@@ -1,4 +1,4 @@
-"""The fast micro-step (bigbatch/fast.py): compiled, it gives the eager update; under CUDA
+"""The fast micro-step (bigbatch/engine/fast_micro_step.py): compiled, it gives the eager update; under CUDA
 graphs every micro-step is marked and no gradient is left in memory a replay overwrites.
 
 CPU tests compile with backend="aot_eager" (dynamo and AOTAutograd, the machinery
@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import bigbatch as bb
-from bigbatch.fast import FastMicroStep
+from bigbatch.engine.fast_micro_step import FastMicroStep
 
 from .equivalence.oracle import (
     classification_data,

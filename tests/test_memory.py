@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 import bigbatch as bb
-from bigbatch.memory import (
+from bigbatch.memory.accounting import (
     MemoryFit,
     SavedTensorMeter,
     format_bytes,
@@ -18,7 +18,7 @@ from bigbatch.memory import (
     parameter_bytes,
     parse_memory,
 )
-from bigbatch.planner.runs import measure_step_memory, warm_optimizer_
+from bigbatch.memory.planner.runs import measure_step_memory, warm_optimizer_
 
 from .models import data, loss_fn, tower
 

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import bigbatch as bb
-from bigbatch import oom
+from bigbatch.engine import oom
 
 from .equivalence.oracle import DTYPE, classification_data, full_batch_step, max_param_diff, twin
 

@@ -117,7 +117,7 @@ def test_builtin_task_options_change_what_is_planned(tmp_path, monkeypatch, caps
 
 
 def test_the_chosen_line_is_a_sentence_with_the_gain_over_plain_accumulation():
-    from bigbatch.planner import Candidate, Plan
+    from bigbatch.memory.planner import Candidate, Plan
 
     def cand(micro, ck, comp, sps, status="fits", chosen=False, loss="plain"):
         return Candidate(micro_batch_size=micro, checkpointing=ck, compile=comp, loss=loss, predicted_bytes=2**30,

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 import bigbatch as bb
-from bigbatch.memory import parameter_bytes
+from bigbatch.memory.accounting import parameter_bytes
+from bigbatch.memory.activation_checkpointing import is_checkpointed
 
 from .equivalence.oracle import full_batch_step, max_param_diff
 from .models import data, loss_fn, tower
@@ -33,7 +34,7 @@ def test_plan_keeps_the_users_model_optimizer_and_rng(setting):
     assert result.best is not None
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     assert not opt.state and all(p.grad is None for p in model.parameters())
-    assert not bb.checkpointing.is_checkpointed(model)
+    assert not is_checkpointed(model)
     assert torch.equal(torch.get_rng_state(), rng)
 
 
@@ -65,7 +66,7 @@ def test_apply_trains_exactly_with_the_chosen_settings(setting):
     assert result.best is not None and result.best.checkpointing  # only checkpointing fits at size N
     ours, ref = copy.deepcopy(model), copy.deepcopy(model)
     acc = result.apply(ours, torch.optim.SGD(ours.parameters(), lr=0.2))
-    assert acc.micro_batch_size == N and bb.checkpointing.is_checkpointed(ours)
+    assert acc.micro_batch_size == N and is_checkpointed(ours)
     full_batch_step(ref, torch.optim.SGD(ref.parameters(), lr=0.2), batch)
     acc.step(batch, loss_fn)
     assert max_param_diff(ref, ours) < 1e-12

@@ -11,10 +11,10 @@ import pytest
 import torch
 from torch import nn
 
-from bigbatch.memory import MemoryFit, StepMemory, optimizer_state_bytes, parameter_bytes
-from bigbatch.planner import predict as predict_module
-from bigbatch.planner.predict import fit_memory, predict_candidates
-from bigbatch.planner.runs import Workload, measure_step_memory, warm_optimizer_
+from bigbatch.memory.accounting import MemoryFit, StepMemory, optimizer_state_bytes, parameter_bytes
+from bigbatch.memory.planner import predict as predict_module
+from bigbatch.memory.planner.predict import fit_memory, predict_candidates
+from bigbatch.memory.planner.runs import Workload, measure_step_memory, warm_optimizer_
 
 from .models import data, loss_fn, tower
 

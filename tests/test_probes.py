@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import bigbatch as bb
-from bigbatch.probes import known_coupled, probe
+from bigbatch.diagnose.probes import known_coupled, probe
 
 
 class Neighbour(nn.Module):

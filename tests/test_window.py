@@ -18,8 +18,8 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import bigbatch as bb
-from bigbatch.distributed import LocalSync
-from bigbatch.window import Window, scale_grads_
+from bigbatch.engine.grad_sync import LocalSync
+from bigbatch.engine.window import Window, scale_grads_
 
 
 class ForeachMuls(TorchDispatchMode):

@@ -18,8 +18,8 @@ import torch.nn.functional as F
 from torch import nn
 
 import bigbatch as bb
-from bigbatch.micro_step import NO_CONTEXT
-from bigbatch.window_plan import PlansWindow, independent_micro_steps, window_plan_for
+from bigbatch.engine.micro_step import NO_CONTEXT
+from bigbatch.engine.window_plan import PlansWindow, independent_micro_steps, window_plan_for
 from tests.equivalence.oracle import DTYPE, TwoTower, classification_data, mlp, pair_data, sample_mean_loss
 
 LR = 0.1
@@ -98,7 +98,7 @@ def test_without_hooks_the_forward_context_is_one_shared_nullcontext():
     acc = bb.Accumulator(model, torch.optim.SGD(model.parameters(), lr=LR), micro_batch_size=3)
     assert acc._engine.forward_context(0, 3) is NO_CONTEXT
     assert acc._engine.forward_context(3, 2) is NO_CONTEXT
-    assert acc._engine.global_first_sample(5) == 5  # one process: its share is the batch
+    assert acc._engine.rank_first_sample(5) == 0  # one process: its share is the whole batch
 
 
 def test_several_hooks_enter_in_order_when_the_forward_begins_and_leave_in_reverse():

@@ -34,7 +34,7 @@ alike, the highest over the timed steps, less what the bench and the other
 methods hold (the initial model, the batches, other models): the bytes the
 method keeps between steps and its step's transients. `--plot PATH` writes a PNG of
 tokens/s per micro-batch size (nothing is written otherwise). The timing, tables
-and plots are bigbatch/benchmarking.py's, shared with the scripts in benchmarks/
+and plots are bigbatch/tools/benchmarking.py's, shared with the scripts in benchmarks/
 (`make gpu-check` runs this code too); the GPT-2 model is bigbatch/tasks/gpt2.py's.
 """
 
@@ -56,8 +56,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..accumulator import Accumulator
-from ..benchmarking import (
+from ..engine.accumulator import Accumulator
+from ..engine.devices import choose_device
+from ..engine.fast_micro_step import FastSpec
+from ..engine.loss_sum import LossSum
+from ..errors import ConfigError
+from ..losses.cross_entropy import token_cross_entropy
+from ..tools.benchmarking import (
     Panel,
     append_jsonl,
     clock_for,
@@ -67,10 +72,6 @@ from ..benchmarking import (
     sync_device,
     time_interleaved,
 )
-from ..devices import choose_device
-from ..errors import ConfigError
-from ..fast import FastSpec
-from ..losses import LossSum, token_cross_entropy
 
 Batch = tuple[torch.Tensor, torch.Tensor]  # (tokens, labels), both (n, seq)
 Runner = Callable[[Batch], None]  # one optimizer step over one logical batch

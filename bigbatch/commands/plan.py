@@ -24,9 +24,9 @@ from typing import Any
 
 import torch
 
-from ..devices import choose_device
+from ..engine.devices import choose_device
 from ..errors import BatchError, ConfigError, LossError
-from ..planner import plan
+from ..memory.planner import plan
 from .cases import UsageError, add_task_arguments, make_case, task_case, task_options, unpack_case
 
 _SWITCH = {"auto": None, "on": True, "off": False}

@@ -19,8 +19,8 @@ import sys
 
 import torch
 
+from ..diagnose.verify import verify
 from ..errors import BatchError, ConfigError, LossError
-from ..verify import verify
 from .cases import UsageError, add_task_arguments, make_case, task_case, task_options, unpack_case
 
 

@@ -26,9 +26,9 @@ from typing import Any, Protocol, runtime_checkable
 import torch
 from torch import nn
 
-from ..batches import Batch
+from ..engine.batch_split import Batch
+from ..engine.loss_sum import LossSum
 from ..errors import ConfigError
-from ..losses import LossSum
 
 
 @runtime_checkable
@@ -124,7 +124,7 @@ def task_option_docs(name: str) -> dict[str, str]:
     Returns:
         option -> its documentation (the same keys as `task_options`, where documented).
     """
-    from ..field_docs import field_docs
+    from ..tools.field_docs import field_docs
 
     if is_task_factory(name):  # a user's factory declares no options here
         return {}

@@ -45,12 +45,12 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..batches import Batch
-from ..causal_lm import IGNORE_INDEX, causal_lm_loss
-from ..devices import model_device
-from ..distributed import unwrap_ddp
+from ..engine.batch_split import Batch
+from ..engine.devices import model_device
+from ..engine.grad_sync import unwrap_ddp
+from ..engine.loss_sum import LossSum
 from ..errors import ConfigError
-from ..losses import LossSum
+from ..losses.causal_lm_loss import IGNORE_INDEX, causal_lm_loss
 from .epochs import shuffled_epoch
 
 _INSTALL = 'pip install "bigbatch[hf]"'

@@ -30,13 +30,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..batch_loss import BatchLoss
-from ..batches import Batch
-from ..contrastive import info_nce
-from ..distributed import unwrap_ddp
+from ..engine.batch_split import Batch
+from ..engine.grad_sync import unwrap_ddp
+from ..engine.loss_sum import LossSum
 from ..errors import ConfigError
-from ..losses import LossSum
-from .digits import _load
+from ..losses.batch_loss import BatchLoss
+from ..losses.info_nce import info_nce
+from .digits import load_digits
 from .epochs import shuffled_epoch
 
 NEGATIVES = ("logical_batch", "micro_batch")
@@ -179,7 +179,7 @@ class ContrastiveTask:
             raise ConfigError(f"temperature must be > 0, got {self.temperature}.")
         if self.probe_labels < 0:
             raise ConfigError(f"probe_labels must be >= 0 (0: all), got {self.probe_labels}.")
-        x, y = _load()
+        x, y = load_digits()
         if not 0 < self.val_size < len(y):
             raise ConfigError(f"val_size must be between 1 and {len(y) - 1}, got {self.val_size}.")
         order = np.random.default_rng(0).permutation(len(y))  # the digits task's split

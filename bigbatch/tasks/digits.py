@@ -19,8 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..batches import Batch
-from ..distributed import unwrap_ddp
+from ..engine.batch_split import Batch
+from ..engine.grad_sync import unwrap_ddp
 from ..errors import ConfigError
 from .epochs import shuffled_epoch
 
@@ -28,7 +28,8 @@ NORMS = ("none", "batchnorm", "groupnorm")
 
 
 
-def _load() -> tuple[np.ndarray, np.ndarray]:
+def load_digits() -> tuple[np.ndarray, np.ndarray]:
+    """The 1797 8x8 digits shipped with the package: pixels scaled to [0, 1] (N, 64) and labels (N,)."""
     raw = resources.files("bigbatch.tasks").joinpath("data/digits.csv.gz").read_bytes()
     table = np.loadtxt(gzip.decompress(raw).decode().splitlines(), delimiter=",", dtype=np.float32)
     return table[:, :64] / 16.0, table[:, 64].astype(np.int64)
@@ -79,7 +80,7 @@ class DigitsTask:
             raise ConfigError(f"hidden must be >= 1, got {self.hidden}.")
         if not 0 <= self.dropout < 1:
             raise ConfigError(f"dropout must be in [0, 1), got {self.dropout}.")
-        x, y = _load()
+        x, y = load_digits()
         if not 0 < self.val_size < len(y):
             raise ConfigError(f"val_size must be between 1 and {len(y) - 1}, got {self.val_size}.")
         order = np.random.default_rng(0).permutation(len(y))  # the same split everywhere

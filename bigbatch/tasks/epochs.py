@@ -7,7 +7,7 @@ from typing import Protocol
 
 import torch
 
-from ..batches import Batch
+from ..engine.batch_split import Batch
 
 
 class Samples(Protocol):

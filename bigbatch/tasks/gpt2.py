@@ -18,8 +18,9 @@ from dataclasses import dataclass, replace
 import torch
 from torch import nn
 
-from ..batches import Batch
-from ..losses import LossSum, token_cross_entropy
+from ..engine.batch_split import Batch
+from ..engine.loss_sum import LossSum
+from ..losses.cross_entropy import token_cross_entropy
 from .text import CharTransformer
 
 

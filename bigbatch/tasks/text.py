@@ -24,12 +24,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..batches import Batch
-from ..chunked import chunked_cross_entropy
-from ..devices import model_device
-from ..distributed import unwrap_ddp
+from ..engine.batch_split import Batch
+from ..engine.devices import model_device
+from ..engine.grad_sync import unwrap_ddp
+from ..engine.loss_sum import LossSum
 from ..errors import ConfigError
-from ..losses import LossSum
+from ..losses.chunked_cross_entropy import chunked_cross_entropy
 from .epochs import shuffled_epoch
 
 IGNORE = -100

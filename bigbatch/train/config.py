@@ -29,10 +29,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from ..batch_sizes import check_positive_int
-from ..devices import AUTO, parse_device
-from ..errors import ConfigError
-from ..memory import parse_memory
+from ..engine.devices import AUTO, parse_device
+from ..errors import ConfigError, check_positive_int
+from ..memory.accounting import parse_memory
 from ..tasks import is_task_factory, task_options
 
 if sys.version_info >= (3, 11):

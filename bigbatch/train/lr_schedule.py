@@ -1,7 +1,7 @@
 """The run's learning rate: the peak rescaled to the logical batch, then warmup and cosine (or constant) per step.
 
 The peak is `optim.lr` tuned at `optim.reference_batch_size`, rescaled to the
-logical batch by `optim.lr_scaling` (bigbatch.lr.scale_lr). The schedule is a
+logical batch by `optim.lr_scaling` (bigbatch.engine.lr_scaling.scale_lr). The schedule is a
 multiplier per optimizer step: linear warmup over `optim.warmup_steps`, then a
 cosine to `optim.min_lr_ratio` at `train.steps`, or constant. A scheduled batch
 of another size multiplies it again by `peak_lr(its size) / peak_lr(target)`
@@ -14,7 +14,7 @@ import math
 import warnings
 from collections.abc import Callable
 
-from ..lr import scale_lr
+from ..engine.lr_scaling import scale_lr
 from .config import OptimSection, TrainConfig
 
 

@@ -28,11 +28,11 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from ..batches import Batch
+from ..engine.batch_split import Batch
+from ..engine.loss_sum import LossFn
 from ..errors import ConfigError, MicroBatchTooLargeError
-from ..losses import LossFn
-from ..memory import format_bytes, parse_memory
-from ..planner import plan
+from ..memory.accounting import format_bytes, parse_memory
+from ..memory.planner import plan
 from .config import TrainConfig
 from .runtime import Runtime
 

@@ -7,7 +7,7 @@
 
 One process ignores the setting. Under FSDP2 every forward is a collective, so
 every rank must run the same number of micro-steps per logical batch
-(`bigbatch.batch_sizes.check_equal_micro_steps`) and evaluation and sampling run on all ranks together.
+(`bigbatch.engine.batch_sizes.check_equal_micro_steps`) and evaluation and sampling run on all ranks together.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from typing import Any
 
 from torch import nn
 
-from ..checkpointing import find_blocks
+from ..memory.activation_checkpointing import find_blocks
 from .runtime import Runtime
 
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..batch_sizes import BatchSizes
+from ..engine.batch_sizes import BatchSizes
 from .memory_plan import MemoryChoice
 from .metrics import is_finite_number, plot_losses, write_summary
 

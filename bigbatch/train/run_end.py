@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..distributed import unwrap_ddp
+from ..engine.grad_sync import unwrap_ddp
 from ..tasks import Task
 from . import report
 from .config import TrainConfig

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from ..devices import choose_device
+from ..engine.devices import choose_device
 
 
 class RankLostError(RuntimeError):

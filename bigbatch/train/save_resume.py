@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..distributed import unwrap_ddp
+from ..engine.grad_sync import unwrap_ddp
 from ..errors import ConfigError
 from .checkpoint import (
     checkpoint_path,

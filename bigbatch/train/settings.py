@@ -5,7 +5,7 @@
     bigbatch train --list-settings markdown         # docs/train.md's tables
 
 The documentation is the docstring under each dataclass field (bigbatch.train.config's
-sections, each task's options; see bigbatch.field_docs), so `--list-settings`, `--help`
+sections, each task's options; see bigbatch.tools.field_docs), so `--list-settings`, `--help`
 and docs/train.md's table come from one text; a test keeps that copy current.
 """
 
@@ -16,8 +16,8 @@ import textwrap
 from dataclasses import dataclass
 from typing import Any
 
-from ..field_docs import field_docs
 from ..tasks import TASK_NAMES, task_option_docs, task_options
+from ..tools.field_docs import field_docs
 from .config import TrainConfig, toml_value
 
 

@@ -16,13 +16,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..accumulator import Accumulator
-from ..batch_sizes import BatchSizes, check_equal_micro_steps, resolve_batch_sizes
-from ..checkpointing import checkpoint_blocks
+from ..engine.accumulator import Accumulator
+from ..engine.batch_sizes import BatchSizes, check_equal_micro_steps, resolve_batch_sizes
+from ..engine.loss_sum import LossFn
+from ..engine.window_plan import independent_micro_steps
 from ..errors import ConfigError
-from ..losses import LossFn
+from ..memory.activation_checkpointing import checkpoint_blocks
 from ..tasks import Task, build_task
-from ..window_plan import independent_micro_steps
 from .batch_schedule import BatchSchedule
 from .config import OptimSection, TrainConfig
 from .lr_schedule import peak_lr, warn_warmup_too_long

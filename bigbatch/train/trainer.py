@@ -32,9 +32,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..batch_sizes import BatchSizes
-from ..batches import Batch, _map
-from ..distributed import unwrap_ddp
+from ..engine.batch_sizes import BatchSizes
+from ..engine.batch_split import Batch, map_tensors
+from ..engine.grad_sync import unwrap_ddp
 from ..tasks import Task
 from . import report
 from .batch_schedule import Consumed
@@ -42,7 +42,6 @@ from .checkpoint import list_checkpoints
 from .config import TrainConfig
 from .interrupt import StopOnInterrupt, TrainingInterrupted
 from .lr_schedule import lr_multiplier, peak_lr
-from .lr_schedule import lr_multiplier as _schedule  # noqa: F401 (its old name here, which tests import)
 from .memory_plan import MemoryChoice, plan_memory, resolved_config
 from .metrics import MetricsLog
 from .nonfinite import NonFiniteLossError, is_nonfinite_step, not_recovering
@@ -323,7 +322,7 @@ class Trainer:
         indices = self.sampler.indices(position, sizes.logical_batch_size)
         share = sizes.shard(rank)
         batch = self.task.train_batch(indices[share.start : share.stop])
-        return _map(batch, lambda t: t.to(self.dtype) if t.is_floating_point() else t)
+        return map_tensors(batch, lambda t: t.to(self.dtype) if t.is_floating_point() else t)
 
     def _print(self, text: str) -> None:
         if self.runtime.is_main:

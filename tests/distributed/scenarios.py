@@ -21,9 +21,9 @@ from torch.distributed.fsdp import fully_shard
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import bigbatch as bb
-from bigbatch import distributed as bb_distributed
-from bigbatch.batch_sizes import shard_indices
-from bigbatch.testing import AllReduceCounter
+from bigbatch.engine import grad_sync as bb_grad_sync
+from bigbatch.engine.batch_sizes import shard_indices
+from bigbatch.tools.comm_counter import AllReduceCounter
 
 from ..equivalence.oracle import TwoTower, pair_data
 
@@ -401,12 +401,12 @@ def ddp_batch_loss_temperature_per_rank(rank: int, world: int) -> dict[str, Any]
         return _full_params(model.module)
 
     out = {"once": train()}
-    original = bb_distributed.DDPSync.counted_once
-    bb_distributed.DDPSync.counted_once = lambda self, grad: grad  # type: ignore[method-assign]  # the negative control: every rank counts it
+    original = bb_grad_sync.DDPSync.counted_once
+    bb_grad_sync.DDPSync.counted_once = lambda self, grad: grad  # type: ignore[method-assign]  # the negative control: every rank counts it
     try:
         out["per_rank"] = train()
     finally:
-        bb_distributed.DDPSync.counted_once = original  # type: ignore[method-assign]  # put back
+        bb_grad_sync.DDPSync.counted_once = original  # type: ignore[method-assign]  # put back
     return out
 
 

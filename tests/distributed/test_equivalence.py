@@ -11,7 +11,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from bigbatch.batch_sizes import shard_indices
+from bigbatch.engine.batch_sizes import shard_indices
 
 from . import scenarios as sc
 

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 import bigbatch as bb
-from bigbatch import oom
+from bigbatch.engine import oom
 
 from .oracle import (
     DTYPE,
@@ -159,7 +159,7 @@ def test_negative_control_a_gradient_pass_without_the_replay_misses(monkeypatch)
     ref = TwoTower(dropout=0.3)
     ours = twin(ref)
     run_noisy(ref, 3)
-    monkeypatch.setattr(oom.RngSnapshot, "restore", lambda self: None)  # bigbatch.batch_loss replays with it
+    monkeypatch.setattr(oom.RngSnapshot, "restore", lambda self: None)  # bigbatch.losses.batch_loss replays with it
     run_noisy(ours, 3)
     assert max_param_diff(ref, ours) > 1e-3
 

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import bigbatch as bb
-from bigbatch.dropout import SplitInvariantDropout
+from bigbatch.engine.dropout import SplitInvariantDropout
 
 from .oracle import DTYPE, max_param_diff, max_state_diff, twin
 

@@ -9,9 +9,9 @@ import torch
 from torch import nn
 
 import bigbatch as bb
-import bigbatch.accumulator as accumulator_module
-from bigbatch.batch_sizes import resolve_batch_sizes
+import bigbatch.engine.accumulator as accumulator_module
 from bigbatch.cli import main
+from bigbatch.engine.batch_sizes import resolve_batch_sizes
 from bigbatch.errors import ConfigError
 from bigbatch.tasks import build_task
 from bigbatch.train import TrainConfig, Trainer
@@ -90,7 +90,7 @@ def test_an_optimizer_of_another_model_is_a_config_error(monkeypatch):
         bb.Accumulator(model, torch.optim.SGD(other.parameters(), lr=0.1), micro_batch_size=4)
     # Negative control, the check switched off: the "training" the issue saw. The model never moves,
     # the reported gradient norm is 0 and the model's .grad grows every window.
-    monkeypatch.setattr(accumulator_module, "_check_optimizer_fits_model", lambda model, params: None)
+    monkeypatch.setattr(accumulator_module, "check_optimizer_fits_model", lambda model, params: None)
     acc = bb.Accumulator(model, torch.optim.SGD(other.parameters(), lr=0.1), micro_batch_size=4)
     before = [p.clone() for p in model.parameters()]
     norms = [float(acc.step(BATCH, _loss).grad_norm) for _ in range(3)]

@@ -12,8 +12,8 @@ import torch
 from torch import nn
 
 import bigbatch as bb
-from bigbatch.accumulator_checks import module_path
 from bigbatch.cli import format_warning, main
+from bigbatch.engine.checks import module_path
 from bigbatch.train import NonFiniteLossError, TrainConfig, Trainer
 from bigbatch.train.checkpoint import CheckpointWarning, load_latest_checkpoint, save_checkpoint
 from bigbatch.train.progress import LOG_LINES, Progress

@@ -8,12 +8,12 @@ from pathlib import Path
 
 import pytest
 
+from bigbatch.engine.lr_scaling import scale_lr
 from bigbatch.errors import ConfigError
-from bigbatch.lr import scale_lr
 from bigbatch.tasks import build_task
 from bigbatch.train import TrainConfig, Trainer
 from bigbatch.train.batch_schedule import BatchSchedule, Consumed
-from bigbatch.train.trainer import _schedule
+from bigbatch.train.lr_schedule import lr_multiplier
 
 NAN = math.nan
 
@@ -113,7 +113,7 @@ def _rows(run: Path) -> list[dict]:
 
 def _check_lr_follows_the_batch(config: TrainConfig, rows: list[dict]) -> None:
     """Each step's lr is optim.lr scaled to that step's batch, times the warmup/cosine factor."""
-    o, factor = config.optim, _schedule(config)
+    o, factor = config.optim, lr_multiplier(config)
     for k, r in enumerate(rows):
         want = scale_lr(o.lr, o.reference_batch_size, r["batch_size"], o.lr_scaling) * factor(k)
         assert r["lr"] == pytest.approx(want, rel=1e-12), (k, r["batch_size"])

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 import bigbatch as bb
-from bigbatch.checkpointing import is_checkpointed
 from bigbatch.errors import ConfigError
+from bigbatch.memory.activation_checkpointing import is_checkpointed
 from bigbatch.train import TrainConfig, Trainer
 from bigbatch.train import trainer as trainer_module
 

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from bigbatch import FastMicroStep
-from bigbatch.checkpointing import is_checkpointed
 from bigbatch.errors import ConfigError
+from bigbatch.memory.activation_checkpointing import is_checkpointed
 from bigbatch.train import TrainConfig, Trainer
 from bigbatch.train.checkpoint import list_checkpoints
 

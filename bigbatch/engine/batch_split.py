@@ -1,0 +1,108 @@
+"""Splitting nested batches into micro-batches and moving them to a device.
+
+A batch is a tensor, or a tuple, list or dict of batches (nested to any depth); any
+Mapping counts as a dict (a tokenizer's BatchEncoding, say) and keeps its type.
+Every tensor's leading dimension counts samples, and they must agree. Leaves that
+are not tensors (flags, names) are passed unchanged to every micro-batch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any
+
+import torch
+
+from ..errors import BatchError, check_positive_int
+
+Batch = Any  # torch.Tensor | tuple[Batch, ...] | list[Batch] | dict[str, Batch] | other leaf
+
+
+def map_tensors(batch: Batch, fn: Callable[[torch.Tensor], Any]) -> Batch:
+    """`batch` with `fn` applied to every tensor in it, its containers (dicts, namedtuples, tuples, lists) rebuilt."""
+    if isinstance(batch, torch.Tensor):
+        return fn(batch)
+    if isinstance(batch, Mapping):
+        items = {k: map_tensors(v, fn) for k, v in batch.items()}
+        try:
+            return type(batch)(items)  # type: ignore[call-arg]  # a dict subclass or a UserDict
+        except TypeError:  # a constructor that takes something else first (defaultdict): a plain dict
+            return items
+    if isinstance(batch, tuple) and hasattr(batch, "_fields"):  # namedtuple
+        return type(batch)(*(map_tensors(v, fn) for v in batch))
+    if isinstance(batch, (tuple, list)):
+        return type(batch)(map_tensors(v, fn) for v in batch)
+    return batch
+
+
+def _tensors(batch: Batch, path: str = "batch") -> Iterator[tuple[str, torch.Tensor]]:
+    if isinstance(batch, torch.Tensor):
+        yield path, batch
+    elif isinstance(batch, Mapping):
+        for k, v in batch.items():
+            yield from _tensors(v, f"{path}[{k!r}]")
+    elif isinstance(batch, (tuple, list)):
+        for i, v in enumerate(batch):
+            yield from _tensors(v, f"{path}[{i}]")
+
+
+def _holds_arrays(batch: object) -> bool:
+    """Whether `batch` holds a numpy array (or another array type torch does not split)."""
+    if isinstance(batch, Mapping):
+        return any(_holds_arrays(v) for v in batch.values())
+    if isinstance(batch, (tuple, list)):
+        return any(_holds_arrays(v) for v in batch)
+    return hasattr(batch, "__array__") and hasattr(batch, "shape")
+
+
+def batch_size(batch: Batch) -> int:
+    """The number of samples in `batch`: the leading dimension all its tensors share."""
+    sizes = {}
+    for path, t in _tensors(batch):
+        if t.dim() == 0:
+            raise BatchError(
+                f"{path} is a 0-d tensor, so it has no sample dimension; "
+                "give every tensor in a batch a leading dimension of samples (e.g. t.unsqueeze(0))."
+            )
+        sizes[path] = t.shape[0]
+    if not sizes:
+        arrays = " (it holds numpy arrays: convert each with torch.from_numpy(a))" if _holds_arrays(batch) else ""
+        raise BatchError(
+            f"the batch holds no tensors (got {type(batch).__name__}){arrays}; pass a tensor, "
+            "or a tuple, list or dict of tensors whose leading dimension counts samples."
+        )
+    distinct = set(sizes.values())
+    if len(distinct) > 1:
+        shown = ", ".join(f"{p}: {n}" for p, n in sizes.items())
+        raise BatchError(
+            f"the tensors in the batch disagree on the number of samples ({shown}); "
+            "every tensor's leading dimension must count the same samples."
+        )
+    n = distinct.pop()
+    if n == 0:
+        raise BatchError("the batch is empty (0 samples); skip empty batches before calling step().")
+    return n
+
+
+def split_batch(batch: Batch, micro_batch_size: int) -> list[Batch]:
+    """Split `batch` into micro-batches of `micro_batch_size` samples (the last may be smaller).
+
+    The pieces are views of the input: nothing is copied until they are moved to a device.
+    """
+    n = batch_size(batch)
+    check_positive_int(micro_batch_size, "micro_batch_size", error=BatchError)
+
+    def piece(start: int) -> Batch:
+        return map_tensors(batch, lambda t: t[start : start + micro_batch_size])
+
+    return [piece(start) for start in range(0, n, micro_batch_size)]
+
+
+def to_device(batch: Batch, device: torch.device) -> Batch:
+    """Move every tensor in `batch` to `device` (asynchronously where the source is pinned)."""
+    return map_tensors(batch, lambda t: t.to(device, non_blocking=True))
+
+
+def is_on_device(batch: Batch, device: torch.device) -> bool:
+    """True when every tensor in `batch` is already on `device` (nothing to move)."""
+    return all(t.device == device for _, t in _tensors(batch))
