@@ -472,3 +472,29 @@ def test_on_cuda_batch_loss_matches_the_full_batch_and_its_peak_follows_the_micr
     assert runs["batch_loss"][0] < 0.6 * runs["full"][0]  # activations of 128 samples, not 2048
     for p, q in zip(runs["full"][1], runs["batch_loss"][1]):
         torch.testing.assert_close(p, q, rtol=1e-3, atol=1e-5)  # float32 (TF32 where enabled)
+
+
+def test_a_chunked_loss_steps_as_the_full_batch_and_the_planner_counts_its_linear_memory():
+    """bb.info_nce(chunk_size=...) inside a BatchLoss: the full batch's step (float64), and the
+    planner's loss phase holds a few (N, d) tensors, where the whole score matrix holds N x N ones."""
+    from bigbatch.memory.planner.runs import measure_step_memory
+
+    n, micro, chunk = 200, 64, 48
+    assert n % micro != 0 and n % chunk != 0  # uneven micro-batches and blocks
+
+    def chunked(model, reps):
+        return bb.info_nce(reps[0], reps[1], temperature=model.log_temperature.exp(), chunk_size=chunk)
+
+    batch = pair_data(n)
+    ref, ours = TwoTower(), TwoTower()
+    full_batch_step(ref, sgd(ref), batch, full_clip)
+    bb.Accumulator(ours, sgd(ours), micro_batch_size=micro).step(batch, bb.BatchLoss(encode=encode, loss=chunked))
+    assert max_param_diff(ref, ours) < TOL
+
+    def loss_phase(loss):
+        model = TwoTower()
+        acc = bb.Accumulator(model, sgd(model), micro_batch_size=micro)
+        return measure_step_memory(acc, batch, bb.BatchLoss(encode=encode, loss=loss)).saved_activations
+
+    assert loss_phase(chunked) < 20 * n * 5 * 8  # O(N d): representations, their gradient, 2N log-sum-exps
+    assert loss_phase(clip) > 2 * n * n * 8  # negative control: the whole loss keeps N x N matrices

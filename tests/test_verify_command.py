@@ -171,5 +171,5 @@ def test_a_llama_style_model_passes_at_its_float32_floor_and_a_long_max_length_i
         assert main(["verify", "--task", "causal-lm", "--set", llama, "--set", "max_length=32"]) == 0
     out = capsys.readouterr().out
     assert "precision floor" in out and "PASS: " in out and "mix" not in out
-    assert main(["verify", "--task", "causal-lm", "--set", f"model={hf_offline['gpt2']}"]) == 2
+    assert main(["verify", "--task", "causal-lm", "--set", f"model={hf_offline['gpt2']}", "--set", "max_length=256"]) == 2
     assert "64 positions" in capsys.readouterr().err

@@ -44,6 +44,9 @@ def load_factory(target: str) -> Callable[..., Any]:
             raise UsageError(f"cannot import {path} as a Python module.")
         module = importlib.util.module_from_spec(spec)
         sys.modules.setdefault(path.stem, module)
+        folder = str(path.resolve().parent)
+        if folder not in sys.path:
+            sys.path.insert(0, folder)  # like `python path/to/file.py`: modules beside it import
         try:
             spec.loader.exec_module(module)
         except Exception as error:  # the user's module: report it, not our traceback

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ..errors import BatchError, ConfigError, LossError
-from ..train.config import TrainConfig
+from ..train.config import TrainConfig, parse_value
 
 if TYPE_CHECKING:
     from ..tasks import Task
@@ -45,7 +45,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.epilog = "examples:\n" + __doc__.split("\n\n")[1] + (
         "\n\nconfig keys (--set section.key=value; --list-settings prints each one's default and meaning):\n"
         + settings_keys_text()
-        + "\n\noutputs: runs/NAME/config.toml, metrics.jsonl, loss.png, summary.json, checkpoints/ (and model/: causal-lm)"
+        + "\n\noutputs: runs/NAME/config.toml, metrics.jsonl, loss.png, summary.json, checkpoints/, tensorboard/ (and model/: causal-lm)"
         "\nCtrl-C (or SIGTERM) finishes the optimizer step, checkpoints it and exits 130 (143); --resume continues from there."
     )
     parser.add_argument("config", nargs="?", help="a TOML config file (default: the built-in defaults)")
@@ -86,11 +86,25 @@ def build_config(args: argparse.Namespace) -> TrainConfig:
         flags.append(f"task.model={_quote(args.model)}")
     if args.data:
         flags.append(f"task.data={_quote(args.data)}")
-    if args.name:
+    if args.name is not None:
         flags.append(f"run.name={_quote(args.name)}")
     if args.steps is not None:
         flags.append(f"train.steps={args.steps}")
+    if args.resume is not None:
+        _refuse_another_task(Path(args.resume), TrainConfig.load(path), [*flags, *args.overrides])
     return TrainConfig.load(path, [*flags, *args.overrides])
+
+
+def _refuse_another_task(run_dir: Path, saved: TrainConfig, overrides: list[str]) -> None:
+    """--resume with another task.name: the resume's one-line refusal (before the other task's options clash)."""
+    from ..train.resume_settings import refuse_change
+
+    for item in overrides:
+        key, _, raw = item.partition("=")
+        if key.strip() == "task.name":
+            name = parse_value(raw.strip())
+            if name != saved.task.name:
+                refuse_change(run_dir, "task.name", saved.task.name, name, run_dir / "checkpoints")
 
 
 def user_task(name: str, data: str | None) -> Task | None:

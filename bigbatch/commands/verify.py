@@ -49,6 +49,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--rows", type=int, default=12, help="parameters shown in the table (12)")
 
 
+_ONE_SAMPLE_BATCHNORM = "Expected more than 1 value per channel when training"
+"""How torch's batch_norm refuses a batch of one sample in training (torch.nn.functional._verify_batch_size)."""
+
+
 def run(args: argparse.Namespace) -> int:
     """Run the check as `args` say and print the report.
 
@@ -72,17 +76,26 @@ def run(args: argparse.Namespace) -> int:
             what = args.target
         if not isinstance(model, torch.nn.Module) or not callable(loss_fn):
             raise UsageError(f"{what}: expected an nn.Module and a callable loss_fn.")
-        report = verify(
-            model,
-            batch,
-            loss_fn,
-            micro_batch_size=args.micro_batch_size,
-            rtol=args.rtol,
-            float64=not args.no_float64,
-            probe_modules=not args.no_probe,
-            check_buffers=not args.no_buffers,
-            seed=args.seed,
-        )
+        try:
+            report = verify(
+                model,
+                batch,
+                loss_fn,
+                micro_batch_size=args.micro_batch_size,
+                rtol=args.rtol,
+                float64=not args.no_float64,
+                probe_modules=not args.no_probe,
+                check_buffers=not args.no_buffers,
+                seed=args.seed,
+            )
+        except ValueError as error:
+            if not str(error).startswith(_ONE_SAMPLE_BATCHNORM):
+                raise
+            raise UsageError(
+                f"{what}: a BatchNorm layer cannot train on a micro-batch of one sample (torch: {error}); give "
+                "--micro-batch-size 2 or more (and a batch that leaves no micro-batch of one), or a norm that "
+                "works per sample (the digits task: --set norm=groupnorm)."
+            ) from None
     except (UsageError, ConfigError, BatchError, LossError) as error:
         print(f"bigbatch verify: error: {error}", file=sys.stderr)
         return 2

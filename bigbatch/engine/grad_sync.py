@@ -150,8 +150,36 @@ class DDPSync:
         self.mean_divisor = self.world_size  # DDP's reducer averages over ranks
 
     def context(self, sync: bool) -> contextlib.AbstractContextManager[None]:
-        """DDP's `no_sync()` unless this micro-step syncs."""
-        return contextlib.nullcontext() if sync else self.model.no_sync()
+        """DDP's `no_sync()` unless this micro-step syncs; the one that syncs must run DDP's forward."""
+        return self._through_forward() if sync else self.model.no_sync()
+
+    @contextlib.contextmanager
+    def _through_forward(self) -> Iterator[None]:
+        """Refuse a synced micro-step whose loss function ran the wrapped module's parts, not DDP's forward.
+
+        DDP's reducer averages the gradients only after its own forward ran; a loss
+        function that calls `model.module.encoder(x)` trains each rank on its own
+        gradients, silently. The hooks (one on DDP, one on each child of its module)
+        run once per window, and the error names the calls that went around it.
+        """
+        through: list[bool] = []
+        around: list[str] = []
+        handles = [self.model.register_forward_pre_hook(lambda *_: through.append(True))]
+        for name, child in self.model.module.named_children():
+            handles.append(child.register_forward_pre_hook(lambda *_, name=name: around.append(name)))
+        try:
+            yield
+        finally:
+            for handle in handles:
+                handle.remove()
+        if not through and around:
+            calls = ", ".join(dict.fromkeys(f"model.module.{name}(...)" for name in around))
+            raise ConfigError(
+                f"under DistributedDataParallel the loss function called {calls} instead of the model itself: "
+                "DDP averages gradients over ranks only through its own forward, so each rank would step on its "
+                "own gradients. Call model(...) in the loss function (give the model a forward that returns "
+                "what you need)."
+            )
 
     def all_reduce_sum_(self, tensor: torch.Tensor) -> None:
         """One all-reduce (SUM) over DDP's process group."""

@@ -9,23 +9,42 @@ OOM would have given.
 from __future__ import annotations
 
 import gc
+import random
+import sys
 
 import torch
 
 
 class RngSnapshot:
-    """The CPU generator's state and the model device's, restorable after a failed attempt."""
+    """The random state a replayed forward needs, restorable: torch's CPU generator and the device's.
+
+    Also the MPS generator on a Mac, Python's `random` and numpy's global
+    generator (numpy only when it is already imported: then user code may draw
+    from it). Private generators (a `torch.Generator` or `np.random.Generator`
+    an encode owns) cannot be seen from here; BatchLoss's replay check catches them.
+    """
 
     def __init__(self, device: torch.device) -> None:
+        """Take the snapshot now."""
         self.device = device
         self.cpu = torch.get_rng_state()
         self.cuda = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+        self.mps = torch.mps.get_rng_state() if device.type == "mps" else None
+        self.python = random.getstate()
+        numpy = sys.modules.get("numpy")
+        self.numpy = (numpy, numpy.random.get_state()) if numpy is not None else None
 
     def restore(self) -> None:
-        """Put both generators back where they were when the snapshot was taken."""
+        """Put every generator back where it was when the snapshot was taken."""
         torch.set_rng_state(self.cpu)
         if self.cuda is not None:
             torch.cuda.set_rng_state(self.cuda, self.device)
+        if self.mps is not None:
+            torch.mps.set_rng_state(self.mps)
+        random.setstate(self.python)
+        if self.numpy is not None:
+            numpy, state = self.numpy
+            numpy.random.set_state(state)
 
 
 def release_memory(device: torch.device) -> None:

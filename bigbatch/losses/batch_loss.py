@@ -39,6 +39,7 @@ from ..engine.loss_sum import Count, LossSum, split_loss
 from ..engine.oom import RngSnapshot
 from ..engine.window_plan import WindowEngine, mark_loop_api_error
 from ..errors import BatchError, ConfigError, LossError, MicroBatchTooLargeError
+from .replay_check import ReplayCheck
 
 Reps = Any  # what encode returns: torch.Tensor | tuple[torch.Tensor, ...]
 
@@ -85,18 +86,24 @@ class BatchLoss:
             temperature); their gradient is counted once. `model` is the model
             without its DDP wrapper; under FSDP2 a parameter read here is a
             sharded DTensor: use `p.full_tensor()` (bb.info_nce does that itself).
+        check_replay: check that the gradient pass encodes what the first pass
+            encoded (a fingerprint per micro-batch, compared on the device and
+            read once per step), and raise LossError naming the likely cause
+            when not: an encode that changes its input in place, or random
+            numbers the replay does not restore. On by default.
 
     `batch_loss(model, batch)` is the plain full-batch loss of `batch`, for
     evaluation and for `bb.verify`. Limits: the step API only (`acc.step`);
     every representation of the logical batch is held at once (N x d per
     tensor), and the loss runs once per step on every rank over all of them;
     encode runs twice per sample, so side effects in the forward (BatchNorm's
-    running statistics) happen twice; random numbers from generators other than
-    torch's global ones are not replayed.
+    running statistics) happen twice; random numbers from private generators
+    are not replayed (the replay check catches them).
     """
 
     encode: Callable[[nn.Module, Batch], Reps]
     loss: Callable[[nn.Module, Reps], torch.Tensor | LossSum]
+    check_replay: bool = True
     # encode compiled per fast_micro_step spec, built on first use (engine/fast_micro_step.py).
     _compiled: dict[FastMicroStep, Callable[[nn.Module, Batch], Reps]] = field(
         default_factory=dict, init=False, repr=False, compare=False
@@ -254,6 +261,7 @@ class CachedRepresentations:
         move = not is_on_device(batch, engine.device)
         encode = self.batch_loss.encode if engine.fast is None else self.batch_loss.compiled_encode(engine.fast)
         marks = engine.fast is not None and engine.fast.cudagraphs
+        check = ReplayCheck(engine.device, len(pieces), engine.autocast_dtype) if self.batch_loss.check_replay else None
         engine.start_window(n)
 
         # Pass 1: every micro-batch's representations, copied into buffers of our own
@@ -263,14 +271,16 @@ class CachedRepresentations:
         structure: _Structure | None = None
         with torch.no_grad():
             start = 0
-            for piece, m in zip(pieces, sizes):
+            for i, (piece, m) in enumerate(zip(pieces, sizes)):
                 states.append(RngSnapshot(engine.device))
                 if marks:
                     mark_micro_step()
-                check = _through_ddp_forward(engine.model) if structure is None else contextlib.nullcontext()
-                with check, engine.autocast(), engine.forward_context(start, m):
+                ddp = _through_ddp_forward(engine.model) if structure is None else contextlib.nullcontext()
+                with ddp, engine.autocast(), engine.forward_context(start, m):
                     reps = encode(engine.model, to_device(piece, engine.device) if move else piece)
                 tensors = _flatten(reps, m)
+                if check is not None:
+                    check.record(i, tensors)
                 if structure is None:
                     structure = _structure(reps, tensors)
                     buffers = [t.new_empty((n, *t.shape[1:])) for t in tensors]
@@ -302,6 +312,8 @@ class CachedRepresentations:
                     reps = encode(engine.model, to_device(piece, engine.device) if move else piece)
                 tensors = _flatten(reps, m)
                 _check_same(structure, reps, tensors, "in the gradient pass (is encode deterministic?)")
+                if check is not None:
+                    check.compare(i, tensors)
                 outputs, grads = [], []
                 for t, g in zip(tensors, rep_grads):
                     if g is not None and t.requires_grad:
@@ -316,6 +328,8 @@ class CachedRepresentations:
             engine.window.micro_steps += 1
             start += m
         after_loss.restore()  # the random state a full-batch step would leave
+        if check is not None:
+            check.raise_if_different(engine.sync.all_reduce_sum_)
 
     def _loss_gradients(
         self, engine: WindowEngine, gathered: list[torch.Tensor], structure: _Structure

@@ -54,6 +54,13 @@ from ..losses.causal_lm_loss import IGNORE_INDEX, causal_lm_loss
 from .epochs import shuffled_epoch
 
 _INSTALL = 'pip install "bigbatch[hf]"'
+DEFAULT_MAX_LENGTH = 256
+"""task.max_length when unset (lowered to the model's max_position_embeddings where that is less)."""
+_ENCODERS = frozenset({
+    "bert", "roberta", "xlm-roberta", "xlm-roberta-xl", "camembert", "electra", "ernie", "data2vec-text",
+    "megatron-bert", "rembert", "roc_bert", "roformer", "xmod", "big_bird", "nezha", "qdqbert", "bert-generation",
+})
+"""Encoders transformers can also load as a causal LM (a decoder only when their config says is_decoder)."""
 
 
 def require(*modules: str, why: str = "the causal-lm task") -> None:
@@ -98,8 +105,8 @@ class CausalLMTask:
     """A transformers causal LM: a local folder or a hub name (required)."""
     data: str | None = None
     """A .txt, .jsonl, datasets folder or parquet file; unset: the built-in Shakespeare."""
-    max_length: int = 256
-    """Tokens per sample at most."""
+    max_length: int | None = None
+    """Tokens per sample at most; unset: 256, or the model's own limit (max_position_embeddings) if lower."""
     overflow: str = "split"
     """A longer text sample is "split" into pieces or "cut" at max_length."""
     lora_rank: int = 0
@@ -138,8 +145,12 @@ class CausalLMTask:
     # -- setup -------------------------------------------------------------------
 
     def _check_options(self) -> None:
-        if self.max_length < 2:
-            raise ConfigError(f"max_length must be >= 2 tokens (one to read, one to predict), got {self.max_length}.")
+        if self.max_length is not None and (
+            not isinstance(self.max_length, int) or isinstance(self.max_length, bool) or self.max_length < 2
+        ):
+            raise ConfigError(
+                f"max_length must be a whole number >= 2 tokens (one to read, one to predict), got {self.max_length!r}."
+            )
         if self.overflow not in ("split", "cut"):
             raise ConfigError(f'overflow must be "split" or "cut", got {self.overflow!r}.')
         if self.lora_rank < 0:
@@ -188,12 +199,22 @@ class CausalLMTask:
                 "load as a causal LM (AutoModelForCausalLM); give a decoder model such as GPT-2, Llama, Qwen or "
                 "Mistral."
             )
+        if model_type in _ENCODERS and not getattr(config, "is_decoder", False):
+            raise ConfigError(
+                f"{self.model!r} is a {model_type!r} model, an encoder that reads every token in both "
+                "directions; trained as a causal LM it would not be one (transformers loads it with "
+                "is_decoder=False). Give a decoder model such as GPT-2, Llama, Qwen or Mistral."
+            )
+        self._vocab_size = getattr(config, "vocab_size", None)
         positions = getattr(config, "max_position_embeddings", None)
         self._positions = positions if isinstance(positions, int) and positions > 0 else None
-        if self._positions is not None and self._positions < self.max_length:
+        if self.max_length is None:  # unset: the default, within what the model reads
+            self.max_length = min(DEFAULT_MAX_LENGTH, self._positions or DEFAULT_MAX_LENGTH)
+        self._max_length: int = self.max_length
+        if self._positions is not None and self._positions < self._max_length:
             # GPT-2's learnt position embedding has no row past it: the forward would end in an IndexError.
             raise ConfigError(
-                f"max_length={self.max_length} tokens is longer than {self.model!r} reads: its config has "
+                f"max_length={self._max_length} tokens is longer than {self.model!r} reads: its config has "
                 f"{positions} positions (max_position_embeddings); set task.max_length={positions} or less "
                 f"(--set task.max_length={positions})."
             )
@@ -208,6 +229,18 @@ class CausalLMTask:
                 f"cannot load the tokenizer of {self.model!r}: {_first_line(e)}; the model folder must hold "
                 f"its tokenizer too (tokenizer.save_pretrained(folder)).{_hub_hint()}"
             ) from None
+        path = Path(str(self.model)).expanduser()
+        if path.is_dir() and not any(_is_tokenizer_file(f.name) for f in path.iterdir()):
+            raise ConfigError(
+                f"{str(path)!r} holds no tokenizer files (tokenizer.json, tokenizer_config.json, vocab...); "
+                "save the model's tokenizer into the same folder (tokenizer.save_pretrained(folder)) and try again."
+            )
+        if self._vocab_size and len(tokenizer) < min(100, self._vocab_size // 2):
+            raise ConfigError(
+                f"the tokenizer of {self.model!r} has {len(tokenizer)} tokens and the model {self._vocab_size}: "
+                "its vocabulary files are missing; save the model's own tokenizer into the folder "
+                "(tokenizer.save_pretrained(folder))."
+            )
         if tokenizer.pad_token is None:
             if tokenizer.eos_token is None:
                 raise ConfigError(
@@ -233,12 +266,12 @@ class CausalLMTask:
         texts = [s.text for s in samples if s.prompt is None]
         pairs = [s for s in samples if s.prompt is not None]
         pieces = _Pieces()
-        step = self.max_length - 1  # consecutive pieces share one token: each token predicted once
+        step = self._max_length - 1  # consecutive pieces share one token: each token predicted once
         for ids in tok(texts, add_special_tokens=True)["input_ids"] if texts else []:
             ids = [*ids, *eos]
             starts = range(0, max(len(ids) - 1, 1), step) if self.overflow == "split" else range(1)
             for start in starts:
-                piece = ids[start : start + self.max_length]
+                piece = ids[start : start + self._max_length]
                 if len(piece) >= 2:
                     pieces.ids.append(np.asarray(piece, dtype=np.int64))
                     pieces.prompt.append(0)
@@ -247,7 +280,7 @@ class CausalLMTask:
             completions = tok([s.text for s in pairs], add_special_tokens=False)["input_ids"]
             dropped = 0
             for p, c in zip(prompts, completions):
-                ids = [*p, *c, *eos][: self.max_length]
+                ids = [*p, *c, *eos][: self._max_length]
                 if len(ids) <= len(p):  # the prompt alone fills max_length: nothing left to learn
                     dropped += 1
                     continue
@@ -256,7 +289,7 @@ class CausalLMTask:
             if dropped:
                 warnings.warn(
                     f"{dropped} of {len(pairs)} prompt/completion samples were dropped: their prompt alone "
-                    f"takes max_length={self.max_length} tokens; raise task.max_length to keep them.",
+                    f"takes max_length={self._max_length} tokens; raise task.max_length to keep them.",
                     UserWarning,
                     stacklevel=2,
                 )
@@ -298,6 +331,14 @@ class CausalLMTask:
         targets: str | list[str] | None = self.lora_targets
         if isinstance(targets, str) and targets != "all-linear":
             targets = [t.strip() for t in targets.split(",") if t.strip()]
+            names = [n for n, _ in model.named_modules()]
+            unknown = [t for t in targets if not any(n == t or n.endswith(f".{t}") for n in names)]
+            if unknown and len(unknown) < len(targets):  # peft adapts the others and drops these silently
+                linear = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if _is_linear(m)})
+                raise ConfigError(
+                    f"task.lora_targets names {', '.join(map(repr, unknown))}, which this model has no module "
+                    f"called; its linear layers are: {', '.join(linear)} (fix the name, or drop it)."
+                )
         config = LoraConfig(
             r=self.lora_rank, lora_alpha=self.lora_alpha, lora_dropout=self.lora_dropout,
             target_modules=targets, task_type="CAUSAL_LM",
@@ -516,6 +557,11 @@ def _read_text(path: Path) -> str:
         raise ConfigError(f"{str(path)!r} is not UTF-8 text ({e.reason} at byte {e.start}).") from None
 
 
+def _is_tokenizer_file(name: str) -> bool:
+    """Whether a model folder's file is part of a tokenizer (tokenizer.json, vocab.txt, merges.txt, spm.model...)."""
+    return any(part in name for part in ("tokenizer", "vocab", "merges", "special_tokens")) or name.endswith(".model")
+
+
 def _paragraphs(text: str) -> list[_Sample]:
     return [_Sample(p.strip("\n")) for p in text.split("\n\n") if p.strip()]
 
@@ -528,6 +574,14 @@ def _sample_from(row: Any, where: str) -> _Sample:
         return _Sample(row["text"])
     if isinstance(row.get("prompt"), str) and isinstance(row.get("completion"), str):
         return _Sample(row["completion"], prompt=row["prompt"])
+    for field_name in ("text", "prompt", "completion"):
+        if field_name in row and not isinstance(row[field_name], str):
+            value = repr(row[field_name])
+            raise ConfigError(
+                f'{where}: its "{field_name}" field is {type(row[field_name]).__name__} '
+                f"{value if len(value) <= 40 else value[:37] + '...'}, not a string; write it as a JSON string "
+                f'("{field_name}": "...").'
+            )
     keys = ", ".join(map(str, row)) or "none"
     raise ConfigError(
         f'{where} has no "text" field, nor "prompt" and "completion" (its fields: {keys}); give every sample '
@@ -555,10 +609,15 @@ def _read_folder(path: Path) -> list[_Sample]:
 
         dataset = load_from_disk(str(path))
         if isinstance(dataset, DatasetDict):
-            split = "train" if "train" in dataset else next(iter(dataset), None)
-            if split is None:
+            if not dataset:
                 return []
-            dataset = dataset[split]
+            if "train" not in dataset:
+                splits = ", ".join(dataset)
+                raise ConfigError(
+                    f"{str(path)!r} holds the splits {splits} and no \"train\"; give the folder of the split to "
+                    f"train on ({path}/{next(iter(dataset))}), or save it under the name \"train\"."
+                )
+            dataset = dataset["train"]
         return [_sample_from(row, f"{path} row {i}") for i, row in enumerate(dataset)]
     files = sorted(path.glob("*.parquet")) or sorted(path.glob("*/*.parquet"))
     if files:

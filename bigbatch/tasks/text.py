@@ -302,10 +302,11 @@ class TextTask:
         forward passes `labels` on.
         """
         tokens, labels, lengths = batch["tokens"], batch["labels"], batch["lengths"]
-        if lengths.device.type == "cpu":
+        if lengths.device.type == "cpu" and not torch.compiler.is_compiling():
             # Trim the padding this micro-batch does not need; causal attention makes
             # the trim exact. Not on an accelerator: reading the length would be a
-            # host sync per micro-step, and the padded width is just as exact.
+            # host sync per micro-step, and the padded width is just as exact. Not
+            # inside torch.compile either: the read would break the graph there.
             width = int(lengths.max())
             tokens, labels = tokens[:, :width], labels[:, :width]
         out: LossSum = model(tokens, labels)

@@ -37,6 +37,7 @@ from .checksums import (
     verify_folder,
     write_durably,
 )
+from .files import file_mode, fsync_path
 from .state import REQUIRED_KEYS, REQUIRED_SHARDED_KEYS, SHARDED_KEY, STEP_KEY
 
 _NAME = re.compile(r"^step-(\d+)(\.pt)?$")  # a file, or an FSDP2 step directory
@@ -88,6 +89,7 @@ def save_checkpoint(directory: Path, step: int, state: dict[str, Any], keep: int
             writer = HashingWriter(f)
             torch.save(state, cast("IO[bytes]", writer))  # it only calls write() (and flush)
             f.flush()
+            os.fchmod(f.fileno(), file_mode())  # mkstemp's 0600 -> what the user's umask gives a file
             os.fsync(f.fileno())
         write_durably(tmp_sidecar, checksum_line(writer.hexdigest(), final.name))
         final.unlink(missing_ok=True)  # a step written again: never a new checksum beside old bytes
@@ -118,18 +120,6 @@ def prune_checkpoints(directory: Path, keep: int) -> None:
     for orphan in directory.glob(f"step-*.pt{SIDECAR_SUFFIX}"):
         if not orphan.with_name(orphan.name.removesuffix(SIDECAR_SUFFIX)).exists():
             orphan.unlink(missing_ok=True)
-
-
-def fsync_path(path: Path) -> None:
-    """Flush a folder's entries (a rename is durable only once they are on disk) or a file."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:  # pragma: no cover - platforms without directory fds
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def read_run_state(path: Path, *, verify: bool = True) -> dict[str, Any]:

@@ -171,6 +171,14 @@ class TrainSection:
     threads: int = 1
     """CPU threads for torch on a CPU run (0: torch's default). One suits the small built-in models:
     on a busy 2-core machine, threads of small ops wait on each other (two ran 5-20x slower than one)."""
+    tensorboard: bool = True
+    """Write TensorBoard event files into runs/NAME/tensorboard/ beside metrics.jsonl (loss, val loss, lr,
+    gradient norm, throughput, logical batch, noise scale, the text sample); no package needed to write
+    them, `tensorboard --logdir runs` to watch. false: none."""
+    init_from: str | None = None
+    """A new run's first weights: a run folder (its newest checkpoint) or one checkpoint (a step-N.pt file or
+    an FSDP2 step folder). Only the model's weights are read, not the optimizer, the step or the data
+    position: how to go on from a run with settings a resume may not change (another --data, say)."""
     timeout: int = 600
     """Under torchrun: seconds a rank waits in a collective for the others before it stops the run
     with an error (a rank that hangs or died); passed to init_process_group."""
@@ -322,6 +330,7 @@ class TrainConfig:
                 raise ConfigError(f"batch.max_memory: {e}") from None
         if self.train.device != AUTO:
             parse_device(self.train.device, setting="train.device")  # is it where it says: at run time
+        check_run_name(self.run.name)
         valid = task_options(self.task.name)  # an unknown task name, with a suggestion
         stale = [key for key in self.task.options if key not in valid]
         if stale and is_task_factory(self.task.name):
@@ -390,7 +399,8 @@ class TrainConfig:
         if owners:
             raise ConfigError(f"{key!r} is in several sections ({', '.join(owners)}); write section.{key}.")
         bare = {k: f"{s}.{k}" for s, keys in self._keys().items() for k in keys}
-        close = difflib.get_close_matches(key, list(bare), n=1, cutoff=0.5)
+        known = SYNONYMS.get(key.lower())
+        close = [known] if known in bare else difflib.get_close_matches(key, list(bare), n=1, cutoff=0.5)
         hint = f' Did you mean "{bare[close[0]]}"?' if close else _hint(key, every)
         raise ConfigError(f"unknown setting {key!r}.{hint}")
 
@@ -423,6 +433,37 @@ class TrainConfig:
         setattr(section, key, _coerce(value, hints[key], f"{section_name}.{key}"))
 
 
+def check_run_name(name: str | None) -> None:
+    """Refuse a run.name that is not one folder inside run.dir ("../x", ".", "a/b", "").
+
+    Args:
+        name: run.name (None: an automatic name).
+
+    Raises:
+        ConfigError: naming the problem and a name that works.
+    """
+    if name is None:
+        return
+    if name in ("", ".", "..") or "/" in name or "\\" in name or name != name.strip() or "\0" in name:
+        plain = "-".join(part for part in name.replace("\\", "/").split("/") if part not in ("", ".", "..")) or "my-run"
+        raise ConfigError(
+            f"run.name = {name!r} is not one folder name inside run.dir (no '/', '.' or '..'); "
+            f"give a plain name such as --name {plain.strip()}, and set run.dir to put runs elsewhere."
+        )
+
+
+SYNONYMS = {
+    "learning_rate": "lr", "lr_rate": "lr", "wd": "weight_decay", "decay": "weight_decay",
+    "batch_size": "logical_batch_size", "global_batch_size": "logical_batch_size",
+    "micro_batch": "micro_batch_size", "microbatch_size": "micro_batch_size",
+    "per_device_batch_size": "micro_batch_size", "gradient_accumulation_steps": "accumulation_steps",
+    "grad_accum": "accumulation_steps", "max_steps": "steps", "num_steps": "steps", "iterations": "steps",
+    "warmup": "warmup_steps", "scheduler": "schedule", "lr_scheduler": "schedule", "grad_clip": "max_grad_norm",
+    "clip_grad_norm": "max_grad_norm", "optimizer": "name", "momentum1": "beta1", "model_name": "model",
+}
+"""Other libraries' words for a setting (transformers, Lightning, nanoGPT): an unknown key suggests ours."""
+
+
 def _factory_takes_no_options(name: str, key: str) -> str:
     return (
         f"task.{key}: a task from {name} takes no task options (only task.data, passed to the factory "
@@ -431,6 +472,10 @@ def _factory_takes_no_options(name: str, key: str) -> str:
 
 
 def _hint(name: str, valid: list[str]) -> str:
+    section, _, key = name.rpartition(".")
+    known = SYNONYMS.get(key.lower())
+    if known is not None and f"{section}.{known}".lstrip(".") in valid:
+        return f' Did you mean "{section}.{known}"?' if section else f' Did you mean "{known}"?'
     close = difflib.get_close_matches(name, valid, n=1, cutoff=0.5)
     return f' Did you mean "{close[0]}"?' if close else f" Valid: {', '.join(valid)}."
 

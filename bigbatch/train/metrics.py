@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import io
 import json
 import math
+import textwrap
 from pathlib import Path
 from typing import Any
 
-from .rundir import writing
+from .files import write_bytes_atomic, write_text_atomic
+from .rundir import RunFolder, writing
 
 
 def to_json(value: Any, **kwargs: Any) -> str:
@@ -57,12 +60,33 @@ class MetricsLog:
 
 
 def plot_losses(
-    rows: list[dict[str, Any]], path: Path, baselines: dict[str, float], title: str, unit: str = ""
+    rows: list[dict[str, Any]], folder: RunFolder, baselines: dict[str, float], title: str, unit: str = ""
 ) -> None:
-    """Training loss per step, validation loss where measured, and the baselines.
+    """Write `loss_figure(...)` as the folder's loss.png (atomically).
+
+    Args:
+        rows: the metrics rows.
+        folder: the run folder.
+        baselines: the task's reference values (only losses are drawn: the axis is a loss).
+        title: the plot's title (wrapped to fit).
+        unit: the items the noise scale counts ("tokens", "samples").
+    """
+    import matplotlib.pyplot as plt
+
+    fig = loss_figure(rows, baselines, title, unit)
+    image = io.BytesIO()
+    fig.savefig(image, format="png", dpi=120)
+    plt.close(fig)
+    write_bytes_atomic(folder.plot, image.getvalue())
+
+
+def loss_figure(rows: list[dict[str, Any]], baselines: dict[str, float], title: str, unit: str = "") -> Any:
+    """Training loss per step, validation loss where measured, and the loss baselines (a matplotlib Figure).
 
     Where the run measured the gradient noise scale, a second panel shows it next
-    to the logical batch, both in items (`unit`) per step.
+    to the logical batch, both in items (`unit`) per step. Baselines that are not
+    losses (a contrastive task's accuracies) are left off the loss axis; the
+    baselines' labels are set apart along the axis so that close values stay readable.
     """
     import matplotlib
 
@@ -88,20 +112,22 @@ def plot_losses(
         ax.plot(*zip(*train), lw=1, alpha=0.8, label="train loss")
     if val:
         ax.plot(*zip(*val), "o-", label="validation loss")
-    for name, value in baselines.items():
+    losses = sorted((value, name) for name, value in baselines.items() if "loss" in name and is_finite_number(value))
+    for i, (value, name) in enumerate(losses):
         ax.axhline(value, ls="--", lw=1, color="grey")
-        ax.annotate(name.replace("_", " "), (0, value), fontsize=8, color="grey", va="bottom")
+        # Each label at its own place along the axis: two baselines 0.01 apart would print on top of each other.
+        ax.annotate(name.replace("_", " "), (0.02 + 0.3 * (i % 3), value), xycoords=("axes fraction", "data"),
+                    fontsize=8, color="grey", va="bottom")  # fmt: skip
     if not noise:
         ax.set_xlabel("optimizer step")
     ax.set_ylabel("loss")
-    ax.set_title(title)
+    ax.set_title(textwrap.fill(title, 72), fontsize=10)
     if train or val:  # a run with no finite loss has nothing to label (legend() would warn)
         ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    return fig
 
 
-def write_summary(path: Path, summary: dict[str, Any]) -> None:
-    """Write `summary` to `path` as indented JSON, inf and NaN as null."""
-    path.write_text(to_json(summary, indent=2) + "\n", encoding="utf-8")
+def write_summary(folder: RunFolder, summary: dict[str, Any]) -> None:
+    """Write `summary` to the folder's summary.json (atomically) as indented JSON, inf and NaN as null."""
+    write_text_atomic(folder.summary, to_json(summary, indent=2) + "\n")

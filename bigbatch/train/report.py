@@ -16,6 +16,7 @@ from typing import Any
 from ..engine.batch_sizes import BatchSizes
 from .memory_plan import MemoryChoice
 from .metrics import is_finite_number, plot_losses, write_summary
+from .rundir import RunFolder
 
 
 @dataclass(frozen=True)
@@ -99,6 +100,28 @@ def header(run: RunInfo, baselines: dict[str, float], resumed_at: int | None) ->
     return "\n".join(lines)
 
 
+def changed_on_resume(changes: list[tuple[str, Any, Any]], step: int) -> str:
+    """The header's line for the settings a resumed run changed: they apply from the next step.
+
+    Args:
+        changes: (setting, the checkpoint's value, this run's value).
+        step: the step the run resumes at.
+
+    Returns:
+        One line.
+
+    Example:
+        >>> changed_on_resume([("optim.lr", 0.003, 0.3)], 4)
+        '  changed on resume, from step 5: optim.lr 0.003 -> 0.3'
+    """
+    said = ", ".join(f"{key} {_value(old)} -> {_value(new)}" for key, old, new in changes)
+    return f"  changed on resume, from step {step + 1}: {said}"
+
+
+def _value(value: Any) -> str:
+    return "unset" if value is None else f"{value:g}" if isinstance(value, float) else str(value)
+
+
 def _trainable(run: RunInfo) -> str:
     if run.trainable_parameters == run.num_parameters:
         return ""
@@ -154,12 +177,13 @@ def finish(
         summary["memory_plan"] = run.memory_plan.to_dict()
     summary.update(noise_summary(rows, run.item_unit))
     title = f"{run.task_name}: {run.batch_schedule or run.batch}"
-    plot_losses(rows, run.run_dir / "loss.png", baselines, title, run.item_unit)
+    folder = RunFolder(run.run_dir)
+    plot_losses(rows, folder, baselines, title, run.item_unit)
     if model_dir is not None:
         summary["model_dir"] = str(model_dir)
     if sample is not None:
         summary["sample"] = sample
-    write_summary(run.run_dir / "summary.json", summary)
+    write_summary(folder, summary)
     return summary, _closing_text(summary, totals.steps, totals.train_seconds, str(run.run_dir))
 
 
@@ -177,7 +201,8 @@ def _closing_text(summary: dict[str, Any], steps: int, seconds: float, run_dir: 
     if "noise_advice" in summary:
         lines.append(f"  {summary['noise_advice']}")
     model = ", model/" if "model_dir" in summary else ""
-    lines.append(f"  wrote {run_dir}/ (config.toml, metrics.jsonl, loss.png, summary.json, checkpoints/{model})")
+    board = ", tensorboard/" if RunFolder(Path(run_dir)).tensorboard.is_dir() else ""
+    lines.append(f"  wrote {run_dir}/ (config.toml, metrics.jsonl, loss.png, summary.json, checkpoints/{board}{model})")
     if "sample" in summary:
         lines.append("sample:\n" + summary["sample"])
     return "\n".join(lines)

@@ -20,7 +20,7 @@ from ..tasks import Task
 from . import report
 from .config import TrainConfig
 from .metrics import MetricsLog
-from .rundir import writing
+from .rundir import RunFolder, writing
 from .runtime import Runtime
 from .sharded_checkpoint import full_model_state
 
@@ -71,20 +71,21 @@ def finish_run(
 
 
 def _save_model(task: Task, model: nn.Module, runtime: Runtime, sharded: bool, run_dir: Path) -> Path | None:
-    """The trained model in run_dir/model/, if the task can write it (`save_pretrained`; causal-lm).
+    """The trained model in run_dir/model/, if the task can write it (`save_pretrained`; causal-lm), atomically.
 
     Rank 0 writes; under FSDP2 every rank first takes part in gathering the full weights.
     """
     save = getattr(task, "save_pretrained", None)
     if save is None:
         return None
-    directory = run_dir / "model"
+    folder = RunFolder(run_dir)
     state = full_model_state(model) if sharded else None  # a collective
-    if runtime.is_main:
-        with writing("saving the trained model", directory):
-            save(unwrap_ddp(model), directory, state_dict=state)
-    runtime.barrier()
-    return directory
+    with runtime.rank0_alone("saving the trained model"):  # the others wait for it, however long it takes
+        if runtime.is_main:
+            # Whole or not at all: a kill mid-save leaves the previous model/ (or none), never half of one.
+            with folder.write_folder(folder.model, "saving the trained model") as tmp:
+                save(unwrap_ddp(model), tmp, state_dict=state)
+    return folder.model
 
 
 def _diverged(model: nn.Module, runtime: Runtime) -> bool:

@@ -1,4 +1,10 @@
-"""The run folder: one writer at a time, and operating-system faults as one clear message.
+"""The run folder: every path in it, one writer at a time, and operating-system faults as one clear message.
+
+**Its files.** `RunFolder` names every path of `runs/NAME/` (config.toml,
+metrics.jsonl, checkpoints/, summary.json, loss.png, model/, tensorboard/,
+run.lock); nothing else joins names onto a run folder. Whole files and the
+model folder are written by the atomic rule of bigbatch.train.files (a
+temporary name, then a rename, with the user's umask).
 
 **One writer.** Before it writes anything, a run takes an exclusive lock on the
 file `RUN_LOCK` in its folder (`fcntl.flock`) and holds it for its whole life. The
@@ -36,6 +42,7 @@ from pathlib import Path
 
 from ..errors import ConfigError
 from .checkpoint import list_checkpoints
+from .files import folder_atomically, remove_stale, write_text_atomic
 from .runtime import Runtime
 
 try:
@@ -50,6 +57,92 @@ RUN_LOCK = "run.lock"
 
 _NO_SPACE = {errno.ENOSPC, errno.EDQUOT}
 _NOT_WRITABLE = {errno.EROFS, errno.EACCES, errno.EPERM}
+
+
+class RunFolder:
+    """Every path of one run folder, and its atomic writes.
+
+    Args:
+        path: the run folder (runs/NAME).
+
+    Example:
+        >>> RunFolder(Path("runs/a")).summary
+        PosixPath('runs/a/summary.json')
+    """
+
+    CONFIG = "config.toml"
+    METRICS = "metrics.jsonl"
+    CHECKPOINTS = "checkpoints"
+    SUMMARY = "summary.json"
+    PLOT = "loss.png"
+    MODEL = "model"
+    TENSORBOARD = "tensorboard"
+    LOCK = RUN_LOCK
+
+    def __init__(self, path: Path) -> None:
+        """The folder at `path` (nothing is created)."""
+        self.path = Path(path)
+
+    def __fspath__(self) -> str:
+        """The folder's path, so that `open(folder / ...)`-style callers may pass it on."""
+        return str(self.path)
+
+    def __repr__(self) -> str:
+        """RunFolder('runs/a')."""
+        return f"RunFolder({str(self.path)!r})"
+
+    @property
+    def config(self) -> Path:
+        """The resolved config (config.toml): `bigbatch train THIS_FILE` trains it again."""
+        return self.path / self.CONFIG
+
+    @property
+    def metrics(self) -> Path:
+        """One JSON object per optimizer step (metrics.jsonl)."""
+        return self.path / self.METRICS
+
+    @property
+    def checkpoints(self) -> Path:
+        """The checkpoints folder."""
+        return self.path / self.CHECKPOINTS
+
+    @property
+    def summary(self) -> Path:
+        """summary.json."""
+        return self.path / self.SUMMARY
+
+    @property
+    def plot(self) -> Path:
+        """The loss curve (loss.png)."""
+        return self.path / self.PLOT
+
+    @property
+    def model(self) -> Path:
+        """The trained model a task saves (causal-lm's save_pretrained folder)."""
+        return self.path / self.MODEL
+
+    @property
+    def tensorboard(self) -> Path:
+        """TensorBoard's event files."""
+        return self.path / self.TENSORBOARD
+
+    @property
+    def lock(self) -> Path:
+        """The lock file (see `RunLock`)."""
+        return self.path / self.LOCK
+
+    def write_text(self, path: Path, text: str, what: str) -> None:
+        """Write one whole file of this folder atomically; an OS fault is a `RunStorageError` naming `what`."""
+        with writing(what, path):
+            write_text_atomic(path, text)
+
+    @contextlib.contextmanager
+    def write_folder(self, path: Path, what: str) -> Iterator[Path]:
+        """Yield a temporary folder that replaces `path` whole when the block ends (files.folder_atomically)."""
+        with writing(what, path):
+            remove_stale(path.parent, path.name)  # what a killed write left
+            with folder_atomically(path) as tmp:
+                yield tmp
 
 
 class RunInUseError(RuntimeError):

@@ -7,9 +7,13 @@ plain `bigbatch train` is a world of one and touches no process group.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
-from dataclasses import dataclass
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -23,6 +27,14 @@ class RankLostError(RuntimeError):
 
 
 _LOST = ("timed out", "timeout", "connection closed by peer", "connection reset by peer", "broken pipe")
+
+
+def _default_store() -> Any:
+    """The process group's key-value store (None if there is none: then sections are not waited for)."""
+    try:
+        return dist.distributed_c10d._get_default_store()
+    except (AttributeError, RuntimeError, ValueError):  # pragma: no cover - a torch without it
+        return None
 
 
 def rank_lost(error: BaseException, timeout_s: float) -> RankLostError | None:
@@ -65,6 +77,8 @@ class Runtime:
     world_size: int
     device: torch.device
     owns_process_group: bool  # we initialised it, so we destroy it
+    timeout_s: float = 600.0  # train.timeout: how long a rank waits for a silent one
+    _alone: int = field(default=0, repr=False)  # rank0_alone's sections so far (the same count on every rank)
 
     @property
     def is_main(self) -> bool:
@@ -98,7 +112,67 @@ class Runtime:
             owns = True
         if dist.is_initialized():
             rank, world_size = dist.get_rank(), dist.get_world_size()
-        return cls(rank, world_size, dev, owns)
+        return cls(rank, world_size, dev, owns, timeout_s)
+
+    @contextlib.contextmanager
+    def rank0_alone(self, what: str) -> Iterator[None]:
+        """A section where rank 0 works alone (evaluating, writing); the others wait for it by design.
+
+        Every rank enters it. Rank 0 beats (a counter in the process group's store,
+        once a second) while it works; when the section ends the other ranks wait
+        until rank 0 says it is done, for as long as it takes, and give up only if its
+        beat stops for `timeout_s` (a rank stopped, hung or died): then they raise the
+        error a timed-out collective raises. So a long evaluation or save needs no
+        larger train.timeout, and a lost rank 0 is still caught. Collectives inside
+        the section run as usual. One process: nothing to wait for.
+
+        Args:
+            what: what rank 0 does ("evaluating"), for the error.
+
+        Yields:
+            Nothing; the section runs inside.
+
+        Raises:
+            RuntimeError: "Timed out ...": rank 0 stopped beating for timeout_s seconds.
+        """
+        store = _default_store() if self.world_size > 1 else None
+        if store is None:
+            yield
+            return
+        self._alone += 1
+        beat, done = f"bigbatch/alone/{self._alone}/beat", f"bigbatch/alone/{self._alone}/done"
+        if self.is_main:
+            stop = threading.Event()
+
+            def beating() -> None:
+                count = 0
+                while True:
+                    count += 1
+                    store.set(beat, str(count))
+                    if stop.wait(1.0):
+                        return
+
+            thread = threading.Thread(target=beating, name="bigbatch-rank0-beat", daemon=True)
+            thread.start()
+            try:
+                yield
+            finally:
+                stop.set()
+                thread.join()
+                store.set(done, "1")
+            return
+        yield
+        seen, since = None, time.monotonic()
+        while not store.check([done]):
+            now = store.get(beat).decode() if store.check([beat]) else None
+            if now != seen:
+                seen, since = now, time.monotonic()
+            elif time.monotonic() - since > self.timeout_s:
+                raise RuntimeError(
+                    f"Timed out waiting for rank 0 while it was {what}: it stopped answering "
+                    f"for {self.timeout_s:g} s"
+                )
+            time.sleep(0.05)
 
     def barrier(self) -> None:
         """Wait for every rank (a no-op in one process)."""

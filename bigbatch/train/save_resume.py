@@ -20,6 +20,7 @@ from torch import nn
 from ..engine.grad_sync import unwrap_ddp
 from ..errors import ConfigError
 from .checkpoint import (
+    MARKER,
     checkpoint_path,
     list_checkpoints,
     newest_valid_checkpoint,
@@ -30,7 +31,7 @@ from .checkpoint import (
 )
 from .rundir import writing
 from .runtime import Runtime
-from .sharded_checkpoint import load_sharded, save_sharded
+from .sharded_checkpoint import load_full_state, load_sharded, save_sharded
 from .state import MODEL_KEY, OPTIMIZER_KEY, SHARDED_KEY, model_must_fit
 
 
@@ -69,9 +70,10 @@ def write_checkpoint(
         runtime.barrier()
         return path
     path = checkpoint_path(checkpoint_dir, step)
-    if runtime.is_main:
-        with writing(f"writing the checkpoint of step {step}", path):
-            save_checkpoint(checkpoint_dir, step, state, keep)
+    with runtime.rank0_alone(f"writing the checkpoint of step {step}"):  # the others wait, however long it takes
+        if runtime.is_main:
+            with writing(f"writing the checkpoint of step {step}", path):
+                save_checkpoint(checkpoint_dir, step, state, keep)
     runtime.barrier()
     return path
 
@@ -122,3 +124,38 @@ def load_model_and_optimizer(
             unwrap_ddp(model).load_state_dict(state[MODEL_KEY])
             optimizer.load_state_dict(state[OPTIMIZER_KEY])
 
+
+
+def load_initial_weights(model: nn.Module, source: str) -> Path:
+    """A new run's first weights from `source` (train.init_from): the model's part of a checkpoint only.
+
+    Args:
+        model: the bare model (before DDP or FSDP2 wrap it).
+        source: a run folder (its newest readable checkpoint), a checkpoints folder, a
+            step-N.pt file or an FSDP2 step folder.
+
+    Returns:
+        The checkpoint read.
+
+    Raises:
+        ConfigError: nothing readable there, or weights that do not fit this run's model.
+    """
+    path = Path(source).expanduser()
+    folder = path / "checkpoints" if (path / "checkpoints").is_dir() else path
+    found = None
+    if folder.is_dir() and not (folder / MARKER).exists():
+        found = newest_valid_checkpoint(folder)
+    elif path.exists():
+        try:
+            found = (path, read_checkpoint(path))
+        except Exception as e:  # unreadable: said in one line below
+            raise ConfigError(f"train.init_from = {source!r} cannot be read ({type(e).__name__}: {e}); "
+                              "give a run folder or a checkpoint that bigbatch train wrote.") from None
+    if found is None:
+        raise ConfigError(f"train.init_from = {source!r} holds no readable checkpoint; give a run folder "
+                          "(runs/NAME) or a checkpoint (runs/NAME/checkpoints/step-NNNNNNN.pt).")
+    chosen, state = found
+    weights = load_full_state(chosen)[MODEL_KEY] if SHARDED_KEY in state else state[MODEL_KEY]
+    with model_must_fit(chosen):
+        model.load_state_dict(weights)
+    return chosen

@@ -54,21 +54,66 @@ def check_is_config(config: object) -> None:
     raise ConfigError(f"Trainer takes a TrainConfig, got {type(config).__name__}: use {fix}.")
 
 
-def check_setup(*, planning: bool, sharded: bool) -> None:
+def check_setup(*, planning: bool, sharded: bool, fast_micro_step: str = "none", device_type: str = "cpu") -> None:
     """Refuse settings that contradict each other in this world, before anything is built.
 
     Args:
         planning: batch.max_memory asks the planner to pick the micro-batch.
         sharded: FSDP2 over more than one process.
+        fast_micro_step: train.fast_micro_step.
+        device_type: the run's device ("cpu", "cuda", ...).
 
     Raises:
-        ConfigError: both at once.
+        ConfigError: planning under FSDP2; CUDA graphs off CUDA.
     """
+    if fast_micro_step == "cudagraphs" and device_type != "cuda":
+        raise ConfigError(
+            f'train.fast_micro_step = "cudagraphs" records CUDA graphs, and this run is on {device_type}; '
+            'use "compile" (or "none"), or train.device = "cuda".'
+        )
     if sharded and planning:
         raise ConfigError(
             'batch.max_memory plans for the whole model in one process, not for FSDP2 shards; '
             'under train.parallel = "fsdp2" give batch.micro_batch_size (`bigbatch plan` suggests one).'
         )
+
+
+def check_batchnorm_micro_batches(model: nn.Module, sizes: BatchSizes, *more: BatchSizes) -> None:
+    """Refuse a split that leaves a BatchNorm layer a micro-batch of one sample (torch cannot train on it).
+
+    Args:
+        model: the run's model.
+        sizes: the logical batch's split.
+        *more: other splits the run will use (a batch schedule's first).
+
+    Raises:
+        ConfigError: naming the micro-batch of one, and splits that work.
+    """
+    if not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
+        return
+    for split in (sizes, *more):
+        micro = split.micro_batch_size
+        if not isinstance(micro, int):
+            continue
+        for share in split.rank_batch_sizes:
+            if share % micro == 1 or share == 1:
+                whole = f"{share // micro} x {micro} + 1" if share > 1 else "1"
+                raise ConfigError(
+                    f"the model has BatchNorm, and a logical batch of {split.logical_batch_size} in micro-batches "
+                    f"of {micro} leaves a micro-batch of one sample ({whole}{' per rank' if split.world_size > 1 else ''}), "
+                    "which BatchNorm cannot train on; choose batch.logical_batch_size and batch.micro_batch_size so "
+                    f"that no micro-batch holds one sample (e.g. batch.micro_batch_size={_no_single(share, micro)}), "
+                    "or a norm that works per sample (digits: task.norm=groupnorm)."
+                )
+
+
+def _no_single(share: int, micro: int) -> int:
+    """The micro-batch nearest `micro` whose split of `share` leaves no micro-batch of one."""
+    for delta in range(1, share + 1):
+        for candidate in (micro + delta, micro - delta):
+            if 2 <= candidate <= share and share % candidate != 1:
+                return candidate
+    return share
 
 
 def setup_batch(config: TrainConfig, *, world_size: int, planning: bool, sharded: bool) -> BatchSizes:
@@ -196,6 +241,14 @@ def setup_batch_schedule(config: TrainConfig, sizes: BatchSizes, loss_fn: LossFn
         return BatchSchedule("constant", target=sizes.logical_batch_size, quantum=1)
     quantum = micro * sizes.world_size
     start = b.ramp_start
+    if start is None and sizes.logical_batch_size <= quantum:  # no room to grow: say so, not an unset ramp_start
+        raise ConfigError(
+            f'batch.schedule = "{b.schedule}" grows the batch in micro-batches of {micro}'
+            + (f" on each of {sizes.world_size} ranks" if sizes.world_size > 1 else "")
+            + f", and batch.logical_batch_size = {sizes.logical_batch_size} is a single one: nothing to grow; "
+            f"give a logical batch of several micro-batches (e.g. batch.logical_batch_size={8 * quantum}) "
+            'or a smaller batch.micro_batch_size, or use batch.schedule = "constant".'
+        )
     if start is None:  # one micro-batch per rank; two in one process, so the noise is measurable
         start = quantum * (2 if b.schedule == "adaptive" and sizes.world_size == 1 else 1)
     if b.schedule == "adaptive" and sizes.world_size == 1 and start <= micro:

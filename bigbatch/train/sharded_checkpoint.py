@@ -32,8 +32,9 @@ from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_di
 from torch.distributed.checkpoint.state_dict_loader import load as dcp_load
 from torch.distributed.checkpoint.state_dict_saver import save as dcp_save
 
-from .checkpoint import MARKER, RUN_STATE, fsync_path
+from .checkpoint import MARKER, RUN_STATE
 from .checksums import MANIFEST, HashingWriter, checksum_line, sha256_of, write_durably
+from .files import fsync_path
 from .runtime import Runtime
 from .state import MODEL_KEY, OPTIMIZER_KEY
 

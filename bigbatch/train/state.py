@@ -1,8 +1,9 @@
 """What a trainer checkpoint holds, and whether it can continue this run.
 
 A checkpoint is one dict (a file, or an FSDP2 step directory's run state plus
-its DCP shards) keyed by the names below; the trainer writes and reads them
-only through these constants. `check_resume` and `model_must_fit` are every
+its DCP shards) keyed by the names below. The trainer's own counters live in
+one record, `RunState`, written and read by its one pair
+`RunState.to_checkpoint` / `RunState.from_checkpoint`; nothing else names the keys. `check_resume` and `model_must_fit` are every
 rule a resumed run must meet, each error naming the setting to change:
 
 - the same number of processes (`world_size` is saved; RNG states are per rank);
@@ -15,9 +16,10 @@ rule a resumed run must meet, each error naming the setting to change:
 from __future__ import annotations
 
 import contextlib
+import math
 import random
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -40,12 +42,103 @@ RNG_KEY = "rng"  # every rank's torch / CUDA / Python RNG state, in rank order
 NONFINITE_KEY = "nonfinite"  # [non-finite steps in a row, in total]
 TRAIN_SECONDS_KEY = "train_seconds"
 MEMORY_PLAN_KEY = "memory_plan"  # the planner's choice as a dict, or None
+SETTINGS_KEY = "settings"  # the config the run trained with ({section: {key: value}}), checked on resume
+FINGERPRINTS_KEY = "fingerprints"  # {"task.data": sha256, "task.model": sha256}: what the files held
 SHARDED_KEY = "sharded"  # added on load, never saved: the FSDP2 step directory to load shards from
 
 REQUIRED_KEYS: tuple[str, ...] = (STEP_KEY, MODEL_KEY, OPTIMIZER_KEY, ACCUMULATOR_KEY, RNG_KEY, SAMPLES_SEEN_KEY)
 """What a checkpoint file must hold to count as readable."""
 REQUIRED_SHARDED_KEYS: tuple[str, ...] = (STEP_KEY, ACCUMULATOR_KEY, RNG_KEY, SAMPLES_SEEN_KEY, WORLD_SIZE_KEY)
 """What an FSDP2 step directory's run state must hold (model and optimizer are its shards)."""
+
+
+@dataclass
+class RunState:
+    """The trainer's own state besides model, optimizer, scheduler and engine: one record, one save/load pair.
+
+    `to_checkpoint` gives the checkpoint dict (with the parts other objects own,
+    passed in); `from_checkpoint` reads one back, older checkpoints' missing
+    entries as their defaults.
+    """
+
+    step: int = 0
+    """Optimizer steps taken."""
+    samples_seen: int = 0
+    """The data position: the sampler resumes from it."""
+    items_seen: int = 0
+    """What the loss counted so far: tokens for a token-level loss, else samples."""
+    batch_size: int = 0
+    """The logical batch of the step last run (or the first)."""
+    noise_scale: float = math.nan
+    """The last step's simple noise scale (an EMA), in items."""
+    nonfinite_in_a_row: int = 0
+    nonfinite_total: int = 0
+    train_seconds: float = 0.0
+    memory_plan: dict[str, Any] | None = None
+    """The planner's choice (`MemoryChoice.to_dict()`), or None."""
+    settings: dict[str, Any] | None = None
+    """The config the run trained with (`TrainConfig.to_dict()`); None in checkpoints that predate it."""
+    fingerprints: dict[str, str | None] = field(default_factory=dict)
+    """SHA-256 of what task.data and task.model held when the run trained on them."""
+
+    def to_checkpoint(
+        self, *, world_size: int, optimizer_name: str, scheduler: Any, accumulator: Any, rng: list[Any]
+    ) -> dict[str, Any]:
+        """The checkpoint dict besides model and optimizer.
+
+        Args:
+            world_size: the number of processes that wrote it.
+            optimizer_name: optim.name (one optimizer's state loads into another silently).
+            scheduler: the lr scheduler's `state_dict()`.
+            accumulator: the engine's `state_dict()`.
+            rng: every rank's `rng_state`, in rank order.
+
+        Returns:
+            {key: value} under the constants of this module.
+        """
+        return {
+            STEP_KEY: self.step,
+            SAMPLES_SEEN_KEY: self.samples_seen,
+            ITEMS_SEEN_KEY: self.items_seen,
+            BATCH_SIZE_KEY: self.batch_size,
+            NOISE_SCALE_KEY: self.noise_scale,
+            WORLD_SIZE_KEY: world_size,
+            SCHEDULER_KEY: scheduler,
+            ACCUMULATOR_KEY: accumulator,
+            RNG_KEY: rng,
+            NONFINITE_KEY: [self.nonfinite_in_a_row, self.nonfinite_total],
+            TRAIN_SECONDS_KEY: self.train_seconds,
+            MEMORY_PLAN_KEY: self.memory_plan,
+            OPTIMIZER_NAME_KEY: optimizer_name,
+            SETTINGS_KEY: self.settings,
+            FINGERPRINTS_KEY: dict(self.fingerprints),
+        }
+
+    @classmethod
+    def from_checkpoint(cls, state: Mapping[str, Any], *, batch_size: int) -> RunState:
+        """The record a checkpoint holds (its scheduler, engine, RNG, model and optimizer parts aside).
+
+        Args:
+            state: a checkpoint as `read_checkpoint` returns it.
+            batch_size: the logical batch to assume where an older checkpoint lacks it.
+
+        Returns:
+            The record.
+        """
+        in_a_row, total = state.get(NONFINITE_KEY, [0, 0])
+        return cls(
+            step=state[STEP_KEY],
+            samples_seen=state[SAMPLES_SEEN_KEY],
+            items_seen=state.get(ITEMS_SEEN_KEY, 0),
+            batch_size=state.get(BATCH_SIZE_KEY, batch_size),
+            noise_scale=state.get(NOISE_SCALE_KEY, math.nan),
+            nonfinite_in_a_row=in_a_row,
+            nonfinite_total=total,
+            train_seconds=state.get(TRAIN_SECONDS_KEY, 0.0),
+            memory_plan=state.get(MEMORY_PLAN_KEY),
+            settings=state.get(SETTINGS_KEY),
+            fingerprints=dict(state.get(FINGERPRINTS_KEY) or {}),
+        )
 
 
 @dataclass(frozen=True)

@@ -24,7 +24,6 @@ This module wires the run and drives its loop; the parts it wires live apart:
 
 from __future__ import annotations
 
-import math
 import time
 from pathlib import Path
 from typing import Any
@@ -46,13 +45,15 @@ from .memory_plan import MemoryChoice, plan_memory, resolved_config
 from .metrics import MetricsLog
 from .nonfinite import NonFiniteLossError, is_nonfinite_step, not_recovering
 from .progress import Progress, memory_text
+from .resume_settings import changed_settings, check_unchanged, fingerprints, settings_of
 from .run_end import finish_run
-from .rundir import RunLock, RunStorageError, claim_run_folder, on_rank0, writing
+from .rundir import RunFolder, RunLock, RunStorageError, claim_run_folder, on_rank0, writing
 from .runtime import RankLostError, Runtime, rank_lost
 from .sampler import Sampler
-from .save_resume import load_model_and_optimizer, newest_checkpoint, write_checkpoint
+from .save_resume import load_initial_weights, load_model_and_optimizer, newest_checkpoint, write_checkpoint
 from .setup import (
     DTYPES,
+    check_batchnorm_micro_batches,
     check_data,
     check_is_config,
     check_setup,
@@ -67,25 +68,17 @@ from .setup import (
 )
 from .state import (
     ACCUMULATOR_KEY,
-    BATCH_SIZE_KEY,
-    ITEMS_SEEN_KEY,
-    MEMORY_PLAN_KEY,
     MODEL_KEY,
-    NOISE_SCALE_KEY,
-    NONFINITE_KEY,
     OPTIMIZER_KEY,
-    OPTIMIZER_NAME_KEY,
     RNG_KEY,
-    SAMPLES_SEEN_KEY,
     SCHEDULER_KEY,
-    STEP_KEY,
-    TRAIN_SECONDS_KEY,
-    WORLD_SIZE_KEY,
     ResumingRun,
+    RunState,
     check_resume,
     rng_state,
     set_rng_state,
 )
+from .tensorboard import TensorBoardLog
 
 __all__ = ["NonFiniteLossError", "Trainer"]
 
@@ -116,7 +109,8 @@ class Trainer:
         self.runtime = Runtime.from_env(config.train.device, timeout_s=config.train.timeout)
         planning = config.batch.max_memory is not None and resume is None  # a resumed run keeps its choice
         self.sharded = config.train.parallel == "fsdp2" and self.runtime.world_size > 1
-        check_setup(planning=planning, sharded=self.sharded)
+        check_setup(planning=planning, sharded=self.sharded, fast_micro_step=config.train.fast_micro_step,
+                    device_type=self.runtime.device.type)  # fmt: skip
         self.config = config
         self.batch_sizes = setup_batch(config, world_size=self.runtime.world_size, planning=planning,
                                        sharded=self.sharded)  # fmt: skip
@@ -127,12 +121,15 @@ class Trainer:
         self.lr = setup_lr(config, self.batch_sizes, is_main=self.runtime.is_main)
         self._loss_fn = self.task.loss_fn  # one object: fast_micro_step compiles it once
         model = setup_model(config, self.task, self.runtime.device, self.dtype)
+        if config.train.init_from is not None and resume is None:  # a resumed run loads its own checkpoint
+            load_initial_weights(model, config.train.init_from)
         self.num_parameters = sum(p.numel() for p in model.parameters())
         self.trainable_parameters = sum(p.numel() for p in model.parameters() if p.requires_grad)
         self.memory_plan: MemoryChoice | None = None  # a resumed run reads its own from the checkpoint
         if planning:
             self.memory_plan, self.batch_sizes, self.config = self._plan_memory(model)
         self.batch_schedule = setup_batch_schedule(self.config, self.batch_sizes, self._loss_fn, model)
+        check_batchnorm_micro_batches(model, self.batch_sizes, self._sizes(self.batch_schedule.first))
         self.model = setup_parallel(model, self.config, self.runtime)  # the optimizer comes after it
         self.optimizer, self.scheduler = self._setup_optimizer(self.model)
         self.accumulator = setup_engine(self.config, self.batch_sizes, self._loss_fn, self.model, self.optimizer,
@@ -159,14 +156,10 @@ class Trainer:
 
     def _setup_run(self, resume: str | Path | None) -> Path:
         """The run folder, locked by rank 0 for the run's life: a new one, or `resume`, whose checkpoint is loaded."""
-        self.step = 0
-        self.samples_seen = 0
-        self.items_seen = 0  # what the loss counted: tokens for a token-level loss, else samples
-        self.batch_size = self.batch_schedule.first  # the logical batch of the step last run (or the first)
-        self.noise_scale = math.nan  # the last step's simple noise scale (an EMA), in items
-        self.nonfinite_in_a_row = 0
-        self.nonfinite_total = 0
-        self.train_seconds = 0.0
+        self.run_state = RunState(
+            batch_size=self.batch_schedule.first, settings=settings_of(self.config), fingerprints=fingerprints(self.config)
+        )
+        self.resumed_changes: list[tuple[str, Any, Any]] = []  # (setting, checkpoint's value, this run's)
         self.last_checkpoint: tuple[int, Path] | None = None  # (step, path) of the newest one known good
         self._lock: RunLock | None = None
         try:
@@ -182,11 +175,13 @@ class Trainer:
             raise
         if resume is not None:
             self.run_dir = folder
+            self.folder = RunFolder(folder)
             try:
                 self._resume()
             except BaseException:
                 self.close()  # a refused resume leaves the folder free for the next attempt
                 raise
+        self.folder = RunFolder(folder)
         return folder
 
     def _claim_run_folder(self, resume: str | Path | None) -> Path:
@@ -210,7 +205,22 @@ class Trainer:
     @property
     def checkpoint_dir(self) -> Path:
         """Where this run's checkpoints are."""
-        return self.run_dir / "checkpoints"
+        return self.folder.checkpoints
+
+    @property
+    def step(self) -> int:
+        """Optimizer steps taken (`run_state.step`)."""
+        return self.run_state.step
+
+    @property
+    def samples_seen(self) -> int:
+        """The data position: samples consumed so far (`run_state.samples_seen`)."""
+        return self.run_state.samples_seen
+
+    @property
+    def items_seen(self) -> int:
+        """What the loss counted so far: tokens for a token-level loss, else samples."""
+        return self.run_state.items_seen
 
     def _unwrapped(self) -> nn.Module:
         return unwrap_ddp(self.model)
@@ -222,28 +232,20 @@ class Trainer:
         (DTensors); `save` writes those with torch.distributed.checkpoint instead.
         """
         return {
-            **self._run_state(),
+            **self._state_besides_weights(),
             MODEL_KEY: self._unwrapped().state_dict(),
             OPTIMIZER_KEY: self.optimizer.state_dict(),
         }
 
-    def _run_state(self) -> dict[str, Any]:
+    def _state_besides_weights(self) -> dict[str, Any]:
         """The state besides model and optimizer (a collective: the RNG gather)."""
-        return {
-            STEP_KEY: self.step,
-            SAMPLES_SEEN_KEY: self.samples_seen,
-            ITEMS_SEEN_KEY: self.items_seen,
-            BATCH_SIZE_KEY: self.batch_size,
-            NOISE_SCALE_KEY: self.noise_scale,
-            WORLD_SIZE_KEY: self.runtime.world_size,
-            SCHEDULER_KEY: self.scheduler.state_dict(),
-            ACCUMULATOR_KEY: self.accumulator.state_dict(),
-            RNG_KEY: self.runtime.gather(rng_state(self.runtime.device)),
-            NONFINITE_KEY: [self.nonfinite_in_a_row, self.nonfinite_total],
-            TRAIN_SECONDS_KEY: self.train_seconds,
-            MEMORY_PLAN_KEY: None if self.memory_plan is None else self.memory_plan.to_dict(),
-            OPTIMIZER_NAME_KEY: self.config.optim.name,
-        }
+        if self.memory_plan is not None:
+            self.run_state.memory_plan = self.memory_plan.to_dict()
+        return self.run_state.to_checkpoint(
+            world_size=self.runtime.world_size, optimizer_name=self.config.optim.name,
+            scheduler=self.scheduler.state_dict(), accumulator=self.accumulator.state_dict(),
+            rng=self.runtime.gather(rng_state(self.runtime.device)),
+        )  # fmt: skip
 
     def save(self) -> None:
         """A checkpoint of this step (rank 0 writes; every rank waits until it is on disk).
@@ -252,7 +254,7 @@ class Trainer:
         bigbatch.train.sharded_checkpoint).
         """
         # A collective (the RNG gather): every rank calls it. FSDP2 writes model and optimizer as shards.
-        state = self._run_state() if self.sharded else self.state_dict()
+        state = self._state_besides_weights() if self.sharded else self.state_dict()
         path = write_checkpoint(
             self.runtime, sharded=self.sharded, checkpoint_dir=self.checkpoint_dir, step=self.step,
             keep=self.config.checkpoint.keep, model=self.model, optimizer=self.optimizer, state=state,
@@ -260,26 +262,44 @@ class Trainer:
         self.last_checkpoint = (self.step, path)
 
     def _resume(self) -> None:
-        """Continue from the newest readable checkpoint, once it is known to fit this run."""
+        """Continue from the newest readable checkpoint, once it is known to fit this run.
+
+        The settings that may change on resume take effect from the next step
+        (bigbatch.train.resume_settings lists which, and refuses the others).
+        """
         state, path = newest_checkpoint(self.runtime, self.checkpoint_dir, self.run_dir)
-        self.last_checkpoint = (state[STEP_KEY], path)
+        saved = RunState.from_checkpoint(state, batch_size=self.batch_sizes.logical_batch_size)
+        self.last_checkpoint = (saved.step, path)
         check_resume(state, ResumingRun(
             run_dir=self.run_dir, world_size=self.runtime.world_size, sharded=self.sharded,
             optimizer_name=self.config.optim.name, steps=self.config.train.steps,
         ))  # fmt: skip
+        check_unchanged(saved, self.run_state, self.run_dir, path)
+        self.resumed_changes = changed_settings(saved.settings, self.run_state.settings)
         load_model_and_optimizer(state, self.model, self.optimizer, sharded=self.sharded,
                                  checkpoint_dir=self.checkpoint_dir)  # fmt: skip
         self.scheduler.load_state_dict(state[SCHEDULER_KEY])
         self.accumulator.load_state_dict(state[ACCUMULATOR_KEY])
         set_rng_state(state[RNG_KEY][self.runtime.rank], self.runtime.device)
-        self.step, self.samples_seen = state[STEP_KEY], state[SAMPLES_SEEN_KEY]
-        self.items_seen = state.get(ITEMS_SEEN_KEY, 0)
-        self.noise_scale = state.get(NOISE_SCALE_KEY, math.nan)
-        self._use_batch_size(state.get(BATCH_SIZE_KEY, self.batch_sizes.logical_batch_size), refresh_lr=False)
-        self.nonfinite_in_a_row, self.nonfinite_total = state[NONFINITE_KEY]
-        self.train_seconds = state[TRAIN_SECONDS_KEY]
-        record = state.get(MEMORY_PLAN_KEY)
-        self.memory_plan = None if record is None else MemoryChoice.from_dict(record)
+        saved.settings, saved.fingerprints = self.run_state.settings, self.run_state.fingerprints  # what runs now
+        self.run_state = saved
+        self.memory_plan = None if saved.memory_plan is None else MemoryChoice.from_dict(saved.memory_plan)
+        self._apply_optim_settings()
+        self._use_batch_size(saved.batch_size)
+
+    def _apply_optim_settings(self) -> None:
+        """This config's optimizer settings over the loaded ones: from the next step, as if set from the start.
+
+        The loaded optimizer and scheduler hold the checkpoint's lr, weight decay and
+        betas (param groups, `base_lrs`); this run's optim section replaces them, and
+        `_use_batch_size` then sets this step's lr from the schedule. Unchanged settings
+        give the same floats, so a resume without changes stays bit-identical.
+        """
+        fresh = self._make_optimizer([torch.zeros(1, requires_grad=True)]).defaults
+        for group in self.optimizer.param_groups:
+            group.update({key: value for key, value in fresh.items() if key in group})
+            group["initial_lr"] = self.lr
+        self.scheduler.base_lrs = [self.lr for _ in self.optimizer.param_groups]
 
     def _run_info(self) -> report.RunInfo:
         """What the report says about this run."""
@@ -304,7 +324,7 @@ class Trainer:
         The scheduler set this step's lr for the previous size; it is set again from the
         same schedule factor (a resumed run's optimizer already holds it: no refresh).
         """
-        self.batch_size = logical_batch_size
+        self.run_state.batch_size = logical_batch_size
         self._lr_ratio = peak_lr(self.config.optim, logical_batch_size) / self.lr
         if refresh_lr:
             for group, base, rule in zip(self.optimizer.param_groups, self.scheduler.base_lrs,
@@ -376,14 +396,18 @@ class Trainer:
         cfg, rt = self.config, self.runtime
         resume_step = self.step if self.step else None
         if rt.is_main:
-            config_path = self.run_dir / "config.toml"
-            with writing("writing the run's config", config_path):
-                config_path.write_text(cfg.to_toml(), encoding="utf-8")
-        metrics = MetricsLog(self.run_dir / "metrics.jsonl", resume_step) if rt.is_main else None
+            self.folder.write_text(self.folder.config, cfg.to_toml(), "writing the run's config")
+        metrics = MetricsLog(self.folder.metrics, resume_step) if rt.is_main else None
+        unit = getattr(self.task, "item_unit", "samples")
+        board = None
+        if rt.is_main and cfg.train.tensorboard:
+            with writing("opening the TensorBoard event file", self.folder.tensorboard):
+                board = TensorBoardLog(self.folder.tensorboard, unit, resume_step)
         baselines = self.task.baselines() if rt.is_main else {}
         info = self._run_info()
         self._print(report.header(info, baselines, resumed_at=resume_step))
-        unit = getattr(self.task, "item_unit", "samples")
+        if self.resumed_changes:
+            self._print(report.changed_on_resume(self.resumed_changes, self.step))
         progress = Progress(cfg.train.steps, self.step, unit, rt.is_main and cfg.train.progress, rt.is_main)
         # Subnormal floats make CPU arithmetic (Adam's second moments, say) many times slower.
         flush = rt.device.type == "cpu" and torch.set_flush_denormal(True)
@@ -395,18 +419,20 @@ class Trainer:
             with StopOnInterrupt(enabled=rt.world_size == 1) as stop:
                 while self.step < cfg.train.steps:
                     row = self._train_step()
-                    if self.nonfinite_in_a_row >= cfg.train.max_nonfinite_steps:
+                    if self.run_state.nonfinite_in_a_row >= cfg.train.max_nonfinite_steps:
                         if metrics is not None:
                             metrics.write(row)  # the step that stops the run is in the log too
-                        error = not_recovering(cfg, self.nonfinite_in_a_row, self.step, row)
+                        error = not_recovering(cfg, self.run_state.nonfinite_in_a_row, self.step, row)
                         progress.close()
                         self._finish(metrics, info, baselines, stopped=True)  # the curve shows where it went
                         raise error
                     reached = False
                     if self.step % cfg.train.eval_every == 0 or self.step == cfg.train.steps:
-                        # Under FSDP2 every forward all-gathers: all ranks evaluate together.
-                        if rt.is_main or self.sharded:
-                            row.update(self.task.evaluate(self.model))
+                        # Under FSDP2 every forward all-gathers: all ranks evaluate together. Under DDP
+                        # rank 0 evaluates alone and the others wait for it, however long it takes.
+                        with rt.rank0_alone("evaluating"):
+                            if rt.is_main or self.sharded:
+                                row.update(self.task.evaluate(self.model))
                         if rt.is_main:
                             progress.write(f"step {self.step}: val loss {row['val_loss']:.4f}")
                         target = cfg.train.stop_at_val_loss
@@ -414,6 +440,9 @@ class Trainer:
                             reached = rt.broadcast(rt.is_main and row["val_loss"] <= target)
                     if metrics is not None:
                         metrics.write(row)
+                    if board is not None:
+                        with writing(f"writing the TensorBoard events of step {self.step}", board.path):
+                            board.write(row)
                     progress.update(row["loss"], row["items_per_s"], memory_text(rt.device, row["peak_memory_bytes"]))
                     every = cfg.checkpoint.every
                     if (every and self.step % every == 0) or self.step == cfg.train.steps or stop.requested or reached:
@@ -424,8 +453,13 @@ class Trainer:
                     if stop.requested and self.step < cfg.train.steps:
                         raise TrainingInterrupted(self.step, str(self.run_dir), stop.signum)
             progress.close()
-            summary = self._finish(metrics, info, baselines, stopped=False)
+            with rt.rank0_alone("writing the sample, the summary and the plot"):
+                summary = self._finish(metrics, info, baselines, stopped=False)
+            if board is not None and isinstance(summary.get("sample"), str):
+                board.text("sample", summary["sample"], self.step)
         finally:
+            if board is not None:
+                board.close()
             if flush:
                 torch.set_flush_denormal(False)
             torch.set_num_threads(threads)
@@ -434,36 +468,38 @@ class Trainer:
         return summary
 
     def _train_step(self) -> dict[str, Any]:
-        size = self.batch_schedule.size(
-            Consumed(self.step, self.samples_seen, self.items_seen, self.noise_scale), self.batch_size
-        )
-        if size != self.batch_size:
+        run = self.run_state
+        size = self.batch_schedule.size(Consumed(run.step, run.samples_seen, run.items_seen, run.noise_scale),
+                                        run.batch_size)  # fmt: skip
+        if size != run.batch_size:
             self._use_batch_size(size)
         start = time.perf_counter()
-        stats = self.accumulator.step(self._batch_at(self.samples_seen, self.runtime.rank, self._sizes(size)),
+        stats = self.accumulator.step(self._batch_at(run.samples_seen, self.runtime.rank, self._sizes(size)),
                                       self._loss_fn)  # fmt: skip
         row = stats.to_dict()  # the one host sync of the step
-        self.step += 1
-        self.samples_seen += size
-        self.items_seen += row["count"]
+        run.step += 1
+        run.samples_seen += size
+        run.items_seen += row["count"]
         noise = row.pop("noise")
         if noise is not None:
-            self.noise_scale = noise["simple_noise_scale"]
-            row.update(noise_scale=self.noise_scale, grad_norm_sq_est=noise["grad_norm_sq"], trace_cov_est=noise["trace_cov"])
+            run.noise_scale = noise["simple_noise_scale"]
+            row.update(noise_scale=run.noise_scale, grad_norm_sq_est=noise["grad_norm_sq"],
+                       trace_cov_est=noise["trace_cov"])  # fmt: skip
         row["batch_size"] = size
         seconds = time.perf_counter() - start
-        self.train_seconds += seconds
+        run.train_seconds += seconds
         bad = is_nonfinite_step(self.config.train.precision, row)  # fp16: a non-finite loss only
-        self.nonfinite_in_a_row = self.nonfinite_in_a_row + 1 if bad else 0
-        self.nonfinite_total += bad
-        row.update(step=self.step, items_per_s=row["count"] / seconds, seconds=seconds)
+        run.nonfinite_in_a_row = run.nonfinite_in_a_row + 1 if bad else 0
+        run.nonfinite_total += bad
+        row.update(step=run.step, items_per_s=row["count"] / seconds, seconds=seconds)
         return {"step": row.pop("step"), **row}
 
     def _finish(
         self, metrics: MetricsLog | None, info: report.RunInfo, baselines: dict[str, float], *, stopped: bool
     ) -> dict[str, Any]:
         """The end of a run (run_end.finish_run): the sample, summary.json and loss.png; every rank calls it."""
-        totals = report.RunTotals(self.step, self.samples_seen, self.train_seconds, self.nonfinite_total)
+        run = self.run_state
+        totals = report.RunTotals(run.step, run.samples_seen, run.train_seconds, run.nonfinite_total)
         return finish_run(
             task=self.task, model=self.model, config=self.config, runtime=self.runtime, sharded=self.sharded,
             run_dir=self.run_dir, metrics=metrics, info=info, totals=totals, baselines=baselines, stopped=stopped,

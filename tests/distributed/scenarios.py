@@ -448,6 +448,27 @@ def ddp_batch_loss_past_the_wrapper(rank: int, world: int) -> dict[str, Any]:
     return {"error": None}
 
 
+def ddp_batch_loss_replay_differs_on_one_rank(rank: int, world: int) -> dict[str, Any]:
+    """Rank 1's encode draws from a private generator (its gradient pass differs), rank 0's does not."""
+    model = DDP(TwoTower())
+    acc = bb.Accumulator(model, optimizer(model), micro_batch_size=2)
+    private = torch.Generator().manual_seed(rank)
+
+    def encode(m: nn.Module, batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        images, texts = batch
+        if rank == 1:
+            images = images + torch.randn(images.shape, generator=private, dtype=images.dtype)
+        return m(images, texts)
+
+    try:
+        acc.step(shard(pairs(0), rank, world), bb.BatchLoss(encode=encode, loss=clip_loss))
+        error = None
+    except bb.LossError as e:
+        error = str(e)
+    after = acc.step(shard(pairs(1), rank, world), CLIP)  # the ranks are still in step
+    return {"error": error, "loss_after": float(after.loss)}
+
+
 COMM_MICRO_STEPS = 4
 
 
@@ -525,6 +546,7 @@ SCENARIOS: dict[str, Callable[[int, int], dict[str, Any]]] = {
     "ddp_batch_loss_temperature_per_rank": ddp_batch_loss_temperature_per_rank,
     "fsdp2_batch_loss": fsdp2_batch_loss,
     "ddp_batch_loss_past_the_wrapper": ddp_batch_loss_past_the_wrapper,
+    "ddp_batch_loss_replay_differs_on_one_rank": ddp_batch_loss_replay_differs_on_one_rank,
     "no_process_group": no_process_group,  # last: it destroys the process group
 }
 

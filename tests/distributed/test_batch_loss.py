@@ -88,3 +88,10 @@ def test_an_encode_that_bypasses_the_ddp_wrapper_is_refused(result):
     for res in result("ddp_batch_loss_past_the_wrapper"):
         assert "must call the model itself" in res["error"]  # else its gradients would never sync
         assert all(g is None for g in res["grads"])
+
+
+def test_a_replay_that_differs_on_one_rank_raises_on_every_rank_and_leaves_them_in_step(result):
+    per_rank = result("ddp_batch_loss_replay_differs_on_one_rank")
+    assert "micro-batch" in per_rank[1]["error"] and "random numbers the replay does not restore" in per_rank[1]["error"]
+    assert "on another rank" in per_rank[0]["error"]  # rank 0's own encode replayed exactly
+    assert per_rank[0]["loss_after"] == per_rank[1]["loss_after"]  # the next step ran on both, together

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 
 import pytest
 import torch
@@ -142,16 +143,63 @@ def test_a_model_that_is_not_a_causal_lm_is_refused(hf_offline, tmp_path):
             build_task("causal-lm", model=missing)
 
 
-def test_a_max_length_beyond_the_models_positions_is_refused(hf_offline):
-    """The tiny GPT-2 has 64 positions: the default max_length of 256 would end in an IndexError
-    from its position embedding, mid-forward; it is a ConfigError that names both numbers."""
+def test_a_max_length_beyond_the_models_positions_is_refused_and_unset_it_is_the_models(hf_offline, small_text):
+    """The tiny GPT-2 has 64 positions: a max_length of 256 would end in an IndexError from its position
+    embedding, mid-forward; set, it is a ConfigError that names both numbers; unset, the model's 64."""
     from transformers import AutoConfig
 
     assert AutoConfig.from_pretrained(hf_offline["gpt2"]).max_position_embeddings == 64 < 256
     with pytest.raises(ConfigError, match=r"max_length=256 .* 64 positions.*task.max_length=64"):
-        build_task("causal-lm", model=str(hf_offline["gpt2"]))
+        build_task("causal-lm", model=str(hf_offline["gpt2"]), max_length=256)
     with pytest.warns(UserWarning, match="no pad token"):
-        assert build_task("causal-lm", model=str(hf_offline["gpt2"]), max_length=64).train_size > 0
+        task = build_task("causal-lm", model=str(hf_offline["gpt2"]), data=str(small_text))  # max_length unset
+    assert task.max_length == 64 and max(len(ids) for ids in task._train.ids) == 64  # the longest piece fits
+    with pytest.warns(UserWarning, match="no pad token"):
+        assert build_task("causal-lm", model=str(hf_offline["gpt2"]), data=str(small_text), max_length=32).max_length == 32
+
+
+def test_a_model_folder_without_its_tokenizer_is_named_not_the_data(hf_offline, tmp_path):
+    folder = tmp_path / "no-tokenizer"
+    folder.mkdir()
+    for file in hf_offline["gpt2"].iterdir():
+        if not any(part in file.name for part in ("token", "vocab", "merges", "special")):
+            shutil.copy(file, folder / file.name)
+    assert (folder / "config.json").is_file() and not list(folder.glob("tokenizer*"))  # the premise
+    with pytest.raises(ConfigError, match=r"holds no tokenizer files .*tokenizer.save_pretrained\(folder\)"):
+        build_task("causal-lm", model=str(folder))
+
+
+def test_an_encoder_such_as_bert_is_refused(hf_offline, tmp_path):
+    from transformers import BertConfig
+
+    folder = tmp_path / "bert"
+    BertConfig(hidden_size=8, num_hidden_layers=1, num_attention_heads=1, intermediate_size=8,
+               vocab_size=64).save_pretrained(folder)  # fmt: skip
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    assert "bert" in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES  # the premise: transformers would load it as one
+    with pytest.raises(ConfigError, match=r"'bert' model, an encoder that reads every token in both directions"):
+        build_task("causal-lm", model=str(folder))
+
+
+def test_a_misspelt_lora_target_among_several_is_named(task_of):
+    task = task_of(max_length=16, lora_rank=2, lora_targets="c_attn,c_prj")
+    with pytest.raises(ConfigError, match=r"task.lora_targets names 'c_prj', which this model has no module.*c_proj"):
+        task.make_model()
+
+
+def test_a_jsonl_text_that_is_not_a_string_says_so(hf_offline, tmp_path):
+    data = write_jsonl(tmp_path / "n.jsonl", [{"text": "fine"}, {"text": 12345}])
+    with pytest.raises(ConfigError, match=r'n.jsonl:2: its "text" field is int 12345, not a string'):
+        build_task("causal-lm", model=str(hf_offline["gpt2"]), data=data, max_length=64)
+
+
+def test_a_datasets_folder_without_a_train_split_is_refused(hf_offline, tmp_path):
+    from datasets import Dataset, DatasetDict
+
+    DatasetDict({"validation": Dataset.from_dict({"text": ["a b c"] * 4})}).save_to_disk(str(tmp_path / "d"))
+    with pytest.raises(ConfigError, match=r'holds the splits validation and no "train"; .*d/validation'):
+        build_task("causal-lm", model=str(hf_offline["gpt2"]), data=str(tmp_path / "d"), max_length=64)
 
 
 def test_without_the_extra_the_error_says_what_to_install(monkeypatch):

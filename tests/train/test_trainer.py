@@ -38,7 +38,7 @@ def test_a_run_writes_its_directory(tiny):
     summary = Trainer(config).fit()
     run = Path(config.run.dir) / "r"
     assert sorted(p.name for p in run.iterdir()) == ["checkpoints", "config.toml", "loss.png", "metrics.jsonl", "run.lock",
-                                                     "summary.json"]
+                                                     "summary.json", "tensorboard"]
     assert TrainConfig.load(run / "config.toml") == config
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == [
         "step-0000010.pt", "step-0000010.pt.sha256", "step-0000012.pt", "step-0000012.pt.sha256"
@@ -146,7 +146,7 @@ def test_resume_with_another_model_or_optimizer_is_a_clear_error(tiny):
     saved = (first.run_dir / "config.toml").read_text()
     with pytest.raises(ConfigError, match=r"optim.name = 'adamw'.*--set optim.name=adamw"):
         Trainer(TrainConfig.load(overrides=[*tiny, "train.steps=4", "optim.name=sgd"]), resume=first.run_dir)
-    with pytest.raises(ConfigError, match=r"does not fit this run's model.*task settings"):
+    with pytest.raises(ConfigError, match=r"task.d_model was 16 and is 32 now; a resume cannot change it.*train.init_from="):
         Trainer(TrainConfig.load(overrides=[*tiny, "train.steps=4", "task.d_model=32"]), resume=first.run_dir)
     assert (first.run_dir / "config.toml").read_text() == saved  # a refused resume changes nothing
     # Negative control: the same model and optimizer resume.

@@ -6,6 +6,7 @@ import json
 import re
 from pathlib import Path
 
+import pytest
 import torch
 
 from bigbatch.cli import main
@@ -88,3 +89,14 @@ def test_bad_factories_and_options_are_errors_that_say_why(tmp_path, capsys):
         assert main(["train", "--task", *args, *sets(tmp_path)]) == 2
         err = capsys.readouterr().err
         assert err.startswith("bigbatch train: error:") and message in err, err
+
+
+@pytest.mark.slow
+def test_the_documented_task_learns_with_the_default_settings(tmp_path):
+    """docs/train.md's example, every training setting at its default (320 steps, lr 3e-3, warmup 30, cosine)."""
+    path = write_documented_task(tmp_path)
+    defaults = ["--set=train.progress=false", "--set=checkpoint.every=0", f'--set=run.dir="{tmp_path / "runs"}"']
+    assert main(["train", "--task", f"{path}:make_task", "--name", "d", *defaults]) == 0
+    summary = json.loads((tmp_path / "runs" / "d" / "summary.json").read_text())
+    assert summary["steps"] == TrainConfig().train.steps  # the premise: the defaults' length
+    assert summary["val_loss"] < 0.1 * summary["mean_val_loss"]  # a Linear(1, 1) ended at 10.1 against 12.2
