@@ -19,7 +19,7 @@ import textwrap
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
-from typing import overload
+from typing import Any, overload
 
 import torch
 from torch import nn
@@ -28,6 +28,7 @@ from ..engine.accumulator import Accumulator
 from ..engine.batch_split import Batch, batch_size, map_tensors, to_device
 from ..engine.checks import module_path
 from ..engine.devices import model_device
+from ..engine.dropout import SplitInvariantDropout
 from ..engine.loss_sum import LossFn, LossSum, split_loss
 from ..engine.window_plan import independent_micro_steps
 from ..errors import BatchCouplingWarning, ConfigError, check_positive_int
@@ -190,8 +191,12 @@ def _cast(batch: Batch, dtype: torch.dtype | None) -> Batch:
     return map_tensors(batch, lambda t: t.to(dtype) if t.is_floating_point() else t)
 
 
-def _prepared_copy(model: nn.Module, dtype: torch.dtype | None, neutralize: list[str]) -> nn.Module:
+def _prepared_copy(
+    model: nn.Module, dtype: torch.dtype | None, neutralize: list[str], masks: tuple[int, int] | None = None
+) -> nn.Module:
     twin = copy.deepcopy(model)
+    if masks is not None:  # (batch size, seed): every forward of the copy over the whole batch
+        _draw_split_invariant(twin, *masks)
     if dtype is not None:
         twin.to(dtype)
     modules = dict(twin.named_modules())
@@ -200,6 +205,23 @@ def _prepared_copy(model: nn.Module, dtype: torch.dtype | None, neutralize: list
     for p in twin.parameters():
         p.grad = None
     return twin
+
+
+def _draw_split_invariant(twin: nn.Module, n: int, seed: int) -> None:
+    """Run every forward of `twin` under split-invariant dropout over samples [0, n) (hooks on the root)."""
+    hook = SplitInvariantDropout(twin, seed)
+    open_modes: list[Any] = []
+
+    def enter(module: nn.Module, args: Any) -> None:
+        mode = hook(0, n)
+        mode.__enter__()
+        open_modes.append(mode)
+
+    def leave(module: nn.Module, args: Any, out: Any) -> None:
+        open_modes.pop().__exit__(None, None, None)
+
+    twin.register_forward_pre_hook(enter)
+    twin.register_forward_hook(leave, always_call=True)  # left even when the forward raises
 
 
 def _full_batch_grads(
@@ -224,6 +246,7 @@ def _precision_floor(
     seed: int,
     full: dict[str, torch.Tensor],
     total: float,
+    masks: tuple[int, int] | None = None,
 ) -> float:
     """The largest relative change of any parameter's full-batch gradient when only the loss's scale changes.
 
@@ -231,7 +254,7 @@ def _precision_floor(
     """
     floor = 0.0
     for scale in _FLOOR_SCALES:
-        twin = _prepared_copy(model, dtype, neutralize)
+        twin = _prepared_copy(model, dtype, neutralize, masks)
         again = _full_batch_grads(twin, batch, loss_fn, seed, scale)
         del twin
         for name, f in full.items():
@@ -241,13 +264,16 @@ def _precision_floor(
 
 
 def _accumulated_grads(
-    model: nn.Module, batch: Batch, loss_fn: LossFn, micro_batch_size: int, seed: int
+    model: nn.Module, batch: Batch, loss_fn: LossFn, micro_batch_size: int, seed: int,
+    split_invariant_dropout: bool = False,
 ) -> dict[str, torch.Tensor]:
     params = [p for p in model.parameters() if p.requires_grad]
     capture = _CaptureGrads(params)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", BatchCouplingWarning)  # verify reports coupling itself
-        acc = Accumulator(model, capture, micro_batch_size=micro_batch_size, skip_nonfinite=False)
+        acc = Accumulator(model, capture, micro_batch_size=micro_batch_size, skip_nonfinite=False,
+                          split_invariant_dropout=split_invariant_dropout,
+                          seed=seed if split_invariant_dropout else None)  # fmt: skip
     torch.manual_seed(seed)
     acc.step(batch, loss_fn)
     return {n: capture.grads[id(p)] for n, p in model.named_parameters() if id(p) in capture.grads}
@@ -283,6 +309,7 @@ def verify(
     probe_modules: bool = True,
     check_buffers: bool = True,
     seed: int = 0,
+    split_invariant_dropout: bool = False,
 ) -> VerifyReport:
     """Check that accumulating `batch` in micro-batches gives the full-batch gradient.
 
@@ -300,8 +327,11 @@ def verify(
 
     Dropout (nn.Dropout and its kinds) draws different masks in the two runs, so it
     is switched to eval in both copies: it does not mix samples, and the
-    comparison then checks the rest of the model. Other randomness is reported and
-    fails the check. Modules that mix samples are found by type and by a
+    comparison then checks the rest of the model. With `split_invariant_dropout=True`
+    (as the Accumulator built with it draws) dropout stays on: both runs draw each
+    sample's masks by its index (seeded by `seed`), so the check covers it, and the
+    probe names only other random calls (torch.rand in a forward). Other randomness
+    is reported and fails the check. Modules that mix samples are found by type and by a
     perturbation probe (`probe_modules`) and named in the report.
 
     Limits: the model is copied (one copy at a time, plus its gradients; the
@@ -336,12 +366,14 @@ def verify(
     devices = [device] if device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices):
         try:
-            return _verify(model, batch, loss_fn, size, rtol, dtype, probe_modules, check_buffers, seed)
+            return _verify(model, batch, loss_fn, size, rtol, dtype, probe_modules, check_buffers, seed,
+                           split_invariant_dropout)  # fmt: skip
         except RuntimeError as error:
             if dtype is None or ("Double" not in str(error) and "dtype" not in str(error)):
                 raise
             # The loss function or model builds tensors of its own dtype; compare in that.
-            return _verify(model, batch, loss_fn, size, rtol, None, probe_modules, check_buffers, seed)
+            return _verify(model, batch, loss_fn, size, rtol, None, probe_modules, check_buffers, seed,
+                           split_invariant_dropout)  # fmt: skip
 
 
 def _verify(
@@ -354,14 +386,16 @@ def _verify(
     probe_modules: bool,
     check_buffers: bool,
     seed: int,
+    split_invariant_dropout: bool = False,
 ) -> VerifyReport:
     n = batch_size(batch)
+    masks = (n, seed) if split_invariant_dropout else None  # full-batch copies draw each sample's masks
     cast = _cast(batch, dtype)
     coupled = known_coupled(model)
     random: list[str] = []
     loss_coupling = None
     if probe_modules:
-        twin = _prepared_copy(model, dtype, [])
+        twin = _prepared_copy(model, dtype, [], masks)
         found = probe(twin, to_device(cast, model_device(twin)), loss_fn, seed=seed)
         if not coupled and not found.coupled:  # a coupled layer moves every output: no verdict on the loss
             loss_coupling = probe_loss(twin, to_device(cast, model_device(twin)), loss_fn, seed=seed)
@@ -372,22 +406,22 @@ def _verify(
     neutralize = [
         name
         for name, m in model.named_modules()
-        if isinstance(m, DROPOUT_TYPES) and m.training and getattr(m, "p", 0) > 0
+        if isinstance(m, DROPOUT_TYPES) and m.training and getattr(m, "p", 0) > 0 and not split_invariant_dropout
     ]
     random += [name for name in neutralize if name not in random]
 
     # One copy at a time: a model that barely fits its device can still be verified.
     random_loss = False
     if probe_modules and not [m for m in random if m not in neutralize]:
-        twin = _prepared_copy(model, dtype, neutralize)  # its forwards move running statistics
+        twin = _prepared_copy(model, dtype, neutralize, masks)  # its forwards move running statistics
         random_loss = _draws_itself(twin, to_device(cast, model_device(twin)), loss_fn, seed)
         del twin
-    twin = _prepared_copy(model, dtype, neutralize)
+    twin = _prepared_copy(model, dtype, neutralize, masks)
     full = _full_batch_grads(twin, cast, loss_fn, seed)
     full_buffers = {name: b.detach().clone() for name, b in twin.named_buffers()}
     del twin
     acc_model = _prepared_copy(model, dtype, neutralize)
-    acc = _accumulated_grads(acc_model, cast, loss_fn, size, seed)
+    acc = _accumulated_grads(acc_model, cast, loss_fn, size, seed, split_invariant_dropout)
 
     run_dtype = next((p.dtype for p in acc_model.parameters() if p.is_floating_point()), torch.float32)
     tol = rtol if rtol is not None else RTOL.get(run_dtype, 1e-4)
@@ -409,7 +443,7 @@ def _verify(
     params.sort(key=lambda p: -p.error if not math.isnan(p.error) else -math.inf)
     floor = None
     if not nonfinite and any(not p.ok for p in params):
-        floor = _precision_floor(model, cast, loss_fn, dtype, neutralize, seed, full, total)
+        floor = _precision_floor(model, cast, loss_fn, dtype, neutralize, seed, full, total, masks)
         params = [replace(p, ok=p.error <= max(tol, FLOOR_MARGIN * floor)) for p in params]
     buffers = _compare_buffers(full_buffers, dict(acc_model.named_buffers()), tol)
     report = VerifyReport(

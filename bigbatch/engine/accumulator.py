@@ -35,6 +35,7 @@ from .checks import (
     warn_if_batch_coupled,
 )
 from .devices import model_device
+from .dropout import SplitInvariantDropout
 from .fast_micro_step import CompiledLoss, FastMicroStep, FastSpec, mark_micro_step
 from .grad_sync import LocalSync, grad_sync_for
 from .loss_sum import Count, LossFn, LossSum, split_loss
@@ -87,6 +88,12 @@ class Accumulator:
             backward, the same update; a norm per parameter per micro-step.
         noise_ema_decay: `stats.noise.simple_noise_scale` from EMAs with this decay
             per step instead of running means over every step (None).
+        split_invariant_dropout: each sample's dropout masks depend on (seed, optimizer
+            step, its index in the logical batch, which dropout call, element), never on
+            its micro-batch, rank or OOM retry (docs/dropout.md). The loop API then needs
+            `acc.accumulate(samples=len(x))` (and `first_sample=` under several processes).
+        seed: the seed of those masks; None draws one from torch's default generator
+            when the Accumulator is built. Saved in `state_dict()`.
 
     The Accumulator owns `.grad`: it zeroes gradients when created and after
     every step. Limits: layers that couple samples (BatchNorm) see micro-batch
@@ -109,11 +116,15 @@ class Accumulator:
         fast_micro_step: FastSpec = None,
         measure_noise: bool = False,
         noise_ema_decay: float | None = None,
+        split_invariant_dropout: bool = False,
+        seed: int | None = None,
     ) -> None:
         check_arguments(
             model, optimizer, accumulation_steps=accumulation_steps, micro_batch_size=micro_batch_size,
             last_window=last_window, max_grad_norm=max_grad_norm, scheduler=scheduler,
         )
+        if seed is not None and not split_invariant_dropout:
+            raise ConfigError("seed= seeds split-invariant dropout's masks; pass split_invariant_dropout=True too.")
         fast = FastMicroStep.parse(fast_micro_step)
         check_fast_micro_step(fast, loop_api=accumulation_steps is not None)
 
@@ -161,8 +172,16 @@ class Accumulator:
             autocast_dtype=self._autocast_dtype, noise=self._noise,
         )
         self._micro_step_context = self._backward.context
+        # Engine modes that wrap every forward, `hook(first, count)` (window_plan.py).
+        self._dropout = (
+            SplitInvariantDropout(model, seed, step=lambda: self.optimizer_steps) if split_invariant_dropout else None
+        )
+        if self._dropout is not None:
+            self._dropout.share_seed(self._sync, self.device)
+        self._forward_hooks: list[ForwardHook] = [self._dropout] if self._dropout is not None else []
+        self._loop_samples: tuple[int | None, int | None] = (None, None)  # accumulate(samples=, first_sample=)
+        self._window_samples = 0  # loop API: samples of the window's earlier micro-steps
         # What a WindowPlan (bb.BatchLoss's two passes) may use of the engine; see window_plan.py.
-        self._forward_hooks: list[ForwardHook] = []  # entered around every forward (window_plan.py)
         self._engine = WindowEngine(
             model=model, params=self._params, device=self.device, sync=self._sync, window=self._window,
             scaler=self._scaler, autocast_dtype=self._autocast_dtype, fast=fast,
@@ -179,16 +198,26 @@ class Accumulator:
         """True during (and after) a micro-step that ends a window and steps the optimizer."""
         return self._sync_gradients
 
-    def accumulate(self) -> contextlib.AbstractContextManager[None]:
+    def accumulate(
+        self, *, samples: int | None = None, first_sample: int | None = None
+    ) -> contextlib.AbstractContextManager[None]:
         """One micro-step of the loop API; the last of a window steps the optimizer on exit.
 
         If the block raises after `acc.backward` began (or the step on exit fails),
         the whole window is dropped, as the step API drops it: its gradients can no
         longer be made exact. An error before `acc.backward` leaves the window as it was.
+
+        Args:
+            samples: the micro-batch's sample count (`len(x)`); needed with
+                split_invariant_dropout, whose masks follow each sample's index.
+            first_sample: the index of the micro-batch's first sample in the logical
+                batch (all ranks); by default the samples of the window's earlier
+                micro-steps, which is right in one process; needed under several.
         """
         # One object reused every micro-step (blocks cannot nest): a generator-based
         # context manager allocates two objects a micro-step, and the garbage collector
         # they wake costs more than the plain loop can spare at micro-batch 1.
+        self._loop_samples = (samples, first_sample)
         return self._micro_step
 
     def _open_micro_step(self) -> contextlib.AbstractContextManager[Any]:
@@ -206,7 +235,36 @@ class Accumulator:
         self._backward_called = False
         if self._mark_micro_steps:
             mark_micro_step()
-        return self._micro_step_context(self._sync_gradients)
+        context = self._micro_step_context(self._sync_gradients)
+        if self._dropout is None:
+            return context
+        first, count = self._loop_forward_samples()
+        stack = contextlib.ExitStack()
+        stack.enter_context(context)
+        stack.enter_context(self._dropout(first, count))
+        return stack
+
+    def _loop_forward_samples(self) -> tuple[int, int]:
+        """(first sample, count) of a loop-API micro-step under split-invariant dropout; advances the window's."""
+        samples, first_sample = self._loop_samples
+        self._loop_samples = (None, None)
+        if samples is None:
+            self._in_micro_step = False
+            raise ConfigError(
+                "split_invariant_dropout keys each sample's masks by its index in the logical batch, and "
+                "the loop API sees one micro-batch at a time: write `with acc.accumulate(samples=len(x)):`."
+            )
+        if first_sample is None:
+            if self._sync.world_size > 1:
+                self._in_micro_step = False
+                raise ConfigError(
+                    "under several processes the loop API cannot tell where a rank's micro-batch sits "
+                    "in the logical batch: pass acc.accumulate(samples=len(x), first_sample=...), the "
+                    "index of its first sample among every rank's samples of this optimizer step."
+                )
+            first_sample = self._window_samples
+        self._window_samples += samples
+        return first_sample, samples
 
     def _close_micro_step(self, failed: bool) -> None:
         self._in_micro_step = False
@@ -330,6 +388,7 @@ class Accumulator:
             "auto_micro_batch_size": self._auto_micro_batch_size,
             "scaler": self._scaler.state_dict() if self._scaler is not None else None,
             "noise": self._noise.state_dict() if self._noise is not None else None,
+            "dropout": self._dropout.state_dict() if self._dropout is not None else None,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -346,6 +405,8 @@ class Accumulator:
             self._scaler.load_state_dict(state["scaler"])
         if self._noise is not None and state.get("noise"):
             self._noise.load_state_dict(state["noise"])
+        if self._dropout is not None and state.get("dropout"):
+            self._dropout.load_state_dict(state["dropout"])
 
     # -- the window -------------------------------------------------------
 
@@ -380,6 +441,7 @@ class Accumulator:
 
     def _start_window(self) -> None:
         self._window.reset()
+        self._window_samples = 0
         if self._noise is not None:
             self._noise.reset()
         if self.device.type == "cuda":
@@ -388,6 +450,8 @@ class Accumulator:
     def _start_step_window(self, n: int) -> None:
         self._start_window()
         self._window.start_step(n)  # the step API sees the whole batch
+        if self._dropout is not None:
+            self._dropout.start_window(n, self._sync, self.device)
 
     def _drop_window(self) -> None:
         self.optimizer.zero_grad(set_to_none=True)

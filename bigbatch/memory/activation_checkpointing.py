@@ -17,6 +17,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from ..engine.dropout import checkpoint_contexts
 from ..errors import ConfigError
 
 # Containers without a forward of their own; their children are the candidates.
@@ -35,8 +36,11 @@ class _CheckpointedForward:
         if not torch.is_grad_enabled():  # nothing is saved for backward, nothing to recompute
             return forward(*args, **kwargs)
         # Non-reentrant: works with keyword arguments, inputs that need no grad and
-        # torch.compile; preserve_rng_state replays dropout masks in the recompute.
-        return checkpoint(forward, *args, use_reentrant=False, preserve_rng_state=True, **kwargs)
+        # torch.compile; preserve_rng_state replays torch's dropout masks in the recompute,
+        # checkpoint_contexts the split-invariant ones (it restarts their call index).
+        return checkpoint(
+            forward, *args, use_reentrant=False, preserve_rng_state=True, context_fn=checkpoint_contexts, **kwargs
+        )
 
 
 def _param_count(module: nn.Module) -> int:

@@ -11,7 +11,8 @@ unknown key is an error that names the nearest valid one. A bare key
                      schedule ("constant" | "ramp" | "adaptive"), ramp_start, ramp_samples, ramp_tokens,
                      adaptive_every, noise_scale_factor, measure_noise, noise_ema_decay
     [optim]          name, lr, lr_scaling, reference_batch_size, warmup_steps, schedule, ...
-    [train]          steps, seed, device, precision, dtype, parallel ("ddp" | "fsdp2"), eval_every, ...
+    [train]          steps, seed, device, precision, dtype, parallel ("ddp" | "fsdp2"), split_invariant_dropout,
+                     eval_every, ...
     [checkpoint]     every, keep
     [run]            name, dir
 """
@@ -146,6 +147,10 @@ class TrainSection:
     checkpointing: bool = False
     """Activation checkpointing of the model's repeated blocks (bb.checkpoint_blocks): same gradients,
     less memory, one more forward."""
+    split_invariant_dropout: bool = True
+    """Dropout masks keyed by (train.seed, step, each sample's index in the logical batch, dropout call,
+    element), so the run is the same whatever the micro-batch size, number of processes or OOM retries
+    (docs/dropout.md); false: torch's own dropout, which draws per micro-batch."""
     fast_micro_step: Literal["none", "compile", "cudagraphs"] = "none"
     """"compile" torch.compiles each micro-step's forward and loss, "cudagraphs" also replays it as
     CUDA graphs (one process only)."""

@@ -325,4 +325,6 @@ def setup_engine(
         max_grad_norm=config.optim.max_grad_norm, precision=t.precision, skip_nonfinite=True,
         fast_micro_step=None if t.fast_micro_step == "none" else t.fast_micro_step,
         measure_noise=measure_noise, noise_ema_decay=config.batch.noise_ema_decay,
+        split_invariant_dropout=t.split_invariant_dropout,
+        seed=t.seed if t.split_invariant_dropout else None,
     )  # fmt: skip
