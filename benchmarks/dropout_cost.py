@@ -8,8 +8,9 @@ dropout after the embeddings, in attention (SDPA dropout_p) and after each
 residual branch) trains with `acc.step` at the default logical batch of 32 and
 micro-batch 8 (train.py's defaults), once with torch's dropout and once with
 `split_invariant_dropout=True`, the steps interleaved and medians kept
-(bigbatch/benchmarking.py). A third column runs with dropout 0, the cost of
-any dropout at all. Memory: the bytes autograd saves for backward in one
+(bigbatch/benchmarking.py). Two more rows run with dropout 0: without the
+option (the cost of any dropout at all) and with it (what intercepting every
+torch function costs when nothing is drawn). Memory: the bytes autograd saves for backward in one
 micro-batch's forward (saved-tensor hooks, each storage counted once), which
 on the CPU is what dropout adds to peak memory.
 """
@@ -21,8 +22,6 @@ import statistics
 from collections.abc import Callable
 
 import torch
-
-import bigbatch as bb
 from bigbatch.benchmarking import (
     clock_for,
     markdown_table,
@@ -30,6 +29,9 @@ from bigbatch.benchmarking import (
     sync_device,
     time_interleaved,
 )
+
+import bigbatch as bb
+from bigbatch.engine.batch_split import split_batch, to_device
 from bigbatch.tasks import build_task
 
 
@@ -60,7 +62,7 @@ def main() -> None:
     torch.set_num_threads(1)  # process time on a shared CPU: one thread, no spinning
     task = build_task("text", dropout=args.dropout)
     batches = [b for _, b in zip(range(args.repeats * args.steps + 1), task.train_batches(args.batch, torch.Generator().manual_seed(0)))]
-    batches = [bb.batches.to_device(b, device) for b in batches]
+    batches = [to_device(b, device) for b in batches]
 
     def accumulator(dropout: float, split_invariant: bool) -> bb.Accumulator:
         torch.manual_seed(0)
@@ -77,6 +79,7 @@ def main() -> None:
         "no dropout": accumulator(0.0, False),
         "torch dropout": accumulator(args.dropout, False),
         "split-invariant": accumulator(args.dropout, True),
+        "no dropout, split-invariant on": accumulator(0.0, True),  # the mode's own cost: no draws
     }
     for acc in accs.values():  # warm up (allocator, first-call costs)
         acc.step(batches[0], task.loss_fn)
@@ -90,8 +93,8 @@ def main() -> None:
 
     seconds = time_interleaved({k: block(a) for k, a in accs.items()}, repeats=args.repeats,
                                clock=clock_for(device), sync=lambda: sync_device(device))  # fmt: skip
-    micro = {k: v for k, v in bb.batches.split_batch(batches[0], args.micro)[0].items()} if isinstance(
-        batches[0], dict) else bb.batches.split_batch(batches[0], args.micro)[0]  # fmt: skip
+    micro = {k: v for k, v in split_batch(batches[0], args.micro)[0].items()} if isinstance(
+        batches[0], dict) else split_batch(batches[0], args.micro)[0]  # fmt: skip
     saved = {}
     for name, acc in accs.items():
         hook = acc._forward_hooks[0] if acc._forward_hooks else None

@@ -21,6 +21,7 @@ import torch
 from bigbatch.engine.counter_rng import (
     GOLDEN,
     _wrap,
+    absorb_dims,
     absorb_int,
     call_key,
     keep_mask,
@@ -50,6 +51,14 @@ def test_tensor_arithmetic_matches_the_python_reference_bit_for_bit():
             [[_reference_keep(seed, step, call, first + r, e, 0.3) for e in range(50)] for r in range(3)]
         )
         assert torch.equal(mask, expected)
+
+
+def test_row_coordinates_absorb_like_the_reference():
+    key = call_key(3, 4, 5)
+    rows = row_keys(key, 10, 2, CPU)
+    expected = [absorb_int(absorb_int(absorb_int(key, 10 + r), c1), c2) for r in range(2) for c1 in range(3)
+                for c2 in range(4)]  # fmt: skip
+    assert absorb_dims(rows, (3, 4)).tolist() == expected
 
 
 def test_a_device_offset_gives_the_same_rows_as_a_host_offset():

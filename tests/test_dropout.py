@@ -67,6 +67,24 @@ def test_every_form_gives_each_sample_the_same_output_whatever_its_micro_batch()
     assert (plain_pieces - plain_whole).abs().max() > 1e-1
 
 
+def test_a_shorter_padding_keeps_each_positions_masks():
+    # The text task trims each micro-batch to its longest sequence: the masks of the
+    # positions a sample has must not depend on how long the padded length is.
+    x = torch.randn(3, 9, 8, dtype=torch.float64)
+    hook = SplitInvariantDropout(nn.Linear(1, 1), seed=3)
+
+    def forms(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        q = t.view(t.shape[0], t.shape[1], 2, 4).transpose(1, 2)  # (n, heads, seq, 4)
+        return F.dropout(t, 0.5), F.scaled_dot_product_attention(q, q, q, dropout_p=0.5, is_causal=True)
+
+    with hook(0, 3):
+        long_drop, long_attn = forms(x)
+    with hook(0, 3):
+        short_drop, short_attn = forms(x[:, :5])
+    assert torch.equal(short_drop, long_drop[:, :5])
+    assert torch.equal(short_attn, long_attn[:, :, :5])  # causal: the first 5 queries see the first 5 keys
+
+
 def test_masks_change_with_the_step_the_seed_and_the_call():
     x = torch.ones(4, 100, dtype=torch.float64)
     hook = SplitInvariantDropout(nn.Linear(1, 1), seed=3)
@@ -101,8 +119,10 @@ def test_expected_output_equals_the_input(form):
             y = F.dropout2d(x, p)
         else:  # uniform attention over 4 keys, values 2: each output is 2/4 * (kept keys) / (1 - p)
             y = F.scaled_dot_product_attention(torch.zeros_like(x), torch.zeros_like(x), x, dropout_p=p)
-    draws = n * (8 if form == "dropout2d" else 8 * 4 * 4)  # independent masks (per channel for 2d)
-    per_draw_sd = 2.0 * math.sqrt(p / (1 - p)) / (2.0 if form == "sdpa" else 1.0)
+    # Independent quantities and the standard deviation of each: an element (a channel for 2d),
+    # or for SDPA a query row, shared by its 4 output values: 2/4 * sum of 4 masks / (1 - p).
+    draws = n * {"dropout": 8 * 4 * 4, "dropout2d": 8, "sdpa": 8 * 4}[form]
+    per_draw_sd = {"dropout": 2.0, "dropout2d": 2.0, "sdpa": 0.5 * math.sqrt(4)}[form] * math.sqrt(p / (1 - p))
     assert abs(y.mean().item() - 2.0) < Z * per_draw_sd / math.sqrt(draws)
     assert abs(F.dropout(x, p).mean().item() - 2.0) < Z * per_draw_sd / math.sqrt(draws)  # torch's, the same
 

@@ -48,7 +48,7 @@ def _eager(fn: _Fn) -> _Fn:
 
     return cast("_Fn", run)
 
-_CPU_CHUNK = 1 << 15  # int64 draws per piece on the CPU: two 256 KiB buffers
+_CPU_CHUNK = 1 << 16  # int64 draws per piece on the CPU: two 512 KiB buffers
 
 
 def _wrap(x: int) -> int:
@@ -92,6 +92,19 @@ def row_keys(key: int, first: int | torch.Tensor, count: int, device: torch.devi
     return mix64_(rows.mul_(GOLDEN).add_(key))
 
 
+@_eager
+def absorb_dims(keys: torch.Tensor, sizes: tuple[int, ...]) -> torch.Tensor:
+    """The keys of every (row, i1, ..., ik) for index ranges `sizes`: `absorb_int` per coordinate, flattened.
+
+    A row's key then depends on its coordinates, not on the sizes: a sequence
+    trimmed to its micro-batch's longest keeps the keys of the positions it has.
+    """
+    for size in sizes:
+        coords = torch.arange(1, size + 1, device=keys.device, dtype=torch.int64).mul_(GOLDEN)
+        keys = mix64_((keys.unsqueeze(1) + coords).reshape(-1))
+    return keys
+
+
 def keep_threshold(p: float) -> int:
     """The int64 that a uniform 64-bit draw exceeds with probability 1 - p."""
     keep = round((1.0 - p) * _TWO64)
@@ -117,19 +130,20 @@ def keep_mask(keys: torch.Tensor, elements: int, p: float) -> torch.Tensor:
     # faults than the arithmetic (measured: benchmarks/dropout_cost.py).
     rows = keys.shape[0]
     out = torch.empty(rows, elements, dtype=torch.bool, device=keys.device)
-    step = max(1, min(elements, _CPU_CHUNK))
-    z = torch.empty(step, dtype=torch.int64)
-    tmp = torch.empty(step, dtype=torch.int64)
-    for r in range(rows):
-        key = keys[r]
-        for start in range(0, elements, step):
-            stop = min(elements, start + step)
-            n = stop - start
-            zn, tn = z[:n], tmp[:n]
-            torch.add(stream[start:stop], key, out=zn)
+    per = max(1, _CPU_CHUNK // max(elements, 1))  # rows per piece
+    cols = min(elements, _CPU_CHUNK)  # draws per piece of one row (a row longer than a piece)
+    z = torch.empty(per * cols, dtype=torch.int64)
+    tmp = torch.empty(per * cols, dtype=torch.int64)
+    for r in range(0, rows, per):
+        r_stop = min(rows, r + per)
+        for start in range(0, elements, cols):
+            stop = min(elements, start + cols)
+            shape = (r_stop - r, stop - start)
+            zn, tn = z[: shape[0] * shape[1]].view(shape), tmp[: shape[0] * shape[1]].view(shape)
+            torch.add(keys[r:r_stop, None], stream[None, start:stop], out=zn)
             torch.bitwise_right_shift(zn, 30, out=tn)
             zn.bitwise_xor_(tn).mul_(_MUL1)
             torch.bitwise_right_shift(zn, 27, out=tn)
             zn.bitwise_xor_(tn).mul_(_MUL2)
-            torch.ge(zn, threshold, out=out[r, start:stop])
+            torch.ge(zn, threshold, out=out[r:r_stop, start:stop])
     return out

@@ -39,8 +39,7 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from ..errors import ConfigError
-from . import dropout_ops
-from .dropout_ops import HANDLERS, Draws
+from .dropout_ops import HANDLERS, Draws, own_checkpoint_entered, own_checkpoint_left
 from .grad_sync import GradSync
 
 _local = threading.local()  # the modes entered on this thread, innermost last
@@ -171,10 +170,10 @@ class _RecordForward(contextlib.AbstractContextManager[None]):
     def __enter__(self) -> None:
         stack = _stack()
         self.recorded.draws = replace(stack[-1].draws) if stack else None
-        dropout_ops._local.ours = getattr(dropout_ops._local, "ours", 0) + 1
+        own_checkpoint_entered()
 
     def __exit__(self, *exc: object) -> None:
-        dropout_ops._local.ours -= 1
+        own_checkpoint_left()
 
 
 class _Replay(contextlib.AbstractContextManager[None]):

@@ -29,7 +29,7 @@ import torch.utils.checkpoint
 from torch import nn
 
 from ..errors import ConfigError
-from .counter_rng import call_key, keep_mask, row_keys
+from .counter_rng import absorb_dims, call_key, keep_mask, row_keys
 
 _SELU_ALPHA = 1.7580993408473766  # torch's alpha dropout constant (-selu's scale * alpha)
 
@@ -81,6 +81,16 @@ class Draws:
 
 _CHECKPOINT_FILE = torch.utils.checkpoint.__file__
 _local = threading.local()  # .ours: how many bigbatch checkpointed forwards (checkpoint_contexts) are open
+
+
+def own_checkpoint_entered() -> None:
+    """A bigbatch checkpointed forward (checkpoint_contexts) begins on this thread: its dropout is replayed."""
+    _local.ours = getattr(_local, "ours", 0) + 1
+
+
+def own_checkpoint_left() -> None:
+    """That forward ended."""
+    _local.ours -= 1
 
 
 def _in_foreign_checkpoint() -> bool:
@@ -141,12 +151,20 @@ def _arg(args: tuple[Any, ...], kwargs: dict[str, Any], index: int, name: str, d
 
 
 def _mask(draws: Draws, what: str, x: torch.Tensor, p: float, feature: bool) -> torch.Tensor:
-    """The keep mask for `x`: per element, or per (sample, channel) broadcast over the rest."""
+    """The keep mask for `x`: per element, or per (sample, channel) broadcast over the rest.
+
+    Every coordinate but the last keys a row (`absorb_dims`), the last indexes the
+    draws along it: a sample's mask at a position does not depend on the sizes of
+    the other dimensions, so a micro-batch padded to its own longest sequence
+    (shorter or longer than the whole batch's) draws the same masks where it has positions.
+    """
     rows = draws.next_rows(what, x)
     if feature:
         keep = keep_mask(rows, x.shape[1], p)
         return keep.view(*keep.shape, *([1] * (x.dim() - 2)))
-    return keep_mask(rows, x[0].numel(), p).view(x.shape)
+    if x.dim() == 1:
+        return keep_mask(rows, 1, p).view(x.shape)
+    return keep_mask(absorb_dims(rows, tuple(x.shape[1:-1])), x.shape[-1], p).view(x.shape)
 
 
 def _apply(x: torch.Tensor, keep: torch.Tensor, p: float, alpha: bool, inplace: bool) -> torch.Tensor:

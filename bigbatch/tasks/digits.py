@@ -67,7 +67,7 @@ class DigitsTask:
     hidden: int = 128
     """Units per hidden layer."""
     dropout: float = 0.0
-    """Dropout probability. Above 0 the masks depend on the micro-batch split, so the loss curve does too."""
+    """Dropout probability. With train.split_invariant_dropout off, the masks (and so the loss curve) depend on the micro-batch split."""
     val_size: int = 297
     """Images held out for validation (a fixed, seeded split of the 1,797)."""
     name: str = field(default="digits", init=False)

@@ -155,7 +155,7 @@ class TextTask:
     n_heads: int = 4
     """Attention heads per block (d_model must be divisible by it)."""
     dropout: float = 0.0
-    """Dropout probability. Above 0 the masks depend on the micro-batch split, so the loss curve does too."""
+    """Dropout probability. With train.split_invariant_dropout off, the masks (and so the loss curve) depend on the micro-batch split."""
     val_fraction: float = 0.1
     """The last fraction of paragraphs held out for validation."""
     eval_samples: int = 256

@@ -219,6 +219,7 @@ def test_batch_loss_with_dropout_needs_no_replay_and_equals_the_full_batch_step(
         _assert_same(got[:2], oracle)
 
 
+@pytest.mark.slow  # six short trainings of a Hugging Face model: 20-40 s on the shared 2-core CPU
 @pytest.mark.parametrize("attention", ["eager", "sdpa"])
 def test_a_hugging_face_gpt2_with_its_default_dropout_micro_1_3_and_whole(attention):
     transformers = pytest.importorskip("transformers")
