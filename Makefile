@@ -27,6 +27,7 @@ test: lint typecheck unit
 
 lint: $(BIN)/.installed
 	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 
 typecheck: $(BIN)/.installed
 	$(BIN)/mypy bigbatch

@@ -53,8 +53,9 @@ class Tower(nn.Module):
     def __init__(self) -> None:
         """D_IN -> HIDDEN -> HIDDEN -> D_OUT per token."""
         super().__init__()
-        self.mlp = nn.Sequential(nn.Linear(D_IN, HIDDEN), nn.GELU(), nn.Linear(HIDDEN, HIDDEN), nn.GELU(),
-                                 nn.Linear(HIDDEN, D_OUT))
+        self.mlp = nn.Sequential(
+            nn.Linear(D_IN, HIDDEN), nn.GELU(), nn.Linear(HIDDEN, HIDDEN), nn.GELU(), nn.Linear(HIDDEN, D_OUT)
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(n, TOKENS, D_IN) -> (n, D_OUT)."""
@@ -94,8 +95,9 @@ def full_loss(model: nn.Module, batch) -> torch.Tensor:
     return loss(model, encode(model, batch))
 
 
-def openclip_step(model: nn.Module, opt: torch.optim.Optimizer, batch, micro: int,
-                  meter: SavedTensorMeter | None = None) -> int:
+def openclip_step(
+    model: nn.Module, opt: torch.optim.Optimizer, batch, micro: int, meter: SavedTensorMeter | None = None
+) -> int:
     """One OpenCLIP-style step (accum_freq = N / micro); returns the cached representations' bytes."""
     pieces = list(zip(*(t.split(micro) for t in batch)))
     with torch.no_grad():
@@ -104,7 +106,10 @@ def openclip_step(model: nn.Module, opt: torch.optim.Optimizer, batch, micro: in
     for j, piece in enumerate(pieces):
         with meter if (meter is not None and j == 0) else contextlib.nullcontext():
             fresh = encode(model, piece)
-            reps = [torch.cat([fresh[t] if i == j else cached[i][t] for i in range(len(pieces))]) for t in range(2)]
+            reps = [
+                torch.cat([fresh[t] if i == j else cached[i][t] for i in range(len(pieces))])
+                for t in range(2)
+            ]
             loss(model, reps).backward()
     opt.step()
     return sum(r.numel() * r.element_size() for c in cached for r in c)
@@ -166,7 +171,9 @@ def steppers(batch, micros: list[int], device: torch.device) -> dict[tuple[str, 
         acc = bb.Accumulator(model_m, opt_m, micro_batch_size=m)
         out[("batch_loss", m)] = lambda acc=acc: acc.step(batch, BATCH_LOSS)
         model_o, opt_o = fresh(device)
-        out[("openclip", m)] = lambda m=m, model_o=model_o, opt_o=opt_o: openclip_step(model_o, opt_o, batch, m)
+        out[("openclip", m)] = lambda m=m, model_o=model_o, opt_o=opt_o: openclip_step(
+            model_o, opt_o, batch, m
+        )
     return out
 
 
@@ -191,8 +198,10 @@ def main() -> None:
     if device.type == "cpu":
         torch.set_num_threads(1)  # one thread: CPU time counts this process's work only
     batch = data(device)
-    print(f"exactness: BatchLoss at micro {args.micro[0]} vs the full batch, max |param diff| after one "
-          f"SGD step in float64: {check_exact(batch, args.micro[0], device):.1e}")
+    print(
+        f"exactness: BatchLoss at micro {args.micro[0]} vs the full batch, max |param diff| after one "
+        f"SGD step in float64: {check_exact(batch, args.micro[0], device):.1e}"
+    )
 
     mem = {("full", N): memory("full", N, batch, device)}
     for m in args.micro:
@@ -203,22 +212,30 @@ def main() -> None:
     for fn in runs.values():  # warm-up
         fn()
     # The one harness: the ways interleaved, the order rotated every repeat, medians kept.
-    timed = time_interleaved({f"{w}@{m}": (lambda r, fn=fn: fn()) for (w, m), fn in runs.items()},
-                             repeats=args.repeats, clock=clock_for(device), sync=lambda: sync_device(device))  # fmt: skip
+    timed = time_interleaved(
+        {f"{w}@{m}": (lambda r, fn=fn: fn()) for (w, m), fn in runs.items()},
+        repeats=args.repeats,
+        clock=clock_for(device),
+        sync=lambda: sync_device(device),
+    )
     times = {key: timed[f"{key[0]}@{key[1]}"] for key in runs}
     median = {key: statistics.median(v) for key, v in times.items()}
     full_time = median[("full", N)]
     static, full_window = mem[("full", N)]
     kind = "CUDA max_memory_allocated" if device.type == "cuda" else "bigbatch's accounting"
-    print(f"\nlogical batch {N}, {sum(p.numel() for p in Pair().parameters()):,} parameters, "
-          f"{device}, memory: {kind}; static (params + grads + AdamW) {format_bytes(static)}\n")
+    print(
+        f"\nlogical batch {N}, {sum(p.numel() for p in Pair().parameters()):,} parameters, "
+        f"{device}, memory: {kind}; static (params + grads + AdamW) {format_bytes(static)}\n"
+    )
     print("| way | micro-batch | window memory | vs full batch | step time | vs full batch |")
     print("| --- | --- | --- | --- | --- | --- |")
     names = {"full": "full batch", "batch_loss": "bb.BatchLoss", "openclip": "OpenCLIP-style"}
     for key in [("full", N)] + [(w, m) for w in ("batch_loss", "openclip") for m in args.micro]:
         window = mem[key][1]
-        print(f"| {names[key[0]]} | {key[1]} | {format_bytes(window)} | {window / full_window:.2f} "
-              f"| {median[key] * 1e3:.0f} ms | {median[key] / full_time:.2f} |")
+        print(
+            f"| {names[key[0]]} | {key[1]} | {format_bytes(window)} | {window / full_window:.2f} "
+            f"| {median[key] * 1e3:.0f} ms | {median[key] / full_time:.2f} |"
+        )
     _plot(mem, median, args.micro, full_window, full_time, device)
 
 

@@ -43,11 +43,24 @@ from typing import Any
 OUT = Path(__file__).parent / "out"
 
 COMMON = [
-    "task.d_model=64", "task.n_layers=2", "task.n_heads=4", "task.block_size=64", "task.eval_samples=128",
-    "optim.lr=3e-3", "optim.reference_batch_size=32", "optim.lr_scaling=sqrt", "optim.warmup_steps=10",
-    "optim.schedule=constant", "batch.micro_batch_size=8", "train.eval_every=5", "train.sample_length=0",
-    "train.progress=false", "train.threads=1", "checkpoint.every=0", "checkpoint.keep=1",
-]  # fmt: skip
+    "task.d_model=64",
+    "task.n_layers=2",
+    "task.n_heads=4",
+    "task.block_size=64",
+    "task.eval_samples=128",
+    "optim.lr=3e-3",
+    "optim.reference_batch_size=32",
+    "optim.lr_scaling=sqrt",
+    "optim.warmup_steps=10",
+    "optim.schedule=constant",
+    "batch.micro_batch_size=8",
+    "train.eval_every=5",
+    "train.sample_length=0",
+    "train.progress=false",
+    "train.threads=1",
+    "checkpoint.every=0",
+    "checkpoint.keep=1",
+]
 
 
 def runs(ramp_samples: int) -> dict[str, list[str]]:
@@ -57,7 +70,9 @@ def runs(ramp_samples: int) -> dict[str, list[str]]:
         "fixed medium (32)": ["batch.logical_batch_size=32"],
         "fixed large (128)": ["batch.logical_batch_size=128"],
         f"ramp 8 -> 128 over {ramp_samples:,} samples": [
-            "batch.logical_batch_size=128", "batch.schedule=ramp", "batch.ramp_start=8",
+            "batch.logical_batch_size=128",
+            "batch.schedule=ramp",
+            "batch.ramp_start=8",
             f"batch.ramp_samples={ramp_samples}",
         ],
         "adaptive 16 -> 128": ["batch.logical_batch_size=128", "batch.schedule=adaptive"],
@@ -72,8 +87,12 @@ def to_target(rows: list[dict[str, Any]], target: float) -> dict[str, float] | N
     """
     totals, before = {"steps": 0.0, "samples": 0.0, "tokens": 0.0, "seconds": 0.0}, None
     for r in rows:
-        totals = {"steps": float(r["step"]), "samples": totals["samples"] + r["batch_size"],
-                  "tokens": totals["tokens"] + r["count"], "seconds": totals["seconds"] + r["seconds"]}  # fmt: skip
+        totals = {
+            "steps": float(r["step"]),
+            "samples": totals["samples"] + r["batch_size"],
+            "tokens": totals["tokens"] + r["count"],
+            "seconds": totals["seconds"] + r["seconds"],
+        }
         if r.get("val_loss") is None:
             continue
         if r["val_loss"] <= target:
@@ -86,21 +105,33 @@ def to_target(rows: list[dict[str, Any]], target: float) -> dict[str, float] | N
     return None
 
 
-def train(name: str, overrides: list[str], seed: int, target: float, max_steps: int, root: Path) -> list[dict]:
+def train(
+    name: str, overrides: list[str], seed: int, target: float, max_steps: int, root: Path
+) -> list[dict]:
     from bigbatch.train import TrainConfig, Trainer
 
     slug = "".join(c if c.isalnum() else "-" for c in name)
-    config = TrainConfig.load(overrides=[
-        *COMMON, *overrides, f"train.seed={seed}", f"train.steps={max_steps}", f"train.stop_at_val_loss={target}",
-        f'run.dir="{root}"', f"run.name={slug}-seed{seed}",
-    ])  # fmt: skip
+    config = TrainConfig.load(
+        overrides=[
+            *COMMON,
+            *overrides,
+            f"train.seed={seed}",
+            f"train.steps={max_steps}",
+            f"train.stop_at_val_loss={target}",
+            f'run.dir="{root}"',
+            f"run.name={slug}-seed{seed}",
+        ]
+    )
     trainer = Trainer(config)
     trainer.fit()
     return [json.loads(line) for line in (trainer.run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
 def plot(
-    curves: dict[str, list[dict]], results: dict[str, list[dict[str, float] | None]], target: float, path: Path
+    curves: dict[str, list[dict]],
+    results: dict[str, list[dict[str, float] | None]],
+    target: float,
+    path: Path,
 ) -> None:
     """Plot seed 0's validation curves and batch sizes, and every seed's (samples, steps) to the target.
 
@@ -129,7 +160,9 @@ def plot(
     for i, (name, outcomes) in enumerate(results.items()):
         done = [o for o in outcomes if o is not None]
         axes[3].scatter([o["samples"] for o in done], [o["steps"] for o in done], color=f"C{i}", label=name)
-    axes[3].set(xscale="log", yscale="log", xlabel="samples to the target", ylabel="optimizer steps to the target")
+    axes[3].set(
+        xscale="log", yscale="log", xlabel="samples to the target", ylabel="optimizer steps to the target"
+    )
     axes[0].legend(fontsize=8)
     fig.suptitle(f"text task to validation loss {target} (seed 0)")
     fig.tight_layout()
@@ -140,6 +173,7 @@ def plot(
 
 def _cell(values: list[float], digits: int) -> str:
     """The median, and the range when there are several values: "651 (598-702)"."""
+
     def fmt(v: float) -> str:
         return f"{v:,.{digits}f}"
 
@@ -149,8 +183,12 @@ def _cell(values: list[float], digits: int) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--target", type=float, default=2.3, help="validation loss to reach (nats per character)")
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="train.seed of each repetition")
+    parser.add_argument(
+        "--target", type=float, default=2.3, help="validation loss to reach (nats per character)"
+    )
+    parser.add_argument(
+        "--seeds", type=int, nargs="+", default=[0, 1, 2], help="train.seed of each repetition"
+    )
     parser.add_argument("--ramp-samples", type=int, default=4000, help="the ramp's length in samples")
     parser.add_argument("--max-steps", type=int, default=3000, help="give up on a run after this many steps")
     parser.add_argument("--out", type=Path, default=OUT / "batch_schedules.png")
@@ -166,10 +204,14 @@ def main(argv: list[str] | None = None) -> int:
                 if seed == args.seeds[0]:
                     curves[name] = rows
     plot(curves, results, args.target, args.out)
-    (args.out.with_suffix(".json")).write_text(json.dumps({"target": args.target, "results": results}, indent=1))
+    (args.out.with_suffix(".json")).write_text(
+        json.dumps({"target": args.target, "results": results}, indent=1)
+    )
     seeds = len(args.seeds)
-    print(f"\nto validation loss {args.target}: median (min-max) over {seeds} seed{'s' * (seeds > 1)}; "
-          "seconds of training only, 1 CPU thread")  # fmt: skip
+    print(
+        f"\nto validation loss {args.target}: median (min-max) over {seeds} seed{'s' * (seeds > 1)}; "
+        "seconds of training only, 1 CPU thread"
+    )
     print("| schedule | optimizer steps | samples | tokens | seconds | reached |")
     print("| --- | --- | --- | --- | --- | --- |")
     for name, outcomes in results.items():
@@ -177,8 +219,10 @@ def main(argv: list[str] | None = None) -> int:
         if not done:
             print(f"| {name} | - | - | - | - | 0/{seeds} |")
             continue
-        cells = [_cell([o[k] for o in done], digits) for k, digits in
-                 (("steps", 0), ("samples", 0), ("tokens", 0), ("seconds", 1))]  # fmt: skip
+        cells = [
+            _cell([o[k] for o in done], digits)
+            for k, digits in (("steps", 0), ("samples", 0), ("tokens", 0), ("seconds", 1))
+        ]
         print(f"| {name} | {' | '.join(cells)} | {len(done)}/{seeds} |")
     print(f"\nwrote {args.out}; {time.perf_counter() - start:.0f} s in all")
     return 0

@@ -29,10 +29,17 @@ def cnn(norm: str) -> nn.Module:
         "none": lambda c: nn.Identity(),
     }[norm]
     return nn.Sequential(
-        nn.Conv2d(3, 16, 3, padding=1), layers(16), nn.ReLU(), nn.MaxPool2d(2),
-        nn.Conv2d(16, 32, 3, padding=1), layers(32), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
-        nn.Flatten(), nn.Linear(32, 10),
-    )  # fmt: skip
+        nn.Conv2d(3, 16, 3, padding=1),
+        layers(16),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Conv2d(16, 32, 3, padding=1),
+        layers(32),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(32, 10),
+    )
 
 
 def loss_fn(model: nn.Module, batch) -> torch.Tensor:
@@ -46,7 +53,10 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args()
     g = torch.Generator().manual_seed(0)
-    batch = (torch.randn(args.batch, 3, 16, 16, generator=g), torch.randint(0, 10, (args.batch,), generator=g))
+    batch = (
+        torch.randn(args.batch, 3, 16, 16, generator=g),
+        torch.randint(0, 10, (args.batch,), generator=g),
+    )
     micro_sizes = [m for m in (4, 8, 16, 32) if m < args.batch]
     norms = ["none", "batchnorm", "groupnorm", "ghost(8)"]
     results: dict[str, list[float]] = {}

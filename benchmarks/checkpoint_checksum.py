@@ -39,8 +39,14 @@ def default_state() -> dict[str, Any]:
     out = task.loss_fn(model, task.train_batch(range(8)))
     (out.total / out.count).backward()
     optimizer.step()
-    return {"step": 1, "model": model.state_dict(), "optimizer": optimizer.state_dict(), "accumulator": {},
-            "rng": [torch.get_rng_state()], "samples_seen": 32}  # fmt: skip
+    return {
+        "step": 1,
+        "model": model.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "accumulator": {},
+        "rng": [torch.get_rng_state()],
+        "samples_seen": 32,
+    }
 
 
 def plain_save(directory: Path, step: int, state: dict[str, Any]) -> None:
@@ -93,11 +99,23 @@ def main() -> None:
         return f"{statistics.median(seconds) * 1e3:.1f} ms"
 
     rows = [
-        ["save", ms(saves["plain"]), ms(saves["sha256"]), f"{1 / median_paired_ratio(saves['plain'], saves['sha256']):.2f}"],
-        ["load", ms(loads["plain"]), ms(loads["sha256"]), f"{1 / median_paired_ratio(loads['plain'], loads['sha256']):.2f}"],
-    ]  # fmt: skip
-    print(f"checkpoint of the default text model after one AdamW step: {size / 2**20:.1f} MiB; "
-          f"hashlib.sha256 alone: {rate / 2**30:.2f} GiB/s; {args.repeats} repeats, wall time\n")  # fmt: skip
+        [
+            "save",
+            ms(saves["plain"]),
+            ms(saves["sha256"]),
+            f"{1 / median_paired_ratio(saves['plain'], saves['sha256']):.2f}",
+        ],
+        [
+            "load",
+            ms(loads["plain"]),
+            ms(loads["sha256"]),
+            f"{1 / median_paired_ratio(loads['plain'], loads['sha256']):.2f}",
+        ],
+    ]
+    print(
+        f"checkpoint of the default text model after one AdamW step: {size / 2**20:.1f} MiB; "
+        f"hashlib.sha256 alone: {rate / 2**30:.2f} GiB/s; {args.repeats} repeats, wall time\n"
+    )
     print(markdown_table(["", "without checksum", "with SHA-256", "time ratio"], rows))
 
 

@@ -58,8 +58,13 @@ def measure(way: str, n: int, steps: int, rank: int, world: int) -> dict[str, fl
     elif way == "bigbatch step":
         acc = bb.Accumulator(ddp, opt, micro_batch_size=MICRO_BATCH)
     g = torch.Generator().manual_seed(rank)
-    data = [(torch.randn(n * MICRO_BATCH, WIDTH, generator=g), torch.randint(0, 10, (n * MICRO_BATCH,), generator=g))
-            for _ in range(steps + 1)]
+    data = [
+        (
+            torch.randn(n * MICRO_BATCH, WIDTH, generator=g),
+            torch.randint(0, 10, (n * MICRO_BATCH,), generator=g),
+        )
+        for _ in range(steps + 1)
+    ]
     for i, (x, y) in enumerate(data):
         if i == 1:  # the first step builds DDP's buckets: count from the second
             counter.reset()
@@ -91,8 +96,13 @@ def worker(rank: int, world: int, store: str, args: argparse.Namespace, out: str
     torch.set_num_threads(max(1, (os.cpu_count() or 2) // world))
     if sys.platform == "linux":  # one machine: loopback, even where the hostname does not resolve
         os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
-    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world,
-                            timeout=datetime.timedelta(seconds=120))
+    dist.init_process_group(
+        "gloo",
+        init_method=f"file://{store}",
+        rank=rank,
+        world_size=world,
+        timeout=datetime.timedelta(seconds=120),
+    )
     rows = []
     for n in args.accumulation:
         rows.append((n, {way: measure(way, n, args.steps, rank, world) for way in WAYS}))
@@ -146,7 +156,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--world", type=int, default=2)
     parser.add_argument("--steps", type=int, default=3)
-    parser.add_argument("--accumulation", type=lambda s: [int(v) for v in s.split(",")], default=[1, 2, 4, 8, 16])
+    parser.add_argument(
+        "--accumulation", type=lambda s: [int(v) for v in s.split(",")], default=[1, 2, 4, 8, 16]
+    )
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "rows.pt")

@@ -31,12 +31,22 @@ METRICS = ("val_probe_accuracy", "val_retrieval", "val_loss")
 
 def run(logical: int, micro: int, negatives: str, steps: int, seed: int, root: str) -> dict[str, float]:
     """One `bigbatch train --task contrastive` run; its held-out metrics and training time."""
-    config = TrainConfig.load(None, [
-        "task.name=contrastive", f"task.negatives={negatives}",
-        f"batch.logical_batch_size={logical}", f"batch.micro_batch_size={micro}",
-        f"train.steps={steps}", f"train.eval_every={steps}", f"train.seed={seed}", "train.progress=false",
-        f"run.dir={root}", f"run.name={negatives}-{logical}-{seed}", "checkpoint.keep=1",
-    ])  # fmt: skip
+    config = TrainConfig.load(
+        None,
+        [
+            "task.name=contrastive",
+            f"task.negatives={negatives}",
+            f"batch.logical_batch_size={logical}",
+            f"batch.micro_batch_size={micro}",
+            f"train.steps={steps}",
+            f"train.eval_every={steps}",
+            f"train.seed={seed}",
+            "train.progress=false",
+            f"run.dir={root}",
+            f"run.name={negatives}-{logical}-{seed}",
+            "checkpoint.keep=1",
+        ],
+    )
     with contextlib.redirect_stdout(io.StringIO()):  # each run's own report; the table says it all
         summary = Trainer(config).fit()
     return {key: float(summary[key]) for key in (*METRICS, "train_seconds", "pixel_probe_accuracy")}
@@ -59,13 +69,18 @@ def main() -> None:
                 for seed in range(args.seeds):
                     out = run(logical, args.micro, negatives, args.steps, seed, root)
                     results.setdefault((logical, negatives), []).append(out)
-                    print(f"  logical {logical:4d} {negatives:14s} seed {seed}: "
-                          + ", ".join(f"{k} {out[k]:.3f}" for k in METRICS), flush=True)
+                    print(
+                        f"  logical {logical:4d} {negatives:14s} seed {seed}: "
+                        + ", ".join(f"{k} {out[k]:.3f}" for k in METRICS),
+                        flush=True,
+                    )
 
     pixel = next(iter(results.values()))[0]["pixel_probe_accuracy"]
     print(f"\nmicro-batch {args.micro}, {args.steps} optimizer steps, {args.seeds} seed(s): mean (min-max)")
     print(f"linear probe on raw pixels, same labels: {pixel:.3f}; chance retrieval 1/297 = {1 / 297:.3f}\n")
-    print("| logical batch | negatives per sample | loss | probe accuracy | retrieval top-1 | val InfoNCE | s/run |")
+    print(
+        "| logical batch | negatives per sample | loss | probe accuracy | retrieval top-1 | val InfoNCE | s/run |"
+    )
     print("| --- | --- | --- | --- | --- | --- | --- |")
     for (logical, negatives), runs in results.items():
         neg = logical - 1 if negatives == "logical_batch" else min(logical, args.micro) - 1
@@ -79,22 +94,31 @@ def main() -> None:
             return f"{mean:.3f}" if len(values) == 1 else f"{mean:.3f} ({min(values):.3f}-{max(values):.3f})"
 
         seconds = sum(r["train_seconds"] for r in runs) / len(runs)
-        print(f"| {logical} | {neg} | {name} | {cell('val_probe_accuracy')} | {cell('val_retrieval')} "
-              f"| {cell('val_loss')} | {seconds:.0f} |")
+        print(
+            f"| {logical} | {neg} | {name} | {cell('val_probe_accuracy')} | {cell('val_retrieval')} "
+            f"| {cell('val_loss')} | {seconds:.0f} |"
+        )
     _plot(results, args, pixel)
 
 
-def _plot(results: dict[tuple[int, str], list[dict[str, float]]], args: argparse.Namespace, pixel: float) -> None:
+def _plot(
+    results: dict[tuple[int, str], list[dict[str, float]]], args: argparse.Namespace, pixel: float
+) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-    for ax, key, title in zip(axes, ("val_probe_accuracy", "val_retrieval"),
-                              (f"linear probe ({args.seeds} seeds)", "held-out retrieval top-1 (297 images)")):
-        for negatives, label, style in (("logical_batch", "bb.BatchLoss (whole logical batch)", "o-"),
-                                        ("micro_batch", "per micro-batch (plain accumulation)", "s--")):
+    for ax, key, title in zip(
+        axes,
+        ("val_probe_accuracy", "val_retrieval"),
+        (f"linear probe ({args.seeds} seeds)", "held-out retrieval top-1 (297 images)"),
+    ):
+        for negatives, label, style in (
+            ("logical_batch", "bb.BatchLoss (whole logical batch)", "o-"),
+            ("micro_batch", "per micro-batch (plain accumulation)", "s--"),
+        ):
             sizes = [n for n in args.logical if (n, negatives) in results or n <= args.micro]
             runs = [results.get((n, negatives)) or results[(n, "logical_batch")] for n in sizes]
             means = [sum(r[key] for r in rs) / len(rs) for rs in runs]
@@ -112,7 +136,9 @@ def _plot(results: dict[tuple[int, str], list[dict[str, float]]], args: argparse
     out.parent.mkdir(exist_ok=True)
     fig.savefig(out, dpi=120)
     print(f"\nwrote {out}")
-    (out.with_suffix(".json")).write_text(json.dumps({f"{k[0]}-{k[1]}": v for k, v in results.items()}, indent=1))
+    (out.with_suffix(".json")).write_text(
+        json.dumps({f"{k[0]}-{k[1]}": v for k, v in results.items()}, indent=1)
+    )
 
 
 if __name__ == "__main__":

@@ -61,7 +61,13 @@ def main() -> None:
     device = torch.device(args.device)
     torch.set_num_threads(1)  # process time on a shared CPU: one thread, no spinning
     task = build_task("text", dropout=args.dropout)
-    batches = [b for _, b in zip(range(args.repeats * args.steps + 1), task.train_batches(args.batch, torch.Generator().manual_seed(0)))]
+    batches = [
+        b
+        for _, b in zip(
+            range(args.repeats * args.steps + 1),
+            task.train_batches(args.batch, torch.Generator().manual_seed(0)),
+        )
+    ]
     batches = [to_device(b, device) for b in batches]
 
     def accumulator(dropout: float, split_invariant: bool) -> bb.Accumulator:
@@ -73,7 +79,9 @@ def main() -> None:
             if isinstance(m, torch.nn.Dropout):
                 m.p = dropout
         opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
-        return bb.Accumulator(model, opt, micro_batch_size=args.micro, split_invariant_dropout=split_invariant)
+        return bb.Accumulator(
+            model, opt, micro_batch_size=args.micro, split_invariant_dropout=split_invariant
+        )
 
     accs = {
         "no dropout": accumulator(0.0, False),
@@ -91,10 +99,17 @@ def main() -> None:
 
         return run
 
-    seconds = time_interleaved({k: block(a) for k, a in accs.items()}, repeats=args.repeats,
-                               clock=clock_for(device), sync=lambda: sync_device(device))  # fmt: skip
-    micro = {k: v for k, v in split_batch(batches[0], args.micro)[0].items()} if isinstance(
-        batches[0], dict) else split_batch(batches[0], args.micro)[0]  # fmt: skip
+    seconds = time_interleaved(
+        {k: block(a) for k, a in accs.items()},
+        repeats=args.repeats,
+        clock=clock_for(device),
+        sync=lambda: sync_device(device),
+    )
+    micro = (
+        {k: v for k, v in split_batch(batches[0], args.micro)[0].items()}
+        if isinstance(batches[0], dict)
+        else split_batch(batches[0], args.micro)[0]
+    )
     saved = {}
     for name, acc in accs.items():
         hook = acc._forward_hooks[0] if acc._forward_hooks else None
@@ -108,13 +123,23 @@ def main() -> None:
         saved[name] = _saved_bytes(forward)
     base = seconds["torch dropout"]
     rows = [
-        [name, f"{statistics.median(s) / args.steps * 1e3:.1f}", f"{median_paired_ratio(s, base):.3f}",
-         f"{saved[name] / 2**20:.2f}"]
+        [
+            name,
+            f"{statistics.median(s) / args.steps * 1e3:.1f}",
+            f"{median_paired_ratio(s, base):.3f}",
+            f"{saved[name] / 2**20:.2f}",
+        ]
         for name, s in seconds.items()
-    ]  # fmt: skip
-    print(f"text task, dropout {args.dropout}, logical batch {args.batch}, micro-batch {args.micro}, "
-          f"{device}, {args.repeats} repeats of {args.steps} steps")  # fmt: skip
-    print(markdown_table(["dropout", "ms/step (median)", "time / torch dropout", "saved for backward MiB"], rows))
+    ]
+    print(
+        f"text task, dropout {args.dropout}, logical batch {args.batch}, micro-batch {args.micro}, "
+        f"{device}, {args.repeats} repeats of {args.steps} steps"
+    )
+    print(
+        markdown_table(
+            ["dropout", "ms/step (median)", "time / torch dropout", "saved for backward MiB"], rows
+        )
+    )
 
 
 if __name__ == "__main__":

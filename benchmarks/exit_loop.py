@@ -22,11 +22,21 @@ import time
 from pathlib import Path
 
 TINY = [
-    "task.d_model=16", "task.n_layers=1", "task.n_heads=2", "task.block_size=16", "task.eval_samples=8",
-    "train.threads=1", "train.progress=false", "train.sample_length=0", "train.eval_every=1",
-    "optim.warmup_steps=0", "checkpoint.every=1", "train.steps=2", "batch.logical_batch_size=13",
+    "task.d_model=16",
+    "task.n_layers=1",
+    "task.n_heads=2",
+    "task.block_size=16",
+    "task.eval_samples=8",
+    "train.threads=1",
+    "train.progress=false",
+    "train.sample_length=0",
+    "train.eval_every=1",
+    "optim.warmup_steps=0",
+    "checkpoint.every=1",
+    "train.steps=2",
+    "batch.logical_batch_size=13",
     "batch.micro_batch_size=4",
-]  # fmt: skip
+]
 
 
 def _burn(stop_at: float) -> None:
@@ -40,15 +50,34 @@ def _burn(stop_at: float) -> None:
 def one_run(tree: Path, root: Path, index: int) -> tuple[str, str]:
     """One two-rank run: (outcome, the last stderr line worth showing)."""
     cmd = [
-        "nice", "-n", "10", sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
-        "-m", "bigbatch", "train", *[f"--set={o}" for o in TINY], f'--set=run.dir="{root}"', "--name", f"r{index}",
-    ]  # fmt: skip
+        "nice",
+        "-n",
+        "10",
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc-per-node=2",
+        "-m",
+        "bigbatch",
+        "train",
+        *[f"--set={o}" for o in TINY],
+        f'--set=run.dir="{root}"',
+        "--name",
+        f"r{index}",
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(tree)}
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, check=False)
-    if "terminate called" in done.stderr or "Signals.SIGABRT" in done.stderr or "exitcode  : -6" in done.stderr:
+    if (
+        "terminate called" in done.stderr
+        or "Signals.SIGABRT" in done.stderr
+        or "exitcode  : -6" in done.stderr
+    ):
         return "aborted", next((ln for ln in done.stderr.splitlines() if "terminate called" in ln), "SIGABRT")
     if done.returncode != 0:
-        return "failed", done.stderr.strip().splitlines()[-1] if done.stderr.strip() else f"exit {done.returncode}"
+        return "failed", done.stderr.strip().splitlines()[
+            -1
+        ] if done.stderr.strip() else f"exit {done.returncode}"
     return "ok", ""
 
 
@@ -57,10 +86,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=30, help="two-rank runs (at most 30)")
     parser.add_argument("--burn", type=int, default=2, help="busy-looping processes beside the runs")
-    parser.add_argument("--tree", type=Path, default=Path(__file__).resolve().parents[1], help="bigbatch checkout")
+    parser.add_argument(
+        "--tree", type=Path, default=Path(__file__).resolve().parents[1], help="bigbatch checkout"
+    )
     args = parser.parse_args()
     runs = min(args.runs, 30)
-    burners = [mp.Process(target=_burn, args=(time.monotonic() + 3600,), daemon=True) for _ in range(args.burn)]
+    burners = [
+        mp.Process(target=_burn, args=(time.monotonic() + 3600,), daemon=True) for _ in range(args.burn)
+    ]
     for p in burners:
         p.start()
     counts = {"ok": 0, "aborted": 0, "failed": 0}

@@ -71,7 +71,9 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))  # the repository's bigbatch, run in place (no install on the GPU machine)
 
 if str(Path(__file__).parent) not in sys.path:
-    sys.path.insert(0, str(Path(__file__).parent))  # its parts beside it, as when run as a script (the tests load it)
+    sys.path.insert(
+        0, str(Path(__file__).parent)
+    )  # its parts beside it, as when run as a script (the tests load it)
 
 import gpu_modes  # noqa: E402 - after the sys.path lines above
 import torch  # noqa: E402
@@ -80,8 +82,21 @@ from gpu_runs import RESTART, Config, Sizes, is_cuda_error, plan_configs, warm_c
 
 from bigbatch.tools.benchmarking import append_jsonl  # noqa: E402
 
-__all__ = ["COMPILED", "RESTART", "STAGES", "TIMED", "Config", "Sizes", "full_batch", "gpu_modes", "is_cuda_error",
-           "plan_configs", "render_table", "targets", "warm_configs"]  # what the check's tests read from here
+__all__ = [
+    "COMPILED",
+    "RESTART",
+    "STAGES",
+    "TIMED",
+    "Config",
+    "Sizes",
+    "full_batch",
+    "gpu_modes",
+    "is_cuda_error",
+    "plan_configs",
+    "render_table",
+    "targets",
+    "warm_configs",
+]  # what the check's tests read from here
 
 # Seconds per stage. On an H100/H200: pytest -m gpu compiles a few small models; a cold
 # inductor compile of GPT-2 small takes about a minute (warm: seconds), micro-batch 1
@@ -90,12 +105,31 @@ __all__ = ["COMPILED", "RESTART", "STAGES", "TIMED", "Config", "Sizes", "full_ba
 # 470 s (pytest, the warm wait, then eager to modes; the warm worker runs beside pytest),
 # 40 s inside the 510 s total.
 BUDGETS: dict[str, dict[str, float]] = {
-    "cuda": {"pytest": 110, "warm": 130, "eager": 85, "planner": 85, "accelerate": 20, "compile": 65,
-             "cudagraphs": 55, "modes": 30},
-    "cpu": {"pytest": 60, "warm": 40, "eager": 25, "planner": 30, "accelerate": 15, "compile": 35,
-            "cudagraphs": 25, "modes": 20},
-}  # fmt: skip
-TOTAL = {"cuda": 510, "cpu": 220}  # a 560 s timeout around the check leaves 50 s to spare (cpu: a loaded 2-core CI)
+    "cuda": {
+        "pytest": 110,
+        "warm": 130,
+        "eager": 85,
+        "planner": 85,
+        "accelerate": 20,
+        "compile": 65,
+        "cudagraphs": 55,
+        "modes": 30,
+    },
+    "cpu": {
+        "pytest": 60,
+        "warm": 40,
+        "eager": 25,
+        "planner": 30,
+        "accelerate": 15,
+        "compile": 35,
+        "cudagraphs": 25,
+        "modes": 20,
+    },
+}
+TOTAL = {
+    "cuda": 510,
+    "cpu": 220,
+}  # a 560 s timeout around the check leaves 50 s to spare (cpu: a loaded 2-core CI)
 WARM_WAIT = {"cuda": 20, "cpu": 10}  # how long the eager stage waits for a warm worker still compiling
 # Inductor's compile threads: pytest's 4 workers share the cores with the warm worker (16 on the GPU machine).
 COMPILE_THREADS = {"pytest": "2", "warm": "8"}
@@ -117,17 +151,34 @@ class Supervisor:
     grace: float = 10.0  # past its stage's deadline, a configuration is killed
 
     def _spec(self, configs: list[Config], progress: Path, deadlines: dict[str, float]) -> dict[str, Any]:
-        return {"device": self.device, "out": str(self.results.out), "slug": self.results.slug, "run": self.results.run,
-                "progress": str(progress), "deadlines": deadlines, "budgets": self.budgets,
-                "total_deadline": self.total_deadline, "facts": self.facts, "faults": self.faults,
-                "configs": [asdict(c) for c in configs]}  # fmt: skip
+        return {
+            "device": self.device,
+            "out": str(self.results.out),
+            "slug": self.results.slug,
+            "run": self.results.run,
+            "progress": str(progress),
+            "deadlines": deadlines,
+            "budgets": self.budgets,
+            "total_deadline": self.total_deadline,
+            "facts": self.facts,
+            "faults": self.faults,
+            "configs": [asdict(c) for c in configs],
+        }
 
-    def start(self, configs: list[Config], progress: Path, deadlines: dict[str, float],
-              compile_threads: str | None = None) -> subprocess.Popen[bytes]:  # fmt: skip
+    def start(
+        self,
+        configs: list[Config],
+        progress: Path,
+        deadlines: dict[str, float],
+        compile_threads: str | None = None,
+    ) -> subprocess.Popen[bytes]:
         spec = self._spec(configs, progress, deadlines)
         with (self.results.out / f"gpu-{self.results.slug}-worker.log").open("ab") as log:
-            return _spawn([sys.executable, str(Path(__file__).resolve()), "--worker", json.dumps(spec)], stderr=log,
-                          compile_threads=compile_threads)  # fmt: skip
+            return _spawn(
+                [sys.executable, str(Path(__file__).resolve()), "--worker", json.dumps(spec)],
+                stderr=log,
+                compile_threads=compile_threads,
+            )
 
     def run(self, configs: list[Config], *, name: str) -> None:
         """Run `configs` in workers until each is recorded; a worker that dies or overruns is replaced."""
@@ -136,7 +187,9 @@ class Supervisor:
         left = list(configs)
         while left:
             if time.time() >= self.total_deadline:
-                self._record_unrun(left, "skipped", f"the check's total time ({TOTAL[self.device]} s) is spent")
+                self._record_unrun(
+                    left, "skipped", f"the check's total time ({TOTAL[self.device]} s) is spent"
+                )
                 return
             proc = self.start(left, progress, deadlines)
             killed = False
@@ -159,15 +212,22 @@ class Supervisor:
                 if killed:
                     status, reason = "timed out", f"past its stage's deadline (+{self.grace:.0f} s): killed"
                 else:
-                    status, reason = "crashed", f"the worker died (exit {proc.returncode}); see gpu-{self.results.slug}-worker.log"
+                    status, reason = (
+                        "crashed",
+                        f"the worker died (exit {proc.returncode}); see gpu-{self.results.slug}-worker.log",
+                    )
                 self._record_unrun([cfg], status, reason)
                 append_jsonl(progress, {"event": "done", "config": cfg.key})  # recorded: no longer running
                 done.add(cfg.key)
             progressed = any(c.key in done for c in left)
             left = [c for c in left if c.key not in done]
             if left and not progressed:  # it died before its first configuration: it would again
-                self._record_unrun(left, "crashed", f"the worker could not start (exit {proc.returncode}); "
-                                   f"see gpu-{self.results.slug}-worker.log")
+                self._record_unrun(
+                    left,
+                    "crashed",
+                    f"the worker could not start (exit {proc.returncode}); "
+                    f"see gpu-{self.results.slug}-worker.log",
+                )
                 return
             if left and proc.returncode == 0 and not killed:
                 self._record_unrun(left, "skipped", "the worker ended without running it")
@@ -182,8 +242,15 @@ class Supervisor:
     def _record_unrun(self, configs: list[Config], status: str, reason: str) -> None:
         for cfg in configs:
             for method in cfg.methods:
-                row = {"stage": cfg.stage, "config": cfg.key, **self.facts, "method": method,
-                       "micro_batch_size": cfg.micro, "status": status, "reason": reason}  # fmt: skip
+                row = {
+                    "stage": cfg.stage,
+                    "config": cfg.key,
+                    **self.facts,
+                    "method": method,
+                    "micro_batch_size": cfg.micro,
+                    "status": status,
+                    "reason": reason,
+                }
                 self.results.add(row)
                 print(describe(row), flush=True)
 
@@ -191,7 +258,9 @@ class Supervisor:
 _CHILDREN: list[subprocess.Popen[bytes]] = []
 
 
-def _spawn(command: list[str], *, compile_threads: str | None = None, **kwargs: Any) -> subprocess.Popen[bytes]:
+def _spawn(
+    command: list[str], *, compile_threads: str | None = None, **kwargs: Any
+) -> subprocess.Popen[bytes]:
     """Start a child in its own process group (so that it and its compile workers can be killed together)."""
     env = _child_env()
     if compile_threads is not None:
@@ -229,21 +298,34 @@ def _child_env() -> dict[str, str]:
 
 def gpu_test_files() -> list[str]:
     """The test files that hold gpu-marked tests (collecting only them keeps the stage short)."""
-    return sorted(str(p.relative_to(ROOT)) for p in (ROOT / "tests").rglob("test_*.py")
-                  if "mark.gpu" in p.read_text(encoding="utf-8"))  # fmt: skip
+    return sorted(
+        str(p.relative_to(ROOT))
+        for p in (ROOT / "tests").rglob("test_*.py")
+        if "mark.gpu" in p.read_text(encoding="utf-8")
+    )
 
 
 # "tests/x.py::t PASSED [ 5%]", or under pytest-xdist "[gw0] [ 5%] PASSED tests/x.py::t".
-_OUTCOME = re.compile(r"(?:^(tests/\S+::\S+) (PASSED|FAILED|SKIPPED|ERROR|XFAIL|XPASS))"
-                      r"|(?:\b(PASSED|FAILED|SKIPPED|ERROR|XFAIL|XPASS) (tests/\S+::\S+))")
+_OUTCOME = re.compile(
+    r"(?:^(tests/\S+::\S+) (PASSED|FAILED|SKIPPED|ERROR|XFAIL|XPASS))"
+    r"|(?:\b(PASSED|FAILED|SKIPPED|ERROR|XFAIL|XPASS) (tests/\S+::\S+))"
+)
 
 
 def run_pytest(results: Results, deadline: float, workers: int = 1) -> dict[str, Any]:
     """`pytest -m gpu` on the gpu test files, its output in the log as it comes; killed at the deadline."""
     files = gpu_test_files()
     if importlib.util.find_spec("pytest") is None:
-        return {"stage": "pytest", "method": "pytest -m gpu", "status": "skipped", "reason": "pytest is not installed",
-                "summary": "pytest is not installed", "files": files, "seconds": 0.0, "log": results.pytest_log.name}
+        return {
+            "stage": "pytest",
+            "method": "pytest -m gpu",
+            "status": "skipped",
+            "reason": "pytest is not installed",
+            "summary": "pytest is not installed",
+            "files": files,
+            "seconds": 0.0,
+            "log": results.pytest_log.name,
+        }
     command = [sys.executable, "-m", "pytest", "-m", "gpu", "-v", "-rfEs", "-p", "no:cacheprovider", *files]
     if workers > 1 and importlib.util.find_spec("xdist") is not None:
         # Several compile small models with inductor: on a 16-core GPU machine, four at a time.
@@ -253,7 +335,9 @@ def run_pytest(results: Results, deadline: float, workers: int = 1) -> dict[str,
         log.write(("$ " + " ".join(command[1:]) + "\n").encode())
         log.flush()
         # Inductor compiles with 2 threads a worker: 4 workers leave the rest of the cores to the warm worker.
-        proc = _spawn(command, stdout=log, stderr=subprocess.STDOUT, compile_threads=COMPILE_THREADS["pytest"])
+        proc = _spawn(
+            command, stdout=log, stderr=subprocess.STDOUT, compile_threads=COMPILE_THREADS["pytest"]
+        )
         timed_out = False
         while proc.poll() is None:
             if time.time() > deadline:
@@ -265,16 +349,41 @@ def run_pytest(results: Results, deadline: float, workers: int = 1) -> dict[str,
     for line in text.splitlines():
         match = _OUTCOME.search(line)
         if match:
-            test, outcome = (match.group(1), match.group(2)) if match.group(1) else (match.group(4), match.group(3))
+            test, outcome = (
+                (match.group(1), match.group(2)) if match.group(1) else (match.group(4), match.group(3))
+            )
             outcomes.setdefault(test, outcome)  # the live line; the summary at the end repeats it
-    counts = {k.lower(): sum(1 for v in outcomes.values() if v == k) for k in ("PASSED", "FAILED", "ERROR", "SKIPPED")}
-    host_syncs = {k.lower(): sum(1 for t, v in outcomes.items() if v == k and t.startswith("tests/test_host_syncs.py::test_gpu"))
-               for k in ("PASSED", "FAILED", "ERROR")}  # fmt: skip
-    summary = next((line.strip("= ") for line in reversed(text.splitlines()) if re.search(r"\d+ (passed|failed|skipped|error)", line)), "")
+    counts = {
+        k.lower(): sum(1 for v in outcomes.values() if v == k)
+        for k in ("PASSED", "FAILED", "ERROR", "SKIPPED")
+    }
+    host_syncs = {
+        k.lower(): sum(
+            1 for t, v in outcomes.items() if v == k and t.startswith("tests/test_host_syncs.py::test_gpu")
+        )
+        for k in ("PASSED", "FAILED", "ERROR")
+    }
+    summary = next(
+        (
+            line.strip("= ")
+            for line in reversed(text.splitlines())
+            if re.search(r"\d+ (passed|failed|skipped|error)", line)
+        ),
+        "",
+    )
     status = "timed out" if timed_out else ("ok" if proc.returncode in (0, 5) else "failed")
-    row = {"stage": "pytest", "method": "pytest -m gpu", "status": status, "exit": proc.returncode,
-           "summary": summary or f"{counts}", **counts, "host_syncs": host_syncs, "files": files,
-           "seconds": round(time.time() - started, 1), "log": results.pytest_log.name}  # fmt: skip
+    row = {
+        "stage": "pytest",
+        "method": "pytest -m gpu",
+        "status": status,
+        "exit": proc.returncode,
+        "summary": summary or f"{counts}",
+        **counts,
+        "host_syncs": host_syncs,
+        "files": files,
+        "seconds": round(time.time() - started, 1),
+        "log": results.pytest_log.name,
+    }
     if timed_out:
         row["reason"] = f"killed at the stage's deadline; {counts} before that"
     return row
@@ -286,10 +395,16 @@ def run_pytest(results: Results, deadline: float, workers: int = 1) -> dict[str,
 def _commit() -> str | None:
     """The commit measured, "+dirty" when tracked files differ from it; None outside a git checkout."""
     try:
-        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
-                              timeout=10)  # fmt: skip
-        status = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
-                                capture_output=True, text=True, timeout=10)  # fmt: skip
+        head = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True, timeout=10
+        )
+        status = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=10,
+        )
     except (OSError, subprocess.SubprocessError):
         return None
     commit = head.stdout.strip()
@@ -312,7 +427,9 @@ def compute_mode(device: str) -> str | None:
     except (OSError, subprocess.SubprocessError) as error:
         return f"unknown ({type(error).__name__})"
     lines = done.stdout.strip().splitlines()
-    return lines[0].strip() if done.returncode == 0 and lines else f"unknown (nvidia-smi exit {done.returncode})"
+    return (
+        lines[0].strip() if done.returncode == 0 and lines else f"unknown (nvidia-smi exit {done.returncode})"
+    )
 
 
 def _slug(device: str) -> str:
@@ -335,15 +452,35 @@ def _budgets(device: str, overrides: list[str]) -> dict[str, float]:
 def main(argv: list[str] | None = None) -> int:
     """Run the check; 0 when every stage ran (whatever it measured), 2 for a wrong command line."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--device", default="cuda", help="cuda (default), cuda:N, or cpu (a tiny model, every path)")
-    parser.add_argument("--out", type=Path, default=None,
-                        help="results folder (cuda: benchmarks/results; cpu: benchmarks/out/gpu-check)")
-    parser.add_argument("--total", type=float, default=None, help="seconds for the whole check (cuda 510, cpu 220)")
-    parser.add_argument("--stage-budget", action="append", default=[], metavar="NAME=SECONDS",
-                        help=f"a stage's budget; defaults: cuda {BUDGETS['cuda']}, cpu {BUDGETS['cpu']}")
-    parser.add_argument("--stages", nargs="+", choices=STAGES, default=list(STAGES), help="run only these stages")
-    parser.add_argument("--fault", action="append", default=[], metavar="CONFIG=KIND",
-                        help="for the check's own tests: crash, hang, raise, cuda-error or hang-after-plan")
+    parser.add_argument(
+        "--device", default="cuda", help="cuda (default), cuda:N, or cpu (a tiny model, every path)"
+    )
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="results folder (cuda: benchmarks/results; cpu: benchmarks/out/gpu-check)",
+    )
+    parser.add_argument(
+        "--total", type=float, default=None, help="seconds for the whole check (cuda 510, cpu 220)"
+    )
+    parser.add_argument(
+        "--stage-budget",
+        action="append",
+        default=[],
+        metavar="NAME=SECONDS",
+        help=f"a stage's budget; defaults: cuda {BUDGETS['cuda']}, cpu {BUDGETS['cpu']}",
+    )
+    parser.add_argument(
+        "--stages", nargs="+", choices=STAGES, default=list(STAGES), help="run only these stages"
+    )
+    parser.add_argument(
+        "--fault",
+        action="append",
+        default=[],
+        metavar="CONFIG=KIND",
+        help="for the check's own tests: crash, hang, raise, cuda-error or hang-after-plan",
+    )
     parser.add_argument("--grace", type=float, default=10.0, help=argparse.SUPPRESS)  # the check's own tests
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -364,8 +501,10 @@ def _check(args: argparse.Namespace) -> int:
     """Run the stages as `args` say (see the module docstring)."""
     kind = "cpu" if args.device == "cpu" else "cuda"
     if kind == "cuda" and not torch.cuda.is_available():
-        print("gpu-check: no CUDA GPU here; `make gpu-check DEVICE=cpu` runs the same check on the CPU.",
-              file=sys.stderr)  # fmt: skip
+        print(
+            "gpu-check: no CUDA GPU here; `make gpu-check DEVICE=cpu` runs the same check on the CPU.",
+            file=sys.stderr,
+        )
         return 2
     started = STARTED
     total = args.total if args.total is not None else TOTAL[kind]
@@ -380,20 +519,37 @@ def _check(args: argparse.Namespace) -> int:
     facts = {**sizes.facts(args.device), "commit": commit, "compute_mode": compute_mode(args.device)}
     sup = Supervisor(args.device, results, budgets, started + total, facts, faults, grace=args.grace)
     accelerate = importlib.util.find_spec("accelerate") is not None
-    configs = [c for c in plan_configs(sizes, accelerate=accelerate, cuda=kind == "cuda") if c.stage in args.stages]
-    print(f"gpu-check {run_id} on {args.device} (python {platform.python_version()}, torch {torch.__version__}, "
-          f"commit {commit}): {total:.0f} s in all, stage budgets {budgets}; results: {results.jsonl}", flush=True)
-    results.add({"stage": "start", "status": "ok", **facts, "budgets": budgets, "total_s": total,
-                 "accelerate": accelerate, "configs": [c.key for c in configs]})  # fmt: skip
+    configs = [
+        c for c in plan_configs(sizes, accelerate=accelerate, cuda=kind == "cuda") if c.stage in args.stages
+    ]
+    print(
+        f"gpu-check {run_id} on {args.device} (python {platform.python_version()}, torch {torch.__version__}, "
+        f"commit {commit}): {total:.0f} s in all, stage budgets {budgets}; results: {results.jsonl}",
+        flush=True,
+    )
+    results.add(
+        {
+            "stage": "start",
+            "status": "ok",
+            **facts,
+            "budgets": budgets,
+            "total_s": total,
+            "accelerate": accelerate,
+            "configs": [c.key for c in configs],
+        }
+    )
 
     warm = None
     if any(c.stage in COMPILED for c in configs):
         warm_progress = out / f".progress-{run_id}-warm.jsonl"
-        warm = (sup.start(warm_configs(sizes), warm_progress, {}, compile_threads=COMPILE_THREADS["warm"]),
-                warm_progress)
+        warm = (
+            sup.start(warm_configs(sizes), warm_progress, {}, compile_threads=COMPILE_THREADS["warm"]),
+            warm_progress,
+        )
     if "pytest" in args.stages:
-        row = run_pytest(results, min(time.time() + budgets["pytest"], started + total),
-                         workers=4 if kind == "cuda" else 1)
+        row = run_pytest(
+            results, min(time.time() + budgets["pytest"], started + total), workers=4 if kind == "cuda" else 1
+        )
         results.add({**row, **facts})
         print(f"pytest -m gpu: {row['status']}: {row['summary']} ({row['seconds']} s)", flush=True)
     if warm is not None:
@@ -409,7 +565,9 @@ def _check(args: argparse.Namespace) -> int:
     sup.run(configs, name="bench")
     text = results.write_table()
     print("\n" + text)
-    print(f"gpu-check done in {time.time() - started:.0f} s: {results.jsonl}, {results.table}, {results.pytest_log}")
+    print(
+        f"gpu-check done in {time.time() - started:.0f} s: {results.jsonl}, {results.table}, {results.pytest_log}"
+    )
     for path in out.glob(f".progress-{run_id}-*.jsonl"):
         path.unlink()
     return 0

@@ -62,8 +62,16 @@ def missing(mode: str) -> str | None:
     return None
 
 
-def run_mode(mode: str, setup: workloads.Setup, initial: nn.Module, device: torch.device, micro: int, *,
-             until: float | None = None, min_repeats: int = 3) -> list[dict[str, Any]]:  # fmt: skip
+def run_mode(
+    mode: str,
+    setup: workloads.Setup,
+    initial: nn.Module,
+    device: torch.device,
+    micro: int,
+    *,
+    until: float | None = None,
+    min_repeats: int = 3,
+) -> list[dict[str, Any]]:
     """Time `mode` against bigbatch without it, blocks interleaved; one row (skipped where it is missing)."""
     why = missing(mode)
     if why is not None:
@@ -73,25 +81,44 @@ def run_mode(mode: str, setup: workloads.Setup, initial: nn.Module, device: torc
     elif mode == "moe-balancing":
         builders, mode_setup, items = _moe(setup, device, micro)
     else:
-        n = setup.batches[0][0].shape[0] * 16  # pairs: 1024 on the GPU, 256 on the CPU, in micro-batches of n / 8
+        n = (
+            setup.batches[0][0].shape[0] * 16
+        )  # pairs: 1024 on the GPU, 256 on the CPU, in micro-batches of n / 8
         micro = n // 8
         builders, mode_setup, items = _info_nce(device, micro, n)
-    rows = workloads.time_runs(builders, mode_setup, device, steps=1, repeats=25, warmup=dict.fromkeys(builders, 1),
-                               until=until, min_repeats=min_repeats)  # fmt: skip
+    rows = workloads.time_runs(
+        builders,
+        mode_setup,
+        device,
+        steps=1,
+        repeats=25,
+        warmup=dict.fromkeys(builders, 1),
+        until=until,
+        min_repeats=min_repeats,
+    )
     without, with_mode = rows
     ratios = [w / m for w, m in zip(without["block_seconds"], with_mode["block_seconds"], strict=True)]
     peak = with_mode["peak_bytes"]
-    return [{"method": mode, "micro_batch_size": micro, "tokens_per_s": items / statistics.median(with_mode["block_seconds"]),
-             "peak_memory_gib": None if peak is None else round(peak / 2**30, 3),
-             "ratio_to_plain": statistics.median(ratios), "ratio_interval": median_interval(ratios),
-             "repeats": len(ratios), "first_step_s": with_mode["first_step_s"]}]  # fmt: skip
+    return [
+        {
+            "method": mode,
+            "micro_batch_size": micro,
+            "tokens_per_s": items / statistics.median(with_mode["block_seconds"]),
+            "peak_memory_gib": None if peak is None else round(peak / 2**30, 3),
+            "ratio_to_plain": statistics.median(ratios),
+            "ratio_interval": median_interval(ratios),
+            "repeats": len(ratios),
+            "first_step_s": with_mode["first_step_s"],
+        }
+    ]
 
 
 Builders = dict[str, Callable[[], workloads.Runner]]
 
 
-def _dropout(setup: workloads.Setup, initial: nn.Module, device: torch.device,
-             micro: int) -> tuple[Builders, workloads.Setup, int]:  # fmt: skip
+def _dropout(
+    setup: workloads.Setup, initial: nn.Module, device: torch.device, micro: int
+) -> tuple[Builders, workloads.Setup, int]:
     model = copy.deepcopy(initial)
     for module in model.modules():
         if isinstance(module, nn.Dropout):
@@ -100,8 +127,13 @@ def _dropout(setup: workloads.Setup, initial: nn.Module, device: torch.device,
     def build(split_invariant: bool) -> Callable[[], workloads.Runner]:
         def runner() -> workloads.Runner:
             m = copy.deepcopy(model)
-            acc = bb.Accumulator(m, workloads.optimizer_for(m, setup.lr, device), micro_batch_size=micro,
-                                 precision=setup.precision, **({"split_invariant_dropout": True} if split_invariant else {}))  # fmt: skip
+            acc = bb.Accumulator(
+                m,
+                workloads.optimizer_for(m, setup.lr, device),
+                micro_batch_size=micro,
+                precision=setup.precision,
+                **({"split_invariant_dropout": True} if split_invariant else {}),
+            )
             return lambda batch: acc.step(batch, setup.loss)
 
         return runner
@@ -113,25 +145,44 @@ def _moe(setup: workloads.Setup, device: torch.device, micro: int) -> tuple[Buil
     from transformers import MixtralConfig, MixtralForCausalLM
 
     small = device.type == "cpu"
-    config = MixtralConfig(vocab_size=512 if small else 32000, hidden_size=32 if small else 512,
-                           intermediate_size=64 if small else 1024, num_hidden_layers=2 if small else 4,
-                           num_attention_heads=4 if small else 8, num_key_value_heads=2 if small else 4,
-                           num_local_experts=4 if small else 8, num_experts_per_tok=2, output_router_logits=True,
-                           router_aux_loss_coef=0.01, max_position_embeddings=256)  # fmt: skip
+    config = MixtralConfig(
+        vocab_size=512 if small else 32000,
+        hidden_size=32 if small else 512,
+        intermediate_size=64 if small else 1024,
+        num_hidden_layers=2 if small else 4,
+        num_attention_heads=4 if small else 8,
+        num_key_value_heads=2 if small else 4,
+        num_local_experts=4 if small else 8,
+        num_experts_per_tok=2,
+        output_router_logits=True,
+        router_aux_loss_coef=0.01,
+        max_position_embeddings=256,
+    )
     torch.manual_seed(0)
     base = MixtralForCausalLM(config).to(device)
     n, seq = setup.batches[0][0].shape[0], min(128, setup.batches[0][0].shape[1])
     g = torch.Generator().manual_seed(0)
-    batches = [(torch.randint(0, config.vocab_size, (n, seq), generator=g).to(device),
-                torch.ones(n, seq, dtype=torch.long, device=device)) for _ in range(4)]  # fmt: skip
-    mode_setup = workloads.Setup("Mixtral (tiny)", lambda: base, batches, setup.precision, setup.lr, setup.loss)
+    batches = [
+        (
+            torch.randint(0, config.vocab_size, (n, seq), generator=g).to(device),
+            torch.ones(n, seq, dtype=torch.long, device=device),
+        )
+        for _ in range(4)
+    ]
+    mode_setup = workloads.Setup(
+        "Mixtral (tiny)", lambda: base, batches, setup.precision, setup.lr, setup.loss
+    )
 
     def build(router_logits: bool) -> Callable[[], workloads.Runner]:
         def runner() -> workloads.Runner:
             m = copy.deepcopy(base)
             m.config.output_router_logits = router_logits
-            acc = bb.Accumulator(m, workloads.optimizer_for(m, setup.lr, device), micro_batch_size=micro,
-                                 precision=setup.precision)  # fmt: skip
+            acc = bb.Accumulator(
+                m,
+                workloads.optimizer_for(m, setup.lr, device),
+                micro_batch_size=micro,
+                precision=setup.precision,
+            )
 
             def step(batch: workloads.Batch) -> None:
                 acc.step({"input_ids": batch[0], "attention_mask": batch[1]}, bb.causal_lm_loss)
@@ -159,8 +210,10 @@ def _info_nce(device: torch.device, micro: int, n: int) -> tuple[Builders, workl
     torch.manual_seed(0)
     base = _Towers(d_in, d).to(device)
     g = torch.Generator().manual_seed(0)
-    batches = [(torch.randn(n, d_in, generator=g).to(device), torch.randn(n, d_in, generator=g).to(device))
-               for _ in range(4)]  # fmt: skip
+    batches = [
+        (torch.randn(n, d_in, generator=g).to(device), torch.randn(n, d_in, generator=g).to(device))
+        for _ in range(4)
+    ]
 
     def encode(model: nn.Module, batch: workloads.Batch) -> tuple[torch.Tensor, torch.Tensor]:
         return model.a(batch[0]), model.b(batch[1])

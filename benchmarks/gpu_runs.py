@@ -30,12 +30,22 @@ from bigbatch.tools.benchmarking import append_jsonl, median_interval, sync_devi
 
 # The least time a configuration of the stage is started with: one that would overrun is skipped.
 NEEDS = {
-    "cuda": {"eager": 10, "accelerate": 8, "compile": 25, "cudagraphs": 25, "planner": 30, "warm": 30, "modes": 5},
+    "cuda": {
+        "eager": 10,
+        "accelerate": 8,
+        "compile": 25,
+        "cudagraphs": 25,
+        "planner": 30,
+        "warm": 30,
+        "modes": 5,
+    },
     "cpu": {"eager": 2, "accelerate": 2, "compile": 3, "cudagraphs": 3, "planner": 3, "warm": 3, "modes": 1},
 }
 RESTART = 75  # a worker's exit code: a CUDA error left its context broken; the rest run in a fresh worker
-CPU_NOTE = ("a CPU dry run of every code path: compile is torch.compile's aot_eager backend, cudagraphs the "
-            "engine's CUDA-graph bookkeeping on it (no graphs without CUDA); its ratios say nothing about a GPU")
+CPU_NOTE = (
+    "a CPU dry run of every code path: compile is torch.compile's aot_eager backend, cudagraphs the "
+    "engine's CUDA-graph bookkeeping on it (no graphs without CUDA); its ratios say nothing about a GPU"
+)
 
 
 @dataclass(frozen=True)
@@ -77,12 +87,18 @@ class Sizes:
     def facts(self, device: str) -> dict[str, Any]:
         """What every row of the run records about the workload and the machine."""
         small = self.shape == GPT2Shape.small()
-        return {"device": "cpu" if device == "cpu" else torch.cuda.get_device_name(torch.device(device)),
-                "torch": torch.__version__, "python": platform.python_version(),
-                "model": "GPT-2 small (124M, tied head)" if small else f"GPT-2 tiny ({self.shape})",
-                "seq_len": self.shape.seq_len, "logical_batch_size": self.logical,
-                "precision": "fp32" if device == "cpu" else "bf16", "steps": self.steps, "repeats": self.repeats,
-                **({"note": CPU_NOTE} if device == "cpu" else {})}
+        return {
+            "device": "cpu" if device == "cpu" else torch.cuda.get_device_name(torch.device(device)),
+            "torch": torch.__version__,
+            "python": platform.python_version(),
+            "model": "GPT-2 small (124M, tied head)" if small else f"GPT-2 tiny ({self.shape})",
+            "seq_len": self.shape.seq_len,
+            "logical_batch_size": self.logical,
+            "precision": "fp32" if device == "cpu" else "bf16",
+            "steps": self.steps,
+            "repeats": self.repeats,
+            **({"note": CPU_NOTE} if device == "cpu" else {}),
+        }
 
 
 def plan_configs(sizes: Sizes, *, accelerate: bool, cuda: bool = False) -> list[Config]:
@@ -136,15 +152,21 @@ class Workload:
 
     def __post_init__(self) -> None:
         self.device = workloads.indexed(self.device)  # "cuda" named: torch.cuda.set_device refuses it bare
-        self.setup = gpt2_setup(self.device, self.sizes.shape, batch_size=self.sizes.logical,
-                                n_batches=self.sizes.steps * self.sizes.repeats)  # fmt: skip
+        self.setup = gpt2_setup(
+            self.device,
+            self.sizes.shape,
+            batch_size=self.sizes.logical,
+            n_batches=self.sizes.steps * self.sizes.repeats,
+        )
         torch.manual_seed(0)
         self.initial = self.setup.make_model().to(self.device)
         if self.device.type == "cuda":
             self.fast = {}
         else:  # no inductor codegen on the CPU (minutes); no CUDA graphs without CUDA
-            self.fast = {"bigbatch-compile": bb.FastMicroStep(backend="aot_eager"),
-                         "bigbatch-cudagraphs": _CudaGraphBookkeeping(backend="aot_eager")}  # fmt: skip
+            self.fast = {
+                "bigbatch-compile": bb.FastMicroStep(backend="aot_eager"),
+                "bigbatch-cudagraphs": _CudaGraphBookkeeping(backend="aot_eager"),
+            }
 
     def warmup(self, method: str) -> int:
         """Untimed steps before timing: a compiled step compiles on its first call, CUDA graphs record later."""
@@ -163,9 +185,19 @@ def run_bench_config(cfg: Config, work: Workload, until: float | None = None) ->
     # A ratio paired within the configuration needs 6 repeats for its 95% interval; a method timed alone
     # (compiled, judged against the eager full batch) needs its median only.
     min_repeats = work.sizes.min_repeats if "plain" in cfg.methods else min(3, work.sizes.min_repeats)
-    rows = workloads.measure(work.setup, cfg.micro, list(cfg.methods), work.device, work.sizes.steps,
-                             work.sizes.repeats, {m: work.warmup(m) for m in cfg.methods}, work.initial,
-                             fast=work.fast, until=until, min_repeats=min_repeats)  # fmt: skip
+    rows = workloads.measure(
+        work.setup,
+        cfg.micro,
+        list(cfg.methods),
+        work.device,
+        work.sizes.steps,
+        work.sizes.repeats,
+        {m: work.warmup(m) for m in cfg.methods},
+        work.initial,
+        fast=work.fast,
+        until=until,
+        min_repeats=min_repeats,
+    )
     return _with_paired_ratios([_bench_row(row) for row in rows], reference="plain")
 
 
@@ -182,9 +214,15 @@ def _with_paired_ratios(rows: list[dict[str, Any]], reference: str) -> list[dict
 
 
 def _bench_row(row: dict[str, Any]) -> dict[str, Any]:
-    return {"method": row["method"], "micro_batch_size": row.get("micro"), "tokens_per_s": row["tokens_per_s"],
-            "peak_memory_gib": _gib(row["peak_bytes"]), "first_step_s": row["first_step_s"],
-            "repeats": len(row["block_seconds"]), "block_seconds": [round(x, 6) for x in row["block_seconds"]]}  # fmt: skip
+    return {
+        "method": row["method"],
+        "micro_batch_size": row.get("micro"),
+        "tokens_per_s": row["tokens_per_s"],
+        "peak_memory_gib": _gib(row["peak_bytes"]),
+        "first_step_s": row["first_step_s"],
+        "repeats": len(row["block_seconds"]),
+        "block_seconds": [round(x, 6) for x in row["block_seconds"]],
+    }
 
 
 def run_warm_config(cfg: Config, work: Workload) -> list[dict[str, Any]]:
@@ -203,8 +241,14 @@ def run_warm_config(cfg: Config, work: Workload) -> list[dict[str, Any]]:
     for i in range(steps):
         run(work.setup.batches[i % len(work.setup.batches)])
     sync_device(work.device)
-    return [{"method": method, "micro_batch_size": cfg.micro, "compile_s": time.perf_counter() - started,
-             "warm_steps": steps}]  # fmt: skip
+    return [
+        {
+            "method": method,
+            "micro_batch_size": cfg.micro,
+            "compile_s": time.perf_counter() - started,
+            "warm_steps": steps,
+        }
+    ]
 
 
 def _plan_kwargs(work: Workload) -> dict[str, Any]:
@@ -216,9 +260,14 @@ def _plan_kwargs(work: Workload) -> dict[str, Any]:
     return {"optimizer": optimizer, "precision": setup.precision}
 
 
-def run_planner_config(cfg: Config, work: Workload, budget_bytes: int | None,
-                       record: Callable[[dict[str, Any]], None], until: float | None = None,
-                       after_plan: Callable[[], None] | None = None) -> list[dict[str, Any]]:  # fmt: skip
+def run_planner_config(
+    cfg: Config,
+    work: Workload,
+    budget_bytes: int | None,
+    record: Callable[[dict[str, Any]], None],
+    until: float | None = None,
+    after_plan: Callable[[], None] | None = None,
+) -> list[dict[str, Any]]:
     """bb.plan on its own (eager settings) within 1/fraction of the eager full batch's peak; its choice timed.
 
     The plan is recorded (`record`, stage "planner-plan") before its choice is timed, so
@@ -233,8 +282,17 @@ def run_planner_config(cfg: Config, work: Workload, budget_bytes: int | None,
     started = time.perf_counter()
     extra: dict[str, Any] = {}
     if budget_bytes is None:  # the eager stage measured no full batch: measure it as the planner does
-        full = bb.plan(work.initial, batch, chunked_loss, max_memory=1 << 50, micro_batch_sizes=[work.sizes.logical],
-                       checkpointing=False, compile=False, steps=1, **kwargs)  # fmt: skip
+        full = bb.plan(
+            work.initial,
+            batch,
+            chunked_loss,
+            max_memory=1 << 50,
+            micro_batch_sizes=[work.sizes.logical],
+            checkpointing=False,
+            compile=False,
+            steps=1,
+            **kwargs,
+        )
         measured = full.candidates[0].measured_bytes
         if measured is None:
             raise RuntimeError(f"the eager full batch did not run: {full.candidates[0].status}")
@@ -244,16 +302,42 @@ def run_planner_config(cfg: Config, work: Workload, budget_bytes: int | None,
     plan = bb.plan(work.initial, batch, losses, max_memory=budget_bytes, steps=steps, compile=False, **kwargs)
     planning_s = time.perf_counter() - started
     best = plan.best
-    candidates = [{**c.settings(), "status": c.status, "measured_gib": _gib(c.measured_bytes),
-                   "predicted_gib": _gib(c.predicted_bytes),
-                   "tokens_per_s": None if c.samples_per_s is None else c.samples_per_s * work.sizes.shape.seq_len}
-                  for c in plan.candidates]  # fmt: skip
-    common = {"method": "planner", "budget_bytes": budget_bytes, "budget_gib": _gib(budget_bytes),
-              "planning_s": planning_s, **extra}  # fmt: skip
-    chosen = {} if best is None else {**best.settings(), "summary": plan.summary(),
-                                      "planner_tokens_per_s": (best.samples_per_s or 0.0) * work.sizes.shape.seq_len}
-    record({**common, "micro_batch_size": None if best is None else best.micro_batch_size, **chosen,
-            "plan_steps": steps, "candidates": candidates, "status": "ok" if best is not None else "failed"})  # fmt: skip
+    candidates = [
+        {
+            **c.settings(),
+            "status": c.status,
+            "measured_gib": _gib(c.measured_bytes),
+            "predicted_gib": _gib(c.predicted_bytes),
+            "tokens_per_s": None if c.samples_per_s is None else c.samples_per_s * work.sizes.shape.seq_len,
+        }
+        for c in plan.candidates
+    ]
+    common = {
+        "method": "planner",
+        "budget_bytes": budget_bytes,
+        "budget_gib": _gib(budget_bytes),
+        "planning_s": planning_s,
+        **extra,
+    }
+    chosen = (
+        {}
+        if best is None
+        else {
+            **best.settings(),
+            "summary": plan.summary(),
+            "planner_tokens_per_s": (best.samples_per_s or 0.0) * work.sizes.shape.seq_len,
+        }
+    )
+    record(
+        {
+            **common,
+            "micro_batch_size": None if best is None else best.micro_batch_size,
+            **chosen,
+            "plan_steps": steps,
+            "candidates": candidates,
+            "status": "ok" if best is not None else "failed",
+        }
+    )
     if after_plan is not None:
         after_plan()  # the check's own tests: a kill here must leave the plan recorded
     if best is None:
@@ -269,46 +353,87 @@ def run_planner_config(cfg: Config, work: Workload, budget_bytes: int | None,
 
         return planned
 
-    (row,) = workloads.time_runs({"planner": build}, setup, device, steps=work.sizes.steps,
-                                repeats=work.sizes.repeats, warmup={"planner": 1}, until=until,
-                                min_repeats=min(3, work.sizes.min_repeats))  # fmt: skip
+    (row,) = workloads.time_runs(
+        {"planner": build},
+        setup,
+        device,
+        steps=work.sizes.steps,
+        repeats=work.sizes.repeats,
+        warmup={"planner": 1},
+        until=until,
+        min_repeats=min(3, work.sizes.min_repeats),
+    )
     return [{**common, **_bench_row({**row, "micro": best.micro_batch_size}), **chosen}]
 
 
 def run_planner_compiled(work: Workload, chosen: dict[str, Any] | None) -> list[dict[str, Any]]:
     """The planner's eager choice, compiled: bb.plan on that one setting with compile=True (its own timing)."""
     if chosen is None:
-        return [{"method": "planner-compiled", "micro_batch_size": None, "status": "skipped",
-                 "reason": "no eager plan in this run to compile"}]  # fmt: skip
+        return [
+            {
+                "method": "planner-compiled",
+                "micro_batch_size": None,
+                "status": "skipped",
+                "reason": "no eager plan in this run to compile",
+            }
+        ]
     losses = {"plain": plain_loss, "chunked": chunked_loss}
     started = time.perf_counter()
-    plan = bb.plan(work.initial, work.setup.batches[0], {chosen["loss"]: losses[chosen["loss"]]},
-                   max_memory=chosen["budget_bytes"], micro_batch_sizes=[chosen["micro_batch_size"]],
-                   checkpointing=chosen["checkpointing"], compile=True, compile_top_k=1, steps=2,
-                   **_plan_kwargs(work))  # fmt: skip
+    plan = bb.plan(
+        work.initial,
+        work.setup.batches[0],
+        {chosen["loss"]: losses[chosen["loss"]]},
+        max_memory=chosen["budget_bytes"],
+        micro_batch_sizes=[chosen["micro_batch_size"]],
+        checkpointing=chosen["checkpointing"],
+        compile=True,
+        compile_top_k=1,
+        steps=2,
+        **_plan_kwargs(work),
+    )
     compiled = next((c for c in plan.candidates if c.compile and c.samples_per_s), None)
     if compiled is None:
-        return [{"method": "planner-compiled", "micro_batch_size": chosen["micro_batch_size"], "status": "failed",
-                 "reason": "; ".join(f"{c.settings()}: {c.status}" for c in plan.candidates)[:300]}]  # fmt: skip
-    return [{"method": "planner-compiled", "micro_batch_size": compiled.micro_batch_size, **compiled.settings(),
-             "tokens_per_s": compiled.samples_per_s * work.sizes.shape.seq_len,
-             "peak_memory_gib": _gib(compiled.measured_bytes), "budget_bytes": chosen["budget_bytes"],
-             "planning_s": time.perf_counter() - started}]  # fmt: skip
+        return [
+            {
+                "method": "planner-compiled",
+                "micro_batch_size": chosen["micro_batch_size"],
+                "status": "failed",
+                "reason": "; ".join(f"{c.settings()}: {c.status}" for c in plan.candidates)[:300],
+            }
+        ]
+    return [
+        {
+            "method": "planner-compiled",
+            "micro_batch_size": compiled.micro_batch_size,
+            **compiled.settings(),
+            "tokens_per_s": compiled.samples_per_s * work.sizes.shape.seq_len,
+            "peak_memory_gib": _gib(compiled.measured_bytes),
+            "budget_bytes": chosen["budget_bytes"],
+            "planning_s": time.perf_counter() - started,
+        }
+    ]
 
 
 def planner_budget_bytes(results: Results, sizes: Sizes) -> int | None:
     """1/fraction of this run's eager full-batch peak (the plain loop's, else bigbatch's); None if not measured."""
     for method in ("plain", "bigbatch"):
         for r in results.rows():
-            if (r.get("stage") == "eager" and r.get("method") == method and r.get("status") == "ok"
-                    and r.get("micro_batch_size") == sizes.logical and r.get("peak_memory_gib")):
+            if (
+                r.get("stage") == "eager"
+                and r.get("method") == method
+                and r.get("status") == "ok"
+                and r.get("micro_batch_size") == sizes.logical
+                and r.get("peak_memory_gib")
+            ):
                 return int(r["peak_memory_gib"] * 2**30 / sizes.fraction)
     return None
 
 
 def planner_choice(results: Results) -> dict[str, Any] | None:
     """This run's eager plan (its "planner-plan" row), where one was made."""
-    return next((r for r in results.rows() if r.get("stage") == "planner-plan" and r.get("status") == "ok"), None)
+    return next(
+        (r for r in results.rows() if r.get("stage") == "planner-plan" and r.get("status") == "ok"), None
+    )
 
 
 def is_cuda_error(error: BaseException) -> bool:
@@ -317,8 +442,16 @@ def is_cuda_error(error: BaseException) -> bool:
         return True
     text = str(error)
     return isinstance(error, RuntimeError) and any(
-        word in text for word in ("CUDA error", "CUBLAS_STATUS", "cuDNN error", "device-side assert",
-                                  "CUDA driver error", "illegal memory access"))  # fmt: skip
+        word in text
+        for word in (
+            "CUDA error",
+            "CUBLAS_STATUS",
+            "cuDNN error",
+            "device-side assert",
+            "CUDA driver error",
+            "illegal memory access",
+        )
+    )
 
 
 def worker(spec: dict[str, Any]) -> int:
@@ -342,9 +475,19 @@ def worker(spec: dict[str, Any]) -> int:
     work = None
     configs = [Config(raw["stage"], tuple(raw["methods"]), raw["micro"]) for raw in spec["configs"]]
     for index, cfg in enumerate(configs):
-        deadline = deadlines.setdefault(cfg.stage, min(time.time() + budgets[cfg.stage], spec["total_deadline"]))
-        append_jsonl(progress, {"event": "start", "config": cfg.key, "stage": cfg.stage, "deadline": deadline,
-                                "pid": os.getpid()})  # fmt: skip
+        deadline = deadlines.setdefault(
+            cfg.stage, min(time.time() + budgets[cfg.stage], spec["total_deadline"])
+        )
+        append_jsonl(
+            progress,
+            {
+                "event": "start",
+                "config": cfg.key,
+                "stage": cfg.stage,
+                "deadline": deadline,
+                "pid": os.getpid(),
+            },
+        )
         if faults.get(cfg.key) in ("crash", "hang"):
             _inject(faults[cfg.key])
         left = deadline - time.time()
@@ -355,8 +498,10 @@ def worker(spec: dict[str, Any]) -> int:
         broken = False
         if left < needs[cfg.stage]:
             reason = f"{left:.0f} s left of the {cfg.stage} stage's budget; a configuration needs about {needs[cfg.stage]} s"
-            rows = [{"method": m, "micro_batch_size": cfg.micro, "status": "skipped", "reason": reason}
-                    for m in cfg.methods]  # fmt: skip
+            rows = [
+                {"method": m, "micro_batch_size": cfg.micro, "status": "skipped", "reason": reason}
+                for m in cfg.methods
+            ]
         else:
             try:
                 if work is None:
@@ -371,8 +516,10 @@ def worker(spec: dict[str, Any]) -> int:
                 reason = f"{type(error).__name__}: {str(error).strip().splitlines()[0] if str(error).strip() else ''}"
                 if broken:
                     reason += " (a CUDA error: the rest run in a fresh worker)"
-                rows = [{"method": m, "micro_batch_size": cfg.micro, "status": "failed", "reason": reason[:300]}
-                        for m in cfg.methods]  # fmt: skip
+                rows = [
+                    {"method": m, "micro_batch_size": cfg.micro, "status": "failed", "reason": reason[:300]}
+                    for m in cfg.methods
+                ]
         for row in rows:
             results.add({**base, **spec["facts"], **row, "seconds": round(time.time() - started, 2)})
             print(describe(row), flush=True)
@@ -385,22 +532,42 @@ def worker(spec: dict[str, Any]) -> int:
     return 0
 
 
-def _run_config(cfg: Config, work: Workload, results: Results, spec: dict[str, Any], until: float,
-                fault: str | None = None) -> list[dict[str, Any]]:  # fmt: skip
+def _run_config(
+    cfg: Config,
+    work: Workload,
+    results: Results,
+    spec: dict[str, Any],
+    until: float,
+    fault: str | None = None,
+) -> list[dict[str, Any]]:
     """One configuration's rows, by its stage."""
     if cfg.stage == "warm":
         return run_warm_config(cfg, work)
     if cfg.stage == "modes":
-        return gpu_modes.run_mode(cfg.methods[0], work.setup, work.initial, work.device, cfg.micro or 1,
-                                  until=until, min_repeats=work.sizes.min_repeats)  # fmt: skip
+        return gpu_modes.run_mode(
+            cfg.methods[0],
+            work.setup,
+            work.initial,
+            work.device,
+            cfg.micro or 1,
+            until=until,
+            min_repeats=work.sizes.min_repeats,
+        )
     if cfg.methods == ("planner-compiled",):
         return run_planner_compiled(work, planner_choice(results))
     if cfg.stage == "planner":
+
         def record(row: dict[str, Any]) -> None:
             results.add({"stage": "planner-plan", "config": cfg.key, **spec["facts"], **row})
 
-        return run_planner_config(cfg, work, planner_budget_bytes(results, work.sizes), record, until=until,
-                                  after_plan=(lambda: _inject("hang")) if fault == "hang-after-plan" else None)
+        return run_planner_config(
+            cfg,
+            work,
+            planner_budget_bytes(results, work.sizes),
+            record,
+            until=until,
+            after_plan=(lambda: _inject("hang")) if fault == "hang-after-plan" else None,
+        )
     return run_bench_config(cfg, work, until=until)
 
 

@@ -44,7 +44,12 @@ import torch.nn.functional as F
 
 from bigbatch.tools.benchmarking import median_paired_ratio, time_interleaved
 
-for _name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE", "HF_HUB_DISABLE_PROGRESS_BARS"):
+for _name in (
+    "HF_HUB_OFFLINE",
+    "TRANSFORMERS_OFFLINE",
+    "HF_DATASETS_OFFLINE",
+    "HF_HUB_DISABLE_PROGRESS_BARS",
+):
     os.environ.setdefault(_name, "1")  # before transformers is imported: it reads them once
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
@@ -61,19 +66,41 @@ def build_models(root: Path, width: int) -> dict[str, Path]:
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=512, special_tokens=["<|endoftext|>"], show_progress=False,
+        vocab_size=512,
+        special_tokens=["<|endoftext|>"],
+        show_progress=False,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-    )  # fmt: skip
+    )
     tok.train_from_iterator([text[:200_000]], trainer=trainer)
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", pad_token="<|endoftext|>")
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=tok, eos_token="<|endoftext|>", pad_token="<|endoftext|>"
+    )
     vocab = len(tokenizer)
     configs = {
-        "gpt2": GPT2Config(vocab_size=vocab, n_positions=128, n_embd=width, n_layer=2, n_head=4,
-                           resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0, eos_token_id=0),
-        "llama": LlamaConfig(vocab_size=vocab, hidden_size=width, intermediate_size=2 * width, num_hidden_layers=2,
-                             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-                             bos_token_id=0, eos_token_id=0),
-    }  # fmt: skip
+        "gpt2": GPT2Config(
+            vocab_size=vocab,
+            n_positions=128,
+            n_embd=width,
+            n_layer=2,
+            n_head=4,
+            resid_pdrop=0.0,
+            embd_pdrop=0.0,
+            attn_pdrop=0.0,
+            bos_token_id=0,
+            eos_token_id=0,
+        ),
+        "llama": LlamaConfig(
+            vocab_size=vocab,
+            hidden_size=width,
+            intermediate_size=2 * width,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=128,
+            bos_token_id=0,
+            eos_token_id=0,
+        ),
+    }
     folders = {}
     for kind, config in configs.items():
         torch.manual_seed(0)
@@ -94,7 +121,9 @@ def pad(rows: list[list[int]], pad_id: int) -> dict[str, torch.Tensor]:
     return {"input_ids": ids, "attention_mask": mask, "labels": ids.masked_fill(mask == 0, -100)}
 
 
-def reference(folder: Path, batches: list[list[list[int]]], pad_id: int, lr: float) -> dict[str, torch.Tensor]:
+def reference(
+    folder: Path, batches: list[list[list[int]]], pad_id: int, lr: float
+) -> dict[str, torch.Tensor]:
     """Full-batch float64 AdamW steps on the mean loss over every predicted token of each logical batch."""
     from transformers import AutoModelForCausalLM
 
@@ -105,44 +134,87 @@ def reference(folder: Path, batches: list[list[list[int]]], pad_id: int, lr: flo
         optimizer.zero_grad()
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
         F.cross_entropy(
-            logits[:, :-1].reshape(-1, logits.shape[-1]), batch["labels"][:, 1:].reshape(-1), ignore_index=-100
+            logits[:, :-1].reshape(-1, logits.shape[-1]),
+            batch["labels"][:, 1:].reshape(-1),
+            ignore_index=-100,
         ).backward()
         optimizer.step()
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
-def run_hf_trainer(folder: Path, rows: list[list[int]], pad_id: int, args: argparse.Namespace, out: Path) -> tuple[Any, float]:
+def run_hf_trainer(
+    folder: Path, rows: list[list[int]], pad_id: int, args: argparse.Namespace, out: Path
+) -> tuple[Any, float]:
     """Train with transformers' Trainer and gradient_accumulation_steps; returns (state_dict, seconds)."""
     from transformers import AutoModelForCausalLM, Trainer, TrainingArguments
 
     model = AutoModelForCausalLM.from_pretrained(folder).double().train()
     training = TrainingArguments(
-        output_dir=str(out), per_device_train_batch_size=args.micro,
-        gradient_accumulation_steps=args.logical // args.micro, max_steps=args.steps, learning_rate=args.lr,
-        lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0, adam_beta1=0.9, adam_beta2=0.99,
-        max_grad_norm=0.0, optim="adamw_torch", train_sampling_strategy="sequential", save_strategy="no",
-        report_to=[], use_cpu=True, dataloader_num_workers=0, disable_tqdm=True, logging_strategy="no",
-        remove_unused_columns=False, seed=0,
-    )  # fmt: skip
+        output_dir=str(out),
+        per_device_train_batch_size=args.micro,
+        gradient_accumulation_steps=args.logical // args.micro,
+        max_steps=args.steps,
+        learning_rate=args.lr,
+        lr_scheduler_type="constant",
+        warmup_steps=0,
+        weight_decay=0.0,
+        adam_beta1=0.9,
+        adam_beta2=0.99,
+        max_grad_norm=0.0,
+        optim="adamw_torch",
+        train_sampling_strategy="sequential",
+        save_strategy="no",
+        report_to=[],
+        use_cpu=True,
+        dataloader_num_workers=0,
+        disable_tqdm=True,
+        logging_strategy="no",
+        remove_unused_columns=False,
+        seed=0,
+    )
     data = [{"input_ids": r} for r in rows]
-    trainer = Trainer(model=model, args=training, train_dataset=data,
-                      data_collator=lambda items: pad([i["input_ids"] for i in items], pad_id))  # fmt: skip
+    trainer = Trainer(
+        model=model,
+        args=training,
+        train_dataset=data,
+        data_collator=lambda items: pad([i["input_ids"] for i in items], pad_id),
+    )
     result = trainer.train()
-    return {k: v.detach().clone() for k, v in model.state_dict().items()}, float(result.metrics["train_runtime"])
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}, float(
+        result.metrics["train_runtime"]
+    )
 
 
 def run_bigbatch(folder: Path, args: argparse.Namespace, out: Path) -> tuple[Any, float, Any]:
     """Train with bigbatch's trainer on the causal-lm task; returns (state_dict, seconds, trainer)."""
     from bigbatch.train import TrainConfig, Trainer
 
-    config = TrainConfig.load(overrides=[
-        "task.name=causal-lm", f'task.model="{folder}"', f"task.max_length={args.max_length}",
-        "task.eval_samples=8", f"batch.logical_batch_size={args.logical}", f"batch.micro_batch_size={args.micro}",
-        f"train.steps={args.steps}", "train.dtype=float64", "train.progress=false", "train.sample_length=0",
-        f"train.eval_every={args.steps}", "checkpoint.every=0", f"optim.lr={args.lr}", "optim.lr_scaling=none",
-        "optim.warmup_steps=0", "optim.schedule=constant", "optim.weight_decay=0", "optim.beta1=0.9",
-        "optim.beta2=0.99", "optim.max_grad_norm=none", f'run.dir="{out.parent}"', f"run.name={out.name}",
-    ])  # fmt: skip
+    config = TrainConfig.load(
+        overrides=[
+            "task.name=causal-lm",
+            f'task.model="{folder}"',
+            f"task.max_length={args.max_length}",
+            "task.eval_samples=8",
+            f"batch.logical_batch_size={args.logical}",
+            f"batch.micro_batch_size={args.micro}",
+            f"train.steps={args.steps}",
+            "train.dtype=float64",
+            "train.progress=false",
+            "train.sample_length=0",
+            f"train.eval_every={args.steps}",
+            "checkpoint.every=0",
+            f"optim.lr={args.lr}",
+            "optim.lr_scaling=none",
+            "optim.warmup_steps=0",
+            "optim.schedule=constant",
+            "optim.weight_decay=0",
+            "optim.beta1=0.9",
+            "optim.beta2=0.99",
+            "optim.max_grad_norm=none",
+            f'run.dir="{out.parent}"',
+            f"run.name={out.name}",
+        ]
+    )
     trainer = Trainer(config)
     with open(os.devnull, "w") as quiet:
         stdout, sys.stdout = sys.stdout, quiet
@@ -154,7 +226,9 @@ def run_bigbatch(folder: Path, args: argparse.Namespace, out: Path) -> tuple[Any
     return state, float(summary["train_seconds"]), trainer
 
 
-def distance(state: dict[str, torch.Tensor], ref: dict[str, torch.Tensor], init: dict[str, torch.Tensor]) -> tuple[float, float]:
+def distance(
+    state: dict[str, torch.Tensor], ref: dict[str, torch.Tensor], init: dict[str, torch.Tensor]
+) -> tuple[float, float]:
     """(max |w - w_ref|, ||w - w_ref|| / ||w_ref - w_0||) over every weight."""
     keys = sorted(ref)
     worst = max(float((state[k].double() - ref[k]).abs().max()) for k in keys)
@@ -163,8 +237,9 @@ def distance(state: dict[str, torch.Tensor], ref: dict[str, torch.Tensor], init:
     return worst, float(diff / moved)
 
 
-def time_both(folder: Path, hf_rows: list[list[int]], pad_id: int, args: argparse.Namespace,
-              out: Path) -> tuple[dict[str, torch.Tensor], dict[str, list[float]]]:  # fmt: skip
+def time_both(
+    folder: Path, hf_rows: list[list[int]], pad_id: int, args: argparse.Namespace, out: Path
+) -> tuple[dict[str, torch.Tensor], dict[str, list[float]]]:
     """Both trainers `args.repeats` times through the one harness; (the HF Trainer's weights, loop seconds per run).
 
     The harness interleaves the two and rotates their order every repeat; the clock it
@@ -196,7 +271,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--width", type=int, default=64, help="hidden size of the models")
     parser.add_argument("--lr", type=float, default=3e-3)
     parser.add_argument("--models", default="gpt2,llama")
-    parser.add_argument("--repeats", type=int, default=5, help="timed runs of each, interleaved (median kept)")
+    parser.add_argument(
+        "--repeats", type=int, default=5, help="timed runs of each, interleaved (median kept)"
+    )
     args = parser.parse_args(argv)
     if args.repeats < 1:
         parser.error("--repeats must be >= 1")
@@ -219,8 +296,10 @@ def main(argv: list[str] | None = None) -> int:
             pieces = [p.tolist() for p in task._train.ids]
             # The Trainer walks the data in order; bigbatch's sampler draws each logical batch.
             # Each is compared with the full batch on its own logical batches.
-            ours_batches = [[pieces[i] for i in trainer.sampler.indices(k * args.logical, args.logical)]
-                            for k in range(args.steps)]  # fmt: skip
+            ours_batches = [
+                [pieces[i] for i in trainer.sampler.indices(k * args.logical, args.logical)]
+                for k in range(args.steps)
+            ]
             hf_rows = [r for batch in ours_batches for r in batch]  # the same batches, in the same order
             hf_state, loop_seconds = time_both(folders[kind], hf_rows, pad_id, args, root / kind)
             states = {"HF Trainer": hf_state, "bigbatch": ours}
@@ -234,10 +313,14 @@ def main(argv: list[str] | None = None) -> int:
                 rows_out.append((kind, name, worst, relative, speed, paired if name == "bigbatch" else 1.0))
             print(f"{kind}: done in {time.perf_counter() - start:.0f} s", file=sys.stderr)
 
-    print(f"\n{args.steps} AdamW steps, logical batch {args.logical} = micro-batch {args.micro} x "
-          f"{args.logical // args.micro}, float64, CPU (1 thread); tokens/s the median of {args.repeats} "
-          "interleaved runs; speed ratio the median of per-repeat ratios to the HF Trainer\n")  # fmt: skip
-    print("| model | trained by | max weight distance to the full batch | relative distance | tokens/s | speed vs HF Trainer |")
+    print(
+        f"\n{args.steps} AdamW steps, logical batch {args.logical} = micro-batch {args.micro} x "
+        f"{args.logical // args.micro}, float64, CPU (1 thread); tokens/s the median of {args.repeats} "
+        "interleaved runs; speed ratio the median of per-repeat ratios to the HF Trainer\n"
+    )
+    print(
+        "| model | trained by | max weight distance to the full batch | relative distance | tokens/s | speed vs HF Trainer |"
+    )
     print("| --- | --- | --- | --- | --- | --- |")
     for kind, name, worst, relative, speed, ratio in rows_out:
         print(f"| {kind} | {name} | {worst:.1e} | {relative:.1e} | {speed:,.0f} | {ratio:.2f} |")

@@ -78,8 +78,13 @@ def import_share(python: str, tree: Path) -> float:
     Returns:
         Seconds spent importing bigbatch's modules and whatever they import beyond torch itself.
     """
-    err = subprocess.run([python, "-X", "importtime", "-c", "import bigbatch"], cwd=tree,
-                         capture_output=True, text=True, check=True).stderr  # fmt: skip
+    err = subprocess.run(
+        [python, "-X", "importtime", "-c", "import bigbatch"],
+        cwd=tree,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stderr
     cumulative: dict[str, int] = {}
     for line in err.splitlines():
         match = re.match(r"import time:\s+\d+ \|\s+(\d+) \|\s*(\S+)", line)
@@ -98,7 +103,9 @@ def main(argv: list[str] | None = None) -> int:
         0.
     """
     parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n")[0])
-    parser.add_argument("--tree", type=Path, action="append", help="a checkout (repeatable; default: this one)")
+    parser.add_argument(
+        "--tree", type=Path, action="append", help="a checkout (repeatable; default: this one)"
+    )
     parser.add_argument("--rounds", type=int, default=7, help="fresh interpreters per measurement (7)")
     args = parser.parse_args(argv)
     trees = args.tree or [Path(__file__).resolve().parent.parent]
@@ -113,15 +120,19 @@ def main(argv: list[str] | None = None) -> int:
             for name, cmd in COMMANDS.items():
                 walls[tree, name].append(wall_seconds(python, cmd, tree))
     print(f"median of {args.rounds} fresh interpreters, seconds")
-    print("| tree | bigbatch's share of import (importtime) | ... (CPU time) | import torch | import bigbatch | "
-          "bigbatch --help | --help minus torch |")  # fmt: skip
+    print(
+        "| tree | bigbatch's share of import (importtime) | ... (CPU time) | import torch | import bigbatch | "
+        "bigbatch --help | --help minus torch |"
+    )
     print("| --- | --- | --- | --- | --- | --- | --- |")
     for tree in trees:
         med = {name: statistics.median(walls[tree, name]) for name in COMMANDS}
-        print(f"| {tree} | {statistics.median(shares[tree]):.2f} | {statistics.median(cpu[tree]):.2f} | "
-              f"{med['import torch']:.2f} | "
-              f"{med['import bigbatch']:.2f} | {med['bigbatch --help']:.2f} | "
-              f"{med['bigbatch --help'] - med['import torch']:+.2f} |")  # fmt: skip
+        print(
+            f"| {tree} | {statistics.median(shares[tree]):.2f} | {statistics.median(cpu[tree]):.2f} | "
+            f"{med['import torch']:.2f} | "
+            f"{med['import bigbatch']:.2f} | {med['bigbatch --help']:.2f} | "
+            f"{med['bigbatch --help'] - med['import torch']:+.2f} |"
+        )
     return 0
 
 

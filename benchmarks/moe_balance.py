@@ -41,11 +41,21 @@ def mixtral(vocab: int, hidden: int, layers: int, experts: int, seed: int) -> An
     from transformers import MixtralConfig, MixtralForCausalLM
 
     config = MixtralConfig(
-        vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
-        num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=256, num_local_experts=experts,
-        num_experts_per_tok=2, output_router_logits=True, router_aux_loss_coef=0.01,
-        pad_token_id=0, bos_token_id=0, eos_token_id=0,
-    )  # fmt: skip
+        vocab_size=vocab,
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        max_position_embeddings=256,
+        num_local_experts=experts,
+        num_experts_per_tok=2,
+        output_router_logits=True,
+        router_aux_loss_coef=0.01,
+        pad_token_id=0,
+        bos_token_id=0,
+        eos_token_id=0,
+    )
     torch.manual_seed(seed)
     return MixtralForCausalLM(config).train()
 
@@ -72,11 +82,18 @@ def bench(device: torch.device, repeats: int, rows: int, seq: int) -> None:
         run(mode)(0)  # warm-up
     seconds = time_interleaved({m: run(m) for m in MODES}, repeats=repeats, sync=lambda: sync_device(device))
     med = {m: sorted(s)[len(s) // 2] for m, s in seconds.items()}
-    table = [[m, f"{med[m] * 1000:.0f}", "n/a (CPU)" if peaks[m] is None else f"{peaks[m] / 2**20:.0f}"] for m in MODES]
-    print(f"{device_name(device)}; Mixtral 4 layers x 8 experts, d=128; {rows} x {seq} tokens, micro-batch 4; "
-          f"{repeats} interleaved repeats")  # fmt: skip
+    table = [
+        [m, f"{med[m] * 1000:.0f}", "n/a (CPU)" if peaks[m] is None else f"{peaks[m] / 2**20:.0f}"]
+        for m in MODES
+    ]
+    print(
+        f"{device_name(device)}; Mixtral 4 layers x 8 experts, d=128; {rows} x {seq} tokens, micro-batch 4; "
+        f"{repeats} interleaved repeats"
+    )
     print(markdown_table(["balancing", "median step (ms)", "peak memory (MiB)"], table))
-    print(f"exact / micro step time, median paired ratio: {median_paired_ratio(seconds['exact'], seconds['micro']):.2f}")
+    print(
+        f"exact / micro step time, median paired ratio: {median_paired_ratio(seconds['exact'], seconds['micro']):.2f}"
+    )
 
 
 def text_ids() -> tuple[torch.Tensor, int]:
@@ -99,8 +116,11 @@ def routing_report(model: Any, val: dict[str, torch.Tensor]) -> dict[str, float]
         counts = torch.bincount(p.topk(k, -1).indices.reshape(-1), minlength=p.shape[-1]).double()
         share = counts / counts.sum()
         loads.append((share.max().item(), share.min().item()))
-    return {"entropy": sum(entropy) / len(entropy), "load_max": max(h for h, _ in loads),
-            "load_min": min(lo for _, lo in loads)}  # fmt: skip
+    return {
+        "entropy": sum(entropy) / len(entropy),
+        "load_max": max(h for h, _ in loads),
+        "load_min": min(lo for _, lo in loads),
+    }
 
 
 def experiment(steps: int, seeds: int, seq: int) -> None:
@@ -115,8 +135,12 @@ def experiment(steps: int, seeds: int, seq: int) -> None:
         for mode in MODES:
             start = time.perf_counter()
             model = mixtral(vocab, 64, 2, 8, seed)
-            acc = bb.Accumulator(model, torch.optim.AdamW(model.parameters(), lr=3e-3), micro_batch_size=micro,
-                                 max_grad_norm=1.0)  # fmt: skip
+            acc = bb.Accumulator(
+                model,
+                torch.optim.AdamW(model.parameters(), lr=3e-3),
+                micro_batch_size=micro,
+                max_grad_norm=1.0,
+            )
             loss = bb.CausalLMLoss(balancing=mode)  # type: ignore[arg-type]
             g = torch.Generator().manual_seed(1000 + seed)  # the same data order for both modes
             for _ in range(steps):
@@ -128,19 +152,44 @@ def experiment(steps: int, seeds: int, seq: int) -> None:
                 token = token_loss(model, val)
                 model.train()
             rep = routing_report(model, val)
-            rows.append([seed, mode, f"{(token.total / token.count).item():.4f}", f"{rep['entropy']:.3f}",
-                         f"{rep['load_max']:.3f}", f"{rep['load_min']:.3f}", f"{time.perf_counter() - start:.0f}"])  # fmt: skip
+            rows.append(
+                [
+                    seed,
+                    mode,
+                    f"{(token.total / token.count).item():.4f}",
+                    f"{rep['entropy']:.3f}",
+                    f"{rep['load_max']:.3f}",
+                    f"{rep['load_min']:.3f}",
+                    f"{time.perf_counter() - start:.0f}",
+                ]
+            )
             print(rows[-1], file=sys.stderr, flush=True)
-    print(f"char-level Mixtral (2 layers, 8 experts, top-2, d=64, coef 0.01); logical batch {logical} x {seq} "
-          f"tokens, micro-batch {micro}, {steps} AdamW steps; validation: {len(val_ids)} x {seq} held-out tokens")  # fmt: skip
-    print(markdown_table(["seed", "balancing", "val token loss", "routing entropy (nats)",
-                          "largest expert share", "smallest expert share", "seconds"], rows))  # fmt: skip
+    print(
+        f"char-level Mixtral (2 layers, 8 experts, top-2, d=64, coef 0.01); logical batch {logical} x {seq} "
+        f"tokens, micro-batch {micro}, {steps} AdamW steps; validation: {len(val_ids)} x {seq} held-out tokens"
+    )
+    print(
+        markdown_table(
+            [
+                "seed",
+                "balancing",
+                "val token loss",
+                "routing entropy (nats)",
+                "largest expert share",
+                "smallest expert share",
+                "seconds",
+            ],
+            rows,
+        )
+    )
     for mode in MODES:
         vals = [float(r[2]) for r in rows if r[1] == mode]
         ent = [float(r[3]) for r in rows if r[1] == mode]
         mean = sum(vals) / len(vals)
         sd = math.sqrt(sum((v - mean) ** 2 for v in vals) / max(len(vals) - 1, 1))
-        print(f"{mode}: val loss {mean:.4f} +- {sd:.4f} (sd over seeds), routing entropy {sum(ent) / len(ent):.3f}")
+        print(
+            f"{mode}: val loss {mean:.4f} +- {sd:.4f} (sd over seeds), routing entropy {sum(ent) / len(ent):.3f}"
+        )
 
 
 def main() -> None:

@@ -79,14 +79,22 @@ def measure(steps: int, repeats: int) -> list[dict[str, Any]]:
 
             return timed
 
-        seconds = time_interleaved({"off": block(runs[False][0]), "on": block(runs[True][0])},
-                                   repeats=repeats, clock=time.process_time)  # fmt: skip
+        seconds = time_interleaved(
+            {"off": block(runs[False][0]), "on": block(runs[True][0])},
+            repeats=repeats,
+            clock=time.process_time,
+        )
         off, on = statistics.median(seconds["off"]) / steps, statistics.median(seconds["on"]) / steps
-        rows.append({
-            "case": name, "params": runs[True][1], "micro_steps": runs[True][2],
-            "off_ms": off * 1e3, "on_ms": on * 1e3,
-            "ratio": median_paired_ratio(seconds["on"], seconds["off"]),  # on / off
-        })
+        rows.append(
+            {
+                "case": name,
+                "params": runs[True][1],
+                "micro_steps": runs[True][2],
+                "off_ms": off * 1e3,
+                "on_ms": on * 1e3,
+                "ratio": median_paired_ratio(seconds["on"], seconds["off"]),  # on / off
+            }
+        )
     return rows
 
 
@@ -98,11 +106,23 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(1)
     rows = measure(args.steps, args.repeats)
     print("CPU ms per optimizer step (median); ratio = on / off (median of paired repeats)")
-    print(markdown_table(
-        ["case", "parameter tensors", "micro-steps", "off", "on", "added", "ratio"],
-        [[r["case"], r["params"], r["micro_steps"], f"{r['off_ms']:.2f}", f"{r['on_ms']:.2f}",
-          f"{r['on_ms'] - r['off_ms']:+.2f}", f"{r['ratio']:.3f}"] for r in rows],
-    ))  # fmt: skip
+    print(
+        markdown_table(
+            ["case", "parameter tensors", "micro-steps", "off", "on", "added", "ratio"],
+            [
+                [
+                    r["case"],
+                    r["params"],
+                    r["micro_steps"],
+                    f"{r['off_ms']:.2f}",
+                    f"{r['on_ms']:.2f}",
+                    f"{r['on_ms'] - r['off_ms']:+.2f}",
+                    f"{r['ratio']:.3f}",
+                ]
+                for r in rows
+            ],
+        )
+    )
     return 0
 
 

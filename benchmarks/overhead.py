@@ -147,7 +147,9 @@ def measure(
 
             return timed
 
-        seconds = time_interleaved({name: block(fn) for name, fn in runs.items()}, repeats=repeats, clock=clock)
+        seconds = time_interleaved(
+            {name: block(fn) for name, fn in runs.items()}, repeats=repeats, clock=clock
+        )
         row = {"micro_batch_size": micro, "micro_steps": -(-batch_size // micro)}
         for name in runs:
             row[name] = batch_size * steps / statistics.median(seconds[name])  # samples/s
@@ -167,11 +169,21 @@ def table(rows: list[dict[str, float]]) -> str:
         The table.
     """
     header = ["micro-batch", "micro-steps", "plain", "step API", "loop API", "step ratio", "loop ratio"]
-    return markdown_table(header, [
-        [f"{r['micro_batch_size']:.0f}", f"{r['micro_steps']:.0f}", f"{r['plain']:,.0f}", f"{r['step API']:,.0f}",
-         f"{r['loop API']:,.0f}", f"{r['step API ratio']:.3f}", f"{r['loop API ratio']:.3f}"]
-        for r in rows
-    ])  # fmt: skip
+    return markdown_table(
+        header,
+        [
+            [
+                f"{r['micro_batch_size']:.0f}",
+                f"{r['micro_steps']:.0f}",
+                f"{r['plain']:,.0f}",
+                f"{r['step API']:,.0f}",
+                f"{r['loop API']:,.0f}",
+                f"{r['step API ratio']:.3f}",
+                f"{r['loop API ratio']:.3f}",
+            ]
+            for r in rows
+        ],
+    )
 
 
 def plot(rows: list[dict[str, float]], path: Path) -> Path:
@@ -185,11 +197,19 @@ def plot(rows: list[dict[str, float]], path: Path) -> Path:
         The path written.
     """
     micro = [r["micro_batch_size"] for r in rows]
-    throughput = Panel(title="throughput", xlabel="micro-batch size", ylabel="samples/s",
-                       series={name: (micro, [r[name] for r in rows]) for name in ("plain", "step API", "loop API")})
-    ratio = Panel(title="ratio", xlabel="micro-batch size", ylabel="bigbatch / plain",
-                  series={name: (micro, [r[f"{name} ratio"] for r in rows]) for name in ("step API", "loop API")},
-                  hlines={"1.0": 1.0, "target 0.95": 0.95})  # fmt: skip
+    throughput = Panel(
+        title="throughput",
+        xlabel="micro-batch size",
+        ylabel="samples/s",
+        series={name: (micro, [r[name] for r in rows]) for name in ("plain", "step API", "loop API")},
+    )
+    ratio = Panel(
+        title="ratio",
+        xlabel="micro-batch size",
+        ylabel="bigbatch / plain",
+        series={name: (micro, [r[f"{name} ratio"] for r in rows]) for name in ("step API", "loop API")},
+        hlines={"1.0": 1.0, "target 0.95": 0.95},
+    )
     return plot_panels(path, [throughput, ratio])
 
 

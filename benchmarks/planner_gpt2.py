@@ -54,7 +54,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--d-model", type=int, help="width (768; tiny 32)")
     parser.add_argument("--vocab", type=int, help="vocabulary (50257; tiny 512)")
     parser.add_argument("--fraction", type=float, default=8.0, help="budget = full-batch memory / this (8)")
-    parser.add_argument("--compile", choices=["auto", "on", "off"], default="auto", help="auto: try both on CUDA")
+    parser.add_argument(
+        "--compile", choices=["auto", "on", "off"], default="auto", help="auto: try both on CUDA"
+    )
     parser.add_argument("--steps", type=int, help="timed steps per candidate, the fastest counts (3)")
     parser.add_argument("--out", type=Path, default=OUT, help="folder for the PNG (benchmarks/out)")
     parser.add_argument("--device", default=None, help="cuda if available (cpu with --tiny)")
@@ -82,33 +84,78 @@ def main(argv: list[str] | None = None) -> int:
         return torch.optim.AdamW(params, lr=3e-4, weight_decay=0.1, fused=cuda)
 
     started = time.perf_counter()
-    full = bb.plan(model, batch, plain_loss, optimizer=optimizer, max_memory=1 << 50, micro_batch_sizes=[n],
-                   checkpointing=False, compile=False, precision=precision, steps=steps)  # fmt: skip
+    full = bb.plan(
+        model,
+        batch,
+        plain_loss,
+        optimizer=optimizer,
+        max_memory=1 << 50,
+        micro_batch_sizes=[n],
+        checkpointing=False,
+        compile=False,
+        precision=precision,
+        steps=steps,
+    )
     eager = full.candidates[0]
     if eager.measured_bytes is None or eager.samples_per_s is None:
         print(f"the eager full batch did not run: {eager.status}", file=sys.stderr)
         return 1
     budget = int(eager.measured_bytes / args.fraction)
-    result = bb.plan(model, batch, {"plain": plain_loss, "chunked": chunked_loss}, optimizer=optimizer,
-                     max_memory=budget, compile=compile_flag, precision=precision, steps=steps)  # fmt: skip
+    result = bb.plan(
+        model,
+        batch,
+        {"plain": plain_loss, "chunked": chunked_loss},
+        optimizer=optimizer,
+        max_memory=budget,
+        compile=compile_flag,
+        precision=precision,
+        steps=steps,
+    )
     elapsed = time.perf_counter() - started
 
     params = sum(p.numel() for p in model.parameters())
-    print(f"GPT {params / 1e6:.1f}M params, seq {shape.seq_len}, logical batch {n}, vocab {shape.vocab_size}, "
-          f"{precision}, {device}{' (' + torch.cuda.get_device_name(device) + ')' if cuda else ''}")  # fmt: skip
-    print(f"eager full batch: {eager.samples_per_s * shape.seq_len:,.0f} tokens/s at "
-          f"{format_bytes(eager.measured_bytes)}; budget 1/{args.fraction:g} = {format_bytes(budget)}; memory = {result.memory_source}; "
-          f"tokens/s by {result.timing}, fastest of {steps} step(s)\n")  # fmt: skip
+    print(
+        f"GPT {params / 1e6:.1f}M params, seq {shape.seq_len}, logical batch {n}, vocab {shape.vocab_size}, "
+        f"{precision}, {device}{' (' + torch.cuda.get_device_name(device) + ')' if cuda else ''}"
+    )
+    print(
+        f"eager full batch: {eager.samples_per_s * shape.seq_len:,.0f} tokens/s at "
+        f"{format_bytes(eager.measured_bytes)}; budget 1/{args.fraction:g} = {format_bytes(budget)}; memory = {result.memory_source}; "
+        f"tokens/s by {result.timing}, fastest of {steps} step(s)\n"
+    )
     rows = []
     for cand in result.candidates:
         tps = cand.samples_per_s * shape.seq_len if cand.samples_per_s is not None else None
         ratio = f"{tps / (eager.samples_per_s * shape.seq_len):.2f}" if tps is not None else "-"
-        rows.append([cand.micro_batch_size, "yes" if cand.checkpointing else "no", cand.loss,
-                     "yes" if cand.compile else "no", format_bytes(cand.predicted_bytes),
-                     format_bytes(cand.measured_bytes), f"{tps:,.0f}" if tps is not None else "-", ratio,
-                     "**chosen**" if cand.chosen else cand.status])  # fmt: skip
-    print(markdown_table(["micro", "checkpointing", "loss", "compile", "predicted", "measured", "tokens/s", "ratio",
-                          "status"], rows))  # fmt: skip
+        rows.append(
+            [
+                cand.micro_batch_size,
+                "yes" if cand.checkpointing else "no",
+                cand.loss,
+                "yes" if cand.compile else "no",
+                format_bytes(cand.predicted_bytes),
+                format_bytes(cand.measured_bytes),
+                f"{tps:,.0f}" if tps is not None else "-",
+                ratio,
+                "**chosen**" if cand.chosen else cand.status,
+            ]
+        )
+    print(
+        markdown_table(
+            [
+                "micro",
+                "checkpointing",
+                "loss",
+                "compile",
+                "predicted",
+                "measured",
+                "tokens/s",
+                "ratio",
+                "status",
+            ],
+            rows,
+        )
+    )
     png = result.plot(args.out / f"planner_gpt2{'_tiny' if args.tiny else ''}.png")
     best = result.best
     print(f"\nchosen: {result.summary()}\nplanning took {elapsed:.0f} s; plot: {png}")

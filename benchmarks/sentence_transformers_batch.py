@@ -73,15 +73,32 @@ def build_folder(folder: Path, corpus: list[str]) -> None:
     tok.normalizer = normalizers.BertNormalizer(lowercase=True)
     tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
     specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
-    tok.train_from_iterator(corpus[:20000], trainers.WordPieceTrainer(vocab_size=2000, special_tokens=specials,
-                                                                      show_progress=False))
+    tok.train_from_iterator(
+        corpus[:20000],
+        trainers.WordPieceTrainer(vocab_size=2000, special_tokens=specials, show_progress=False),
+    )
     tok.post_processor = processors.TemplateProcessing(
-        single="[CLS] $A [SEP]", special_tokens=[("[CLS]", tok.token_to_id("[CLS]")), ("[SEP]", tok.token_to_id("[SEP]"))])
-    PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]", cls_token="[CLS]",
-                            sep_token="[SEP]", mask_token="[MASK]", model_max_length=64).save_pretrained(folder)
+        single="[CLS] $A [SEP]",
+        special_tokens=[("[CLS]", tok.token_to_id("[CLS]")), ("[SEP]", tok.token_to_id("[SEP]"))],
+    )
+    PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        pad_token="[PAD]",
+        unk_token="[UNK]",
+        cls_token="[CLS]",
+        sep_token="[SEP]",
+        mask_token="[MASK]",
+        model_max_length=64,
+    ).save_pretrained(folder)
     torch.manual_seed(0)
-    config = BertConfig(vocab_size=2000, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-                        intermediate_size=128, max_position_embeddings=64)
+    config = BertConfig(
+        vocab_size=2000,
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=128,
+        max_position_embeddings=64,
+    )
     BertModel(config).save_pretrained(folder)
 
 
@@ -115,13 +132,17 @@ def encode(model: Any, batch: dict[str, list[str]]) -> tuple[torch.Tensor, torch
 def trim_padding(features: dict[str, Any]) -> dict[str, Any]:
     """A micro-batch of tokenized text cut to its longest row (right padding): fewer positions to encode."""
     width = int(features["attention_mask"].sum(dim=1).max())  # a host read: keep the batch on the CPU
-    return {k: v[:, :width] if isinstance(v, torch.Tensor) and v.dim() == 2 else v for k, v in features.items()}
+    return {
+        k: v[:, :width] if isinstance(v, torch.Tensor) and v.dim() == 2 else v for k, v in features.items()
+    }
 
 
 def encode_tokenized(model: Any, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
     """BatchLoss's encode for a batch tokenized once up front: trim each micro-batch's padding, encode."""
-    return (model(trim_padding(batch["anchor"]))["sentence_embedding"],
-            model(trim_padding(batch["positive"]))["sentence_embedding"])
+    return (
+        model(trim_padding(batch["anchor"]))["sentence_embedding"],
+        model(trim_padding(batch["positive"]))["sentence_embedding"],
+    )
 
 
 def mnrl(model: Any, reps: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
@@ -180,8 +201,10 @@ def gradcache_stepper(model: Any, opt: torch.optim.Optimizer, chunk: int) -> Any
 
     def split(features: dict[str, Any], size: int) -> list[dict[str, Any]]:
         n = len(features["input_ids"])
-        return [{k: v[s : s + size] if isinstance(v, torch.Tensor) else v for k, v in features.items()}
-                for s in range(0, n, size)]
+        return [
+            {k: v[s : s + size] if isinstance(v, torch.Tensor) else v for k, v in features.items()}
+            for s in range(0, n, size)
+        ]
 
     class Keywords(torch.nn.Module):
         """GradCache calls model(**features); a SentenceTransformer takes the dict itself."""
@@ -194,8 +217,13 @@ def gradcache_stepper(model: Any, opt: torch.optim.Optimizer, chunk: int) -> Any
             return self.inner(features)
 
     wrapped = Keywords()
-    cache = GradCache(models=[wrapped, wrapped], chunk_sizes=chunk, loss_fn=lambda a, p: mnrl(model, (a, p)),
-                      split_input_fn=split, get_rep_fn=lambda out: out["sentence_embedding"])
+    cache = GradCache(
+        models=[wrapped, wrapped],
+        chunk_sizes=chunk,
+        loss_fn=lambda a, p: mnrl(model, (a, p)),
+        split_input_fn=split,
+        get_rep_fn=lambda out: out["sentence_embedding"],
+    )
 
     def step(batch: dict[str, list[str]]) -> None:
         opt.zero_grad(set_to_none=True)
@@ -213,7 +241,8 @@ def check_exact(folder: Path, corpus: list[str], micro: int) -> float:
     ref, ours = load_model(folder).double(), load_model(folder).double()
     ref_opt = torch.optim.SGD(ref.parameters(), lr=1.0)
     losses.MultipleNegativesRankingLoss(ref)(
-        [ref.preprocess(batch["anchor"]), ref.preprocess(batch["positive"])], torch.zeros(64)).backward()
+        [ref.preprocess(batch["anchor"]), ref.preprocess(batch["positive"])], torch.zeros(64)
+    ).backward()
     ref_opt.step()
     acc = bb.Accumulator(ours, torch.optim.SGD(ours.parameters(), lr=1.0), micro_batch_size=micro)
     acc.step(batch, bb.BatchLoss(encode=encode, loss=mnrl))
@@ -236,11 +265,17 @@ def time_table(args: argparse.Namespace, folder: Path, corpus: list[str]) -> Non
     seconds = time_interleaved(named, repeats=args.repeats, clock=time_clock())
     full = seconds[f"full {args.logical}"]
     rows = []
-    for (way, m) in runs:
+    for way, m in runs:
         s = seconds[f"{way} {m}"]
         ratios = sorted(x / f for x, f in zip(s, full))
-        rows.append([way, m, f"{statistics.median(s) * 1e3:.0f} ms",
-                     f"{statistics.median(ratios):.2f} ({ratios[0]:.2f}-{ratios[-1]:.2f})"])
+        rows.append(
+            [
+                way,
+                m,
+                f"{statistics.median(s) * 1e3:.0f} ms",
+                f"{statistics.median(ratios):.2f} ({ratios[0]:.2f}-{ratios[-1]:.2f})",
+            ]
+        )
     print(f"\nlogical batch {args.logical}, {args.repeats} interleaved repeats, CPU time on one thread")
     print(markdown_table(["way", "micro / mini-batch", "median step", "time / full batch (min-max)"], rows))
 
@@ -269,8 +304,12 @@ def memory_table(args: argparse.Namespace, folder: Path) -> None:
     micro = args.memory_micro
     ways = args.ways or ["full", "bigbatch-whole-matrix", "bigbatch", "bigbatch-tokenized", "cached"]
     for way in ways + (["gradcache"] if has_gradcache() and not args.ways else []):
-        out = subprocess.run([sys.executable, __file__, "--child", way, str(micro), str(args.memory_logical),
-                              str(folder)], capture_output=True, text=True, check=True).stdout
+        out = subprocess.run(
+            [sys.executable, __file__, "--child", way, str(micro), str(args.memory_logical), str(folder)],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
         peak = next(line.split()[1] for line in out.splitlines() if line.startswith("PEAK"))
         rows.append([way, micro if way != "full" else args.memory_logical, f"{peak} MiB"])
         print(f"  {way}: {peak} MiB", flush=True)
@@ -284,7 +323,9 @@ def main() -> None:
     parser.add_argument("--logical", type=int, default=256)
     parser.add_argument("--micro", type=int, nargs="+", default=[8, 16, 32])
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--memory", action="store_true", help="the peak-memory table instead of the time table")
+    parser.add_argument(
+        "--memory", action="store_true", help="the peak-memory table instead of the time table"
+    )
     parser.add_argument("--memory-logical", type=int, default=8192)
     parser.add_argument("--memory-micro", type=int, default=32)
     parser.add_argument("--ways", nargs="+", help="with --memory: only these ways (default: all)")
@@ -299,8 +340,10 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
         build_folder(folder, corpus)
-        print(f"exactness: bigbatch at micro 16 vs the full-batch MNRL, one SGD step in float64, max |param diff| "
-              f"{check_exact(folder, corpus, 16):.1e}")
+        print(
+            f"exactness: bigbatch at micro 16 vs the full-batch MNRL, one SGD step in float64, max |param diff| "
+            f"{check_exact(folder, corpus, 16):.1e}"
+        )
         if args.memory:
             memory_table(args, folder)
         else:

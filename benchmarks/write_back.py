@@ -88,7 +88,9 @@ def main() -> None:
         assert all(torch.equal(e, p.grad) for e, p in zip(expected, params, strict=True))
 
         def block(
-            fn: Callable[[Float32Grads, list[torch.Tensor]], None], grads: Float32Grads, sums: list[torch.Tensor]
+            fn: Callable[[Float32Grads, list[torch.Tensor]], None],
+            grads: Float32Grads,
+            sums: list[torch.Tensor],
         ) -> Callable[[int], None]:
             def run(_: int) -> None:
                 for _ in range(args.calls):
@@ -96,8 +98,12 @@ def main() -> None:
 
             return run
 
-        seconds = time_interleaved({"per-tensor": block(per_tensor, grads, sums), "foreach": block(foreach, grads, sums)},
-                                   repeats=args.repeats, clock=clock_for(device), sync=lambda: sync_device(device))
+        seconds = time_interleaved(
+            {"per-tensor": block(per_tensor, grads, sums), "foreach": block(foreach, grads, sums)},
+            repeats=args.repeats,
+            clock=clock_for(device),
+            sync=lambda: sync_device(device),
+        )
         us = {k: statistics.median(v) / args.calls * 1e6 for k, v in seconds.items()}
         ratio = median_paired_ratio(seconds["per-tensor"], seconds["foreach"])
         rows.append([name, len(params), f"{us['per-tensor']:.1f}", f"{us['foreach']:.1f}", f"{ratio:.3f}"])

@@ -11,7 +11,12 @@ import torch
 def pytest_configure(config):
     # Nothing in the tests may reach for the Hugging Face hub. huggingface_hub reads these
     # once, when first imported, so they are set before any test module imports it.
-    for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE", "HF_HUB_DISABLE_PROGRESS_BARS"):
+    for name in (
+        "HF_HUB_OFFLINE",
+        "TRANSFORMERS_OFFLINE",
+        "HF_DATASETS_OFFLINE",
+        "HF_HUB_DISABLE_PROGRESS_BARS",
+    ):
         os.environ[name] = "1"
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
@@ -48,7 +53,10 @@ def hf_folders(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("hf")
     hf_models.build_tokenizer(root / "tokenizer")
-    folders = {kind: hf_models.build_model_folder(root / kind, kind, root / "tokenizer") for kind in ("gpt2", "llama")}
+    folders = {
+        kind: hf_models.build_model_folder(root / kind, kind, root / "tokenizer")
+        for kind in ("gpt2", "llama")
+    }
     return {**folders, "tokenizer": root / "tokenizer"}
 
 

@@ -54,7 +54,9 @@ class FakeCudaMemory:
         """Route torch.cuda's counters (and synchronize, current_device) to this fake."""
         monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device=None: self.allocated)
         monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device=None: self.peak)
-        monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda device=None: setattr(self, "peak", self.allocated))
+        monkeypatch.setattr(
+            torch.cuda, "reset_peak_memory_stats", lambda device=None: setattr(self, "peak", self.allocated)
+        )
         monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: None)
         monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
 

@@ -35,9 +35,11 @@ def build_tokenizer(folder: Path) -> None:
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=VOCAB_SIZE, special_tokens=[EOS], show_progress=False,
+        vocab_size=VOCAB_SIZE,
+        special_tokens=[EOS],
+        show_progress=False,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-    )  # fmt: skip
+    )
     tok.train_from_iterator([shakespeare()], trainer=trainer)
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=EOS, bos_token=EOS)
     fast.save_pretrained(folder)
@@ -47,19 +49,34 @@ def gpt2_config(vocab_size: int) -> Any:
     from transformers import GPT2Config
 
     return GPT2Config(
-        vocab_size=vocab_size, n_positions=64, n_embd=16, n_layer=2, n_head=2,
-        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0, eos_token_id=0,
-    )  # fmt: skip
+        vocab_size=vocab_size,
+        n_positions=64,
+        n_embd=16,
+        n_layer=2,
+        n_head=2,
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+        bos_token_id=0,
+        eos_token_id=0,
+    )
 
 
 def llama_config(vocab_size: int) -> Any:
     from transformers import LlamaConfig
 
     return LlamaConfig(
-        vocab_size=vocab_size, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
-        num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64,
-        bos_token_id=0, eos_token_id=0, tie_word_embeddings=False,
-    )  # fmt: skip
+        vocab_size=vocab_size,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        max_position_embeddings=64,
+        bos_token_id=0,
+        eos_token_id=0,
+        tie_word_embeddings=False,
+    )
 
 
 def build_model_folder(folder: Path, kind: str, tokenizer_folder: Path, seed: int = 0) -> Path:
@@ -148,7 +165,9 @@ def assert_float64_exact(model: Any, tolerance: float = 1e-13) -> None:
         return out
 
     whole, split = grads([ids], 1.0), grads([ids[:1], ids[1:]], 1 / 3)
-    error = max(float(((a - b).abs() / (a.abs().max() + 1e-30)).max()) for a, b in zip(whole, split, strict=True))
+    error = max(
+        float(((a - b).abs() / (a.abs().max() + 1e-30)).max()) for a, b in zip(whole, split, strict=True)
+    )
     if error > tolerance:
         norms = sorted({type(m).__name__ for m in model.modules() if "Norm" in type(m).__name__})
         raise AssertionError(

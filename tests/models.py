@@ -24,7 +24,9 @@ class Block(nn.Module):
 class Tower(nn.Module):
     """Embedding-free stack: input projection, a ModuleList of blocks, a head."""
 
-    def __init__(self, d_in: int = 8, d: int = 16, layers: int = 3, classes: int = 3, dropout: float = 0.0) -> None:
+    def __init__(
+        self, d_in: int = 8, d: int = 16, layers: int = 3, classes: int = 3, dropout: float = 0.0
+    ) -> None:
         super().__init__()
         self.inp = nn.Linear(d_in, d)
         self.blocks = nn.ModuleList(Block(d, dropout) for _ in range(layers))

@@ -29,16 +29,27 @@ def build(kind: str, top_k: int = 2, seed: int = 0, jitter: float = 0.0) -> Any:
     import transformers as tf
 
     common: dict[str, Any] = dict(
-        vocab_size=VOCAB, hidden_size=16, intermediate_size=16, num_hidden_layers=2, num_attention_heads=2,
-        num_key_value_heads=2, max_position_embeddings=32, output_router_logits=True,
-        router_aux_loss_coef=COEF, num_experts_per_tok=top_k, pad_token_id=0, bos_token_id=1, eos_token_id=2,
-    )  # fmt: skip
+        vocab_size=VOCAB,
+        hidden_size=16,
+        intermediate_size=16,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        max_position_embeddings=32,
+        output_router_logits=True,
+        router_aux_loss_coef=COEF,
+        num_experts_per_tok=top_k,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
     if kind == "mixtral":
         config = tf.MixtralConfig(num_local_experts=4, router_jitter_noise=jitter, **common)
         cls = tf.MixtralForCausalLM
     elif kind == "qwen2_moe":
-        config = tf.Qwen2MoeConfig(num_experts=4, moe_intermediate_size=8, shared_expert_intermediate_size=8,
-                                   **common)  # fmt: skip
+        config = tf.Qwen2MoeConfig(
+            num_experts=4, moe_intermediate_size=8, shared_expert_intermediate_size=8, **common
+        )
         cls = tf.Qwen2MoeForCausalLM
     elif kind == "olmoe":
         config = tf.OlmoeConfig(num_experts=4, **common)
@@ -120,11 +131,19 @@ def aux_by_hand(model: Any, router_logits: tuple[torch.Tensor, ...], mask: torch
 
 def full_loss(model: Any, b: dict[str, torch.Tensor], with_aux: bool = True) -> torch.Tensor:
     """The full batch's `out.loss` by hand: token mean + coef * aux (aux optional)."""
-    out = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"], output_router_logits=True,
-                use_cache=False)  # fmt: skip
+    out = model(
+        input_ids=b["input_ids"],
+        attention_mask=b["attention_mask"],
+        output_router_logits=True,
+        use_cache=False,
+    )
     labels = b["input_ids"].masked_fill(b["attention_mask"] == 0, -100)[:, 1:]
-    ce = F.cross_entropy(out.logits[:, :-1].reshape(-1, VOCAB), labels.reshape(-1), ignore_index=-100,
-                         reduction="sum") / (labels != -100).sum()  # fmt: skip
+    ce = (
+        F.cross_entropy(
+            out.logits[:, :-1].reshape(-1, VOCAB), labels.reshape(-1), ignore_index=-100, reduction="sum"
+        )
+        / (labels != -100).sum()
+    )
     if not with_aux:
         return ce
     return ce + model.config.router_aux_loss_coef * aux_by_hand(model, out.router_logits, b["attention_mask"])
@@ -135,7 +154,9 @@ def optimizer(model: Any) -> torch.optim.AdamW:
     return torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=0.1)
 
 
-def reference_steps(kind: str, steps: int, top_k: int, loss: Any = full_loss, jitter: float = 0.0) -> tuple[Any, Any]:
+def reference_steps(
+    kind: str, steps: int, top_k: int, loss: Any = full_loss, jitter: float = 0.0
+) -> tuple[Any, Any]:
     """The model and optimizer after `steps` full-batch steps on `loss`, clipped, by hand."""
     model = build(kind, top_k, jitter=jitter)
     opt = optimizer(model)

@@ -52,7 +52,9 @@ def test_a_scheduler_that_needs_a_metric_is_refused():
 def test_model_and_optimizer_swapped():
     model = nn.Linear(4, 3)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    with pytest.raises(bb.ConfigError, match=re.escape("takes an nn.Module and a torch.optim.Optimizer, got SGD and Linear")):
+    with pytest.raises(
+        bb.ConfigError, match=re.escape("takes an nn.Module and a torch.optim.Optimizer, got SGD and Linear")
+    ):
         bb.Accumulator(opt, model, micro_batch_size=2)
 
 
@@ -138,7 +140,9 @@ def test_state_dict_round_trip_and_open_window_refused():
     other_model, other = make(accumulation_steps=2)
     other.load_state_dict(state)
     assert other.optimizer_steps == acc.optimizer_steps == 1
-    with pytest.raises(bb.ConfigError, match=r"not an Accumulator state \(missing \['auto_micro_batch_size'\]\)"):
+    with pytest.raises(
+        bb.ConfigError, match=r"not an Accumulator state \(missing \['auto_micro_batch_size'\]\)"
+    ):
         other.load_state_dict({"optimizer_steps": 3})
     with other.accumulate():
         other.backward(loss_fn(other_model, (torch.zeros(2, 4), torch.zeros(2, dtype=torch.long))), count=2)

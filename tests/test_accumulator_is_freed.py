@@ -45,10 +45,16 @@ def _dropped(make) -> bool:
     return ref() is None
 
 
-@pytest.mark.parametrize("kwargs", [
-    dict(micro_batch_size=3), dict(micro_batch_size=3, measure_noise=True, max_grad_norm=1.0),
-    dict(accumulation_steps=2), dict(accumulation_steps=2, precision="bf16"),
-], ids=["step", "step-noise-clip", "loop", "loop-bf16"])  # fmt: skip
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        dict(micro_batch_size=3),
+        dict(micro_batch_size=3, measure_noise=True, max_grad_norm=1.0),
+        dict(accumulation_steps=2),
+        dict(accumulation_steps=2, precision="bf16"),
+    ],
+    ids=["step", "step-noise-clip", "loop", "loop-bf16"],
+)
 def test_an_accumulator_used_in_either_api_is_freed_when_dropped(kwargs, no_cycle_collection):
     x, y = torch.randn(8, 4), torch.randn(8, 1)
     assert 8 % 3 != 0  # premise: the step API's last micro-batch is uneven

@@ -42,25 +42,100 @@ def _verify(**kwargs):
 
 LIBRARY = [
     # (what the user did, the call, the error class, words the message must hold)
-    ("micro_batch_size=0", lambda: _step(micro_batch_size=0), bb.ConfigError, 'integer >= 1 or "auto", got 0'),
-    ("max_grad_norm as a string", lambda: _step(max_grad_norm="1.0"), bb.ConfigError, "max_grad_norm must be > 0 (a number"),
-    ("the optimizer passed as the scheduler", lambda: _step(scheduler=torch.optim.SGD(_model().parameters(), lr=0.1)), bb.ConfigError, "got SGD; e.g. scheduler=torch.optim.lr_scheduler.LambdaLR"),
+    (
+        "micro_batch_size=0",
+        lambda: _step(micro_batch_size=0),
+        bb.ConfigError,
+        'integer >= 1 or "auto", got 0',
+    ),
+    (
+        "max_grad_norm as a string",
+        lambda: _step(max_grad_norm="1.0"),
+        bb.ConfigError,
+        "max_grad_norm must be > 0 (a number",
+    ),
+    (
+        "the optimizer passed as the scheduler",
+        lambda: _step(scheduler=torch.optim.SGD(_model().parameters(), lr=0.1)),
+        bb.ConfigError,
+        "got SGD; e.g. scheduler=torch.optim.lr_scheduler.LambdaLR",
+    ),
     ("precision typo", lambda: _step(precision="fp8"), bb.ConfigError, 'one of "fp32", "bf16", "fp16"'),
-    ("a loss returning a float", lambda: _step(loss_fn=lambda m, b: _loss(m, b).item()), bb.LossError, "got float; return loss.mean()"),
-    ("a loss returning an HF-style dict", lambda: _step(loss_fn=lambda m, b: {"loss": _loss(m, b)}), bb.LossError, "got dict"),
-    ("an unreduced loss", lambda: _step(loss_fn=lambda m, b: F.cross_entropy(m(b[0]), b[1], reduction="none")), bb.LossError, "reduce it with .mean()"),
-    ("tensors that disagree on samples", lambda: _step(batch=(X, Y[:10])), bb.BatchError, "batch[0]: 12, batch[1]: 10"),
-    ("numpy arrays as the batch", lambda: _step(batch=(X.numpy(), Y.numpy())), bb.BatchError, "torch.from_numpy"),
-    ("token_cross_entropy on unshifted shapes", lambda: bb.token_cross_entropy(torch.randn(2, 5, 7), torch.zeros(2, 4, dtype=torch.long)), bb.LossError, "do not line up"),
-    ("verify with a negative rtol", lambda: _verify(micro_batch_size=4, rtol=-1.0), bb.ConfigError, "rtol must be a finite number > 0"),
-    ("verify with rtol=nan", lambda: _verify(micro_batch_size=4, rtol=float("nan")), bb.ConfigError, "leave it unset"),
-    ("verify with a micro-batch holding the batch", lambda: _verify(micro_batch_size=12), bb.ConfigError, "holds the whole batch"),
-    ("plan with a memory size it cannot read", lambda: bb.plan(_model(), (X, Y), _loss, max_memory="8XB"), bb.ConfigError, '"8GiB"'),
-    ("a typo'd setting", lambda: bb.TrainConfig.load(None, ["batch.micro_batch_siz=4"]), bb.ConfigError, 'Did you mean "batch.micro_batch_size"'),
+    (
+        "a loss returning a float",
+        lambda: _step(loss_fn=lambda m, b: _loss(m, b).item()),
+        bb.LossError,
+        "got float; return loss.mean()",
+    ),
+    (
+        "a loss returning an HF-style dict",
+        lambda: _step(loss_fn=lambda m, b: {"loss": _loss(m, b)}),
+        bb.LossError,
+        "got dict",
+    ),
+    (
+        "an unreduced loss",
+        lambda: _step(loss_fn=lambda m, b: F.cross_entropy(m(b[0]), b[1], reduction="none")),
+        bb.LossError,
+        "reduce it with .mean()",
+    ),
+    (
+        "tensors that disagree on samples",
+        lambda: _step(batch=(X, Y[:10])),
+        bb.BatchError,
+        "batch[0]: 12, batch[1]: 10",
+    ),
+    (
+        "numpy arrays as the batch",
+        lambda: _step(batch=(X.numpy(), Y.numpy())),
+        bb.BatchError,
+        "torch.from_numpy",
+    ),
+    (
+        "token_cross_entropy on unshifted shapes",
+        lambda: bb.token_cross_entropy(torch.randn(2, 5, 7), torch.zeros(2, 4, dtype=torch.long)),
+        bb.LossError,
+        "do not line up",
+    ),
+    (
+        "verify with a negative rtol",
+        lambda: _verify(micro_batch_size=4, rtol=-1.0),
+        bb.ConfigError,
+        "rtol must be a finite number > 0",
+    ),
+    (
+        "verify with rtol=nan",
+        lambda: _verify(micro_batch_size=4, rtol=float("nan")),
+        bb.ConfigError,
+        "leave it unset",
+    ),
+    (
+        "verify with a micro-batch holding the batch",
+        lambda: _verify(micro_batch_size=12),
+        bb.ConfigError,
+        "holds the whole batch",
+    ),
+    (
+        "plan with a memory size it cannot read",
+        lambda: bb.plan(_model(), (X, Y), _loss, max_memory="8XB"),
+        bb.ConfigError,
+        '"8GiB"',
+    ),
+    (
+        "a typo'd setting",
+        lambda: bb.TrainConfig.load(None, ["batch.micro_batch_siz=4"]),
+        bb.ConfigError,
+        'Did you mean "batch.micro_batch_size"',
+    ),
     ("--set with no key", lambda: bb.TrainConfig.load(None, ["=3"]), bb.ConfigError, "with no key"),
-    ("a config file path given to Trainer", lambda: bb.Trainer("my.toml"), bb.ConfigError, "use Trainer(TrainConfig.load('my.toml'))"),
+    (
+        "a config file path given to Trainer",
+        lambda: bb.Trainer("my.toml"),
+        bb.ConfigError,
+        "use Trainer(TrainConfig.load('my.toml'))",
+    ),
     ("a dict given to Trainer", lambda: bb.Trainer({"train": {"steps": 5}}), bb.ConfigError, "got dict"),
-]  # fmt: skip
+]
 
 
 @pytest.mark.parametrize("what, call, error, words", LIBRARY, ids=[case[0] for case in LIBRARY])
@@ -134,19 +209,40 @@ def in_tmp(tmp_path, monkeypatch):
 
 
 CLI = [
-    (["train", "--task", "badtask.py:make_task", "--steps", "2"], "bigbatch train: error: the loss must be a scalar tensor or bb.LossSum, got dict"),
+    (
+        ["train", "--task", "badtask.py:make_task", "--steps", "2"],
+        "bigbatch train: error: the loss must be a scalar tensor or bb.LossSum, got dict",
+    ),
     (["train", "--set", "=3"], "bigbatch train: error: --set wants key=value"),
     (["train", "--set", "batch.micro_batch_siz=4"], 'Did you mean "batch.micro_batch_size"'),
     (["train", "--set", "batch.micro_batch_size=0"], 'must be an integer >= 1 or "auto", got 0'),
     (["train", "nosuch.toml"], "config file 'nosuch.toml' not found"),
-    (["train", "--task", "digits", "--data", "my.txt"], "task 'digits' ships its own data and takes no --data (task.data); the tasks that read a data file are text, causal-lm"),
-    (["verify", "badcase.py:make_case", "--rtol", "-1"], "bigbatch verify: error: rtol must be a finite number > 0"),
-    (["verify", "badcase.py:make_case", "--micro-batch-size", "0"], "bigbatch verify: error: micro_batch_size must be an integer >= 1"),
-    (["verify", "--task", "digitz"], 'bigbatch verify: error: unknown task \'digitz\'; the built-in tasks are text, digits, causal-lm, contrastive. Did you mean "digits"?'),
-    (["plan", "badcase.py:make_case", "--max-memory", "8XB"], "bigbatch plan: error: cannot read '8XB' as a memory size"),
-    (["plan", "--task", "text", "--max-memory", "64MiB", "--batch-size", "0"], "bigbatch plan: error: --batch-size must be >= 1, got 0."),
+    (
+        ["train", "--task", "digits", "--data", "my.txt"],
+        "task 'digits' ships its own data and takes no --data (task.data); the tasks that read a data file are text, causal-lm",
+    ),
+    (
+        ["verify", "badcase.py:make_case", "--rtol", "-1"],
+        "bigbatch verify: error: rtol must be a finite number > 0",
+    ),
+    (
+        ["verify", "badcase.py:make_case", "--micro-batch-size", "0"],
+        "bigbatch verify: error: micro_batch_size must be an integer >= 1",
+    ),
+    (
+        ["verify", "--task", "digitz"],
+        "bigbatch verify: error: unknown task 'digitz'; the built-in tasks are text, digits, causal-lm, contrastive. Did you mean \"digits\"?",
+    ),
+    (
+        ["plan", "badcase.py:make_case", "--max-memory", "8XB"],
+        "bigbatch plan: error: cannot read '8XB' as a memory size",
+    ),
+    (
+        ["plan", "--task", "text", "--max-memory", "64MiB", "--batch-size", "0"],
+        "bigbatch plan: error: --batch-size must be >= 1, got 0.",
+    ),
     (["bench", "--device", "tpu"], "bigbatch bench: error: --device: 'tpu' is not a device"),
-]  # fmt: skip
+]
 
 
 @pytest.mark.parametrize("argv, words", CLI, ids=[" ".join(argv) for argv, _ in CLI])

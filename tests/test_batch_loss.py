@@ -99,8 +99,12 @@ def test_oom_in_either_pass_halves_and_gives_the_full_batch_update(where):
     model = OOMTowers(budget=5, where=where)
     ref = twin(model)
     ref_opt = torch.optim.AdamW(ref.parameters(), lr=0.05, weight_decay=0.1)
-    acc = bb.Accumulator(model, torch.optim.AdamW(model.parameters(), lr=0.05, weight_decay=0.1),
-                         micro_batch_size="auto", max_grad_norm=0.3)
+    acc = bb.Accumulator(
+        model,
+        torch.optim.AdamW(model.parameters(), lr=0.05, weight_decay=0.1),
+        micro_batch_size="auto",
+        max_grad_norm=0.3,
+    )
     for step in range(2):
         images, texts = pair_data(8, seed=step)
         _, ref_norm = full_batch_step(ref, ref_opt, (images, texts), full_clip, max_grad_norm=0.3)
@@ -141,7 +145,9 @@ def test_oom_in_the_whole_batch_loss_is_not_retried_and_says_why():
         raise torch.OutOfMemoryError("CUDA out of memory (simulated, in the loss)")
 
     acc = bb.Accumulator(model, sgd(model), micro_batch_size="auto")
-    with pytest.raises(bb.MicroBatchTooLargeError, match=r"whole logical batch.*8 samples.*no smaller micro-batch"):
+    with pytest.raises(
+        bb.MicroBatchTooLargeError, match=r"whole logical batch.*8 samples.*no smaller micro-batch"
+    ):
         acc.step(pair_data(8), bb.BatchLoss(encode=encode, loss=loss_that_runs_out))
     assert calls == [8]  # one attempt: halving the micro-batch does not shrink the loss
     assert no_grads(model)
@@ -178,9 +184,12 @@ def test_low_precision_matches_the_full_batch_under_autocast(precision, dtype):
     ours, naive, start = twin(ref), twin(ref), twin(ref)
     ref_opt = torch.optim.SGD(ref.parameters(), lr=0.5)
     scaler = torch.amp.GradScaler("cpu") if precision == "fp16" else None
-    acc = bb.Accumulator(ours, torch.optim.SGD(ours.parameters(), lr=0.5), micro_batch_size=3, precision=precision)
-    naive_acc = bb.Accumulator(naive, torch.optim.SGD(naive.parameters(), lr=0.5), micro_batch_size=3,
-                               precision=precision)
+    acc = bb.Accumulator(
+        ours, torch.optim.SGD(ours.parameters(), lr=0.5), micro_batch_size=3, precision=precision
+    )
+    naive_acc = bb.Accumulator(
+        naive, torch.optim.SGD(naive.parameters(), lr=0.5), micro_batch_size=3, precision=precision
+    )
     for step in range(2):
         batch = float_batch(10, seed=step)
         autocast_full_step(ref, ref_opt, batch, dtype, scaler)
@@ -195,7 +204,9 @@ def test_low_precision_matches_the_full_batch_under_autocast(precision, dtype):
 
 def test_fp16_skips_a_step_whose_loss_gradient_overflows_and_backs_off():
     model = float_model()
-    acc = bb.Accumulator(model, torch.optim.SGD(model.parameters(), lr=0.5), micro_batch_size=3, precision="fp16")
+    acc = bb.Accumulator(
+        model, torch.optim.SGD(model.parameters(), lr=0.5), micro_batch_size=3, precision="fp16"
+    )
     before = [p.detach().clone() for p in model.parameters()]
 
     def overflowing(model, reps):
@@ -244,7 +255,9 @@ def in_order_step(model, opt, batch, micro_batch_size):
     """Encode the micro-batches in order with grad, one loss, one backward: what the replay reproduces."""
     opt.zero_grad(set_to_none=True)
     parts = [noisy_encode(model, piece) for piece in zip(*(t.split(micro_batch_size) for t in batch))]
-    clip_loss(torch.cat([a for a, _ in parts]), torch.cat([b for _, b in parts]), model.log_temperature).backward()
+    clip_loss(
+        torch.cat([a for a, _ in parts]), torch.cat([b for _, b in parts]), model.log_temperature
+    ).backward()
     opt.step()
 
 
@@ -264,9 +277,11 @@ def test_checkpointed_blocks_replay_their_dropout_in_the_gradient_pass():
     assert max_param_diff(ref, DeepTowers()) > 1e-3  # the premise: it trained
 
 
-@pytest.mark.parametrize("fast", [FastMicroStep(backend="aot_eager"),
-                                  FastMicroStep(mode="reduce-overhead", backend="aot_eager")],
-                         ids=["compile", "cudagraphs-path"])
+@pytest.mark.parametrize(
+    "fast",
+    [FastMicroStep(backend="aot_eager"), FastMicroStep(mode="reduce-overhead", backend="aot_eager")],
+    ids=["compile", "cudagraphs-path"],
+)
 def test_compiled_encode_gives_the_full_batch_update(fast):
     ref = TwoTower()
     ours = twin(ref)
@@ -315,11 +330,16 @@ def test_an_encoder_that_returns_the_same_tensor_each_call_is_not_aliased():
 @pytest.mark.parametrize(
     "bad_encode,match",
     [
-        (lambda m, b: (m.image(b[0]), m.text(b[1])[:-1]), r"tensor 1 of shape \(2, 5\) for a micro-batch of 3"),
+        (
+            lambda m, b: (m.image(b[0]), m.text(b[1])[:-1]),
+            r"tensor 1 of shape \(2, 5\) for a micro-batch of 3",
+        ),
         (lambda m, b: m.image(b[0]).sum(), r"shape \(\) .*leading dimension must count the samples"),
         (lambda m, b: {"image": m.image(b[0])}, "tensor or a tuple of tensors.*got dict"),
-        (lambda m, b: (m.image(b[0]), m.text(b[1])) if len(b[0]) == 3 else m.image(b[0]),
-         "for a later micro-batch.*same structure"),
+        (
+            lambda m, b: (m.image(b[0]), m.text(b[1])) if len(b[0]) == 3 else m.image(b[0]),
+            "for a later micro-batch.*same structure",
+        ),
     ],
     ids=["leading-dim", "scalar", "dict", "structure-changes"],
 )
@@ -339,16 +359,19 @@ def test_an_encode_that_changes_between_the_passes_is_a_batch_error():
         return out if not torch.is_grad_enabled() else out[0]
 
     with pytest.raises(bb.BatchError, match="gradient pass"):
-        bb.Accumulator(model, sgd(model), micro_batch_size=3).step(pair_data(7), bb.BatchLoss(encode=unstable,
-                                                                                                loss=clip))
+        bb.Accumulator(model, sgd(model), micro_batch_size=3).step(
+            pair_data(7), bb.BatchLoss(encode=unstable, loss=clip)
+        )
     assert no_grads(model)
 
 
 @pytest.mark.parametrize(
     "bad_loss,match",
     [
-        (lambda m, r: F.cross_entropy(r[0] @ r[1].T, torch.arange(len(r[0])), reduction="none"),
-         r"must return a scalar \(the mean over the logical batch's 7 samples\).*shape \(7,\)"),
+        (
+            lambda m, r: F.cross_entropy(r[0] @ r[1].T, torch.arange(len(r[0])), reduction="none"),
+            r"must return a scalar \(the mean over the logical batch's 7 samples\).*shape \(7,\)",
+        ),
         (lambda m, r: 1.0, "scalar tensor or a bb.LossSum, got float"),
     ],
     ids=["vector", "float"],
@@ -356,8 +379,9 @@ def test_an_encode_that_changes_between_the_passes_is_a_batch_error():
 def test_a_loss_that_is_not_a_scalar_is_a_loss_error(bad_loss, match):
     model = TwoTower()
     with pytest.raises(bb.LossError, match=match):
-        bb.Accumulator(model, sgd(model), micro_batch_size=3).step(pair_data(7), bb.BatchLoss(encode=encode,
-                                                                                               loss=bad_loss))
+        bb.Accumulator(model, sgd(model), micro_batch_size=3).step(
+            pair_data(7), bb.BatchLoss(encode=encode, loss=bad_loss)
+        )
     assert no_grads(model)
 
 
@@ -378,7 +402,9 @@ def test_batch_loss_in_the_loop_api_says_to_use_the_step_api():
     model = TwoTower()
     acc = bb.Accumulator(model, sgd(model), accumulation_steps=2)
     images, texts = pair_data(6)
-    with pytest.raises(bb.ConfigError, match=r"whole logical batch.*micro_batch_size=.*acc.step\(logical_batch"):
+    with pytest.raises(
+        bb.ConfigError, match=r"whole logical batch.*micro_batch_size=.*acc.step\(logical_batch"
+    ):
         acc.step((images, texts), CLIP)
     with acc.accumulate():
         with pytest.raises(bb.LossError, match=r"loop API sees one micro-batch.*acc.step"):
@@ -431,6 +457,7 @@ def test_the_planner_meters_a_batch_loss_in_its_two_passes():
     reps_bytes = sum(r.numel() * r.element_size() for r in reps)
     expected = max(max(loss_meter.bytes, reps_bytes) + reps_bytes, encode_meter.bytes + reps_bytes)
     assert memory.saved_activations == expected > 0
+
     # Independent bounds, from plain losses metered by the same planner: one loss per
     # micro-batch (what a planner blind to the loss phase sees) under-counts, and the whole
     # batch in one micro-step (encode and loss over all 12 with grad) keeps more.
@@ -490,7 +517,9 @@ def test_a_chunked_loss_steps_as_the_full_batch_and_the_planner_counts_its_linea
     batch = pair_data(n)
     ref, ours = TwoTower(), TwoTower()
     full_batch_step(ref, sgd(ref), batch, full_clip)
-    bb.Accumulator(ours, sgd(ours), micro_batch_size=micro).step(batch, bb.BatchLoss(encode=encode, loss=chunked))
+    bb.Accumulator(ours, sgd(ours), micro_batch_size=micro).step(
+        batch, bb.BatchLoss(encode=encode, loss=chunked)
+    )
     assert max_param_diff(ref, ours) < TOL
 
     def loss_phase(loss):

@@ -26,8 +26,13 @@ from bigbatch.errors import BatchError, ConfigError
 
 
 def _resolve(logical, micro, accum, world=1, **kwargs):
-    return resolve_batch_sizes(logical_batch_size=logical, micro_batch_size=micro, accumulation_steps=accum,
-                               world_size=world, **kwargs)  # fmt: skip
+    return resolve_batch_sizes(
+        logical_batch_size=logical,
+        micro_batch_size=micro,
+        accumulation_steps=accum,
+        world_size=world,
+        **kwargs,
+    )
 
 
 # -- sharding ------------------------------------------------------------------
@@ -43,7 +48,11 @@ def test_shards_are_tensor_split_and_concatenate_to_sample_order(n, world):
     assert [i for part in shards for i in part] == list(range(n))  # rank order is sample order
     sizes = [len(part) for part in shards]
     assert max(sizes) - min(sizes) <= 1
-    assert sizes == list(derive_per_rank(n, 1, world).rank_batch_sizes) == list(_resolve(n, 1, None, world).rank_batch_sizes)
+    assert (
+        sizes
+        == list(derive_per_rank(n, 1, world).rank_batch_sizes)
+        == list(_resolve(n, 1, None, world).rank_batch_sizes)
+    )
 
 
 def test_negative_control_a_strided_deal_is_not_sample_order():
@@ -61,7 +70,9 @@ def test_the_largest_share_is_rank_0():
 
 
 def test_shard_indices_refuses_bad_input_with_the_fix():
-    with pytest.raises(ConfigError, match=r"logical batch \(1 samples\) is smaller than the number of ranks \(2\)"):
+    with pytest.raises(
+        ConfigError, match=r"logical batch \(1 samples\) is smaller than the number of ranks \(2\)"
+    ):
         shard_indices(1, 0, 2)
     with pytest.raises(ConfigError, match=r"rank must be in \[0, 2\), got 2"):
         shard_indices(4, 2, 2)
@@ -101,7 +112,9 @@ def test_the_public_resolver():
 
 
 def test_inconsistent_sizes_are_an_error():
-    with pytest.raises(ConfigError, match=r"16 x accumulation_steps 2 x world size 1 = 32, but logical_batch_size is 64"):
+    with pytest.raises(
+        ConfigError, match=r"16 x accumulation_steps 2 x world size 1 = 32, but logical_batch_size is 64"
+    ):
         _resolve(64, 16, 2)
 
 
@@ -117,7 +130,9 @@ def test_auto():
 
 
 def test_too_few_samples_for_the_ranks():
-    with pytest.raises(ConfigError, match=r"logical batch \(2 samples\) is smaller than the number of ranks \(4\)"):
+    with pytest.raises(
+        ConfigError, match=r"logical batch \(2 samples\) is smaller than the number of ranks \(4\)"
+    ):
         _resolve(2, 1, None, 4)
 
 
@@ -151,7 +166,9 @@ def test_accumulation_steps_are_the_micro_steps_the_largest_rank_runs():
 
 
 def _check_counts(sizes: BatchSizes) -> None:
-    shares = [len(part) for part in torch.tensor_split(torch.arange(sizes.logical_batch_size), sizes.world_size)]
+    shares = [
+        len(part) for part in torch.tensor_split(torch.arange(sizes.logical_batch_size), sizes.world_size)
+    ]
     micro = sizes.micro_batch_size
     counts = [len(torch.arange(share).split(micro)) for share in shares]
     assert sizes.accumulation_steps == max(counts), (sizes, shares)
@@ -180,10 +197,14 @@ def test_equal_micro_steps_is_refused_exactly_when_a_rank_would_run_more():
 
 def test_equal_micro_steps_message():
     check_equal_micro_steps(_resolve(13, 4, None, 2))  # 7 and 6 samples: 2 micro-steps each
-    with pytest.raises(ConfigError, match=r'^under train.parallel = "fsdp2" every rank.*2 and 3 micro-steps.*'
-                                          r"batch.micro_batch_size = 4"):  # fmt: skip
-        check_equal_micro_steps(_resolve(13, 3, None, 2), setting_prefix="batch.",
-                                context='under train.parallel = "fsdp2"')  # fmt: skip
+    with pytest.raises(
+        ConfigError,
+        match=r'^under train.parallel = "fsdp2" every rank.*2 and 3 micro-steps.*'
+        r"batch.micro_batch_size = 4",
+    ):
+        check_equal_micro_steps(
+            _resolve(13, 3, None, 2), setting_prefix="batch.", context='under train.parallel = "fsdp2"'
+        )
 
 
 # -- derive_per_rank (the loop API's view) -------------------------------------------
@@ -193,13 +214,18 @@ def test_derive_per_rank_gives_the_same_micro_step_count_on_every_rank():
     assert bb.derive_per_rank(64, 4, 2) == bb.RankSplit((32, 32), 4, 8)
     split = derive_per_rank(9, 2, 2)
     assert split == RankSplit((5, 4), 2, 3)
-    assert all(-(-size // split.micro_batch_size) <= split.accumulation_steps for size in split.rank_batch_sizes)
+    assert all(
+        -(-size // split.micro_batch_size) <= split.accumulation_steps for size in split.rank_batch_sizes
+    )
     assert derive_per_rank(6, 100, 2) == RankSplit((3, 3), 3, 1)  # micro-batch capped at the shard
     assert derive_per_rank(256, 8, 4) == RankSplit((64, 64, 64, 64), 8, 8)  # the README's example
 
 
 def test_derive_per_rank_names_the_fix():
-    with pytest.raises(ConfigError, match=r"logical batch \(3 samples\) is smaller than the number of ranks \(4\).*at least 4"):
+    with pytest.raises(
+        ConfigError,
+        match=r"logical batch \(3 samples\) is smaller than the number of ranks \(4\).*at least 4",
+    ):
         derive_per_rank(3, 1, 4)
     with pytest.raises(ConfigError, match="micro_batch_size must be an integer >= 1, got 0"):
         derive_per_rank(8, 0, 2)
@@ -210,14 +236,16 @@ def test_derive_per_rank_names_the_fix():
 
 @pytest.mark.parametrize("value", [0, -3, 2.0, True, "4", None])
 def test_check_positive_int_refuses(value):
-    with pytest.raises(ConfigError, match=rf"^steps must be an integer >= 1, got {value!r}\.$".replace("(", r"\(")):
+    with pytest.raises(
+        ConfigError, match=rf"^steps must be an integer >= 1, got {value!r}\.$".replace("(", r"\(")
+    ):
         check_positive_int(value, "steps")
 
 
 def test_check_positive_int_accepts_and_picks_the_error_class():
     check_positive_int(1, "steps")
     check_positive_int("auto", "micro_batch_size", allow_auto=True)
-    with pytest.raises(ConfigError, match='must be an integer >= 1 or "auto", got \'big\''):
+    with pytest.raises(ConfigError, match="must be an integer >= 1 or \"auto\", got 'big'"):
         check_positive_int("big", "micro_batch_size", allow_auto=True)
     with pytest.raises(BatchError):
         check_positive_int(0, "micro_batch_size", error=BatchError)

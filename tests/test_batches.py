@@ -30,7 +30,9 @@ def test_a_mapping_that_is_not_a_dict_is_a_batch_and_keeps_its_type():
     pieces = bb.split_batch(batch, 2)
     assert [type(p) for p in pieces] == [Encoding] * 3 and [bb.batch_size(p) for p in pieces] == [2, 2, 1]
     assert torch.equal(torch.cat([p["input_ids"] for p in pieces]), batch["input_ids"])
-    odd = defaultdict(list, {"x": torch.arange(4)})  # its constructor takes a factory first: a plain dict comes back
+    odd = defaultdict(
+        list, {"x": torch.arange(4)}
+    )  # its constructor takes a factory first: a plain dict comes back
     assert [p["x"].tolist() for p in bb.split_batch(odd, 3)] == [[0, 1, 2], [3]]
 
 
@@ -56,7 +58,9 @@ def test_the_readmes_tokenizer_output_steps_with_causal_lm_loss(hf_offline):
     with torch.no_grad():
         for p in ref.parameters():
             p -= 0.1 * p.grad
-    assert max(float((p - q).detach().abs().max()) for p, q in zip(ours.parameters(), ref.parameters())) < 1e-12
+    assert (
+        max(float((p - q).detach().abs().max()) for p, q in zip(ours.parameters(), ref.parameters())) < 1e-12
+    )
 
 
 # -- text batches: lists of strings are split per micro-batch -----------------
@@ -67,8 +71,10 @@ WORDS = ["apple", "kiwi", "banana", "fig", "cherry", "date", "grape", "lemon", "
 def featurize(texts: list[str]) -> torch.Tensor:
     """A stand-in tokenizer + embedding: three numbers per string (float64)."""
     assert isinstance(texts, list) and all(isinstance(s, str) for s in texts)
-    return torch.tensor([[len(s) / 5, sum(c in "aeiou" for c in s) / 3, (ord(s[0]) - 100) / 10] for s in texts],
-                        dtype=torch.float64)
+    return torch.tensor(
+        [[len(s) / 5, sum(c in "aeiou" for c in s) / 3, (ord(s[0]) - 100) / 10] for s in texts],
+        dtype=torch.float64,
+    )
 
 
 class Opaque:
@@ -79,13 +85,20 @@ class Opaque:
 
 
 def test_a_list_of_strings_is_split_beside_the_tensors_and_a_mismatch_names_it():
-    batch = {"x": torch.arange(5), "text": WORDS[:5], "tags": tuple("abcde"), "meta": ("name", torch.arange(5))}
+    batch = {
+        "x": torch.arange(5),
+        "text": WORDS[:5],
+        "tags": tuple("abcde"),
+        "meta": ("name", torch.arange(5)),
+    }
     pieces = bb.split_batch(batch, 2)
     assert [p["text"] for p in pieces] == [WORDS[:2], WORDS[2:4], WORDS[4:5]]
     assert [p["tags"] for p in pieces] == [("a", "b"), ("c", "d"), ("e",)]
     assert [p["meta"][0] for p in pieces] == ["name"] * 3  # a lone string is not a column
     assert bb.batch_size({"anchor": WORDS[:3], "positive": WORDS[3:6]}) == 3  # no tensor at all
-    with pytest.raises(bb.BatchError, match=r"disagree.*batch\['x'\]: 5, batch\['text'\]: 4.*one element per sample"):
+    with pytest.raises(
+        bb.BatchError, match=r"disagree.*batch\['x'\]: 5, batch\['text'\]: 4.*one element per sample"
+    ):
         bb.batch_size({"x": torch.arange(5), "text": WORDS[:4]})
 
 
@@ -104,13 +117,16 @@ def test_the_plain_step_api_splits_text_and_equals_the_full_batch_step():
     ref.load_state_dict(ours.state_dict())
     seen: list[tuple[int, int]] = []
     bb.Accumulator(ours, torch.optim.SGD(ours.parameters(), lr=0.1), micro_batch_size=micro).step(
-        batch, lambda m, b: _plain_loss(m, b, seen))
+        batch, lambda m, b: _plain_loss(m, b, seen)
+    )
     assert seen == [(4, 4), (4, 4), (3, 3)]
     F.mse_loss(ref(featurize(batch["text"])).squeeze(1), batch["y"]).backward()  # the full batch, by hand
     with torch.no_grad():
         for p in ref.parameters():
             p -= 0.1 * p.grad
-    assert max(float((p - q).detach().abs().max()) for p, q in zip(ours.parameters(), ref.parameters())) < 1e-12
+    assert (
+        max(float((p - q).detach().abs().max()) for p, q in zip(ours.parameters(), ref.parameters())) < 1e-12
+    )
     # Negative control: text that reaches every micro-batch whole (the old behaviour) misaligns with its labels.
     seen.clear()
     opaque = bb.Accumulator(ref, torch.optim.SGD(ref.parameters(), lr=0.1), micro_batch_size=micro)
@@ -143,16 +159,21 @@ def test_a_batch_loss_over_text_columns_alone_equals_the_full_batch_step():
     batch = {"anchor": WORDS[:n], "positive": WORDS[1 : n + 1]}
     ours, ref = Embedder(), Embedder()
     bb.Accumulator(ours, torch.optim.SGD(ours.parameters(), lr=0.5), micro_batch_size=micro).step(
-        batch, bb.BatchLoss(encode=_encode, loss=_mnrl))
+        batch, bb.BatchLoss(encode=_encode, loss=_mnrl)
+    )
     a = F.normalize(ref(batch["anchor"]), dim=1)
     p = F.normalize(ref(batch["positive"]), dim=1)
     F.cross_entropy(a @ p.T / 0.05, torch.arange(n)).backward()  # the full batch's MNRL, by hand
     with torch.no_grad():
         for q in ref.parameters():
             q -= 0.5 * q.grad
-    assert max(float((x - y).detach().abs().max()) for x, y in zip(ours.parameters(), ref.parameters())) < 1e-12
+    assert (
+        max(float((x - y).detach().abs().max()) for x, y in zip(ours.parameters(), ref.parameters())) < 1e-12
+    )
     # Negative controls: whole lists in every micro-batch (the old behaviour) and no list at all.
     opaque = {"anchor": Opaque(batch["anchor"]), "positive": Opaque(batch["positive"]), "n": torch.arange(n)}
     whole = bb.BatchLoss(encode=lambda m, b: (m(b["anchor"].items), m(b["positive"].items)), loss=_mnrl)
     with pytest.raises(bb.BatchError, match=f"shape \\({n}, 4\\) for a micro-batch of {micro}"):
-        bb.Accumulator(ours, torch.optim.SGD(ours.parameters(), lr=0.5), micro_batch_size=micro).step(opaque, whole)
+        bb.Accumulator(ours, torch.optim.SGD(ours.parameters(), lr=0.5), micro_batch_size=micro).step(
+            opaque, whole
+        )

@@ -10,16 +10,39 @@ from bigbatch.cli import main
 
 def test_bench_prints_a_row_per_method_and_micro_batch_and_writes_a_png(tmp_path, capsys):
     out = tmp_path / "pictures" / "bench.png"
-    code = main([
-        "bench", "--device", "cpu", "--batch-size", "4", "--micro-batch-sizes", "1", "4",
-        "--seq-len", "16", "--steps", "1", "--repeats", "1", "--warmup", "0",
-        "--methods", "plain", "bigbatch", "--plot", str(out),
-    ])
+    code = main(
+        [
+            "bench",
+            "--device",
+            "cpu",
+            "--batch-size",
+            "4",
+            "--micro-batch-sizes",
+            "1",
+            "4",
+            "--seq-len",
+            "16",
+            "--steps",
+            "1",
+            "--repeats",
+            "1",
+            "--warmup",
+            "0",
+            "--methods",
+            "plain",
+            "bigbatch",
+            "--plot",
+            str(out),
+        ]
+    )
     assert code == 0
     lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ")]
     rows = [line.split(" | ") for line in lines[2:]]
     assert [(r[0].strip("| "), r[1]) for r in rows] == [
-        ("1", "plain"), ("1", "bigbatch"), ("4", "plain"), ("4", "bigbatch"),
+        ("1", "plain"),
+        ("1", "bigbatch"),
+        ("4", "plain"),
+        ("4", "bigbatch"),
     ]
     assert all(float(r[2].replace(",", "")) > 0 for r in rows)  # tokens/s
     assert [r[4] for r in rows if r[1] == "plain"] == ["1.000", "1.000"]  # its own reference
@@ -28,8 +51,30 @@ def test_bench_prints_a_row_per_method_and_micro_batch_and_writes_a_png(tmp_path
 
 def test_bench_writes_nothing_unasked(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
-    assert main(["bench", "--device", "cpu", "--batch-size", "2", "--micro-batch-sizes", "2", "--seq-len", "8",
-                 "--steps", "1", "--repeats", "1", "--warmup", "0", "--methods", "bigbatch"]) == 0  # fmt: skip
+    assert (
+        main(
+            [
+                "bench",
+                "--device",
+                "cpu",
+                "--batch-size",
+                "2",
+                "--micro-batch-sizes",
+                "2",
+                "--seq-len",
+                "8",
+                "--steps",
+                "1",
+                "--repeats",
+                "1",
+                "--warmup",
+                "0",
+                "--methods",
+                "bigbatch",
+            ]
+        )
+        == 0
+    )
     assert "| 2 | bigbatch |" in capsys.readouterr().out  # premise: it did run
     assert list(tmp_path.rglob("*")) == []
 
@@ -42,9 +87,15 @@ def test_bench_writes_nothing_unasked(tmp_path, monkeypatch, capsys):
         (["--warmup", "-1"], "--warmup must be >= 0, got -1."),
         (["--batch-size", "0"], "--batch-size must be >= 1, got 0."),
         (["--micro-batch-sizes", "4", "0"], "--micro-batch-sizes must all be >= 1, got [4, 0]."),
-        (["--device", "tpu"], """--device: 'tpu' is not a device; write "auto", "cpu", "cuda" or "cuda:1"."""),
-        pytest.param(["--device", "cuda"], """--device: 'cuda' asks for CUDA, but no CUDA GPU is available; use "cpu".""",
-                     marks=pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")),
+        (
+            ["--device", "tpu"],
+            """--device: 'tpu' is not a device; write "auto", "cpu", "cuda" or "cuda:1".""",
+        ),
+        pytest.param(
+            ["--device", "cuda"],
+            """--device: 'cuda' asks for CUDA, but no CUDA GPU is available; use "cpu".""",
+            marks=pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA"),
+        ),
     ],
 )
 def test_bad_arguments_exit_2_with_the_rule(argv, message, capsys):
@@ -70,16 +121,40 @@ def test_each_row_is_printed_and_appended_the_moment_it_is_measured(tmp_path, ca
 
     monkeypatch.setattr(bench, "measure", look_then_measure)
     with pytest.raises(KeyboardInterrupt):
-        main(["bench", "--device", "cpu", "--batch-size", "4", "--micro-batch-sizes", "1", "4", "--seq-len", "16",
-              "--steps", "1", "--repeats", "1", "--warmup", "0", "--methods", "plain", "bigbatch",
-              "--jsonl", str(jsonl)])  # fmt: skip
+        main(
+            [
+                "bench",
+                "--device",
+                "cpu",
+                "--batch-size",
+                "4",
+                "--micro-batch-sizes",
+                "1",
+                "4",
+                "--seq-len",
+                "16",
+                "--steps",
+                "1",
+                "--repeats",
+                "1",
+                "--warmup",
+                "0",
+                "--methods",
+                "plain",
+                "bigbatch",
+                "--jsonl",
+                str(jsonl),
+            ]
+        )
     assert len(looks) == 2  # one interleaved group per micro-batch size on the CPU
     assert looks[0][1] == ""  # premise: nothing before the first measurement
     out, saved = looks[1]
     assert "measured: micro-batch 1, plain:" in out and "measured: micro-batch 1, bigbatch:" in out
     records = [json.loads(line) for line in saved.splitlines()]
     assert [(r["micro"], r["method"]) for r in records] == [(1, "plain"), (1, "bigbatch")]
-    assert all(r["tokens_per_s"] > 0 and r["device"] == "cpu" and r["torch"] == torch.__version__ for r in records)
+    assert all(
+        r["tokens_per_s"] > 0 and r["device"] == "cpu" and r["torch"] == torch.__version__ for r in records
+    )
 
 
 class LargestFloat32:
@@ -149,8 +224,9 @@ def test_a_compiled_size_compiles_once_and_every_later_run_at_it_reuses_the_grap
     from bigbatch.tasks.workloads import measure
 
     cpu = torch.device("cpu")
-    setup = gpt2_setup(cpu, GPT2Shape(vocab_size=64, seq_len=8, d_model=8, n_layers=1, n_heads=1), batch_size=4,
-                       n_batches=1)  # fmt: skip
+    setup = gpt2_setup(
+        cpu, GPT2Shape(vocab_size=64, seq_len=8, d_model=8, n_layers=1, n_heads=1), batch_size=4, n_batches=1
+    )
     fast = {"bigbatch-compile": bb.FastMicroStep(backend="aot_eager")}  # no codegen: seconds, not minutes
     initial = setup.make_model()
     torch._dynamo.reset()
@@ -174,14 +250,23 @@ def test_gpu_every_method_measures_its_peak_the_same_way_on_the_gpu_asked_for():
     from bigbatch.tasks.workloads import measure
 
     device = torch.device("cuda", torch.cuda.device_count() - 1)  # the last GPU: not the default one
-    setup = gpt2_setup(device, GPT2Shape(vocab_size=8192, seq_len=256, d_model=256, n_layers=4, n_heads=4),
-                       batch_size=8, n_batches=2)  # fmt: skip
+    setup = gpt2_setup(
+        device,
+        GPT2Shape(vocab_size=8192, seq_len=256, d_model=256, n_layers=4, n_heads=4),
+        batch_size=8,
+        n_batches=2,
+    )
     initial = setup.make_model().to(device)
     methods = ["plain", "bigbatch"] + (["accelerate"] if importlib.util.find_spec("accelerate") else [])
     warmup = dict.fromkeys(methods, 1)
-    alone = {row["method"]: row["peak_bytes"] for method in methods
-             for row in measure(setup, 8, [method], device, 1, 2, warmup, initial)}  # fmt: skip
-    together = {row["method"]: row["peak_bytes"] for row in measure(setup, 8, methods, device, 1, 2, warmup, initial)}
+    alone = {
+        row["method"]: row["peak_bytes"]
+        for method in methods
+        for row in measure(setup, 8, [method], device, 1, 2, warmup, initial)
+    }
+    together = {
+        row["method"]: row["peak_bytes"] for row in measure(setup, 8, methods, device, 1, 2, warmup, initial)
+    }
     static = 4 * parameter_bytes(initial)  # parameters, gradients and AdamW's two moments
     assert min(alone.values()) > static  # premise: the peak counts the run's own model and activations
     assert max(alone.values()) < 1.1 * min(alone.values()), alone

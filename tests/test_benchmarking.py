@@ -29,8 +29,20 @@ def test_blocks_alternate_with_the_order_rotated_every_repeat():
     ticks = itertools.count()  # a fake clock: each reading one tick later
     runs = {name: (lambda r, name=name: calls.append((name, r))) for name in ("a", "b", "c")}
     seconds = time_interleaved(runs, repeats=4, clock=lambda: float(next(ticks)))
-    assert calls == [("a", 0), ("b", 0), ("c", 0), ("b", 1), ("c", 1), ("a", 1),
-                     ("c", 2), ("a", 2), ("b", 2), ("a", 3), ("b", 3), ("c", 3)]  # fmt: skip
+    assert calls == [
+        ("a", 0),
+        ("b", 0),
+        ("c", 0),
+        ("b", 1),
+        ("c", 1),
+        ("a", 1),
+        ("c", 2),
+        ("a", 2),
+        ("b", 2),
+        ("a", 3),
+        ("b", 3),
+        ("c", 3),
+    ]
     assert seconds == {name: [1.0] * 4 for name in "abc"}  # one tick between each block's two readings
 
 
@@ -63,7 +75,9 @@ def test_a_time_budget_ends_whole_repeats_never_fewer_than_the_least(monkeypatch
     now[0] = 100.0
     seconds = time_interleaved(runs, repeats=50, until=0.0, min_repeats=3)  # the budget spent already
     assert {name: len(s) for name, s in seconds.items()} == {"a": 3, "b": 3}
-    assert len(time_interleaved(runs, repeats=2, until=0.0, min_repeats=3)["a"]) == 2  # never more than repeats
+    assert (
+        len(time_interleaved(runs, repeats=2, until=0.0, min_repeats=3)["a"]) == 2
+    )  # never more than repeats
 
 
 def test_the_median_interval_is_the_textbook_order_statistics():
@@ -99,7 +113,12 @@ def test_markdown_table():
 
 
 def test_plot_writes_a_png_where_it_is_told(tmp_path):
-    panel = Panel(title="t", xlabel="micro", ylabel="tokens/s", series={"plain": ([1, 4], [1.0, 3.0])},
-                  hlines={"target": 2.0})  # fmt: skip
+    panel = Panel(
+        title="t",
+        xlabel="micro",
+        ylabel="tokens/s",
+        series={"plain": ([1, 4], [1.0, 3.0])},
+        hlines={"target": 2.0},
+    )
     path = plot_panels(tmp_path / "deep" / "p.png", [panel, panel])
     assert path == tmp_path / "deep" / "p.png" and path.read_bytes()[:4] == b"\x89PNG"

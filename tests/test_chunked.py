@@ -40,7 +40,9 @@ def test_value_and_gradients_equal_the_unchunked_loss(chunk_size, bias):
     out = bb.chunked_cross_entropy(hidden, weight, labels, bias=b, chunk_size=chunk_size)
     assert out.count.item() == ref.count.item() == 8
     assert abs(out.total.item() - ref.total.item()) < TOL
-    for g_ref, g_out in zip(grads(ref.total * 0.7, hidden, weight, b), grads(out.total * 0.7, hidden, weight, b)):
+    for g_ref, g_out in zip(
+        grads(ref.total * 0.7, hidden, weight, b), grads(out.total * 0.7, hidden, weight, b)
+    ):
         assert (g_ref - g_out).abs().max().item() < TOL
 
 
@@ -117,7 +119,9 @@ def test_step_with_chunked_loss_matches_the_full_batch_oracle():
     ref_opt = torch.optim.AdamW(ref.parameters(), lr=0.01)
     opt = torch.optim.AdamW(ours.parameters(), lr=0.01)
     ref_opt.zero_grad()
-    F.cross_entropy(ref.head(ref.embed(tokens)).reshape(-1, V), labels.reshape(-1)).backward()  # mean over tokens
+    F.cross_entropy(
+        ref.head(ref.embed(tokens)).reshape(-1, V), labels.reshape(-1)
+    ).backward()  # mean over tokens
     ref_opt.step()
 
     def loss_fn(model, batch):
@@ -176,5 +180,6 @@ def test_no_rows_gives_zero_like_the_unchunked_loss():
 
 def test_bias_of_the_wrong_shape_names_the_rule():
     with pytest.raises(ValueError, match=r"bias \(4,\) must be \(5,\)"):
-        bb.chunked_cross_entropy(torch.randn(2, 3, 4), torch.randn(5, 4), torch.zeros(2, 3, dtype=torch.long),
-                                 bias=torch.randn(4))
+        bb.chunked_cross_entropy(
+            torch.randn(2, 3, 4), torch.randn(5, 4), torch.zeros(2, 3, dtype=torch.long), bias=torch.randn(4)
+        )

@@ -40,7 +40,9 @@ def test_info_nce_without_normalising_uses_dot_products_and_a_tensor_temperature
     a, b = _rows(5, 3, 2), _rows(5, 3, 3)
     t = torch.tensor([0.5], dtype=torch.float64, requires_grad=True)  # 1-D, as FSDP2 needs
     s = [[float(a[i] @ b[j]) / 0.5 for j in range(5)] for i in range(5)]
-    expected = (sum(_ce(s[i], i) for i in range(5)) + sum(_ce([s[j][i] for j in range(5)], i) for i in range(5))) / 10
+    expected = (
+        sum(_ce(s[i], i) for i in range(5)) + sum(_ce([s[j][i] for j in range(5)], i) for i in range(5))
+    ) / 10
     loss = bb.info_nce(a, b, t, normalize=False)
     assert abs(loss.item() - expected) < TOL
     loss.backward()
@@ -70,8 +72,10 @@ def test_low_precision_inputs_are_scored_in_float32():
         (lambda: bb.info_nce(_rows(4, 3, 0), _rows(5, 3, 1)), r"same shape, got \(4, 3\) and \(5, 3\)"),
         (lambda: bb.info_nce(_rows(4, 3, 0), _rows(4, 3, 1), 0.0), "positive number"),
         (lambda: bb.info_nce(_rows(4, 3, 0), _rows(4, 3, 1), torch.ones(2)), "one number"),
-        (lambda: bb.multiple_negatives_ranking_loss(_rows(4, 3, 0), _rows(4, 3, 1), _rows(3, 3, 2)),
-         r"negatives must be \(N, d\) or \(N, k, d\)"),
+        (
+            lambda: bb.multiple_negatives_ranking_loss(_rows(4, 3, 0), _rows(4, 3, 1), _rows(3, 3, 2)),
+            r"negatives must be \(N, d\) or \(N, k, d\)",
+        ),
     ],
     ids=["shapes", "temperature", "temperature-vector", "negatives"],
 )

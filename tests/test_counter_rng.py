@@ -56,8 +56,12 @@ def test_tensor_arithmetic_matches_the_python_reference_bit_for_bit():
 def test_row_coordinates_absorb_like_the_reference():
     key = call_key(3, 4, 5)
     rows = row_keys(key, 10, 2, CPU)
-    expected = [absorb_int(absorb_int(absorb_int(key, 10 + r), c1), c2) for r in range(2) for c1 in range(3)
-                for c2 in range(4)]  # fmt: skip
+    expected = [
+        absorb_int(absorb_int(absorb_int(key, 10 + r), c1), c2)
+        for r in range(2)
+        for c1 in range(3)
+        for c2 in range(4)
+    ]
     assert absorb_dims(rows, (3, 4)).tolist() == expected
 
 
@@ -103,7 +107,10 @@ def _pairs() -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         "consecutive steps": (base, _masks(0.5, rows=rows, elements=elements, step=1)),
         "consecutive calls (layers)": (base, _masks(0.5, rows=rows, elements=elements, call=1)),
         "other seeds": (base, _masks(0.5, rows=rows, elements=elements, seed=1)),
-        "sample i at step 0, sample i + 1 at step 1": (base[1:], _masks(0.5, rows=rows - 1, elements=elements, step=1)),
+        "sample i at step 0, sample i + 1 at step 1": (
+            base[1:],
+            _masks(0.5, rows=rows - 1, elements=elements, step=1),
+        ),
     }
 
 

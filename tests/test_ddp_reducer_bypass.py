@@ -34,7 +34,10 @@ def ddp(tmp_path):
 
 def _batch() -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(1)
-    return {"x": torch.randn(6, 3, generator=g, dtype=torch.float64), "y": torch.randn(6, 1, generator=g, dtype=torch.float64)}
+    return {
+        "x": torch.randn(6, 3, generator=g, dtype=torch.float64),
+        "y": torch.randn(6, 1, generator=g, dtype=torch.float64),
+    }
 
 
 def test_a_loss_that_calls_the_wrapped_modules_parts_is_named(ddp):
@@ -43,8 +46,11 @@ def test_a_loss_that_calls_the_wrapped_modules_parts_is_named(ddp):
         return ((inner.head(torch.tanh(inner.encoder(batch["x"]))) - batch["y"]) ** 2).mean()
 
     acc = bb.Accumulator(ddp, torch.optim.SGD(ddp.parameters(), lr=0.1), micro_batch_size=2)
-    with pytest.raises(bb.ConfigError, match=r"called model\.module\.encoder\(\.\.\.\), model\.module\.head\(\.\.\.\) "
-                                             r"instead of the model itself"):
+    with pytest.raises(
+        bb.ConfigError,
+        match=r"called model\.module\.encoder\(\.\.\.\), model\.module\.head\(\.\.\.\) "
+        r"instead of the model itself",
+    ):
         acc.step(_batch(), around)
 
 

@@ -98,7 +98,15 @@ def test_step_api_is_one_full_batch_step_and_reports_the_designs_stats():
     assert (stats.micro_batch_size, stats.micro_steps, stats.skipped) == (micro, 3, False)
     assert stats.peak_memory_bytes is None  # CUDA only
     assert stats.noise is None  # measure_noise is off
-    assert set(stats.to_dict()) >= {"loss", "count", "grad_norm", "lr", "micro_batch_size", "micro_steps", "skipped"}
+    assert set(stats.to_dict()) >= {
+        "loss",
+        "count",
+        "grad_norm",
+        "lr",
+        "micro_batch_size",
+        "micro_steps",
+        "skipped",
+    }
 
 
 def test_step_api_takes_nested_dict_batches_and_a_loss_sum():
@@ -107,10 +115,14 @@ def test_step_api_takes_nested_dict_batches_and_a_loss_sum():
     batch = {"inputs": {"x": x}, "targets": [y]}
 
     def loss_sum(model, b):
-        return bb.LossSum(F.cross_entropy(model(b["inputs"]["x"]), b["targets"][0], reduction="sum"), len(b["targets"][0]))
+        return bb.LossSum(
+            F.cross_entropy(model(b["inputs"]["x"]), b["targets"][0], reduction="sum"), len(b["targets"][0])
+        )
 
     ours, ref = _model(), _model()
-    stats = bb.Accumulator(ours, torch.optim.SGD(ours.parameters(), lr=0.3), micro_batch_size=4).step(batch, loss_sum)
+    stats = bb.Accumulator(ours, torch.optim.SGD(ours.parameters(), lr=0.3), micro_batch_size=4).step(
+        batch, loss_sum
+    )
     _full_batch_sgd(ref, (x, y), 0.3)
     assert _max_diff(ours, ref) < 1e-12 and int(stats.count) == n
 
@@ -121,7 +133,9 @@ def test_loop_api_accumulate_backward_sync_gradients_and_flush(last_window):
     x, y = _data(sum(sizes))
     parts = list(zip(x.split(sizes), y.split(sizes)))
     ours, ref = _model(), _model()
-    acc = bb.Accumulator(ours, torch.optim.SGD(ours.parameters(), lr=0.4), accumulation_steps=2, last_window=last_window)
+    acc = bb.Accumulator(
+        ours, torch.optim.SGD(ours.parameters(), lr=0.4), accumulation_steps=2, last_window=last_window
+    )
     synced = []
     for xs, ys in parts:
         with acc.accumulate():
@@ -164,7 +178,10 @@ def test_verify_reports_per_parameter_error_coupled_modules_and_passed():
     x, y = _data(12)
     report = bb.verify(_model(), (x, y), _loss, micro_batch_size=5)
     assert isinstance(report, bb.VerifyReport) and report.passed
-    assert set(report.errors) == {"0.weight", "0.bias", "2.weight", "2.bias"} and max(report.errors.values()) < 1e-12
+    assert (
+        set(report.errors) == {"0.weight", "0.bias", "2.weight", "2.bias"}
+        and max(report.errors.values()) < 1e-12
+    )
     torch.manual_seed(0)
     coupled = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.Linear(8, 3)).double()
     bad = bb.verify(coupled, (x, y), _loss, micro_batch_size=5)
@@ -175,7 +192,9 @@ def test_verify_reports_per_parameter_error_coupled_modules_and_passed():
 
 def test_plan_reports_micro_batch_checkpointing_memory_and_throughput():
     model = _model()
-    plan = bb.plan(model, _data(16), _loss, optimizer=torch.optim.AdamW(model.parameters()), max_memory="8GiB")
+    plan = bb.plan(
+        model, _data(16), _loss, optimizer=torch.optim.AdamW(model.parameters()), max_memory="8GiB"
+    )
     assert isinstance(plan, bb.Plan) and plan.best is not None
     best = plan.best
     assert best.micro_batch_size in (1, 2, 4, 8, 16) and isinstance(best.checkpointing, bool)
@@ -225,7 +244,10 @@ def test_batch_loss_with_info_nce_is_one_full_batch_step():
     ref = nn.ModuleDict({"a": nn.Linear(5, 4), "b": nn.Linear(3, 4)}).double()
     ref.load_state_dict(model.state_dict())
     g = torch.Generator().manual_seed(2)
-    batch = {"a": torch.randn(10, 5, generator=g, dtype=torch.float64), "b": torch.randn(10, 3, generator=g, dtype=torch.float64)}
+    batch = {
+        "a": torch.randn(10, 5, generator=g, dtype=torch.float64),
+        "b": torch.randn(10, 3, generator=g, dtype=torch.float64),
+    }
 
     def encode(m, b):
         return m["a"](b["a"]), m["b"](b["b"])
@@ -253,22 +275,37 @@ def test_batch_loss_with_info_nce_is_one_full_batch_step():
 
 def test_measure_noise_gives_noise_stats_with_the_designs_fields():
     model = _model()
-    acc = bb.Accumulator(model, torch.optim.SGD(model.parameters(), lr=0.1), micro_batch_size=4, measure_noise=True)
+    acc = bb.Accumulator(
+        model, torch.optim.SGD(model.parameters(), lr=0.1), micro_batch_size=4, measure_noise=True
+    )
     stats = acc.step(_data(12), _loss)
     noise = stats.noise
     assert isinstance(noise, bb.NoiseStats)
     for field in ("grad_norm_sq", "trace_cov", "simple_noise_scale"):
-        assert isinstance(getattr(noise, field), torch.Tensor) and math.isfinite(float(getattr(noise, field))), field
-    one = bb.Accumulator(model, torch.optim.SGD(model.parameters(), lr=0.1), micro_batch_size=12, measure_noise=True)
+        assert isinstance(getattr(noise, field), torch.Tensor) and math.isfinite(
+            float(getattr(noise, field))
+        ), field
+    one = bb.Accumulator(
+        model, torch.optim.SGD(model.parameters(), lr=0.1), micro_batch_size=12, measure_noise=True
+    )
     single = one.step(_data(12), _loss).noise
-    assert single is not None and math.isnan(float(single.grad_norm_sq)) and math.isnan(float(single.trace_cov))
+    assert (
+        single is not None and math.isnan(float(single.grad_norm_sq)) and math.isnan(float(single.trace_cov))
+    )
 
 
 def test_causal_lm_loss_counts_shifted_labels_and_is_the_next_token_loss():
     transformers = pytest.importorskip("transformers", reason="needs bigbatch[hf]")
     torch.manual_seed(0)
     config = transformers.GPT2Config(
-        vocab_size=40, n_positions=16, n_embd=8, n_layer=1, n_head=2, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0
+        vocab_size=40,
+        n_positions=16,
+        n_embd=8,
+        n_layer=1,
+        n_head=2,
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
     )
     model = transformers.GPT2LMHeadModel(config).double()
     ids = torch.randint(0, 40, (3, 7))
@@ -298,6 +335,8 @@ def test_the_command_line_offers_the_designs_commands(capsys):
     with pytest.raises(SystemExit):
         main(["plan", "--help"])
     assert "--max-memory" in capsys.readouterr().out
-    module = subprocess.run([sys.executable, "-m", "bigbatch", "--help"], capture_output=True, text=True, cwd=ROOT)
+    module = subprocess.run(
+        [sys.executable, "-m", "bigbatch", "--help"], capture_output=True, text=True, cwd=ROOT
+    )
     assert module.returncode == 0 and "verify" in module.stdout
     assert "\ngpu-check:" in (ROOT / "Makefile").read_text()

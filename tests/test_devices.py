@@ -27,7 +27,9 @@ def test_a_model_without_parameters_is_an_error_unless_a_default_is_given():
 def test_named_devices_are_parsed_and_bad_names_name_the_setting_and_the_fix():
     assert choose_device("cpu") == torch.device("cpu")
     assert parse_device("cuda:3") == torch.device("cuda", 3)  # parsing does not ask whether it is there
-    with pytest.raises(ConfigError, match=r"""^--device: 'tpu' is not a device; write "auto", "cpu", "cuda"""):
+    with pytest.raises(
+        ConfigError, match=r"""^--device: 'tpu' is not a device; write "auto", "cpu", "cuda"""
+    ):
         choose_device("tpu", setting="--device")
 
 
@@ -39,7 +41,9 @@ def test_auto_is_the_gpu_when_there_is_one_else_the_cpu():
 
 @no_cuda
 def test_cuda_without_a_gpu_is_an_error_with_the_fix():
-    with pytest.raises(ConfigError, match=r"""train.device: 'cuda' asks for CUDA, but no CUDA GPU is available; use "cpu"."""):
+    with pytest.raises(
+        ConfigError, match=r"""train.device: 'cuda' asks for CUDA, but no CUDA GPU is available; use "cpu"."""
+    ):
         choose_device("cuda", setting="train.device")
 
 

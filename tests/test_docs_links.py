@@ -27,7 +27,9 @@ def _slug(heading: str) -> str:
 
 
 def _anchors(page: Path) -> set[str]:
-    return {_slug(m.group(1)) for m in re.finditer(r"^#+ (.*)$", _prose(page.read_text(encoding="utf-8")), re.M)}
+    return {
+        _slug(m.group(1)) for m in re.finditer(r"^#+ (.*)$", _prose(page.read_text(encoding="utf-8")), re.M)
+    }
 
 
 def _links(page: Path) -> list[str]:
@@ -37,7 +39,9 @@ def _links(page: Path) -> list[str]:
 def test_the_premise_the_pages_have_relative_links():
     assert all(page.exists() for page in PAGES)
     assert len([link for page in PAGES for link in _links(page)]) >= 20
-    assert _slug("What bigbatch promises when things go wrong") == "what-bigbatch-promises-when-things-go-wrong"
+    assert (
+        _slug("What bigbatch promises when things go wrong") == "what-bigbatch-promises-when-things-go-wrong"
+    )
     assert _slug("BatchLoss: memory and time") == "batchloss-memory-and-time"
 
 
@@ -48,7 +52,9 @@ def test_every_relative_link_resolves(page):
         path, _, anchor = link.partition("#")
         target = (page.parent / path).resolve() if path else page
         if not target.exists():
-            dead.append(f"{link} (no file {target.relative_to(ROOT) if target.is_relative_to(ROOT) else target})")
+            dead.append(
+                f"{link} (no file {target.relative_to(ROOT) if target.is_relative_to(ROOT) else target})"
+            )
         elif anchor and target.suffix == ".md" and anchor not in _anchors(target):
             dead.append(f"{link} (no heading #{anchor} in {target.relative_to(ROOT)})")
     assert not dead, f"{page.relative_to(ROOT)}: dead links: {dead}"

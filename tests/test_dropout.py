@@ -28,7 +28,12 @@ Z = 5.3  # standard deviations: a two-sided false alarm below 1.2e-7 per check
 def _all_forms(x: torch.Tensor, inplace: bool = False) -> torch.Tensor:
     """Every covered dropout form on x (n, 4, 5, 6), summed; a fresh tensor per in-place call."""
     out = F.dropout(x, 0.3) + F.alpha_dropout(x, 0.2) + F.feature_alpha_dropout(x, 0.25)
-    out = out + F.dropout1d(x.flatten(2), 0.5).view_as(x) + F.dropout2d(x, 0.5) + F.dropout3d(x.unsqueeze(2), 0.4)[:, :, 0]
+    out = (
+        out
+        + F.dropout1d(x.flatten(2), 0.5).view_as(x)
+        + F.dropout2d(x, 0.5)
+        + F.dropout3d(x.unsqueeze(2), 0.4)[:, :, 0]
+    )
     out = out + torch.dropout(x, 0.3, True) + torch.feature_dropout(x, 0.3, True)
     out = out + nn.Dropout(0.2)(x) + nn.AlphaDropout(0.1)(x)
     if inplace:
@@ -37,13 +42,18 @@ def _all_forms(x: torch.Tensor, inplace: bool = False) -> torch.Tensor:
     kv = x[:, :2, :, :4]  # two key/value heads for four query heads
     mask = torch.rand(x.shape[2], x.shape[2], generator=torch.Generator().manual_seed(1)) > 0.3
     out = out + F.scaled_dot_product_attention(q, q, q, dropout_p=0.4, is_causal=True).sum(-1, keepdim=True)
-    out = out + F.scaled_dot_product_attention(q, kv, kv, attn_mask=mask, dropout_p=0.2, enable_gqa=True).sum(-1)[
-        ..., None
-    ]
+    out = (
+        out
+        + F.scaled_dot_product_attention(q, kv, kv, attn_mask=mask, dropout_p=0.2, enable_gqa=True).sum(-1)[
+            ..., None
+        ]
+    )
     return out
 
 
-def _pieces(hook: SplitInvariantDropout, x: torch.Tensor, sizes: list[int], inplace: bool = False) -> torch.Tensor:
+def _pieces(
+    hook: SplitInvariantDropout, x: torch.Tensor, sizes: list[int], inplace: bool = False
+) -> torch.Tensor:
     outs, first = [], 0
     for m in sizes:
         with hook(first, m):
@@ -122,7 +132,9 @@ def test_expected_output_equals_the_input(form):
     # Independent quantities and the standard deviation of each: an element (a channel for 2d),
     # or for SDPA a query row, shared by its 4 output values: 2/4 * sum of 4 masks / (1 - p).
     draws = n * {"dropout": 8 * 4 * 4, "dropout2d": 8, "sdpa": 8 * 4}[form]
-    per_draw_sd = {"dropout": 2.0, "dropout2d": 2.0, "sdpa": 0.5 * math.sqrt(4)}[form] * math.sqrt(p / (1 - p))
+    per_draw_sd = {"dropout": 2.0, "dropout2d": 2.0, "sdpa": 0.5 * math.sqrt(4)}[form] * math.sqrt(
+        p / (1 - p)
+    )
     assert abs(y.mean().item() - 2.0) < Z * per_draw_sd / math.sqrt(draws)
     assert abs(F.dropout(x, p).mean().item() - 2.0) < Z * per_draw_sd / math.sqrt(draws)  # torch's, the same
 
@@ -142,9 +154,11 @@ def test_sdpa_without_drops_is_torchs_attention():
     float_mask = torch.randn(3, 1, 5, 5, dtype=torch.float64)
     kv2 = k[:, :2], v[:, :2]
     cases = [
-        dict(is_causal=True), dict(attn_mask=bool_mask), dict(attn_mask=float_mask, scale=0.3),
+        dict(is_causal=True),
+        dict(attn_mask=bool_mask),
+        dict(attn_mask=float_mask, scale=0.3),
         dict(enable_gqa=True, kv=kv2),
-    ]  # fmt: skip
+    ]
     for case in cases:
         kk, vv = case.pop("kv", (k, v))
         with SplitInvariantDropout(nn.Linear(1, 1), seed=1)(0, 3):
@@ -165,7 +179,9 @@ class _SeqFirst(nn.Module):
 def test_a_dropout_whose_input_does_not_lead_with_the_batch_is_refused_by_name():
     model = nn.Sequential(nn.Linear(4, 4), _SeqFirst())
     x = torch.randn(2, 5, 4)
-    with pytest.raises(ConfigError, match=r"dropout in `1.drop` \(Dropout\) got an input of shape \(5, 2, 4\)"):
+    with pytest.raises(
+        ConfigError, match=r"dropout in `1.drop` \(Dropout\) got an input of shape \(5, 2, 4\)"
+    ):
         with SplitInvariantDropout(model, seed=1)(0, 2):
             model(x)
     with pytest.raises(ConfigError, match="needs a batched 4-D input"):
@@ -186,12 +202,16 @@ def test_checkpoint_blocks_recompute_draws_the_forwards_masks():
     hook = SplitInvariantDropout(model, seed=2)
     plain = _grads(model, x, hook)
     bb.checkpoint_blocks(model)
-    assert torch.equal(torch.cat([g.flatten() for g in _grads(model, x, hook)]), torch.cat([g.flatten() for g in plain]))
+    assert torch.equal(
+        torch.cat([g.flatten() for g in _grads(model, x, hook)]), torch.cat([g.flatten() for g in plain])
+    )
     # torch.utils.checkpoint without bigbatch's context would recompute with torch's masks: refused.
     bb.checkpoint_blocks(model, enabled=False)
     block = model.blocks[1]
     block.forward = lambda h, f=type(block).forward.__get__(block): checkpoint(f, h, use_reentrant=False)
-    with pytest.raises(ConfigError, match=r"dropout in `blocks.1.drop` \(Dropout\) runs inside torch.utils.checkpoint"):
+    with pytest.raises(
+        ConfigError, match=r"dropout in `blocks.1.drop` \(Dropout\) runs inside torch.utils.checkpoint"
+    ):
         _grads(model, x, hook)
 
 
@@ -218,5 +238,9 @@ def test_verify_keeps_split_invariant_dropout_on_and_names_other_random_calls():
     # Control: without it, dropout is switched to eval for the check (and named as neutralized).
     assert bb.verify(model, batch, loss, micro_batch_size=3).neutralized == ["1", "3"]
     # A torch.rand in a forward is not dropout: named, and the check fails.
-    noisy = bb.verify(_RandInForward(), (batch[0], batch[1] % 2), loss, micro_batch_size=3, split_invariant_dropout=True)
-    assert not noisy.passed and noisy.random and "net.1" not in noisy.random  # the root's torch.rand, not dropout
+    noisy = bb.verify(
+        _RandInForward(), (batch[0], batch[1] % 2), loss, micro_batch_size=3, split_invariant_dropout=True
+    )
+    assert (
+        not noisy.passed and noisy.random and "net.1" not in noisy.random
+    )  # the root's torch.rand, not dropout

@@ -50,8 +50,13 @@ def test_compiled_micro_step_gives_the_full_batch_update(fast, loss_fn):
     ref = mlp()
     ours = twin(ref)
     ref_opt = torch.optim.SGD(ref.parameters(), lr=0.3, momentum=0.9)
-    acc = bb.Accumulator(ours, torch.optim.SGD(ours.parameters(), lr=0.3, momentum=0.9),
-                         micro_batch_size=micro, max_grad_norm=0.5, fast_micro_step=fast)
+    acc = bb.Accumulator(
+        ours,
+        torch.optim.SGD(ours.parameters(), lr=0.3, momentum=0.9),
+        micro_batch_size=micro,
+        max_grad_norm=0.5,
+        fast_micro_step=fast,
+    )
     for seed in range(3):
         batch = classification_data(n, seed=seed)
         _, ref_norm = full_batch_step(ref, ref_opt, batch, max_grad_norm=0.5)
@@ -73,8 +78,12 @@ def test_cudagraphs_path_keeps_no_gradient_in_dot_grad_during_the_window():
         seen.append([p.grad for p in m.parameters()])  # what the next micro-step would overwrite
         return sample_mean_loss(m, batch)
 
-    acc = bb.Accumulator(model, torch.optim.SGD(model.parameters(), lr=0.1), micro_batch_size=2,
-                         fast_micro_step=FastMicroStep(mode="reduce-overhead", backend="eager"))
+    acc = bb.Accumulator(
+        model,
+        torch.optim.SGD(model.parameters(), lr=0.1),
+        micro_batch_size=2,
+        fast_micro_step=FastMicroStep(mode="reduce-overhead", backend="eager"),
+    )
     acc.step(classification_data(6), loss_fn)
     assert len(seen) == 3
     assert all(g is None for grads in seen for g in grads)
@@ -96,8 +105,9 @@ def test_eager_engine_keeps_gradients_in_dot_grad():
 
 def test_same_loss_function_compiles_once():
     model = mlp()
-    acc = bb.Accumulator(model, torch.optim.SGD(model.parameters(), lr=0.1), micro_batch_size=4,
-                         fast_micro_step=CHECK)
+    acc = bb.Accumulator(
+        model, torch.optim.SGD(model.parameters(), lr=0.1), micro_batch_size=4, fast_micro_step=CHECK
+    )
     acc.step(classification_data(8), sample_mean_loss)
     compiled = acc._compiled_loss._compiled
     acc.step(classification_data(8, seed=5), sample_mean_loss)
@@ -108,8 +118,9 @@ def test_loop_api_with_cudagraphs_marks_every_micro_step_and_stays_exact():
     ref = mlp()
     ours = twin(ref)
     ref_opt = torch.optim.SGD(ref.parameters(), lr=0.3)
-    acc = bb.Accumulator(ours, torch.optim.SGD(ours.parameters(), lr=0.3), accumulation_steps=3,
-                         fast_micro_step=CHECK_GRAPHS)
+    acc = bb.Accumulator(
+        ours, torch.optim.SGD(ours.parameters(), lr=0.3), accumulation_steps=3, fast_micro_step=CHECK_GRAPHS
+    )
     pieces = [classification_data(k, seed=k) for k in (2, 3, 4)]
     before = mark_counter()
     for x, y in pieces:
@@ -210,8 +221,10 @@ def test_gpu_raw_cudagraph_accumulation_fails_where_the_engine_does_not():
             for x, y in pieces:
                 torch.compiler.cudagraph_mark_step_begin()
                 (F.cross_entropy(compiled(x), y) / 4).backward()
-        wrong = any(not torch.allclose(p.grad, q.grad, rtol=1e-4, atol=1e-6)
-                    for p, q in zip(eager.parameters(), raw.parameters()))
+        wrong = any(
+            not torch.allclose(p.grad, q.grad, rtol=1e-4, atol=1e-6)
+            for p, q in zip(eager.parameters(), raw.parameters())
+        )
     except RuntimeError as e:  # "accessing tensor output of CUDAGraphs that has been overwritten"
         wrong = "overwritten" in str(e)
     assert wrong
@@ -246,7 +259,11 @@ def test_cudagraphs_under_ddp_is_refused_with_the_fix(tmp_path):
     try:
         model = nn.parallel.DistributedDataParallel(nn.Linear(2, 2))
         with pytest.raises(bb.ConfigError, match='use "compile"'):
-            bb.Accumulator(model, torch.optim.SGD(model.parameters(), lr=0.1), micro_batch_size=2,
-                           fast_micro_step="cudagraphs")
+            bb.Accumulator(
+                model,
+                torch.optim.SGD(model.parameters(), lr=0.1),
+                micro_batch_size=2,
+                fast_micro_step="cudagraphs",
+            )
     finally:
         dist.destroy_process_group()

@@ -99,8 +99,11 @@ SCENARIOS = [
     pytest.param(dict(precision="fp32", max_grad_norm=0.5, measure_noise=True), mean_loss, id="noise-clip"),
     pytest.param(dict(precision="bf16", measure_noise=True), token_loss, id="noise-bf16-token-count"),
     pytest.param(dict(precision="fp16", max_grad_norm=0.5), mean_loss, id="fp16-clip"),
-    pytest.param(dict(precision="fp16", skip_nonfinite=False, measure_noise=True), token_loss,
-                 id="fp16-no-skip-noise-token-count"),
+    pytest.param(
+        dict(precision="fp16", skip_nonfinite=False, measure_noise=True),
+        token_loss,
+        id="fp16-no-skip-noise-token-count",
+    ),
 ]
 
 
@@ -116,8 +119,9 @@ def test_step_api_reads_nothing_per_micro_step(kwargs, loss_fn):
     per_step = {}
     for micro in (12, 1):  # one micro-step, then twelve
         model = mlp()
-        acc = bb.Accumulator(model, torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9),
-                             micro_batch_size=micro, **kwargs)
+        acc = bb.Accumulator(
+            model, torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9), micro_batch_size=micro, **kwargs
+        )
         acc.step(batch, loss_fn)  # creates the optimizer state outside the count
         reads = HostReads()
 
@@ -144,8 +148,9 @@ def test_loop_api_reads_nothing_until_the_window_ends(kwargs, loss_fn):
     expected = syncs_per_step(kwargs)
     steps = 4
     model = mlp()
-    acc = bb.Accumulator(model, torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9),
-                         accumulation_steps=steps, **kwargs)
+    acc = bb.Accumulator(
+        model, torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9), accumulation_steps=steps, **kwargs
+    )
     pieces = [data(3 + i % 2) for i in range(2 * steps)]  # uneven micro-batches
 
     def micro_step(piece):
@@ -216,8 +221,11 @@ GPU_SCENARIOS = [
     pytest.param(dict(precision="bf16"), torch.float32, id="bf16-autocast"),
     pytest.param(dict(precision="bf16", max_grad_norm=1.0), torch.bfloat16, id="bf16-params-clip"),
     pytest.param(dict(precision="fp32", skip_nonfinite=False), torch.float32, id="no-skip"),
-    pytest.param(dict(precision="bf16", max_grad_norm=1.0, measure_noise=True), torch.bfloat16,
-                 id="noise-bf16-params-clip"),
+    pytest.param(
+        dict(precision="bf16", max_grad_norm=1.0, measure_noise=True),
+        torch.bfloat16,
+        id="noise-bf16-params-clip",
+    ),
 ]
 
 
@@ -239,8 +247,9 @@ def _count_syncs(fn) -> int:
 def test_gpu_loop_api_micro_steps_do_not_sync(kwargs, dtype):
     steps = 4
     model = mlp(dtype, "cuda")
-    acc = bb.Accumulator(model, torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9),
-                         accumulation_steps=steps, **kwargs)
+    acc = bb.Accumulator(
+        model, torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9), accumulation_steps=steps, **kwargs
+    )
     pieces = [data(3 + i % 2, "cuda") for i in range(2 * steps)]
 
     def micro_step(piece):
@@ -273,8 +282,9 @@ def test_gpu_step_api_syncs_once_per_optimizer_step_however_many_micro_steps(kwa
     counts = {}
     for micro in (16, 2):
         model = mlp(dtype, "cuda")
-        acc = bb.Accumulator(model, torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9),
-                             micro_batch_size=micro, **kwargs)
+        acc = bb.Accumulator(
+            model, torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9), micro_batch_size=micro, **kwargs
+        )
         acc.step(batch, loss_fn)  # warm-up
         counts[micro] = _count_syncs(lambda acc=acc: acc.step(batch, loss_fn))
     expected = 1 if kwargs.get("skip_nonfinite", True) else 0
@@ -286,8 +296,13 @@ def test_gpu_fp16_micro_steps_do_not_sync_and_the_step_syncs_once():
     """fp16: no sync inside a window; one at the optimizer step (unscale, inf check, step, scale update)."""
     steps = 3
     model = mlp(torch.float32, "cuda")
-    acc = bb.Accumulator(model, torch.optim.SGD(model.parameters(), lr=0.1),
-                         accumulation_steps=steps, precision="fp16", max_grad_norm=1.0)
+    acc = bb.Accumulator(
+        model,
+        torch.optim.SGD(model.parameters(), lr=0.1),
+        accumulation_steps=steps,
+        precision="fp16",
+        max_grad_norm=1.0,
+    )
     pieces = [data(4, "cuda") for _ in range(2 * steps)]
 
     def micro_step(x, y):
@@ -340,7 +355,9 @@ def _lm_loss(model, batch):
 
 def _lm_loss_counting_on_the_host(model, batch):
     out = _lm_loss(model, batch)
-    return bb.LossSum(out.total, int(out.count))  # the mistake a hand-written loss makes: count read each step
+    return bb.LossSum(
+        out.total, int(out.count)
+    )  # the mistake a hand-written loss makes: count read each step
 
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
@@ -351,15 +368,25 @@ def test_the_language_model_path_reads_nothing_per_micro_step(precision):
     """
     model, batch = _tiny_gpt2()
     tokens, labels = batch
-    acc = bb.Accumulator(model, torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9), micro_batch_size=2,
-                         precision=precision, max_grad_norm=1.0)  # fmt: skip
+    acc = bb.Accumulator(
+        model,
+        torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9),
+        micro_batch_size=2,
+        precision=precision,
+        max_grad_norm=1.0,
+    )
     acc.step(batch, _lm_loss)  # optimizer state created outside the count
     with HostReads() as reads:
         stats = acc.step(batch, _lm_loss)
     assert stats.count == int((labels != -100).sum()) == 6 * 11 - 11  # premise: the padding was counted out
     assert reads.count() == 1, reads.events  # the finite check, at the optimizer step
-    loop = bb.Accumulator(model, torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9), accumulation_steps=3,
-                          precision=precision, max_grad_norm=1.0)  # fmt: skip
+    loop = bb.Accumulator(
+        model,
+        torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9),
+        accumulation_steps=3,
+        precision=precision,
+        max_grad_norm=1.0,
+    )
     reads = HostReads()
     for i in range(3):
         piece = (tokens[2 * i : 2 * i + 2], labels[2 * i : 2 * i + 2])
@@ -386,8 +413,13 @@ def test_gpu_the_language_model_path_does_not_sync_in_a_window(precision):
     """The real thing on CUDA: attention kernels, the chunked loss, token counts, bf16 autocast."""
     model, batch = _tiny_gpt2("cuda")
     tokens, labels = batch
-    acc = bb.Accumulator(model, torch.optim.AdamW(model.parameters(), lr=1e-3, fused=True),
-                         accumulation_steps=3, precision=precision, max_grad_norm=1.0)  # fmt: skip
+    acc = bb.Accumulator(
+        model,
+        torch.optim.AdamW(model.parameters(), lr=1e-3, fused=True),
+        accumulation_steps=3,
+        precision=precision,
+        max_grad_norm=1.0,
+    )
 
     def micro_step(i):
         with acc.accumulate():
@@ -405,7 +437,11 @@ def test_gpu_the_language_model_path_does_not_sync_in_a_window(precision):
             torch.cuda.set_sync_debug_mode("default")
     assert _count_syncs(lambda: micro_step(2)) == 1  # the finite check, once, at the optimizer step
     assert acc.optimizer_steps == 2
-    step_acc = bb.Accumulator(model, torch.optim.AdamW(model.parameters(), lr=1e-3, fused=True),
-                              micro_batch_size=2, precision=precision)  # fmt: skip
+    step_acc = bb.Accumulator(
+        model,
+        torch.optim.AdamW(model.parameters(), lr=1e-3, fused=True),
+        micro_batch_size=2,
+        precision=precision,
+    )
     step_acc.step(batch, _lm_loss)
     assert _count_syncs(lambda: step_acc.step(batch, _lm_loss)) == 1

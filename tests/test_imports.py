@@ -29,8 +29,12 @@ HEAVY = [
     "transformers",  # bb.causal_lm_loss works on a transformers model without importing the library
     "peft",
 ]
-COMMAND_MODULES = ["bigbatch.commands.train", "bigbatch.commands.verify", "bigbatch.commands.plan",
-                   "bigbatch.commands.bench"]  # fmt: skip
+COMMAND_MODULES = [
+    "bigbatch.commands.train",
+    "bigbatch.commands.verify",
+    "bigbatch.commands.plan",
+    "bigbatch.commands.bench",
+]
 
 _PROBE = """
 import contextlib, io, json, sys
@@ -54,7 +58,9 @@ print(json.dumps(steps))
 
 @pytest.fixture(scope="module")
 def steps() -> dict[str, list[str]]:
-    done = subprocess.run([sys.executable, "-c", _PROBE], capture_output=True, text=True, timeout=120, check=True)
+    done = subprocess.run(
+        [sys.executable, "-c", _PROBE], capture_output=True, text=True, timeout=120, check=True
+    )
     return json.loads(done.stdout.splitlines()[-1])
 
 
@@ -70,7 +76,9 @@ def test_import_bigbatch_loads_no_trainer_tasks_commands_or_plotting(steps):
 def test_bigbatch_help_imports_no_command_and_a_command_help_only_its_own(steps):
     assert _heavy(steps["help"], COMMAND_MODULES + HEAVY) == []
     assert _heavy(steps["verify_help"], COMMAND_MODULES) == ["bigbatch.commands.verify"]
-    assert _heavy(steps["verify_help"], ["bigbatch.train", "torch.distributed.checkpoint", "matplotlib"]) == []
+    assert (
+        _heavy(steps["verify_help"], ["bigbatch.train", "torch.distributed.checkpoint", "matplotlib"]) == []
+    )
 
 
 def test_train_help_reads_the_config_without_loading_the_trainer(steps):
@@ -82,7 +90,9 @@ def test_trainer_and_config_are_loaded_on_first_use(steps):
     assert steps["same"] == [True, True]
     # Control: the same check does see the trainer's heavy imports once they are loaded.
     assert _heavy(steps["trainer"], ["bigbatch.train", "torch.distributed.checkpoint"]) == [
-        "bigbatch.train", "torch.distributed.checkpoint"]  # fmt: skip
+        "bigbatch.train",
+        "torch.distributed.checkpoint",
+    ]
 
 
 def test_lazy_names_are_public_and_unknown_names_fail_clearly():

@@ -21,12 +21,39 @@ import ast
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parent.parent / "bigbatch"
-LAYERS = ("errors", "tools", "engine", "losses", "diagnose", "check", "memory", "tasks", "train", "commands", "entry")
+LAYERS = (
+    "errors",
+    "tools",
+    "engine",
+    "losses",
+    "diagnose",
+    "check",
+    "memory",
+    "tasks",
+    "train",
+    "commands",
+    "entry",
+)
 ENTRY = {"bigbatch", "bigbatch.cli", "bigbatch.__main__"}
 # The engine's modules: each must exist and sit in the engine layer.
-ENGINE = ["accumulator", "checks", "micro_step", "optimizer_step", "window", "window_plan", "loss_sum", "batch_split",
-          "grad_sync", "precision", "fast_micro_step", "oom", "noise", "stats", "devices", "batch_sizes"]  # fmt: skip
-
+ENGINE = [
+    "accumulator",
+    "checks",
+    "micro_step",
+    "optimizer_step",
+    "window",
+    "window_plan",
+    "loss_sum",
+    "batch_split",
+    "grad_sync",
+    "precision",
+    "fast_micro_step",
+    "oom",
+    "noise",
+    "stats",
+    "devices",
+    "batch_sizes",
+]
 
 
 def read_package(root: Path) -> dict[str, tuple[str, bool]]:
@@ -35,7 +62,10 @@ def read_package(root: Path) -> dict[str, tuple[str, bool]]:
     for path in sorted(root.rglob("*.py")):
         parts = list(path.relative_to(root.parent).with_suffix("").parts)
         is_package = parts[-1] == "__init__"
-        modules[".".join(parts[:-1] if is_package else parts)] = (path.read_text(encoding="utf-8"), is_package)
+        modules[".".join(parts[:-1] if is_package else parts)] = (
+            path.read_text(encoding="utf-8"),
+            is_package,
+        )
     return modules
 
 
@@ -118,20 +148,31 @@ def cycles(graph: dict[str, set[str]]) -> set[frozenset[str]]:
 
 def test_the_checker_sees_every_kind_of_import():
     made_up = {
-        "bigbatch": ("from .engine import run\nfrom typing import TYPE_CHECKING\n"
-                     "if TYPE_CHECKING:\n    from .train import Trainer\n", True),
-        "bigbatch.engine": ("import torch\n\ndef run():\n    from .train.loop import fit  # deferred\n", False),
+        "bigbatch": (
+            "from .engine import run\nfrom typing import TYPE_CHECKING\n"
+            "if TYPE_CHECKING:\n    from .train import Trainer\n",
+            True,
+        ),
+        "bigbatch.engine": (
+            "import torch\n\ndef run():\n    from .train.loop import fit  # deferred\n",
+            False,
+        ),
         "bigbatch.diagnose": ("from bigbatch import engine\nimport bigbatch.train.state\n", False),
         "bigbatch.tools": ("from .diagnose import probe\n", False),  # a lower folder importing a higher one
         "bigbatch.train": ("from . import loop\n", True),
         "bigbatch.train.loop": ("from ..engine import run\n", False),
-        "bigbatch.train.report": ("from typing import TYPE_CHECKING\n"
-                                  "if TYPE_CHECKING:\n    from bigbatch.train.state import S\n", False),
+        "bigbatch.train.report": (
+            "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from bigbatch.train.state import S\n",
+            False,
+        ),
         "bigbatch.train.state": ("from .report import R\n", False),
-    }  # fmt: skip
+    }
     graph = import_graph(made_up)
     assert graph["bigbatch"] == {"bigbatch.engine", "bigbatch.train"}
-    assert graph["bigbatch.diagnose"] == {"bigbatch.engine", "bigbatch.train.state"}  # `from bigbatch import engine`
+    assert graph["bigbatch.diagnose"] == {
+        "bigbatch.engine",
+        "bigbatch.train.state",
+    }  # `from bigbatch import engine`
     assert graph["bigbatch.train"] == {"bigbatch.train.loop"}
     assert layer_violations(graph) == [
         "bigbatch.diagnose (diagnose) imports bigbatch.train.state (train)",

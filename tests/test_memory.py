@@ -26,9 +26,17 @@ from .models import data, loss_fn, tower
 
 @pytest.mark.parametrize(
     "text,expected",
-    [("8GiB", 8 << 30), ("8 GB", 8 * 10**9), ("1.5GiB", 3 << 29), ("512MiB", 512 << 20),
-     ("8G", 8 << 30), ("4096", 4096), (1000, 1000), ("2kib", 2048)],
-)  # fmt: skip
+    [
+        ("8GiB", 8 << 30),
+        ("8 GB", 8 * 10**9),
+        ("1.5GiB", 3 << 29),
+        ("512MiB", 512 << 20),
+        ("8G", 8 << 30),
+        ("4096", 4096),
+        (1000, 1000),
+        ("2kib", 2048),
+    ],
+)
 def test_parse_memory(text, expected):
     assert parse_memory(text) == expected
 

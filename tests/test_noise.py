@@ -69,8 +69,9 @@ def assert_unbiased(estimates: list[tuple[float, float]], true_g: float, true_tr
 
 def test_closed_form_linear_regression_step_api_uneven_micro_batches():
     model = linear_model()
-    acc = bb.Accumulator(model, torch.optim.SGD(model.parameters(), lr=0.0), micro_batch_size=10,
-                         measure_noise=True)
+    acc = bb.Accumulator(
+        model, torch.optim.SGD(model.parameters(), lr=0.0), micro_batch_size=10, measure_noise=True
+    )
     n, g = 32, torch.Generator().manual_seed(1)
     assert n % 10 != 0  # premise: pieces of 10, 10, 10 and 2 items
     estimates, plug_in = [], []
@@ -91,8 +92,9 @@ def test_closed_form_linear_regression_step_api_uneven_micro_batches():
 def test_closed_form_items_as_tokens_loop_api_with_tensor_counts():
     """Each sample holds 0-5 independent items (tokens): counts are device tensors, pieces differ."""
     model = linear_model()
-    acc = bb.Accumulator(model, torch.optim.SGD(model.parameters(), lr=0.0), accumulation_steps=3,
-                         measure_noise=True)
+    acc = bb.Accumulator(
+        model, torch.optim.SGD(model.parameters(), lr=0.0), accumulation_steps=3, measure_noise=True
+    )
     g = torch.Generator().manual_seed(2)
 
     def micro_batch(samples: int):
@@ -156,8 +158,9 @@ def test_mean_over_steps_matches_the_population_from_per_sample_gradients():
     per_sample = per_sample_gradients(model, x, y)
     true_g = float(per_sample.mean(0).square().sum())
     true_tr = float((per_sample - per_sample.mean(0)).square().sum(1).mean())
-    acc = bb.Accumulator(model, torch.optim.SGD(model.parameters(), lr=0.0), micro_batch_size=4,
-                         measure_noise=True)
+    acc = bb.Accumulator(
+        model, torch.optim.SGD(model.parameters(), lr=0.0), micro_batch_size=4, measure_noise=True
+    )
     g = torch.Generator().manual_seed(4)
     estimates, first_only = [], []
     for _ in range(300):
@@ -225,14 +228,17 @@ def test_auto_micro_batch_after_an_oom_retry_estimates_the_pieces_it_finally_ran
             raise torch.OutOfMemoryError("simulated")
         return cross_entropy(m, batch)
 
-    acc = bb.Accumulator(model, torch.optim.SGD(model.parameters(), lr=0.0), micro_batch_size="auto",
-                         measure_noise=True)
+    acc = bb.Accumulator(
+        model, torch.optim.SGD(model.parameters(), lr=0.0), micro_batch_size="auto", measure_noise=True
+    )
     acc._auto_micro_batch_size = 8  # the first attempt splits 16 into 8 + 8, the retry into 4 x 4
     x, y = population()
     stats = acc.step((x[:16], y[:16]), flaky)
     assert stats.micro_batch_size == 4 and calls["n"] == 6
-    sums = [piece_gradient(model, F.cross_entropy(model(x[i]), y[i], reduction="sum"))
-            for i in torch.arange(16).split(4)]
+    sums = [
+        piece_gradient(model, F.cross_entropy(model(x[i]), y[i], reduction="sum"))
+        for i in torch.arange(16).split(4)
+    ]
     want_g, want_tr = noise_from_pieces(sums, [4] * 4)
     assert stats.noise.grad_norm_sq.item() == pytest.approx(want_g, rel=1e-10)
     assert stats.noise.trace_cov.item() == pytest.approx(want_tr, rel=1e-10)
@@ -241,8 +247,9 @@ def test_auto_micro_batch_after_an_oom_retry_estimates_the_pieces_it_finally_ran
 def test_one_micro_step_in_one_process_has_no_estimate():
     model = mlp()
     x, y = population()
-    acc = bb.Accumulator(model, torch.optim.SGD(model.parameters(), lr=0.1), micro_batch_size=16,
-                         measure_noise=True)
+    acc = bb.Accumulator(
+        model, torch.optim.SGD(model.parameters(), lr=0.1), micro_batch_size=16, measure_noise=True
+    )
     noise = acc.step((x[:16], y[:16]), cross_entropy).noise
     assert noise is not None
     assert all(math.isnan(v) for v in noise.to_dict().values())
@@ -258,8 +265,13 @@ def test_simple_noise_scale_is_the_ratio_of_running_means_or_emas_and_survives_r
     x, y = population()
     for decay in (None, 0.9):
         model = mlp()
-        acc = bb.Accumulator(model, torch.optim.SGD(model.parameters(), lr=0.05), micro_batch_size=4,
-                             measure_noise=True, noise_ema_decay=decay)
+        acc = bb.Accumulator(
+            model,
+            torch.optim.SGD(model.parameters(), lr=0.05),
+            micro_batch_size=4,
+            measure_noise=True,
+            noise_ema_decay=decay,
+        )
         g_mean = tr_mean = 0.0
         for step in range(6):
             noise = acc.step((x[step : step + 12], y[step : step + 12]), cross_entropy).noise
@@ -272,8 +284,13 @@ def test_simple_noise_scale_is_the_ratio_of_running_means_or_emas_and_survives_r
         state = acc.state_dict()
         twin = mlp()
         twin.load_state_dict(model.state_dict())
-        resumed = bb.Accumulator(twin, torch.optim.SGD(twin.parameters(), lr=0.05), micro_batch_size=4,
-                                 measure_noise=True, noise_ema_decay=decay)
+        resumed = bb.Accumulator(
+            twin,
+            torch.optim.SGD(twin.parameters(), lr=0.05),
+            micro_batch_size=4,
+            measure_noise=True,
+            noise_ema_decay=decay,
+        )
         resumed.load_state_dict(state)
         a = acc.step((x[20:32], y[20:32]), cross_entropy).noise
         b = resumed.step((x[20:32], y[20:32]), cross_entropy).noise
@@ -281,8 +298,13 @@ def test_simple_noise_scale_is_the_ratio_of_running_means_or_emas_and_survives_r
     with pytest.raises(bb.ConfigError, match="noise_ema_decay"):
         resumed.load_state_dict({**state, "noise": {**state["noise"], "ema_decay": 0.5}})
     with pytest.raises(bb.ConfigError, match="noise_ema_decay must be"):
-        bb.Accumulator(twin, torch.optim.SGD(twin.parameters(), lr=0.1), micro_batch_size=4,
-                       measure_noise=True, noise_ema_decay=1.0)
+        bb.Accumulator(
+            twin,
+            torch.optim.SGD(twin.parameters(), lr=0.1),
+            micro_batch_size=4,
+            measure_noise=True,
+            noise_ema_decay=1.0,
+        )
 
 
 # -- precision: fp16 estimates are unscaled, bf16 parameters read float32 sums ------
@@ -293,8 +315,13 @@ def test_fp16_estimates_are_unscaled():
     values = {}
     for precision in ("fp32", "fp16"):
         model = mlp().float()
-        acc = bb.Accumulator(model, torch.optim.SGD(model.parameters(), lr=0.0), micro_batch_size=4,
-                             precision=precision, measure_noise=True)
+        acc = bb.Accumulator(
+            model,
+            torch.optim.SGD(model.parameters(), lr=0.0),
+            micro_batch_size=4,
+            precision=precision,
+            measure_noise=True,
+        )
         values[precision] = acc.step((x[:16].float(), y[:16]), cross_entropy).noise.to_dict()
         if precision == "fp16":
             assert acc._scaler.get_scale() > 1e4  # premise: left scaled, |g|^2 would be off by 1e8
@@ -308,15 +335,22 @@ def test_bf16_parameters_estimate_from_the_float32_sums():
     model = mlp().to(torch.bfloat16)
     ref = mlp()
     ref.load_state_dict({k: v.double() for k, v in model.state_dict().items()})
-    acc = bb.Accumulator(model, torch.optim.SGD(model.parameters(), lr=0.0), micro_batch_size=4,
-                         precision="bf16", measure_noise=True)
+    acc = bb.Accumulator(
+        model,
+        torch.optim.SGD(model.parameters(), lr=0.0),
+        micro_batch_size=4,
+        precision="bf16",
+        measure_noise=True,
+    )
 
     def loss_fn(m, b):
         return F.cross_entropy(m(b[0].to(torch.bfloat16)).float(), b[1])
 
     noise = acc.step((x[:16], y[:16]), loss_fn).noise
-    sums = [piece_gradient(ref, F.cross_entropy(ref(x[i]), y[i], reduction="sum"))
-            for i in torch.arange(16).split(4)]
+    sums = [
+        piece_gradient(ref, F.cross_entropy(ref(x[i]), y[i], reduction="sum"))
+        for i in torch.arange(16).split(4)
+    ]
     want_g, want_tr = noise_from_pieces(sums, [4] * 4)
     assert noise.trace_cov.item() == pytest.approx(want_tr, rel=3e-2)
     assert noise.grad_norm_sq.item() == pytest.approx(want_g, rel=0.1, abs=0.02 * want_tr / 16)
@@ -366,11 +400,13 @@ def test_training_is_bitwise_unchanged_with_noise_measured(api, kwargs):
 def test_hooks_belong_to_the_newest_meter_and_only_read():
     model = mlp()
     x, y = population()
-    first = bb.Accumulator(model, torch.optim.SGD(model.parameters(), lr=0.0), micro_batch_size=4,
-                           measure_noise=True)
+    first = bb.Accumulator(
+        model, torch.optim.SGD(model.parameters(), lr=0.0), micro_batch_size=4, measure_noise=True
+    )
     first.step((x[:8], y[:8]), cross_entropy)
-    second = bb.Accumulator(model, torch.optim.SGD(model.parameters(), lr=0.0), micro_batch_size=4,
-                            measure_noise=True)
+    second = bb.Accumulator(
+        model, torch.optim.SGD(model.parameters(), lr=0.0), micro_batch_size=4, measure_noise=True
+    )
     old_slots = first._noise._norms.slots[torch.float64]
     assert old_slots.count_nonzero() == 0  # premise: folded at the end of its step
     stats = second.step((x[8:16], y[8:16]), cross_entropy)

@@ -57,7 +57,9 @@ def test_ghost_batchnorm_cumulative_momentum_matches_batchnorm():
 
 def cnn(norm: nn.Module) -> nn.Module:
     torch.manual_seed(0)
-    return nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), norm, nn.ReLU(), nn.Flatten(), nn.Linear(64, 3)).double()
+    return nn.Sequential(
+        nn.Conv2d(3, 4, 3, padding=1), norm, nn.ReLU(), nn.Flatten(), nn.Linear(64, 3)
+    ).double()
 
 
 def split_gradient(model, x, y, micro):

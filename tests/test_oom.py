@@ -72,7 +72,9 @@ def test_oom_in_forward_halves_and_matches_the_full_batch_oracle():
     model = OOMAbove(budget=3)
     ref = twin(model.net)
     ref_opt = torch.optim.SGD(ref.parameters(), lr=0.3, momentum=0.9)
-    acc = bb.Accumulator(model, torch.optim.SGD(model.parameters(), lr=0.3, momentum=0.9), micro_batch_size="auto")
+    acc = bb.Accumulator(
+        model, torch.optim.SGD(model.parameters(), lr=0.3, momentum=0.9), micro_batch_size="auto"
+    )
     for step in range(3):
         batch = data(10, seed=step)
         full_batch_step(ref, ref_opt, batch[:2])
@@ -91,8 +93,9 @@ def test_oom_in_backward_after_part_of_the_window_drops_its_gradients():
     model = OOMAbove(budget=5, where="backward")
     ref = twin(model.net)
     ref_opt = torch.optim.AdamW(ref.parameters(), lr=0.01, weight_decay=0.1)
-    acc = bb.Accumulator(model, torch.optim.AdamW(model.parameters(), lr=0.01, weight_decay=0.1),
-                         micro_batch_size="auto")
+    acc = bb.Accumulator(
+        model, torch.optim.AdamW(model.parameters(), lr=0.01, weight_decay=0.1), micro_batch_size="auto"
+    )
     batch = data(8, seed=3, cost=cost)
     full_batch_step(ref, ref_opt, batch[:2])
     acc.step(batch, loss_fn)
@@ -124,7 +127,9 @@ def test_retry_replays_dropout_bit_for_bit(monkeypatch):
     def run(micro_batch_size):
         torch.manual_seed(1)
         model = OOMAbove(budget=3, where="backward", dropout=0.5)
-        acc = bb.Accumulator(model, torch.optim.SGD(model.parameters(), lr=0.3), micro_batch_size=micro_batch_size)
+        acc = bb.Accumulator(
+            model, torch.optim.SGD(model.parameters(), lr=0.3), micro_batch_size=micro_batch_size
+        )
         torch.manual_seed(2)
         for step in range(2):
             acc.step(data(10, seed=step), loss_fn)
@@ -175,7 +180,9 @@ def test_other_errors_propagate_unchanged_and_the_next_step_is_clean(micro_batch
     model = OOMAbove(budget=100)
     ref = twin(model.net)
     ref_opt = torch.optim.SGD(ref.parameters(), lr=0.3)
-    acc = bb.Accumulator(model, torch.optim.SGD(model.parameters(), lr=0.3), micro_batch_size=micro_batch_size)
+    acc = bb.Accumulator(
+        model, torch.optim.SGD(model.parameters(), lr=0.3), micro_batch_size=micro_batch_size
+    )
     boom = ValueError("a bug in the loss")
 
     def fails_in_last_backward(model, batch):
@@ -267,8 +274,9 @@ def test_a_resumed_engine_starts_at_the_micro_batch_size_that_fitted():
     acc = bb.Accumulator(model, torch.optim.SGD(model.parameters(), lr=0.3), micro_batch_size="auto")
     acc.step(data(10, seed=0), loss_fn)
     resumed_model = OOMAbove(budget=3)
-    resumed = bb.Accumulator(resumed_model, torch.optim.SGD(resumed_model.parameters(), lr=0.3),
-                             micro_batch_size="auto")
+    resumed = bb.Accumulator(
+        resumed_model, torch.optim.SGD(resumed_model.parameters(), lr=0.3), micro_batch_size="auto"
+    )
     resumed.load_state_dict(acc.state_dict())
     assert resumed.step(data(10, seed=1), loss_fn).micro_batch_size == 2
     assert [entry for entry in resumed_model.log if entry[1] != "ok"] == []

@@ -53,8 +53,20 @@ def cases(tmp_path, monkeypatch):
 
 def test_a_file_factory_that_fits_exits_0_with_table_and_png(cases, tmp_path, capsys):
     png = tmp_path / "out" / "p.png"
-    code = main(["plan", f"{cases}:mlp", "--max-memory", "1GiB", "--plot", str(png), "--steps", "1",
-                 "--micro-batch-sizes", "2,8"])  # fmt: skip
+    code = main(
+        [
+            "plan",
+            f"{cases}:mlp",
+            "--max-memory",
+            "1GiB",
+            "--plot",
+            str(png),
+            "--steps",
+            "1",
+            "--micro-batch-sizes",
+            "2,8",
+        ]
+    )
     out = capsys.readouterr().out
     assert code == 0
     assert "CHOSEN" in out and "checkpointing" in out
@@ -63,8 +75,21 @@ def test_a_file_factory_that_fits_exits_0_with_table_and_png(cases, tmp_path, ca
 
 def test_module_factory_with_its_own_optimizer_writes_no_picture_unasked(cases, tmp_path, capsys):
     before = sorted(tmp_path.iterdir())
-    assert main(["plan", "plan_cases_mod:with_sgd", "--max-memory", "1GiB", "--steps", "1",
-                 "--micro-batch-sizes", "4"]) == 0  # fmt: skip
+    assert (
+        main(
+            [
+                "plan",
+                "plan_cases_mod:with_sgd",
+                "--max-memory",
+                "1GiB",
+                "--steps",
+                "1",
+                "--micro-batch-sizes",
+                "4",
+            ]
+        )
+        == 0
+    )
     assert "CHOSEN" in capsys.readouterr().out  # premise: it planned
     assert sorted(tmp_path.iterdir()) == before  # the current directory (tmp_path) is left as it was
 
@@ -83,12 +108,27 @@ def test_nothing_fits_exits_1_and_says_what_to_try(cases, capsys):
         (["plan", "{cases}:wrong_shape", "--max-memory", "1GiB"], "loss_fn"),
         (["plan", "{cases}:mlp", "--max-memory", "1GiB", "--micro-batch-sizes", "two"], "comma-separated"),
         (["plan", "--task", "txet", "--max-memory", "1GiB"], "text"),
-        (["plan", "--task", "digits", "--max-memory", "1GiB", "--batch-size", "0"], "--batch-size must be >= 1"),
-        (["plan", "--task", "digits", "--max-memory", "1GiB", "--device", "tpu"], "--device: 'tpu' is not a device"),
-        (["plan", "--task", "digits", "--max-memory", "1GiB", "--set", "nrom=batchnorm"], 'Did you mean "norm"'),
-        (["plan", "{cases}:mlp", "--max-memory", "1GiB", "--set", "norm=none"], "--set KEY=VALUE sets options"),
-        pytest.param(["plan", "--task", "digits", "--max-memory", "1GiB", "--device", "cuda"], "no CUDA GPU",
-                     marks=pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")),
+        (
+            ["plan", "--task", "digits", "--max-memory", "1GiB", "--batch-size", "0"],
+            "--batch-size must be >= 1",
+        ),
+        (
+            ["plan", "--task", "digits", "--max-memory", "1GiB", "--device", "tpu"],
+            "--device: 'tpu' is not a device",
+        ),
+        (
+            ["plan", "--task", "digits", "--max-memory", "1GiB", "--set", "nrom=batchnorm"],
+            'Did you mean "norm"',
+        ),
+        (
+            ["plan", "{cases}:mlp", "--max-memory", "1GiB", "--set", "norm=none"],
+            "--set KEY=VALUE sets options",
+        ),
+        pytest.param(
+            ["plan", "--task", "digits", "--max-memory", "1GiB", "--device", "cuda"],
+            "no CUDA GPU",
+            marks=pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA"),
+        ),
     ],
 )
 def test_misuse_exits_2_with_the_fix(cases, capsys, argv, message):
@@ -98,8 +138,26 @@ def test_misuse_exits_2_with_the_fix(cases, capsys, argv, message):
 
 def test_builtin_task(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
-    assert main(["plan", "--task", "digits", "--max-memory", "1GiB", "--batch-size", "8",
-                 "--micro-batch-sizes", "8", "--steps", "1", "--device", "cpu"]) == 0  # fmt: skip
+    assert (
+        main(
+            [
+                "plan",
+                "--task",
+                "digits",
+                "--max-memory",
+                "1GiB",
+                "--batch-size",
+                "8",
+                "--micro-batch-sizes",
+                "8",
+                "--steps",
+                "1",
+                "--device",
+                "cpu",
+            ]
+        )
+        == 0
+    )
     assert "task digits" in capsys.readouterr().out
 
 
@@ -108,9 +166,30 @@ def test_builtin_task_options_change_what_is_planned(tmp_path, monkeypatch, caps
     monkeypatch.chdir(tmp_path)
     sizes = {}
     for hidden in (16, 256):
-        assert main(["plan", "--task", "digits", "--set", f"hidden={hidden}", "--max-memory", "1GiB",
-                     "--batch-size", "8", "--micro-batch-sizes", "8", "--checkpointing", "off", "--steps", "1",
-                     "--device", "cpu"]) == 0  # fmt: skip
+        assert (
+            main(
+                [
+                    "plan",
+                    "--task",
+                    "digits",
+                    "--set",
+                    f"hidden={hidden}",
+                    "--max-memory",
+                    "1GiB",
+                    "--batch-size",
+                    "8",
+                    "--micro-batch-sizes",
+                    "8",
+                    "--checkpointing",
+                    "off",
+                    "--steps",
+                    "1",
+                    "--device",
+                    "cpu",
+                ]
+            )
+            == 0
+        )
         row = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("8 "))
         sizes[hidden] = row.split()[3:5]  # the predicted memory, e.g. ["12.3", "KiB"]
     assert sizes[16] != sizes[256], sizes
@@ -120,13 +199,31 @@ def test_the_chosen_line_is_a_sentence_with_the_gain_over_plain_accumulation():
     from bigbatch.memory.planner import Candidate, Plan
 
     def cand(micro, ck, comp, sps, status="fits", chosen=False, loss="plain"):
-        return Candidate(micro_batch_size=micro, checkpointing=ck, compile=comp, loss=loss, predicted_bytes=2**30,
-                         measured_bytes=2**30 if sps else None, samples_per_s=sps, status=status, chosen=chosen)
+        return Candidate(
+            micro_batch_size=micro,
+            checkpointing=ck,
+            compile=comp,
+            loss=loss,
+            predicted_bytes=2**30,
+            measured_bytes=2**30 if sps else None,
+            samples_per_s=sps,
+            status=status,
+            chosen=chosen,
+        )
 
-    candidates = [cand(4, False, False, 100.0), cand(8, False, False, None, status="over budget (predicted)"),
-                  cand(16, True, True, 107.0, chosen=True)]  # fmt: skip
-    plan = Plan(candidates=candidates, max_memory=8 * 2**30, batch_size=64, device="cuda", precision="bf16",
-                memory_source="max_memory_allocated")  # fmt: skip
+    candidates = [
+        cand(4, False, False, 100.0),
+        cand(8, False, False, None, status="over budget (predicted)"),
+        cand(16, True, True, 107.0, chosen=True),
+    ]
+    plan = Plan(
+        candidates=candidates,
+        max_memory=8 * 2**30,
+        batch_size=64,
+        device="cuda",
+        precision="bf16",
+        memory_source="max_memory_allocated",
+    )
     assert plan.table().splitlines()[-1] == (
         "chosen: micro-batch 16 with activation checkpointing, compiled: 107.0 samples/s, "
         "1.07x plain accumulation (micro-batch 4); 1.00 GiB measured within 8.00 GiB"

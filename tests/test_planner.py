@@ -21,7 +21,9 @@ N = 8
 def setting():
     model = tower(d=16, layers=3)
     batch = data(N)
-    full = bb.plan(model, batch, loss_fn, max_memory="1GiB", micro_batch_sizes=[N], checkpointing=False, steps=1)
+    full = bb.plan(
+        model, batch, loss_fn, max_memory="1GiB", micro_batch_sizes=[N], checkpointing=False, steps=1
+    )
     return model, batch, full.candidates[0].measured_bytes
 
 
@@ -61,8 +63,15 @@ def test_predictions_match_the_accounted_memory_and_the_choice_fits(setting, tmp
 
 def test_apply_trains_exactly_with_the_chosen_settings(setting):
     model, batch, full_bytes = setting
-    result = bb.plan(model, batch, loss_fn, max_memory=int(full_bytes * 0.97), micro_batch_sizes=[N],
-                     checkpointing=None, steps=1)  # fmt: skip
+    result = bb.plan(
+        model,
+        batch,
+        loss_fn,
+        max_memory=int(full_bytes * 0.97),
+        micro_batch_sizes=[N],
+        checkpointing=None,
+        steps=1,
+    )
     assert result.best is not None and result.best.checkpointing  # only checkpointing fits at size N
     ours, ref = copy.deepcopy(model), copy.deepcopy(model)
     acc = result.apply(ours, torch.optim.SGD(ours.parameters(), lr=0.2))
@@ -84,8 +93,15 @@ def test_nothing_fits_says_what_to_try(setting):
 
 def test_settings_for_the_trainer_from_an_optimizer_factory(setting):
     model, batch, full_bytes = setting
-    result = bb.plan(model, batch, loss_fn, optimizer=lambda params: torch.optim.SGD(params, lr=0.1),
-                     max_memory=full_bytes * 10, steps=1, micro_batch_sizes=[4, 8])  # fmt: skip
+    result = bb.plan(
+        model,
+        batch,
+        loss_fn,
+        optimizer=lambda params: torch.optim.SGD(params, lr=0.1),
+        max_memory=full_bytes * 10,
+        steps=1,
+        micro_batch_sizes=[4, 8],
+    )
     settings = result.settings()
     assert set(settings) == {"micro_batch_size", "checkpointing", "compile", "loss"}
     assert settings["micro_batch_size"] in (4, 8) and settings["compile"] is False  # no compile on the CPU
@@ -98,7 +114,10 @@ def test_loss_variants_are_compared_and_chunking_is_predicted_smaller():
     embed, head = torch.nn.Embedding(vocab, d).double(), torch.nn.Linear(d, vocab, bias=False).double()
     model = torch.nn.ModuleDict({"embed": embed, "head": head})
     g = torch.Generator().manual_seed(0)
-    tokens, labels = torch.randint(0, vocab, (4, 16), generator=g), torch.randint(0, vocab, (4, 16), generator=g)
+    tokens, labels = (
+        torch.randint(0, vocab, (4, 16), generator=g),
+        torch.randint(0, vocab, (4, 16), generator=g),
+    )
 
     def plain(m, b):
         return bb.token_cross_entropy(m["head"](m["embed"](b[0])), b[1])
@@ -106,13 +125,17 @@ def test_loss_variants_are_compared_and_chunking_is_predicted_smaller():
     def chunked(m, b):
         return bb.chunked_cross_entropy(m["embed"](b[0]), m["head"].weight, b[1], chunk_size=8)
 
-    result = bb.plan(model, (tokens, labels), {"plain": plain, "chunked": chunked}, max_memory="1GiB", steps=1)
+    result = bb.plan(
+        model, (tokens, labels), {"plain": plain, "chunked": chunked}, max_memory="1GiB", steps=1
+    )
     by_key = {(c.micro_batch_size, c.loss): c for c in result.candidates}
     assert by_key[(4, "chunked")].predicted_bytes < by_key[(4, "plain")].predicted_bytes
     assert "loss" in result.table().splitlines()[1]
 
 
-def test_compile_is_tried_on_the_fastest_eager_settings_only_and_its_failure_is_reported(setting, monkeypatch):
+def test_compile_is_tried_on_the_fastest_eager_settings_only_and_its_failure_is_reported(
+    setting, monkeypatch
+):
     model, batch, full_bytes = setting
     compiled = []
 
@@ -121,14 +144,25 @@ def test_compile_is_tried_on_the_fastest_eager_settings_only_and_its_failure_is_
         return fn
 
     monkeypatch.setattr(torch, "compile", fake_compile)
-    result = bb.plan(model, batch, loss_fn, max_memory=int(full_bytes * 0.97), compile=True, compile_top_k=1,
-                     checkpointing=False, steps=1)  # fmt: skip
+    result = bb.plan(
+        model,
+        batch,
+        loss_fn,
+        max_memory=int(full_bytes * 0.97),
+        compile=True,
+        compile_top_k=1,
+        checkpointing=False,
+        steps=1,
+    )
     tried = [c for c in result.candidates if c.compile and c.samples_per_s is not None]
     skipped = [c for c in result.candidates if c.compile and c.status.startswith("not tried")]
     assert len(tried) == len(compiled) == 1 and len(skipped) >= 1
     eager = {(c.micro_batch_size, c.checkpointing): c for c in result.candidates if not c.compile and c.fits}
     fastest = max(eager.values(), key=lambda c: c.samples_per_s)
-    assert (tried[0].micro_batch_size, tried[0].checkpointing) == (fastest.micro_batch_size, fastest.checkpointing)
+    assert (tried[0].micro_batch_size, tried[0].checkpointing) == (
+        fastest.micro_batch_size,
+        fastest.checkpointing,
+    )
 
     def broken_compile(fn, **kwargs):
         def fail(*args):
@@ -137,8 +171,16 @@ def test_compile_is_tried_on_the_fastest_eager_settings_only_and_its_failure_is_
         return fail
 
     monkeypatch.setattr(torch, "compile", broken_compile)
-    result = bb.plan(model, batch, loss_fn, max_memory="1GiB", compile=True, micro_batch_sizes=[N],
-                     checkpointing=False, steps=1)  # fmt: skip
+    result = bb.plan(
+        model,
+        batch,
+        loss_fn,
+        max_memory="1GiB",
+        compile=True,
+        micro_batch_sizes=[N],
+        checkpointing=False,
+        steps=1,
+    )
     broken = [c for c in result.candidates if c.compile]
     assert broken[0].status == "compile failed (RuntimeError: inductor: no C++ compiler found)"
     assert result.best is not None and not result.best.compile
@@ -158,16 +200,25 @@ def test_on_cuda_the_fit_predicts_the_measured_peak_and_the_choice_fits():
     model = tower(d=1024, layers=4, dtype=torch.float32).to(device)
     n = 4096
     batch = tuple(t.to(device) for t in data(n, dtype=torch.float32))
-    full = bb.plan(model, batch, loss_fn, max_memory="64GiB", micro_batch_sizes=[n], checkpointing=False,
-                   compile=False, steps=1)  # fmt: skip
+    full = bb.plan(
+        model,
+        batch,
+        loss_fn,
+        max_memory="64GiB",
+        micro_batch_sizes=[n],
+        checkpointing=False,
+        compile=False,
+        steps=1,
+    )
     full_peak = full.candidates[0].measured_bytes
     params = parameter_bytes(model)
     static = 4 * params  # parameters, gradients and AdamW's two moments, all float32
     assert full_peak > static + 3 * params  # the premise: at the full batch, activations decide
     budget = int(static + 0.4 * (full_peak - static))
     sizes = [64, 128, 256, 512, 1024, 2048, n]
-    result = bb.plan(model, batch, loss_fn, max_memory=budget, micro_batch_sizes=sizes, compile=False,
-                     steps=1)  # fmt: skip
+    result = bb.plan(
+        model, batch, loss_fn, max_memory=budget, micro_batch_sizes=sizes, compile=False, steps=1
+    )
     assert result.memory_source == "CUDA max_memory_allocated"
     measured = [c for c in result.candidates if c.measured_bytes is not None]
     assert len(measured) >= 3

@@ -65,8 +65,15 @@ class TemporaryOptimizer(torch.optim.SGD):
 class CudaLikeAccumulator:
     """The part of an Accumulator measure_step_memory uses; its window allocates and frees activations."""
 
-    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, allocator: Allocator, *,
-                 activations: int, skip_step: bool = False) -> None:  # fmt: skip
+    def __init__(
+        self,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        allocator: Allocator,
+        *,
+        activations: int,
+        skip_step: bool = False,
+    ) -> None:
         self.model, self.optimizer, self.allocator = model, optimizer, allocator
         self.device, self.micro_batch_size = torch.device("cuda"), 4
         self.activations, self.skip_step = activations, skip_step
@@ -87,8 +94,11 @@ def test_on_cuda_the_window_and_the_optimizer_step_peak_apart(monkeypatch, skip_
     monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: None)
     monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device=None: allocator.allocated)
     monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device=None: allocator.peak)
-    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats",
-                        lambda device=None: setattr(allocator, "peak", allocator.allocated))  # fmt: skip
+    monkeypatch.setattr(
+        torch.cuda,
+        "reset_peak_memory_stats",
+        lambda device=None: setattr(allocator, "peak", allocator.allocated),
+    )
     allocator.alloc(5_000)  # an earlier peak, before the step: not this step's
     allocator.free(5_000)
     opt = TemporaryOptimizer(model.parameters(), allocator, temporary=300)
@@ -106,9 +116,15 @@ def test_the_fit_takes_the_windows_line_and_the_optimizer_steps_floor(monkeypatc
 
     def metered(workload, loss_fn, size, *, checkpointing):
         window = static + per_sample * size
-        return StepMemory(micro_batch_size=size, parameters=250, gradients=250, optimizer_state=500,
-                          saved_activations=per_sample * size, measured_window_peak=window,
-                          measured_optimizer_peak=static + temporary)  # fmt: skip
+        return StepMemory(
+            micro_batch_size=size,
+            parameters=250,
+            gradients=250,
+            optimizer_state=500,
+            saved_activations=per_sample * size,
+            measured_window_peak=window,
+            measured_optimizer_peak=static + temporary,
+        )
 
     monkeypatch.setattr(predict_module, "_metered_step", metered)
     workload = Workload(model=tower(), optimizer=None, batch=data(64), precision="fp32")

@@ -52,7 +52,9 @@ def test_known_types_couple_only_when_they_use_batch_statistics():
 
 def test_probe_finds_neighbour_coupling_by_qualified_name():
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(4, 8), nn.Sequential(PerSample(), Neighbour(), nn.ReLU()), nn.Linear(8, 3))
+    model = nn.Sequential(
+        nn.Linear(4, 8), nn.Sequential(PerSample(), Neighbour(), nn.ReLU()), nn.Linear(8, 3)
+    )
     found = probe(model, data(), forward_loss)
     assert [(c.name, c.type_name) for c in found.coupled] == [("1.1", "Neighbour")]
     assert found.random == []
@@ -67,7 +69,9 @@ def test_probe_attributes_batchnorm_not_the_layers_after_it():
 
 def test_probe_tells_dropout_from_coupling():
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(4, 8), nn.Dropout(0.5), nn.BatchNorm1d(8), nn.Dropout(0.5), nn.Linear(8, 3))
+    model = nn.Sequential(
+        nn.Linear(4, 8), nn.Dropout(0.5), nn.BatchNorm1d(8), nn.Dropout(0.5), nn.Linear(8, 3)
+    )
     found = probe(model, data(8), forward_loss)
     assert found.random == ["1", "3"]
     assert [c.name for c in found.coupled] == ["2"]

@@ -43,7 +43,11 @@ class MaskedTower(nn.Module):
 def data():
     g = torch.Generator().manual_seed(1)
     x = torch.randn(N, 6, generator=g, dtype=torch.float64)
-    return {"x": x, "y": x[:, :6] + 0.3 * torch.randn(N, 6, generator=g, dtype=torch.float64), "mask": torch.ones(N, 6)}
+    return {
+        "x": x,
+        "y": x[:, :6] + 0.3 * torch.randn(N, 6, generator=g, dtype=torch.float64),
+        "mask": torch.ones(N, 6),
+    }
 
 
 def encode(model, batch):
@@ -121,8 +125,9 @@ def test_the_check_reads_the_device_once_per_step():
     counts = {}
     for check in (True, False):
         model = MaskedTower().float()
-        acc = bb.Accumulator(model, torch.optim.SGD(model.parameters(), lr=LR), micro_batch_size=2,
-                             skip_nonfinite=False)
+        acc = bb.Accumulator(
+            model, torch.optim.SGD(model.parameters(), lr=LR), micro_batch_size=2, skip_nonfinite=False
+        )
         reads = HostReads()
         with reads:
             acc.step(batch, bb.BatchLoss(encode=encode, loss=loss, check_replay=check))

@@ -18,15 +18,23 @@ def _files() -> list[Path]:
     found = []
     for name in SEARCHED:
         path = ROOT / name
-        found += [p for p in path.rglob("*") if p.suffix in (".py", ".md", ".toml", "")] if path.is_dir() else [path]
+        found += (
+            [p for p in path.rglob("*") if p.suffix in (".py", ".md", ".toml", "")]
+            if path.is_dir()
+            else [path]
+        )
     return [p for p in found if p.is_file() and "__pycache__" not in p.parts and "out" not in p.parts]
 
 
 def test_nothing_cites_files_outside_the_repository():
     files = _files()
     assert ROOT / "bigbatch" / "engine" / "accumulator.py" in files  # premise: the walk does reach the code
-    cited = [f"{p.relative_to(ROOT)}: {word}" for p in files for word in OUTSIDE
-             if word in p.read_text(encoding="utf-8", errors="replace")]  # fmt: skip
+    cited = [
+        f"{p.relative_to(ROOT)}: {word}"
+        for p in files
+        for word in OUTSIDE
+        if word in p.read_text(encoding="utf-8", errors="replace")
+    ]
     assert cited == []
 
 

@@ -101,7 +101,9 @@ def test_the_report_and_the_warning_name_a_layer_the_same_way():
     assert str(caught[0].message).startswith(expected)
     assert expected in report.reason
     assert f"  {expected}: normalises" in report.table()
-    assert not re.search(r"(^|[ ,])1 \(BatchNorm1d\)", report.table(), re.M)  # the bare qualified name is gone
+    assert not re.search(
+        r"(^|[ ,])1 \(BatchNorm1d\)", report.table(), re.M
+    )  # the bare qualified name is gone
 
 
 def test_custom_sample_mixing_layer_fails_and_is_named():
@@ -204,7 +206,11 @@ def test_the_default_split_has_several_micro_batches():
 
 @pytest.mark.parametrize(
     "n,m,match",
-    [(1, 1, "at least 2 samples"), (8, 8, "holds the whole batch of 8"), (8, 0, "must be an integer >= 1, got 0")],
+    [
+        (1, 1, "at least 2 samples"),
+        (8, 8, "holds the whole batch of 8"),
+        (8, 0, "must be an integer >= 1, got 0"),
+    ],
 )
 def test_a_split_that_checks_nothing_is_refused(n, m, match):
     with pytest.raises(bb.ConfigError, match=match):
@@ -261,7 +267,10 @@ def test_running_statistics_updated_per_micro_batch_fail_unless_buffers_are_waiv
     """InstanceNorm does not mix samples, but its running statistics move once per micro-batch."""
     torch.manual_seed(0)
     model = nn.Sequential(
-        nn.Conv2d(1, 4, 3), nn.InstanceNorm2d(4, affine=True, track_running_stats=True), nn.Flatten(), nn.Linear(144, 3)
+        nn.Conv2d(1, 4, 3),
+        nn.InstanceNorm2d(4, affine=True, track_running_stats=True),
+        nn.Flatten(),
+        nn.Linear(144, 3),
     )
     batch = image_data(9)
     report = bb.verify(model, batch, sample_mean_loss, micro_batch_size=3)
@@ -314,7 +323,9 @@ def test_a_contrastive_loss_fails_and_the_report_names_batch_loss():
     report = bb.verify(_towers(), _pairs(), lambda m, b: _clip(m, _encode(m, b)), micro_batch_size=3)
     assert not report.passed and report.coupled == []
     assert report.loss_coupling is not None and report.loss_coupling.kind == "samples"
-    assert "the loss couples samples" in report.reason and "bb.BatchLoss(encode=..., loss=...)" in report.reason
+    assert (
+        "the loss couples samples" in report.reason and "bb.BatchLoss(encode=..., loss=...)" in report.reason
+    )
     assert "the loss couples samples:" in report.table()
 
 
@@ -358,13 +369,18 @@ def test_random_numbers_drawn_inside_the_loss_function_are_named():
         images, texts = batch
         return _clip(m, _encode(m, (images + 0.1 * torch.randn_like(images), texts)))
 
-    report = bb.verify(_towers(), _pairs(), bb.BatchLoss(encode=lambda m, b: _encode(m, (
-        b[0] + 0.1 * torch.randn_like(b[0]), b[1])), loss=_clip), micro_batch_size=3)
+    report = bb.verify(
+        _towers(),
+        _pairs(),
+        bb.BatchLoss(encode=lambda m, b: _encode(m, (b[0] + 0.1 * torch.randn_like(b[0]), b[1])), loss=_clip),
+        micro_batch_size=3,
+    )
     assert not report.passed and report.random_loss and report.coupled == [] and report.random == []
     assert "draws random numbers itself" in report.reason
     assert bb.verify(_towers(), _pairs(), augmenting, micro_batch_size=3).random_loss
-    assert not bb.verify(_towers(), _pairs(), bb.BatchLoss(encode=_encode, loss=_clip), micro_batch_size=3).random_loss
-
+    assert not bb.verify(
+        _towers(), _pairs(), bb.BatchLoss(encode=_encode, loss=_clip), micro_batch_size=3
+    ).random_loss
 
 
 class Float32Norm(nn.Module):
@@ -413,7 +429,8 @@ def test_a_float32_floor_inside_the_model_is_told_from_a_real_coupling():
     _token_loss(full, (x.double(), y)).mean().backward()
     (3 * _token_loss(scaled, (x.double(), y)).mean()).backward()
     floor = max(
-        float((q.grad / 3 - p.grad).norm() / p.grad.norm()) for p, q in zip(full.parameters(), scaled.parameters())
+        float((q.grad / 3 - p.grad).norm() / p.grad.norm())
+        for p, q in zip(full.parameters(), scaled.parameters())
     )
     assert 1e-9 < floor < 1e-5  # the premise: rounding alone misses float64's rtol
 

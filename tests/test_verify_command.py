@@ -93,7 +93,10 @@ def test_a_coupled_model_exits_1_and_names_the_layer(cases, capsys):
         (["verify", "verify_cases_mod:wrong_shape"], "must return (model, batch, loss_fn)"),
         (["verify", "verify_cases_mod:exact", "--micro-batch-size", "12"], "holds the whole batch"),
         (["verify", "verify_cases_mod:exact", "--task", "digits"], "not both"),
-        (["verify", "verify_cases_mod:exact", "--set", "norm=none"], "--set KEY=VALUE sets options of a built-in"),
+        (
+            ["verify", "verify_cases_mod:exact", "--set", "norm=none"],
+            "--set KEY=VALUE sets options of a built-in",
+        ),
         (["verify", "verify_cases_mod:raises"], "RuntimeError: a bug in my factory (at "),
         (["verify", "verify_cases_mod:vector_loss"], "the loss must be a scalar, got shape (12,)"),
     ],
@@ -109,16 +112,23 @@ def test_misuse_exits_2_with_a_message(cases, capsys, argv, message):
     "source, message",
     [
         ("import torch\ndef make(:\n", "SyntaxError: invalid syntax (at {}:2)"),
-        ("import no_such_dependency_xyz\n", "ModuleNotFoundError: No module named 'no_such_dependency_xyz' (at {}:1)"),
+        (
+            "import no_such_dependency_xyz\n",
+            "ModuleNotFoundError: No module named 'no_such_dependency_xyz' (at {}:1)",
+        ),
     ],
 )
-def test_a_case_file_that_fails_to_import_exits_2_naming_the_error_and_line(tmp_path, capsys, command, source, message):
+def test_a_case_file_that_fails_to_import_exits_2_naming_the_error_and_line(
+    tmp_path, capsys, command, source, message
+):
     path = tmp_path / "broken_case.py"
     path.write_text(source)
     extra = ["--max-memory", "1GiB"] if command == "plan" else []
     assert main([command, f"{path}:make", *extra]) == 2
     err = capsys.readouterr().err
-    assert err.startswith(f"bigbatch {command}: ") and message.format(path) in err and err.count("\n") == 1, err
+    assert err.startswith(f"bigbatch {command}: ") and message.format(path) in err and err.count("\n") == 1, (
+        err
+    )
 
 
 def test_a_built_in_task_passes_and_its_batchnorm_variant_fails(capsys):
@@ -171,5 +181,18 @@ def test_a_llama_style_model_passes_at_its_float32_floor_and_a_long_max_length_i
         assert main(["verify", "--task", "causal-lm", "--set", llama, "--set", "max_length=32"]) == 0
     out = capsys.readouterr().out
     assert "precision floor" in out and "PASS: " in out and "mix" not in out
-    assert main(["verify", "--task", "causal-lm", "--set", f"model={hf_offline['gpt2']}", "--set", "max_length=256"]) == 2
+    assert (
+        main(
+            [
+                "verify",
+                "--task",
+                "causal-lm",
+                "--set",
+                f"model={hf_offline['gpt2']}",
+                "--set",
+                "max_length=256",
+            ]
+        )
+        == 2
+    )
     assert "64 positions" in capsys.readouterr().err

@@ -87,16 +87,25 @@ def loop_api(model, **kwargs):
     "run,model,kwargs,factors",
     [
         pytest.param(step_api, lambda: nn.Linear(6, 5), {}, [torch.Tensor], id="token-count"),
-        pytest.param(step_api, lambda: nn.Linear(6, 5), {"max_grad_norm": 0.1}, [torch.Tensor] * 2, id="clip"),
+        pytest.param(
+            step_api, lambda: nn.Linear(6, 5), {"max_grad_norm": 0.1}, [torch.Tensor] * 2, id="clip"
+        ),
         pytest.param(step_api, TwoDtypes, {"max_grad_norm": 0.1}, [torch.Tensor] * 4, id="two-dtypes-clip"),
-        pytest.param(step_api, lambda: nn.Linear(6, 5).bfloat16(), {"precision": "bf16"}, [torch.Tensor],
-                     id="bf16-params"),
+        pytest.param(
+            step_api,
+            lambda: nn.Linear(6, 5).bfloat16(),
+            {"precision": "bf16"},
+            [torch.Tensor],
+            id="bf16-params",
+        ),
         pytest.param(loop_api, TwoDtypes, {}, [float] * 2, id="loop-int-counts"),
     ],
 )
 def test_every_end_of_window_multiply_can_take_the_one_launch_path(run, model, kwargs, factors):
     calls = run(model(), **kwargs)
-    assert [type(f) if isinstance(f, float) else torch.Tensor for _, f in calls] == factors  # premise: they ran
+    assert [
+        type(f) if isinstance(f, float) else torch.Tensor for _, f in calls
+    ] == factors  # premise: they ran
     for tensors, factor in calls:
         assert fast_path(tensors, factor), ([t.dtype for t in tensors], factor)
 
@@ -164,8 +173,9 @@ def test_gpu_the_rescale_is_one_kernel_not_one_per_parameter():
 
     torch.manual_seed(0)
     model = nn.Sequential(*[nn.Linear(16, 16) for _ in range(8)]).cuda()  # 16 parameter tensors
-    acc = bb.Accumulator(model, torch.optim.SGD(model.parameters(), lr=0.1), micro_batch_size=4,
-                         max_grad_norm=1.0)
+    acc = bb.Accumulator(
+        model, torch.optim.SGD(model.parameters(), lr=0.1), micro_batch_size=4, max_grad_norm=1.0
+    )
     x = torch.randn(10, 16, device="cuda")
     y = torch.randint(0, 16, (10,), device="cuda")
     batch = (x, y)
@@ -175,10 +185,18 @@ def test_gpu_the_rescale_is_one_kernel_not_one_per_parameter():
         with profile(activities=[ProfilerActivity.CPU]) as prof:
             fn()
             torch.cuda.synchronize()
-        return sum(1 for e in prof.events() if e.name == "aten::mul_" and e.cpu_parent is not None
-                   and e.cpu_parent.name == "aten::_foreach_mul_")
+        return sum(
+            1
+            for e in prof.events()
+            if e.name == "aten::mul_"
+            and e.cpu_parent is not None
+            and e.cpu_parent.name == "aten::_foreach_mul_"
+        )
 
     assert fallbacks(lambda: acc.step(batch, token_loss)) == 0
     grads = [p.detach().clone() for p in model.parameters()]
     # Negative control: the engine's old call, float32 tensors times a float64 factor.
-    assert fallbacks(lambda: torch._foreach_mul_(grads, torch.tensor(0.5, dtype=torch.float64, device="cuda"))) == 16
+    assert (
+        fallbacks(lambda: torch._foreach_mul_(grads, torch.tensor(0.5, dtype=torch.float64, device="cuda")))
+        == 16
+    )

@@ -88,7 +88,9 @@ def test_a_forward_hook_gets_each_micro_batch_samples_and_makes_the_split_exact(
 
     # Negative control: without the hook every micro-batch masks its samples as if they came first.
     plain = IndexedMask()
-    bb.Accumulator(plain, torch.optim.SGD(plain.parameters(), lr=LR), micro_batch_size=size).step(batch, loss_fn)
+    bb.Accumulator(plain, torch.optim.SGD(plain.parameters(), lr=LR), micro_batch_size=size).step(
+        batch, loss_fn
+    )
     miss = max(float((p.detach() - expected[name]).abs().max()) for name, p in plain.named_parameters())
     assert miss > 1e-3, miss
 
@@ -183,7 +185,9 @@ def test_a_loss_plugs_in_by_its_plan_and_the_engine_reads_the_plan_facts():
             loop.backward(coupled)  # the loss object itself, handed to the loop API
         loop.backward(loss_fn(model, data(3)), count=3)  # the block ends with a loss it takes
 
-    noisy = bb.Accumulator(model, torch.optim.SGD(model.parameters(), lr=LR), micro_batch_size=3, measure_noise=True)
+    noisy = bb.Accumulator(
+        model, torch.optim.SGD(model.parameters(), lr=LR), micro_batch_size=3, measure_noise=True
+    )
     with pytest.raises(bb.ConfigError, match=r"_Planning\) couples every sample.*measure_noise=False"):
         noisy.step(data(6), coupled)
 

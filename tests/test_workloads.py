@@ -43,8 +43,12 @@ def test_a_bare_cuda_device_is_named_before_set_device_sees_it(monkeypatch):
     assert workloads.indexed(torch.device("cpu")) == torch.device("cpu")
     if importlib.util.find_spec("accelerate") is None:
         pytest.skip("accelerate is not installed: the runner that calls set_device cannot be built")
-    setup = gpt2_setup(torch.device("cpu"), GPT2Shape(vocab_size=16, seq_len=4, d_model=8, n_layers=1, n_heads=1),
-                       batch_size=2, n_batches=1)  # fmt: skip
+    setup = gpt2_setup(
+        torch.device("cpu"),
+        GPT2Shape(vocab_size=16, seq_len=4, d_model=8, n_layers=1, n_heads=1),
+        batch_size=2,
+        n_batches=1,
+    )
     model = setup.make_model()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     with pytest.raises(_Stop):  # the gpu check's device, "cuda", reaches Accelerate's runner bare
@@ -82,18 +86,28 @@ def test_every_method_peaks_alike_whichever_is_built_first(order, monkeypatch):
         library["warm"] = True
         library["workspace"] = Held(memory, 32 << 20)
 
-    setup = workloads.Setup("fake", lambda: torch.nn.Linear(1, 1), [(torch.zeros(2, 3), torch.zeros(2, 3))],
-                            "fp32", 0.1, lambda m, b: None)  # fmt: skip
+    setup = workloads.Setup(
+        "fake",
+        lambda: torch.nn.Linear(1, 1),
+        [(torch.zeros(2, 3), torch.zeros(2, 3))],
+        "fp32",
+        0.1,
+        lambda m, b: None,
+    )
     models = Held(memory, 500 << 20)  # the initial model and the batches, there before any run
-    sizes = {"plain": (100 << 20, 40 << 20), "bigbatch": (100 << 20, 40 << 20)}  # the same work: kept, transient
+    sizes = {
+        "plain": (100 << 20, 40 << 20),
+        "bigbatch": (100 << 20, 40 << 20),
+    }  # the same work: kept, transient
 
     def peaks(warm_first: bool) -> dict[str, int]:
         library.clear()
         library["warm"] = False
         monkeypatch.setattr(workloads, "warm_cuda_libraries", warm if warm_first else lambda device: None)
         builders = {m: _fake_runs(memory, library, *sizes[m]) for m in order}
-        rows = workloads.time_runs(builders, setup, torch.device("cuda", 0), steps=1, repeats=2,
-                                   warmup=dict.fromkeys(order, 1))  # fmt: skip
+        rows = workloads.time_runs(
+            builders, setup, torch.device("cuda", 0), steps=1, repeats=2, warmup=dict.fromkeys(order, 1)
+        )
         gc.collect()
         return {r["method"]: r["peak_bytes"] for r in rows}
 

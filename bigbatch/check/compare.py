@@ -36,7 +36,9 @@ def snapshots(result: Trained, what: str) -> list[State]:
             )
         states.append({k: v.detach().cpu().clone() for k, v in item.items() if v.is_floating_point()})
     if not states or not states[0]:
-        raise ConfigError(f"{what} returned no floating-point tensors; return the trained model or its state_dict().")
+        raise ConfigError(
+            f"{what} returned no floating-point tensors; return the trained model or its state_dict()."
+        )
     return states
 
 
@@ -71,13 +73,17 @@ def distance(state: State, reference: State, init: State | None = None) -> Dista
     """
     if state.keys() != reference.keys():
         odd = sorted(state.keys() ^ reference.keys())[:3]
-        raise ConfigError(f"the runs returned different parameters ({', '.join(odd)}): return the same model each time.")
+        raise ConfigError(
+            f"the runs returned different parameters ({', '.join(odd)}): return the same model each time."
+        )
     rel: list[tuple[str, float]] = []
     max_abs = 0.0
     for name, ref in reference.items():
         got = state[name]
         if got.shape != ref.shape:
-            raise ConfigError(f"parameter {name} has shape {tuple(got.shape)} in one run, {tuple(ref.shape)} in another.")
+            raise ConfigError(
+                f"parameter {name} has shape {tuple(got.shape)} in one run, {tuple(ref.shape)} in another."
+            )
         if ref.numel() == 0:
             continue
         diff = float((got.double() - ref.double()).abs().max())

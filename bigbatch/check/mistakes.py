@@ -100,53 +100,64 @@ def _partial(w: Window, c: CheckCase) -> bool:
 EXACT = Mistake("exact", "the full-batch step", "nothing to fix", _exact)
 MISTAKES = [  # in order of preference where two coincide on the data (the more specific first)
     Mistake(
-        "partial_window_dropped", "the window the data ends inside was dropped (no optimizer step)",
+        "partial_window_dropped",
+        "the window the data ends inside was dropped (no optimizer step)",
         "step what the window holds at the end of the data (bb.Accumulator's flush(), last_window='step').",
-        _exact, applies=_partial, step=False,
+        _exact,
+        applies=_partial,
+        step=False,
     ),
     Mistake(
-        "partial_window_scaled_by_n", "the window the data ends inside divided by accumulation_steps, not what it held",
+        "partial_window_scaled_by_n",
+        "the window the data ends inside divided by accumulation_steps, not what it held",
         "divide a short window's gradient by the items it holds (its own count), not by accumulation_steps.",
         lambda w, r, i: w.present / (w.accumulation_steps * w.total),
         applies=_partial,
     ),
     Mistake(
-        "per_rank_mean", "each rank's own mean, averaged over ranks (DDP's gradient mean on unequal counts)",
+        "per_rank_mean",
+        "each rank's own mean, averaged over ranks (DDP's gradient mean on unequal counts)",
         "all-reduce the item count and divide the summed gradient by the global count (bb.Accumulator does).",
         lambda w, r, i: 1.0 / (max(sum(w.counts[r]), 1.0) * w.ranks),
         applies=lambda w, c: w.ranks > 1,
     ),
     Mistake(
-        "mean_of_means", "each micro-batch's mean weighted equally (loss / accumulation_steps)",
+        "mean_of_means",
+        "each micro-batch's mean weighted equally (loss / accumulation_steps)",
         "weight each micro-batch by its item count: backward on the loss SUM and divide the window's gradient "
         "by the window's total count (bb.Accumulator's acc.backward(loss, count=n)).",
         lambda w, r, i: 1.0 / (_count(w, r, i) * w.accumulation_steps * w.ranks),
     ),
     Mistake(
-        "token_mean_per_micro_batch", "a token mean taken per micro-batch, weighted by its samples",
+        "token_mean_per_micro_batch",
+        "a token mean taken per micro-batch, weighted by its samples",
         "a token mean must be weighted by its token count, not its sample count: pass count=number of tokens "
         "(or return bb.LossSum(sum, tokens)).",
         lambda w, r, i: w.samples[r][i] / (_count(w, r, i) * sum(map(sum, w.samples))),
         applies=lambda w, c: w.token_loss,
     ),
     Mistake(
-        "divided_twice", "the loss divided twice: by the window's item count and again by accumulation_steps",
+        "divided_twice",
+        "the loss divided twice: by the window's item count and again by accumulation_steps",
         "divide once: by the window's item count, or by accumulation_steps, never both.",
         lambda w, r, i: 1.0 / (w.total * w.accumulation_steps),
     ),
     Mistake(
-        "not_divided", "each micro-batch's mean summed, never divided by accumulation_steps",
+        "not_divided",
+        "each micro-batch's mean summed, never divided by accumulation_steps",
         "divide the summed gradient by the window's item count (or each micro-batch mean by accumulation_steps).",
         lambda w, r, i: 1.0 / (_count(w, r, i) * w.ranks),
     ),
     Mistake(
-        "last_micro_batch_only", "only the last micro-batch's gradient kept (earlier ones overwritten or zeroed)",
+        "last_micro_batch_only",
+        "only the last micro-batch's gradient kept (earlier ones overwritten or zeroed)",
         "zero the gradients once per optimizer step, after optimizer.step(), never between micro-batches.",
         lambda w, r, i: 1.0 / w.total if i == w.present - 1 else 0.0,
         applies=lambda w, c: w.present > 1,
     ),
     Mistake(
-        "unshifted_label_count", "a token loss divided by the labels counted before the shift (one per sequence "
+        "unshifted_label_count",
+        "a token loss divided by the labels counted before the shift (one per sequence "
         "too many: transformers' Trainer on a model without a loss_type)",
         "count the shifted labels (labels[:, 1:] != -100): set model.loss_type = 'ForCausalLM' before the "
         "Trainer is built, or use bb.causal_lm_loss.",
@@ -154,14 +165,20 @@ MISTAKES = [  # in order of preference where two coincide on the data (the more 
         applies=lambda w, c: w.token_loss and w.unshifted is not None,
     ),
     Mistake(
-        "clip_per_micro_step", "the gradient clipped after every micro-batch instead of once per step",
+        "clip_per_micro_step",
+        "the gradient clipped after every micro-batch instead of once per step",
         "clip once, after the last micro-batch's backward and before optimizer.step().",
-        _exact, applies=lambda w, c: c.max_grad_norm is not None, clip="micro",
+        _exact,
+        applies=lambda w, c: c.max_grad_norm is not None,
+        clip="micro",
     ),
     Mistake(
-        "never_clipped", "the gradient never clipped",
+        "never_clipped",
+        "the gradient never clipped",
         "call clip_grad_norm_ on the accumulated gradient before every optimizer.step() (after unscaling).",
-        _exact, applies=lambda w, c: c.max_grad_norm is not None, clip="never",
+        _exact,
+        applies=lambda w, c: c.max_grad_norm is not None,
+        clip="never",
     ),
 ]
 
@@ -183,7 +200,9 @@ def _windows(data_by_rank: list[Batch], split: Split) -> list[list[Batch]]:
 
 def _unshifted(micro: Batch) -> float | None:
     """Labels that are not -100 before the shift, for a dict batch with labels (or input_ids and a mask)."""
-    if not isinstance(micro, Mapping) or not isinstance(micro.get("labels", micro.get("input_ids")), torch.Tensor):
+    if not isinstance(micro, Mapping) or not isinstance(
+        micro.get("labels", micro.get("input_ids")), torch.Tensor
+    ):
         return None
     labels = micro.get("labels")
     if labels is None:
@@ -192,14 +211,18 @@ def _unshifted(micro: Batch) -> float | None:
     return float((labels != -100).sum())
 
 
-def _measure(case: CheckCase, model: torch.nn.Module, micro_batches: list[list[Batch]], split: Split) -> Window:
+def _measure(
+    case: CheckCase, model: torch.nn.Module, micro_batches: list[list[Batch]], split: Split
+) -> Window:
     """The window's item counts at the model's current weights (no gradient)."""
     with torch.no_grad():
         measured = [[_loss_sum(case, model, mb) for mb in rank] for rank in micro_batches]
     return _window(measured, micro_batches, split)
 
 
-def _window(measured: list[list[tuple[torch.Tensor, float, bool]]], micro_batches: list[list[Batch]], split: Split) -> Window:
+def _window(
+    measured: list[list[tuple[torch.Tensor, float, bool]]], micro_batches: list[list[Batch]], split: Split
+) -> Window:
     """The `Window` of the micro-batches' (loss sum, count, is a LossSum), by rank."""
     unshifted = [[_unshifted(mb) for mb in rank] for rank in micro_batches]
     return Window(

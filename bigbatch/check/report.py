@@ -87,19 +87,25 @@ class CheckReport:
         if self.ranks_apart > self.rtol:
             return f"NOT EXACT: the ranks' results differ by {self.ranks_apart:.1e} (relative)."
         if self.passed:
-            return (f"EXACT: {len(ran)} splits equal the full batch to {worst.distance.max_rel:.1e} "
-                    f"(tolerance {self.rtol:.0e}, {self.dtype}).")  # fmt: skip
+            return (
+                f"EXACT: {len(ran)} splits equal the full batch to {worst.distance.max_rel:.1e} "
+                f"(tolerance {self.rtol:.0e}, {self.dtype})."
+            )
         own = next((s for s in ran if s.split.kind == "full"), None)
         if own is not None and own.distance is not None:
             d = own.distance
             update = "" if d.update_rel is None else f", the update {d.update_rel:.1e} off"
-            return (f"NOT EXACT: the trainer's own full batch misses the case's full-batch step by "
-                    f"{d.max_rel:.1e} relative ({d.max_abs:.1e} absolute{update}).")  # fmt: skip
+            return (
+                f"NOT EXACT: the trainer's own full batch misses the case's full-batch step by "
+                f"{d.max_rel:.1e} relative ({d.max_abs:.1e} absolute{update})."
+            )
         off = sum(not s.exact for s in ran)
         d = worst.distance
         update = "" if d.update_rel is None else f", the update {d.update_rel:.1e} off"
-        return (f"NOT EXACT: {off} of {len(ran)} splits differ from the full batch; worst {d.max_rel:.1e} relative "
-                f"({d.max_abs:.1e} absolute{update}) at {worst.split}.")  # fmt: skip
+        return (
+            f"NOT EXACT: {off} of {len(ran)} splits differ from the full batch; worst {d.max_rel:.1e} relative "
+            f"({d.max_abs:.1e} absolute{update}) at {worst.split}."
+        )
 
     def table(self) -> str:
         """The report as text: a table of splits, the diagnoses, the notes and the verdict."""
@@ -121,7 +127,9 @@ class CheckReport:
             worst = f"{d.worst[0][0]} ({d.worst[0][1]:.1e})" if d.worst and not s.exact else "-"
             step = str(s.first_step_off) if s.first_step_off else "-"
             update = "-" if d.update_rel is None else f"{d.update_rel:.1e}"
-            lines.append(f"| {where} | {s.split.kind} | {d.max_abs:.1e} | {d.max_rel:.1e} | {update} | {step} | {worst} |")
+            lines.append(
+                f"| {where} | {s.split.kind} | {d.max_abs:.1e} | {d.max_rel:.1e} | {update} | {step} | {worst} |"
+            )
         lines.append("")
         lines.append(
             "(max rel diff: max|w - w_full| / max|w_full|, the worst parameter; update off: "
@@ -133,16 +141,20 @@ class CheckReport:
             g = s.diagnosis
             lines.append("")
             if s.split.kind == "full" and not g.matched:
-                lines.append(f"diagnosis at {s.split}: the trainer's own full batch is not the case's (model, data, "
-                             "loss, optimizer, max_grad_norm), and no known mistake explains it: describe what the "
-                             "trainer runs.")  # fmt: skip
+                lines.append(
+                    f"diagnosis at {s.split}: the trainer's own full batch is not the case's (model, data, "
+                    "loss, optimizer, max_grad_norm), and no known mistake explains it: describe what the "
+                    "trainer runs."
+                )
                 continue
             if s.split.kind == "full":
                 lines.append("the trainer's own full batch is not the case's full-batch step:")
             if g.matched:
                 also = f" (indistinguishable here: {', '.join(g.matched[1:])})" if len(g.matched) > 1 else ""
-                lines.append(f"diagnosis at {s.split}: {g.what} [{g.matched[0]}, to "
-                             f"{g.distances[g.matched[0]]:.1e}]{also}")  # fmt: skip
+                lines.append(
+                    f"diagnosis at {s.split}: {g.what} [{g.matched[0]}, to "
+                    f"{g.distances[g.matched[0]]:.1e}]{also}"
+                )
                 lines.append(f"  fix: {g.fix}")
             else:
                 nearest = min(g.distances, key=g.distances.__getitem__) if g.distances else None
@@ -167,11 +179,15 @@ class CheckReport:
                 "update_rel_diff": d.update_rel if d else None,
                 "worst_parameters": dict(d.worst) if d else {},
                 "first_step_off": s.first_step_off,
-                "diagnosis": None if s.diagnosis is None else {
-                    "matched": list(s.diagnosis.matched), "what": s.diagnosis.what, "fix": s.diagnosis.fix,
+                "diagnosis": None
+                if s.diagnosis is None
+                else {
+                    "matched": list(s.diagnosis.matched),
+                    "what": s.diagnosis.what,
+                    "fix": s.diagnosis.fix,
                     "distances": s.diagnosis.distances,
                 },
-            }  # fmt: skip
+            }
 
         return {
             "passed": self.passed,

@@ -82,7 +82,11 @@ def check_accumulation(
             "compared at float32's tolerance."
         )
     tol = rtol if rtol is not None else (FLOAT64_RTOL if dtype == torch.float64 else FLOAT32_RTOL)
-    apart = _ranks_apart([full[-1]] + [r[-1] for _, r in runs if not isinstance(r, str)], world) if world > 1 else 0.0
+    apart = (
+        _ranks_apart([full[-1]] + [r[-1] for _, r in runs if not isinstance(r, str)], world)
+        if world > 1
+        else 0.0
+    )
     data_by_rank = _gather_data(data, world) if case.diagnosable and diagnose else None
     init = None
     if case.model is not None:
@@ -102,7 +106,9 @@ def check_accumulation(
         exact = d.max_rel <= tol
         first = None
         if not exact and len(run) == len(full) > 1:
-            first = next((i + 1 for i, (a, b) in enumerate(zip(run, full)) if distance(a, b).max_rel > tol), None)
+            first = next(
+                (i + 1 for i, (a, b) in enumerate(zip(run, full)) if distance(a, b).max_rel > tol), None
+            )
         diagnosis = None
         if not exact and data_by_rank is not None and reference is not None:
             diagnosis = _diagnose(case, split, run[-1], data_by_rank, tol, d.max_rel, float64)
@@ -110,7 +116,9 @@ def check_accumulation(
     return CheckReport(samples * world, world, str(dtype).replace("torch.", ""), tol, results, apart, notes)
 
 
-def _run_trainer(case: CheckCase, samples: int, splits: list[Split]) -> tuple[list[State], list[tuple[Split, list[State] | str]]]:
+def _run_trainer(
+    case: CheckCase, samples: int, splits: list[Split]
+) -> tuple[list[State], list[tuple[Split, list[State] | str]]]:
     """The trainer's full batch, and each split's result or the error it refused the split with.
 
     Raises:
@@ -129,7 +137,9 @@ def _run_trainer(case: CheckCase, samples: int, splits: list[Split]) -> tuple[li
         try:
             trained = case.train(split.micro_batch_size, split.accumulation_steps)
         except Exception as error:  # the trainer refuses this split (an uneven one, say): say so, go on
-            runs.append((split, f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"))
+            runs.append(
+                (split, f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}")
+            )
             continue
         runs.append((split, snapshots(trained, str(split))))
     return full, runs
@@ -140,12 +150,20 @@ def _per_rank_samples(data: Batch | None, logical_batch_size: int | None, world:
     local = batch_size(data) if data is not None else None
     if logical_batch_size is None:
         if local is None:
-            raise ConfigError("give logical_batch_size (samples per optimizer step), e.g. --logical-batch-size 8.")
+            raise ConfigError(
+                "give logical_batch_size (samples per optimizer step), e.g. --logical-batch-size 8."
+            )
         logical_batch_size = local * world
-    if isinstance(logical_batch_size, bool) or not isinstance(logical_batch_size, int) or logical_batch_size < 1:
+    if (
+        isinstance(logical_batch_size, bool)
+        or not isinstance(logical_batch_size, int)
+        or logical_batch_size < 1
+    ):
         raise ConfigError(f"logical_batch_size must be a positive int (got {logical_batch_size!r}).")
     if logical_batch_size % world:
-        raise ConfigError(f"logical_batch_size {logical_batch_size} does not divide over {world} ranks; use a multiple of {world}.")
+        raise ConfigError(
+            f"logical_batch_size {logical_batch_size} does not divide over {world} ranks; use a multiple of {world}."
+        )
     if local is not None and local * world != logical_batch_size:
         raise ConfigError(
             f"the case's data holds {local} samples per rank, so the logical batch is {local * world}, "
@@ -190,7 +208,12 @@ def _gather_data(data: Batch, world: int) -> list[Batch]:
 
 
 def _reference(
-    case: CheckCase, samples: int, full: State, data_by_rank: list[Batch], tol: float, float64: bool,
+    case: CheckCase,
+    samples: int,
+    full: State,
+    data_by_rank: list[Batch],
+    tol: float,
+    float64: bool,
     init: State | None,
 ) -> tuple[State | None, SplitResult | None]:
     """The case's full batch replayed, and, where the trainer's own full batch misses it, that finding.
@@ -214,7 +237,13 @@ def _reference(
 
 
 def _diagnose(
-    case: CheckCase, split: Split, got: State, data_by_rank: list[Batch], tol: float, miss: float, float64: bool
+    case: CheckCase,
+    split: Split,
+    got: State,
+    data_by_rank: list[Batch],
+    tol: float,
+    miss: float,
+    float64: bool,
 ) -> Diagnosis:
     """Replay each applicable mistake on `split`; name those that land on `got`.
 
@@ -228,8 +257,10 @@ def _diagnose(
         float64: replay with float64 as the default dtype.
     """
     with _default_dtype(torch.float64 if float64 else None):
-        distances = {m.name: distance(got, replay(case, split, m, data_by_rank)[-1]).max_rel
-                     for m in candidates(case, split, data_by_rank)}  # fmt: skip
+        distances = {
+            m.name: distance(got, replay(case, split, m, data_by_rank)[-1]).max_rel
+            for m in candidates(case, split, data_by_rank)
+        }
     # A match explains the trainer's result to the tolerance, or to 1% of its miss (float32 noise).
     within = max(tol, 1e-2 * miss)
     matched = tuple(sorted((n for n, d in distances.items() if d <= within), key=distances.__getitem__))

@@ -61,26 +61,64 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     Args:
         parser: the subcommand's parser.
     """
-    parser.add_argument("--model", choices=["text", "gpt2-small"], default="text",
-                        help="text: the built-in char LM (default); gpt2-small: 124M params, seq 1024 (CUDA)")
+    parser.add_argument(
+        "--model",
+        choices=["text", "gpt2-small"],
+        default="text",
+        help="text: the built-in char LM (default); gpt2-small: 124M params, seq 1024 (CUDA)",
+    )
     parser.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ...")
-    parser.add_argument("--batch-size", type=int, default=None,
-                        help="sequences per logical batch (text: 16, gpt2-small: 64)")
-    parser.add_argument("--micro-batch-sizes", type=int, nargs="+", default=None,
-                        help="micro-batch sizes to compare (text: 1 4 16; gpt2-small: 1 2 4 8 16 32 64)")
-    parser.add_argument("--compile-micro-batch-sizes", type=int, nargs="+", default=None,
-                        help="where the compiled methods run (default: text every size, gpt2-small up to 4)")
-    parser.add_argument("--seq-len", type=int, default=None, help="tokens per sequence (text: 64, gpt2-small: 1024)")
+    parser.add_argument(
+        "--batch-size", type=int, default=None, help="sequences per logical batch (text: 16, gpt2-small: 64)"
+    )
+    parser.add_argument(
+        "--micro-batch-sizes",
+        type=int,
+        nargs="+",
+        default=None,
+        help="micro-batch sizes to compare (text: 1 4 16; gpt2-small: 1 2 4 8 16 32 64)",
+    )
+    parser.add_argument(
+        "--compile-micro-batch-sizes",
+        type=int,
+        nargs="+",
+        default=None,
+        help="where the compiled methods run (default: text every size, gpt2-small up to 4)",
+    )
+    parser.add_argument(
+        "--seq-len", type=int, default=None, help="tokens per sequence (text: 64, gpt2-small: 1024)"
+    )
     parser.add_argument("--steps", type=int, default=2, help="timed optimizer steps per block (2)")
-    parser.add_argument("--repeats", type=int, default=3, help="timed blocks per method; the median is kept (3)")
-    parser.add_argument("--warmup", type=int, default=None,
-                        help="untimed steps first (1; 3 for compile and CUDA graphs: they record first)")
-    parser.add_argument("--methods", nargs="+", choices=METHODS, default=None,
-                        help="what to compare (default: all that apply to the device)")
-    parser.add_argument("--plot", type=Path, default=None, metavar="PATH",
-                        help="write a PNG of tokens/s per micro-batch size here (default: no picture)")
-    parser.add_argument("--jsonl", type=Path, default=None, metavar="PATH",
-                        help="append each row to this file as a JSON line the moment it is measured")
+    parser.add_argument(
+        "--repeats", type=int, default=3, help="timed blocks per method; the median is kept (3)"
+    )
+    parser.add_argument(
+        "--warmup",
+        type=int,
+        default=None,
+        help="untimed steps first (1; 3 for compile and CUDA graphs: they record first)",
+    )
+    parser.add_argument(
+        "--methods",
+        nargs="+",
+        choices=METHODS,
+        default=None,
+        help="what to compare (default: all that apply to the device)",
+    )
+    parser.add_argument(
+        "--plot",
+        type=Path,
+        default=None,
+        metavar="PATH",
+        help="write a PNG of tokens/s per micro-batch size here (default: no picture)",
+    )
+    parser.add_argument(
+        "--jsonl",
+        type=Path,
+        default=None,
+        metavar="PATH",
+        help="append each row to this file as a JSON line the moment it is measured",
+    )
 
 
 # -- the workloads --------------------------------------------------------------
@@ -117,8 +155,9 @@ def text_setup(device: torch.device, *, seq_len: int = 64, batch_size: int = 16,
     return Setup("char LM (built-in text task)", task.make_model, batches, "fp32", 1e-3, _logits_loss)
 
 
-def run_bench(args: argparse.Namespace,
-              on_row: Callable[[dict[str, Any]], None] | None = None) -> list[dict[str, Any]]:  # fmt: skip
+def run_bench(
+    args: argparse.Namespace, on_row: Callable[[dict[str, Any]], None] | None = None
+) -> list[dict[str, Any]]:
     """Measure every method at every micro-batch size that `args` name.
 
     Args:
@@ -145,23 +184,33 @@ def run_bench(args: argparse.Namespace,
 
         from ..tasks.gpt2 import GPT2Shape, gpt2_setup
 
-        shape = GPT2Shape.small() if args.seq_len is None else replace(GPT2Shape.small(), seq_len=args.seq_len)
+        shape = (
+            GPT2Shape.small() if args.seq_len is None else replace(GPT2Shape.small(), seq_len=args.seq_len)
+        )
         setup = gpt2_setup(device, shape, batch_size=args.batch_size or 64, n_batches=n_batches)
     else:
-        setup = text_setup(device, seq_len=args.seq_len or 64, batch_size=args.batch_size or 16, n_batches=n_batches)
+        setup = text_setup(
+            device, seq_len=args.seq_len or 64, batch_size=args.batch_size or 16, n_batches=n_batches
+        )
     n = len(setup.batches[0][0])
-    micros = args.micro_batch_sizes or ([1, 2, 4, 8, 16, 32, 64] if args.model == "gpt2-small" else [1, 4, 16])
+    micros = args.micro_batch_sizes or (
+        [1, 2, 4, 8, 16, 32, 64] if args.model == "gpt2-small" else [1, 4, 16]
+    )
     micros = sorted({min(m, n) for m in micros})
-    compile_sizes = set(args.compile_micro_batch_sizes or
-                        [m for m in micros if args.model != "gpt2-small" or m <= 4])  # fmt: skip
+    compile_sizes = set(
+        args.compile_micro_batch_sizes or [m for m in micros if args.model != "gpt2-small" or m <= 4]
+    )
     warmup = {m: args.warmup if args.warmup is not None else (3 if FAST.get(m) else 1) for m in methods}
     if device.type == "cpu":
         torch.set_num_threads(1)
     torch.manual_seed(0)
     initial = setup.make_model().to(device)
-    print(f"{setup.name} on {device_name(device)}, {setup.precision}; logical batch {n} x "
-          f"{setup.batches[0][0].shape[1]} tokens; {args.steps} steps x {args.repeats} repeats (median), "
-          f"warm-up {warmup}", flush=True)  # fmt: skip
+    print(
+        f"{setup.name} on {device_name(device)}, {setup.precision}; logical batch {n} x "
+        f"{setup.batches[0][0].shape[1]} tokens; {args.steps} steps x {args.repeats} repeats (median), "
+        f"warm-up {warmup}",
+        flush=True,
+    )
     # Each (compiled method, size) is one entry of torch._dynamo's cache for the loss (its
     # default limit is 8, past which it would quietly run eager): room for all of them,
     # an uneven last micro-batch's shape included.
@@ -202,7 +251,14 @@ def table(rows: list[dict[str, Any]]) -> str:
         ratio = f"{r['tokens_per_s'] / same:.3f}" if same else "-"
         vs_full = f"{r['tokens_per_s'] / full:.3f}" if full else "-"
         cells.append([r["micro"], r["method"], f"{r['tokens_per_s']:,.0f}", peak, ratio, vs_full])
-    header = ["micro-batch", "method", "tokens/s", "peak GiB", "vs plain, same micro", "vs plain, largest micro"]
+    header = [
+        "micro-batch",
+        "method",
+        "tokens/s",
+        "peak GiB",
+        "vs plain, same micro",
+        "vs plain, largest micro",
+    ]
     return markdown_table(header, cells)
 
 
@@ -226,13 +282,20 @@ def plot(rows: list[dict[str, Any]], path: Path, title: str) -> Path:
 
 def _bad_argument(args: argparse.Namespace) -> str | None:
     """What is wrong with the command line, or None; checked before any model is built."""
-    least = {"--steps": (args.steps, 1), "--repeats": (args.repeats, 1), "--warmup": (args.warmup, 0),
-             "--batch-size": (args.batch_size, 1), "--seq-len": (args.seq_len, 2)}  # fmt: skip
+    least = {
+        "--steps": (args.steps, 1),
+        "--repeats": (args.repeats, 1),
+        "--warmup": (args.warmup, 0),
+        "--batch-size": (args.batch_size, 1),
+        "--seq-len": (args.seq_len, 2),
+    }
     for flag, (value, low) in least.items():
         if value is not None and value < low:
             return f"{flag} must be >= {low}, got {value}."
-    for flag, sizes in (("--micro-batch-sizes", args.micro_batch_sizes),
-                        ("--compile-micro-batch-sizes", args.compile_micro_batch_sizes)):  # fmt: skip
+    for flag, sizes in (
+        ("--micro-batch-sizes", args.micro_batch_sizes),
+        ("--compile-micro-batch-sizes", args.compile_micro_batch_sizes),
+    ):
         if sizes and min(sizes) < 1:
             return f"{flag} must all be >= 1, got {sizes}."
     try:
@@ -273,8 +336,13 @@ def run(args: argparse.Namespace) -> int:
         print(f"bigbatch bench: error: {bad}", file=sys.stderr)
         return 2
     device = choose_device(args.device, setting="--device")
-    context = {"model": args.model, "device": device_name(device), "torch": torch.__version__,
-               "steps": args.steps, "repeats": args.repeats}  # fmt: skip
+    context = {
+        "model": args.model,
+        "device": device_name(device),
+        "torch": torch.__version__,
+        "steps": args.steps,
+        "repeats": args.repeats,
+    }
 
     def on_row(row: dict[str, Any]) -> None:
         print(describe_row(row), flush=True)

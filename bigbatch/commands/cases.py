@@ -111,14 +111,24 @@ def add_task_arguments(parser: argparse.ArgumentParser, *, verb: str, batch_size
         verb: what the command does with the task, for the help ("verify", "plan").
         batch_size: the default number of samples in the task's batch.
     """
-    parser.add_argument("--task", help=f"{verb} a built-in task instead of a factory: text, digits or contrastive")
     parser.add_argument(
-        "--set", dest="task_settings", action="append", default=[], metavar="KEY=VALUE",
+        "--task", help=f"{verb} a built-in task instead of a factory: text, digits or contrastive"
+    )
+    parser.add_argument(
+        "--set",
+        dest="task_settings",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
         help="an option of --task, as `bigbatch train --set task.KEY=VALUE` takes it "
         "(e.g. norm=batchnorm, d_model=128; values are TOML); repeatable",
-    )  # fmt: skip
-    parser.add_argument("--batch-size", type=int, default=batch_size,
-                        help=f"samples in the logical batch for --task ({batch_size})")  # fmt: skip
+    )
+    parser.add_argument(
+        "--batch-size",
+        type=int,
+        default=batch_size,
+        help=f"samples in the logical batch for --task ({batch_size})",
+    )
 
 
 def task_options(name: str, settings: list[str]) -> dict[str, Any]:
@@ -201,6 +211,5 @@ def unpack_case(case: Any, target: str) -> tuple[Any, Any, Any]:
     if isinstance(case, (tuple, list)) and len(case) == 3:
         return case[0], case[1], case[2]
     raise UsageError(
-        f"{target} must return (model, batch, loss_fn) or a dict with those keys, "
-        f"got {type(case).__name__}."
+        f"{target} must return (model, batch, loss_fn) or a dict with those keys, got {type(case).__name__}."
     )

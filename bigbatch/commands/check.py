@@ -36,16 +36,28 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         parser: the subcommand's parser.
     """
     parser.add_argument(
-        "target", help="MODULE:FUNCTION (FUNCTION(micro_batch_size, accumulation_steps) -> model) or MODULE:CASE"
+        "target",
+        help="MODULE:FUNCTION (FUNCTION(micro_batch_size, accumulation_steps) -> model) or MODULE:CASE",
     )
-    parser.add_argument("--logical-batch-size", type=int, default=None,
-                        help="samples per optimizer step, all ranks (a CheckCase's data gives it)")  # fmt: skip
-    parser.add_argument("--split", action="append", default=[], metavar="MICROxSTEPS",
-                        help="a split to check per rank, e.g. 3x3 (repeatable); default even, uneven, "
-                        "and one whose data ends inside the window")  # fmt: skip
+    parser.add_argument(
+        "--logical-batch-size",
+        type=int,
+        default=None,
+        help="samples per optimizer step, all ranks (a CheckCase's data gives it)",
+    )
+    parser.add_argument(
+        "--split",
+        action="append",
+        default=[],
+        metavar="MICROxSTEPS",
+        help="a split to check per rank, e.g. 3x3 (repeatable); default even, uneven, "
+        "and one whose data ends inside the window",
+    )
     parser.add_argument("--rtol", type=float, default=None, help="tolerance per parameter (1e-10 in float64)")
     parser.add_argument("--no-float64", action="store_true", help="run in the trainer's own dtype")
-    parser.add_argument("--no-diagnosis", action="store_true", help="a verdict only, no replay of the mistakes")
+    parser.add_argument(
+        "--no-diagnosis", action="store_true", help="a verdict only, no replay of the mistakes"
+    )
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
 
 
@@ -99,7 +111,9 @@ def _check(args: argparse.Namespace) -> int:
     try:
         target = load_object(args.target, what="function or CheckCase")
         if not isinstance(target, CheckCase) and not callable(target):
-            raise UsageError(f"{args.target} is a {type(target).__name__}; name a function or a bb.CheckCase.")
+            raise UsageError(
+                f"{args.target} is a {type(target).__name__}; name a function or a bb.CheckCase."
+            )
         # The trainer's own prints (a framework's metrics line) go to stderr: stdout is the report (--json).
         with contextlib.redirect_stdout(sys.stderr):
             report = check_accumulation(

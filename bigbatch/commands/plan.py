@@ -39,17 +39,39 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         parser: the subcommand's parser.
     """
     parser.add_argument(
-        "target", nargs="?", help="MODULE:FACTORY or path/to/file.py:FACTORY; the factory returns (model, batch, loss_fn)"
+        "target",
+        nargs="?",
+        help="MODULE:FACTORY or path/to/file.py:FACTORY; the factory returns (model, batch, loss_fn)",
     )
     add_task_arguments(parser, verb="plan", batch_size=64)
-    parser.add_argument("--max-memory", required=True, help='the memory budget, e.g. "8GiB", "7.5GB", "512MiB"')
-    parser.add_argument("--plot", type=Path, default=None, metavar="PATH",
-                        help="write a PNG of throughput against memory here (default: no picture)")
-    parser.add_argument("--device", default="auto", help="device for --task: auto (cuda if available), cpu, cuda:1")
-    parser.add_argument("--micro-batch-sizes", default=None, help="comma-separated candidates (powers of two)")
-    parser.add_argument("--checkpointing", choices=list(_SWITCH), default="auto",
-                        help="auto: try both where the model has repeated blocks; on/off: only that")
-    parser.add_argument("--compile", choices=list(_SWITCH), default="auto", help="auto: try both on CUDA only; on: try both anywhere; off: never")
+    parser.add_argument(
+        "--max-memory", required=True, help='the memory budget, e.g. "8GiB", "7.5GB", "512MiB"'
+    )
+    parser.add_argument(
+        "--plot",
+        type=Path,
+        default=None,
+        metavar="PATH",
+        help="write a PNG of throughput against memory here (default: no picture)",
+    )
+    parser.add_argument(
+        "--device", default="auto", help="device for --task: auto (cuda if available), cpu, cuda:1"
+    )
+    parser.add_argument(
+        "--micro-batch-sizes", default=None, help="comma-separated candidates (powers of two)"
+    )
+    parser.add_argument(
+        "--checkpointing",
+        choices=list(_SWITCH),
+        default="auto",
+        help="auto: try both where the model has repeated blocks; on/off: only that",
+    )
+    parser.add_argument(
+        "--compile",
+        choices=list(_SWITCH),
+        default="auto",
+        help="auto: try both on CUDA only; on: try both anywhere; off: never",
+    )
     parser.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32")
     parser.add_argument("--steps", type=int, default=2, help="timed optimizer steps per candidate (2)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed optimizer steps per candidate (1)")
@@ -95,17 +117,28 @@ def run(args: argparse.Namespace) -> int:
         else:
             torch.manual_seed(args.seed)
             made = make_case(args.target)
-            case = dict(made) if isinstance(made, dict) else dict(zip(("model", "batch", "loss_fn"), unpack_case(made, args.target)))
+            case = (
+                dict(made)
+                if isinstance(made, dict)
+                else dict(zip(("model", "batch", "loss_fn"), unpack_case(made, args.target)))
+            )
             unpack_case(case, args.target)
             what = args.target
         if not isinstance(case["model"], torch.nn.Module) or not callable(case["loss_fn"]):
             raise UsageError(f"{what}: expected an nn.Module and a callable loss_fn.")
         result = plan(
-            case["model"], case["batch"], case["loss_fn"],
-            optimizer=case.get("optimizer"), max_memory=args.max_memory,
-            micro_batch_sizes=_sizes(args.micro_batch_sizes), checkpointing=_SWITCH[args.checkpointing],
-            compile=_SWITCH[args.compile], precision=args.precision, steps=args.steps, warmup=args.warmup,
-        )  # fmt: skip
+            case["model"],
+            case["batch"],
+            case["loss_fn"],
+            optimizer=case.get("optimizer"),
+            max_memory=args.max_memory,
+            micro_batch_sizes=_sizes(args.micro_batch_sizes),
+            checkpointing=_SWITCH[args.checkpointing],
+            compile=_SWITCH[args.compile],
+            precision=args.precision,
+            steps=args.steps,
+            warmup=args.warmup,
+        )
     except (UsageError, ConfigError, BatchError, LossError) as error:
         print(f"bigbatch plan: error: {error}", file=sys.stderr)
         return 2

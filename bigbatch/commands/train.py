@@ -42,25 +42,49 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     from ..train.settings import settings_keys_text
 
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
-    parser.epilog = "examples:\n" + __doc__.split("\n\n")[1] + (
-        "\n\nconfig keys (--set section.key=value; --list-settings prints each one's default and meaning):\n"
-        + settings_keys_text()
-        + "\n\noutputs: runs/NAME/config.toml, metrics.jsonl, loss.png, summary.json, checkpoints/, tensorboard/ (and model/: causal-lm)"
-        "\nCtrl-C (or SIGTERM) finishes the optimizer step, checkpoints it and exits 130 (143); --resume continues from there."
+    parser.epilog = (
+        "examples:\n"
+        + __doc__.split("\n\n")[1]
+        + (
+            "\n\nconfig keys (--set section.key=value; --list-settings prints each one's default and meaning):\n"
+            + settings_keys_text()
+            + "\n\noutputs: runs/NAME/config.toml, metrics.jsonl, loss.png, summary.json, checkpoints/, tensorboard/ (and model/: causal-lm)"
+            "\nCtrl-C (or SIGTERM) finishes the optimizer step, checkpoints it and exits 130 (143); --resume continues from there."
+        )
     )
     parser.add_argument("config", nargs="?", help="a TOML config file (default: the built-in defaults)")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a config field, e.g. --set optim.lr=1e-3 (repeatable)")
-    parser.add_argument("--task", help="task.name: text, digits, causal-lm, contrastive, or your MODULE:FACTORY / file.py:FACTORY")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config field, e.g. --set optim.lr=1e-3 (repeatable)",
+    )
+    parser.add_argument(
+        "--task",
+        help="task.name: text, digits, causal-lm, contrastive, or your MODULE:FACTORY / file.py:FACTORY",
+    )
     parser.add_argument("--model", help="task.model: a Hugging Face model folder or hub name (causal-lm)")
-    parser.add_argument("--data", help="task.data: a text file (text), .txt/.jsonl/datasets/parquet (causal-lm)")
+    parser.add_argument(
+        "--data", help="task.data: a text file (text), .txt/.jsonl/datasets/parquet (causal-lm)"
+    )
     parser.add_argument("--name", help="run.name: the run directory's name under run.dir")
     parser.add_argument("--steps", type=int, help="train.steps: optimizer steps in all")
-    parser.add_argument("--resume", metavar="RUN_DIR",
-                        help="continue runs/NAME from its newest checkpoint (its config.toml, then --set)")
-    parser.add_argument("--list-settings", nargs="?", const="text", choices=["text", "markdown"], metavar="FORMAT",
-                        help="print every config key with its default and what it does, and exit "
-                             "(the chosen task's options; FORMAT markdown: docs/train.md's tables)")
+    parser.add_argument(
+        "--resume",
+        metavar="RUN_DIR",
+        help="continue runs/NAME from its newest checkpoint (its config.toml, then --set)",
+    )
+    parser.add_argument(
+        "--list-settings",
+        nargs="?",
+        const="text",
+        choices=["text", "markdown"],
+        metavar="FORMAT",
+        help="print every config key with its default and what it does, and exit "
+        "(the chosen task's options; FORMAT markdown: docs/train.md's tables)",
+    )
 
 
 def build_config(args: argparse.Namespace) -> TrainConfig:
@@ -77,7 +101,9 @@ def build_config(args: argparse.Namespace) -> TrainConfig:
         if path is not None:
             raise ConfigError("with --resume the config comes from the run directory; drop the config file.")
         if args.name is not None:
-            raise ConfigError(f"--name names a new run; with --resume the run stays in {args.resume}. Drop --name.")
+            raise ConfigError(
+                f"--name names a new run; with --resume the run stays in {args.resume}. Drop --name."
+            )
         path = Path(args.resume) / "config.toml"
         if not path.is_file():
             raise ConfigError(f"{args.resume} is not a run directory (no config.toml in it).")
@@ -129,7 +155,7 @@ def user_task(name: str, data: str | None) -> Task | None:
     if missing:
         raise UsageError(
             f"{name} returned a {type(made).__name__}, which lacks {', '.join(missing)} of the Task protocol "
-            "(bigbatch.tasks.Task; docs/train.md's \"Your own task\" shows a complete one)."
+            '(bigbatch.tasks.Task; docs/train.md\'s "Your own task" shows a complete one).'
         )
     task: Task = made  # it has every member of the protocol
     return task
@@ -163,17 +189,31 @@ def run(args: argparse.Namespace) -> int:
         config = build_config(args)
         trainer = Trainer(config, task=user_task(config.task.name, config.task.data), resume=args.resume)
         trainer.fit()
-    except (ConfigError, UsageError, LossError, BatchError) as e:  # LossError, BatchError: a task's loss_fn or batches
+    except (
+        ConfigError,
+        UsageError,
+        LossError,
+        BatchError,
+    ) as e:  # LossError, BatchError: a task's loss_fn or batches
         _error(f"bigbatch train: error: {e}")
         return 2
-    except (NonFiniteLossError, RunInUseError, RunStorageError, RankLostError) as e:  # the run could not go on
+    except (
+        NonFiniteLossError,
+        RunInUseError,
+        RunStorageError,
+        RankLostError,
+    ) as e:  # the run could not go on
         _error(f"bigbatch train: error: {e}")
         return 1
     except TrainingInterrupted as e:
         print(f"bigbatch train: {e}", file=sys.stderr)
         return e.exit_code  # 130 for Ctrl-C, 143 for SIGTERM, as a shell reports them
     except KeyboardInterrupt:  # a second Ctrl-C, or one before training started or under torchrun
-        where = "" if trainer is None else f"; continue from its last checkpoint (if any) with --resume {trainer.run_dir}"
+        where = (
+            ""
+            if trainer is None
+            else f"; continue from its last checkpoint (if any) with --resume {trainer.run_dir}"
+        )
         print(f"bigbatch train: interrupted{where}.", file=sys.stderr)
         return 130
     finally:

@@ -37,14 +37,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     add_task_arguments(parser, verb="verify", batch_size=16)
     parser.add_argument(
-        "--micro-batch-size", type=int, default=None, help="samples per micro-batch (about a third of the batch)"
+        "--micro-batch-size",
+        type=int,
+        default=None,
+        help="samples per micro-batch (about a third of the batch)",
     )
     parser.add_argument("--rtol", type=float, default=None, help="relative error allowed per parameter")
     parser.add_argument("--no-float64", action="store_true", help="compare in the model's own dtype")
     parser.add_argument(
         "--no-buffers", action="store_true", help="list buffers (running statistics) that differ, but pass"
     )
-    parser.add_argument("--no-probe", action="store_true", help="skip the perturbation probe for coupled layers")
+    parser.add_argument(
+        "--no-probe", action="store_true", help="skip the perturbation probe for coupled layers"
+    )
     parser.add_argument("--seed", type=int, default=0, help="random seed for the runs (0)")
     parser.add_argument("--rows", type=int, default=12, help="parameters shown in the table (12)")
 

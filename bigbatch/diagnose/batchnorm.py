@@ -93,9 +93,7 @@ class GhostBatchNorm(nn.Module):
         if track_running_stats:
             self.register_buffer("running_mean", torch.zeros(num_features, device=device, dtype=dtype))
             self.register_buffer("running_var", torch.ones(num_features, device=device, dtype=dtype))
-            self.register_buffer(
-                "num_batches_tracked", torch.tensor(0, dtype=torch.long, device=device)
-            )
+            self.register_buffer("num_batches_tracked", torch.tensor(0, dtype=torch.long, device=device))
         else:
             self.register_buffer("running_mean", None)
             self.register_buffer("running_var", None)
@@ -153,9 +151,7 @@ def _largest_divisor_at_most(n: int, limit: int) -> int:
     return max(d for d in range(1, min(n, limit) + 1) if n % d == 0)
 
 
-def _replacement(
-    bn: _BatchNorm, to: str, num_groups: int, ghost_batch_size: int | None
-) -> nn.Module:
+def _replacement(bn: _BatchNorm, to: str, num_groups: int, ghost_batch_size: int | None) -> nn.Module:
     c = bn.num_features
     if isinstance(bn.weight, nn.parameter.UninitializedParameter):
         raise ConfigError(

@@ -50,7 +50,9 @@ def _user_stacklevel() -> int:
     `loss.backward()` or `optimizer.step()` in the user's loop tells them where.
     GPU backward hooks run on autograd's own thread, with no user frame: then 2.
     """
-    frame: types.FrameType | None = sys._getframe(2)  # the caller of `_warn`: stacklevel 2 as seen from `_warn`
+    frame: types.FrameType | None = sys._getframe(
+        2
+    )  # the caller of `_warn`: stacklevel 2 as seen from `_warn`
     level = 2
     while frame is not None and frame.f_code.co_filename.startswith(_INTERNAL):
         frame = frame.f_back
@@ -216,8 +218,7 @@ class Guard:
             )
             self._warn(
                 "count",
-                f"optimizer.step() after {n} backward calls, but accumulation_steps={expected}: "
-                f"{hint}.",
+                f"optimizer.step() after {n} backward calls, but accumulation_steps={expected}: {hint}.",
             )
 
     def _after_step(self, optimizer: Any, args: Any, kwargs: Any) -> None:

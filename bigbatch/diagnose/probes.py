@@ -170,9 +170,7 @@ def _changed_modules(
 
 def _innermost(names: list[str]) -> list[str]:
     """Drop a module when one of its submodules is already named (the cause lies inside)."""
-    return [
-        n for n in names if not any(o != n and (n == "" or o.startswith(n + ".")) for o in names)
-    ]
+    return [n for n in names if not any(o != n and (n == "" or o.startswith(n + ".")) for o in names)]
 
 
 def _perturbed(batch: Batch, sample: int, generator: torch.Generator) -> Batch:
@@ -228,9 +226,7 @@ def _random_modules(
     return sorted(found, key=list(modules).index)
 
 
-def probe(
-    model: nn.Module, batch: Batch, loss_fn: LossFn, *, seed: int = 0
-) -> ProbeResult:
+def probe(model: nn.Module, batch: Batch, loss_fn: LossFn, *, seed: int = 0) -> ProbeResult:
     """Find the modules that mix samples or draw random numbers, by running `model`.
 
     Runs `loss_fn(model, batch)` without gradients: on `batch`, then with the first
@@ -258,12 +254,14 @@ def probe(
     coupled_names = _innermost([c for c in coupled_names if c not in random])
     modules = dict(model.named_modules())
     coupled = [
-        CoupledModule(name, type(modules[name]).__name__, "its output for one sample changed when "
-                      "another sample changed (perturbation probe)")
+        CoupledModule(
+            name,
+            type(modules[name]).__name__,
+            "its output for one sample changed when another sample changed (perturbation probe)",
+        )
         for name in coupled_names
     ]
     return ProbeResult(coupled=coupled, random=random)
-
 
 
 # -- the loss probe -------------------------------------------------------------
@@ -297,11 +295,14 @@ def _output_gradients(
         depth[0] -= 1
         if depth[0] == 0:
             outputs.extend(
-                t for t in _flat_tensors(output)
+                t
+                for t in _flat_tensors(output)
                 if t.dim() > 0 and t.shape[0] == n and t.is_floating_point() and t.requires_grad
             )
 
-    handles = [h for m in model.modules() for h in (m.register_forward_pre_hook(pre), m.register_forward_hook(post))]
+    handles = [
+        h for m in model.modules() for h in (m.register_forward_pre_hook(pre), m.register_forward_hook(post))
+    ]
     try:
         torch.manual_seed(seed)
         with torch.enable_grad():
@@ -325,12 +326,12 @@ def _only_rescaled(a: list[torch.Tensor], b: list[torch.Tensor], rows: torch.Ten
     y = torch.cat([t[rows].reshape(-1).double() for t in b])
     scale = float(x @ y) / max(float(x @ x), 1e-300)
     rtol = _ROW_RTOL.get(a[0].dtype, 1e-2)
-    return bool(torch.linalg.vector_norm(y - scale * x) <= rtol * max(float(torch.linalg.vector_norm(y)), 1e-30))
+    return bool(
+        torch.linalg.vector_norm(y - scale * x) <= rtol * max(float(torch.linalg.vector_norm(y)), 1e-30)
+    )
 
 
-def probe_loss(
-    model: nn.Module, batch: Batch, loss_fn: LossFn, *, seed: int = 0
-) -> LossCoupling | None:
+def probe_loss(model: nn.Module, batch: Batch, loss_fn: LossFn, *, seed: int = 0) -> LossCoupling | None:
     """Find out whether the loss couples samples: the gradient at one sample's output depends on others.
 
     Runs `loss_fn(model, batch)` with gradients on `batch`, then with the first and

@@ -107,7 +107,9 @@ class VerifyReport:
             f"{self.micro_batch_size}, {str(self.dtype).replace('torch.', '')}, rtol {self.rtol:.0e}",
             "",
         ]
-        if self.precision_floor is not None and FLOOR_MARGIN * self.precision_floor > self.rtol:  # it moved the bar
+        if (
+            self.precision_floor is not None and FLOOR_MARGIN * self.precision_floor > self.rtol
+        ):  # it moved the bar
             lines[-1:-1] = [
                 f"the model's precision floor: {self.precision_floor:.1e} (the full-batch gradient against "
                 f"itself with the loss rescaled); up to {FLOOR_MARGIN:g}x it counts as rounding"
@@ -137,7 +139,10 @@ class VerifyReport:
                 )
                 lines.append(f"  {module_path(name)}: {treated}")
         if self.random_loss:
-            lines += ["", "loss_fn draws random numbers itself (outside any module): its value changes with the seed"]
+            lines += [
+                "",
+                "loss_fn draws random numbers itself (outside any module): its value changes with the seed",
+            ]
         if self.loss_coupling is not None:
             kind = "couples samples" if self.loss_coupling.kind == "samples" else "is normalised by the batch"
             handled = " (handled: loss_fn is a bb.BatchLoss)" if self.batch_loss else ""
@@ -264,16 +269,25 @@ def _precision_floor(
 
 
 def _accumulated_grads(
-    model: nn.Module, batch: Batch, loss_fn: LossFn, micro_batch_size: int, seed: int,
+    model: nn.Module,
+    batch: Batch,
+    loss_fn: LossFn,
+    micro_batch_size: int,
+    seed: int,
     split_invariant_dropout: bool = False,
 ) -> dict[str, torch.Tensor]:
     params = [p for p in model.parameters() if p.requires_grad]
     capture = _CaptureGrads(params)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", BatchCouplingWarning)  # verify reports coupling itself
-        acc = Accumulator(model, capture, micro_batch_size=micro_batch_size, skip_nonfinite=False,
-                          split_invariant_dropout=split_invariant_dropout,
-                          seed=seed if split_invariant_dropout else None)  # fmt: skip
+        acc = Accumulator(
+            model,
+            capture,
+            micro_batch_size=micro_batch_size,
+            skip_nonfinite=False,
+            split_invariant_dropout=split_invariant_dropout,
+            seed=seed if split_invariant_dropout else None,
+        )
     torch.manual_seed(seed)
     acc.step(batch, loss_fn)
     return {n: capture.grads[id(p)] for n, p in model.named_parameters() if id(p) in capture.grads}
@@ -366,14 +380,34 @@ def verify(
     devices = [device] if device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices):
         try:
-            return _verify(model, batch, loss_fn, size, rtol, dtype, probe_modules, check_buffers, seed,
-                           split_invariant_dropout)  # fmt: skip
+            return _verify(
+                model,
+                batch,
+                loss_fn,
+                size,
+                rtol,
+                dtype,
+                probe_modules,
+                check_buffers,
+                seed,
+                split_invariant_dropout,
+            )
         except RuntimeError as error:
             if dtype is None or ("Double" not in str(error) and "dtype" not in str(error)):
                 raise
             # The loss function or model builds tensors of its own dtype; compare in that.
-            return _verify(model, batch, loss_fn, size, rtol, None, probe_modules, check_buffers, seed,
-                           split_invariant_dropout)  # fmt: skip
+            return _verify(
+                model,
+                batch,
+                loss_fn,
+                size,
+                rtol,
+                None,
+                probe_modules,
+                check_buffers,
+                seed,
+                split_invariant_dropout,
+            )
 
 
 def _verify(
@@ -406,7 +440,10 @@ def _verify(
     neutralize = [
         name
         for name, m in model.named_modules()
-        if isinstance(m, DROPOUT_TYPES) and m.training and getattr(m, "p", 0) > 0 and not split_invariant_dropout
+        if isinstance(m, DROPOUT_TYPES)
+        and m.training
+        and getattr(m, "p", 0) > 0
+        and not split_invariant_dropout
     ]
     random += [name for name in neutralize if name not in random]
 

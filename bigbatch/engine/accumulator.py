@@ -120,11 +120,18 @@ class Accumulator:
         seed: int | None = None,
     ) -> None:
         check_arguments(
-            model, optimizer, accumulation_steps=accumulation_steps, micro_batch_size=micro_batch_size,
-            last_window=last_window, max_grad_norm=max_grad_norm, scheduler=scheduler,
+            model,
+            optimizer,
+            accumulation_steps=accumulation_steps,
+            micro_batch_size=micro_batch_size,
+            last_window=last_window,
+            max_grad_norm=max_grad_norm,
+            scheduler=scheduler,
         )
         if seed is not None and not split_invariant_dropout:
-            raise ConfigError("seed= seeds split-invariant dropout's masks; pass split_invariant_dropout=True too.")
+            raise ConfigError(
+                "seed= seeds split-invariant dropout's masks; pass split_invariant_dropout=True too."
+            )
         fast = FastMicroStep.parse(fast_micro_step)
         check_fast_micro_step(fast, loop_api=accumulation_steps is not None)
 
@@ -142,12 +149,13 @@ class Accumulator:
         self._autocast_dtype = autocast_dtype(precision)
         self._scaler = make_scaler(precision, self.device)
         self._sync = grad_sync_for(model, sync_each_micro_step=sync_each_micro_step)
-        self._params = [
-            p for group in optimizer.param_groups for p in group["params"] if p.requires_grad
-        ]
+        self._params = [p for group in optimizer.param_groups for p in group["params"] if p.requires_grad]
         self._mark_micro_steps = fast is not None and fast.cudagraphs
         check_engine_parts(
-            micro_batch_size=micro_batch_size, sync=self._sync, scaler=self._scaler, params=self._params,
+            micro_batch_size=micro_batch_size,
+            sync=self._sync,
+            scaler=self._scaler,
+            params=self._params,
             cudagraphs=self._mark_micro_steps,
         )
         self.fast_micro_step = fast
@@ -165,28 +173,47 @@ class Accumulator:
         self._micro_step = _MicroStep(self)
         self._sync_gradients = False
         self._window = Window(self.device, self._sync, accumulation_steps)
-        self._noise = NoiseMeter(self._params, self._sync, ema_decay=noise_ema_decay) if measure_noise else None
+        self._noise = (
+            NoiseMeter(self._params, self._sync, ema_decay=noise_ema_decay) if measure_noise else None
+        )
         # The per-micro-step work (context, backward by the window's rule): micro_step.py.
         self._backward = MicroStepBackward(
-            device=self.device, sync=self._sync, window=self._window, scaler=self._scaler,
-            autocast_dtype=self._autocast_dtype, noise=self._noise,
+            device=self.device,
+            sync=self._sync,
+            window=self._window,
+            scaler=self._scaler,
+            autocast_dtype=self._autocast_dtype,
+            noise=self._noise,
         )
         self._micro_step_context = self._backward.context
         # Engine modes that wrap every forward, `hook(first, count)` (window_plan.py).
         self._dropout = (
-            SplitInvariantDropout(model, seed, step=lambda: self.optimizer_steps) if split_invariant_dropout else None
+            SplitInvariantDropout(model, seed, step=lambda: self.optimizer_steps)
+            if split_invariant_dropout
+            else None
         )
         if self._dropout is not None:
             self._dropout.share_seed(self._sync, self.device)
         self._forward_hooks: list[ForwardHook] = [self._dropout] if self._dropout is not None else []
-        self._loop_samples: tuple[int | None, int | None] = (None, None)  # accumulate(samples=, first_sample=)
+        self._loop_samples: tuple[int | None, int | None] = (
+            None,
+            None,
+        )  # accumulate(samples=, first_sample=)
         self._window_samples = 0  # loop API: samples of the window's earlier micro-steps
         # What a WindowPlan (bb.BatchLoss's two passes) may use of the engine; see window_plan.py.
         self._engine = WindowEngine(
-            model=model, params=self._params, device=self.device, sync=self._sync, window=self._window,
-            scaler=self._scaler, autocast_dtype=self._autocast_dtype, fast=fast,
-            start_window=_weakly(self._start_step_window), micro_step_context=self._micro_step_context,
-            optimizer_steps=_optimizer_steps_of(self), forward_hooks=self._forward_hooks,
+            model=model,
+            params=self._params,
+            device=self.device,
+            sync=self._sync,
+            window=self._window,
+            scaler=self._scaler,
+            autocast_dtype=self._autocast_dtype,
+            fast=fast,
+            start_window=_weakly(self._start_step_window),
+            micro_step_context=self._micro_step_context,
+            optimizer_steps=_optimizer_steps_of(self),
+            forward_hooks=self._forward_hooks,
         )
         check_optimizer_fits_model(model, self._params)  # after the arguments' own checks
         optimizer.zero_grad(set_to_none=True)
@@ -369,7 +396,7 @@ class Accumulator:
                 raise MicroBatchTooLargeError(
                     "out of memory with a micro-batch of one sample, so no micro-batch size fits: "
                     "enable activation checkpointing (bb.checkpoint_blocks(model)), use "
-                    "precision=\"bf16\", or a smaller model; bb.plan(...) measures what fits. "
+                    'precision="bf16", or a smaller model; bb.plan(...) measures what fits. '
                     f"The error was: {reason}"
                 )
             self._auto_micro_batch_size = failed // 2
@@ -395,10 +422,14 @@ class Accumulator:
         """Restore what `state_dict()` returned, at an optimizer-step boundary."""
         self._refuse_inside_micro_step("load_state_dict()")
         if self._window.micro_steps:
-            raise ConfigError("a window is open; load the state before its first micro-step or after flush().")
+            raise ConfigError(
+                "a window is open; load the state before its first micro-step or after flush()."
+            )
         missing = sorted({"optimizer_steps", "auto_micro_batch_size"} - state.keys())
         if missing:
-            raise ConfigError(f"not an Accumulator state (missing {missing}); pass what acc.state_dict() returned.")
+            raise ConfigError(
+                f"not an Accumulator state (missing {missing}); pass what acc.state_dict() returned."
+            )
         self.optimizer_steps = state["optimizer_steps"]
         self._auto_micro_batch_size = state["auto_micro_batch_size"]
         if self._scaler is not None and state.get("scaler"):
@@ -463,8 +494,13 @@ class Accumulator:
 
     def _finish_window(self, micro_batch_size: int | None = None) -> StepStats:
         loss, count, grad_norm, noise = normalise_window_(
-            window=self._window, noise=self._noise, scaler=self._scaler, float32_grads=self._float32_grads,
-            optimizer=self.optimizer, params=self._params, max_grad_norm=self.max_grad_norm,
+            window=self._window,
+            noise=self._noise,
+            scaler=self._scaler,
+            float32_grads=self._float32_grads,
+            optimizer=self.optimizer,
+            params=self._params,
+            max_grad_norm=self.max_grad_norm,
         )
         lr = float(self.optimizer.param_groups[0]["lr"])
         skipped = not step_unless_nonfinite(
@@ -477,8 +513,15 @@ class Accumulator:
         self.optimizer.zero_grad(set_to_none=True)
         peak = torch.cuda.max_memory_allocated(self.device) if self.device.type == "cuda" else None
         stats = StepStats(
-            loss=loss, count=count, grad_norm=grad_norm, lr=lr, micro_batch_size=micro_batch_size,
-            micro_steps=self._window.micro_steps, skipped=skipped, peak_memory_bytes=peak, noise=noise,
+            loss=loss,
+            count=count,
+            grad_norm=grad_norm,
+            lr=lr,
+            micro_batch_size=micro_batch_size,
+            micro_steps=self._window.micro_steps,
+            skipped=skipped,
+            peak_memory_bytes=peak,
+            noise=noise,
         )
         self._window.reset()
         return stats

@@ -151,7 +151,9 @@ class BatchSizes:
     def with_micro_batch_size(self, micro_batch_size: int) -> BatchSizes:
         """The same logical batch split into micro-batches of `micro_batch_size` (steps derived)."""
         return resolve_batch_sizes(
-            logical_batch_size=self.logical_batch_size, micro_batch_size=micro_batch_size, world_size=self.world_size
+            logical_batch_size=self.logical_batch_size,
+            micro_batch_size=micro_batch_size,
+            world_size=self.world_size,
         )
 
     def with_logical_batch_size(self, logical_batch_size: int) -> BatchSizes:
@@ -168,8 +170,10 @@ class BatchSizes:
         text = f"logical batch {self.logical_batch_size} = micro-batch {micro} x {accum} accumulation steps"
         if self.world_size > 1:
             text += f" x {self.world_size} ranks"
-        exact = isinstance(micro, int) and self.accumulation_steps is not None and (
-            micro * self.accumulation_steps * self.world_size == self.logical_batch_size
+        exact = (
+            isinstance(micro, int)
+            and self.accumulation_steps is not None
+            and (micro * self.accumulation_steps * self.world_size == self.logical_batch_size)
         )
         if isinstance(micro, int) and not exact:
             text += " (the last micro-batch is smaller)"
@@ -271,7 +275,9 @@ def resolve_batch_sizes(
     return BatchSizes(logical, micro, steps, world_size)
 
 
-def check_equal_micro_steps(sizes: BatchSizes, *, setting_prefix: str = "", context: str = "under FSDP2") -> None:
+def check_equal_micro_steps(
+    sizes: BatchSizes, *, setting_prefix: str = "", context: str = "under FSDP2"
+) -> None:
     """Refuse batch sizes whose ranks would run different numbers of micro-steps.
 
     Under FSDP2 every forward all-gathers parameters, so every rank must run the
@@ -298,7 +304,9 @@ def check_equal_micro_steps(sizes: BatchSizes, *, setting_prefix: str = "", cont
     shares = sizes.rank_batch_sizes
     small = min(shares)
     # Shares are q + 1 and q: equal counts need a micro-batch that does not divide q.
-    fits = [m for m in range(micro, 0, -1) if small % m] + [m for m in range(micro + 1, small + 2) if small % m]
+    fits = [m for m in range(micro, 0, -1) if small % m] + [
+        m for m in range(micro + 1, small + 2) if small % m
+    ]
     raise ConfigError(
         f"{context} every rank must run the same number of micro-steps (each "
         f"forward all-gathers), but the logical batch of {sizes.logical_batch_size} splits into "
@@ -344,8 +352,9 @@ def derive_per_rank(logical_batch: int, micro_batch_size: int, world_size: int) 
         RankSplit(rank_batch_sizes=(5, 4), micro_batch_size=2, accumulation_steps=3)
     """
     check_positive_int(micro_batch_size, "micro_batch_size")
-    sizes = resolve_batch_sizes(logical_batch_size=logical_batch, micro_batch_size=micro_batch_size,
-                                world_size=world_size)  # fmt: skip
+    sizes = resolve_batch_sizes(
+        logical_batch_size=logical_batch, micro_batch_size=micro_batch_size, world_size=world_size
+    )
     shares = sizes.rank_batch_sizes
     assert sizes.accumulation_steps is not None  # an int micro-batch was given
     return RankSplit(shares, min(micro_batch_size, max(shares)), sizes.accumulation_steps)

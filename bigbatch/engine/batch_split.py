@@ -108,8 +108,13 @@ def batch_size(batch: Batch) -> int:
     if sizes or not all(isinstance(v, (int, float)) for _, seq in sequences for v in seq):
         sizes.update((path, len(seq)) for path, seq in sequences)
     if not sizes:
-        arrays = " (it holds numpy arrays: convert each with torch.from_numpy(a))" if _holds_arrays(batch) else (
-            " (it holds lists of numbers: make them tensors with torch.tensor(...))" if sequences else "")
+        arrays = (
+            " (it holds numpy arrays: convert each with torch.from_numpy(a))"
+            if _holds_arrays(batch)
+            else (
+                " (it holds lists of numbers: make them tensors with torch.tensor(...))" if sequences else ""
+            )
+        )
         raise BatchError(
             f"the batch holds no tensors and no lists of strings (got {type(batch).__name__}){arrays}; pass a tensor, "
             "or a tuple, list or dict of tensors whose leading dimension counts samples (lists of strings "
@@ -122,9 +127,12 @@ def batch_size(batch: Batch) -> int:
         raise BatchError(
             f"the {'tensors and lists' if lists else 'tensors'} in the batch disagree on the number of samples "
             f"({shown}); every tensor's leading dimension must count the same samples"
-            + (", and every list or tuple of strings (or other non-tensors) holds one element per sample: "
-               "pass a per-batch setting outside the batch (in loss_fn) or as a lone value, not a list."
-               if lists else ".")
+            + (
+                ", and every list or tuple of strings (or other non-tensors) holds one element per sample: "
+                "pass a per-batch setting outside the batch (in loss_fn) or as a lone value, not a list."
+                if lists
+                else "."
+            )
         )
     n = distinct.pop()
     if n == 0:

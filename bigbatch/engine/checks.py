@@ -65,10 +65,16 @@ def check_arguments(
     if last_window not in ("step", "drop"):
         raise ConfigError(f'last_window must be "step" or "drop", got {last_window!r}.')
     if max_grad_norm is not None and (
-        isinstance(max_grad_norm, bool) or not isinstance(max_grad_norm, (int, float)) or not max_grad_norm > 0
+        isinstance(max_grad_norm, bool)
+        or not isinstance(max_grad_norm, (int, float))
+        or not max_grad_norm > 0
     ):
-        raise ConfigError(f"max_grad_norm must be > 0 (a number, or None for no clipping), got {max_grad_norm!r}.")
-    if scheduler is not None and (isinstance(scheduler, torch.optim.Optimizer) or not callable(getattr(scheduler, "step", None))):
+        raise ConfigError(
+            f"max_grad_norm must be > 0 (a number, or None for no clipping), got {max_grad_norm!r}."
+        )
+    if scheduler is not None and (
+        isinstance(scheduler, torch.optim.Optimizer) or not callable(getattr(scheduler, "step", None))
+    ):
         raise ConfigError(
             f"scheduler must be a learning-rate scheduler (an object with .step(), stepped once per "
             f"optimizer step), got {type(scheduler).__name__}; e.g. "
@@ -120,8 +126,10 @@ def check_engine_parts(
         ConfigError: "auto" under FSDP2, fp16 with fp16 parameters, or CUDA graphs under DDP/FSDP2.
     """
     if micro_batch_size == "auto" and isinstance(sync, FSDP2Sync):
-        raise ConfigError('micro_batch_size="auto" under FSDP2 would leave the ranks that did not '
-                          "run out of memory waiting in an all-gather; give an int micro_batch_size.")
+        raise ConfigError(
+            'micro_batch_size="auto" under FSDP2 would leave the ranks that did not '
+            "run out of memory waiting in an all-gather; give an int micro_batch_size."
+        )
     if scaler is not None and any(p.dtype == torch.float16 for p in params):
         raise ConfigError(
             'precision="fp16" needs float32 parameters (autocast runs the fp16 compute; '
@@ -131,7 +139,7 @@ def check_engine_parts(
     if cudagraphs and not isinstance(sync, LocalSync):
         raise ConfigError(
             'fast_micro_step="cudagraphs" needs the engine to own the window\'s gradients, '
-            "which DDP and FSDP2 hooks do not allow; use \"compile\" (no CUDA graphs) there."
+            'which DDP and FSDP2 hooks do not allow; use "compile" (no CUDA graphs) there.'
         )
 
 

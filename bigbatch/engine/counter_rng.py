@@ -48,6 +48,7 @@ def _eager(fn: _Fn) -> _Fn:
 
     return cast("_Fn", run)
 
+
 _CPU_CHUNK = 1 << 16  # int64 draws per piece on the CPU: two 512 KiB buffers
 
 

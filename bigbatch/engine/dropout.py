@@ -54,7 +54,11 @@ class DropoutMode(TorchFunctionMode):
         self.draws = draws
 
     def __torch_function__(
-        self, func: Callable[..., Any], types: Any, args: tuple[Any, ...] = (), kwargs: dict[str, Any] | None = None
+        self,
+        func: Callable[..., Any],
+        types: Any,
+        args: tuple[Any, ...] = (),
+        kwargs: dict[str, Any] | None = None,
     ) -> Any:
         """Route a dropout function to its per-sample form (dropout_ops.py); run anything else as is."""
         handler = HANDLERS.get(func)
@@ -103,7 +107,9 @@ class SplitInvariantDropout:
         step: returns the current optimizer step (0 for the first).
     """
 
-    def __init__(self, model: nn.Module, seed: int | None = None, step: Callable[[], int] = lambda: 0) -> None:
+    def __init__(
+        self, model: nn.Module, seed: int | None = None, step: Callable[[], int] = lambda: 0
+    ) -> None:
         """Fix the seed (drawn from torch's default generator when None)."""
         if seed is None:
             seed = int(torch.randint(-(1 << 63), (1 << 63) - 1, (), dtype=torch.int64))
@@ -184,7 +190,9 @@ class _Replay(contextlib.AbstractContextManager[None]):
     def __enter__(self) -> None:
         draws = self.recorded.draws
         if draws is not None:
-            self.mode = DropoutMode(replace(draws, replay=True))  # a fresh copy: a second backward replays too
+            self.mode = DropoutMode(
+                replace(draws, replay=True)
+            )  # a fresh copy: a second backward replays too
             self.mode.__enter__()
 
     def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
@@ -193,7 +201,9 @@ class _Replay(contextlib.AbstractContextManager[None]):
             mode.__exit__(exc_type, exc, tb)
 
 
-def checkpoint_contexts() -> tuple[contextlib.AbstractContextManager[None], contextlib.AbstractContextManager[None]]:
+def checkpoint_contexts() -> tuple[
+    contextlib.AbstractContextManager[None], contextlib.AbstractContextManager[None]
+]:
     """`context_fn` for `torch.utils.checkpoint`: the recompute draws the very masks the forward drew.
 
     The forward context records the dropout call index at the segment's start;

@@ -8,9 +8,7 @@ from typing import Literal
 from ..errors import ConfigError, check_positive_int
 
 
-def scale_lr(
-    lr: float, from_batch: int, to_batch: int, rule: Literal["linear", "sqrt"] = "linear"
-) -> float:
+def scale_lr(lr: float, from_batch: int, to_batch: int, rule: Literal["linear", "sqrt"] = "linear") -> float:
     """The learning rate for `to_batch`, given one tuned at `from_batch`.
 
     "linear" (Goyal et al., 2017, for SGD) scales with the batch; "sqrt" (often

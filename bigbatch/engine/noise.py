@@ -97,7 +97,9 @@ class _GradNorms:
 
     def hook_for(self, p: torch.Tensor) -> Callable[[torch.Tensor], None]:
         """A tensor hook for `p`: the norm of each fresh gradient into a slot of its own."""
-        norm_dtype = torch.float64 if p.dtype == torch.float64 and torch.float64 in self.slots else torch.float32
+        norm_dtype = (
+            torch.float64 if p.dtype == torch.float64 and torch.float64 in self.slots else torch.float32
+        )
         cast = torch.float32 if p.dtype in _LOW_PRECISION else None
         buffer, i = self.slots[norm_dtype], self.used[norm_dtype]
         if i == len(buffer):  # more parameters than counted (FSDP2 made new ones): add directly
@@ -271,7 +273,9 @@ class NoiseMeter:
         self._mean_grad_norm_sq = torch.where(
             valid, self._mean_grad_norm_sq * keep + grad_norm_sq * add, self._mean_grad_norm_sq
         )
-        self._mean_trace_cov = torch.where(valid, self._mean_trace_cov * keep + trace_cov * add, self._mean_trace_cov)
+        self._mean_trace_cov = torch.where(
+            valid, self._mean_trace_cov * keep + trace_cov * add, self._mean_trace_cov
+        )
         g, tr = self._mean_grad_norm_sq, self._mean_trace_cov
         undefined = torch.where(tr > 0, math.inf, math.nan)
         return torch.where(g > 0, (tr / g).clamp_min(0.0), undefined)

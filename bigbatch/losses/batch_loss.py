@@ -165,8 +165,14 @@ def _flatten(reps: Reps, n: int) -> list[torch.Tensor]:
     elif isinstance(reps, (tuple, list)) and reps and all(isinstance(t, torch.Tensor) for t in reps):
         tensors = list(reps)
     else:
-        got = type(reps).__name__ if not isinstance(reps, (tuple, list)) else (
-            f"a {type(reps).__name__} of " + ", ".join(type(t).__name__ for t in reps) if reps else "an empty one"
+        got = (
+            type(reps).__name__
+            if not isinstance(reps, (tuple, list))
+            else (
+                f"a {type(reps).__name__} of " + ", ".join(type(t).__name__ for t in reps)
+                if reps
+                else "an empty one"
+            )
         )
         raise BatchError(
             f"BatchLoss's encode must return a tensor or a tuple of tensors, one row per sample; got {got}."
@@ -197,8 +203,9 @@ def _check_same(structure: _Structure, reps: Reps, tensors: list[torch.Tensor], 
 
 
 def _describe(s: _Structure) -> str:
-    shapes = ", ".join(f"(n, {', '.join(map(str, shape))}) {str(dtype).replace('torch.', '')}"
-                       for shape, dtype in s.shapes)
+    shapes = ", ".join(
+        f"(n, {', '.join(map(str, shape))}) {str(dtype).replace('torch.', '')}" for shape, dtype in s.shapes
+    )
     return f"{s.kind.__name__} [{shapes}]"
 
 
@@ -259,9 +266,15 @@ class CachedRepresentations:
         sizes = [micro_batch_size] * (len(pieces) - 1) + [n - micro_batch_size * (len(pieces) - 1)]
         engine.sync.check_micro_steps(len(pieces))
         move = not is_on_device(batch, engine.device)
-        encode = self.batch_loss.encode if engine.fast is None else self.batch_loss.compiled_encode(engine.fast)
+        encode = (
+            self.batch_loss.encode if engine.fast is None else self.batch_loss.compiled_encode(engine.fast)
+        )
         marks = engine.fast is not None and engine.fast.cudagraphs
-        check = ReplayCheck(engine.device, len(pieces), engine.autocast_dtype) if self.batch_loss.check_replay else None
+        check = (
+            ReplayCheck(engine.device, len(pieces), engine.autocast_dtype)
+            if self.batch_loss.check_replay
+            else None
+        )
         engine.start_window(n)
 
         # Pass 1: every micro-batch's representations, copied into buffers of our own
@@ -351,13 +364,14 @@ class CachedRepresentations:
             raise MicroBatchTooLargeError(
                 f"out of memory in BatchLoss's loss over the whole logical batch ({n_total} samples), "
                 "which no smaller micro-batch changes: use a smaller logical batch, a loss that "
-                "needs less memory per pair, or precision=\"bf16\". The error was: "
-                + str(error).split("\n")[0]
+                'needs less memory per pair, or precision="bf16". The error was: ' + str(error).split("\n")[0]
             ) from None
         by_leaf = iter(grads[: len(differentiable)])
         rep_grads = [next(by_leaf) if t.requires_grad else None for t in leaves]
         param_grads = [
-            (p, engine.sync.counted_once(g)) for p, g in zip(params, grads[len(differentiable) :]) if g is not None
+            (p, engine.sync.counted_once(g))
+            for p, g in zip(params, grads[len(differentiable) :])
+            if g is not None
         ]
         return rep_grads, param_grads
 

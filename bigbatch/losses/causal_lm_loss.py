@@ -180,9 +180,13 @@ def _token_loss(model: nn.Module, batch: Batch, extra: dict[str, Any]) -> tuple[
     if head is None:
         return _full_logits_loss(model, input_ids, attention_mask, shifted, extra)
     out = model(
-        input_ids=input_ids, attention_mask=attention_mask,
-        use_cache=False, output_hidden_states=True, logits_to_keep=1, **extra,
-    )  # fmt: skip
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        use_cache=False,
+        output_hidden_states=True,
+        logits_to_keep=1,
+        **extra,
+    )
     hidden = out.hidden_states[-1]
     if model not in _PROBED:
         _PROBED[model] = _head_reproduces(head, hidden, out.logits)

@@ -32,7 +32,9 @@ def _cast(t: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
     return None if t is None else t.to(dtype)
 
 
-def _logits(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
+def _logits(
+    h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype
+) -> torch.Tensor:
     logits = F.linear(h.to(dtype), weight, bias)
     # Softmax statistics in float32 at least, as token_cross_entropy does.
     return logits.to(torch.promote_types(dtype, torch.float32))
@@ -96,8 +98,11 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
             grad_h,
             None if grad_w is None else grad_w.to(weight.dtype),
             None if grad_b is None else grad_b.to(bias.dtype),
-            None, None, None, None,
-        )  # fmt: skip
+            None,
+            None,
+            None,
+            None,
+        )
 
 
 # Function.apply is untyped in torch: this names what it returns here, so the call is typed.

@@ -9,9 +9,7 @@ from ..engine.loss_sum import LossSum
 from ..errors import LossError
 
 
-def token_cross_entropy(
-    logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100
-) -> LossSum:
+def token_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100) -> LossSum:
     """Cross-entropy summed over the tokens whose label is not `ignore_index`.
 
     `logits` is (..., vocab) and `labels` (...), already aligned (shift them for

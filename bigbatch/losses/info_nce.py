@@ -77,9 +77,14 @@ class _InBatchCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def forward(
-        ctx: Any, a: torch.Tensor, c: torch.Tensor, scale: torch.Tensor,
-        row_weight: float, col_weight: float, chunk_size: int,
-    ) -> torch.Tensor:  # fmt: skip
+        ctx: Any,
+        a: torch.Tensor,
+        c: torch.Tensor,
+        scale: torch.Tensor,
+        row_weight: float,
+        col_weight: float,
+        chunk_size: int,
+    ) -> torch.Tensor:
         n = a.shape[0]
         row_lse = a.new_empty(n)
         # Column log-sum-exps, over the first n columns (the anchors'), merged block by block.
@@ -132,9 +137,14 @@ _in_batch_cross_entropy: Callable[..., torch.Tensor] = _InBatchCrossEntropy.appl
 
 
 def _chunked(
-    a: torch.Tensor, c: torch.Tensor, temperature: float | torch.Tensor, normalize: bool,
-    row_weight: float, col_weight: float, chunk_size: int,
-) -> torch.Tensor:  # fmt: skip
+    a: torch.Tensor,
+    c: torch.Tensor,
+    temperature: float | torch.Tensor,
+    normalize: bool,
+    row_weight: float,
+    col_weight: float,
+    chunk_size: int,
+) -> torch.Tensor:
     """The in-batch cross-entropies of `a` against `c` (positives: the first len(a) rows of c), in blocks."""
     t = _temperature(temperature)
     with torch.autocast(a.device.type, enabled=False):
@@ -241,7 +251,11 @@ def multiple_negatives_ranking_loss(
     _check_pairs("anchors", anchors, "positives", positives)
     candidates = positives
     if negatives is not None:
-        if negatives.dim() not in (2, 3) or negatives.shape[0] != len(anchors) or negatives.shape[-1] != anchors.shape[1]:
+        if (
+            negatives.dim() not in (2, 3)
+            or negatives.shape[0] != len(anchors)
+            or negatives.shape[-1] != anchors.shape[1]
+        ):
             raise LossError(
                 f"negatives must be (N, d) or (N, k, d) with N = {len(anchors)} and d = {anchors.shape[1]}, "
                 f"got {tuple(negatives.shape)}."

@@ -82,11 +82,15 @@ class Routing:
             if self.probs is not None or self.selected is not None:
                 raise LossError("bb.Routing takes logits= (with top_k=) or probs= with selected=, not both.")
             if not isinstance(self.top_k, int) or self.top_k < 1:
-                raise LossError(f"bb.Routing(logits=...) needs top_k=, the experts per token, got {self.top_k!r}.")
+                raise LossError(
+                    f"bb.Routing(logits=...) needs top_k=, the experts per token, got {self.top_k!r}."
+                )
             probs = [_softmax(t) for t in _tensors(self.logits, "logits")]
             experts = probs[0].shape[-1] if probs else 0
             if self.top_k > experts:
-                raise LossError(f"bb.Routing top_k={self.top_k} exceeds the {experts} experts of the router logits.")
+                raise LossError(
+                    f"bb.Routing top_k={self.top_k} exceeds the {experts} experts of the router logits."
+                )
             selected = [p.detach().topk(self.top_k, dim=-1).indices for p in probs]
         elif self.probs is not None and self.selected is not None:
             probs = [_widened(t) for t in _tensors(self.probs, "probs")]
@@ -336,7 +340,9 @@ class GlobalBalancing:
             for piece, m, first in zip(pieces, sizes, firsts):
                 states.append(RngSnapshot(engine.device))
                 with engine.autocast(), engine.forward_context(first, m):
-                    count, routing = self._probe(engine.model, to_device(piece, engine.device) if move else piece, m)
+                    count, routing = self._probe(
+                        engine.model, to_device(piece, engine.device) if move else piece, m
+                    )
                     piece_sums = routing_sums(routing)
                 count_t = torch.as_tensor(count, dtype=piece_sums.rows.dtype).to(piece_sums.rows.device)
                 if sums is None:
@@ -369,7 +375,9 @@ class GlobalBalancing:
                     )
                 value, count, is_sum = split_loss(out, None if isinstance(out, LossSum) else m)
                 probs = probability_sums(routing)
-                total = (value if is_sum else value * count) + (weights.to(probs.dtype) * probs).sum().to(value.dtype)
+                total = (value if is_sum else value * count) + (weights.to(probs.dtype) * probs).sum().to(
+                    value.dtype
+                )
                 engine.window.count(count)
                 engine.window.add_loss(total.detach())
                 ref = engine.window.ref

@@ -84,7 +84,9 @@ class ReplayCheck:
         # Non-finite in both passes is the same input replayed (the step is skipped as non-finite);
         # in one pass only, it is a difference.
         finite_now, finite_first = now.isfinite(), first.isfinite()
-        relative = torch.where(finite_now & finite_first, relative, torch.where(finite_now == finite_first, 0.0, torch.inf))
+        relative = torch.where(
+            finite_now & finite_first, relative, torch.where(finite_now == finite_first, 0.0, torch.inf)
+        )
         self.deviation[i] = relative.nan_to_num(torch.inf).max()
         self.first[i] = None
 

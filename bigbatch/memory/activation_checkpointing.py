@@ -39,7 +39,12 @@ class _CheckpointedForward:
         # torch.compile; preserve_rng_state replays torch's dropout masks in the recompute,
         # checkpoint_contexts the split-invariant ones (it restarts their call index).
         return checkpoint(
-            forward, *args, use_reentrant=False, preserve_rng_state=True, context_fn=checkpoint_contexts, **kwargs
+            forward,
+            *args,
+            use_reentrant=False,
+            preserve_rng_state=True,
+            context_fn=checkpoint_contexts,
+            **kwargs,
         )
 
 

@@ -80,9 +80,17 @@ class Task(Protocol):
 
 
 TASK_MEMBERS = (
-    "name", "item_unit", "train_size", "make_model", "train_batch", "train_batches", "val_batches",
-    "loss_fn", "evaluate", "baselines",
-)  # fmt: skip
+    "name",
+    "item_unit",
+    "train_size",
+    "make_model",
+    "train_batch",
+    "train_batches",
+    "val_batches",
+    "loss_fn",
+    "evaluate",
+    "baselines",
+)
 
 
 def missing_members(task: object) -> list[str]:
@@ -166,4 +174,12 @@ def build_task(name: str, **overrides: Any) -> Task:
     return task
 
 
-__all__ = ["TASK_NAMES", "Task", "build_task", "is_task_factory", "missing_members", "task_option_docs", "task_options"]
+__all__ = [
+    "TASK_NAMES",
+    "Task",
+    "build_task",
+    "is_task_factory",
+    "missing_members",
+    "task_option_docs",
+    "task_options",
+]

@@ -64,10 +64,27 @@ from .epochs import shuffled_epoch
 _INSTALL = 'pip install "bigbatch[hf]"'
 DEFAULT_MAX_LENGTH = 256
 """task.max_length when unset (lowered to the model's max_position_embeddings where that is less)."""
-_ENCODERS = frozenset({
-    "bert", "roberta", "xlm-roberta", "xlm-roberta-xl", "camembert", "electra", "ernie", "data2vec-text",
-    "megatron-bert", "rembert", "roc_bert", "roformer", "xmod", "big_bird", "nezha", "qdqbert", "bert-generation",
-})
+_ENCODERS = frozenset(
+    {
+        "bert",
+        "roberta",
+        "xlm-roberta",
+        "xlm-roberta-xl",
+        "camembert",
+        "electra",
+        "ernie",
+        "data2vec-text",
+        "megatron-bert",
+        "rembert",
+        "roc_bert",
+        "roformer",
+        "xmod",
+        "big_bird",
+        "nezha",
+        "qdqbert",
+        "bert-generation",
+    }
+)
 """Encoders transformers can also load as a causal LM (a decoder only when their config says is_decoder)."""
 
 
@@ -75,7 +92,9 @@ def require(*modules: str, why: str = "the causal-lm task") -> None:
     """Raise a ConfigError naming what to install if any of `modules` is missing."""
     missing = [m for m in modules if importlib.util.find_spec(m) is None]
     if missing:
-        raise ConfigError(f"{why} needs {', '.join(missing)}, which is not installed; install it with: {_INSTALL}")
+        raise ConfigError(
+            f"{why} needs {', '.join(missing)}, which is not installed; install it with: {_INSTALL}"
+        )
 
 
 @dataclass
@@ -204,7 +223,9 @@ class CausalLMTask:
         try:
             config = AutoConfig.from_pretrained(self.model)
         except (OSError, ValueError) as e:
-            raise ConfigError(f"cannot load a model config from {self.model!r}: {_first_line(e)}{_hub_hint()}") from None
+            raise ConfigError(
+                f"cannot load a model config from {self.model!r}: {_first_line(e)}{_hub_hint()}"
+            ) from None
         model_type = getattr(config, "model_type", "")
         if model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
             raise ConfigError(
@@ -326,7 +347,9 @@ class CausalLMTask:
         try:
             model: Any = AutoModelForCausalLM.from_pretrained(str(self.model), dtype=torch.float32)
         except (OSError, ValueError) as e:
-            raise ConfigError(f"cannot load the model {self.model!r}: {_first_line(e)}{_hub_hint()}") from None
+            raise ConfigError(
+                f"cannot load the model {self.model!r}: {_first_line(e)}{_hub_hint()}"
+            ) from None
         rows = int(model.get_input_embeddings().num_embeddings)
         if len(self.tokenizer) > rows:
             raise ConfigError(
@@ -353,9 +376,12 @@ class CausalLMTask:
                     f"called; its linear layers are: {', '.join(linear)} (fix the name, or drop it)."
                 )
         config = LoraConfig(
-            r=self.lora_rank, lora_alpha=self.lora_alpha, lora_dropout=self.lora_dropout,
-            target_modules=targets, task_type="CAUSAL_LM",
-        )  # fmt: skip
+            r=self.lora_rank,
+            lora_alpha=self.lora_alpha,
+            lora_dropout=self.lora_dropout,
+            target_modules=targets,
+            task_type="CAUSAL_LM",
+        )
         try:
             wrapped: nn.Module = get_peft_model(model, config)
             return wrapped
@@ -435,9 +461,14 @@ class CausalLMTask:
 
     @torch.no_grad()
     def generate(
-        self, model: nn.Module, prompt: str = "", n: int = 100, *,
-        temperature: float = 0.8, generator: torch.Generator | None = None,
-    ) -> str:  # fmt: skip
+        self,
+        model: nn.Module,
+        prompt: str = "",
+        n: int = 100,
+        *,
+        temperature: float = 0.8,
+        generator: torch.Generator | None = None,
+    ) -> str:
         """`n` new tokens sampled with the model's own `generate`, after `prompt`.
 
         A blank prompt starts from the first held-out piece's first 8 tokens. The
@@ -466,10 +497,15 @@ class CausalLMTask:
                 net.unshard()
             try:
                 out = net.generate(
-                    input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, do_sample=True,
-                    temperature=temperature, top_k=0, pad_token_id=self.tokenizer.pad_token_id,
+                    input_ids=ids,
+                    attention_mask=torch.ones_like(ids),
+                    max_new_tokens=n,
+                    do_sample=True,
+                    temperature=temperature,
+                    top_k=0,
+                    pad_token_id=self.tokenizer.pad_token_id,
                     synced_gpus=sharded,  # FSDP2: every rank runs every forward, until all are done
-                )  # fmt: skip
+                )
             finally:
                 if sharded:
                     net.reshard()
@@ -532,13 +568,19 @@ def _hub_hint() -> str:
 
 def _read_samples(data: str | None) -> list[_Sample]:
     if data is None:
-        text = resources.files("bigbatch.tasks").joinpath("data/tinyshakespeare.txt").read_text(encoding="utf-8")
+        text = (
+            resources.files("bigbatch.tasks").joinpath("data/tinyshakespeare.txt").read_text(encoding="utf-8")
+        )
         return _paragraphs(text)
     if not data.strip():
-        raise ConfigError("task.data is empty; give a .txt, .jsonl, datasets folder or parquet path, or unset it.")
+        raise ConfigError(
+            "task.data is empty; give a .txt, .jsonl, datasets folder or parquet path, or unset it."
+        )
     path = Path(data).expanduser()
     if not path.exists():
-        raise ConfigError(f"data {str(path)!r} not found; give a .txt, .jsonl, datasets folder or .parquet path.")
+        raise ConfigError(
+            f"data {str(path)!r} not found; give a .txt, .jsonl, datasets folder or .parquet path."
+        )
     if path.is_dir():
         samples = _read_folder(path)
     elif path.suffix == ".txt":
@@ -566,7 +608,9 @@ def _read_text(path: Path) -> str:
 
 def _is_tokenizer_file(name: str) -> bool:
     """Whether a model folder's file is part of a tokenizer (tokenizer.json, vocab.txt, merges.txt, spm.model...)."""
-    return any(part in name for part in ("tokenizer", "vocab", "merges", "special_tokens")) or name.endswith(".model")
+    return any(part in name for part in ("tokenizer", "vocab", "merges", "special_tokens")) or name.endswith(
+        ".model"
+    )
 
 
 def _paragraphs(text: str) -> list[_Sample]:
@@ -576,7 +620,9 @@ def _paragraphs(text: str) -> list[_Sample]:
 def _sample_from(row: Any, where: str) -> _Sample:
     """A text or prompt/completion sample from one record, or a ConfigError naming `where`."""
     if not isinstance(row, dict):
-        raise ConfigError(f'{where}: expected a JSON object such as {{"text": "..."}}, got {type(row).__name__}.')
+        raise ConfigError(
+            f'{where}: expected a JSON object such as {{"text": "..."}}, got {type(row).__name__}.'
+        )
     if isinstance(row.get("text"), str):
         return _Sample(row["text"])
     if isinstance(row.get("prompt"), str) and isinstance(row.get("completion"), str):
@@ -604,7 +650,9 @@ def _read_jsonl(path: Path) -> list[_Sample]:
         try:
             row = json.loads(line)
         except json.JSONDecodeError as e:
-            raise ConfigError(f"{path}:{number} is not valid JSON ({e.msg}); write one JSON object a line.") from None
+            raise ConfigError(
+                f"{path}:{number} is not valid JSON ({e.msg}); write one JSON object a line."
+            ) from None
         samples.append(_sample_from(row, f"{path}:{number}"))
     return samples
 
@@ -621,8 +669,8 @@ def _read_folder(path: Path) -> list[_Sample]:
             if "train" not in dataset:
                 splits = ", ".join(dataset)
                 raise ConfigError(
-                    f"{str(path)!r} holds the splits {splits} and no \"train\"; give the folder of the split to "
-                    f"train on ({path}/{next(iter(dataset))}), or save it under the name \"train\"."
+                    f'{str(path)!r} holds the splits {splits} and no "train"; give the folder of the split to '
+                    f'train on ({path}/{next(iter(dataset))}), or save it under the name "train".'
                 )
             dataset = dataset["train"]
         return [_sample_from(row, f"{path} row {i}") for i, row in enumerate(dataset)]

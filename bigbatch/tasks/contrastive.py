@@ -50,10 +50,15 @@ class ContrastiveModel(nn.Module):
         """Layers of `hidden` units, a representation of `features`, a projection of `projection`."""
         super().__init__()
         self.encoder = nn.Sequential(
-            nn.Linear(_SIDE * _SIDE, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU(),
+            nn.Linear(_SIDE * _SIDE, hidden),
+            nn.ReLU(),
+            nn.Linear(hidden, hidden),
+            nn.ReLU(),
             nn.Linear(hidden, features),
         )
-        self.head = nn.Sequential(nn.ReLU(), nn.Linear(features, features), nn.ReLU(), nn.Linear(features, projection))
+        self.head = nn.Sequential(
+            nn.ReLU(), nn.Linear(features, features), nn.ReLU(), nn.Linear(features, projection)
+        )
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         """The representation the probe judges: the encoder's output, before the head."""
@@ -100,8 +105,13 @@ def encode_unaugmented(model: nn.Module, batch: Batch) -> tuple[torch.Tensor, to
 
 
 def probe_accuracy(
-    train_features: torch.Tensor, train_labels: torch.Tensor, val_features: torch.Tensor, val_labels: torch.Tensor,
-    *, steps: int = 100, weight_decay: float = 1e-3,
+    train_features: torch.Tensor,
+    train_labels: torch.Tensor,
+    val_features: torch.Tensor,
+    val_labels: torch.Tensor,
+    *,
+    steps: int = 100,
+    weight_decay: float = 1e-3,
 ) -> float:
     """Accuracy on the val set of a logistic regression fitted to the (standardised) train features.
 
@@ -232,7 +242,9 @@ class ContrastiveTask:
                 for members in (torch.nonzero(self._y_train == c).flatten() for c in range(10))
             ]
             idx = torch.cat(picked)
-            accuracies.append(probe_accuracy(train_features[idx], self._y_train[idx], val_features, self._y_val))
+            accuracies.append(
+                probe_accuracy(train_features[idx], self._y_train[idx], val_features, self._y_val)
+            )
         return sum(accuracies) / len(accuracies)
 
     @torch.no_grad()
@@ -248,9 +260,13 @@ class ContrastiveTask:
             torch.manual_seed(0)  # the same views at every evaluation; the training RNG is untouched
             a, b = encode(net, {"x": x_val})
         val_loss = float(self.contrastive_loss(net, (a, b)))
-        hits = (F.normalize(a, dim=1) @ F.normalize(b, dim=1).T).argmax(1) == torch.arange(len(a), device=device)
+        hits = (F.normalize(a, dim=1) @ F.normalize(b, dim=1).T).argmax(1) == torch.arange(
+            len(a), device=device
+        )
         features = [
-            torch.cat([net.features(x.to(device=device, dtype=weight.dtype)) for x in data.split(batch_size)]).cpu()
+            torch.cat(
+                [net.features(x.to(device=device, dtype=weight.dtype)) for x in data.split(batch_size)]
+            ).cpu()
             for data in (self._x_train, self._x_val)
         ]
         net.train(was_training)

@@ -27,7 +27,6 @@ from .epochs import shuffled_epoch
 NORMS = ("none", "batchnorm", "groupnorm")
 
 
-
 def load_digits() -> tuple[np.ndarray, np.ndarray]:
     """The 1797 8x8 digits shipped with the package: pixels scaled to [0, 1] (N, 64) and labels (N,)."""
     raw = resources.files("bigbatch.tasks").joinpath("data/digits.csv.gz").read_bytes()
@@ -48,8 +47,14 @@ def make_digits_model(hidden: int, norm: str, dropout: float) -> nn.Sequential:
         return nn.Identity()
 
     return nn.Sequential(
-        nn.Linear(64, hidden), norm_layer(), nn.ReLU(), nn.Dropout(dropout),
-        nn.Linear(hidden, hidden), norm_layer(), nn.ReLU(), nn.Dropout(dropout),
+        nn.Linear(64, hidden),
+        norm_layer(),
+        nn.ReLU(),
+        nn.Dropout(dropout),
+        nn.Linear(hidden, hidden),
+        norm_layer(),
+        nn.ReLU(),
+        nn.Dropout(dropout),
         nn.Linear(hidden, 10),
     )
 

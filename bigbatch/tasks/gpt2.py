@@ -83,8 +83,14 @@ def make_gpt2(shape: GPT2Shape) -> CharTransformer:
     Returns:
         The model, on the CPU, initialised from torch's current random state.
     """
-    model = CharTransformer(shape.vocab_size, block_size=shape.seq_len, d_model=shape.d_model,
-                            n_layers=shape.n_layers, n_heads=shape.n_heads, dropout=0.0)  # fmt: skip
+    model = CharTransformer(
+        shape.vocab_size,
+        block_size=shape.seq_len,
+        d_model=shape.d_model,
+        n_layers=shape.n_layers,
+        n_heads=shape.n_heads,
+        dropout=0.0,
+    )
     model.head.weight = model.tok.weight  # tied, as in GPT-2
     return model
 
@@ -133,8 +139,9 @@ def chunked_loss(model: nn.Module, batch: Batch) -> LossSum:
     return out
 
 
-def gpt2_setup(device: torch.device, shape: GPT2Shape | None = None, *, batch_size: int = 64,
-               n_batches: int = 6) -> Setup:  # fmt: skip
+def gpt2_setup(
+    device: torch.device, shape: GPT2Shape | None = None, *, batch_size: int = 64, n_batches: int = 6
+) -> Setup:
     """The benchmark workload: GPT-2 (small by default) on random tokens, bf16 autocast on CUDA, fp32 elsewhere.
 
     Args:

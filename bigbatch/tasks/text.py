@@ -38,7 +38,6 @@ MIN_VAL_TOKENS = 100
 so the mean over n tokens is uncertain by about 1/sqrt(n) nats, 0.1 at 100 tokens."""
 
 
-
 class _Block(nn.Module):
     def __init__(self, d_model: int, n_heads: int, dropout: float) -> None:
         super().__init__()
@@ -59,8 +58,11 @@ class _Block(nn.Module):
         # Causal attention: a position never sees the padding after it, so padding
         # (and trimming it away) leaves every valid token's logits unchanged.
         a = F.scaled_dot_product_attention(
-            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-            is_causal=True, dropout_p=self.dropout if self.training else 0.0,
+            q.transpose(1, 2),
+            k.transpose(1, 2),
+            v.transpose(1, 2),
+            is_causal=True,
+            dropout_p=self.dropout if self.training else 0.0,
         )
         x = x + self.drop(self.proj(a.transpose(1, 2).reshape(n, t, d)))
         out: torch.Tensor = x + self.mlp(self.norm2(x))  # a Module call is typed Any
@@ -164,7 +166,13 @@ class TextTask:
     item_unit: str = field(default="tokens", init=False)
 
     def __post_init__(self) -> None:
-        for name, low in (("block_size", 1), ("d_model", 1), ("n_heads", 1), ("n_layers", 0), ("eval_samples", 1)):
+        for name, low in (
+            ("block_size", 1),
+            ("d_model", 1),
+            ("n_heads", 1),
+            ("n_layers", 0),
+            ("eval_samples", 1),
+        ):
             if getattr(self, name) < low:
                 raise ConfigError(f"{name} must be >= {low}, got {getattr(self, name)}.")
         if not 0 <= self.dropout < 1:
@@ -180,7 +188,9 @@ class TextTask:
             if path.is_dir():
                 raise ConfigError(f"{str(path)!r} is a folder; give data= the path of a UTF-8 text file.")
             if not path.is_file():
-                raise ConfigError(f"text file {str(path)!r} not found; give data= the path of a UTF-8 text file.")
+                raise ConfigError(
+                    f"text file {str(path)!r} not found; give data= the path of a UTF-8 text file."
+                )
             try:
                 text = path.read_text(encoding="utf-8")
             except UnicodeDecodeError as e:
@@ -261,8 +271,12 @@ class TextTask:
     def make_model(self) -> CharTransformer:
         """A `CharTransformer` of this task's size, over its vocabulary."""
         return CharTransformer(
-            self.vocab_size, block_size=self.block_size, d_model=self.d_model,
-            n_layers=self.n_layers, n_heads=self.n_heads, dropout=self.dropout,
+            self.vocab_size,
+            block_size=self.block_size,
+            d_model=self.d_model,
+            n_layers=self.n_layers,
+            n_heads=self.n_heads,
+            dropout=self.dropout,
         )
 
     def _batch(self, split: _Split, indices: Sequence[int]) -> Batch:
@@ -341,8 +355,13 @@ class TextTask:
 
     @torch.no_grad()
     def generate(
-        self, model: nn.Module, prompt: str = "\n", n: int = 300, *,
-        temperature: float = 0.8, generator: torch.Generator | None = None,
+        self,
+        model: nn.Module,
+        prompt: str = "\n",
+        n: int = 300,
+        *,
+        temperature: float = 0.8,
+        generator: torch.Generator | None = None,
     ) -> str:
         """`n` characters sampled after `prompt` (which must use the text's characters)."""
         net = unwrap_ddp(model)

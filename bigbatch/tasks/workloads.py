@@ -39,7 +39,11 @@ from ..tools.benchmarking import clock_for, sync_device, time_interleaved
 Batch = tuple[torch.Tensor, torch.Tensor]  # (tokens, labels), both (n, seq)
 Runner = Callable[[Batch], None]  # one optimizer step over one logical batch
 METHODS = ("plain", "bigbatch", "bigbatch-compile", "bigbatch-cudagraphs", "accelerate")
-FAST: dict[str, FastSpec] = {"bigbatch": None, "bigbatch-compile": "compile", "bigbatch-cudagraphs": "cudagraphs"}
+FAST: dict[str, FastSpec] = {
+    "bigbatch": None,
+    "bigbatch-compile": "compile",
+    "bigbatch-cudagraphs": "cudagraphs",
+}
 
 
 @dataclass
@@ -99,8 +103,15 @@ def optimizer_for(model: nn.Module, lr: float, device: torch.device) -> torch.op
     return torch.optim.AdamW(model.parameters(), lr=lr, fused=device.type == "cuda")
 
 
-def make_runner(method: str, setup: Setup, micro: int, device: torch.device, model: nn.Module, *,
-                fast: Mapping[str, FastSpec] | None = None) -> Runner:  # fmt: skip
+def make_runner(
+    method: str,
+    setup: Setup,
+    micro: int,
+    device: torch.device,
+    model: nn.Module,
+    *,
+    fast: Mapping[str, FastSpec] | None = None,
+) -> Runner:
     """One optimizer step over a logical batch per call, the way `method` trains.
 
     Args:
@@ -135,8 +146,9 @@ def make_runner(method: str, setup: Setup, micro: int, device: torch.device, mod
     raise ValueError(f"unknown method {method!r}; one of {', '.join(METHODS)}")
 
 
-def _plain_runner(setup: Setup, micro: int, device: torch.device, model: nn.Module,
-                  opt: torch.optim.Optimizer) -> Runner:  # fmt: skip
+def _plain_runner(
+    setup: Setup, micro: int, device: torch.device, model: nn.Module, opt: torch.optim.Optimizer
+) -> Runner:
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=setup.precision == "bf16")
 
     def plain(batch: Batch) -> None:
@@ -152,8 +164,9 @@ def _plain_runner(setup: Setup, micro: int, device: torch.device, model: nn.Modu
     return plain
 
 
-def _accelerate_runner(setup: Setup, micro: int, device: torch.device, model: nn.Module,
-                       opt: torch.optim.Optimizer) -> Runner:  # fmt: skip
+def _accelerate_runner(
+    setup: Setup, micro: int, device: torch.device, model: nn.Module, opt: torch.optim.Optimizer
+) -> Runner:
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState, GradientState
 
@@ -203,9 +216,17 @@ def warm_cuda_libraries(device: torch.device) -> None:
     sync_device(device)
 
 
-def time_runs(builders: Mapping[str, Callable[[], Runner]], setup: Setup, device: torch.device, *, steps: int,
-              repeats: int, warmup: Mapping[str, int], until: float | None = None,
-              min_repeats: int = 3) -> list[dict[str, Any]]:  # fmt: skip
+def time_runs(
+    builders: Mapping[str, Callable[[], Runner]],
+    setup: Setup,
+    device: torch.device,
+    *,
+    steps: int,
+    repeats: int,
+    warmup: Mapping[str, int],
+    until: float | None = None,
+    min_repeats: int = 3,
+) -> list[dict[str, Any]]:
     """Build and warm up each run, then time them all in interleaved blocks of `steps` optimizer steps.
 
     A run's peak is CUDA's max_memory_allocated within one of its optimizer steps,
@@ -267,17 +288,40 @@ def time_runs(builders: Mapping[str, Callable[[], Runner]], setup: Setup, device
 
         return timed
 
-    seconds = time_interleaved({m: block(m, run) for m, run in runs.items()}, repeats=repeats,
-                               clock=clock_for(device), sync=lambda: sync_device(device), until=until,
-                               min_repeats=min_repeats)  # fmt: skip
-    return [{"method": m, "tokens_per_s": setup.tokens_per_batch * steps / statistics.median(seconds[m]),
-             "peak_bytes": peaks[m] if cuda else None, "first_step_s": first_step[m],
-             "block_seconds": seconds[m]} for m in runs]  # fmt: skip
+    seconds = time_interleaved(
+        {m: block(m, run) for m, run in runs.items()},
+        repeats=repeats,
+        clock=clock_for(device),
+        sync=lambda: sync_device(device),
+        until=until,
+        min_repeats=min_repeats,
+    )
+    return [
+        {
+            "method": m,
+            "tokens_per_s": setup.tokens_per_batch * steps / statistics.median(seconds[m]),
+            "peak_bytes": peaks[m] if cuda else None,
+            "first_step_s": first_step[m],
+            "block_seconds": seconds[m],
+        }
+        for m in runs
+    ]
 
 
-def measure(setup: Setup, micro: int, methods: list[str], device: torch.device, steps: int, repeats: int,
-            warmup: Mapping[str, int], initial: nn.Module, *, fast: Mapping[str, FastSpec] | None = None,
-            until: float | None = None, min_repeats: int = 3) -> list[dict[str, Any]]:  # fmt: skip
+def measure(
+    setup: Setup,
+    micro: int,
+    methods: list[str],
+    device: torch.device,
+    steps: int,
+    repeats: int,
+    warmup: Mapping[str, int],
+    initial: nn.Module,
+    *,
+    fast: Mapping[str, FastSpec] | None = None,
+    until: float | None = None,
+    min_repeats: int = 3,
+) -> list[dict[str, Any]]:
     """Time `methods` at one micro-batch size, their blocks interleaved, each on a copy of `initial`.
 
     Args:
@@ -301,8 +345,16 @@ def measure(setup: Setup, micro: int, methods: list[str], device: torch.device, 
     def builder(method: str) -> Callable[[], Runner]:
         return lambda: make_runner(method, setup, micro, device, copy.deepcopy(initial), fast=fast)
 
-    rows = time_runs({m: builder(m) for m in methods}, setup, device, steps=steps, repeats=repeats, warmup=warmup,
-                     until=until, min_repeats=min_repeats)  # fmt: skip
+    rows = time_runs(
+        {m: builder(m) for m in methods},
+        setup,
+        device,
+        steps=steps,
+        repeats=repeats,
+        warmup=warmup,
+        until=until,
+        min_repeats=min_repeats,
+    )
     return [{"micro": micro, **row} for row in rows]
 
 

@@ -152,8 +152,28 @@ def median_paired_ratio(reference: Sequence[float], other: Sequence[float]) -> f
 
 # The ranks (1-based, from each end) of the order statistics that bound a median with at least 95% confidence,
 # for n = 6..25 values: P(lo-th smallest < median < lo-th largest) >= 0.95 under the binomial(n, 1/2).
-_MEDIAN_CI_RANK = {6: 1, 7: 1, 8: 1, 9: 2, 10: 2, 11: 2, 12: 3, 13: 3, 14: 3, 15: 4, 16: 4, 17: 5, 18: 5,
-                   19: 5, 20: 6, 21: 6, 22: 6, 23: 7, 24: 7, 25: 8}  # fmt: skip
+_MEDIAN_CI_RANK = {
+    6: 1,
+    7: 1,
+    8: 1,
+    9: 2,
+    10: 2,
+    11: 2,
+    12: 3,
+    13: 3,
+    14: 3,
+    15: 4,
+    16: 4,
+    17: 5,
+    18: 5,
+    19: 5,
+    20: 6,
+    21: 6,
+    22: 6,
+    23: 7,
+    24: 7,
+    25: 8,
+}
 
 
 def median_interval(values: Sequence[float]) -> tuple[float, float] | None:
@@ -238,7 +258,9 @@ def plot_panels(path: str | Path, panels: Sequence[Panel]) -> Path:
         for label, (xs, ys) in panel.series.items():
             ax.plot(xs, ys, marker="o", label=label)
         for i, (label, y) in enumerate(panel.hlines.items()):
-            ax.axhline(y, color="gray" if i else "black", linestyle="--" if i else "-", linewidth=0.8, label=label)
+            ax.axhline(
+                y, color="gray" if i else "black", linestyle="--" if i else "-", linewidth=0.8, label=label
+            )
         ax.set(xscale=panel.xscale, xlabel=panel.xlabel, ylabel=panel.ylabel, title=panel.title)
         ax.legend(fontsize=8)
     fig.tight_layout()

@@ -95,7 +95,11 @@ class BatchSchedule:
         if self.kind == "constant":
             return ""
         if self.kind == "ramp":
-            length = f"{self.ramp_samples:,} samples" if self.ramp_samples is not None else f"{self.ramp_items:,} {item_unit}"
+            length = (
+                f"{self.ramp_samples:,} samples"
+                if self.ramp_samples is not None
+                else f"{self.ramp_items:,} {item_unit}"
+            )
             return f"batch ramp: {self.first} -> {self.target} samples over the first {length}"
         return (
             f"adaptive batch: from {self.first} up to {self.target} samples, {self.noise_scale_factor:g} x the noise "
@@ -115,9 +119,10 @@ class BatchSchedule:
             return self.target
         if self.kind == "ramp":
             done, length = (
-                (progress.samples_seen, self.ramp_samples) if self.ramp_samples is not None
+                (progress.samples_seen, self.ramp_samples)
+                if self.ramp_samples is not None
                 else (progress.items_seen, self.ramp_items)
-            )  # fmt: skip
+            )
             assert length is not None
             fraction = min(1.0, done / length) if length > 0 else 1.0
             if fraction >= 1.0:

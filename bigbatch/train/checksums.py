@@ -138,7 +138,9 @@ def verify_file(path: Path) -> bool:
     if expected is None:
         raise ChecksumMismatch(f"its checksum file {sidecar.name} names another file")
     if sha256_of(path) != expected:
-        raise ChecksumMismatch(f"its content does not match its SHA-256 in {sidecar.name}: bytes changed after it was written")
+        raise ChecksumMismatch(
+            f"its content does not match its SHA-256 in {sidecar.name}: bytes changed after it was written"
+        )
     return True
 
 
@@ -158,12 +160,16 @@ def verify_folder(folder: Path) -> bool:
     if not manifest.is_file():
         _warn_unverified(folder)
         return False
-    for name, expected in sorted(parse(manifest.read_text(encoding="utf-8", errors="replace"), manifest).items()):
+    for name, expected in sorted(
+        parse(manifest.read_text(encoding="utf-8", errors="replace"), manifest).items()
+    ):
         path = folder / name
         if not path.is_file():
             raise ChecksumMismatch(f"{name}, listed in {MANIFEST}, is missing")
         if sha256_of(path) != expected:
-            raise ChecksumMismatch(f"{name} does not match its SHA-256 in {MANIFEST}: bytes changed after it was written")
+            raise ChecksumMismatch(
+                f"{name} does not match its SHA-256 in {MANIFEST}: bytes changed after it was written"
+            )
     return True
 
 

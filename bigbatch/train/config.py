@@ -292,23 +292,38 @@ class TrainConfig:
             ("checkpoint.keep", self.checkpoint.keep),
             ("train.timeout", self.train.timeout),
             ("batch.adaptive_every", self.batch.adaptive_every),
-            *((name, value) for name, value in (
-                ("batch.ramp_start", self.batch.ramp_start), ("batch.ramp_samples", self.batch.ramp_samples),
-                ("batch.ramp_tokens", self.batch.ramp_tokens)) if value is not None),
+            *(
+                (name, value)
+                for name, value in (
+                    ("batch.ramp_start", self.batch.ramp_start),
+                    ("batch.ramp_samples", self.batch.ramp_samples),
+                    ("batch.ramp_tokens", self.batch.ramp_tokens),
+                )
+                if value is not None
+            ),
         ):
             check_positive_int(count, name)
         checks = [
             (self.optim.lr > 0, f"optim.lr must be > 0, got {self.optim.lr}"),
             (self.optim.warmup_steps >= 0, "optim.warmup_steps must be >= 0"),
-            (0 <= self.optim.min_lr_ratio <= 1, f"optim.min_lr_ratio must be in [0, 1], got {self.optim.min_lr_ratio}"),
+            (
+                0 <= self.optim.min_lr_ratio <= 1,
+                f"optim.min_lr_ratio must be in [0, 1], got {self.optim.min_lr_ratio}",
+            ),
             (0 <= self.optim.beta1 < 1, f"optim.beta1 must be in [0, 1), got {self.optim.beta1}"),
             (0 <= self.optim.beta2 < 1, f"optim.beta2 must be in [0, 1), got {self.optim.beta2}"),
             (self.optim.weight_decay >= 0, f"optim.weight_decay must be >= 0, got {self.optim.weight_decay}"),
             (self.optim.momentum >= 0, f"optim.momentum must be >= 0, got {self.optim.momentum}"),
             (self.train.threads >= 0, "train.threads must be >= 0 (0: torch's default)"),
             (self.checkpoint.every >= 0, "checkpoint.every must be >= 0 (0: only at the end)"),
-            (0 <= self.batch.noise_ema_decay < 1, f"batch.noise_ema_decay must be in [0, 1), got {self.batch.noise_ema_decay}"),
-            (self.batch.noise_scale_factor > 0, f"batch.noise_scale_factor must be > 0, got {self.batch.noise_scale_factor}"),
+            (
+                0 <= self.batch.noise_ema_decay < 1,
+                f"batch.noise_ema_decay must be in [0, 1), got {self.batch.noise_ema_decay}",
+            ),
+            (
+                self.batch.noise_scale_factor > 0,
+                f"batch.noise_scale_factor must be > 0, got {self.batch.noise_scale_factor}",
+            ),
         ]
         for ok, message in checks:
             if not ok:
@@ -318,7 +333,11 @@ class TrainConfig:
                 'batch.schedule = "adaptive" follows the measured noise scale; set batch.measure_noise = true, '
                 'or use schedule = "ramp".'
             )
-        if self.batch.schedule != "constant" and self.batch.micro_batch_size == "auto" and self.batch.max_memory is None:
+        if (
+            self.batch.schedule != "constant"
+            and self.batch.micro_batch_size == "auto"
+            and self.batch.max_memory is None
+        ):
             raise ConfigError(
                 f'batch.schedule = "{self.batch.schedule}" grows the batch in whole micro-batches, so it needs '
                 'a fixed batch.micro_batch_size, not "auto"; give one (or batch.max_memory to have it planned).'
@@ -423,12 +442,16 @@ class TrainConfig:
                 raise ConfigError(
                     f"{source}: task {self.task.name!r} has no option {key!r}.{_hint(key, list(valid))}"
                 )
-            section.options[key] = _coerce(value, type(valid[key]) if valid[key] is not None else Any, f"task.{key}")
+            section.options[key] = _coerce(
+                value, type(valid[key]) if valid[key] is not None else Any, f"task.{key}"
+            )
             return
         fields = {f.name: f for f in dataclasses.fields(section) if f.name != "options"}
         if key not in fields:
             full = [f"{section_name}.{k}" for k in fields]
-            raise ConfigError(f"{source}: unknown setting {section_name}.{key}.{_hint(f'{section_name}.{key}', full)}")
+            raise ConfigError(
+                f"{source}: unknown setting {section_name}.{key}.{_hint(f'{section_name}.{key}', full)}"
+            )
         hints = typing.get_type_hints(type(section))
         setattr(section, key, _coerce(value, hints[key], f"{section_name}.{key}"))
 
@@ -445,7 +468,10 @@ def check_run_name(name: str | None) -> None:
     if name is None:
         return
     if name in ("", ".", "..") or "/" in name or "\\" in name or name != name.strip() or "\0" in name:
-        plain = "-".join(part for part in name.replace("\\", "/").split("/") if part not in ("", ".", "..")) or "my-run"
+        plain = (
+            "-".join(part for part in name.replace("\\", "/").split("/") if part not in ("", ".", ".."))
+            or "my-run"
+        )
         raise ConfigError(
             f"run.name = {name!r} is not one folder name inside run.dir (no '/', '.' or '..'); "
             f"give a plain name such as --name {plain.strip()}, and set run.dir to put runs elsewhere."
@@ -453,13 +479,28 @@ def check_run_name(name: str | None) -> None:
 
 
 SYNONYMS = {
-    "learning_rate": "lr", "lr_rate": "lr", "wd": "weight_decay", "decay": "weight_decay",
-    "batch_size": "logical_batch_size", "global_batch_size": "logical_batch_size",
-    "micro_batch": "micro_batch_size", "microbatch_size": "micro_batch_size",
-    "per_device_batch_size": "micro_batch_size", "gradient_accumulation_steps": "accumulation_steps",
-    "grad_accum": "accumulation_steps", "max_steps": "steps", "num_steps": "steps", "iterations": "steps",
-    "warmup": "warmup_steps", "scheduler": "schedule", "lr_scheduler": "schedule", "grad_clip": "max_grad_norm",
-    "clip_grad_norm": "max_grad_norm", "optimizer": "name", "momentum1": "beta1", "model_name": "model",
+    "learning_rate": "lr",
+    "lr_rate": "lr",
+    "wd": "weight_decay",
+    "decay": "weight_decay",
+    "batch_size": "logical_batch_size",
+    "global_batch_size": "logical_batch_size",
+    "micro_batch": "micro_batch_size",
+    "microbatch_size": "micro_batch_size",
+    "per_device_batch_size": "micro_batch_size",
+    "gradient_accumulation_steps": "accumulation_steps",
+    "grad_accum": "accumulation_steps",
+    "max_steps": "steps",
+    "num_steps": "steps",
+    "iterations": "steps",
+    "warmup": "warmup_steps",
+    "scheduler": "schedule",
+    "lr_scheduler": "schedule",
+    "grad_clip": "max_grad_norm",
+    "clip_grad_norm": "max_grad_norm",
+    "optimizer": "name",
+    "momentum1": "beta1",
+    "model_name": "model",
 }
 """Other libraries' words for a setting (transformers, Lightning, nanoGPT): an unknown key suggests ours."""
 

@@ -26,8 +26,10 @@ class TrainingInterrupted(KeyboardInterrupt):
 
     def __init__(self, step: int, run_dir: str, signum: int = signal.SIGINT) -> None:
         name = "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
-        super().__init__(f"stopped at step {step} on {name}; checkpoint saved. Continue with: "
-                         f"bigbatch train --resume {run_dir}")
+        super().__init__(
+            f"stopped at step {step} on {name}; checkpoint saved. Continue with: "
+            f"bigbatch train --resume {run_dir}"
+        )
         self.step = step
         self.run_dir = run_dir
         self.exit_code = 128 + signum  # what a shell reports for a process killed by it
@@ -47,7 +49,9 @@ class StopOnInterrupt:
         # Only the main thread may set handlers; a signal that is ignored (nohup) stays ignored.
         on_main = threading.current_thread() is threading.main_thread()
         self._signals = [
-            s for s in self.SIGNALS if enabled and on_main and signal.getsignal(s) not in (signal.SIG_IGN, None)
+            s
+            for s in self.SIGNALS
+            if enabled and on_main and signal.getsignal(s) not in (signal.SIG_IGN, None)
         ]
         self._previous: dict[int, Any] = {}
 
@@ -66,7 +70,13 @@ class StopOnInterrupt:
         self.signum = signum
         self._restore()  # a second signal acts at once, as usual
         name = "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
-        print(f"\n{name}: stopping after this optimizer step ({name} again to abort now).", file=sys.stderr, flush=True)
+        print(
+            f"\n{name}: stopping after this optimizer step ({name} again to abort now).",
+            file=sys.stderr,
+            flush=True,
+        )
 
-    def __exit__(self, kind: type[BaseException] | None, error: BaseException | None, tb: TracebackType | None) -> None:
+    def __exit__(
+        self, kind: type[BaseException] | None, error: BaseException | None, tb: TracebackType | None
+    ) -> None:
         self._restore()

@@ -51,7 +51,11 @@ def peak_lr(optim: OptimSection, logical_batch_size: int) -> float:
         `optim.lr` rescaled from `optim.reference_batch_size`, or as it is under "none".
     """
     o = optim
-    return o.lr if o.lr_scaling == "none" else scale_lr(o.lr, o.reference_batch_size, logical_batch_size, o.lr_scaling)
+    return (
+        o.lr
+        if o.lr_scaling == "none"
+        else scale_lr(o.lr, o.reference_batch_size, logical_batch_size, o.lr_scaling)
+    )
 
 
 def warn_warmup_too_long(warmup_steps: int, steps: int, peak: float) -> None:

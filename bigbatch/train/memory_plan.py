@@ -139,17 +139,24 @@ def _plan(
 ) -> MemoryChoice:
     budget = config.batch.max_memory
     assert budget is not None
-    print(f"bigbatch train: planning within batch.max_memory = {budget!r}: micro-batch size x "
-          "activation checkpointing x torch.compile, a few measured steps each", flush=True)
+    print(
+        f"bigbatch train: planning within batch.max_memory = {budget!r}: micro-batch size x "
+        "activation checkpointing x torch.compile, a few measured steps each",
+        flush=True,
+    )
     threads = torch.get_num_threads()
     if config.train.threads and runtime.device.type == "cpu":
         torch.set_num_threads(config.train.threads)  # measure as training will run
     try:
         found = plan(
-            model, batch, loss_fn, optimizer=optimizer_factory, max_memory=budget,
+            model,
+            batch,
+            loss_fn,
+            optimizer=optimizer_factory,
+            max_memory=budget,
             precision=config.train.precision,
             compile=False if runtime.world_size > 1 else None,  # None: tried on CUDA only
-        )  # fmt: skip
+        )
     finally:
         torch.set_num_threads(threads)
     table = found.table()

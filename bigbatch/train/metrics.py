@@ -55,7 +55,10 @@ class MetricsLog:
     def write(self, row: dict[str, Any]) -> None:
         """Append one step's row (an OS fault becomes a RunStorageError naming the step)."""
         self.rows.append(row)
-        with writing(f"writing the metrics of step {row.get('step')}", self.path), self.path.open("a", encoding="utf-8") as f:
+        with (
+            writing(f"writing the metrics of step {row.get('step')}", self.path),
+            self.path.open("a", encoding="utf-8") as f,
+        ):
             f.write(to_json(row) + "\n")
 
 
@@ -95,13 +98,18 @@ def loss_figure(rows: list[dict[str, Any]], baselines: dict[str, float], title: 
 
     train = [(r["step"], r["loss"]) for r in rows if is_finite_number(r.get("loss"))]
     val = [(r["step"], r["val_loss"]) for r in rows if is_finite_number(r.get("val_loss"))]
-    noise = [(r["step"], r["noise_scale"]) for r in rows
-             if is_finite_number(r.get("noise_scale")) and r["noise_scale"] > 0]  # fmt: skip
+    noise = [
+        (r["step"], r["noise_scale"])
+        for r in rows
+        if is_finite_number(r.get("noise_scale")) and r["noise_scale"] > 0
+    ]
     if noise:
         fig, (ax, lower) = plt.subplots(2, 1, figsize=(7, 6.5), sharex=True, height_ratios=(3, 2))
         # The batch in the noise scale's unit (items: tokens for a token-level loss).
         lower.plot(*zip(*noise), lw=1.2, label="noise scale (EMA)")
-        lower.plot([r["step"] for r in rows], [r["count"] for r in rows], lw=1, alpha=0.7, label="logical batch")
+        lower.plot(
+            [r["step"] for r in rows], [r["count"] for r in rows], lw=1, alpha=0.7, label="logical batch"
+        )
         lower.set_yscale("log")
         lower.set_ylabel(f"{unit} per step" if unit else "items per step")
         lower.set_xlabel("optimizer step")
@@ -112,12 +120,20 @@ def loss_figure(rows: list[dict[str, Any]], baselines: dict[str, float], title: 
         ax.plot(*zip(*train), lw=1, alpha=0.8, label="train loss")
     if val:
         ax.plot(*zip(*val), "o-", label="validation loss")
-    losses = sorted((value, name) for name, value in baselines.items() if "loss" in name and is_finite_number(value))
+    losses = sorted(
+        (value, name) for name, value in baselines.items() if "loss" in name and is_finite_number(value)
+    )
     for i, (value, name) in enumerate(losses):
         ax.axhline(value, ls="--", lw=1, color="grey")
         # Each label at its own place along the axis: two baselines 0.01 apart would print on top of each other.
-        ax.annotate(name.replace("_", " "), (0.02 + 0.3 * (i % 3), value), xycoords=("axes fraction", "data"),
-                    fontsize=8, color="grey", va="bottom")  # fmt: skip
+        ax.annotate(
+            name.replace("_", " "),
+            (0.02 + 0.3 * (i % 3), value),
+            xycoords=("axes fraction", "data"),
+            fontsize=8,
+            color="grey",
+            va="bottom",
+        )
     if not noise:
         ax.set_xlabel("optimizer step")
     ax.set_ylabel("loss")

@@ -45,4 +45,6 @@ def wrap_model(model: nn.Module, parallel: str, runtime: Runtime) -> nn.Module:
         if "forward_sync_buffers" in inspect.signature(ddp.__init__).parameters
         else {"broadcast_buffers": False}
     )
-    return ddp(model, device_ids=[runtime.device] if runtime.device.type == "cuda" else None, **no_forward_sync)
+    return ddp(
+        model, device_ids=[runtime.device] if runtime.device.type == "cuda" else None, **no_forward_sync
+    )

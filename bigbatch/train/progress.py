@@ -51,7 +51,13 @@ class Progress:
     """
 
     def __init__(
-        self, total: int, initial: int, unit: str, enabled: bool, main: bool = True, stream: TextIO | None = None
+        self,
+        total: int,
+        initial: int,
+        unit: str,
+        enabled: bool,
+        main: bool = True,
+        stream: TextIO | None = None,
     ) -> None:
         """Start the bar (or the log lines) at step `initial`."""
         from tqdm.auto import tqdm
@@ -63,9 +69,13 @@ class Progress:
         self.stream = sys.stderr if stream is None else stream
         interactive = self.stream.isatty()
         self.bar: Any = tqdm(
-            total=total, initial=initial, unit="step", disable=not (enabled and interactive), dynamic_ncols=True,
+            total=total,
+            initial=initial,
+            unit="step",
+            disable=not (enabled and interactive),
+            dynamic_ncols=True,
             file=self.stream,
-        )  # fmt: skip
+        )
         self.log_every = max(1, math.ceil(total / LOG_LINES)) if enabled and not interactive else 0
         self.started = time.monotonic()
 

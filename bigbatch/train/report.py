@@ -204,11 +204,15 @@ def _closing_text(summary: dict[str, Any], steps: int, seconds: float, run_dir: 
     if "noise_advice" in summary:
         lines.append(f"  {summary['noise_advice']}")
     if "expert_load_max" in summary:
-        shares = ", ".join(f"{hi:.2f}/{lo:.2f}" for hi, lo in zip(summary["expert_load_max"], summary["expert_load_min"]))
+        shares = ", ".join(
+            f"{hi:.2f}/{lo:.2f}" for hi, lo in zip(summary["expert_load_max"], summary["expert_load_min"])
+        )
         lines.append(f"  expert load per layer (largest/smallest share, last step): {shares}")
     model = ", model/" if "model_dir" in summary else ""
     board = ", tensorboard/" if RunFolder(Path(run_dir)).tensorboard.is_dir() else ""
-    lines.append(f"  wrote {run_dir}/ (config.toml, metrics.jsonl, loss.png, summary.json, checkpoints/{board}{model})")
+    lines.append(
+        f"  wrote {run_dir}/ (config.toml, metrics.jsonl, loss.png, summary.json, checkpoints/{board}{model})"
+    )
     if "sample" in summary:
         lines.append("sample:\n" + summary["sample"])
     return "\n".join(lines)
@@ -235,8 +239,11 @@ def noise_summary(rows: list[dict[str, Any]], item_unit: str) -> dict[str, Any]:
     Returns:
         noise_scale_start, noise_scale_end (in items) and noise_advice (a sentence), or {}.
     """
-    scales = [(r["step"], r["noise_scale"]) for r in rows
-              if is_finite_number(r.get("noise_scale")) and r["noise_scale"] > 0]  # fmt: skip
+    scales = [
+        (r["step"], r["noise_scale"])
+        for r in rows
+        if is_finite_number(r.get("noise_scale")) and r["noise_scale"] > 0
+    ]
     if len(scales) < 2:
         return {}
     settled = [v for step, v in scales if step >= 0.1 * rows[-1]["step"]]
@@ -252,8 +259,10 @@ def noise_summary(rows: list[dict[str, Any]], item_unit: str) -> dict[str, Any]:
     ratio = end / max(items, 1e-12)
     if ratio >= 2:
         per_sample = items / samples if samples else 1.0
-        verdict = (f"is below it: larger batches (up to ~{_about(end / per_sample)} samples) would take fewer "
-                   "steps for the same loss")  # fmt: skip
+        verdict = (
+            f"is below it: larger batches (up to ~{_about(end / per_sample)} samples) would take fewer "
+            "steps for the same loss"
+        )
     elif ratio <= 0.5:
         verdict = "is above it: smaller batches would reach the same loss on fewer samples, in more steps"
     else:

@@ -34,7 +34,9 @@ from ..tasks import task_options
 from .config import TrainConfig
 from .state import RunState
 
-CHANGEABLE_TASK_OPTIONS = frozenset({"dropout", "lora_dropout", "eval_samples", "temperature", "augment", "probe_labels"})
+CHANGEABLE_TASK_OPTIONS = frozenset(
+    {"dropout", "lora_dropout", "eval_samples", "temperature", "augment", "probe_labels"}
+)
 """Task options a resume may change: regularisation and evaluation, no data and no weight."""
 
 FIXED: dict[str, str] = {
@@ -72,7 +74,11 @@ def settings_of(config: TrainConfig) -> dict[str, Any]:
 
 def flat(settings: Mapping[str, Mapping[str, Any]] | None) -> dict[str, Any]:
     """{"section.key": value} of a `TrainConfig.to_dict()`."""
-    return {f"{section}.{key}": value for section, items in (settings or {}).items() for key, value in items.items()}
+    return {
+        f"{section}.{key}": value
+        for section, items in (settings or {}).items()
+        for key, value in items.items()
+    }
 
 
 def fingerprints(config: TrainConfig) -> dict[str, str | None]:
@@ -186,7 +192,9 @@ def refuse_change(run_dir: Path, key: str, before: Any, after: Any, checkpoint: 
     )
 
 
-def changed_settings(saved: Mapping[str, Any] | None, now: Mapping[str, Any] | None) -> list[tuple[str, Any, Any]]:
+def changed_settings(
+    saved: Mapping[str, Any] | None, now: Mapping[str, Any] | None
+) -> list[tuple[str, Any, Any]]:
     """(setting, old value, new value) for each setting a resume changes (all of them may change by now).
 
     Args:
@@ -199,8 +207,11 @@ def changed_settings(saved: Mapping[str, Any] | None, now: Mapping[str, Any] | N
     if saved is None or now is None:
         return []
     old, new = flat(saved), flat(now)
-    return [(key, old.get(key), value) for key, value in new.items()
-            if old.get(key) != value and not key.startswith("run.")]  # fmt: skip
+    return [
+        (key, old.get(key), value)
+        for key, value in new.items()
+        if old.get(key) != value and not key.startswith("run.")
+    ]
 
 
 def _shown(value: Any) -> str:

@@ -64,7 +64,9 @@ def finish_run(
     if metrics is None:  # not rank 0
         return {}
     with writing("writing the summary and the loss plot", run_dir):
-        summary, text = report.finish(info, totals, metrics.rows, baselines, sample, model_dir, diverged=diverged)
+        summary, text = report.finish(
+            info, totals, metrics.rows, baselines, sample, model_dir, diverged=diverged
+        )
     if not stopped and runtime.is_main:
         print(text, flush=True)
     return summary

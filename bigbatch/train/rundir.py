@@ -172,7 +172,9 @@ class RunStorageError(RuntimeError):
     def __str__(self) -> str:
         """One message: what failed, on which path, why, where the run stands, what to do."""
         reason = self.error.strerror or type(self.error).__name__
-        elsewhere = "copy the run folder to {} and resume it there" if self.existing_run else "set run.dir to {}"
+        elsewhere = (
+            "copy the run folder to {} and resume it there" if self.existing_run else "set run.dir to {}"
+        )
         if self.error.errno in _NO_SPACE:
             fix = f"free space on that disk (or {elsewhere.format('a disk with room')})"
         elif self.error.errno in _NOT_WRITABLE:
@@ -265,9 +267,11 @@ class RunLock:
         except BlockingIOError:
             holder = os.pread(fd, 4096, 0).decode("utf-8", "replace").strip() or "another process"
             os.close(fd)
-            mine = f" (this process: a Trainer on {self.folder} is still open; call its close())" if (
-                holder.startswith(f"pid {os.getpid()} ")
-            ) else ""  # fmt: skip
+            mine = (
+                f" (this process: a Trainer on {self.folder} is still open; call its close())"
+                if (holder.startswith(f"pid {os.getpid()} "))
+                else ""
+            )
             raise RunInUseError(
                 f"run folder {self.folder} is in use by another bigbatch run ({holder}){mine}; only one "
                 "process may write into a run folder. Wait for it to finish or stop it, or give this run "
@@ -327,7 +331,9 @@ def create_run_folder(root: Path, name: str | None, base: str) -> Path:
                 n += 1
 
 
-def claim_run_folder(resume: Path | None, root: Path, name: str | None, task_name: str) -> tuple[Path, RunLock]:
+def claim_run_folder(
+    resume: Path | None, root: Path, name: str | None, task_name: str
+) -> tuple[Path, RunLock]:
     """Rank 0: create (or find) the run folder and take its lock before anything is written.
 
     Args:
@@ -347,7 +353,9 @@ def claim_run_folder(resume: Path | None, root: Path, name: str | None, task_nam
     if resume is not None:
         folder = resume
         if not folder.is_dir():
-            raise ConfigError(f"{folder} is not a run directory (no such folder); give the run's folder to resume.")
+            raise ConfigError(
+                f"{folder} is not a run directory (no such folder); give the run's folder to resume."
+            )
     else:
         base = f"{task_name}-{time.strftime('%Y%m%d-%H%M%S')}"
         folder = create_run_folder(root, name, base)
@@ -371,7 +379,9 @@ def _check_new_run_folder(path: Path) -> None:
             f"run directory {path} already exists but holds no checkpoint to resume (it stopped "
             f"before its first); delete {path} or pick another --name."
         )
-    raise ConfigError(f"run directory {path} already exists; continue it with --resume {path}, or pick another --name.")
+    raise ConfigError(
+        f"run directory {path} already exists; continue it with --resume {path}, or pick another --name."
+    )
 
 
 def on_rank0(runtime: Runtime, make: Callable[[], Path]) -> Path:

@@ -76,9 +76,7 @@ def rank_lost(error: BaseException, timeout_s: float) -> RankLostError | None:
         if waited
         else "lost the other ranks in a collective"
     )
-    return RankLostError(
-        f"this rank {what}: another rank stopped, hung or died ({first.rstrip('.')})."
-    )
+    return RankLostError(f"this rank {what}: another rank stopped, hung or died ({first.rstrip('.')}).")
 
 
 @dataclass
@@ -123,7 +121,8 @@ class Runtime:
             importlib.import_module("torch.distributed.nn.functional")
 
             dist.init_process_group(
-                backend="nccl" if dev.type == "cuda" else "gloo", timeout=datetime.timedelta(seconds=timeout_s)
+                backend="nccl" if dev.type == "cuda" else "gloo",
+                timeout=datetime.timedelta(seconds=timeout_s),
             )
             owns = True
             _JOINED[0] = True

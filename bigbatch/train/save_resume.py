@@ -70,7 +70,9 @@ def write_checkpoint(
         runtime.barrier()
         return path
     path = checkpoint_path(checkpoint_dir, step)
-    with runtime.rank0_alone(f"writing the checkpoint of step {step}"):  # the others wait, however long it takes
+    with runtime.rank0_alone(
+        f"writing the checkpoint of step {step}"
+    ):  # the others wait, however long it takes
         if runtime.is_main:
             with writing(f"writing the checkpoint of step {step}", path):
                 save_checkpoint(checkpoint_dir, step, state, keep)
@@ -98,7 +100,11 @@ def newest_checkpoint(runtime: Runtime, checkpoint_dir: Path, run_dir: Path) -> 
         listed = list_checkpoints(checkpoint_dir)
         raise ConfigError(
             f"nothing to resume in {run_dir}: "
-            + ("no checkpoint could be read." if listed else "it holds no checkpoints (it stopped before its first).")
+            + (
+                "no checkpoint could be read."
+                if listed
+                else "it holds no checkpoints (it stopped before its first)."
+            )
             + f" Delete {run_dir} and start the run again without --resume."
         )
     state = found[1] if found is not None else read_checkpoint(Path(path), verify=False)  # rank 0 verified it
@@ -106,7 +112,12 @@ def newest_checkpoint(runtime: Runtime, checkpoint_dir: Path, run_dir: Path) -> 
 
 
 def load_model_and_optimizer(
-    state: dict[str, Any], model: nn.Module, optimizer: torch.optim.Optimizer, *, sharded: bool, checkpoint_dir: Path
+    state: dict[str, Any],
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    *,
+    sharded: bool,
+    checkpoint_dir: Path,
 ) -> None:
     """Load a checkpoint's model and optimizer state; a model that does not fit is a ConfigError.
 
@@ -123,7 +134,6 @@ def load_model_and_optimizer(
         else:
             unwrap_ddp(model).load_state_dict(state[MODEL_KEY])
             optimizer.load_state_dict(state[OPTIMIZER_KEY])
-
 
 
 def load_initial_weights(model: nn.Module, source: str) -> Path:
@@ -149,11 +159,15 @@ def load_initial_weights(model: nn.Module, source: str) -> Path:
         try:
             found = (path, read_checkpoint(path))
         except Exception as e:  # unreadable: said in one line below
-            raise ConfigError(f"train.init_from = {source!r} cannot be read ({type(e).__name__}: {e}); "
-                              "give a run folder or a checkpoint that bigbatch train wrote.") from None
+            raise ConfigError(
+                f"train.init_from = {source!r} cannot be read ({type(e).__name__}: {e}); "
+                "give a run folder or a checkpoint that bigbatch train wrote."
+            ) from None
     if found is None:
-        raise ConfigError(f"train.init_from = {source!r} holds no readable checkpoint; give a run folder "
-                          "(runs/NAME) or a checkpoint (runs/NAME/checkpoints/step-NNNNNNN.pt).")
+        raise ConfigError(
+            f"train.init_from = {source!r} holds no readable checkpoint; give a run folder "
+            "(runs/NAME) or a checkpoint (runs/NAME/checkpoints/step-NNNNNNN.pt)."
+        )
     chosen, state = found
     weights = load_full_state(chosen)[MODEL_KEY] if SHARDED_KEY in state else state[MODEL_KEY]
     with model_must_fit(chosen):

@@ -43,7 +43,9 @@ def general_settings() -> list[Setting]:
         docs = field_docs(type(section))
         for f in dataclasses.fields(section):
             if f.name != "options":
-                found.append(Setting(f"{section_field.name}.{f.name}", getattr(section, f.name), docs.get(f.name, "")))
+                found.append(
+                    Setting(f"{section_field.name}.{f.name}", getattr(section, f.name), docs.get(f.name, ""))
+                )
     return found
 
 
@@ -76,7 +78,9 @@ def settings_text(task_name: str) -> str:
             note = f"  (task {task_name!r}; --task NAME for another's options)" if name == "task" else ""
             lines += ["", f"[{name}]{note}"]
         lines.append(f"{setting.key} = {setting.default_text()}")
-        lines += textwrap.wrap(setting.doc, width=100, initial_indent="    ", subsequent_indent="    ", break_on_hyphens=False)
+        lines += textwrap.wrap(
+            setting.doc, width=100, initial_indent="    ", subsequent_indent="    ", break_on_hyphens=False
+        )
     return "\n".join(lines[1:])
 
 
@@ -97,7 +101,9 @@ def settings_markdown() -> str:
         return "| " + " | ".join(cell.replace("|", "\\|") for cell in cells) + " |"
 
     lines = [row(["setting", "default", "what it does"]), row(["---"] * 3)]
-    lines += [row([f"`{s.key}`", f"`{s.default_text()}`", " ".join(s.doc.split())]) for s in general_settings()]
+    lines += [
+        row([f"`{s.key}`", f"`{s.default_text()}`", " ".join(s.doc.split())]) for s in general_settings()
+    ]
     lines += ["", row(["task", "option", "default", "what it does"]), row(["---"] * 4)]
     for task_name in TASK_NAMES:
         lines += [

@@ -47,14 +47,18 @@ def check_is_config(config: object) -> None:
     if isinstance(config, (str, Path)):
         fix = f"Trainer(TrainConfig.load({str(config)!r}))"
     elif isinstance(config, dict):
-        fix = ('Trainer(TrainConfig.load(overrides=["train.steps=200", ...])), '
-               "or config = TrainConfig(); config.update(your_nested_dict)")  # fmt: skip
+        fix = (
+            'Trainer(TrainConfig.load(overrides=["train.steps=200", ...])), '
+            "or config = TrainConfig(); config.update(your_nested_dict)"
+        )
     else:
         fix = "Trainer(TrainConfig.load(path_or_None, overrides=[...]))"
     raise ConfigError(f"Trainer takes a TrainConfig, got {type(config).__name__}: use {fix}.")
 
 
-def check_setup(*, planning: bool, sharded: bool, fast_micro_step: str = "none", device_type: str = "cpu") -> None:
+def check_setup(
+    *, planning: bool, sharded: bool, fast_micro_step: str = "none", device_type: str = "cpu"
+) -> None:
     """Refuse settings that contradict each other in this world, before anything is built.
 
     Args:
@@ -73,7 +77,7 @@ def check_setup(*, planning: bool, sharded: bool, fast_micro_step: str = "none",
         )
     if sharded and planning:
         raise ConfigError(
-            'batch.max_memory plans for the whole model in one process, not for FSDP2 shards; '
+            "batch.max_memory plans for the whole model in one process, not for FSDP2 shards; "
             'under train.parallel = "fsdp2" give batch.micro_batch_size (`bigbatch plan` suggests one).'
         )
 
@@ -131,9 +135,12 @@ def setup_batch(config: TrainConfig, *, world_size: int, planning: bool, sharded
     b = config.batch
     micro = None if planning and b.micro_batch_size == "auto" else b.micro_batch_size  # the planner picks it
     sizes = resolve_batch_sizes(
-        logical_batch_size=b.logical_batch_size, micro_batch_size=micro, accumulation_steps=b.accumulation_steps,
-        world_size=world_size, setting_prefix="batch.",
-    )  # fmt: skip
+        logical_batch_size=b.logical_batch_size,
+        micro_batch_size=micro,
+        accumulation_steps=b.accumulation_steps,
+        world_size=world_size,
+        setting_prefix="batch.",
+    )
     if sharded:  # never planned (refused by check_setup): these sizes are final
         check_equal_micro_steps(sizes, setting_prefix="batch.", context='under train.parallel = "fsdp2"')
     return sizes
@@ -216,7 +223,9 @@ def setup_model(config: TrainConfig, task: Task, device: torch.device, dtype: to
     return task.make_model().to(device=device, dtype=dtype)
 
 
-def setup_batch_schedule(config: TrainConfig, sizes: BatchSizes, loss_fn: LossFn, model: nn.Module) -> BatchSchedule:
+def setup_batch_schedule(
+    config: TrainConfig, sizes: BatchSizes, loss_fn: LossFn, model: nn.Module
+) -> BatchSchedule:
     """The logical batch size of each step (`batch.schedule`), in whole micro-batches per rank.
 
     Args:
@@ -235,13 +244,15 @@ def setup_batch_schedule(config: TrainConfig, sizes: BatchSizes, loss_fn: LossFn
     if b.schedule == "adaptive" and not independent_micro_steps(loss_fn, model):
         raise ConfigError(
             'batch.schedule = "adaptive" follows the measured noise scale, and a loss that couples '
-            "samples (this task's bb.BatchLoss) has none to measure; use batch.schedule = \"ramp\" or \"constant\"."
+            'samples (this task\'s bb.BatchLoss) has none to measure; use batch.schedule = "ramp" or "constant".'
         )
     if b.schedule == "constant" or not isinstance(micro, int):  # "auto" is refused for the others
         return BatchSchedule("constant", target=sizes.logical_batch_size, quantum=1)
     quantum = micro * sizes.world_size
     start = b.ramp_start
-    if start is None and sizes.logical_batch_size <= quantum:  # no room to grow: say so, not an unset ramp_start
+    if (
+        start is None and sizes.logical_batch_size <= quantum
+    ):  # no room to grow: say so, not an unset ramp_start
         raise ConfigError(
             f'batch.schedule = "{b.schedule}" grows the batch in micro-batches of {micro}'
             + (f" on each of {sizes.world_size} ranks" if sizes.world_size > 1 else "")
@@ -258,9 +269,15 @@ def setup_batch_schedule(config: TrainConfig, sizes: BatchSizes, loss_fn: LossFn
             f"measure it and never grow; use batch.ramp_start = {2 * micro} or more."
         )
     return BatchSchedule(
-        b.schedule, target=sizes.logical_batch_size, quantum=quantum, start=start, ramp_samples=b.ramp_samples,
-        ramp_items=b.ramp_tokens, adaptive_every=b.adaptive_every, noise_scale_factor=b.noise_scale_factor,
-    )  # fmt: skip
+        b.schedule,
+        target=sizes.logical_batch_size,
+        quantum=quantum,
+        start=start,
+        ramp_samples=b.ramp_samples,
+        ramp_items=b.ramp_tokens,
+        adaptive_every=b.adaptive_every,
+        noise_scale_factor=b.noise_scale_factor,
+    )
 
 
 def setup_parallel(model: nn.Module, config: TrainConfig, runtime: Runtime) -> nn.Module:
@@ -321,10 +338,16 @@ def setup_engine(
     # The noise estimator needs independent micro-steps; a BatchLoss's are pieces of one loss.
     measure_noise = config.batch.measure_noise and independent_micro_steps(loss_fn, model)
     return Accumulator(
-        model, optimizer, micro_batch_size=sizes.micro_batch_size, scheduler=scheduler,
-        max_grad_norm=config.optim.max_grad_norm, precision=t.precision, skip_nonfinite=True,
+        model,
+        optimizer,
+        micro_batch_size=sizes.micro_batch_size,
+        scheduler=scheduler,
+        max_grad_norm=config.optim.max_grad_norm,
+        precision=t.precision,
+        skip_nonfinite=True,
         fast_micro_step=None if t.fast_micro_step == "none" else t.fast_micro_step,
-        measure_noise=measure_noise, noise_ema_decay=config.batch.noise_ema_decay,
+        measure_noise=measure_noise,
+        noise_ema_decay=config.batch.noise_ema_decay,
         split_invariant_dropout=t.split_invariant_dropout,
         seed=t.seed if t.split_invariant_dropout else None,
-    )  # fmt: skip
+    )

@@ -48,7 +48,11 @@ from .state import MODEL_KEY, OPTIMIZER_KEY
 
 
 def save_sharded(
-    final: Path, model: nn.Module, optimizer: torch.optim.Optimizer, run_state: dict[str, Any], runtime: Runtime
+    final: Path,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    run_state: dict[str, Any],
+    runtime: Runtime,
 ) -> None:
     """Write the checkpoint directory `final` (a collective: every rank calls it with the same path).
 
@@ -65,7 +69,9 @@ def save_sharded(
     try:
         model_state, optim_state = get_state_dict(model, optimizer)
         with _quiet_single_process():
-            dcp_save({MODEL_KEY: model_state, OPTIMIZER_KEY: optim_state}, checkpoint_id=tmp, no_dist=_no_dist())
+            dcp_save(
+                {MODEL_KEY: model_state, OPTIMIZER_KEY: optim_state}, checkpoint_id=tmp, no_dist=_no_dist()
+            )
         runtime.barrier()  # every rank's shards are on disk
         # DCP names rank r's files "__r_N.distcp"; anything no rank claims, rank 0 hashes below.
         mine = {p.name: sha256_of(p) for p in sorted(tmp.glob(f"__{runtime.rank}_*"))}

@@ -54,9 +54,22 @@ SETTINGS_KEY = "settings"  # the config the run trained with ({section: {key: va
 FINGERPRINTS_KEY = "fingerprints"  # {"task.data": sha256, "task.model": sha256}: what the files held
 SHARDED_KEY = "sharded"  # added on load, never saved: the FSDP2 step directory to load shards from
 
-REQUIRED_KEYS: tuple[str, ...] = (STEP_KEY, MODEL_KEY, OPTIMIZER_KEY, ACCUMULATOR_KEY, RNG_KEY, SAMPLES_SEEN_KEY)
+REQUIRED_KEYS: tuple[str, ...] = (
+    STEP_KEY,
+    MODEL_KEY,
+    OPTIMIZER_KEY,
+    ACCUMULATOR_KEY,
+    RNG_KEY,
+    SAMPLES_SEEN_KEY,
+)
 """What a checkpoint file must hold to count as readable."""
-REQUIRED_SHARDED_KEYS: tuple[str, ...] = (STEP_KEY, ACCUMULATOR_KEY, RNG_KEY, SAMPLES_SEEN_KEY, WORLD_SIZE_KEY)
+REQUIRED_SHARDED_KEYS: tuple[str, ...] = (
+    STEP_KEY,
+    ACCUMULATOR_KEY,
+    RNG_KEY,
+    SAMPLES_SEEN_KEY,
+    WORLD_SIZE_KEY,
+)
 """What an FSDP2 step directory's run state must hold (model and optimizer are its shards)."""
 
 

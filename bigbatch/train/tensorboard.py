@@ -88,7 +88,9 @@ def _varint_field(number: int, value: int) -> bytes:
     return _varint(number << 3) + _varint(value)
 
 
-def _event(step: int, *, summary: bytes = b"", file_version: bytes = b"", session_start: bool = False) -> bytes:
+def _event(
+    step: int, *, summary: bytes = b"", file_version: bytes = b"", session_start: bool = False
+) -> bytes:
     """An Event: wall_time (1, double), step (2), file_version (3), summary (5), session_log (6)."""
     out = _varint(1 << 3 | 1) + struct.pack("<d", time.time()) + _varint_field(2, step)
     if file_version:
@@ -109,7 +111,9 @@ def scalar_value(tag: str, value: float) -> bytes:
 def text_value(tag: str, text: str) -> bytes:
     """A Summary.Value holding a string tensor (DT_STRING, scalar) for the text plugin."""
     plugin = _bytes_field(1, _bytes_field(1, b"text"))  # SummaryMetadata{plugin_data{plugin_name: "text"}}
-    tensor = _varint_field(1, 7) + _bytes_field(2, b"") + _bytes_field(8, text.encode())  # dtype, shape, string_val
+    tensor = (
+        _varint_field(1, 7) + _bytes_field(2, b"") + _bytes_field(8, text.encode())
+    )  # dtype, shape, string_val
     return _bytes_field(1, _bytes_field(1, tag.encode()) + _bytes_field(8, tensor) + _bytes_field(9, plugin))
 
 
@@ -138,9 +142,10 @@ class TensorBoardLog:
         values = [(tag, row.get(key)) for key, tag in SCALARS.items()]
         values.append((f"speed/{self.unit}_per_s", row.get("items_per_s")))
         summary = b"".join(
-            scalar_value(tag, float(v)) for tag, v in values
+            scalar_value(tag, float(v))
+            for tag, v in values
             if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-        )  # fmt: skip
+        )
         if summary:
             self._record(_event(int(row["step"]), summary=summary))
             self.flush()
@@ -154,7 +159,9 @@ class TensorBoardLog:
         if self._file is None:
             return
         length = struct.pack("<Q", len(data))
-        self._file.write(length + struct.pack("<I", masked_crc(length)) + data + struct.pack("<I", masked_crc(data)))
+        self._file.write(
+            length + struct.pack("<I", masked_crc(length)) + data + struct.pack("<I", masked_crc(data))
+        )
 
     def flush(self) -> None:
         """Hand what was written to the OS (TensorBoard reads the file as it grows)."""

@@ -105,7 +105,9 @@ class Trainer:
     same logical batches follow, in the same order (bigbatch.train.state).
     """
 
-    def __init__(self, config: TrainConfig, *, task: Task | None = None, resume: str | Path | None = None) -> None:
+    def __init__(
+        self, config: TrainConfig, *, task: Task | None = None, resume: str | Path | None = None
+    ) -> None:
         # Setup reads top to bottom; each step returns what the next needs. The order is
         # part of the result and kept as it was: the seed is set just before the model
         # is built, and the planner (which runs training steps) comes after that.
@@ -116,11 +118,16 @@ class Trainer:
         self.sharded = config.train.parallel == "fsdp2" and self.runtime.world_size > 1
         # Step directories (DCP) under fsdp2 in one process too, so that a run moves between 1 and N.
         self.sharded_checkpoints = config.train.parallel == "fsdp2"
-        check_setup(planning=planning, sharded=self.sharded, fast_micro_step=config.train.fast_micro_step,
-                    device_type=self.runtime.device.type)  # fmt: skip
+        check_setup(
+            planning=planning,
+            sharded=self.sharded,
+            fast_micro_step=config.train.fast_micro_step,
+            device_type=self.runtime.device.type,
+        )
         self.config = config
-        self.batch_sizes = setup_batch(config, world_size=self.runtime.world_size, planning=planning,
-                                       sharded=self.sharded)  # fmt: skip
+        self.batch_sizes = setup_batch(
+            config, world_size=self.runtime.world_size, planning=planning, sharded=self.sharded
+        )
         self.task = setup_task(config, task)
         check_data(self.task, config, self.batch_sizes)
         self.dtype = DTYPES[config.train.dtype]
@@ -139,8 +146,9 @@ class Trainer:
         check_batchnorm_micro_batches(model, self.batch_sizes, self._sizes(self.batch_schedule.first))
         self.model = setup_parallel(model, self.config, self.runtime)  # the optimizer comes after it
         self.optimizer, self.scheduler = self._setup_optimizer(self.model)
-        self.accumulator = setup_engine(self.config, self.batch_sizes, self._loss_fn, self.model, self.optimizer,
-                                        self.scheduler)  # fmt: skip
+        self.accumulator = setup_engine(
+            self.config, self.batch_sizes, self._loss_fn, self.model, self.optimizer, self.scheduler
+        )
         self.run_dir = self._setup_run(resume)
 
     # -- the setup steps that read or write the trainer (the rest: setup.py) ------
@@ -152,20 +160,26 @@ class Trainer:
         sizes = self.batch_sizes.with_micro_batch_size(choice.micro_batch_size)
         return choice, sizes, resolved_config(self.config, choice, sizes.logical_batch_size)
 
-    def _setup_optimizer(self, model: nn.Module) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
+    def _setup_optimizer(
+        self, model: nn.Module
+    ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
         """The optimizer over the trainable parameters of the wrapped model, and its schedule."""
         optimizer = self._make_optimizer([p for p in model.parameters() if p.requires_grad])
         # The peak lr is for logical_batch_size; a scheduled batch of another size multiplies
         # it by peak_lr(size) / lr, read when the schedule is evaluated (see _use_batch_size).
         factor = lr_multiplier(self.config)
         self._lr_ratio = peak_lr(self.config.optim, self.batch_schedule.first) / self.lr
-        return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: factor(step) * self._lr_ratio)
+        return optimizer, torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda step: factor(step) * self._lr_ratio
+        )
 
     def _setup_run(self, resume: str | Path | None) -> Path:
         """The run folder, locked by rank 0 for the run's life: a new one, or `resume`, whose checkpoint is loaded."""
         self.run_state = RunState(
-            batch_size=self.batch_schedule.first, batch_quantum=self.batch_schedule.quantum,
-            settings=settings_of(self.config), fingerprints=fingerprints(self.config),
+            batch_size=self.batch_schedule.first,
+            batch_quantum=self.batch_schedule.quantum,
+            settings=settings_of(self.config),
+            fingerprints=fingerprints(self.config),
         )
         self.resumed_changes: list[tuple[str, Any, Any]] = []  # (setting, checkpoint's value, this run's)
         self.last_checkpoint: tuple[int, Path] | None = None  # (step, path) of the newest one known good
@@ -182,7 +196,9 @@ class Trainer:
                 e.existing_run = True
             raise
         try:  # several machines: FSDP2 shards and a resume need every rank to see the folder
-            check_run_folder_shared(self.runtime, folder, needed=self.sharded_checkpoints or resume is not None)
+            check_run_folder_shared(
+                self.runtime, folder, needed=self.sharded_checkpoints or resume is not None
+            )
         except ConfigError:
             self.close()
             raise
@@ -200,8 +216,9 @@ class Trainer:
     def _claim_run_folder(self, resume: str | Path | None) -> Path:
         """Rank 0: create (or find) the run folder and hold its lock (rundir.claim_run_folder)."""
         run = self.config.run
-        folder, self._lock = claim_run_folder(None if resume is None else Path(resume), Path(run.dir), run.name,
-                                              self.task.name)  # fmt: skip
+        folder, self._lock = claim_run_folder(
+            None if resume is None else Path(resume), Path(run.dir), run.name, self.task.name
+        )
         return folder
 
     def close(self) -> None:
@@ -255,10 +272,12 @@ class Trainer:
         if self.memory_plan is not None:
             self.run_state.memory_plan = self.memory_plan.to_dict()
         return self.run_state.to_checkpoint(
-            world_size=self.runtime.world_size, optimizer_name=self.config.optim.name,
-            scheduler=self.scheduler.state_dict(), accumulator=self.accumulator.state_dict(),
+            world_size=self.runtime.world_size,
+            optimizer_name=self.config.optim.name,
+            scheduler=self.scheduler.state_dict(),
+            accumulator=self.accumulator.state_dict(),
             rng=self.runtime.gather(rng_state(self.runtime.device)),
-        )  # fmt: skip
+        )
 
     def save(self) -> None:
         """A checkpoint of this step (rank 0 writes; every rank waits until it is on disk).
@@ -269,8 +288,14 @@ class Trainer:
         # A collective (the RNG gather): every rank calls it. FSDP2 writes model and optimizer as shards.
         state = self._state_besides_weights() if self.sharded_checkpoints else self.state_dict()
         path = write_checkpoint(
-            self.runtime, sharded=self.sharded_checkpoints, checkpoint_dir=self.checkpoint_dir, step=self.step,
-            keep=self.config.checkpoint.keep, model=self.model, optimizer=self.optimizer, state=state,
+            self.runtime,
+            sharded=self.sharded_checkpoints,
+            checkpoint_dir=self.checkpoint_dir,
+            step=self.step,
+            keep=self.config.checkpoint.keep,
+            model=self.model,
+            optimizer=self.optimizer,
+            state=state,
         )
         self.last_checkpoint = (self.step, path)
 
@@ -283,18 +308,31 @@ class Trainer:
         state, path = newest_checkpoint(self.runtime, self.checkpoint_dir, self.run_dir)
         saved = RunState.from_checkpoint(state, batch_size=self.batch_sizes.logical_batch_size)
         self.last_checkpoint = (saved.step, path)
-        check_resume(state, ResumingRun(
-            run_dir=self.run_dir, sharded=self.sharded_checkpoints,
-            optimizer_name=self.config.optim.name, steps=self.config.train.steps,
-        ))  # fmt: skip
+        check_resume(
+            state,
+            ResumingRun(
+                run_dir=self.run_dir,
+                sharded=self.sharded_checkpoints,
+                optimizer_name=self.config.optim.name,
+                steps=self.config.train.steps,
+            ),
+        )
         check_unchanged(saved, self.run_state, self.run_dir, path)
         self.resumed_changes = changed_settings(saved.settings, self.run_state.settings)
-        load_model_and_optimizer(state, self.model, self.optimizer, sharded=self.sharded_checkpoints,
-                                 checkpoint_dir=self.checkpoint_dir)  # fmt: skip
+        load_model_and_optimizer(
+            state,
+            self.model,
+            self.optimizer,
+            sharded=self.sharded_checkpoints,
+            checkpoint_dir=self.checkpoint_dir,
+        )
         self.scheduler.load_state_dict(state[SCHEDULER_KEY])
         self.accumulator.load_state_dict(state[ACCUMULATOR_KEY])
         set_rng_state(rank_rng_state(state[RNG_KEY], self.runtime.rank), self.runtime.device)
-        saved.settings, saved.fingerprints = self.run_state.settings, self.run_state.fingerprints  # what runs now
+        saved.settings, saved.fingerprints = (
+            self.run_state.settings,
+            self.run_state.fingerprints,
+        )  # what runs now
         # Another micro-batch size or world size: the scheduled sizes stay on the grid the run started on.
         saved.batch_quantum = saved.batch_quantum or self.run_state.batch_quantum  # older checkpoints lack it
         self.batch_schedule = dataclasses.replace(self.batch_schedule, quantum=saved.batch_quantum)
@@ -321,16 +359,26 @@ class Trainer:
         """What the report says about this run."""
         cfg, o = self.config, self.config.optim
         return report.RunInfo(
-            task_name=self.task.name, item_unit=getattr(self.task, "item_unit", "samples"),
-            num_parameters=self.num_parameters, trainable_parameters=self.trainable_parameters,
+            task_name=self.task.name,
+            item_unit=getattr(self.task, "item_unit", "samples"),
+            num_parameters=self.num_parameters,
+            trainable_parameters=self.trainable_parameters,
             device=str(self.runtime.device),
-            world_size=self.runtime.world_size, sharded=self.sharded, batch=report.batch_text(self.config.batch.micro_batch_size, self.batch_sizes),
+            world_size=self.runtime.world_size,
+            sharded=self.sharded,
+            batch=report.batch_text(self.config.batch.micro_batch_size, self.batch_sizes),
             batch_schedule=self.batch_schedule.describe(getattr(self.task, "item_unit", "samples")),
-            memory_plan=self.memory_plan, checkpointing=cfg.train.checkpointing,
-            fast_micro_step=cfg.train.fast_micro_step, lr=self.lr, base_lr=o.lr, lr_scaling=o.lr_scaling,
-            reference_batch_size=o.reference_batch_size, warmup_steps=o.warmup_steps, schedule=o.schedule,
+            memory_plan=self.memory_plan,
+            checkpointing=cfg.train.checkpointing,
+            fast_micro_step=cfg.train.fast_micro_step,
+            lr=self.lr,
+            base_lr=o.lr,
+            lr_scaling=o.lr_scaling,
+            reference_batch_size=o.reference_batch_size,
+            warmup_steps=o.warmup_steps,
+            schedule=o.schedule,
             run_dir=self.run_dir,
-        )  # fmt: skip
+        )
 
     # -- training -------------------------------------------------------------
 
@@ -343,8 +391,9 @@ class Trainer:
         self.run_state.batch_size = logical_batch_size
         self._lr_ratio = peak_lr(self.config.optim, logical_batch_size) / self.lr
         if refresh_lr:
-            for group, base, rule in zip(self.optimizer.param_groups, self.scheduler.base_lrs,
-                                         self.scheduler.lr_lambdas):  # fmt: skip
+            for group, base, rule in zip(
+                self.optimizer.param_groups, self.scheduler.base_lrs, self.scheduler.lr_lambdas
+            ):
                 group["lr"] = base * rule(self.scheduler.last_epoch)
 
     def _sizes(self, logical_batch_size: int) -> BatchSizes:
@@ -459,12 +508,21 @@ class Trainer:
                     if board is not None:
                         with writing(f"writing the TensorBoard events of step {self.step}", board.path):
                             board.write(row)
-                    progress.update(row["loss"], row["items_per_s"], memory_text(rt.device, row["peak_memory_bytes"]))
+                    progress.update(
+                        row["loss"], row["items_per_s"], memory_text(rt.device, row["peak_memory_bytes"])
+                    )
                     every = cfg.checkpoint.every
-                    if (every and self.step % every == 0) or self.step == cfg.train.steps or stop.requested or reached:
+                    if (
+                        (every and self.step % every == 0)
+                        or self.step == cfg.train.steps
+                        or stop.requested
+                        or reached
+                    ):
                         self.save()
                     if reached:
-                        progress.write(f"step {self.step}: reached train.stop_at_val_loss = {target}; stopping")
+                        progress.write(
+                            f"step {self.step}: reached train.stop_at_val_loss = {target}; stopping"
+                        )
                         break
                     if stop.requested and self.step < cfg.train.steps:
                         raise TrainingInterrupted(self.step, str(self.run_dir), stop.signum)
@@ -485,13 +543,15 @@ class Trainer:
 
     def _train_step(self) -> dict[str, Any]:
         run = self.run_state
-        size = self.batch_schedule.size(Consumed(run.step, run.samples_seen, run.items_seen, run.noise_scale),
-                                        run.batch_size)  # fmt: skip
+        size = self.batch_schedule.size(
+            Consumed(run.step, run.samples_seen, run.items_seen, run.noise_scale), run.batch_size
+        )
         if size != run.batch_size:
             self._use_batch_size(size)
         start = time.perf_counter()
-        stats = self.accumulator.step(self._batch_at(run.samples_seen, self.runtime.rank, self._sizes(size)),
-                                      self._loss_fn)  # fmt: skip
+        stats = self.accumulator.step(
+            self._batch_at(run.samples_seen, self.runtime.rank, self._sizes(size)), self._loss_fn
+        )
         row = stats.to_dict()  # the one host sync of the step
         run.step += 1
         run.samples_seen += size
@@ -499,10 +559,15 @@ class Trainer:
         noise = row.pop("noise")
         if noise is not None:
             run.noise_scale = noise["simple_noise_scale"]
-            row.update(noise_scale=run.noise_scale, grad_norm_sq_est=noise["grad_norm_sq"],
-                       trace_cov_est=noise["trace_cov"])  # fmt: skip
+            row.update(
+                noise_scale=run.noise_scale,
+                grad_norm_sq_est=noise["grad_norm_sq"],
+                trace_cov_est=noise["trace_cov"],
+            )
         row["batch_size"] = size
-        step_metrics = getattr(self._loss_fn, "step_metrics", None)  # a loss's own per-step figures (MoE load)
+        step_metrics = getattr(
+            self._loss_fn, "step_metrics", None
+        )  # a loss's own per-step figures (MoE load)
         if step_metrics is not None:
             row.update(step_metrics())
         seconds = time.perf_counter() - start
@@ -520,6 +585,15 @@ class Trainer:
         run = self.run_state
         totals = report.RunTotals(run.step, run.samples_seen, run.train_seconds, run.nonfinite_total)
         return finish_run(
-            task=self.task, model=self.model, config=self.config, runtime=self.runtime, sharded=self.sharded,
-            run_dir=self.run_dir, metrics=metrics, info=info, totals=totals, baselines=baselines, stopped=stopped,
+            task=self.task,
+            model=self.model,
+            config=self.config,
+            runtime=self.runtime,
+            sharded=self.sharded,
+            run_dir=self.run_dir,
+            metrics=metrics,
+            info=info,
+            totals=totals,
+            baselines=baselines,
+            stopped=stopped,
         )

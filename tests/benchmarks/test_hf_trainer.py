@@ -29,15 +29,36 @@ def test_tiny_hf_trainer_benchmark_prints_the_table_and_the_miss(capsys, monkeyp
         timed.append((sorted(runs), kwargs["repeats"]))
         return real(runs, **kwargs)
 
-    monkeypatch.setattr(bigbatch.tools.benchmarking, "time_interleaved", recorded)  # before the script imports it
+    monkeypatch.setattr(
+        bigbatch.tools.benchmarking, "time_interleaved", recorded
+    )  # before the script imports it
     module = importlib.util.module_from_spec(spec)
     monkeypatch.setitem(sys.modules, spec.name, module)
     spec.loader.exec_module(module)
-    assert module.main(["--steps", "2", "--logical", "8", "--micro", "4", "--width", "16", "--models", "gpt2",
-                        "--repeats", "1"]) == 0  # fmt: skip
+    assert (
+        module.main(
+            [
+                "--steps",
+                "2",
+                "--logical",
+                "8",
+                "--micro",
+                "4",
+                "--width",
+                "16",
+                "--models",
+                "gpt2",
+                "--repeats",
+                "1",
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     assert timed == [(["HF Trainer", "bigbatch"], 1)]  # both timed through the one harness, interleaved
-    speeds = re.findall(r"\| gpt2 \| (?:HF Trainer|bigbatch) \| [^|]+ \| [^|]+ \| ([0-9,]+) \| ([0-9.]+) \|", out)
+    speeds = re.findall(
+        r"\| gpt2 \| (?:HF Trainer|bigbatch) \| [^|]+ \| [^|]+ \| ([0-9,]+) \| ([0-9.]+) \|", out
+    )
     assert len(speeds) == 2 and speeds[0][1] == "1.00", out  # the Trainer is its own reference
     rows = dict(re.findall(r"\| gpt2 \| (HF Trainer|bigbatch) \| ([0-9.e+-]+) \|", out))
     assert set(rows) == {"HF Trainer", "bigbatch"}, out

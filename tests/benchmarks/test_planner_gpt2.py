@@ -15,8 +15,23 @@ def test_tiny_planner_benchmark_runs_and_prints_the_table(capsys, tmp_path, monk
     module = importlib.util.module_from_spec(spec)
     monkeypatch.setitem(sys.modules, spec.name, module)  # dataclasses look their module up
     spec.loader.exec_module(module)
-    code = module.main(["--tiny", "--batch", "4", "--seq", "16", "--layers", "2", "--vocab", "64", "--fraction", "1.5",
-                        "--out", str(tmp_path)])
+    code = module.main(
+        [
+            "--tiny",
+            "--batch",
+            "4",
+            "--seq",
+            "16",
+            "--layers",
+            "2",
+            "--vocab",
+            "64",
+            "--fraction",
+            "1.5",
+            "--out",
+            str(tmp_path),
+        ]
+    )
     out = capsys.readouterr().out
     assert code == 0, out
     assert "| micro | checkpointing | loss | compile |" in out and "**chosen**" in out

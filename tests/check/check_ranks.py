@@ -57,13 +57,20 @@ def bigbatch_train(micro_batch_size: int, accumulation_steps: int) -> torch.nn.M
 per_rank_case = bb.CheckCase(
     train=per_rank_mean_train, model=make_model, data=shard, loss=token_loss, optimizer=sgd, steps=STEPS
 )
-bigbatch_case = bb.CheckCase(train=bigbatch_train, model=make_model, data=shard, loss=token_loss, optimizer=sgd, steps=STEPS)
+bigbatch_case = bb.CheckCase(
+    train=bigbatch_train, model=make_model, data=shard, loss=token_loss, optimizer=sgd, steps=STEPS
+)
 
 
 def run(rank: int, world: int) -> dict[str, Any]:
     """Both checks on this rank; their JSON reports."""
     out = {}
-    for name, train, splits in (("per_rank_mean", per_rank_mean_train, [(3, 2)]), ("bigbatch", bigbatch_train, None)):
-        case = bb.CheckCase(train=train, model=make_model, data=shard, loss=token_loss, optimizer=sgd, steps=STEPS)
+    for name, train, splits in (
+        ("per_rank_mean", per_rank_mean_train, [(3, 2)]),
+        ("bigbatch", bigbatch_train, None),
+    ):
+        case = bb.CheckCase(
+            train=train, model=make_model, data=shard, loss=token_loss, optimizer=sgd, steps=STEPS
+        )
         out[name] = bb.check_accumulation(case, logical_batch_size=8, splits=splits).to_dict()
     return out

@@ -35,7 +35,9 @@ def test_bigbatch_adapter_is_exact_on_every_default_split():
     from bigbatch.check.adapters import bigbatch_loop
 
     report = bb.check_accumulation(bigbatch_loop.case)
-    assert report.passed and len(report.splits) == 3, report.table()  # no full-batch row: the case is reproduced
+    assert report.passed and len(report.splits) == 3, (
+        report.table()
+    )  # no full-batch row: the case is reproduced
     assert max(s.distance.max_rel for s in report.splits if s.distance) < 1e-12
 
 

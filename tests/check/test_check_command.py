@@ -54,7 +54,12 @@ def test_classic_loop_exits_1_and_names_the_mistake(capsys):
 def test_a_plain_function_needs_the_logical_batch_size_and_gives_a_verdict(capsys, user_module):
     assert main(["check", f"{user_module}:train"]) == 2
     assert "give logical_batch_size" in capsys.readouterr().err
-    assert main(["check", f"{user_module}:train", "--logical-batch-size", "8", "--split", "3x3", "--split", "2x4"]) == 1
+    assert (
+        main(
+            ["check", f"{user_module}:train", "--logical-batch-size", "8", "--split", "3x3", "--split", "2x4"]
+        )
+        == 1
+    )
     out = capsys.readouterr().out
     assert "| 2 x 4 | even |" in out and "| 3 x 3 | uneven |" in out and "diagnosis" not in out
 
@@ -78,7 +83,10 @@ def test_json_report(capsys):
         (["{m}:fails", "--logical-batch-size", "8"], "the trainer failed on the full batch"),
         (["{m}:train", "--logical-batch-size", "8", "--split", "3by3"], "--split '3by3' must be MICROxSTEPS"),
         (["{m}:train", "--logical-batch-size", "8", "--split", "2x2"], "fewer than the logical batch of 8"),
-        (["bigbatch.check.adapters.plain_loop:case", "--logical-batch-size", "6"], "the logical batch is 8, not 6"),
+        (
+            ["bigbatch.check.adapters.plain_loop:case", "--logical-batch-size", "6"],
+            "the logical batch is 8, not 6",
+        ),
     ],
 )
 def test_misuse_exits_2_with_one_line(capsys, user_module, args, message):

@@ -13,7 +13,9 @@ from bigbatch.check.case import classify, default_splits
 @pytest.mark.parametrize("n", [1, 2, 3, 4, 7, 8, 12])
 def test_default_splits_are_one_window_each_and_include_an_uneven_one_where_there_is_one(n):
     splits = default_splits(n)
-    assert splits and all(s.micro_batch_size * s.accumulation_steps >= n for s in splits)  # one step per epoch
+    assert splits and all(
+        s.micro_batch_size * s.accumulation_steps >= n for s in splits
+    )  # one step per epoch
     assert all(s.kind != "full" for s in splits)
     if n >= 3:  # some size below n does not divide it
         assert {"uneven", "ends inside a window"} <= {s.kind for s in splits}
@@ -45,7 +47,9 @@ def test_a_float32_result_is_compared_at_float32_tolerance_with_a_note():
     assert report.dtype == "float32" and report.rtol == 1e-4
     assert report.notes and "float32" in report.notes[0] and report.passed
     # the negative control: the classic loop's miss is far above float32's tolerance
-    classic = bb.check_accumulation(lambda m, k: plain_loop.train(m, k)[-1], logical_batch_size=8, float64=False)
+    classic = bb.check_accumulation(
+        lambda m, k: plain_loop.train(m, k)[-1], logical_batch_size=8, float64=False
+    )
     assert classic.dtype == "float32" and not classic.passed
 
 

@@ -158,9 +158,15 @@ def accelerate_like_body(net, batches, k, optimizer, max_grad_norm):  # partial_
 
 def case(body: Body, max_grad_norm: float | None = None, **kwargs) -> bb.CheckCase:
     return bb.CheckCase(
-        train=trainer(body, max_grad_norm), model=make_model, data=make_data, loss=token_loss, optimizer=sgd,
-        steps=STEPS, max_grad_norm=max_grad_norm, **kwargs,
-    )  # fmt: skip
+        train=trainer(body, max_grad_norm),
+        model=make_model,
+        data=make_data,
+        loss=token_loss,
+        optimizer=sgd,
+        steps=STEPS,
+        max_grad_norm=max_grad_norm,
+        **kwargs,
+    )
 
 
 CLIP = 0.05  # binds: the full batch's gradient norm is above it (asserted below)
@@ -188,7 +194,9 @@ def test_each_planted_mistake_is_found_and_named(name, body, clip, split):
     assert len(report.splits) == (2 if name == "never_clipped" else 1)
     assert -(-N // split[0]) == split[1] or split[0] * (split[1] - 1) >= N  # premise: one window per epoch
     assert N % split[0] != 0  # premise: an uneven last micro-batch
-    assert not report.passed and result.distance is not None and result.distance.max_rel > MISS, report.table()
+    assert not report.passed and result.distance is not None and result.distance.max_rel > MISS, (
+        report.table()
+    )
     assert result.diagnosis is not None, report.table()
     assert result.diagnosis.matched[0] == name, report.table()
     assert result.diagnosis.distances[name] < 1e-12
@@ -206,14 +214,22 @@ def test_the_planted_clip_binds_on_the_full_batch():
 def test_a_partial_window_scaled_by_accumulation_steps_is_named():
     # A window of 5 micro-batches of 2 samples; the data holds 4 of them, equal in size.
     report = bb.check_accumulation(
-        bb.CheckCase(train=trainer(accelerate_like_body, data=toy.make_data, model=toy.make_model),
-                     model=toy.make_model, data=toy.make_data, loss=sample_loss, optimizer=sgd, steps=STEPS),
+        bb.CheckCase(
+            train=trainer(accelerate_like_body, data=toy.make_data, model=toy.make_model),
+            model=toy.make_model,
+            data=toy.make_data,
+            loss=sample_loss,
+            optimizer=sgd,
+            steps=STEPS,
+        ),
         splits=[(2, 5)],
-    )  # fmt: skip
+    )
     (result,) = report.splits
     assert toy.LOGICAL_BATCH_SIZE // 2 < 5  # premise: the data ends inside the window
     assert result.distance is not None and result.distance.max_rel > MISS
-    assert result.diagnosis is not None and result.diagnosis.matched[0] == "partial_window_scaled_by_n", report.table()
+    assert result.diagnosis is not None and result.diagnosis.matched[0] == "partial_window_scaled_by_n", (
+        report.table()
+    )
 
 
 @pytest.mark.parametrize("body", [exact_body], ids=["count-up-front"])

@@ -41,7 +41,10 @@ def main() -> None:
         trainer.fit()
         dist.destroy_process_group()
         code = 0
-    print(json.dumps({"rank": int(os.environ["RANK"]), "code": code, "gloo_threads": gloo_threads()}), flush=True)
+    print(
+        json.dumps({"rank": int(os.environ["RANK"]), "code": code, "gloo_threads": gloo_threads()}),
+        flush=True,
+    )
 
 
 if __name__ == "__main__":

@@ -20,7 +20,10 @@ def _entry(rank: int, fn: Callable[[int, int], Any], world: int, store: str, out
     if sys.platform == "linux":  # one machine: loopback, even where the hostname does not resolve
         os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
     dist.init_process_group(
-        "gloo", init_method=f"file://{store}", rank=rank, world_size=world,
+        "gloo",
+        init_method=f"file://{store}",
+        rank=rank,
+        world_size=world,
         timeout=datetime.timedelta(seconds=60),
     )
     try:
@@ -41,8 +44,9 @@ def run_on_ranks(fn: Callable[[int, int], Any], world: int = 2, timeout_s: float
     """
     with tempfile.TemporaryDirectory() as tmp:
         store = os.path.join(tmp, "store")
-        ctx = mp.start_processes(_entry, args=(fn, world, store, tmp), nprocs=world, join=False,
-                                 start_method="spawn")
+        ctx = mp.start_processes(
+            _entry, args=(fn, world, store, tmp), nprocs=world, join=False, start_method="spawn"
+        )
         try:
             import time
 

@@ -177,8 +177,9 @@ def _token_loop(model: nn.Module, acc: bb.Accumulator, rank: int, world: int) ->
 def ddp_token_loop(rank: int, world: int) -> dict[str, Any]:
     """Loop API, token counts as tensors, uneven micro-batches, a window cut short."""
     model = DDP(TinyLM())
-    acc = bb.Accumulator(model, optimizer(model), accumulation_steps=LOOP_ACCUMULATION_STEPS,
-                         max_grad_norm=MAX_GRAD_NORM)
+    acc = bb.Accumulator(
+        model, optimizer(model), accumulation_steps=LOOP_ACCUMULATION_STEPS, max_grad_norm=MAX_GRAD_NORM
+    )
     return _record(model.module, _token_loop(model, acc, rank, world))
 
 
@@ -227,8 +228,13 @@ def fsdp2_sample_step(rank: int, world: int) -> dict[str, Any]:
 def fsdp2_token_loop_sync_each(rank: int, world: int) -> dict[str, Any]:
     """Loop API with sync_each_micro_step=True: reduce-scatter every micro-step, flush works."""
     model = _shard_fsdp(TinyLM())
-    acc = bb.Accumulator(model, optimizer(model), accumulation_steps=LOOP_ACCUMULATION_STEPS,
-                         max_grad_norm=MAX_GRAD_NORM, sync_each_micro_step=True)
+    acc = bb.Accumulator(
+        model,
+        optimizer(model),
+        accumulation_steps=LOOP_ACCUMULATION_STEPS,
+        max_grad_norm=MAX_GRAD_NORM,
+        sync_each_micro_step=True,
+    )
     return _record(model, _token_loop(model, acc, rank, world))
 
 
@@ -279,8 +285,9 @@ def fsdp2_uneven_micro_steps(rank: int, world: int) -> dict[str, Any]:
 
 def _noise_record(model: nn.Module, stats: list[bb.StepStats]) -> dict[str, Any]:
     out = _record(model, stats)
-    out["noise"] = [None if s.noise is None else (s.noise.grad_norm_sq.item(), s.noise.trace_cov.item())
-                    for s in stats]
+    out["noise"] = [
+        None if s.noise is None else (s.noise.grad_norm_sq.item(), s.noise.trace_cov.item()) for s in stats
+    ]
     return out
 
 
@@ -289,14 +296,17 @@ def ddp_noise_sample_step(rank: int, world: int) -> dict[str, Any]:
     out: dict[Any, Any] = {}
     for measure in (False, True):
         model = DDP(mlp())
-        acc = bb.Accumulator(model, optimizer(model), micro_batch_size=2, max_grad_norm=MAX_GRAD_NORM,
-                             measure_noise=measure)
+        acc = bb.Accumulator(
+            model, optimizer(model), micro_batch_size=2, max_grad_norm=MAX_GRAD_NORM, measure_noise=measure
+        )
         out[measure] = _noise_record(
             model.module, [acc.step(shard(sample_batch(s), rank, world), sample_loss) for s in range(STEPS)]
         )
     model = DDP(mlp())
     acc = bb.Accumulator(model, optimizer(model), micro_batch_size=8, measure_noise=True)
-    out["one_micro_step"] = _noise_record(model.module, [acc.step(shard(sample_batch(0), rank, world), sample_loss)])
+    out["one_micro_step"] = _noise_record(
+        model.module, [acc.step(shard(sample_batch(0), rank, world), sample_loss)]
+    )
     return out
 
 
@@ -305,8 +315,13 @@ def ddp_noise_token_loop(rank: int, world: int) -> dict[str, Any]:
     out = {}
     for measure in (False, True):
         model = DDP(TinyLM())
-        acc = bb.Accumulator(model, optimizer(model), accumulation_steps=LOOP_ACCUMULATION_STEPS,
-                             max_grad_norm=MAX_GRAD_NORM, measure_noise=measure)
+        acc = bb.Accumulator(
+            model,
+            optimizer(model),
+            accumulation_steps=LOOP_ACCUMULATION_STEPS,
+            max_grad_norm=MAX_GRAD_NORM,
+            measure_noise=measure,
+        )
         out[measure] = _noise_record(model.module, _token_loop(model, acc, rank, world))
     return out
 
@@ -316,8 +331,9 @@ def fsdp2_noise_token_step(rank: int, world: int) -> dict[str, Any]:
     out = {}
     for measure in (False, True):
         model = _shard_fsdp(TinyLM())
-        acc = bb.Accumulator(model, optimizer(model), micro_batch_size=2, max_grad_norm=MAX_GRAD_NORM,
-                             measure_noise=measure)
+        acc = bb.Accumulator(
+            model, optimizer(model), micro_batch_size=2, max_grad_norm=MAX_GRAD_NORM, measure_noise=measure
+        )
         out[measure] = _noise_record(
             model, [acc.step(shard(token_batch(s), rank, world), token_loss) for s in range(STEPS)]
         )
@@ -329,8 +345,14 @@ def fsdp2_noise_token_loop_sync_each(rank: int, world: int) -> dict[str, Any]:
     out = {}
     for measure in (False, True):
         model = _shard_fsdp(TinyLM())
-        acc = bb.Accumulator(model, optimizer(model), accumulation_steps=LOOP_ACCUMULATION_STEPS,
-                             max_grad_norm=MAX_GRAD_NORM, sync_each_micro_step=True, measure_noise=measure)
+        acc = bb.Accumulator(
+            model,
+            optimizer(model),
+            accumulation_steps=LOOP_ACCUMULATION_STEPS,
+            max_grad_norm=MAX_GRAD_NORM,
+            sync_each_micro_step=True,
+            measure_noise=measure,
+        )
         out[measure] = _noise_record(model, _token_loop(model, acc, rank, world))
     return out
 
@@ -420,8 +442,13 @@ def fsdp2_batch_loss(rank: int, world: int) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for sync_each in (False, True):
         model = _shard_fsdp(TwoTower())
-        acc = bb.Accumulator(model, optimizer(model), micro_batch_size=3, max_grad_norm=MAX_GRAD_NORM,
-                             sync_each_micro_step=sync_each)
+        acc = bb.Accumulator(
+            model,
+            optimizer(model),
+            micro_batch_size=3,
+            max_grad_norm=MAX_GRAD_NORM,
+            sync_each_micro_step=sync_each,
+        )
         synced_early: list[bool] = []
 
         def watching_encode(model: nn.Module, batch, seen: list[bool] = synced_early):
@@ -504,8 +531,12 @@ def comm_rounds(rank: int, world: int) -> dict[str, Any]:
             acc = bb.Accumulator(model, opt, micro_batch_size=2)
             acc.step((x, y), sample_loss)
         n_params = sum(p.numel() for p in model.parameters())
-        out[way] = {"rounds": counter.rounds, "buckets": counter.buckets, "bytes": counter.bytes,
-                    "param_bytes": n_params * 8}
+        out[way] = {
+            "rounds": counter.rounds,
+            "buckets": counter.buckets,
+            "bytes": counter.bytes,
+            "param_bytes": n_params * 8,
+        }
     return out
 
 

@@ -46,7 +46,9 @@ def test_ddp_batch_loss_with_uneven_shares_matches_one_process(result):
     params, losses, norms = clip_oracle()
     assert_matches(per_rank, params, losses, norms)
     assert all(r["rounds"] == [1] * sc.STEPS for r in per_rank)  # one gradient all-reduce per step
-    assert abs(params[TEMPERATURE].item() - TwoTower().log_temperature.item()) > 1e-3  # premise: the temperature learnt
+    assert (
+        abs(params[TEMPERATURE].item() - TwoTower().log_temperature.item()) > 1e-3
+    )  # premise: the temperature learnt
 
 
 def test_fsdp2_batch_loss_with_uneven_shares_matches_one_process(result):
@@ -92,6 +94,9 @@ def test_an_encode_that_bypasses_the_ddp_wrapper_is_refused(result):
 
 def test_a_replay_that_differs_on_one_rank_raises_on_every_rank_and_leaves_them_in_step(result):
     per_rank = result("ddp_batch_loss_replay_differs_on_one_rank")
-    assert "micro-batch" in per_rank[1]["error"] and "random numbers the replay does not restore" in per_rank[1]["error"]
+    assert (
+        "micro-batch" in per_rank[1]["error"]
+        and "random numbers the replay does not restore" in per_rank[1]["error"]
+    )
     assert "on another rank" in per_rank[0]["error"]  # rank 0's own encode replayed exactly
     assert per_rank[0]["loss_after"] == per_rank[1]["loss_after"]  # the next step ran on both, together

@@ -38,7 +38,9 @@ def _train(model: nn.Module, rank: int, micro: int, **kwargs: Any) -> dict[str, 
     acc = bb.Accumulator(model, opt, micro_batch_size=micro, max_grad_norm=CLIP, **kwargs)
     for batch in _batches():
         acc.step(_share(batch, rank), _loss)
-    params = [(p.full_tensor() if hasattr(p, "full_tensor") else p).detach().clone() for p in model.parameters()]
+    params = [
+        (p.full_tensor() if hasattr(p, "full_tensor") else p).detach().clone() for p in model.parameters()
+    ]
     state = {
         k: {n: (v.full_tensor() if hasattr(v, "full_tensor") else v).clone() for n, v in s.items()}
         for k, s in opt.state_dict()["state"].items()

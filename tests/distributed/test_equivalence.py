@@ -49,7 +49,6 @@ def tokens_per_rank(batch, world=2):
     return [int((labels[list(shard_indices(len(labels), r, world))] != sc.PAD).sum()) for r in range(world)]
 
 
-
 def test_token_counts_differ_between_ranks():
     for step in range(sc.STEPS):
         a, b = tokens_per_rank(sc.token_batch(step))

@@ -40,7 +40,9 @@ def _train(rank: int, balancing: str, micro: int) -> dict[str, Any]:
     inner = model.module
     return {
         "params": [p.detach().clone() for p in inner.parameters()],
-        "moments": [(opt.state[p]["exp_avg"].clone(), opt.state[p]["exp_avg_sq"].clone()) for p in model.parameters()],
+        "moments": [
+            (opt.state[p]["exp_avg"].clone(), opt.state[p]["exp_avg_sq"].clone()) for p in model.parameters()
+        ],
         "loss": [s.loss.item() for s in stats],
         "micro_steps": [s.micro_steps for s in stats],
     }

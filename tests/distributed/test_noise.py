@@ -30,8 +30,9 @@ def sample_sum(model, piece):
 
 def token_sum(model, piece):
     tokens, labels = piece
-    loss = F.cross_entropy(model(tokens).reshape(-1, sc.VOCAB), labels.reshape(-1), ignore_index=sc.PAD,
-                           reduction="sum")
+    loss = F.cross_entropy(
+        model(tokens).reshape(-1, sc.VOCAB), labels.reshape(-1), ignore_index=sc.PAD, reduction="sum"
+    )
     return loss, int((labels != sc.PAD).sum())
 
 

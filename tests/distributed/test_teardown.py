@@ -24,15 +24,33 @@ pytestmark = pytest.mark.distributed
 
 
 def _gloo_threads_at_exit(mode: str, tmp_path) -> list[dict]:
-    overrides = [*TINY, f'run.dir="{tmp_path / mode}"', "train.steps=1", "batch.logical_batch_size=8",
-                 "batch.micro_batch_size=4", "train.sample_length=0", "train.eval_every=1"]  # fmt: skip
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
-           "-m", "tests.distributed.exit_worker", mode, *[f"--set={o}" for o in overrides]]  # fmt: skip
+    overrides = [
+        *TINY,
+        f'run.dir="{tmp_path / mode}"',
+        "train.steps=1",
+        "batch.logical_batch_size=8",
+        "batch.micro_batch_size=4",
+        "train.sample_length=0",
+        "train.eval_every=1",
+    ]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc-per-node=2",
+        "-m",
+        "tests.distributed.exit_worker",
+        mode,
+        *[f"--set={o}" for o in overrides],
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240, check=False)
     assert done.returncode == 0, done.stderr[-3000:]
     rows = [json.loads(line) for line in done.stdout.splitlines() if line.startswith('{"rank"')]
-    assert sorted(r["rank"] for r in rows) == [0, 1] and all(r["code"] == 0 for r in rows), done.stdout[-2000:]
+    assert sorted(r["rank"] for r in rows) == [0, 1] and all(r["code"] == 0 for r in rows), done.stdout[
+        -2000:
+    ]
     return rows
 
 

@@ -36,7 +36,9 @@ def sample_mean_loss(model: nn.Module, batch) -> torch.Tensor:
 class TwoTower(nn.Module):
     """A CLIP-like pair of encoders and a learnable temperature (1-D: FSDP2 shards no scalars)."""
 
-    def __init__(self, seed: int = 0, dropout: float = 0.0, d_image: int = 6, d_text: int = 4, d: int = 5) -> None:
+    def __init__(
+        self, seed: int = 0, dropout: float = 0.0, d_image: int = 6, d_text: int = 4, d: int = 5
+    ) -> None:
         super().__init__()
         torch.manual_seed(seed)
         self.image = nn.Sequential(nn.Linear(d_image, 8), nn.Tanh(), nn.Dropout(dropout), nn.Linear(8, d))

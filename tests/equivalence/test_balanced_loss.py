@@ -42,8 +42,11 @@ class TinyMoE(nn.Module):
 def data(step: int) -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(step)
     mask = (torch.arange(T)[None] < torch.randint(1, T + 1, (N,), generator=g)[:, None]).long()
-    return {"x": torch.randn(N, T, D, generator=g, dtype=torch.float64), "y": torch.randn(N, T, generator=g,
-            dtype=torch.float64), "mask": mask}  # fmt: skip
+    return {
+        "x": torch.randn(N, T, D, generator=g, dtype=torch.float64),
+        "y": torch.randn(N, T, generator=g, dtype=torch.float64),
+        "mask": mask,
+    }
 
 
 def token_loss(model, b):

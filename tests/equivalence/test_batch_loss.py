@@ -71,15 +71,17 @@ def test_clip_infonce_with_learnable_temperature_adamw_clipping_scheduler(n, mic
     ours = twin(ref)
     ref_opt, our_opt = adamw(ref), adamw(ours)
     ref_sched, our_sched = scheduler(ref_opt), scheduler(our_opt)
-    acc = bb.Accumulator(ours, our_opt, micro_batch_size=micro_batch_size, scheduler=our_sched,
-                         max_grad_norm=MAX_GRAD_NORM)
+    acc = bb.Accumulator(
+        ours, our_opt, micro_batch_size=micro_batch_size, scheduler=our_sched, max_grad_norm=MAX_GRAD_NORM
+    )
     norms = []
     temperature = ref.log_temperature.item()
     for step in range(3):
         batch = pair_data(n, seed=step)
         lr = ref_opt.param_groups[0]["lr"]
-        ref_loss, ref_norm = full_batch_step(ref, ref_opt, batch, full_clip, max_grad_norm=MAX_GRAD_NORM,
-                                             scheduler=ref_sched)
+        ref_loss, ref_norm = full_batch_step(
+            ref, ref_opt, batch, full_clip, max_grad_norm=MAX_GRAD_NORM, scheduler=ref_sched
+        )
         stats = acc.step(batch, CLIP)
         norms.append(ref_norm.item())
         assert max_param_diff(ref, ours) < TOL
@@ -127,9 +129,13 @@ def in_order_step(model, opt, batch, micro_batch_size):
     """The reference with randomness: encode the micro-batches in order with grad, one loss, one backward."""
     images, texts = batch
     opt.zero_grad(set_to_none=True)
-    parts = [noisy_encode(model, (i, t)) for i, t in
-             zip(images.split(micro_batch_size), texts.split(micro_batch_size))]
-    loss = clip_loss(torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts]), model.log_temperature)
+    parts = [
+        noisy_encode(model, (i, t))
+        for i, t in zip(images.split(micro_batch_size), texts.split(micro_batch_size))
+    ]
+    loss = clip_loss(
+        torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts]), model.log_temperature
+    )
     loss.backward()
     torch.nn.utils.clip_grad_norm_(model.parameters(), MAX_GRAD_NORM)
     opt.step()
@@ -161,7 +167,9 @@ def test_negative_control_a_gradient_pass_without_the_replay_misses(monkeypatch)
     ref = TwoTower(dropout=0.3)
     ours = twin(ref)
     run_noisy(ref, 3)
-    monkeypatch.setattr(oom.RngSnapshot, "restore", lambda self: None)  # bigbatch.losses.batch_loss replays with it
+    monkeypatch.setattr(
+        oom.RngSnapshot, "restore", lambda self: None
+    )  # bigbatch.losses.batch_loss replays with it
     with pytest.raises(bb.LossError, match="different representations in the gradient pass"):
         run_noisy(twin(ref), 3)  # the replay check sees the second pass differ
     run_noisy(ours, 3, batch_loss=dataclasses.replace(NOISY, check_replay=False))
@@ -187,7 +195,9 @@ def masked_loss(model, reps):
 def masked_oracle(model, batch):
     images, texts, valid = batch
     a, b = model.image(images), model.text(texts)
-    logits = (a / a.norm(dim=1, keepdim=True)) @ (b / b.norm(dim=1, keepdim=True)).T / model.log_temperature.exp()
+    logits = (
+        (a / a.norm(dim=1, keepdim=True)) @ (b / b.norm(dim=1, keepdim=True)).T / model.log_temperature.exp()
+    )
     keep = valid.bool()
     return F.cross_entropy(logits[keep], torch.arange(len(a))[keep])
 

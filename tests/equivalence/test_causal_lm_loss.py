@@ -26,7 +26,9 @@ def oracle_loss(model, batch):
     ids, mask = batch["input_ids"], batch["attention_mask"]
     labels = batch.get("labels", ids.masked_fill(mask == 0, -100))
     logits = model(input_ids=ids, attention_mask=mask).logits
-    return F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1), ignore_index=-100)
+    return F.cross_entropy(
+        logits[:, :-1].reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1), ignore_index=-100
+    )
 
 
 def oracle_step(model, optimizer, batch, max_grad_norm):
@@ -95,7 +97,9 @@ def test_readme_recipe_token_mean_with_its_count_is_exact(hf_offline):
         for piece in pieces:
             labels = piece["input_ids"].masked_fill(piece["attention_mask"] == 0, -100)
             with acc.accumulate():
-                out = model(input_ids=piece["input_ids"], attention_mask=piece["attention_mask"], labels=labels)
+                out = model(
+                    input_ids=piece["input_ids"], attention_mask=piece["attention_mask"], labels=labels
+                )
                 n_tokens = (labels[:, 1:] != -100).sum()  # the tokens the mean is over: shifted labels
                 # The classic error: the token mean passed as a mean over samples.
                 acc.backward(out.loss, count=n_tokens if exact else len(labels))
@@ -156,9 +160,15 @@ def test_scaled_logits_fall_back_to_the_models_logits_and_stay_exact():
 
     torch.manual_seed(0)
     config = GraniteConfig(
-        vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
-        num_key_value_heads=1, max_position_embeddings=64, logits_scaling=4.0,
-    )  # fmt: skip
+        vocab_size=64,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        max_position_embeddings=64,
+        logits_scaling=4.0,
+    )
     ref = hf_models.in_own_dtype(GraniteForCausalLM(config).double().train())
     batch = hf_models.padded_batch(LENGTHS, 64)
     assert "Chunked" not in type(bb.causal_lm_loss(ref, batch).total.grad_fn).__name__
@@ -193,9 +203,16 @@ def test_soft_capping_in_the_config_uses_the_models_logits():
 
     torch.manual_seed(0)
     config = Gemma2Config(
-        vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
-        num_key_value_heads=1, head_dim=8, final_logit_softcapping=0.5, max_position_embeddings=64,
-    )  # fmt: skip
+        vocab_size=64,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=8,
+        final_logit_softcapping=0.5,
+        max_position_embeddings=64,
+    )
     model = Gemma2ForCausalLM(config).double()
     batch = hf_models.padded_batch(LENGTHS, 64)
     out = bb.causal_lm_loss(model, batch)
@@ -231,8 +248,11 @@ def test_a_lora_wrapped_head_is_not_treated_as_a_plain_linear(hf_offline):
         ((torch.zeros(2, 3, dtype=torch.long),), "dict batch"),
         ({"input_ids": torch.zeros(2, 3, dtype=torch.long)}, "attention_mask"),
         (
-            {"input_ids": torch.zeros(2, 3, dtype=torch.long), "attention_mask": torch.ones(2, 3),
-             "labels": torch.zeros(2, 2, dtype=torch.long)},
+            {
+                "input_ids": torch.zeros(2, 3, dtype=torch.long),
+                "attention_mask": torch.ones(2, 3),
+                "labels": torch.zeros(2, 2, dtype=torch.long),
+            },
             "line up",
         ),
     ],

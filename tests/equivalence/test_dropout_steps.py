@@ -39,7 +39,9 @@ class Dropouts(nn.Module):
         self.drop = nn.Dropout(0.3)
         self.channels = nn.Dropout1d(0.25)
         self.alpha = nn.AlphaDropout(0.2)
-        self.qkv = nn.Linear(4, 12, bias=False)  # a key bias has a zero gradient: Adam would amplify its rounding
+        self.qkv = nn.Linear(
+            4, 12, bias=False
+        )  # a key bias has a zero gradient: Adam would amplify its rounding
         self.head = nn.Linear(16, 3)
         self.to(DTYPE)
 
@@ -65,7 +67,9 @@ def _batches(steps: int = STEPS) -> list[tuple[torch.Tensor, torch.Tensor]]:
     return [_data(seed=s + 1) for s in range(steps)]
 
 
-def _oracle(model: nn.Module, batches, loss=_loss, lr: float = 0.05) -> tuple[nn.Module, torch.optim.Optimizer]:
+def _oracle(
+    model: nn.Module, batches, loss=_loss, lr: float = 0.05
+) -> tuple[nn.Module, torch.optim.Optimizer]:
     """Full-batch steps written out: zero_grad, one forward over the batch, backward, clip, AdamW."""
     model = twin(model)
     opt = torch.optim.AdamW(model.parameters(), lr=lr)
@@ -94,7 +98,9 @@ def _bigbatch(model: nn.Module, batches, micro, loss=_loss, lr: float = 0.05, **
     return model, opt, acc
 
 
-def _assert_same(a: tuple[nn.Module, torch.optim.Optimizer], b: tuple[nn.Module, torch.optim.Optimizer]) -> None:
+def _assert_same(
+    a: tuple[nn.Module, torch.optim.Optimizer], b: tuple[nn.Module, torch.optim.Optimizer]
+) -> None:
     assert max_param_diff(a[0], b[0]) < TOL
     assert max_state_diff(a[1], b[1]) < TOL
 
@@ -124,8 +130,9 @@ def test_the_loop_api_with_samples_equals_the_full_batch_step():
     opt = torch.optim.AdamW(model.parameters(), lr=0.05)
     sizes = [3, 1, 4]
     assert len(set(sizes)) > 1 and sum(sizes) == N
-    acc = bb.Accumulator(model, opt, accumulation_steps=len(sizes), max_grad_norm=CLIP,
-                         split_invariant_dropout=True, seed=SEED)  # fmt: skip
+    acc = bb.Accumulator(
+        model, opt, accumulation_steps=len(sizes), max_grad_norm=CLIP, split_invariant_dropout=True, seed=SEED
+    )
     for x, y in batches:
         first = 0
         for m in sizes:
@@ -146,7 +153,9 @@ def test_state_dict_carries_the_seed_and_a_resumed_run_draws_the_same_masks():
     resumed_model = twin(first[0])
     opt = torch.optim.AdamW(resumed_model.parameters(), lr=0.05)
     opt.load_state_dict(first[1].state_dict())
-    acc = bb.Accumulator(resumed_model, opt, micro_batch_size=2, max_grad_norm=CLIP, split_invariant_dropout=True)
+    acc = bb.Accumulator(
+        resumed_model, opt, micro_batch_size=2, max_grad_norm=CLIP, split_invariant_dropout=True
+    )
     assert acc.state_dict()["dropout"]["seed"] != SEED  # drawn, not given
     acc.load_state_dict(first[2].state_dict())
     for batch in batches[2:]:
@@ -164,8 +173,10 @@ def test_checkpointed_blocks_equal_the_full_batch_step():
         return F.cross_entropy(m(x), y)
 
     g = torch.Generator().manual_seed(3)
-    batches = [(torch.randn(N, 8, generator=g, dtype=DTYPE), torch.randint(0, 3, (N,), generator=g))
-               for _ in range(2)]  # fmt: skip
+    batches = [
+        (torch.randn(N, 8, generator=g, dtype=DTYPE), torch.randint(0, 3, (N,), generator=g))
+        for _ in range(2)
+    ]
     oracle = _oracle(model, batches, loss)
     checkpointed = twin(model)
     assert bb.checkpoint_blocks(checkpointed)
@@ -192,7 +203,9 @@ class _OOMAbove(nn.Module):
 def test_an_oom_retry_gives_the_update_of_a_run_that_never_hit_the_oom():
     model, batches = _OOMAbove(most=3), _batches()
     retried = _bigbatch(model, batches, "auto", split_invariant_dropout=True, seed=SEED)
-    assert retried[0].sizes[:3] == [N, N // 2, N // 4] and retried[2].state_dict()["auto_micro_batch_size"] == 2
+    assert (
+        retried[0].sizes[:3] == [N, N // 2, N // 4] and retried[2].state_dict()["auto_micro_batch_size"] == 2
+    )
     clean = _bigbatch(model, batches, 2, split_invariant_dropout=True, seed=SEED)
     for p, q in zip(retried[0].parameters(), clean[0].parameters()):
         assert torch.equal(p, q)  # the very same update, bit for bit
@@ -226,8 +239,13 @@ def test_a_hugging_face_gpt2_with_its_default_dropout_micro_1_3_and_whole(attent
     from ..hf_models import padded_batch
 
     config = transformers.GPT2Config(
-        vocab_size=40, n_positions=16, n_embd=8, n_layer=2, n_head=2, attn_implementation=attention,
-    )  # fmt: skip
+        vocab_size=40,
+        n_positions=16,
+        n_embd=8,
+        n_layer=2,
+        n_head=2,
+        attn_implementation=attention,
+    )
     assert config.resid_pdrop == config.embd_pdrop == config.attn_pdrop == 0.1  # the defaults, on
     torch.manual_seed(0)
     model = transformers.GPT2LMHeadModel(config).to(DTYPE).train()
@@ -235,7 +253,9 @@ def test_a_hugging_face_gpt2_with_its_default_dropout_micro_1_3_and_whole(attent
     batches = [padded_batch(lengths, config.vocab_size, seed=s) for s in range(STEPS)]
     oracle = _oracle(model, batches, bb.causal_lm_loss, lr=0.01)
     for micro in (1, 3, N):
-        got = _bigbatch(model, batches, micro, bb.causal_lm_loss, lr=0.01, split_invariant_dropout=True, seed=SEED)
+        got = _bigbatch(
+            model, batches, micro, bb.causal_lm_loss, lr=0.01, split_invariant_dropout=True, seed=SEED
+        )
         _assert_same(got[:2], oracle)
     torch.manual_seed(0)
     plain_whole = _bigbatch(model, batches, N, bb.causal_lm_loss, lr=0.01)

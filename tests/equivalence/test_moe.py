@@ -64,9 +64,17 @@ def test_the_hand_written_loss_is_transformers_out_loss(kind):
 
 @pytest.mark.parametrize(
     ("kind", "top_k", "micro"),
-    [("mixtral", 2, 1), ("mixtral", 2, 3), ("mixtral", 2, N), ("mixtral", 1, 3), ("qwen2_moe", 1, 3),
-     ("olmoe", 1, N), ("olmoe", 2, 3), ("qwen3_moe", 2, 3)],
-)  # fmt: skip
+    [
+        ("mixtral", 2, 1),
+        ("mixtral", 2, 3),
+        ("mixtral", 2, N),
+        ("mixtral", 1, 3),
+        ("qwen2_moe", 1, 3),
+        ("olmoe", 1, N),
+        ("olmoe", 2, 3),
+        ("qwen3_moe", 2, 3),
+    ],
+)
 def test_exact_step_equals_the_full_batch_step_on_out_loss(references, kind, top_k, micro):
     assert micro in (1, N) or N % micro != 0  # the split is uneven
     ref, ref_opt = references(kind, top_k)
@@ -75,7 +83,9 @@ def test_exact_step_equals_the_full_batch_step_on_out_loss(references, kind, top
     assert all(s.grad_norm.item() > mm.MAX_NORM for s in stats)  # premise: clipping acted
     assert stats[0].micro_steps == -(-N // micro)
     first = mm.build(kind, top_k)
-    assert abs(stats[0].loss.item() - mm.full_loss(first, mm.batch(0, N)).item()) < TOL  # stats.loss is out.loss
+    assert (
+        abs(stats[0].loss.item() - mm.full_loss(first, mm.batch(0, N)).item()) < TOL
+    )  # stats.loss is out.loss
 
 
 def first_gradient(model, loss_of_window) -> list[torch.Tensor]:
@@ -135,8 +145,10 @@ def test_negative_controls_miss_by_a_stated_margin():
             loss = mm.full_loss(m, p, with_aux=False)
             (loss * tokens(p) / total).backward()
 
-    misses = {name: relative_error(first_gradient(model, fn), ref)
-              for name, fn in [("classic", classic), ("running", running), ("token", token_loss_only)]}  # fmt: skip
+    misses = {
+        name: relative_error(first_gradient(model, fn), ref)
+        for name, fn in [("classic", classic), ("running", running), ("token", token_loss_only)]
+    }
     assert all(miss > MARGIN for miss in misses.values()), misses
 
     def aux_only(m):  # the full batch's balancing term alone
@@ -154,7 +166,9 @@ def test_micro_balances_each_micro_batch_and_equals_exact_on_one_micro_batch():
     whole_exact, opt_e, _ = exact_steps("mixtral", 2, N)
     assert mm.worst_difference(whole_micro, opt_m, whole_exact, opt_e) < TOL
     split, opt_s, _ = exact_steps("mixtral", 2, 3, loss=micro)
-    assert mm.worst_difference(split, opt_s, whole_exact, opt_e) > 1e-4  # per micro-batch: not the full batch's
+    assert (
+        mm.worst_difference(split, opt_s, whole_exact, opt_e) > 1e-4
+    )  # per micro-batch: not the full batch's
 
 
 def test_router_jitter_is_replayed_in_the_gradient_pass():
@@ -184,7 +198,9 @@ def test_expert_load_is_recorded_per_layer():
     for layer, logits in enumerate(out.router_logits):
         chosen = logits[mask].argmax(-1)
         shares = torch.bincount(chosen, minlength=4).double() / mask.sum()
-        assert sums.expert_load()[layer] == pytest.approx((shares.max().item(), shares.min().item()), abs=1e-12)
+        assert sums.expert_load()[layer] == pytest.approx(
+            (shares.max().item(), shares.min().item()), abs=1e-12
+        )
 
 
 def test_an_moe_model_bigbatch_does_not_know_is_refused_naming_the_dropped_term():

@@ -164,13 +164,17 @@ def test_fp16_autocast_over_bf16_parameters_unscales_the_float32_sums():
 def test_fp16_precision_refuses_fp16_parameters():
     model = nn.Linear(4, 3).half()
     with pytest.raises(bb.ConfigError, match="float32 parameters"):
-        bb.Accumulator(model, torch.optim.SGD(model.parameters(), lr=0.1), micro_batch_size=2, precision="fp16")
+        bb.Accumulator(
+            model, torch.optim.SGD(model.parameters(), lr=0.1), micro_batch_size=2, precision="fp16"
+        )
 
 
 def test_fp16_skips_a_window_without_items_and_steps_the_next():
     torch.manual_seed(0)
     model = nn.Linear(4, 3)
-    acc = bb.Accumulator(model, torch.optim.SGD(model.parameters(), lr=0.1), micro_batch_size=2, precision="fp16")
+    acc = bb.Accumulator(
+        model, torch.optim.SGD(model.parameters(), lr=0.1), micro_batch_size=2, precision="fp16"
+    )
     x, y = classification_data(4)
     x = x.float()
 
@@ -192,8 +196,9 @@ def test_fp16_scaler_state_survives_a_state_dict_round_trip():
 
     def make():
         model = nn.Linear(4, 3)
-        return bb.Accumulator(model, torch.optim.SGD(model.parameters(), lr=0.1), micro_batch_size=2,
-                              precision="fp16")
+        return bb.Accumulator(
+            model, torch.optim.SGD(model.parameters(), lr=0.1), micro_batch_size=2, precision="fp16"
+        )
 
     acc = make()
     acc.step((x, y), lambda m, b: F.cross_entropy(m(b[0]).float(), b[1]) * float("inf"))
@@ -204,4 +209,3 @@ def test_fp16_scaler_state_survives_a_state_dict_round_trip():
     resumed = make()
     resumed.load_state_dict(saved)
     assert resumed._scaler.get_scale() == acc._scaler.get_scale() == 65536.0 / 2
-

@@ -202,7 +202,9 @@ def test_reported_loss_and_norm_are_the_full_batch_ones_whatever_the_split():
     norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in ref.parameters()]))
     for micro_batch_size in (1, 3, 16):
         model = mlp()
-        acc = bb.Accumulator(model, torch.optim.SGD(model.parameters(), lr=0.1), micro_batch_size=micro_batch_size)
+        acc = bb.Accumulator(
+            model, torch.optim.SGD(model.parameters(), lr=0.1), micro_batch_size=micro_batch_size
+        )
         stats = acc.step(batch, sample_mean_loss)
         assert abs(stats.loss.item() - loss.item()) < TOL and abs(stats.grad_norm.item() - norm.item()) < TOL
     # Negative control: the mean of the micro-batches' means (5 of 3 and one of 1) is not the batch's mean.

@@ -29,7 +29,9 @@ def read_only(path: Path):
     """`path` (a folder) and everything in it read-only for this process, then as before."""
     if os.geteuid() != 0:
         modes = {p: p.stat().st_mode for p in [path, *path.rglob("*")]}
-        for p, mode in sorted(modes.items(), key=lambda item: -len(item[0].parts)):  # files before their folder
+        for p, mode in sorted(
+            modes.items(), key=lambda item: -len(item[0].parts)
+        ):  # files before their folder
             p.chmod(mode & ~0o222)
         try:
             yield "chmod a-w"

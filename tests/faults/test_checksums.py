@@ -65,8 +65,12 @@ def test_flipped_bytes_anywhere_in_a_checkpoint_file_are_caught_and_skipped(two_
     _, run = two_checkpoints
     newest = list_checkpoints(run / "checkpoints")[-1][1]
     size = newest.stat().st_size
-    offsets = {"zip header": 0, "an AdamW exp_avg_sq": _exp_avg_sq_offset(newest), "the middle": size // 2,
-               "the zip directory at the end": size - FLIP}  # fmt: skip
+    offsets = {
+        "zip header": 0,
+        "an AdamW exp_avg_sq": _exp_avg_sq_offset(newest),
+        "the middle": size // 2,
+        "the zip directory at the end": size - FLIP,
+    }
     for where, offset in offsets.items():
         copy = _copy(run, f"flip-{offset}")
         damaged = copy / "checkpoints" / newest.name
@@ -74,9 +78,9 @@ def test_flipped_bytes_anywhere_in_a_checkpoint_file_are_caught_and_skipped(two_
         with pytest.warns(CheckpointWarning) as seen:
             path, state = newest_valid_checkpoint(copy / "checkpoints")
         message = str(seen[0].message)
-        assert message.startswith(f"checkpoint {damaged} cannot be loaded (its content does not match its SHA-256"), (
-            where, message
-        )
+        assert message.startswith(
+            f"checkpoint {damaged} cannot be loaded (its content does not match its SHA-256"
+        ), (where, message)
         assert path.name == "step-0000002.pt" and state["step"] == 2, where
 
     # Negative control: torch.load checks no data; the tensor flip loads silently, 64 bytes changed.
@@ -100,13 +104,17 @@ def test_a_resume_past_a_damaged_checkpoint_is_bit_identical_to_one_from_the_pre
     for path in (previous / "checkpoints").glob("step-0000004.pt*"):
         path.unlink()  # resumed from step 2 on purpose
     config = TrainConfig.load(overrides=[*overrides, "train.steps=6"])
-    with pytest.warns(CheckpointWarning, match=r"step-0000004\.pt cannot be loaded \(its content does not match"):
+    with pytest.warns(
+        CheckpointWarning, match=r"step-0000004\.pt cannot be loaded \(its content does not match"
+    ):
         resumed = Trainer(config, resume=damaged)
     assert resumed.step == 2
     resumed.fit()
     on_purpose = Trainer(config, resume=previous)
     on_purpose.fit()
-    a, b = (torch.load(list_checkpoints(r / "checkpoints")[-1][1], weights_only=True) for r in (damaged, previous))
+    a, b = (
+        torch.load(list_checkpoints(r / "checkpoints")[-1][1], weights_only=True) for r in (damaged, previous)
+    )
     assert a["step"] == b["step"] == 6
     for key in a["model"]:
         assert torch.equal(a["model"][key], b["model"][key]), key
@@ -114,7 +122,9 @@ def test_a_resume_past_a_damaged_checkpoint_is_bit_identical_to_one_from_the_pre
         for name, value in s.items():
             assert torch.equal(value, b["optimizer"]["state"][pid][name]), (pid, name)
     # The damaged checkpoint was replaced by a good one at step 4 (it verifies, and holds the other run's model).
-    step4 = {r: torch.load(r / "checkpoints" / "step-0000004.pt", weights_only=True) for r in (damaged, previous)}
+    step4 = {
+        r: torch.load(r / "checkpoints" / "step-0000004.pt", weights_only=True) for r in (damaged, previous)
+    }
     assert all(torch.equal(step4[damaged]["model"][k], v) for k, v in step4[previous]["model"].items())
     with warnings.catch_warnings():
         warnings.simplefilter("error")
@@ -137,10 +147,14 @@ def test_a_checkpoint_from_before_checksums_loads_with_a_one_line_notice(two_che
         warnings.simplefilter("always")
         resumed = Trainer(TrainConfig.load(overrides=[*overrides, "train.steps=6"]), resume=run)
     notices = [w for w in seen if issubclass(w.category, UnverifiedCheckpointWarning)]
-    assert resumed.step == 4 and len(notices) == 1 and not [w for w in seen if w.category is CheckpointWarning]
+    assert (
+        resumed.step == 4 and len(notices) == 1 and not [w for w in seen if w.category is CheckpointWarning]
+    )
     message = str(notices[0].message)
-    assert "\n" not in message and message.endswith("step-0000004.pt has no checksum (written before bigbatch "
-                                                    "verified checkpoints); loading it unverified.")  # fmt: skip
+    assert "\n" not in message and message.endswith(
+        "step-0000004.pt has no checksum (written before bigbatch "
+        "verified checkpoints); loading it unverified."
+    )
     resumed.fit()  # and what it writes now carries a checksum
     assert sidecar_path(list_checkpoints(run / "checkpoints")[-1][1]).is_file()
 
@@ -154,7 +168,9 @@ def _sharded_step(folder: Path, step: int, model: nn.Module, optimizer: torch.op
     return path
 
 
-@pytest.mark.filterwarnings("ignore:torch.distributed is disabled:UserWarning")  # DCP in one process, on purpose
+@pytest.mark.filterwarnings(
+    "ignore:torch.distributed is disabled:UserWarning"
+)  # DCP in one process, on purpose
 def test_flipped_bytes_in_an_fsdp2_step_folder_are_caught_in_every_file(tmp_path):
     torch.manual_seed(0)
     model = nn.Linear(64, 64)
@@ -166,13 +182,20 @@ def test_flipped_bytes_in_an_fsdp2_step_folder_are_caught_in_every_file(tmp_path
     files = sorted(p.name for p in newest.iterdir())
     assert MANIFEST in files and "__0_0.distcp" in files and ".metadata" in files
     shard_size = (newest / "__0_0.distcp").stat().st_size
-    cases = [("__0_0.distcp", 0), ("__0_0.distcp", shard_size // 2), ("__0_0.distcp", shard_size - FLIP),
-             (".metadata", 0), ("trainer.pt", 0)]  # fmt: skip
+    cases = [
+        ("__0_0.distcp", 0),
+        ("__0_0.distcp", shard_size // 2),
+        ("__0_0.distcp", shard_size - FLIP),
+        (".metadata", 0),
+        ("trainer.pt", 0),
+    ]
     for i, (name, offset) in enumerate(cases):
         copy = tmp_path / f"case{i}"
         shutil.copytree(tmp_path / "base", copy)
         _flip(copy / newest.name / name, offset)
-        with pytest.warns(CheckpointWarning, match=rf"step-0000002 cannot be loaded \({name} does not match its SHA-256"):
+        with pytest.warns(
+            CheckpointWarning, match=rf"step-0000002 cannot be loaded \({name} does not match its SHA-256"
+        ):
             path, state = newest_valid_checkpoint(copy)
         assert path.name == "step-0000001" and state["step"] == 1, (name, offset)
     # Negative control: the shard flipped in the middle loads silently without the check.
@@ -205,10 +228,18 @@ def test_fsdp2_resume_past_a_flipped_shard_continues_bit_identically(fsdp2_run):
 
 
 def test_save_checkpoint_writes_the_pair_atomically_and_prunes_orphans(tmp_path):
-    state = {"step": 1, "model": {"w": torch.ones(3)}, "optimizer": {}, "accumulator": {}, "rng": [],
-             "samples_seen": 1}  # fmt: skip
+    state = {
+        "step": 1,
+        "model": {"w": torch.ones(3)},
+        "optimizer": {},
+        "accumulator": {},
+        "rng": [],
+        "samples_seen": 1,
+    }
     final = save_checkpoint(tmp_path, 1, state, keep=1)
     assert sidecar_path(final).read_text().endswith(f"  {final.name}\n")
-    (tmp_path / "step-0000000.pt.sha256").write_text("x")  # a sidecar whose file was never renamed in (a kill)
+    (tmp_path / "step-0000000.pt.sha256").write_text(
+        "x"
+    )  # a sidecar whose file was never renamed in (a kill)
     save_checkpoint(tmp_path, 2, {**state, "step": 2}, keep=1)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["step-0000002.pt", "step-0000002.pt.sha256"]

@@ -41,7 +41,10 @@ def test_the_logical_batch_must_fit_in_the_training_split(tiny, tmp_path):
     with pytest.raises(ConfigError, match=r"has 90 training samples .*fewer than a logical batch of 128"):
         Trainer(TrainConfig.load(overrides=[*tiny, f"task.data={data}", "batch.logical_batch_size=128"]))
     # Control: the same data with a batch it holds.
-    assert Trainer(TrainConfig.load(overrides=[*tiny, f"task.data={data}", "batch.logical_batch_size=90"])).step == 0
+    assert (
+        Trainer(TrainConfig.load(overrides=[*tiny, f"task.data={data}", "batch.logical_batch_size=90"])).step
+        == 0
+    )
 
 
 def test_a_tiny_validation_part_warns_with_its_size(tmp_path):
@@ -63,8 +66,10 @@ def test_a_micro_batch_larger_than_the_batch_is_reported_as_what_runs(tiny, caps
     big = Trainer(TrainConfig.load(overrides=[*overrides, "batch.micro_batch_size=64", "run.name=big"]))
     big.fit()
     out = capsys.readouterr().out
-    assert ("logical batch 32 = micro-batch 32 x 1 accumulation steps (batch.micro_batch_size = 64 is more than a "
-            "rank's share of the logical batch)") in out  # fmt: skip
+    assert (
+        "logical batch 32 = micro-batch 32 x 1 accumulation steps (batch.micro_batch_size = 64 is more than a "
+        "rank's share of the logical batch)"
+    ) in out
     same = Trainer(TrainConfig.load(overrides=[*overrides, "batch.micro_batch_size=32", "run.name=same"]))
     same.fit()
     assert "(batch.micro_batch_size" not in capsys.readouterr().out
@@ -102,8 +107,11 @@ def test_an_optimizer_of_another_model_is_a_config_error(monkeypatch):
 
 def test_an_optimizer_missing_some_trainable_parameters_warns_naming_them():
     model = _model()
-    with pytest.warns(bb.AccumulationWarning, match=r"2 of the model's 4 trainable parameters are not in the "
-                                                    r"optimizer \(0.weight, 0.bias\)"):  # fmt: skip
+    with pytest.warns(
+        bb.AccumulationWarning,
+        match=r"2 of the model's 4 trainable parameters are not in the "
+        r"optimizer \(0.weight, 0.bias\)",
+    ):
         bb.Accumulator(model, torch.optim.SGD(model[2].parameters(), lr=0.1), micro_batch_size=4)
     # Controls: frozen parameters left out, or extra parameters the loss uses (a temperature), are fine.
     for p in model[0].parameters():
@@ -111,12 +119,14 @@ def test_an_optimizer_missing_some_trainable_parameters_warns_naming_them():
     temperature = nn.Parameter(torch.ones(()))
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        bb.Accumulator(model, torch.optim.SGD([*model[2].parameters(), temperature], lr=0.1), micro_batch_size=4)
+        bb.Accumulator(
+            model, torch.optim.SGD([*model[2].parameters(), temperature], lr=0.1), micro_batch_size=4
+        )
 
 
 def test_a_bool_micro_batch_size_is_refused():
     model = _model()
-    with pytest.raises(ConfigError, match="micro_batch_size must be an integer >= 1 or \"auto\", got True"):
+    with pytest.raises(ConfigError, match='micro_batch_size must be an integer >= 1 or "auto", got True'):
         bb.Accumulator(model, torch.optim.SGD(model.parameters(), lr=0.1), micro_batch_size=True)
     with pytest.raises(ConfigError, match=re.escape("batch.micro_batch_size = True is not valid")):
         TrainConfig.load(overrides=["batch.micro_batch_size=true"])

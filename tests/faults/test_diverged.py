@@ -39,7 +39,9 @@ def test_a_run_that_ends_diverged_writes_summary_and_plot_and_says_so(tiny, caps
 
 
 def test_a_run_stopped_by_nonfinite_steps_still_writes_its_summary_and_plot(tiny, capsys):
-    config = TrainConfig.load(overrides=[*tiny, "train.steps=8", "train.max_nonfinite_steps=2", "run.name=stop"])
+    config = TrainConfig.load(
+        overrides=[*tiny, "train.steps=8", "train.max_nonfinite_steps=2", "run.name=stop"]
+    )
     trainer = Trainer(config, task=_Poisoned(bad={1, 2}))
     with pytest.raises(NonFiniteLossError, match="2 optimizer steps in a row"):
         trainer.fit()

@@ -36,7 +36,9 @@ def _same_training(a, b):
             assert torch.equal(value, b["optimizer"]["state"][pid][name]), (pid, name)
 
 
-def test_disk_full_at_a_checkpoint_is_one_line_and_loses_nothing(tiny, small_disk, tmp_path, monkeypatch, capsys):
+def test_disk_full_at_a_checkpoint_is_one_line_and_loses_nothing(
+    tiny, small_disk, tmp_path, monkeypatch, capsys
+):
     root = small_disk if small_disk is not None else tmp_path / "runs"
     overrides = [*tiny, f'run.dir="{root}"', "train.steps=4", "checkpoint.every=2", "checkpoint.keep=3"]
     sets = [f"--set={o}" for o in overrides]
@@ -67,7 +69,9 @@ def test_disk_full_at_a_checkpoint_is_one_line_and_loses_nothing(tiny, small_dis
         f"bigbatch train --resume {run}."
     )
     names = sorted(p.name for p in (run / "checkpoints").iterdir())
-    assert [n for n in names if not n.endswith(".sha256")] == ["step-0000002.pt"], names  # no temporary file left
+    assert [n for n in names if not n.endswith(".sha256")] == ["step-0000002.pt"], (
+        names
+    )  # no temporary file left
     assert list_checkpoints(run / "checkpoints")[-1][0] == 2
 
     # The fault goes away; the run continues to the same parameters as one never stopped.
@@ -111,8 +115,10 @@ def test_a_new_run_in_a_read_only_folder(tiny, tmp_path, capsys):
         assert main(["train", "--set", f"run.dir={parent}", "--name", "x", "--steps", "1", *sets]) == 1
     line = _one_error_line(capsys.readouterr().err)
     assert line.startswith(f"bigbatch train: error: creating the run folder failed on {parent}/x: ")
-    assert line.endswith("Nothing was written. To go on: make that folder writable (or set run.dir to a folder "
-                         "you can write to).")  # fmt: skip
+    assert line.endswith(
+        "Nothing was written. To go on: make that folder writable (or set run.dir to a folder "
+        "you can write to)."
+    )
     assert list(parent.iterdir()) == []
 
 
@@ -146,7 +152,9 @@ def test_a_storage_error_crosses_ranks_whole():
 
     from bigbatch.train.rundir import RunStorageError
 
-    error = RunStorageError("creating the run folder", Path("runs/x"), OSError(errno.EROFS, "Read-only file system"))
+    error = RunStorageError(
+        "creating the run folder", Path("runs/x"), OSError(errno.EROFS, "Read-only file system")
+    )
     copy = pickle.loads(pickle.dumps(error))
     assert type(copy) is RunStorageError and str(copy) == str(error) == (
         "creating the run folder failed on runs/x: Read-only file system. To go on: make that folder writable "

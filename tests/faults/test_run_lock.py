@@ -25,7 +25,9 @@ def test_a_second_lock_on_a_folder_is_refused_naming_the_holder(tmp_path):
     first.acquire()
     holder = (tmp_path / RUN_LOCK).read_text()
     assert holder.startswith(f"pid {os.getpid()} on {socket.gethostname()}, since ")
-    with pytest.raises(RunInUseError, match=rf"in use by another bigbatch run \(pid {os.getpid()} .*this process"):
+    with pytest.raises(
+        RunInUseError, match=rf"in use by another bigbatch run \(pid {os.getpid()} .*this process"
+    ):
         second.acquire()
     first.release()
     second.acquire()  # negative control: once let go, it is free
@@ -51,8 +53,9 @@ def test_two_concurrent_processes_one_is_refused_and_a_killed_holder_frees_the_f
     sets = [f"--set={o}" for o in overrides]
     run = Path(TrainConfig.load(overrides=overrides).run.dir) / "twin"
     cmd = [sys.executable, "-m", "bigbatch", "train", *sets, "--name", "twin"]
-    holder = subprocess.Popen(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.DEVNULL,
-                              stderr=subprocess.DEVNULL)  # fmt: skip
+    holder = subprocess.Popen(
+        cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     try:
         deadline = time.monotonic() + 120
         while not list_checkpoints(run / "checkpoints") and time.monotonic() < deadline:
@@ -88,8 +91,8 @@ def test_under_torchrun_rank_0_takes_the_lock_and_every_rank_stops_if_it_cannot(
     done = torchrun_train([*tiny, "train.steps=2"], "--name", "held")
     assert done.returncode != 0
     errors = [line for line in done.stderr.splitlines() if line.startswith("bigbatch train: error:")]
-    assert len(errors) == 2 and all(f"in use by another bigbatch run (pid {os.getpid()} " in e for e in errors), (
-        done.stderr[-3000:]
-    )
+    assert len(errors) == 2 and all(
+        f"in use by another bigbatch run (pid {os.getpid()} " in e for e in errors
+    ), done.stderr[-3000:]
     assert sorted(p.name for p in run.iterdir()) == [RUN_LOCK]  # nothing written
     lock.release()

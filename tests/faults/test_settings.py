@@ -17,13 +17,24 @@ TRAIN_DOC = Path(__file__).resolve().parents[2] / "docs" / "train.md"  # the set
 
 FLOAT_SETTINGS = sorted(
     {s.key for s in general_settings() if isinstance(s.default, float)}
-    | {f"{s.key}@{task}" for task in ("text", "digits") for s in task_settings(task) if isinstance(s.default, float)}
+    | {
+        f"{s.key}@{task}"
+        for task in ("text", "digits")
+        for s in task_settings(task)
+        if isinstance(s.default, float)
+    }
 )
 
 
 def test_the_premise_there_are_float_settings_in_every_place():
-    assert {"optim.lr", "optim.max_grad_norm", "optim.beta2", "task.dropout@text", "task.val_fraction@text",
-            "task.dropout@digits"} <= set(FLOAT_SETTINGS)  # fmt: skip
+    assert {
+        "optim.lr",
+        "optim.max_grad_norm",
+        "optim.beta2",
+        "task.dropout@text",
+        "task.val_fraction@text",
+        "task.dropout@digits",
+    } <= set(FLOAT_SETTINGS)
 
 
 @pytest.mark.parametrize("value", ["inf", "-inf", "nan"])
@@ -58,7 +69,12 @@ def test_every_key_and_every_task_option_is_documented():
     undocumented += [f"{s.key} ({task})" for task in TASK_NAMES for s in task_settings(task) if not s.doc]
     assert undocumented == []
     keys = {s.key for s in general_settings()}
-    assert {"optim.lr", "train.timeout", "checkpoint.keep", "run.dir"} <= keys  # the premise: the listing sees them
+    assert {
+        "optim.lr",
+        "train.timeout",
+        "checkpoint.keep",
+        "run.dir",
+    } <= keys  # the premise: the listing sees them
 
 
 def test_list_settings_prints_every_key_with_its_default(capsys):
@@ -82,16 +98,28 @@ def test_the_documented_settings_table_is_the_generated_one():
     text = TRAIN_DOC.read_text(encoding="utf-8")
     begin = text.index("<!-- settings:")
     table = text[text.index("\n", begin) + 1 : text.index("<!-- end of settings -->")].strip()
-    assert table == settings_markdown(), "docs/train.md's settings table is stale: paste `bigbatch train --list-settings markdown`"
+    assert table == settings_markdown(), (
+        "docs/train.md's settings table is stale: paste `bigbatch train --list-settings markdown`"
+    )
 
 
 def test_config_toml_has_no_none_strings_and_loads_back_equal(tmp_path):
-    config = TrainConfig.load(overrides=["optim.max_grad_norm=none", "batch.logical_batch_size=none",
-                                         "batch.accumulation_steps=4", 'task.data="none.txt"'])  # fmt: skip
+    config = TrainConfig.load(
+        overrides=[
+            "optim.max_grad_norm=none",
+            "batch.logical_batch_size=none",
+            "batch.accumulation_steps=4",
+            'task.data="none.txt"',
+        ]
+    )
     text = config.to_toml()
     for key in ("max_grad_norm", "logical_batch_size", "max_memory", "accumulation_steps"):
         assert f'{key} = "none"' not in text
-    assert "# max_grad_norm: unset" in text and "# max_memory: unset" in text and "accumulation_steps = 4" in text
+    assert (
+        "# max_grad_norm: unset" in text
+        and "# max_memory: unset" in text
+        and "accumulation_steps = 4" in text
+    )
     assert 'unset = ["batch.logical_batch_size", "optim.max_grad_norm"]' in text
     path = tmp_path / "config.toml"
     path.write_text(text)
@@ -102,7 +130,9 @@ def test_config_toml_has_no_none_strings_and_loads_back_equal(tmp_path):
 
 def test_a_config_toml_written_before_this_change_still_loads(tmp_path):
     path = tmp_path / "old.toml"
-    path.write_text('[batch]\naccumulation_steps = "none"\nmax_memory = "none"\n[optim]\nmax_grad_norm = "none"\n')
+    path.write_text(
+        '[batch]\naccumulation_steps = "none"\nmax_memory = "none"\n[optim]\nmax_grad_norm = "none"\n'
+    )
     config = TrainConfig.load(path)
     assert config.optim.max_grad_norm is None and config.batch.max_memory is None
 

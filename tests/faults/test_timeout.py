@@ -36,14 +36,18 @@ def test_train_timeout_reaches_init_process_group(monkeypatch):
 
 
 def test_only_a_lost_rank_becomes_a_rank_lost_error():
-    gloo = RuntimeError("[/pytorch/third_party/gloo/gloo/transport/tcp/unbound_buffer.cc:78] Timed out waiting "
-                        "3000ms for recv operation to complete")  # fmt: skip
+    gloo = RuntimeError(
+        "[/pytorch/third_party/gloo/gloo/transport/tcp/unbound_buffer.cc:78] Timed out waiting "
+        "3000ms for recv operation to complete"
+    )
     lost = rank_lost(gloo, 3)
     assert isinstance(lost, RankLostError) and str(lost) == (
         "this rank waited train.timeout = 3 s for the other ranks in a collective and gave up: another rank "
         "stopped, hung or died (Timed out waiting 3000ms for recv operation to complete)."
     )
-    assert "lost the other ranks" in str(rank_lost(RuntimeError("Connection closed by peer [127.0.0.1]:123"), 3))
+    assert "lost the other ranks" in str(
+        rank_lost(RuntimeError("Connection closed by peer [127.0.0.1]:123"), 3)
+    )
     assert rank_lost(RuntimeError("size mismatch for w"), 3) is None  # any other error stays itself
 
 
@@ -75,10 +79,23 @@ def test_a_stopped_rank_ends_the_run_with_an_error_after_the_timeout(tiny, tmp_p
     overrides = [*tiny, "train.steps=100000", "checkpoint.every=1", "checkpoint.keep=2", "train.timeout=3"]
     run = Path(TrainConfig.load(overrides=overrides).run.dir) / "hung"
     err_path = tmp_path / "stderr.txt"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m", "bigbatch",
-           "train", *[f"--set={o}" for o in overrides], "--name", "hung"]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc-per-node=2",
+        "-m",
+        "bigbatch",
+        "train",
+        *[f"--set={o}" for o in overrides],
+        "--name",
+        "hung",
+    ]
     with open(err_path, "w") as err:
-        torchrun = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err, env={**os.environ, "OMP_NUM_THREADS": "1"})
+        torchrun = subprocess.Popen(
+            cmd, stdout=subprocess.DEVNULL, stderr=err, env={**os.environ, "OMP_NUM_THREADS": "1"}
+        )
     rank1 = None
     try:
         deadline = time.monotonic() + 120

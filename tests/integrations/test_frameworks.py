@@ -24,7 +24,9 @@ from .. import hf_models
 from ..equivalence.oracle import max_param_diff, twin
 
 pytest.importorskip("transformers", reason="needs bigbatch[hf]")
-pytestmark = pytest.mark.filterwarnings("ignore:`isinstance\\(treespec, LeafSpec\\)` is deprecated")  # lightning on torch 2.13
+pytestmark = pytest.mark.filterwarnings(
+    "ignore:`isinstance\\(treespec, LeafSpec\\)` is deprecated"
+)  # lightning on torch 2.13
 
 TOL = 1e-12
 LENGTHS = [3, 17, 6, 12, 2, 9, 14, 5]
@@ -34,7 +36,9 @@ GUIDE = Path(__file__).resolve().parents[2] / "docs" / "integrations.md"
 
 def doc_example(name: str) -> str:
     """The python block after `<!-- example: NAME -->` in docs/integrations.md."""
-    match = re.search(rf"<!-- example: {name} -->\n```python\n(.*?)```", GUIDE.read_text(encoding="utf-8"), re.S)
+    match = re.search(
+        rf"<!-- example: {name} -->\n```python\n(.*?)```", GUIDE.read_text(encoding="utf-8"), re.S
+    )
     assert match, f"docs/integrations.md has no example {name!r}"
     return match.group(1)
 
@@ -68,7 +72,9 @@ def full_batch_reference(model: torch.nn.Module, rows: list[list[int]]) -> torch
         optimizer.zero_grad()
         logits = ref(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
         F.cross_entropy(
-            logits[:, :-1].reshape(-1, logits.shape[-1]), batch["labels"][:, 1:].reshape(-1), ignore_index=-100
+            logits[:, :-1].reshape(-1, logits.shape[-1]),
+            batch["labels"][:, 1:].reshape(-1),
+            ignore_index=-100,
         ).backward()
         optimizer.step()
     return ref
@@ -85,9 +91,13 @@ def case(hf_offline):
 def run_example(name: str, model: torch.nn.Module, rows: list[list[int]]) -> torch.nn.Module:
     ours = twin(model)
     namespace = {
-        "bb": bb, "torch": torch, "model": ours, "epochs": EPOCHS, "loader": loader(rows),
+        "bb": bb,
+        "torch": torch,
+        "model": ours,
+        "epochs": EPOCHS,
+        "loader": loader(rows),
         "optimizer": torch.optim.AdamW(ours.parameters(), lr=LR),
-    }  # fmt: skip
+    }
     exec(compile(doc_example(name), f"docs/integrations.md:{name}", "exec"), namespace)
     return ours
 
@@ -144,7 +154,9 @@ def test_accelerate_loop_is_exact_and_accelerates_own_accumulation_is_not(case):
 
         classic = twin(model)
         accelerator = Accelerator(gradient_accumulation_steps=STEPS)
-        net, optimizer, data = accelerator.prepare(classic, torch.optim.AdamW(classic.parameters(), lr=LR), loader(rows))
+        net, optimizer, data = accelerator.prepare(
+            classic, torch.optim.AdamW(classic.parameters(), lr=LR), loader(rows)
+        )
         for _ in range(EPOCHS):
             for batch in data:
                 with accelerator.accumulate(net):
@@ -180,9 +192,14 @@ def test_lightning_module_with_manual_optimization_is_exact_and_lightnings_accum
 
     classic = twin(model)
     trainer = L.Trainer(
-        max_epochs=EPOCHS, devices=1, accumulate_grad_batches=STEPS, logger=False, enable_checkpointing=False,
-        enable_progress_bar=False, enable_model_summary=False,
-    )  # fmt: skip
+        max_epochs=EPOCHS,
+        devices=1,
+        accumulate_grad_batches=STEPS,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
     trainer.fit(Automatic(classic), loader(rows))
     miss = max_param_diff(ref, classic)
     report("lightning", exact, miss)

@@ -63,7 +63,9 @@ def test_shakespeare_by_default_padded_batches_and_a_token_loss(task_of):
 
 
 def test_long_text_is_split_into_pieces_that_predict_every_token_once(task_of, tmp_path):
-    text = "To be, or not to be, that is the question: whether 'tis nobler in the mind to suffer.\n\nShort one."
+    text = (
+        "To be, or not to be, that is the question: whether 'tis nobler in the mind to suffer.\n\nShort one."
+    )
     (tmp_path / "a.txt").write_text(text, encoding="utf-8")
     split = task_of(data=str(tmp_path / "a.txt"), max_length=8, val_fraction=0.2)
     cut = task_of(data=str(tmp_path / "a.txt"), max_length=8, overflow="cut", val_fraction=0.5)
@@ -97,7 +99,9 @@ def test_a_jsonl_line_without_the_field_names_the_line_and_the_fix(hf_offline, t
         build_task("causal-lm", model=str(hf_offline["gpt2"]), data=data, max_length=64)
     (tmp_path / "broken.jsonl").write_text('{"text": "ok"}\n{"text": \n', encoding="utf-8")
     with pytest.raises(ConfigError, match=r"broken.jsonl:2 is not valid JSON"):
-        build_task("causal-lm", model=str(hf_offline["gpt2"]), data=str(tmp_path / "broken.jsonl"), max_length=64)
+        build_task(
+            "causal-lm", model=str(hf_offline["gpt2"]), data=str(tmp_path / "broken.jsonl"), max_length=64
+        )
 
 
 @pytest.mark.parametrize("content", ["", "\n\n  \n", "{}\n"], ids=["empty", "blank", "no-rows"])
@@ -118,7 +122,10 @@ def test_datasets_folder_and_parquet_files(task_of, tmp_path):
     Dataset.from_dict(rows).to_parquet(str(tmp_path / "pq" / "part-0.parquet"))
     saved, parquet = task_of(data=str(tmp_path / "ds")), task_of(data=str(tmp_path / "pq"))
     assert saved.train_size == parquet.train_size == 9
-    assert all(torch.equal(a, b) for a, b in zip(saved.train_batch([0, 4]).values(), parquet.train_batch([0, 4]).values()))
+    assert all(
+        torch.equal(a, b)
+        for a, b in zip(saved.train_batch([0, 4]).values(), parquet.train_batch([0, 4]).values())
+    )
     Dataset.from_dict({"body": ["x"]}).save_to_disk(str(tmp_path / "wrong"))
     with pytest.raises(ConfigError, match='row 0 has no "text" field'):
         build_task("causal-lm", model=str(saved.model), data=str(tmp_path / "wrong"), max_length=64)
@@ -143,7 +150,9 @@ def test_a_model_that_is_not_a_causal_lm_is_refused(hf_offline, tmp_path):
             build_task("causal-lm", model=missing)
 
 
-def test_a_max_length_beyond_the_models_positions_is_refused_and_unset_it_is_the_models(hf_offline, small_text):
+def test_a_max_length_beyond_the_models_positions_is_refused_and_unset_it_is_the_models(
+    hf_offline, small_text
+):
     """The tiny GPT-2 has 64 positions: a max_length of 256 would end in an IndexError from its position
     embedding, mid-forward; set, it is a ConfigError that names both numbers; unset, the model's 64."""
     from transformers import AutoConfig
@@ -152,10 +161,17 @@ def test_a_max_length_beyond_the_models_positions_is_refused_and_unset_it_is_the
     with pytest.raises(ConfigError, match=r"max_length=256 .* 64 positions.*task.max_length=64"):
         build_task("causal-lm", model=str(hf_offline["gpt2"]), max_length=256)
     with pytest.warns(UserWarning, match="no pad token"):
-        task = build_task("causal-lm", model=str(hf_offline["gpt2"]), data=str(small_text))  # max_length unset
+        task = build_task(
+            "causal-lm", model=str(hf_offline["gpt2"]), data=str(small_text)
+        )  # max_length unset
     assert task.max_length == 64 and max(len(ids) for ids in task._train.ids) == 64  # the longest piece fits
     with pytest.warns(UserWarning, match="no pad token"):
-        assert build_task("causal-lm", model=str(hf_offline["gpt2"]), data=str(small_text), max_length=32).max_length == 32
+        assert (
+            build_task(
+                "causal-lm", model=str(hf_offline["gpt2"]), data=str(small_text), max_length=32
+            ).max_length
+            == 32
+        )
 
 
 def test_a_model_folder_without_its_tokenizer_is_named_not_the_data(hf_offline, tmp_path):
@@ -173,18 +189,23 @@ def test_an_encoder_such_as_bert_is_refused(hf_offline, tmp_path):
     from transformers import BertConfig
 
     folder = tmp_path / "bert"
-    BertConfig(hidden_size=8, num_hidden_layers=1, num_attention_heads=1, intermediate_size=8,
-               vocab_size=64).save_pretrained(folder)  # fmt: skip
+    BertConfig(
+        hidden_size=8, num_hidden_layers=1, num_attention_heads=1, intermediate_size=8, vocab_size=64
+    ).save_pretrained(folder)
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
     assert "bert" in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES  # the premise: transformers would load it as one
-    with pytest.raises(ConfigError, match=r"'bert' model, an encoder that reads every token in both directions"):
+    with pytest.raises(
+        ConfigError, match=r"'bert' model, an encoder that reads every token in both directions"
+    ):
         build_task("causal-lm", model=str(folder))
 
 
 def test_a_misspelt_lora_target_among_several_is_named(task_of):
     task = task_of(max_length=16, lora_rank=2, lora_targets="c_attn,c_prj")
-    with pytest.raises(ConfigError, match=r"task.lora_targets names 'c_prj', which this model has no module.*c_proj"):
+    with pytest.raises(
+        ConfigError, match=r"task.lora_targets names 'c_prj', which this model has no module.*c_proj"
+    ):
         task.make_model()
 
 
@@ -206,7 +227,9 @@ def test_without_the_extra_the_error_says_what_to_install(monkeypatch):
     import importlib.util
 
     real = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "transformers" else real(name, *a))
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "transformers" else real(name, *a)
+    )
     with pytest.raises(ConfigError, match=r'needs transformers.*pip install "bigbatch\[hf\]"'):
         build_task("causal-lm", model="anything")
 
@@ -247,7 +270,9 @@ def test_a_sample_longer_than_the_models_positions_stops_at_them(task_of):
     task = task_of(max_length=24)
     model = task.make_model()
     text = task.generate(model, "", 300, generator=torch.Generator().manual_seed(0))
-    assert text == task.generate(model, "", 64 - 8, generator=torch.Generator().manual_seed(0))  # 8: the prompt
+    assert text == task.generate(
+        model, "", 64 - 8, generator=torch.Generator().manual_seed(0)
+    )  # 8: the prompt
 
 
 def test_evaluate_baselines_generate_and_save_pretrained(task_of, tmp_path):

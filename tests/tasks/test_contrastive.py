@@ -50,7 +50,9 @@ def in_order_step(task, model, opt, batch, micro):
     """The reference: the task's encode on each micro-batch in order, with grad; one loss; one backward."""
     opt.zero_grad(set_to_none=True)
     parts = [encode(model, {"x": x}) for x in batch["x"].split(micro)]
-    task.contrastive_loss(model, (torch.cat([a for a, _ in parts]), torch.cat([b for _, b in parts]))).backward()
+    task.contrastive_loss(
+        model, (torch.cat([a for a, _ in parts]), torch.cat([b for _, b in parts]))
+    ).backward()
     opt.step()
 
 
@@ -67,9 +69,11 @@ def test_batch_loss_replays_the_augmentations_and_matches_one_loss_over_the_logi
     naive_acc = bb.Accumulator(naive, torch.optim.SGD(naive.parameters(), lr=0.5), micro_batch_size=micro)
     batches = [_double(task.train_batch(range(s * 20, s * 20 + 20))) for s in range(2)]
     assert 20 % micro != 0  # an uneven last micro-batch
-    for run in (lambda b: in_order_step(task, ref, ref_opt, b, micro),
-                lambda b: acc.step(b, task.loss_fn),
-                lambda b: naive_acc.step(b, task.micro_batch_loss)):
+    for run in (
+        lambda b: in_order_step(task, ref, ref_opt, b, micro),
+        lambda b: acc.step(b, task.loss_fn),
+        lambda b: naive_acc.step(b, task.micro_batch_loss),
+    ):
         torch.manual_seed(1)  # the same augmentation draws for all three
         for batch in batches:
             run(batch)
@@ -92,12 +96,17 @@ def test_without_augmentation_the_split_equals_one_full_batch_step():
     z = torch.nn.functional.normalize(ref(batch["x"]), dim=-1)
     scores = z @ z.T / task.temperature
     target = torch.arange(24)
-    loss = (torch.nn.functional.cross_entropy(scores, target) + torch.nn.functional.cross_entropy(scores.T, target)) / 2
+    loss = (
+        torch.nn.functional.cross_entropy(scores, target)
+        + torch.nn.functional.cross_entropy(scores.T, target)
+    ) / 2
     loss.backward()
     with torch.no_grad():
         for p in ref.parameters():
             p -= 0.5 * p.grad
-    bb.Accumulator(ours, torch.optim.SGD(ours.parameters(), lr=0.5), micro_batch_size=5).step(batch, task.loss_fn)
+    bb.Accumulator(ours, torch.optim.SGD(ours.parameters(), lr=0.5), micro_batch_size=5).step(
+        batch, task.loss_fn
+    )
     assert _max_diff(ref, ours) < TOL
     # Negative control: InfoNCE within each micro-batch, accumulated (fewer negatives per sample).
     bb.Accumulator(naive, torch.optim.SGD(naive.parameters(), lr=0.5), micro_batch_size=5).step(
@@ -122,11 +131,22 @@ def test_evaluate_reports_loss_retrieval_and_probe_and_leaves_the_rng_alone():
 
 
 def test_bigbatch_train_runs_the_task_with_a_batch_loss(tmp_path):
-    config = TrainConfig.load(None, [
-        "task.name=contrastive", "task.hidden=32", "task.features=16", "batch.logical_batch_size=64",
-        "batch.micro_batch_size=16", "train.steps=3", "train.eval_every=3", "optim.warmup_steps=1",
-        "train.progress=false", f"run.dir={tmp_path}", "run.name=c",
-    ])  # fmt: skip
+    config = TrainConfig.load(
+        None,
+        [
+            "task.name=contrastive",
+            "task.hidden=32",
+            "task.features=16",
+            "batch.logical_batch_size=64",
+            "batch.micro_batch_size=16",
+            "train.steps=3",
+            "train.eval_every=3",
+            "optim.warmup_steps=1",
+            "train.progress=false",
+            f"run.dir={tmp_path}",
+            "run.name=c",
+        ],
+    )
     summary = Trainer(config).fit()
     assert summary["steps"] == 3 and "val_probe_accuracy" in summary and "val_retrieval" in summary
     rows = [json.loads(line) for line in (tmp_path / "c" / "metrics.jsonl").read_text().splitlines()]
@@ -135,16 +155,28 @@ def test_bigbatch_train_runs_the_task_with_a_batch_loss(tmp_path):
 
 def test_the_trainer_measures_no_noise_scale_for_a_batch_loss_and_refuses_to_follow_one(tmp_path):
     """The noise estimator needs independent micro-steps; a BatchLoss's are pieces of one loss."""
-    config = TrainConfig.load(None, [
-        "task.name=contrastive", "task.hidden=16", "batch.logical_batch_size=32", "batch.micro_batch_size=8",
-        "train.steps=1", "optim.warmup_steps=0", "train.progress=false", f"run.dir={tmp_path}", "run.name=n",
-    ])  # fmt: skip
+    config = TrainConfig.load(
+        None,
+        [
+            "task.name=contrastive",
+            "task.hidden=16",
+            "batch.logical_batch_size=32",
+            "batch.micro_batch_size=8",
+            "train.steps=1",
+            "optim.warmup_steps=0",
+            "train.progress=false",
+            f"run.dir={tmp_path}",
+            "run.name=n",
+        ],
+    )
     assert config.batch.measure_noise  # the premise: the default asks for it
     trainer = Trainer(config)
     assert trainer.accumulator._noise is None
     trainer.fit()
     rows = [json.loads(line) for line in (tmp_path / "n" / "metrics.jsonl").read_text().splitlines()]
     assert "noise_scale" not in rows[0]
-    adaptive = TrainConfig.load(None, ["task.name=contrastive", "batch.schedule=adaptive", f"run.dir={tmp_path}"])
+    adaptive = TrainConfig.load(
+        None, ["task.name=contrastive", "batch.schedule=adaptive", f"run.dir={tmp_path}"]
+    )
     with pytest.raises(ConfigError, match=r"adaptive.*BatchLoss.*ramp"):
         Trainer(adaptive)

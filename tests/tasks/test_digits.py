@@ -68,7 +68,9 @@ def test_bad_norm():
         build_task("digits", norm="layernorm")
 
 
-@pytest.mark.parametrize("option, message", [({"hidden": 0}, "hidden must be >= 1"), ({"dropout": -0.1}, "dropout must be in")])
+@pytest.mark.parametrize(
+    "option, message", [({"hidden": 0}, "hidden must be >= 1"), ({"dropout": -0.1}, "dropout must be in")]
+)
 def test_bad_sizes_name_the_fix(option, message):
     with pytest.raises(ConfigError, match=message):
         build_task("digits", **option)

@@ -22,7 +22,9 @@ def test_samples_are_speeches_padded_with_ignored_labels(task):
     for row, n in enumerate(lengths.tolist()):
         assert (labels[row, n:] == -100).all() and (labels[row, :n] != -100).all()
         assert torch.equal(labels[row, : n - 1], tokens[row, 1:n])  # next-character targets
-    first = task.decode(tokens[0, : int(lengths[0])].tolist()) + task.decode([int(labels[0, int(lengths[0]) - 1])])
+    first = task.decode(tokens[0, : int(lengths[0])].tolist()) + task.decode(
+        [int(labels[0, int(lengths[0]) - 1])]
+    )
     speech = "\nFirst Citizen:\nBefore we proceed any further, hear me speak.\n"
     assert first == speech[: task.block_size + 1]  # a long speech is cut into block-size pieces
     second = task.train_batch([1])["tokens"][0]
@@ -49,7 +51,9 @@ def test_loss_is_a_token_sum_and_trimming_is_exact(task):
     # Micro-batch of the shortest sample alone: trimmed to its own length, same loss.
     short = int(batch["lengths"].argmin())
     alone = task.loss_fn(model, {k: v[short : short + 1] for k, v in batch.items()})
-    ref_short = F.cross_entropy(logits[short][valid[short]], batch["labels"][short][valid[short]], reduction="sum")
+    ref_short = F.cross_entropy(
+        logits[short][valid[short]], batch["labels"][short][valid[short]], reduction="sum"
+    )
     torch.testing.assert_close(alone.total, ref_short, rtol=1e-12, atol=1e-12)
 
 
@@ -112,7 +116,9 @@ def test_accumulated_step_equals_full_batch(task):
         for p in ref.parameters():
             p -= 0.5 * p.grad
     start = {k: v.clone() for k, v in ours.state_dict().items()}
-    bb.Accumulator(ours, torch.optim.SGD(ours.parameters(), lr=0.5), micro_batch_size=3).step(batch, task.loss_fn)
+    bb.Accumulator(ours, torch.optim.SGD(ours.parameters(), lr=0.5), micro_batch_size=3).step(
+        batch, task.loss_fn
+    )
     for a, b in zip(ref.parameters(), ours.parameters(), strict=True):
         torch.testing.assert_close(b, a, rtol=0, atol=1e-12)
 
@@ -122,7 +128,9 @@ def test_accumulated_step_equals_full_batch(task):
     pieces = [slice(i, i + 3) for i in range(0, 10, 3)]
     for piece in pieces:
         out = naive(tokens[piece])
-        (F.cross_entropy(out.flatten(0, 1), labels[piece].flatten(), ignore_index=-100) / len(pieces)).backward()
+        (
+            F.cross_entropy(out.flatten(0, 1), labels[piece].flatten(), ignore_index=-100) / len(pieces)
+        ).backward()
     with torch.no_grad():
         for p in naive.parameters():
             p -= 0.5 * p.grad

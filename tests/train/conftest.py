@@ -10,9 +10,17 @@ import pytest
 import torch
 
 TINY = [
-    "task.d_model=16", "task.n_layers=1", "task.n_heads=2", "task.block_size=16", "task.eval_samples=8",
-    "train.threads=1", "train.progress=false", "train.sample_length=20", "train.eval_every=5",
-    "optim.warmup_steps=2", "checkpoint.every=0",
+    "task.d_model=16",
+    "task.n_layers=1",
+    "task.n_heads=2",
+    "task.block_size=16",
+    "task.eval_samples=8",
+    "train.threads=1",
+    "train.progress=false",
+    "train.sample_length=20",
+    "train.eval_every=5",
+    "optim.warmup_steps=2",
+    "checkpoint.every=0",
 ]
 
 
@@ -31,8 +39,18 @@ def _one_thread():
 
 def torchrun_train(overrides, *args):
     """`torchrun --nproc-per-node=2 -m bigbatch train --set ... ARGS` (gloo on the CPU), finished."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
-           "-m", "bigbatch", "train", *[f"--set={o}" for o in overrides], *args]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc-per-node=2",
+        "-m",
+        "bigbatch",
+        "train",
+        *[f"--set={o}" for o in overrides],
+        *args,
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
 
@@ -48,9 +66,19 @@ def resave_checkpoint(path, state):
 
 # A batch ramp 8, 8, 8, 13: whole micro-batches per rank (4 + 4) until the target (7 + 6), the
 # same sizes one process picks; resuming at step 3 crosses the change.
-FSDP2_OVERRIDES = ["train.dtype=float64", "train.steps=4", "checkpoint.every=1", "checkpoint.keep=2",
-                   "task.n_layers=2", "batch.logical_batch_size=13", "batch.micro_batch_size=4", "train.eval_every=2",
-                   "batch.schedule=ramp", "batch.ramp_start=8", "batch.ramp_samples=24"]  # fmt: skip
+FSDP2_OVERRIDES = [
+    "train.dtype=float64",
+    "train.steps=4",
+    "checkpoint.every=1",
+    "checkpoint.keep=2",
+    "task.n_layers=2",
+    "batch.logical_batch_size=13",
+    "batch.micro_batch_size=4",
+    "train.eval_every=2",
+    "batch.schedule=ramp",
+    "batch.ramp_start=8",
+    "batch.ramp_samples=24",
+]
 
 
 def run_fsdp2(root):
@@ -71,4 +99,6 @@ def assert_same_sharded_state(run, copy):
         assert torch.equal(resumed["model"][key], whole["model"][key]), key
     for fqn, state in whole["optimizer"]["state"].items():
         for name, value in state.items():
-            assert torch.equal(torch.as_tensor(resumed["optimizer"]["state"][fqn][name]), torch.as_tensor(value))
+            assert torch.equal(
+                torch.as_tensor(resumed["optimizer"]["state"][fqn][name]), torch.as_tensor(value)
+            )

@@ -22,8 +22,9 @@ def run(schedule: BatchSchedule, steps: int, items_per_sample: int = 1, noise=la
     """The sizes a run would use: each step consumes its size (and items_per_sample items per sample)."""
     sizes, samples, current = [], 0, schedule.first
     for step in range(steps):
-        progress = Consumed(step=step, samples_seen=samples, items_seen=samples * items_per_sample,
-                            noise_scale=noise(step))
+        progress = Consumed(
+            step=step, samples_seen=samples, items_seen=samples * items_per_sample, noise_scale=noise(step)
+        )
         current = schedule.size(progress, current) if step else schedule.first
         sizes.append(current)
         samples += current
@@ -57,11 +58,18 @@ def test_ramp_in_tokens_counts_items_and_ends_on_an_off_grid_target():
 
 
 def test_adaptive_follows_the_noise_scale_in_samples_grows_only_and_stays_within_bounds():
-    schedule = BatchSchedule("adaptive", target=96, quantum=4, start=8, adaptive_every=5, noise_scale_factor=1.0)
+    schedule = BatchSchedule(
+        "adaptive", target=96, quantum=4, start=8, adaptive_every=5, noise_scale_factor=1.0
+    )
     # A noise scale in tokens, 10 tokens per sample: 200 tokens -> 20 samples -> 20; later 600 -> 60 -> 60.
-    noise = {**dict.fromkeys(range(0, 10), NAN), **dict.fromkeys(range(10, 20), 200.0),
-             **dict.fromkeys(range(20, 25), 90.0), **dict.fromkeys(range(25, 30), math.inf),
-             **dict.fromkeys(range(30, 40), 600.0), **dict.fromkeys(range(40, 50), 5000.0)}
+    noise = {
+        **dict.fromkeys(range(0, 10), NAN),
+        **dict.fromkeys(range(10, 20), 200.0),
+        **dict.fromkeys(range(20, 25), 90.0),
+        **dict.fromkeys(range(25, 30), math.inf),
+        **dict.fromkeys(range(30, 40), 600.0),
+        **dict.fromkeys(range(40, 50), 5000.0),
+    }
     sizes = run(schedule, 50, items_per_sample=10, noise=noise.__getitem__)
     assert sizes[:10] == [8] * 10  # no estimate yet: the start size
     assert sizes[10:15] == [20] * 5  # decided at step 10, kept until the next decision
@@ -78,12 +86,15 @@ def test_adaptive_rounds_down_to_the_quantum_but_not_below_the_start():
     assert schedule.size(progress, current=16) == 16
 
 
-@pytest.mark.parametrize("kwargs,match", [
-    (dict(kind="ramp", target=64, quantum=8, start=8), "ramp_samples"),
-    (dict(kind="ramp", target=64, quantum=8, start=8, ramp_samples=10, ramp_items=10), "exactly one"),
-    (dict(kind="ramp", target=64, quantum=8, start=128, ramp_samples=10), "ramp_start = 128"),
-    (dict(kind="adaptive", target=64, quantum=8, start=8, noise_scale_factor=0.0), "noise_scale_factor"),
-])
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        (dict(kind="ramp", target=64, quantum=8, start=8), "ramp_samples"),
+        (dict(kind="ramp", target=64, quantum=8, start=8, ramp_samples=10, ramp_items=10), "exactly one"),
+        (dict(kind="ramp", target=64, quantum=8, start=128, ramp_samples=10), "ramp_start = 128"),
+        (dict(kind="adaptive", target=64, quantum=8, start=8, noise_scale_factor=0.0), "noise_scale_factor"),
+    ],
+)
 def test_bad_settings_name_the_fix(kwargs, match):
     with pytest.raises(ConfigError, match=match):
         BatchSchedule(**kwargs)
@@ -120,10 +131,19 @@ def _check_lr_follows_the_batch(config: TrainConfig, rows: list[dict]) -> None:
 
 
 def test_ramp_in_the_trainer_reads_the_data_in_order_and_the_lr_follows_the_batch(tiny):
-    config = TrainConfig.load(overrides=[
-        *tiny, "train.steps=40", "batch.schedule=ramp", "batch.logical_batch_size=40", "batch.micro_batch_size=4",
-        "batch.ramp_start=4", "batch.ramp_samples=300", "optim.warmup_steps=3", "run.name=ramp",
-    ])  # fmt: skip
+    config = TrainConfig.load(
+        overrides=[
+            *tiny,
+            "train.steps=40",
+            "batch.schedule=ramp",
+            "batch.logical_batch_size=40",
+            "batch.micro_batch_size=4",
+            "batch.ramp_start=4",
+            "batch.ramp_samples=300",
+            "optim.warmup_steps=3",
+            "run.name=ramp",
+        ]
+    )
     task = _Recording()
     trainer = Trainer(config, task=task)
     trainer.fit()
@@ -144,16 +164,27 @@ def test_ramp_in_the_trainer_reads_the_data_in_order_and_the_lr_follows_the_batc
 
 
 def test_adaptive_in_the_trainer_grows_with_the_noise_scale_in_whole_micro_batches(tiny):
-    config = TrainConfig.load(overrides=[
-        *tiny, "train.steps=40", "batch.schedule=adaptive", "batch.logical_batch_size=64", "batch.micro_batch_size=4",
-        "batch.adaptive_every=4", "batch.noise_scale_factor=16.0", "batch.noise_ema_decay=0.8", "run.name=adaptive",
-    ])  # fmt: skip
+    config = TrainConfig.load(
+        overrides=[
+            *tiny,
+            "train.steps=40",
+            "batch.schedule=adaptive",
+            "batch.logical_batch_size=64",
+            "batch.micro_batch_size=4",
+            "batch.adaptive_every=4",
+            "batch.noise_scale_factor=16.0",
+            "batch.noise_ema_decay=0.8",
+            "run.name=adaptive",
+        ]
+    )
     trainer = Trainer(config)
     trainer.fit()
     rows = _rows(trainer.run_dir)
     sizes = [r["batch_size"] for r in rows]
     assert sizes[0] == 8  # two micro-batches: the fewest that measure the noise in one process
-    assert len(set(sizes)) > 2 and sizes == sorted(sizes) and max(sizes) <= 64  # premise: it adapted, grew only
+    assert (
+        len(set(sizes)) > 2 and sizes == sorted(sizes) and max(sizes) <= 64
+    )  # premise: it adapted, grew only
     assert all(s % 4 == 0 for s in sizes)
     for k in range(1, len(sizes)):
         if sizes[k] != sizes[k - 1]:
@@ -181,13 +212,19 @@ def test_the_run_reports_the_noise_scale_and_what_it_suggests(tiny):
     assert "noise_advice" not in summary and "noise_scale" not in _rows(Path(off.run.dir) / "off")[0]
 
 
-@pytest.mark.parametrize("overrides,match", [
-    (["batch.schedule=adaptive", "batch.measure_noise=false"], "set batch.measure_noise = true"),
-    (["batch.schedule=ramp", "batch.ramp_samples=100", "batch.micro_batch_size=auto"], 'not "auto"'),
-    (["batch.schedule=adaptive", "batch.ramp_start=8", "batch.micro_batch_size=8"], "batch.ramp_start = 16"),
-    (["batch.schedule=ramp"], "ramp_samples"),
-    (["batch.ramp_samples=0"], "batch.ramp_samples must be an integer >= 1"),
-])
+@pytest.mark.parametrize(
+    "overrides,match",
+    [
+        (["batch.schedule=adaptive", "batch.measure_noise=false"], "set batch.measure_noise = true"),
+        (["batch.schedule=ramp", "batch.ramp_samples=100", "batch.micro_batch_size=auto"], 'not "auto"'),
+        (
+            ["batch.schedule=adaptive", "batch.ramp_start=8", "batch.micro_batch_size=8"],
+            "batch.ramp_start = 16",
+        ),
+        (["batch.schedule=ramp"], "ramp_samples"),
+        (["batch.ramp_samples=0"], "batch.ramp_samples must be an integer >= 1"),
+    ],
+)
 def test_bad_schedule_settings_in_the_config(tiny, overrides, match):
     with pytest.raises(ConfigError, match=match):
         Trainer(TrainConfig.load(overrides=[*tiny, *overrides]))

@@ -38,11 +38,20 @@ def small_text(folder: Path) -> Path:
 
 def overrides(model: Path, tmp_path: Path, *extra: str, data: Path | None = None) -> list[str]:
     tiny = [
-        "task.name=causal-lm", f'task.model="{model}"', "task.max_length=32", "task.eval_samples=4",
-        "train.threads=1", "train.progress=false", "train.sample_length=8", "train.eval_every=2",
-        "optim.warmup_steps=1", "checkpoint.every=0", "batch.logical_batch_size=8", "batch.micro_batch_size=3",
+        "task.name=causal-lm",
+        f'task.model="{model}"',
+        "task.max_length=32",
+        "task.eval_samples=4",
+        "train.threads=1",
+        "train.progress=false",
+        "train.sample_length=8",
+        "train.eval_every=2",
+        "optim.warmup_steps=1",
+        "checkpoint.every=0",
+        "batch.logical_batch_size=8",
+        "batch.micro_batch_size=3",
         f'run.dir="{tmp_path / "runs"}"',
-    ]  # fmt: skip
+    ]
     if data is not None:
         tiny.append(f'task.data="{data}"')
     return [*tiny, *extra]
@@ -56,7 +65,20 @@ def test_cli_full_fine_tuning_on_shakespeare_writes_a_model_transformers_loads(h
     from transformers import AutoModelForCausalLM
 
     sets = [f"--set={o}" for o in overrides(hf_offline["gpt2"], tmp_path)[1:]]
-    code = main(["train", "--task", "causal-lm", "--model", str(hf_offline["gpt2"]), "--steps", "3", "--name", "ft", *sets])
+    code = main(
+        [
+            "train",
+            "--task",
+            "causal-lm",
+            "--model",
+            str(hf_offline["gpt2"]),
+            "--steps",
+            "3",
+            "--name",
+            "ft",
+            *sets,
+        ]
+    )
     out = capsys.readouterr().out
     assert code == 0
     assert "task causal-lm" in out and "model/" in out and "sample:" in out
@@ -75,12 +97,19 @@ def test_cli_full_fine_tuning_on_shakespeare_writes_a_model_transformers_loads(h
 def test_cli_lora_trains_and_writes_only_the_adapters(hf_offline, tmp_path, capsys):
     from transformers import AutoModelForCausalLM
 
-    sets = [f"--set={o}" for o in overrides(hf_offline["llama"], tmp_path, "task.lora_rank=2", "task.lora_alpha=4")]
+    sets = [
+        f"--set={o}"
+        for o in overrides(hf_offline["llama"], tmp_path, "task.lora_rank=2", "task.lora_alpha=4")
+    ]
     assert main(["train", "--steps", "3", "--name", "lora", *sets]) == 0
     assert re.search(r"task causal-lm \([0-9,]+ parameters, [0-9,]+ trainable\)", capsys.readouterr().out)
     run = tmp_path / "runs" / "lora"
     saved = sorted(p.name for p in (run / "model").iterdir())
-    assert "adapter_model.safetensors" in saved and "adapter_config.json" in saved and "model.safetensors" not in saved
+    assert (
+        "adapter_model.safetensors" in saved
+        and "adapter_config.json" in saved
+        and "model.safetensors" not in saved
+    )
     state = final_state(run)
     trained = state["model"]
     lora = {k: v for k, v in trained.items() if "lora_" in k}
@@ -91,22 +120,36 @@ def test_cli_lora_trains_and_writes_only_the_adapters(hf_offline, tmp_path, caps
     for key, value in lora.items():
         name = key.removeprefix("base_model.model.")
         assert torch.equal(loaded[name], value), key
-    assert max(float(v.abs().max()) for k, v in lora.items() if "lora_B" in k) > 0  # B moved off its zero init
-    frozen = {k.removeprefix("base_model.model.").replace(".base_layer", ""): v
-              for k, v in trained.items() if "lora_" not in k}  # fmt: skip
+    assert (
+        max(float(v.abs().max()) for k, v in lora.items() if "lora_B" in k) > 0
+    )  # B moved off its zero init
+    frozen = {
+        k.removeprefix("base_model.model.").replace(".base_layer", ""): v
+        for k, v in trained.items()
+        if "lora_" not in k
+    }
     assert all(torch.equal(frozen[k], base[k]) for k in base)  # only adapters trained
 
 
 @pytest.mark.parametrize("lora", [0, 2], ids=["full", "lora"])
 def test_resume_is_bit_identical(hf_offline, tmp_path, lora):
     # A constant schedule: the first run stops at train.steps=2, and a cosine's lr depends on train.steps.
-    sets = overrides(hf_offline["gpt2"], tmp_path, f"task.lora_rank={lora}", "task.lora_dropout=0.1",
-                     "checkpoint.every=2", "optim.schedule=constant", data=small_text(tmp_path))  # fmt: skip
+    sets = overrides(
+        hf_offline["gpt2"],
+        tmp_path,
+        f"task.lora_rank={lora}",
+        "task.lora_dropout=0.1",
+        "checkpoint.every=2",
+        "optim.schedule=constant",
+        data=small_text(tmp_path),
+    )
     whole = Trainer(TrainConfig.load(overrides=[*sets, "train.steps=4", "run.name=whole"]))
     whole.fit()
     first = Trainer(TrainConfig.load(overrides=[*sets, "train.steps=2", "run.name=parts"]))
     first.fit()
-    resumed = Trainer(TrainConfig.load(first.run_dir / "config.toml", ["train.steps=4"]), resume=first.run_dir)
+    resumed = Trainer(
+        TrainConfig.load(first.run_dir / "config.toml", ["train.steps=4"]), resume=first.run_dir
+    )
     assert resumed.step == 2
     resumed.fit()
     a, b = final_state(whole.run_dir), final_state(first.run_dir)
@@ -124,9 +167,18 @@ def test_two_gloo_ranks_equal_one_process(hf_offline, tmp_path, parallel, lora):
 
     # GPT-2 computes in the model's dtype throughout (Llama's RMSNorm computes in float32 and
     # would leave a float32 floor of ~1e-10 between the two runs after three steps).
-    sets = overrides(hf_offline["gpt2"], tmp_path, "train.dtype=float64", "train.steps=3",
-                     "batch.logical_batch_size=13", "batch.micro_batch_size=4", f"train.parallel={parallel}",
-                     f"task.lora_rank={lora}", "task.lora_targets=c_attn,c_fc", data=small_text(tmp_path))  # fmt: skip
+    sets = overrides(
+        hf_offline["gpt2"],
+        tmp_path,
+        "train.dtype=float64",
+        "train.steps=3",
+        "batch.logical_batch_size=13",
+        "batch.micro_batch_size=4",
+        f"train.parallel={parallel}",
+        f"task.lora_rank={lora}",
+        "task.lora_targets=c_attn,c_fc",
+        data=small_text(tmp_path),
+    )
     single = Trainer(TrainConfig.load(overrides=[*sets, "run.name=single"]))
     single.fit()
     done = torchrun_train(sets, "--name", "two")
@@ -142,8 +194,9 @@ def test_two_gloo_ranks_equal_one_process(hf_offline, tmp_path, parallel, lora):
     initial = load_file(hf_offline["gpt2"] / "model.safetensors")
     moved = max(
         float(ref[k].abs().max()) if "lora_B" in k else float((ref[k] - initial[k].double()).abs().max())
-        for k in ref if "lora_A" not in k
-    )  # fmt: skip
+        for k in ref
+        if "lora_A" not in k
+    )
     assert moved > 1e-4  # the premise: it trained (LoRA's B starts at zero)
 
 

@@ -15,8 +15,14 @@ from tests.train.conftest import resave_checkpoint
 
 
 def _state(step):
-    return {"step": step, "model": {"w": torch.full((3,), float(step))}, "optimizer": {}, "accumulator": {},
-            "rng": [torch.get_rng_state()], "samples_seen": 10 * step}
+    return {
+        "step": step,
+        "model": {"w": torch.full((3,), float(step))},
+        "optimizer": {},
+        "accumulator": {},
+        "rng": [torch.get_rng_state()],
+        "samples_seen": 10 * step,
+    }
 
 
 def test_keeps_the_last_k_and_leaves_no_temp_files(tmp_path):
@@ -24,7 +30,10 @@ def test_keeps_the_last_k_and_leaves_no_temp_files(tmp_path):
         save_checkpoint(tmp_path, step, _state(step), keep=2)
     assert [s for s, _ in list_checkpoints(tmp_path)] == [4, 5]
     assert sorted(p.name for p in tmp_path.iterdir()) == [
-        "step-0000004.pt", "step-0000004.pt.sha256", "step-0000005.pt", "step-0000005.pt.sha256"
+        "step-0000004.pt",
+        "step-0000004.pt.sha256",
+        "step-0000005.pt",
+        "step-0000005.pt.sha256",
     ]  # each with its checksum (bigbatch.train.checksums)
     assert load_latest_checkpoint(tmp_path)["samples_seen"] == 50
 
@@ -86,5 +95,7 @@ def test_a_save_removes_temp_files_left_by_a_killed_write(tmp_path):
     (tmp_path / "notes.txt").write_text("mine")  # not ours: left alone
     save_checkpoint(tmp_path, 2, _state(2), keep=2)
     assert sorted(p.name for p in tmp_path.iterdir() if not p.name.endswith(".sha256")) == [
-        "notes.txt", "step-0000001.pt", "step-0000002.pt"
+        "notes.txt",
+        "step-0000001.pt",
+        "step-0000002.pt",
     ]

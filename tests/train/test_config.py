@@ -8,7 +8,9 @@ from bigbatch.train import TrainConfig
 
 def test_defaults_then_file_then_set(tmp_path):
     path = tmp_path / "c.toml"
-    path.write_text('[optim]\nlr = 1\nname = "sgd"\n[batch]\nmicro_batch_size = "auto"\naccumulation_steps = 3\n')
+    path.write_text(
+        '[optim]\nlr = 1\nname = "sgd"\n[batch]\nmicro_batch_size = "auto"\naccumulation_steps = 3\n'
+    )
     config = TrainConfig.load(path, ["optim.lr=0.5", "batch.accumulation_steps=none", "steps=7"])
     assert config.optim.name == "sgd"
     assert config.optim.lr == 0.5 and isinstance(config.optim.lr, float)
@@ -57,7 +59,9 @@ def test_task_options_follow_the_task():
 
 
 def test_resolved_config_round_trips(tmp_path):
-    config = TrainConfig.load(overrides=["task.block_size=32", 'task.data="a \\"b\\".txt"', "optim.max_grad_norm=none"])
+    config = TrainConfig.load(
+        overrides=["task.block_size=32", 'task.data="a \\"b\\".txt"', "optim.max_grad_norm=none"]
+    )
     path = tmp_path / "resolved.toml"
     path.write_text(config.to_toml())
     assert TrainConfig.load(path) == config

@@ -43,7 +43,11 @@ def test_fsdp2_two_ranks_equal_one_process(fsdp2_run):
     for key in ref["model"]:
         torch.testing.assert_close(got["model"][key], ref["model"][key], rtol=0, atol=1e-12)
     # Evaluation ran on the sharded model (all ranks together) and saw the same parameters.
-    assert [r["batch_size"] for r in _rows(run)] == [r["batch_size"] for r in _rows(single.run_dir)] == [8, 8, 8, 13]
+    assert (
+        [r["batch_size"] for r in _rows(run)]
+        == [r["batch_size"] for r in _rows(single.run_dir)]
+        == [8, 8, 8, 13]
+    )
     for a, b in zip(_rows(run), _rows(single.run_dir)):
         assert a["step"] == b["step"]
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-12)
@@ -80,7 +84,9 @@ def test_fsdp2_resumes_in_one_process_and_back_on_two_at_other_micro_batch_sizes
     assert all(13 % micro != 0 for micro in (3, 4, 5))  # the premise: every leg splits 13 unevenly
     moved = run.parent / "moved"
     shutil.copytree(run, moved)
-    Trainer(TrainConfig.load(moved / "config.toml", ["train.steps=6", "batch.micro_batch_size=3"]), resume=moved).fit()
+    Trainer(
+        TrainConfig.load(moved / "config.toml", ["train.steps=6", "batch.micro_batch_size=3"]), resume=moved
+    ).fit()
     one = list_checkpoints(moved / "checkpoints")[-1][1]
     assert one.is_dir() and len(list(one.glob("*.distcp"))) == 1  # one process wrote the whole tensors
     done = torchrun_train(["train.steps=8", "batch.micro_batch_size=5"], "--resume", str(moved))
@@ -90,7 +96,9 @@ def test_fsdp2_resumes_in_one_process_and_back_on_two_at_other_micro_batch_sizes
     ref = Trainer(TrainConfig.load(overrides=[*overrides, "run.name=legs"]))
     ref.fit()
     for steps in (6, 8):
-        Trainer(TrainConfig.load(ref.run_dir / "config.toml", [f"train.steps={steps}"]), resume=ref.run_dir).fit()
+        Trainer(
+            TrainConfig.load(ref.run_dir / "config.toml", [f"train.steps={steps}"]), resume=ref.run_dir
+        ).fit()
     want = torch.load(list_checkpoints(ref.checkpoint_dir)[-1][1], weights_only=True)
     got = load_full_state(list_checkpoints(moved / "checkpoints")[-1][1])
     for key in want["model"]:
@@ -98,6 +106,10 @@ def test_fsdp2_resumes_in_one_process_and_back_on_two_at_other_micro_batch_sizes
     names = [name for name, _ in ref._unwrapped().named_parameters()]  # the file keys state by position
     for i, state in want["optimizer"]["state"].items():
         for name in ("exp_avg", "exp_avg_sq"):
-            torch.testing.assert_close(got["optimizer"]["state"][names[i]][name], state[name], rtol=0, atol=1e-12)
+            torch.testing.assert_close(
+                got["optimizer"]["state"][names[i]][name], state[name], rtol=0, atol=1e-12
+            )
     assert [r["batch_size"] for r in _rows(moved)] == [r["batch_size"] for r in _rows(ref.run_dir)]
-    assert [r["loss"] for r in _rows(moved)] == pytest.approx([r["loss"] for r in _rows(ref.run_dir)], rel=1e-12)
+    assert [r["loss"] for r in _rows(moved)] == pytest.approx(
+        [r["loss"] for r in _rows(ref.run_dir)], rel=1e-12
+    )

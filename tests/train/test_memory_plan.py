@@ -18,8 +18,15 @@ LOGICAL = 16
 @pytest.fixture
 def base(tiny):
     # The config asks for no accumulation (micro-batch = logical batch): the plan must replace that.
-    return [*tiny, "task.n_layers=2", "train.dtype=float64", "train.steps=3", "train.sample_length=0",
-            f"batch.logical_batch_size={LOGICAL}", f"batch.micro_batch_size={LOGICAL}"]  # fmt: skip
+    return [
+        *tiny,
+        "task.n_layers=2",
+        "train.dtype=float64",
+        "train.steps=3",
+        "train.sample_length=0",
+        f"batch.logical_batch_size={LOGICAL}",
+        f"batch.micro_batch_size={LOGICAL}",
+    ]
 
 
 def _budget_below_the_full_batch(overrides) -> int:
@@ -27,8 +34,15 @@ def _budget_below_the_full_batch(overrides) -> int:
     probe = Trainer(TrainConfig.load(overrides=[*overrides, "run.name=probe"]))
     measured = {}
     for ck in (False, True):
-        found = bb.plan(probe._unwrapped(), probe._batch_at(0, 0), probe._loss_fn, optimizer=probe._make_optimizer,
-                        max_memory="1GiB", checkpointing=ck, micro_batch_sizes=[LOGICAL // 2, LOGICAL])  # fmt: skip
+        found = bb.plan(
+            probe._unwrapped(),
+            probe._batch_at(0, 0),
+            probe._loss_fn,
+            optimizer=probe._make_optimizer,
+            max_memory="1GiB",
+            checkpointing=ck,
+            micro_batch_sizes=[LOGICAL // 2, LOGICAL],
+        )
         measured[ck] = {c.micro_batch_size: c.measured_bytes for c in found.candidates}
     assert measured[False][LOGICAL] > measured[True][LOGICAL] > measured[True][LOGICAL // 2]  # the premise
     return (measured[True][LOGICAL // 2] + measured[True][LOGICAL]) // 2
@@ -65,9 +79,16 @@ def test_max_memory_picks_a_smaller_micro_batch_and_trains_as_if_given_by_hand(b
     assert summary["memory_plan"]["micro_batch_size"] == micro and "CHOSEN" in summary["memory_plan"]["table"]
 
     # The same settings given by hand train to the same parameters.
-    by_hand = Trainer(TrainConfig.load(overrides=[
-        *base, f"batch.micro_batch_size={micro}", f"train.checkpointing={str(ck).lower()}", "run.name=by-hand",
-    ]))  # fmt: skip
+    by_hand = Trainer(
+        TrainConfig.load(
+            overrides=[
+                *base,
+                f"batch.micro_batch_size={micro}",
+                f"train.checkpointing={str(ck).lower()}",
+                "run.name=by-hand",
+            ]
+        )
+    )
     initial = _params(by_hand)
     by_hand.fit()
     got, ref = _params(planned), _params(by_hand)
@@ -93,7 +114,9 @@ def test_resume_reuses_the_plan_without_planning_again(base, monkeypatch):
 
 
 def test_nothing_fits_is_a_clear_error(base):
-    with pytest.raises(ConfigError, match=r"batch.max_memory = '1KiB'.*nothing fits.*Try a larger max_memory"):
+    with pytest.raises(
+        ConfigError, match=r"batch.max_memory = '1KiB'.*nothing fits.*Try a larger max_memory"
+    ):
         Trainer(TrainConfig.load(overrides=[*base, "batch.max_memory=1KiB", "run.name=tiny-budget"]))
 
 
@@ -103,7 +126,9 @@ def test_a_bad_budget_names_the_format():
 
 
 def test_max_memory_replaces_an_auto_micro_batch(base):
-    config = TrainConfig.load(overrides=[*base, "batch.micro_batch_size=auto", "batch.max_memory=1GiB", "run.name=a"])
+    config = TrainConfig.load(
+        overrides=[*base, "batch.micro_batch_size=auto", "batch.max_memory=1GiB", "run.name=a"]
+    )
     trainer = Trainer(config)
     assert isinstance(trainer.batch_sizes.micro_batch_size, int)
     assert trainer.accumulator.micro_batch_size == trainer.memory_plan.micro_batch_size

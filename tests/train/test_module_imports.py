@@ -26,7 +26,12 @@ def _imported(module: str) -> set[str]:
 
 @pytest.mark.parametrize(
     "module, never",
-    [("report", "trainer"), ("checkpoint", "sharded_checkpoint"), ("state", "checkpoint"), ("memory_plan", "trainer")],
+    [
+        ("report", "trainer"),
+        ("checkpoint", "sharded_checkpoint"),
+        ("state", "checkpoint"),
+        ("memory_plan", "trainer"),
+    ],
 )
 def test_no_import_back(module, never):
     assert never not in _imported(module)

@@ -34,11 +34,32 @@ def _task_file(folder: Path, body: str) -> Path:
 
 
 def _torchrun(task: Path, root: Path, stderr) -> subprocess.Popen[bytes]:
-    sets = ["train.steps=1", "train.threads=1", "train.progress=false", "train.sample_length=0",
-            f"train.timeout={TIMEOUT}", f'run.dir="{root}"']  # fmt: skip
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m", "bigbatch",
-           "train", "--task", f"{task}:make", "--name", "r", *[f"--set={o}" for o in sets]]  # fmt: skip
-    return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=stderr, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    sets = [
+        "train.steps=1",
+        "train.threads=1",
+        "train.progress=false",
+        "train.sample_length=0",
+        f"train.timeout={TIMEOUT}",
+        f'run.dir="{root}"',
+    ]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc-per-node=2",
+        "-m",
+        "bigbatch",
+        "train",
+        "--task",
+        f"{task}:make",
+        "--name",
+        "r",
+        *[f"--set={o}" for o in sets],
+    ]
+    return subprocess.Popen(
+        cmd, stdout=subprocess.DEVNULL, stderr=stderr, env={**os.environ, "OMP_NUM_THREADS": "1"}
+    )
 
 
 @pytest.mark.distributed
@@ -57,8 +78,11 @@ def test_ranks_wait_for_a_long_evaluation_on_rank_0(tmp_path):
 @pytest.mark.slow
 def test_a_rank_0_that_stops_while_evaluating_is_still_caught(tmp_path):
     pid_file = tmp_path / "rank0.pid"
-    hung = _task_file(tmp_path, f"        open({str(pid_file)!r}, 'w').write(str(os.getpid()))\n"
-                                "        os.kill(os.getpid(), signal.SIGSTOP)  # rank 0 hangs: alive, silent\n")  # fmt: skip
+    hung = _task_file(
+        tmp_path,
+        f"        open({str(pid_file)!r}, 'w').write(str(os.getpid()))\n"
+        "        os.kill(os.getpid(), signal.SIGSTOP)  # rank 0 hangs: alive, silent\n",
+    )
     err_path = tmp_path / "stderr.txt"
     with open(err_path, "w") as err:
         torchrun = _torchrun(hung, tmp_path / "runs", err)
@@ -68,8 +92,12 @@ def test_a_rank_0_that_stops_while_evaluating_is_still_caught(tmp_path):
             time.sleep(0.05)
     finally:
         if pid_file.exists():
-            os.kill(int(pid_file.read_text()), signal.SIGKILL)  # torchrun's SIGTERM waits on a stopped process
+            os.kill(
+                int(pid_file.read_text()), signal.SIGKILL
+            )  # torchrun's SIGTERM waits on a stopped process
         torchrun.wait(timeout=60)
     errors = [line for line in err_path.read_text().splitlines() if line.startswith("bigbatch train: error:")]
     assert torchrun.returncode != 0 and errors, err_path.read_text()[-3000:]
-    assert "waited train.timeout = 2 s" in errors[0] and "rank 0 while it was evaluating" in errors[0], errors[0]
+    assert "waited train.timeout = 2 s" in errors[0] and "rank 0 while it was evaluating" in errors[0], (
+        errors[0]
+    )

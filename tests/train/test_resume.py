@@ -85,7 +85,9 @@ def test_sigkill_at_a_random_step_then_resume_is_bit_identical(tiny, tmp_path):
 
 def test_resume_skips_a_truncated_newest_checkpoint(tiny):
     overrides = [*tiny, "train.steps=6", "checkpoint.every=2", "run.name=t"]
-    reference = Trainer(TrainConfig.load(overrides=[*tiny, "train.steps=6", "checkpoint.every=2", "run.name=ref"]))
+    reference = Trainer(
+        TrainConfig.load(overrides=[*tiny, "train.steps=6", "checkpoint.every=2", "run.name=ref"])
+    )
     reference.fit()
     first = Trainer(TrainConfig.load(overrides=[*overrides, "train.steps=4"]))
     first.fit()
@@ -105,7 +107,11 @@ def test_a_stop_signal_saves_a_checkpoint_at_the_step_and_exits_128_plus_signum(
     """SIGINT (Ctrl-C) or SIGTERM (a scheduler's pre-emption) finishes the optimizer step,
     checkpoints it and exits 128 + signum with a one-line hint; resuming then matches a run
     that was never stopped."""
-    overrides = [*tiny, f"train.steps={STEPS}", "checkpoint.every=1000"]  # no checkpoint but the one Ctrl-C writes
+    overrides = [
+        *tiny,
+        f"train.steps={STEPS}",
+        "checkpoint.every=1000",
+    ]  # no checkpoint but the one Ctrl-C writes
     reference = Trainer(TrainConfig.load(overrides=[*overrides, "run.name=whole"]))
     reference.fit()
 
@@ -114,8 +120,14 @@ def test_a_stop_signal_saves_a_checkpoint_at_the_step_and_exits_128_plus_signum(
     run = Path(TrainConfig.load(overrides=overrides).run.dir) / name
     metrics = run / "metrics.jsonl"
     # A child of a shell job may inherit SIGINT ignored; give it the default, as a terminal would.
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    proc = subprocess.Popen(
+        cmd,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and proc.poll() is None:
         if metrics.exists() and metrics.read_text().count("\n") >= 3:
@@ -136,9 +148,13 @@ def test_a_stop_signal_saves_a_checkpoint_at_the_step_and_exits_128_plus_signum(
     _assert_identical(_final_state(run), _final_state(reference.run_dir))
 
 
-
-RAMP = ["batch.schedule=ramp", "batch.logical_batch_size=32", "batch.micro_batch_size=4", "batch.ramp_start=4",
-        "batch.ramp_tokens=6000"]  # fmt: skip
+RAMP = [
+    "batch.schedule=ramp",
+    "batch.logical_batch_size=32",
+    "batch.micro_batch_size=4",
+    "batch.ramp_start=4",
+    "batch.ramp_tokens=6000",
+]
 
 
 def test_sigkill_mid_ramp_then_resume_is_bit_identical(tiny):
@@ -183,9 +199,18 @@ def test_a_crash_mid_adaptation_then_resume_is_bit_identical(tiny):
     and the noise estimates' running means. The run dies (an exception from the data, no
     cleanup) at a random step and is resumed in the same process."""
     steps = 40
-    overrides = [*tiny, "batch.schedule=adaptive", "batch.logical_batch_size=64", "batch.micro_batch_size=4",
-                 "batch.adaptive_every=4", "batch.noise_scale_factor=16.0", "batch.noise_ema_decay=0.8",
-                 f"train.steps={steps}", "checkpoint.every=1", "checkpoint.keep=2"]  # fmt: skip
+    overrides = [
+        *tiny,
+        "batch.schedule=adaptive",
+        "batch.logical_batch_size=64",
+        "batch.micro_batch_size=4",
+        "batch.adaptive_every=4",
+        "batch.noise_scale_factor=16.0",
+        "batch.noise_ema_decay=0.8",
+        f"train.steps={steps}",
+        "checkpoint.every=1",
+        "checkpoint.keep=2",
+    ]
     reference = Trainer(TrainConfig.load(overrides=[*overrides, "run.name=whole"]))
     reference.fit()
     whole = [json.loads(line) for line in (reference.run_dir / "metrics.jsonl").read_text().splitlines()]

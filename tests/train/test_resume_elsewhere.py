@@ -44,17 +44,30 @@ def test_resume_moves_between_one_and_two_processes_and_micro_batch_sizes(tiny):
     # warmup (3 steps) crosses the first move. The batch ramp (8 up to 13) crosses the second.
     # Dropout on: split-invariant masks (train.split_invariant_dropout, the default) depend on each
     # sample's index in the logical batch and the step, not on the rank or micro-batch that holds it.
-    overrides = [*tiny, "train.dtype=float64", "checkpoint.every=2", f"batch.logical_batch_size={LOGICAL}",
-                 "optim.schedule=constant", "optim.warmup_steps=3", "task.dropout=0.1", *RAMP]  # fmt: skip
+    overrides = [
+        *tiny,
+        "train.dtype=float64",
+        "checkpoint.every=2",
+        f"batch.logical_batch_size={LOGICAL}",
+        "optim.schedule=constant",
+        "optim.warmup_steps=3",
+        "task.dropout=0.1",
+        *RAMP,
+    ]
     # The premise: every leg splits the logical batch differently, unevenly.
     assert all(LOGICAL % micro != 0 for micro in (4, 5, 3)) and LOGICAL % 2 != 0
-    ref = Trainer(TrainConfig.load(overrides=[*overrides, "train.steps=6", "batch.micro_batch_size=4", "run.name=ref"]))
+    ref = Trainer(
+        TrainConfig.load(overrides=[*overrides, "train.steps=6", "batch.micro_batch_size=4", "run.name=ref"])
+    )
     ref.fit()
     sizes = _column(ref.run_dir, "batch_size")
     assert sizes[0] == 8 and sizes[1] < sizes[3] == LOGICAL  # the ramp grows across steps 2-4
 
-    first = Trainer(TrainConfig.load(overrides=[*overrides, "train.steps=2", "batch.micro_batch_size=4",
-                                                "run.name=moved"]))  # fmt: skip
+    first = Trainer(
+        TrainConfig.load(
+            overrides=[*overrides, "train.steps=2", "batch.micro_batch_size=4", "run.name=moved"]
+        )
+    )
     first.fit()
     run = first.run_dir
     done = torchrun_train(["train.steps=4", "batch.micro_batch_size=5"], "--resume", str(run))
@@ -65,7 +78,9 @@ def test_resume_moves_between_one_and_two_processes_and_micro_batch_sizes(tiny):
     naive = run.parent / "per-rank"  # the negative control continues from here
     shutil.copytree(run, naive)
 
-    last = Trainer(TrainConfig.load(run / "config.toml", ["train.steps=6", "batch.micro_batch_size=3"]), resume=run)
+    last = Trainer(
+        TrainConfig.load(run / "config.toml", ["train.steps=6", "batch.micro_batch_size=3"]), resume=run
+    )
     last.fit()
 
     got, want = _newest(run), _newest(ref.run_dir)
@@ -74,7 +89,9 @@ def test_resume_moves_between_one_and_two_processes_and_micro_batch_sizes(tiny):
         assert int(got["optimizer"]["state"][i]["step"]) == int(state["step"]) == 6
         for name in ("exp_avg", "exp_avg_sq"):
             torch.testing.assert_close(got["optimizer"]["state"][i][name], state[name], rtol=0, atol=1e-12)
-    assert got["optimizer"]["param_groups"][0]["lr"] == pytest.approx(want["optimizer"]["param_groups"][0]["lr"])
+    assert got["optimizer"]["param_groups"][0]["lr"] == pytest.approx(
+        want["optimizer"]["param_groups"][0]["lr"]
+    )
     assert got["scheduler"]["last_epoch"] == want["scheduler"]["last_epoch"] == 6
     assert _column(run, "loss") == pytest.approx(_column(ref.run_dir, "loss"), rel=1e-12, abs=0)
     initial = Trainer(TrainConfig.load(overrides=[*overrides, "run.name=init"]))._unwrapped().state_dict()
@@ -86,5 +103,7 @@ def test_resume_moves_between_one_and_two_processes_and_micro_batch_sizes(tiny):
     # resumes at another place in the data: the run is no longer the same one.
     path = list_checkpoints(naive / "checkpoints")[-1][1]
     resave_checkpoint(path, {**at4, SAMPLES_SEEN_KEY: sum((n + 1) // 2 for n in sizes[:4])})
-    Trainer(TrainConfig.load(naive / "config.toml", ["train.steps=6", "batch.micro_batch_size=3"]), resume=naive).fit()
+    Trainer(
+        TrainConfig.load(naive / "config.toml", ["train.steps=6", "batch.micro_batch_size=3"]), resume=naive
+    ).fit()
     assert _max_diff(_newest(naive)["model"], want["model"]) > 1e-4

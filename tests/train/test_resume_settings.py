@@ -25,8 +25,14 @@ from bigbatch.train.resume_settings import fingerprint
 
 from .conftest import TINY
 
-BASE = ["train.steps=4", "checkpoint.every=2", "optim.warmup_steps=0", "optim.schedule=constant", "train.eval_every=100",
-        "train.sample_length=0"]
+BASE = [
+    "train.steps=4",
+    "checkpoint.every=2",
+    "optim.warmup_steps=0",
+    "optim.schedule=constant",
+    "train.eval_every=100",
+    "train.sample_length=0",
+]
 LR, REFERENCE, LOGICAL = 0.003, 32, 32  # the base run's optim.lr, reference_batch_size, logical_batch_size
 
 
@@ -131,10 +137,14 @@ def test_another_data_file_is_refused_and_a_moved_one_resumes(tmp_path):
     data = tmp_path / "a.txt"
     data.write_text(text)
     root = tmp_path / "runs"
-    Trainer(TrainConfig.load(overrides=[*TINY, f'run.dir="{root}"', "run.name=d", *BASE, f'task.data="{data}"'])).fit()
+    Trainer(
+        TrainConfig.load(overrides=[*TINY, f'run.dir="{root}"', "run.name=d", *BASE, f'task.data="{data}"'])
+    ).fit()
     other = tmp_path / "b.txt"
     other.write_text(text.replace("First", "Third"))
-    with pytest.raises(ConfigError, match=r"task.data was '.*a.txt' and is '.*b.txt \(a file with other contents\)'"):
+    with pytest.raises(
+        ConfigError, match=r"task.data was '.*a.txt' and is '.*b.txt \(a file with other contents\)'"
+    ):
         _resume(root / "d", f'task.data="{other}"')
     data.write_text(text.upper())  # edited in place: the same name, other contents
     with pytest.raises(ConfigError, match=r"task.data .* \(changed since: a file with other contents\)"):
@@ -173,4 +183,8 @@ def test_init_from_starts_a_new_run_from_a_checkpoints_weights(base, tmp_path):
     finally:
         trainer.close()
     with pytest.raises(ConfigError, match=r"train.init_from = '.*nowhere' holds no readable checkpoint"):
-        Trainer(TrainConfig.load(overrides=[*overrides, "run.name=x", f'train.init_from="{tmp_path / "nowhere"}"']))
+        Trainer(
+            TrainConfig.load(
+                overrides=[*overrides, "run.name=x", f'train.init_from="{tmp_path / "nowhere"}"']
+            )
+        )

@@ -30,8 +30,14 @@ def test_a_matching_checkpoint_resumes_and_the_step_bound_is_exact():
 @pytest.mark.parametrize(
     "change, match",
     [
-        ({state.SHARDED_KEY: Path("step-0000004")}, r"train.parallel = 'fsdp2' and this run uses 'ddp'.*train.parallel=fsdp2"),
-        ({state.OPTIMIZER_NAME_KEY: "sgd"}, r"optim.name = 'sgd' and this run uses 'adamw'.*--set optim.name=sgd"),
+        (
+            {state.SHARDED_KEY: Path("step-0000004")},
+            r"train.parallel = 'fsdp2' and this run uses 'ddp'.*train.parallel=fsdp2",
+        ),
+        (
+            {state.OPTIMIZER_NAME_KEY: "sgd"},
+            r"optim.name = 'sgd' and this run uses 'adamw'.*--set optim.name=sgd",
+        ),
         ({state.STEP_KEY: 11}, r"runs/r is already at step 11, past train.steps=10.*--steps 22"),
     ],
 )
@@ -52,7 +58,9 @@ def test_another_number_of_processes_resumes_and_a_new_rank_takes_rank_0s_random
 
 
 def test_a_load_that_does_not_fit_the_model_is_a_config_error():
-    with pytest.raises(ConfigError, match=r"in ckpts does not fit this run's model \(size mismatch for w\).*task settings"):
+    with pytest.raises(
+        ConfigError, match=r"in ckpts does not fit this run's model \(size mismatch for w\).*task settings"
+    ):
         with model_must_fit(Path("ckpts")):
             raise RuntimeError("Error(s) in loading state_dict:\n\tsize mismatch for w")
     with pytest.raises(KeyError):  # anything else propagates unchanged

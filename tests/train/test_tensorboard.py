@@ -34,7 +34,9 @@ def _records(path: Path) -> list[bytes]:
         (length,) = struct.unpack("<Q", header)
         assert struct.unpack("<I", data[at + 8 : at + 12])[0] == _masked(_crc32c_bitwise(header))
         record = data[at + 12 : at + 12 + length]
-        assert struct.unpack("<I", data[at + 12 + length : at + 16 + length])[0] == _masked(_crc32c_bitwise(record))
+        assert struct.unpack("<I", data[at + 12 + length : at + 16 + length])[0] == _masked(
+            _crc32c_bitwise(record)
+        )
         out.append(record)
         at += 16 + length
     return out
@@ -104,7 +106,9 @@ def _f32(x: float) -> float:
 
 def test_the_event_file_holds_every_steps_numbers_and_the_sample(tiny):
     assert _crc32c_bitwise(b"123456789") == 0xE3069283  # the reader's checksum is the standard one
-    trainer = Trainer(TrainConfig.load(overrides=[*tiny, "run.name=tb", "train.steps=3", "train.eval_every=3"]))
+    trainer = Trainer(
+        TrainConfig.load(overrides=[*tiny, "run.name=tb", "train.steps=3", "train.eval_every=3"])
+    )
     summary = trainer.fit()
     rows = [json.loads(line) for line in (trainer.run_dir / "metrics.jsonl").read_text().splitlines()]
     events = _events(trainer.run_dir / "tensorboard")
@@ -113,9 +117,14 @@ def test_the_event_file_holds_every_steps_numbers_and_the_sample(tiny):
     assert sorted(steps) == [1, 2, 3]
     for row in rows:
         scalars = steps[row["step"]]
-        for key, tag in [("loss", "train/loss"), ("lr", "train/lr"), ("grad_norm", "train/grad_norm"),
-                         ("batch_size", "batch/logical_batch_size"), ("items_per_s", "speed/tokens_per_s"),
-                         ("noise_scale", "batch/noise_scale")]:  # fmt: skip
+        for key, tag in [
+            ("loss", "train/loss"),
+            ("lr", "train/lr"),
+            ("grad_norm", "train/grad_norm"),
+            ("batch_size", "batch/logical_batch_size"),
+            ("items_per_s", "speed/tokens_per_s"),
+            ("noise_scale", "batch/noise_scale"),
+        ]:
             assert scalars[tag] == _f32(row[key]), (row["step"], tag)
     assert steps[3]["val/loss"] == _f32(rows[2]["val_loss"]) and "val/loss" not in steps[1]
     assert [e["text"]["sample"] for e in events if e["text"]] == [summary["sample"]]
@@ -136,9 +145,13 @@ def test_a_resume_marks_its_step_and_the_setting_turns_it_off(tiny):
 
 def test_tensorboard_itself_reads_it(tiny):
     accumulator = pytest.importorskip("tensorboard.backend.event_processing.event_accumulator")
-    trainer = Trainer(TrainConfig.load(overrides=[*tiny, "run.name=tb", "train.steps=2", "train.eval_every=2"]))
+    trainer = Trainer(
+        TrainConfig.load(overrides=[*tiny, "run.name=tb", "train.steps=2", "train.eval_every=2"])
+    )
     trainer.fit()
     rows = [json.loads(line) for line in (trainer.run_dir / "metrics.jsonl").read_text().splitlines()]
     acc = accumulator.EventAccumulator(str(trainer.run_dir / "tensorboard"))
     acc.Reload()
-    assert [(s.step, s.value) for s in acc.Scalars("train/loss")] == [(r["step"], _f32(r["loss"])) for r in rows]
+    assert [(s.step, s.value) for s in acc.Scalars("train/loss")] == [
+        (r["step"], _f32(r["loss"])) for r in rows
+    ]

@@ -23,8 +23,14 @@ def _model(run: Path):
 
 
 def test_two_ranks_equal_one_process(tiny):
-    overrides = [*tiny, "train.dtype=float64", "train.steps=4", "checkpoint.every=2",
-                 "batch.logical_batch_size=13", "batch.micro_batch_size=4"]
+    overrides = [
+        *tiny,
+        "train.dtype=float64",
+        "train.steps=4",
+        "checkpoint.every=2",
+        "batch.logical_batch_size=13",
+        "batch.micro_batch_size=4",
+    ]
     single = Trainer(TrainConfig.load(overrides=[*overrides, "run.name=single"]))
     single.fit()
     done = torchrun_train(overrides, "--name", "ddp")
@@ -45,10 +51,16 @@ def test_two_ranks_equal_one_process(tiny):
     assert "resumed at step 4" in more.stdout
 
 
-
 def test_max_memory_is_planned_on_rank_0_and_shared(tiny):
-    overrides = [*tiny, "train.dtype=float64", "train.steps=2", "train.sample_length=0", "task.n_layers=2",
-                 "batch.logical_batch_size=13", "batch.max_memory=1GiB"]  # fmt: skip
+    overrides = [
+        *tiny,
+        "train.dtype=float64",
+        "train.steps=2",
+        "train.sample_length=0",
+        "task.n_layers=2",
+        "batch.logical_batch_size=13",
+        "batch.max_memory=1GiB",
+    ]
     done = torchrun_train(overrides, "--name", "ddp-plan")
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.count("bigbatch train: planning within") == 1  # rank 0 plans, the others wait

@@ -5,14 +5,18 @@ from bigbatch.cli import main
 
 def test_train_on_your_own_text_file(tiny, tmp_path, capsys):
     data = tmp_path / "poem.txt"
-    data.write_text("roses are red\nviolets are blue\n\n" * 60 + "sugar is sweet\n\nand so are you\n", encoding="utf-8")
+    data.write_text(
+        "roses are red\nviolets are blue\n\n" * 60 + "sugar is sweet\n\nand so are you\n", encoding="utf-8"
+    )
     sets = [f"--set={o}" for o in tiny]
     code = main(["train", "--task", "text", "--data", str(data), "--name", "poem", "--steps", "3", *sets])
     out = capsys.readouterr().out
     assert code == 0
     assert "task text" in out and "sample:" in out
     summary = json.loads((tmp_path / "runs" / "poem" / "summary.json").read_text())
-    assert summary["steps"] == 3 and set(summary["sample"]) <= set("roses are red\nviolets blue\nsugar is sweet\nand so are you")
+    assert summary["steps"] == 3 and set(summary["sample"]) <= set(
+        "roses are red\nviolets blue\nsugar is sweet\nand so are you"
+    )
 
 
 def test_config_errors_exit_2_with_the_fix(capsys):
@@ -38,7 +42,9 @@ def test_a_run_stopped_before_its_first_checkpoint_is_not_a_dead_end(tiny, tmp_p
     (run / "metrics.jsonl").write_text('{"step": 1, "loss": 4.0}\n')
     assert main(["train", "--resume", str(run), *sets]) == 2
     err = capsys.readouterr().err
-    assert "holds no checkpoints" in err and f"Delete {run} and start the run again without --resume" in err, err
+    assert (
+        "holds no checkpoints" in err and f"Delete {run} and start the run again without --resume" in err
+    ), err
     assert main(["train", "--name", "early", "--steps", "1", *sets]) == 2
     err = capsys.readouterr().err
     assert "no checkpoint to resume" in err and "--resume" not in err and f"delete {run}" in err, err

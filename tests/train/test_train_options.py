@@ -21,8 +21,16 @@ def _fit(overrides, name):
 
 def test_checkpointing_trains_to_the_same_parameters_in_float64(tiny):
     # Dropout on: the recompute must replay the same masks.
-    overrides = [*tiny, "task.n_layers=2", "task.dropout=0.1", "train.dtype=float64", "train.steps=3",
-                 "train.sample_length=0", "batch.logical_batch_size=12", "batch.micro_batch_size=5"]  # fmt: skip
+    overrides = [
+        *tiny,
+        "task.n_layers=2",
+        "task.dropout=0.1",
+        "train.dtype=float64",
+        "train.steps=3",
+        "train.sample_length=0",
+        "batch.logical_batch_size=12",
+        "batch.micro_batch_size=5",
+    ]
     plain, initial, ref = _fit(overrides, "plain")
     checkpointed, _, got = _fit([*overrides, "train.checkpointing=true"], "checkpointed")
     assert is_checkpointed(checkpointed.model) and not is_checkpointed(plain.model)
@@ -41,15 +49,24 @@ def test_fast_micro_step_reaches_the_engine(tiny):
 def test_bad_values_name_the_choices():
     with pytest.raises(ConfigError, match="'none' or 'compile' or 'cudagraphs'"):
         TrainConfig.load(overrides=["train.fast_micro_step=fast"])
-    with pytest.raises(ConfigError, match=re.escape("train.checkpointing = 'yes' is not valid; expected bool")):
+    with pytest.raises(
+        ConfigError, match=re.escape("train.checkpointing = 'yes' is not valid; expected bool")
+    ):
         TrainConfig.load(overrides=["train.checkpointing=yes"])
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("fast", ["compile", "cudagraphs"])
 def test_fast_micro_step_trains_like_eager_on_cuda(tiny, fast):
-    overrides = [*tiny, "train.device=cuda", "task.n_layers=2", "train.steps=3", "train.sample_length=0",
-                 "batch.logical_batch_size=16", "batch.micro_batch_size=4"]  # fmt: skip
+    overrides = [
+        *tiny,
+        "train.device=cuda",
+        "task.n_layers=2",
+        "train.steps=3",
+        "train.sample_length=0",
+        "batch.logical_batch_size=16",
+        "batch.micro_batch_size=4",
+    ]
     _, initial, ref = _fit(overrides, "eager")
     ref = {k: v.clone() for k, v in ref.items()}
     trainer, _, got = _fit([*overrides, f"train.fast_micro_step={fast}"], fast)

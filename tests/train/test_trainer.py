@@ -13,7 +13,9 @@ from tests.train.conftest import resave_checkpoint
 
 
 def _curve(tiny, *extra):
-    config = TrainConfig.load(overrides=[*tiny, "train.steps=10", "train.eval_every=100", "train.sample_length=0", *extra])
+    config = TrainConfig.load(
+        overrides=[*tiny, "train.steps=10", "train.eval_every=100", "train.sample_length=0", *extra]
+    )
     trainer = Trainer(config)
     trainer.fit()
     rows = [json.loads(line) for line in (trainer.run_dir / "metrics.jsonl").read_text().splitlines()]
@@ -34,21 +36,35 @@ def test_split_invariance_micro_4_vs_32(tiny):
 
 
 def test_a_run_writes_its_directory(tiny):
-    config = TrainConfig.load(overrides=[*tiny, "train.steps=12", "run.name=r", "checkpoint.every=5", "checkpoint.keep=2"])
+    config = TrainConfig.load(
+        overrides=[*tiny, "train.steps=12", "run.name=r", "checkpoint.every=5", "checkpoint.keep=2"]
+    )
     summary = Trainer(config).fit()
     run = Path(config.run.dir) / "r"
-    assert sorted(p.name for p in run.iterdir()) == ["checkpoints", "config.toml", "loss.png", "metrics.jsonl", "run.lock",
-                                                     "summary.json", "tensorboard"]
+    assert sorted(p.name for p in run.iterdir()) == [
+        "checkpoints",
+        "config.toml",
+        "loss.png",
+        "metrics.jsonl",
+        "run.lock",
+        "summary.json",
+        "tensorboard",
+    ]
     assert TrainConfig.load(run / "config.toml") == config
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == [
-        "step-0000010.pt", "step-0000010.pt.sha256", "step-0000012.pt", "step-0000012.pt.sha256"
+        "step-0000010.pt",
+        "step-0000010.pt.sha256",
+        "step-0000012.pt",
+        "step-0000012.pt.sha256",
     ]
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == list(range(1, 13))
     assert [r["step"] for r in rows if "val_loss" in r] == [5, 10, 12]
     assert json.loads((run / "summary.json").read_text()) == summary
     assert summary["val_loss"] == rows[-1]["val_loss"] and "unigram_val_loss" in summary
-    assert summary["peak_lr"] == config.optim.lr and max(r["lr"] for r in rows) == pytest.approx(config.optim.lr)
+    assert summary["peak_lr"] == config.optim.lr and max(r["lr"] for r in rows) == pytest.approx(
+        config.optim.lr
+    )
     assert len(summary["sample"]) == 20
     assert (run / "loss.png").read_bytes()[:4] == b"\x89PNG"
     with pytest.raises(ConfigError, match="already exists; continue it with --resume"):
@@ -56,16 +72,35 @@ def test_a_run_writes_its_directory(tiny):
 
 
 def test_lr_scaling_and_warmup(tiny):
-    config = TrainConfig.load(overrides=[*tiny, "batch.logical_batch_size=128", "optim.reference_batch_size=32",
-                                         "optim.lr=0.01", "optim.lr_scaling=sqrt", "optim.warmup_steps=4",
-                                         "optim.schedule=constant", "train.steps=6", "run.name=lr"])
+    config = TrainConfig.load(
+        overrides=[
+            *tiny,
+            "batch.logical_batch_size=128",
+            "optim.reference_batch_size=32",
+            "optim.lr=0.01",
+            "optim.lr_scaling=sqrt",
+            "optim.warmup_steps=4",
+            "optim.schedule=constant",
+            "train.steps=6",
+            "run.name=lr",
+        ]
+    )
     trainer = Trainer(config)
     assert trainer.lr == pytest.approx(0.02)
     trainer.fit()
     rows = [json.loads(line) for line in (trainer.run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["lr"] for r in rows] == pytest.approx([0.02 * k / 5 for k in (1, 2, 3, 4)] + [0.02, 0.02])
-    assert Trainer(TrainConfig.load(overrides=[*tiny, "batch.logical_batch_size=128", "optim.lr_scaling=linear",
-                                               "optim.reference_batch_size=32", "optim.lr=0.01"])).lr == pytest.approx(0.04)
+    assert Trainer(
+        TrainConfig.load(
+            overrides=[
+                *tiny,
+                "batch.logical_batch_size=128",
+                "optim.lr_scaling=linear",
+                "optim.reference_batch_size=32",
+                "optim.lr=0.01",
+            ]
+        )
+    ).lr == pytest.approx(0.04)
 
 
 class _Poisoned:
@@ -95,11 +130,16 @@ def _refuse(constant):
 
 
 def test_nonfinite_steps_are_skipped_and_counted(tiny):
-    config = TrainConfig.load(overrides=[*tiny, "train.steps=8", "train.max_nonfinite_steps=3", "run.name=nan"])
+    config = TrainConfig.load(
+        overrides=[*tiny, "train.steps=8", "train.max_nonfinite_steps=3", "run.name=nan"]
+    )
     trainer = Trainer(config, task=_Poisoned(bad={2, 3, 5}))
     summary = trainer.fit()
     # Strict JSON: a reader that refuses NaN/Infinity (as the standard does) reads the log.
-    rows = [json.loads(line, parse_constant=_refuse) for line in (trainer.run_dir / "metrics.jsonl").read_text().splitlines()]
+    rows = [
+        json.loads(line, parse_constant=_refuse)
+        for line in (trainer.run_dir / "metrics.jsonl").read_text().splitlines()
+    ]
     assert [r["skipped"] for r in rows] == [False, False, True, True, False, True, False, False]
     assert [r["loss"] is None for r in rows] == [r["skipped"] for r in rows]  # a non-finite loss is null
     json.loads((trainer.run_dir / "summary.json").read_text(), parse_constant=_refuse)
@@ -109,12 +149,17 @@ def test_nonfinite_steps_are_skipped_and_counted(tiny):
 
 
 def test_too_many_nonfinite_steps_in_a_row_stop_with_a_clear_error(tiny):
-    config = TrainConfig.load(overrides=[*tiny, "train.steps=8", "train.max_nonfinite_steps=3", "run.name=nan"])
+    config = TrainConfig.load(
+        overrides=[*tiny, "train.steps=8", "train.max_nonfinite_steps=3", "run.name=nan"]
+    )
     trainer = Trainer(config, task=_Poisoned(bad={2, 3, 4, 5}))
     with pytest.raises(NonFiniteLossError, match=r"3 optimizer steps in a row \(up to step 5\)"):
         trainer.fit()
     # The log holds every step up to the one that stopped the run, in strict JSON.
-    rows = [json.loads(line, parse_constant=_refuse) for line in (trainer.run_dir / "metrics.jsonl").read_text().splitlines()]
+    rows = [
+        json.loads(line, parse_constant=_refuse)
+        for line in (trainer.run_dir / "metrics.jsonl").read_text().splitlines()
+    ]
     assert [r["step"] for r in rows] == [1, 2, 3, 4, 5]
     assert [r["skipped"] for r in rows] == [False, False, True, True, True]
     assert rows[-1]["loss"] is None and rows[1]["loss"] > 0
@@ -132,7 +177,9 @@ def test_resume_needs_the_same_world_size(tiny):
 
 
 def test_auto_micro_batch_in_one_process(tiny):
-    config = TrainConfig.load(overrides=[*tiny, "batch.micro_batch_size=auto", "train.steps=2", "run.name=auto"])
+    config = TrainConfig.load(
+        overrides=[*tiny, "batch.micro_batch_size=auto", "train.steps=2", "run.name=auto"]
+    )
     trainer = Trainer(config)
     assert trainer.batch_sizes.micro_batch_size == "auto"
     trainer.fit()
@@ -146,7 +193,9 @@ def test_resume_with_another_model_or_optimizer_is_a_clear_error(tiny):
     saved = (first.run_dir / "config.toml").read_text()
     with pytest.raises(ConfigError, match=r"optim.name = 'adamw'.*--set optim.name=adamw"):
         Trainer(TrainConfig.load(overrides=[*tiny, "train.steps=4", "optim.name=sgd"]), resume=first.run_dir)
-    with pytest.raises(ConfigError, match=r"task.d_model was 16 and is 32 now; a resume cannot change it.*train.init_from="):
+    with pytest.raises(
+        ConfigError, match=r"task.d_model was 16 and is 32 now; a resume cannot change it.*train.init_from="
+    ):
         Trainer(TrainConfig.load(overrides=[*tiny, "train.steps=4", "task.d_model=32"]), resume=first.run_dir)
     assert (first.run_dir / "config.toml").read_text() == saved  # a refused resume changes nothing
     # Negative control: the same model and optimizer resume.
@@ -154,9 +203,20 @@ def test_resume_with_another_model_or_optimizer_is_a_clear_error(tiny):
 
 
 def test_cosine_schedule_after_warmup(tiny):
-    config = TrainConfig.load(overrides=[*tiny, "optim.lr=0.01", "optim.lr_scaling=none", "optim.warmup_steps=3",
-                                         "optim.schedule=cosine", "optim.min_lr_ratio=0.1", "train.steps=9",
-                                         "train.eval_every=100", "train.sample_length=0", "run.name=cos"])
+    config = TrainConfig.load(
+        overrides=[
+            *tiny,
+            "optim.lr=0.01",
+            "optim.lr_scaling=none",
+            "optim.warmup_steps=3",
+            "optim.schedule=cosine",
+            "optim.min_lr_ratio=0.1",
+            "train.steps=9",
+            "train.eval_every=100",
+            "train.sample_length=0",
+            "run.name=cos",
+        ]
+    )
     trainer = Trainer(config)
     trainer.fit()
     rows = [json.loads(line) for line in (trainer.run_dir / "metrics.jsonl").read_text().splitlines()]
@@ -173,7 +233,9 @@ def test_resume_with_fewer_steps_than_done_is_a_clear_error(tiny):
     first.fit()
     with pytest.raises(ConfigError, match=r"already at step 4.*train.steps=2.*--steps"):
         Trainer(TrainConfig.load(overrides=[*tiny, "train.steps=2"]), resume=first.run_dir)
-    assert Trainer(TrainConfig.load(overrides=[*tiny, "train.steps=4"]), resume=first.run_dir).step == 4  # finished: fine
+    assert (
+        Trainer(TrainConfig.load(overrides=[*tiny, "train.steps=4"]), resume=first.run_dir).step == 4
+    )  # finished: fine
 
 
 @pytest.mark.gpu
@@ -186,17 +248,37 @@ def test_a_gpu_index_past_the_last_gpu_is_a_config_error():
 
 
 def test_a_warmup_as_long_as_the_run_warns_that_the_peak_lr_is_never_reached(tiny):
-    config = TrainConfig.load(overrides=[*tiny, "train.steps=3", "optim.warmup_steps=3", "optim.schedule=constant",
-                                         "train.sample_length=0", "run.name=long"])
-    with pytest.warns(UserWarning, match=r"optim.warmup_steps=3 >= train.steps=3: .* never reaches its peak") as seen:
+    config = TrainConfig.load(
+        overrides=[
+            *tiny,
+            "train.steps=3",
+            "optim.warmup_steps=3",
+            "optim.schedule=constant",
+            "train.sample_length=0",
+            "run.name=long",
+        ]
+    )
+    with pytest.warns(
+        UserWarning, match=r"optim.warmup_steps=3 >= train.steps=3: .* never reaches its peak"
+    ) as seen:
         trainer = Trainer(config)
     assert len(seen) == 1 and "set optim.warmup_steps below train.steps" in str(seen[0].message)
     trainer.fit()
     rows = [json.loads(line) for line in (trainer.run_dir / "metrics.jsonl").read_text().splitlines()]
-    assert max(r["lr"] for r in rows) == pytest.approx(trainer.lr * 3 / 4)  # what the warning says: below the peak
+    assert max(r["lr"] for r in rows) == pytest.approx(
+        trainer.lr * 3 / 4
+    )  # what the warning says: below the peak
     # Control: one step fewer of warmup reaches the peak on the last step, and nothing warns.
-    config = TrainConfig.load(overrides=[*tiny, "train.steps=3", "optim.warmup_steps=2", "optim.schedule=constant",
-                                         "train.sample_length=0", "run.name=short"])
+    config = TrainConfig.load(
+        overrides=[
+            *tiny,
+            "train.steps=3",
+            "optim.warmup_steps=2",
+            "optim.schedule=constant",
+            "train.sample_length=0",
+            "run.name=short",
+        ]
+    )
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         trainer = Trainer(config)

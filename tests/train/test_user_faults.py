@@ -31,8 +31,11 @@ def test_a_run_name_must_be_one_folder_inside_run_dir(tmp_path, capsys, name):
 
 @pytest.mark.parametrize(
     ("setting", "suggestion"),
-    [("optim.learning_rate=0.1", "optim.lr"), ("learning_rate=0.1", "optim.lr"),
-     ("batch.batch_size=8", "batch.logical_batch_size")],
+    [
+        ("optim.learning_rate=0.1", "optim.lr"),
+        ("learning_rate=0.1", "optim.lr"),
+        ("batch.batch_size=8", "batch.logical_batch_size"),
+    ],
 )
 def test_another_librarys_word_suggests_ours(setting, suggestion):
     assert difflib_would_not(setting, suggestion)
@@ -52,7 +55,9 @@ def difflib_would_not(setting: str, suggestion: str) -> bool:
 
 
 def test_cuda_graphs_on_the_cpu_are_refused_before_anything_is_written(tiny, tmp_path):
-    with pytest.raises(ConfigError, match=r'"cudagraphs" records CUDA graphs, and this run is on cpu; use "compile"'):
+    with pytest.raises(
+        ConfigError, match=r'"cudagraphs" records CUDA graphs, and this run is on cpu; use "compile"'
+    ):
         Trainer(TrainConfig.load(overrides=[*tiny, "train.device=cpu", "train.fast_micro_step=cudagraphs"]))
     assert not (tmp_path / "runs").exists()
 
@@ -71,7 +76,9 @@ def test_a_task_file_imports_a_module_beside_it(tmp_path):
     folder = tmp_path / "mine"
     folder.mkdir()
     (folder / "bb_helper_beside_21.py").write_text("VALUE = 21\n")
-    (folder / "tasks_21.py").write_text("import bb_helper_beside_21\n\ndef make():\n    return bb_helper_beside_21.VALUE\n")
+    (folder / "tasks_21.py").write_text(
+        "import bb_helper_beside_21\n\ndef make():\n    return bb_helper_beside_21.VALUE\n"
+    )
     assert "bb_helper_beside_21" not in sys.modules  # the premise: only the folder can provide it
     assert load_factory(f"{folder / 'tasks_21.py'}:make")() == 21
 
@@ -111,8 +118,13 @@ def test_checkpoints_and_the_model_get_the_users_umask(tmp_path, mask):
     old = os.umask(mask)
     try:
         path = save_checkpoint(tmp_path / "checkpoints", 1, {"step": 1}, keep=2)
-        _save_model(_Task(fail=False), nn.Linear(1, 1),  # type: ignore[arg-type]
-                    Runtime(rank=0, world_size=1, device=torch.device("cpu"), owns_process_group=False), False, tmp_path)
+        _save_model(
+            _Task(fail=False),
+            nn.Linear(1, 1),  # type: ignore[arg-type]
+            Runtime(rank=0, world_size=1, device=torch.device("cpu"), owns_process_group=False),
+            False,
+            tmp_path,
+        )
     finally:
         os.umask(old)
     assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~mask  # mkstemp alone gives 0o600
@@ -123,11 +135,17 @@ def test_checkpoints_and_the_model_get_the_users_umask(tmp_path, mask):
 def test_batchnorm_with_a_micro_batch_of_one_is_a_config_error_in_train(tmp_path):
     digits = ["task.name=digits", "task.norm=batchnorm", "train.progress=false", f'run.dir="{tmp_path}"']
     assert 33 % 8 == 1  # the premise: the documented uneven split ends in a micro-batch of one sample
-    with pytest.raises(ConfigError, match=r"leaves a micro-batch of one sample \(4 x 8 \+ 1\).*micro_batch_size=9"):
-        Trainer(TrainConfig.load(overrides=[*digits, "batch.logical_batch_size=33", "batch.micro_batch_size=8"]))
+    with pytest.raises(
+        ConfigError, match=r"leaves a micro-batch of one sample \(4 x 8 \+ 1\).*micro_batch_size=9"
+    ):
+        Trainer(
+            TrainConfig.load(overrides=[*digits, "batch.logical_batch_size=33", "batch.micro_batch_size=8"])
+        )
     assert not tmp_path.joinpath("digits").exists() and list(tmp_path.iterdir()) == []
     assert 33 % 9 != 1  # the suggestion works: the trainer builds
-    Trainer(TrainConfig.load(overrides=[*digits, "batch.logical_batch_size=33", "batch.micro_batch_size=9"])).close()
+    Trainer(
+        TrainConfig.load(overrides=[*digits, "batch.logical_batch_size=33", "batch.micro_batch_size=9"])
+    ).close()
 
 
 def test_batchnorm_with_a_micro_batch_of_one_is_misuse_in_verify(capsys):
@@ -141,10 +159,13 @@ def test_batchnorm_with_a_micro_batch_of_one_is_misuse_in_verify(capsys):
 @pytest.mark.parametrize("kind", ["adaptive", "ramp"])
 def test_a_schedule_with_one_micro_batch_says_there_is_nothing_to_grow(kind):
     extra = ["batch.ramp_samples=100"] if kind == "ramp" else []
-    config = TrainConfig.load(overrides=[f"batch.schedule={kind}", "batch.logical_batch_size=8",
-                                         "batch.micro_batch_size=8", *extra])  # fmt: skip
+    config = TrainConfig.load(
+        overrides=[f"batch.schedule={kind}", "batch.logical_batch_size=8", "batch.micro_batch_size=8", *extra]
+    )
     assert config.batch.ramp_start is None  # the premise: the user never set it, so it must not be blamed
-    with pytest.raises(ConfigError, match=r"logical_batch_size = 8 is a single one: nothing to grow") as error:
+    with pytest.raises(
+        ConfigError, match=r"logical_batch_size = 8 is a single one: nothing to grow"
+    ) as error:
         Trainer(config)
     assert "ramp_start" not in str(error.value)
 
@@ -163,11 +184,17 @@ def test_the_loss_plot_draws_loss_baselines_apart_and_its_whole_title():
 
     rows = [{"step": s, "loss": 2.5 - 0.1 * s, "count": 32, "noise_scale": 40.0 + s} for s in range(1, 6)]
     digits = {"prior_val_loss": 2.2995, "uniform_val_loss": 2.3026}  # 0.003 apart, as the digits task's are
-    title = ("contrastive: adaptive schedule from 64 up to 4096 samples, every 10 steps, 1.0 x the noise scale; "
-             "micro-batch 32 x 2 ranks")  # fmt: skip
-    fig = loss_figure(rows, {**digits, "pixel_probe_accuracy": 0.93, "chance_retrieval": 0.003}, title, "samples")
+    title = (
+        "contrastive: adaptive schedule from 64 up to 4096 samples, every 10 steps, 1.0 x the noise scale; "
+        "micro-batch 32 x 2 ranks"
+    )
+    fig = loss_figure(
+        rows, {**digits, "pixel_probe_accuracy": 0.93, "chance_retrieval": 0.003}, title, "samples"
+    )
     renderer, ax, labels = _boxes(fig)
-    assert sorted(line.get_ydata()[0] for line in ax.lines[1:]) == sorted(digits.values())  # no accuracy lines
+    assert sorted(line.get_ydata()[0] for line in ax.lines[1:]) == sorted(
+        digits.values()
+    )  # no accuracy lines
     assert len(labels) == 2 and not labels[0].overlaps(labels[1])
     figure_box, title_box = fig.bbox, ax.title.get_window_extent(renderer)
     assert figure_box.x0 <= title_box.x0 and title_box.x1 <= figure_box.x1  # not cut at either edge

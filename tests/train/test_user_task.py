@@ -14,8 +14,16 @@ from bigbatch.train import TrainConfig, Trainer
 from bigbatch.train.checkpoint import list_checkpoints
 
 TRAIN_DOC = Path(__file__).resolve().parents[2] / "docs" / "train.md"  # "Your own task"
-FAST = ["train.progress=false", "train.eval_every=5", "checkpoint.every=0", "optim.warmup_steps=1",
-        "optim.lr=0.3", "optim.weight_decay=0", "batch.logical_batch_size=32", "batch.micro_batch_size=10"]  # fmt: skip
+FAST = [
+    "train.progress=false",
+    "train.eval_every=5",
+    "checkpoint.every=0",
+    "optim.warmup_steps=1",
+    "optim.lr=0.3",
+    "optim.weight_decay=0",
+    "batch.logical_batch_size=32",
+    "batch.micro_batch_size=10",
+]
 
 
 def write_documented_task(folder: Path) -> Path:
@@ -51,7 +59,9 @@ def test_the_documented_task_trains_from_a_file_and_equals_the_same_task_from_py
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    config = TrainConfig.load(overrides=[*FAST, f'run.dir="{tmp_path / "runs"}"', "train.steps=30", "run.name=py"])
+    config = TrainConfig.load(
+        overrides=[*FAST, f'run.dir="{tmp_path / "runs"}"', "train.steps=30", "run.name=py"]
+    )
     Trainer(config, task=module.make_task()).fit()
     cli, py = final_model(tmp_path / "runs" / "cli"), final_model(tmp_path / "runs" / "py")
     assert all(torch.equal(cli[k], py[k]) for k in py)
@@ -66,8 +76,23 @@ def test_a_module_factory_gets_data_and_the_run_resumes(tmp_path, capsys, monkey
     )
     monkeypatch.chdir(tmp_path)  # MODULE:FACTORY imports from where you run it, like python -m
     monkeypatch.syspath_prepend(str(tmp_path))
-    assert main(["train", "--task", "tasks_with_data:make", "--data", "300", "--steps", "2", "--name", "m",
-                 *sets(tmp_path)]) == 0  # fmt: skip
+    assert (
+        main(
+            [
+                "train",
+                "--task",
+                "tasks_with_data:make",
+                "--data",
+                "300",
+                "--steps",
+                "2",
+                "--name",
+                "m",
+                *sets(tmp_path),
+            ]
+        )
+        == 0
+    )
     assert "task line300" in capsys.readouterr().out
     assert main(["train", "--resume", str(tmp_path / "runs" / "m"), "--steps", "3"]) == 0
     assert "resumed at step 2" in capsys.readouterr().out
@@ -95,7 +120,11 @@ def test_bad_factories_and_options_are_errors_that_say_why(tmp_path, capsys):
 def test_the_documented_task_learns_with_the_default_settings(tmp_path):
     """docs/train.md's example, every training setting at its default (320 steps, lr 3e-3, warmup 30, cosine)."""
     path = write_documented_task(tmp_path)
-    defaults = ["--set=train.progress=false", "--set=checkpoint.every=0", f'--set=run.dir="{tmp_path / "runs"}"']
+    defaults = [
+        "--set=train.progress=false",
+        "--set=checkpoint.every=0",
+        f'--set=run.dir="{tmp_path / "runs"}"',
+    ]
     assert main(["train", "--task", f"{path}:make_task", "--name", "d", *defaults]) == 0
     summary = json.loads((tmp_path / "runs" / "d" / "summary.json").read_text())
     assert summary["steps"] == TrainConfig().train.steps  # the premise: the defaults' length

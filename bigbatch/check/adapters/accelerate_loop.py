@@ -47,6 +47,10 @@ def train(micro_batch_size: int, accumulation_steps: int) -> nn.Module:
 
 
 case = CheckCase(
-    train=train, model=tiny_lm.make_model, data=tiny_lm.data, loss=causal_lm_loss, optimizer=tiny_lm.optimizer,
+    train=train,
+    model=tiny_lm.make_model,
+    data=tiny_lm.data,
+    loss=causal_lm_loss,
+    optimizer=tiny_lm.optimizer,
     steps=tiny_lm.STEPS,
 )

@@ -31,7 +31,12 @@ def train(micro_batch_size: int, accumulation_steps: int) -> nn.Module:
 
 
 case = CheckCase(
-    train=train, model=toy.make_model, data=toy.make_data, loss=toy.loss, optimizer=toy.optimizer, steps=toy.STEPS
+    train=train,
+    model=toy.make_model,
+    data=toy.make_data,
+    loss=toy.loss,
+    optimizer=toy.optimizer,
+    steps=toy.STEPS,
 )
 
 
@@ -48,6 +53,10 @@ def train_lm(micro_batch_size: int, accumulation_steps: int) -> nn.Module:
 
 
 lm_case = CheckCase(
-    train=train_lm, model=tiny_lm.make_model, data=tiny_lm.data, loss=causal_lm_loss, optimizer=tiny_lm.optimizer,
+    train=train_lm,
+    model=tiny_lm.make_model,
+    data=tiny_lm.data,
+    loss=causal_lm_loss,
+    optimizer=tiny_lm.optimizer,
     steps=tiny_lm.STEPS,
 )

@@ -44,13 +44,26 @@ def train(micro_batch_size: int, accumulation_steps: int, loss_type: str | None 
         model.loss_type = loss_type  # what the Trainer reads to count shifted labels
     with tempfile.TemporaryDirectory() as out:
         args = TrainingArguments(
-            output_dir=out, per_device_train_batch_size=micro_batch_size,
-            gradient_accumulation_steps=accumulation_steps, num_train_epochs=STEPS, learning_rate=LR,
-            lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0, max_grad_norm=0.0,
-            optim="adamw_torch", train_sampling_strategy="sequential", save_strategy="no", report_to=[],
-            use_cpu=True, dataloader_num_workers=0, disable_tqdm=True, logging_strategy="no",
-            remove_unused_columns=False, seed=0,
-        )  # fmt: skip
+            output_dir=out,
+            per_device_train_batch_size=micro_batch_size,
+            gradient_accumulation_steps=accumulation_steps,
+            num_train_epochs=STEPS,
+            learning_rate=LR,
+            lr_scheduler_type="constant",
+            warmup_steps=0,
+            weight_decay=0.0,
+            max_grad_norm=0.0,
+            optim="adamw_torch",
+            train_sampling_strategy="sequential",
+            save_strategy="no",
+            report_to=[],
+            use_cpu=True,
+            dataloader_num_workers=0,
+            disable_tqdm=True,
+            logging_strategy="no",
+            remove_unused_columns=False,
+            seed=0,
+        )
         samples = [{"input_ids": r} for r in rows()]
         trainer = Trainer(model=model, args=args, train_dataset=samples, data_collator=collate)
         trainer.remove_callback(PrinterCallback)  # its end-of-training metrics line

@@ -42,15 +42,25 @@ def train(micro_batch_size: int, accumulation_steps: int) -> nn.Module:
     for name in ("lightning", "lightning.pytorch", "lightning.fabric"):
         logging.getLogger(name).setLevel(logging.ERROR)  # no banners in the check's output
     trainer = L.Trainer(
-        max_epochs=tiny_lm.STEPS, accelerator="cpu", devices=1, accumulate_grad_batches=accumulation_steps,
-        logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-    )  # fmt: skip
+        max_epochs=tiny_lm.STEPS,
+        accelerator="cpu",
+        devices=1,
+        accumulate_grad_batches=accumulation_steps,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
     trainer.fit(module, tiny_lm.loader(micro_batch_size))
     net: nn.Module = module.net
     return net
 
 
 case = CheckCase(
-    train=train, model=tiny_lm.make_model, data=tiny_lm.data, loss=causal_lm_loss, optimizer=tiny_lm.optimizer,
+    train=train,
+    model=tiny_lm.make_model,
+    data=tiny_lm.data,
+    loss=causal_lm_loss,
+    optimizer=tiny_lm.optimizer,
     steps=tiny_lm.STEPS,
 )

@@ -36,5 +36,10 @@ def train(micro_batch_size: int, accumulation_steps: int) -> list[dict[str, torc
 
 
 case = CheckCase(
-    train=train, model=toy.make_model, data=toy.make_data, loss=toy.loss, optimizer=toy.optimizer, steps=toy.STEPS
+    train=train,
+    model=toy.make_model,
+    data=toy.make_data,
+    loss=toy.loss,
+    optimizer=toy.optimizer,
+    steps=toy.STEPS,
 )

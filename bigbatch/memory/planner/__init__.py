@@ -111,8 +111,15 @@ def plan(
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         fits = fit_memory(workload, losses, checkpointing_options, sizes)
         candidates = predict_candidates(fits, sizes=sizes, compile_options=compile_options, budget=budget)
-        measure_candidates(candidates, workload, losses, budget=budget, steps=steps, warmup=warmup,
-                compile_top_k=compile_top_k)  # fmt: skip
+        measure_candidates(
+            candidates,
+            workload,
+            losses,
+            budget=budget,
+            steps=steps,
+            warmup=warmup,
+            compile_top_k=compile_top_k,
+        )
     choose_fastest(candidates)
 
     if device.type == "cuda":

@@ -72,8 +72,11 @@ def predict_candidates(
     checkpointing_options = list(dict.fromkeys(ck for ck, _ in fits))
     candidates = [
         Candidate(size, ck, comp, name, predicted_bytes=fits[(ck, name)].predict(size))
-        for name in losses for comp in compile_options for ck in checkpointing_options for size in sizes
-    ]  # fmt: skip
+        for name in losses
+        for comp in compile_options
+        for ck in checkpointing_options
+        for size in sizes
+    ]
     for c in candidates:
         without = fits.get((False, c.loss))
         if c.predicted_bytes > budget:

@@ -125,13 +125,24 @@ class Plan:
         if best is None:
             return "none. " + self.nothing_fits_message()
         with_loss = len({c.loss for c in self.candidates}) > 1
-        speed = f"{best.samples_per_s:,.1f} samples/s" if best.samples_per_s is not None else "speed not measured"
-        plain = [c for c in self.candidates if c.fits and c.samples_per_s and not c.checkpointing
-                 and not c.compile and c.loss == self.candidates[0].loss]  # fmt: skip
+        speed = (
+            f"{best.samples_per_s:,.1f} samples/s" if best.samples_per_s is not None else "speed not measured"
+        )
+        plain = [
+            c
+            for c in self.candidates
+            if c.fits
+            and c.samples_per_s
+            and not c.checkpointing
+            and not c.compile
+            and c.loss == self.candidates[0].loss
+        ]
         baseline = max(plain, key=lambda c: c.samples_per_s or 0.0, default=None)
         if baseline is not None and baseline is not best and best.samples_per_s and baseline.samples_per_s:
-            speed += (f", {best.samples_per_s / baseline.samples_per_s:.2f}x plain accumulation "
-                      f"({baseline.describe(with_loss=with_loss)})")  # fmt: skip
+            speed += (
+                f", {best.samples_per_s / baseline.samples_per_s:.2f}x plain accumulation "
+                f"({baseline.describe(with_loss=with_loss)})"
+            )
         how = "measured" if best.measured_bytes is not None else "predicted"
         memory = f"{format_bytes(best.memory_bytes)} {how} within {format_bytes(self.max_memory)}"
         return f"{best.describe(with_loss=with_loss)}: {speed}; {memory}"
@@ -181,17 +192,30 @@ class Plan:
     def table(self) -> str:
         """A plain-text table of every candidate, the chosen one marked."""
         show_loss = len({c.loss for c in self.candidates}) > 1
-        header = ["micro", "checkpointing", "compile", *(["loss"] if show_loss else []),
-                  "predicted", "measured", "samples/s", "status"]  # fmt: skip
+        header = [
+            "micro",
+            "checkpointing",
+            "compile",
+            *(["loss"] if show_loss else []),
+            "predicted",
+            "measured",
+            "samples/s",
+            "status",
+        ]
         rows = []
         for c in self.candidates:
-            rows.append([
-                str(c.micro_batch_size), "yes" if c.checkpointing else "no", "yes" if c.compile else "no",
-                *([c.loss] if show_loss else []),
-                format_bytes(c.predicted_bytes), format_bytes(c.measured_bytes),
-                f"{c.samples_per_s:.1f}" if c.samples_per_s is not None else "-",
-                "CHOSEN" if c.chosen else c.status,
-            ])  # fmt: skip
+            rows.append(
+                [
+                    str(c.micro_batch_size),
+                    "yes" if c.checkpointing else "no",
+                    "yes" if c.compile else "no",
+                    *([c.loss] if show_loss else []),
+                    format_bytes(c.predicted_bytes),
+                    format_bytes(c.measured_bytes),
+                    f"{c.samples_per_s:.1f}" if c.samples_per_s is not None else "-",
+                    "CHOSEN" if c.chosen else c.status,
+                ]
+            )
         widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
         lines = [
             f"plan: logical batch {self.batch_size}, budget {format_bytes(self.max_memory)}, "
@@ -237,8 +261,10 @@ class Plan:
 
     def to_dict(self) -> dict[str, Any]:
         """Every field and candidate as plain values (for JSON)."""
-        return {**{k: v for k, v in asdict(self).items() if k != "candidates"},
-                "candidates": [asdict(c) for c in self.candidates]}  # fmt: skip
+        return {
+            **{k: v for k, v in asdict(self).items() if k != "candidates"},
+            "candidates": [asdict(c) for c in self.candidates],
+        }
 
 
 def _on(flag: bool) -> str:

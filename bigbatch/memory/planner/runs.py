@@ -272,8 +272,14 @@ class Workload:
     def run(self, *, micro_batch_size: int, checkpointing: bool, compile: bool) -> Run:
         """A fresh copy of the model and optimizer, set up for one candidate, its optimizer state made."""
         model, optimizer = self._fresh_copy()
-        acc = set_up(model, optimizer, micro_batch_size=micro_batch_size, checkpointing=checkpointing,
-                     compile=compile, precision=self.precision)  # fmt: skip
+        acc = set_up(
+            model,
+            optimizer,
+            micro_batch_size=micro_batch_size,
+            checkpointing=checkpointing,
+            compile=compile,
+            precision=self.precision,
+        )
         warm_optimizer_(model, optimizer)
         return Run(acc)
 
