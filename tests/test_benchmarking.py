@@ -122,3 +122,24 @@ def test_plot_writes_a_png_where_it_is_told(tmp_path):
     )
     path = plot_panels(tmp_path / "deep" / "p.png", [panel, panel])
     assert path == tmp_path / "deep" / "p.png" and path.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_a_log_axis_is_ticked_at_the_measured_values_in_plain_numbers():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from bigbatch.tools.benchmarking import plain_log_ticks
+
+    fig, ax = plt.subplots()
+    ax.plot([1, 4, 16, 64], [1, 2, 3, 4])
+    ax.set_xscale("log")
+    fig.canvas.draw()
+    default = [t.get_text() for t in ax.get_xticklabels() if t.get_text()]
+    assert any("10^" in t or "10^{" in t for t in default), default  # the control: matplotlib's own labels
+    plain_log_ticks(ax, [1, 4, 16, 64, 4])
+    fig.canvas.draw()
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["1", "4", "16", "64"]
+    assert all(not t.get_text() for t in ax.get_xticklabels(minor=True))
+    plt.close(fig)

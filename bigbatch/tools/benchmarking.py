@@ -28,6 +28,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -262,9 +263,25 @@ def plot_panels(path: str | Path, panels: Sequence[Panel]) -> Path:
                 y, color="gray" if i else "black", linestyle="--" if i else "-", linewidth=0.8, label=label
             )
         ax.set(xscale=panel.xscale, xlabel=panel.xlabel, ylabel=panel.ylabel, title=panel.title)
+        if panel.xscale == "log":
+            plain_log_ticks(ax, [x for xs, _ in panel.series.values() for x in xs])
         ax.legend(fontsize=8)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
+
+
+def plain_log_ticks(ax: Any, xs: Sequence[float]) -> None:
+    """Tick a log x axis at the measured values, written as plain numbers (1, 4, 16), not 10^0.
+
+    Args:
+        ax: a matplotlib Axes whose x axis is logarithmic.
+        xs: the x values plotted (micro-batch sizes, say); each distinct one gets a tick.
+    """
+    from matplotlib.ticker import NullFormatter
+
+    ticks = sorted(set(xs))
+    ax.set_xticks(ticks, [f"{x:g}" for x in ticks])
+    ax.xaxis.set_minor_formatter(NullFormatter())
