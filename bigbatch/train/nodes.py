@@ -61,5 +61,5 @@ def check_run_folder_shared(runtime: Runtime, folder: Path, *, needed: bool) -> 
         raise ConfigError(
             f"the run folder {folder} is not visible from rank {ranks} (another machine): FSDP2 checkpoints and "
             "--resume read and write it on every rank, so with several machines run.dir must be on a file system "
-            "every node mounts at the same path (NFS, Lustre, ...); set --set run.dir=/shared/path/runs."
+            "every node mounts at the same path (NFS, Lustre, ...); set --set run.dir=/mnt/nfs/runs."
         )
