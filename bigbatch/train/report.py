@@ -32,7 +32,9 @@ class RunInfo:
     device: str
     world_size: int
     sharded: bool
-    """FSDP2 over several ranks (else DDP, or one process)."""
+    """FSDP2 or HSDP over several ranks (else DDP, or one process)."""
+    layout: str
+    """How the ranks hold the model, in words: "DDP", "FSDP2", "HSDP 2 replicas x 2 shards"."""
     batch: str
     """The resolved batch sizes in words (`BatchSizes.describe()`)."""
     batch_schedule: str
@@ -74,7 +76,7 @@ def header(run: RunInfo, baselines: dict[str, float], resumed_at: int | None) ->
     """
     ranks = ""
     if run.world_size > 1:
-        ranks = f" x {run.world_size} ranks" + (" (FSDP2)" if run.sharded else " (DDP)")
+        ranks = f" x {run.world_size} ranks ({run.layout})"
     lines = [
         f"bigbatch train: task {run.task_name} ({run.num_parameters:,} parameters{_trainable(run)}) on {run.device}{ranks}",
         f"  {run.batch}",

@@ -293,7 +293,7 @@ def setup_parallel(model: nn.Module, config: TrainConfig, runtime: Runtime) -> n
     """
     if config.train.checkpointing:
         checkpoint_blocks(model)
-    return wrap_model(model, config.train.parallel, runtime)
+    return wrap_model(model, config.train.parallel, runtime, shard_size=config.train.hsdp_shard_size)
 
 
 def make_optimizer(optim: OptimSection, lr: float, params: Any) -> torch.optim.Optimizer:

@@ -47,6 +47,7 @@ from .memory_plan import MemoryChoice, plan_memory, resolved_config
 from .metrics import MetricsLog
 from .nodes import check_run_folder_shared
 from .nonfinite import NonFiniteLossError, is_nonfinite_step, not_recovering
+from .parallel import layout_name
 from .progress import Progress, memory_text
 from .resume_settings import changed_settings, check_unchanged, fingerprints, settings_of
 from .run_end import finish_run
@@ -115,9 +116,9 @@ class Trainer:
         config.validate()
         self.runtime = Runtime.from_env(config.train.device, timeout_s=config.train.timeout)
         planning = config.batch.max_memory is not None and resume is None  # a resumed run keeps its choice
-        self.sharded = config.train.parallel == "fsdp2" and self.runtime.world_size > 1
-        # Step directories (DCP) under fsdp2 in one process too, so that a run moves between 1 and N.
-        self.sharded_checkpoints = config.train.parallel == "fsdp2"
+        self.sharded = config.train.parallel in ("fsdp2", "hsdp") and self.runtime.world_size > 1
+        # Step directories (DCP) under fsdp2/hsdp in one process too, so that a run moves between 1 and N.
+        self.sharded_checkpoints = config.train.parallel in ("fsdp2", "hsdp")
         check_setup(
             planning=planning,
             sharded=self.sharded,
@@ -366,6 +367,7 @@ class Trainer:
             device=str(self.runtime.device),
             world_size=self.runtime.world_size,
             sharded=self.sharded,
+            layout=layout_name(self.model),
             batch=report.batch_text(self.config.batch.micro_batch_size, self.batch_sizes),
             batch_schedule=self.batch_schedule.describe(getattr(self.task, "item_unit", "samples")),
             memory_plan=self.memory_plan,
