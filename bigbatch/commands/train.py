@@ -14,6 +14,7 @@
     bigbatch train --resume runs/mine                 # continue from the newest checkpoint
     torchrun --nproc-per-node 2 -m bigbatch train     # the same logical batch over 2 processes
     torchrun --nproc-per-node 2 -m bigbatch train --set train.parallel=fsdp2   # ... with sharded parameters
+    torchrun --nnodes 2 --nproc-per-node 8 ... -m bigbatch train --set train.parallel=hsdp   # shard per node
 
 Every option maps to one config field (see bigbatch.train.config); the
 resolved config is saved as runs/NAME/config.toml.

@@ -14,7 +14,7 @@ match SHA256SUMS, counts as corrupt (the loader falls back to the one before).
 Loading re-shards: `load_sharded` (on every rank) reads the directory into
 whatever the model is now, FSDP2 shards over any number of ranks or one
 process's whole tensors, since DCP stores each tensor's global shape and which
-slice each file holds. A run with train.parallel = "fsdp2" writes these
+slice each file holds. A run with train.parallel = "fsdp2" or "hsdp" writes these
 directories in one process too (no process group: DCP's single-process mode),
 so it can move between 1 and N processes. `load_full_state` reads a sharded checkpoint's whole model and optimizer state
 in one process (no process group), for export or inspection.

@@ -172,7 +172,7 @@ class ResumingRun:
 
     run_dir: Path
     sharded: bool
-    """train.parallel = "fsdp2" (in any number of processes): its checkpoints are step directories."""
+    """train.parallel = "fsdp2" or "hsdp" (in any number of processes): its checkpoints are step directories."""
     optimizer_name: str
     steps: int
     """The run's `train.steps`."""

@@ -99,7 +99,7 @@ class Trainer:
 
     Under torchrun the logical batch is global: each rank takes its share of every
     logical batch, and the model is wrapped in DistributedDataParallel (only rank 0
-    writes checkpoints) or, with train.parallel = "fsdp2", sharded with `fully_shard`
+    writes checkpoints) or, with train.parallel = "fsdp2" or "hsdp", sharded with `fully_shard`
     (every rank writes its shards into a distributed checkpoint, and evaluation and
     sampling run on all ranks together). Only rank 0 prints and logs. A resumed run
     may have another number of processes or another batch.micro_batch_size: the
