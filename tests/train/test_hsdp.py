@@ -1,8 +1,9 @@
 """`torchrun ... train --set train.parallel=hsdp`: 2 replicas x 2 shards equal one process, and resume.
 
-Four CPU processes (gloo) on one launcher, with `train.hsdp_shard_size=2` standing in for two
-nodes of two: the model is sharded over ranks (0, 1) and (2, 3) and replicated between the
-pairs. Each rank takes its share of every logical batch of 13 (4, 3, 3, 3 samples) in two
+Four CPU processes (gloo): two torchrun launchers (`--nnodes 2 --nproc-per-node 2`, c10d
+rendezvous on 127.0.0.1), so the shard size comes from LOCAL_WORLD_SIZE; the resume runs on one
+launcher of four with `train.hsdp_shard_size=2`, the same 2 x 2 layout. The model is sharded over
+ranks (0, 1) and (2, 3) and replicated between the pairs. Each rank takes its share of every logical batch of 13 (4, 3, 3, 3 samples) in two
 micro-steps of at most 2 (so gradients accumulate across micro-steps, unevenly), and the
 parameters must equal one process training on the whole logical batch, in float64, to 1e-12.
 """
@@ -10,8 +11,10 @@ parameters must equal one process training on the whole logical batch, in float6
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -55,6 +58,35 @@ def _torchrun4(overrides, *args):
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
 
 
+def _two_launchers(overrides, *args):
+    """Two `torchrun --nnodes 2 --nproc-per-node 2` launchers meeting at 127.0.0.1, finished."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = int(sock.getsockname()[1])
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nnodes=2",
+        "--nproc-per-node=2",
+        "--rdzv-backend=c10d",
+        f"--rdzv-endpoint=127.0.0.1:{port}",
+        "--rdzv-id=bigbatch-hsdp",
+        "-m",
+        "bigbatch",
+        "train",
+        *[f"--set={o}" for o in overrides],
+        *args,
+    ]
+    procs = [
+        subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for _ in range(2)
+    ]
+    outputs = [p.communicate(timeout=240) for p in procs]
+    return [(p.returncode, out, err) for p, (out, err) in zip(procs, outputs)]
+
+
 def _rows(run):
     return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
 
@@ -63,9 +95,10 @@ def _rows(run):
 def hsdp_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("hsdp")
     overrides = [*OVERRIDES, f'run.dir="{root / "runs"}"']
-    done = _torchrun4([*overrides, "train.parallel=hsdp", "train.hsdp_shard_size=2"], "--name", "hsdp")
-    assert done.returncode == 0, done.stderr[-3000:]
-    return overrides, root / "runs" / "hsdp", done.stdout
+    done = _two_launchers([*overrides, "train.parallel=hsdp"], "--name", "hsdp")
+    for code, _, err in done:
+        assert code == 0, err[-3000:]
+    return overrides, root / "runs" / "hsdp", "".join(out for _, out, _ in done)
 
 
 @pytest.mark.distributed
@@ -97,7 +130,7 @@ def test_hsdp_resumes_on_the_same_layout_identically(hsdp_run):
     shutil.copytree(run, copy)
     newest = list_checkpoints(copy / "checkpoints")[-1][1]
     shutil.rmtree(newest)  # back to step 2, then step 3 again under HSDP
-    done = _torchrun4([], "--resume", str(copy))
+    done = _torchrun4(["train.hsdp_shard_size=2"], "--resume", str(copy))
     assert done.returncode == 0, done.stderr[-3000:]
     assert "resumed at step 2" in done.stdout and "(HSDP 2 replicas x 2 shards)" in done.stdout
     assert_same_sharded_state(run, copy)
