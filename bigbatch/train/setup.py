@@ -78,7 +78,7 @@ def check_setup(
     if sharded and planning:
         raise ConfigError(
             "batch.max_memory plans for the whole model in one process, not for FSDP2 shards; "
-            'under train.parallel = "fsdp2" give batch.micro_batch_size (`bigbatch plan` suggests one).'
+            'under train.parallel = "fsdp2" or "hsdp" give batch.micro_batch_size (`bigbatch plan` suggests one).'
         )
 
 
@@ -142,7 +142,9 @@ def setup_batch(config: TrainConfig, *, world_size: int, planning: bool, sharded
         setting_prefix="batch.",
     )
     if sharded:  # never planned (refused by check_setup): these sizes are final
-        check_equal_micro_steps(sizes, setting_prefix="batch.", context='under train.parallel = "fsdp2"')
+        check_equal_micro_steps(
+            sizes, setting_prefix="batch.", context=f'under train.parallel = "{config.train.parallel}"'
+        )
     return sizes
 
 
