@@ -32,8 +32,11 @@ lint: $(BIN)/.installed
 typecheck: $(BIN)/.installed
 	$(BIN)/mypy bigbatch
 
+# Two pytest workers (pytest-xdist): CI's machine has 2 cores, and half the suite's time is
+# processes starting (torchrun ranks, CLI runs), which one worker alone leaves a core idle for.
+PYTEST_WORKERS ?= 2
 unit: $(BIN)/.installed
-	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -q -n $(PYTEST_WORKERS) $(PYTEST_ARGS)
 
 bench: $(BIN)/.installed
 	$(BIN)/python benchmarks/overhead.py

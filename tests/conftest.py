@@ -19,6 +19,14 @@ def pytest_configure(config):
     ):
         os.environ[name] = "1"
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    # Under pytest-xdist (make test runs -n 2 on 2 cores) each worker gets its share of the
+    # cores, and so do the processes a test starts: two workers each spinning two intra-op
+    # threads on two cores run many times slower than one thread each.
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if workers > 1:
+        threads = max(1, (os.cpu_count() or 1) // workers)
+        torch.set_num_threads(threads)
+        os.environ.setdefault("OMP_NUM_THREADS", str(threads))
 
 
 @pytest.fixture(autouse=True)

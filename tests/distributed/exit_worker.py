@@ -41,10 +41,11 @@ def main() -> None:
         trainer.fit()
         dist.destroy_process_group()
         code = 0
-    print(
-        json.dumps({"rank": int(os.environ["RANK"]), "code": code, "gloo_threads": gloo_threads()}),
-        flush=True,
-    )
+    # One write of the line and its newline (print writes them apart): two ranks share the
+    # pipe, and a write under PIPE_BUF is atomic, so their rows never run together.
+    row = json.dumps({"rank": int(os.environ["RANK"]), "code": code, "gloo_threads": gloo_threads()})
+    sys.stdout.write(row + "\n")
+    sys.stdout.flush()
 
 
 if __name__ == "__main__":
