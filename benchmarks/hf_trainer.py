@@ -42,6 +42,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from bigbatch.check.adapters.hf_trainer import comparable_arguments
 from bigbatch.tools.benchmarking import median_paired_ratio, time_interleaved
 
 for _name in (
@@ -146,31 +147,17 @@ def run_hf_trainer(
     folder: Path, rows: list[list[int]], pad_id: int, args: argparse.Namespace, out: Path
 ) -> tuple[Any, float]:
     """Train with transformers' Trainer and gradient_accumulation_steps; returns (state_dict, seconds)."""
-    from transformers import AutoModelForCausalLM, Trainer, TrainingArguments
+    from transformers import AutoModelForCausalLM, Trainer
 
     model = AutoModelForCausalLM.from_pretrained(folder).double().train()
-    training = TrainingArguments(
-        output_dir=str(out),
-        per_device_train_batch_size=args.micro,
-        gradient_accumulation_steps=args.logical // args.micro,
-        max_steps=args.steps,
+    training = comparable_arguments(
+        str(out),
+        args.micro,
+        args.logical // args.micro,
         learning_rate=args.lr,
-        lr_scheduler_type="constant",
-        warmup_steps=0,
-        weight_decay=0.0,
+        max_steps=args.steps,
         adam_beta1=0.9,
         adam_beta2=0.99,
-        max_grad_norm=0.0,
-        optim="adamw_torch",
-        train_sampling_strategy="sequential",
-        save_strategy="no",
-        report_to=[],
-        use_cpu=True,
-        dataloader_num_workers=0,
-        disable_tqdm=True,
-        logging_strategy="no",
-        remove_unused_columns=False,
-        seed=0,
     )
     data = [{"input_ids": r} for r in rows]
     trainer = Trainer(

@@ -28,6 +28,51 @@ from ..case import CheckCase
 from .tiny_lm import LR, STEPS, collate, data, make_model, optimizer, rows
 
 
+def comparable_arguments(
+    output_dir: str, micro_batch_size: int, accumulation_steps: int, *, learning_rate: float, **changes: Any
+) -> Any:
+    """The Trainer's TrainingArguments for a comparison with a full-batch step, on the CPU.
+
+    The data in order (sequential sampling), a constant lr with no warmup or weight
+    decay, plain AdamW, no clipping, no workers, saving or logging, and a fixed seed:
+    whatever else differs from a hand-written full-batch step is accumulation's.
+    `bigbatch.check` adapters and benchmarks/hf_trainer.py build theirs here.
+
+    Args:
+        output_dir: where the Trainer may write (nothing is saved).
+        micro_batch_size: per_device_train_batch_size.
+        accumulation_steps: gradient_accumulation_steps.
+        learning_rate: the constant learning rate.
+        **changes: further TrainingArguments (max_steps or num_train_epochs, adam_beta2, ...).
+
+    Returns:
+        A transformers TrainingArguments.
+    """
+    from transformers import TrainingArguments
+
+    return TrainingArguments(
+        output_dir=output_dir,
+        per_device_train_batch_size=micro_batch_size,
+        gradient_accumulation_steps=accumulation_steps,
+        learning_rate=learning_rate,
+        lr_scheduler_type="constant",
+        warmup_steps=0,
+        weight_decay=0.0,
+        max_grad_norm=0.0,
+        optim="adamw_torch",
+        train_sampling_strategy="sequential",
+        save_strategy="no",
+        report_to=[],
+        use_cpu=True,
+        dataloader_num_workers=0,
+        disable_tqdm=True,
+        logging_strategy="no",
+        remove_unused_columns=False,
+        seed=0,
+        **changes,
+    )
+
+
 def train(micro_batch_size: int, accumulation_steps: int, loss_type: str | None = None) -> nn.Module:
     """`STEPS` epochs of the Trainer over the 8 sequences, in order, one optimizer step each.
 
@@ -37,32 +82,14 @@ def train(micro_batch_size: int, accumulation_steps: int, loss_type: str | None 
         loss_type: set on the model before the Trainer sees it ("ForCausalLM": the labels are counted
             after the shift); None keeps what the model derives from its class name (nothing, for GPT-2).
     """
-    from transformers import PrinterCallback, Trainer, TrainingArguments
+    from transformers import PrinterCallback, Trainer
 
     model: Any = make_model()  # a GPT2LMHeadModel
     if loss_type is not None:
         model.loss_type = loss_type  # what the Trainer reads to count shifted labels
     with tempfile.TemporaryDirectory() as out:
-        args = TrainingArguments(
-            output_dir=out,
-            per_device_train_batch_size=micro_batch_size,
-            gradient_accumulation_steps=accumulation_steps,
-            num_train_epochs=STEPS,
-            learning_rate=LR,
-            lr_scheduler_type="constant",
-            warmup_steps=0,
-            weight_decay=0.0,
-            max_grad_norm=0.0,
-            optim="adamw_torch",
-            train_sampling_strategy="sequential",
-            save_strategy="no",
-            report_to=[],
-            use_cpu=True,
-            dataloader_num_workers=0,
-            disable_tqdm=True,
-            logging_strategy="no",
-            remove_unused_columns=False,
-            seed=0,
+        args = comparable_arguments(
+            out, micro_batch_size, accumulation_steps, learning_rate=LR, num_train_epochs=STEPS
         )
         samples = [{"input_ids": r} for r in rows()]
         trainer = Trainer(model=model, args=args, train_dataset=samples, data_collator=collate)
