@@ -29,7 +29,6 @@ from typing import Any, Protocol, runtime_checkable
 import torch
 from torch import nn
 
-from .batch_sizes import shard_indices
 from .batch_split import Batch
 from .fast_micro_step import FastMicroStep
 from .grad_sync import GradSync
@@ -90,15 +89,6 @@ class WindowEngine:
         if len(hooks) == 1:
             return hooks[0](first, count)
         return _Hooks(hooks, first, count)
-
-    def rank_first_sample(self, logical_batch_size: int) -> int:
-        """Where this rank's share starts in a logical batch of `logical_batch_size` samples (all ranks).
-
-        Shares are contiguous, in rank order, as `bb.shard_indices` cuts them (the
-        first `N % world_size` ranks one sample more); sample `first` of a forward
-        is sample `rank_first_sample(N) + first` of the logical batch.
-        """
-        return shard_indices(logical_batch_size, self.sync.rank, self.sync.world_size).start
 
     def autocast(self) -> contextlib.AbstractContextManager[Any]:
         """Autocast as `precision` asks (nothing for fp32), without any sync control."""
