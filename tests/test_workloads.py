@@ -32,6 +32,22 @@ class _Stop(Exception):
     pass
 
 
+@pytest.fixture(autouse=True)
+def _collect_only_this_tests_objects():
+    """gc.collect() (time_runs calls it per method, peak_above_baseline per step) scans only what this test made.
+
+    Everything the process held before the test is frozen (gc.freeze): late in the suite that heap is
+    millions of objects (torch, transformers, earlier tests), and each collection of it took seconds.
+    The fake allocator is made inside each test, so no garbage holding its bytes can be older than the
+    test: the collections free the same bytes as before.
+    """
+    gc.freeze()
+    try:
+        yield
+    finally:
+        gc.unfreeze()
+
+
 def test_a_bare_cuda_device_is_named_before_set_device_sees_it(monkeypatch):
     calls: list[torch.device] = []
     monkeypatch.setattr(torch.cuda, "set_device", _strict_set_device(calls))
