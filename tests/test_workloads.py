@@ -17,6 +17,10 @@ from bigbatch.tasks import workloads
 from bigbatch.tasks.gpt2 import GPT2Shape, gpt2_setup
 from tests.cuda_memory import FakeCudaMemory, Held, allocator_slack, peak_above_baseline
 
+# time_runs and peak_above_baseline collect garbage: each collection scans only the test's objects.
+# The fake allocator is made inside each test, so no garbage holding its bytes is older than the test.
+pytestmark = pytest.mark.usefixtures("young_heap")
+
 
 def _strict_set_device(calls: list[torch.device]):
     def set_device(device) -> None:  # torch.cuda.set_device's own rule, without a GPU
@@ -30,22 +34,6 @@ def _strict_set_device(calls: list[torch.device]):
 
 class _Stop(Exception):
     pass
-
-
-@pytest.fixture(autouse=True)
-def _collect_only_this_tests_objects():
-    """gc.collect() (time_runs calls it per method, peak_above_baseline per step) scans only what this test made.
-
-    Everything the process held before the test is frozen (gc.freeze): late in the suite that heap is
-    millions of objects (torch, transformers, earlier tests), and each collection of it took seconds.
-    The fake allocator is made inside each test, so no garbage holding its bytes can be older than the
-    test: the collections free the same bytes as before.
-    """
-    gc.freeze()
-    try:
-        yield
-    finally:
-        gc.unfreeze()
 
 
 def test_a_bare_cuda_device_is_named_before_set_device_sees_it(monkeypatch):
