@@ -68,12 +68,7 @@ class Draws:
                 "Accumulator with split_invariant_dropout=False."
             )
         if not self.replay and _in_foreign_checkpoint():
-            raise ConfigError(
-                f"split_invariant_dropout: {what} in {_calling_module(self.names)} runs inside "
-                "torch.utils.checkpoint, whose recompute (in backward, outside this forward) would draw "
-                "torch's own masks instead; checkpoint with bb.checkpoint_blocks(model), which replays "
-                "them, instead of torch.utils.checkpoint or model.gradient_checkpointing_enable()."
-            )
+            raise ConfigError(_foreign_checkpoint_error(what, _calling_module(self.names)))
         key = call_key(self.seed, self.step, self.calls)
         self.calls += 1
         return row_keys(key, self.first, self.count, leading.device)
@@ -108,6 +103,30 @@ def _in_foreign_checkpoint() -> bool:
             return True
         frame = frame.f_back  # type: ignore[assignment]
     return False
+
+
+def _foreign_checkpoint_error(what: str, module: str) -> str:
+    """The refusal of a dropout inside a checkpoint bigbatch cannot replay, with the fix for its kind."""
+    reentrant = False
+    frame = sys._getframe(1)
+    while frame is not None:  # the innermost torch.utils.checkpoint.checkpoint call's setting
+        if frame.f_code.co_filename == _CHECKPOINT_FILE and frame.f_code.co_name == "checkpoint":
+            reentrant = frame.f_locals.get("use_reentrant") is not False  # None is torch's reentrant default
+            break
+        frame = frame.f_back  # type: ignore[assignment]
+    start = f"split_invariant_dropout: {what} in {module} runs inside torch.utils.checkpoint"
+    if reentrant:
+        return (
+            f"{start} with use_reentrant=True (torch's default when unset), whose recompute runs in "
+            "backward outside this forward and cannot replay the masks; checkpoint non-reentrant: "
+            "model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={'use_reentrant': False}) "
+            "on a Hugging Face model (bigbatch then replays the masks), or bb.checkpoint_blocks(model)."
+        )
+    return (
+        f"{start} without bigbatch's context_fn, so its recompute (in backward, outside this forward) "
+        "would draw torch's own masks; checkpoint with bb.checkpoint_blocks(model), or pass "
+        "context_fn=bigbatch.engine.dropout.checkpoint_contexts to checkpoint(..., use_reentrant=False)."
+    )
 
 
 def _calling_module(names: dict[int, str] | None) -> str:
