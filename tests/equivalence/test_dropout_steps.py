@@ -301,3 +301,9 @@ def test_hugging_face_gradient_checkpointing_replays_the_masks_micro_1_3_and_who
     torch.manual_seed(0)
     plain_split = _bigbatch(checkpointed, batches, 3, bb.causal_lm_loss, lr=0.01)
     assert max_param_diff(plain_whole[0], plain_split[0]) > 1e-4
+    # A reentrant checkpoint cannot be replayed: refused at its first dropout, with the call that works.
+    reentrant = twin(model)
+    with pytest.warns(FutureWarning):
+        reentrant.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
+    with pytest.raises(bb.ConfigError, match=r"use_reentrant=True.*\{'use_reentrant': False\}"):
+        _bigbatch(reentrant, batches[:1], n, bb.causal_lm_loss, split_invariant_dropout=True, seed=SEED)
