@@ -270,6 +270,10 @@ def test_hugging_face_style_checkpointing_is_made_to_replay_and_keeps_the_users_
         r"gradient_checkpointing_enable\(gradient_checkpointing_kwargs=\{'use_reentrant': False\}\)",
     ):
         _grads(model, x, hook)
+    # Inside bigbatch's own checkpoint (train.checkpointing on such a model) it is refused all the same.
+    assert bb.checkpoint_blocks(model) == list(model.blocks)
+    with pytest.raises(ConfigError, match=r"`blocks.0.block.drop` \(Dropout\) .* use_reentrant=True"):
+        _grads(model, x, hook)
 
 
 class _Note(contextlib.AbstractContextManager[None]):

@@ -91,28 +91,29 @@ def own_checkpoint_left() -> None:
 def _in_foreign_checkpoint() -> bool:
     """True inside a torch.utils.checkpoint forward that bigbatch's checkpoint_contexts does not replay.
 
-    A walk up the Python stack (a few microseconds per dropout call): the only sign a
-    reentrant checkpoint leaves. Its recompute runs in backward, where no torch function
-    mode is active, so it would silently draw torch's masks.
+    A walk up the Python stack (a few microseconds per dropout call), counting the
+    `torch.utils.checkpoint.checkpoint` calls open on it: more than bigbatch's own
+    open ones means one of them is foreign, whichever is nested in which (a reentrant
+    Hugging Face layer inside bb.checkpoint_blocks' block, say). The stack is the
+    only sign a reentrant checkpoint leaves; its recompute runs in backward, where no
+    torch function mode is active, so it would silently draw torch's masks.
     """
-    if getattr(_local, "ours", 0):
-        return False
+    calls = 0
     frame = sys._getframe(2)
     while frame is not None:
-        if frame.f_code.co_filename == _CHECKPOINT_FILE:
-            return True
+        if frame.f_code.co_name == "checkpoint" and frame.f_code.co_filename == _CHECKPOINT_FILE:
+            calls += 1
         frame = frame.f_back  # type: ignore[assignment]
-    return False
+    return calls > getattr(_local, "ours", 0)
 
 
 def _foreign_checkpoint_error(what: str, module: str) -> str:
     """The refusal of a dropout inside a checkpoint bigbatch cannot replay, with the fix for its kind."""
-    reentrant = False
+    reentrant = False  # bigbatch's own checkpoints are never reentrant: any reentrant one is the foreign one
     frame = sys._getframe(1)
-    while frame is not None:  # the innermost torch.utils.checkpoint.checkpoint call's setting
-        if frame.f_code.co_filename == _CHECKPOINT_FILE and frame.f_code.co_name == "checkpoint":
-            reentrant = frame.f_locals.get("use_reentrant") is not False  # None is torch's reentrant default
-            break
+    while frame is not None:
+        if frame.f_code.co_name == "checkpoint" and frame.f_code.co_filename == _CHECKPOINT_FILE:
+            reentrant |= frame.f_locals.get("use_reentrant") is not False  # None: torch's reentrant default
         frame = frame.f_back  # type: ignore[assignment]
     start = f"split_invariant_dropout: {what} in {module} runs inside torch.utils.checkpoint"
     if reentrant:
@@ -124,8 +125,8 @@ def _foreign_checkpoint_error(what: str, module: str) -> str:
         )
     return (
         f"{start} without bigbatch's context_fn, so its recompute (in backward, outside this forward) "
-        "would draw torch's own masks; checkpoint with bb.checkpoint_blocks(model), or pass "
-        "context_fn=bigbatch.engine.dropout.checkpoint_contexts to checkpoint(..., use_reentrant=False)."
+        "would draw torch's own masks; checkpoint with bb.checkpoint_blocks(model) instead (blocks=[...] "
+        "for modules of your choice), which replays them."
     )
 
 
