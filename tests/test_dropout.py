@@ -320,8 +320,10 @@ def test_verify_keeps_split_invariant_dropout_on_and_names_other_random_calls():
 
     report = bb.verify(model, batch, loss, micro_batch_size=3, split_invariant_dropout=True)
     assert report.passed and report.neutralized == [] and report.random == []
+    assert report.kept_dropout == ["1", "3"] and "dropout left on" in report.table()
     # Control: without it, dropout is switched to eval for the check (and named as neutralized).
-    assert bb.verify(model, batch, loss, micro_batch_size=3).neutralized == ["1", "3"]
+    off = bb.verify(model, batch, loss, micro_batch_size=3)
+    assert off.neutralized == ["1", "3"] and off.kept_dropout == [] and "dropout left on" not in off.table()
     # A torch.rand in a forward is not dropout: named, and the check fails.
     noisy = bb.verify(
         _RandInForward(), (batch[0], batch[1] % 2), loss, micro_batch_size=3, split_invariant_dropout=True
