@@ -68,12 +68,7 @@ class Draws:
                 "Accumulator with split_invariant_dropout=False."
             )
         if not self.replay and _in_foreign_checkpoint():
-            raise ConfigError(
-                f"split_invariant_dropout: {what} in {_calling_module(self.names)} runs inside "
-                "torch.utils.checkpoint, whose recompute (in backward, outside this forward) would draw "
-                "torch's own masks instead; checkpoint with bb.checkpoint_blocks(model), which replays "
-                "them, instead of torch.utils.checkpoint or model.gradient_checkpointing_enable()."
-            )
+            raise ConfigError(_foreign_checkpoint_error(what, _calling_module(self.names)))
         key = call_key(self.seed, self.step, self.calls)
         self.calls += 1
         return row_keys(key, self.first, self.count, leading.device)
@@ -96,18 +91,43 @@ def own_checkpoint_left() -> None:
 def _in_foreign_checkpoint() -> bool:
     """True inside a torch.utils.checkpoint forward that bigbatch's checkpoint_contexts does not replay.
 
-    A walk up the Python stack (a few microseconds per dropout call): the only sign a
-    reentrant checkpoint leaves. Its recompute runs in backward, where no torch function
-    mode is active, so it would silently draw torch's masks.
+    A walk up the Python stack (a few microseconds per dropout call), counting the
+    `torch.utils.checkpoint.checkpoint` calls open on it: more than bigbatch's own
+    open ones means one of them is foreign, whichever is nested in which (a reentrant
+    Hugging Face layer inside bb.checkpoint_blocks' block, say). The stack is the
+    only sign a reentrant checkpoint leaves; its recompute runs in backward, where no
+    torch function mode is active, so it would silently draw torch's masks.
     """
-    if getattr(_local, "ours", 0):
-        return False
+    calls = 0
     frame = sys._getframe(2)
     while frame is not None:
-        if frame.f_code.co_filename == _CHECKPOINT_FILE:
-            return True
+        if frame.f_code.co_name == "checkpoint" and frame.f_code.co_filename == _CHECKPOINT_FILE:
+            calls += 1
         frame = frame.f_back  # type: ignore[assignment]
-    return False
+    return calls > getattr(_local, "ours", 0)
+
+
+def _foreign_checkpoint_error(what: str, module: str) -> str:
+    """The refusal of a dropout inside a checkpoint bigbatch cannot replay, with the fix for its kind."""
+    reentrant = False  # bigbatch's own checkpoints are never reentrant: any reentrant one is the foreign one
+    frame = sys._getframe(1)
+    while frame is not None:
+        if frame.f_code.co_name == "checkpoint" and frame.f_code.co_filename == _CHECKPOINT_FILE:
+            reentrant |= frame.f_locals.get("use_reentrant") is not False  # None: torch's reentrant default
+        frame = frame.f_back  # type: ignore[assignment]
+    start = f"split_invariant_dropout: {what} in {module} runs inside torch.utils.checkpoint"
+    if reentrant:
+        return (
+            f"{start} with use_reentrant=True (torch's default when unset), whose recompute runs in "
+            "backward outside this forward and cannot replay the masks; checkpoint non-reentrant: "
+            "model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={'use_reentrant': False}) "
+            "on a Hugging Face model (bigbatch then replays the masks), or bb.checkpoint_blocks(model)."
+        )
+    return (
+        f"{start} without bigbatch's context_fn, so its recompute (in backward, outside this forward) "
+        "would draw torch's own masks; checkpoint with bb.checkpoint_blocks(model) instead (blocks=[...] "
+        "for modules of your choice), which replays them."
+    )
 
 
 def _calling_module(names: dict[int, str] | None) -> str:
