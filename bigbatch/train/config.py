@@ -168,7 +168,9 @@ class TrainSection:
     parallel: Literal["ddp", "fsdp2", "hsdp"] = "ddp"
     """Under torchrun: "ddp" replicates the model on every rank; "fsdp2" shards each repeated block
     and the root with fully_shard (checkpoints become distributed checkpoints); "hsdp" shards within a
-    node and replicates across nodes (a 2-D mesh, see train.hsdp_shard_size). Ignored in one process."""
+    node and replicates across nodes (a 2-D mesh, see train.hsdp_shard_size). One process trains unsharded,
+    but "fsdp2" and "hsdp" still write step folders, so on resume a run moves between 1 and N processes
+    and between the two."""
     hsdp_shard_size: int = 0
     """Under train.parallel = "hsdp": the ranks that shard the model, the rest replicate it (0: the ranks
     per node, torchrun's LOCAL_WORLD_SIZE). Must divide the world size into at least two replicas."""
