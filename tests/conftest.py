@@ -61,7 +61,26 @@ def young_heap():
         gc.unfreeze()
 
 
+# Session fixtures that start processes (a launch of gloo ranks): every test that uses one runs
+# on one pytest-xdist worker, or each worker would make its own launch. A module whose tests share
+# an expensive module fixture says so itself: `pytestmark = pytest.mark.xdist_group("its name")`.
+SHARED_LAUNCHES = ("ranks", "fsdp2_run")
+
+
+def xdist_group_of(item: pytest.Item) -> str | None:
+    """The worker group of a test that reads a shared launch (`make test` runs `--dist loadgroup`).
+
+    A group goes to one worker whole, so the launch is made once, where plain
+    `--dist load` may hand its tests to both workers and make it twice.
+    """
+    return next((name for name in SHARED_LAUNCHES if name in item.fixturenames), None)
+
+
 def pytest_collection_modifyitems(config, items):
+    for item in items:
+        group = xdist_group_of(item)
+        if group is not None:
+            item.add_marker(pytest.mark.xdist_group(group))
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs a CUDA GPU")

@@ -12,7 +12,7 @@ from bigbatch.engine.batch_sizes import shard_indices
 from . import hsdp_scenarios as sc
 from .launch import run_on_ranks
 
-pytestmark = pytest.mark.distributed
+pytestmark = [pytest.mark.distributed, pytest.mark.xdist_group("hsdp-comm-launch")]
 
 WORLD = 4
 

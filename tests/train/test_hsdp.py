@@ -32,6 +32,10 @@ from bigbatch.train.parallel import hsdp_shape
 from bigbatch.train.sharded_checkpoint import load_full_state
 from tests.train.conftest import TINY
 
+pytestmark = pytest.mark.xdist_group(
+    "hsdp-launch"
+)  # its tests share one expensive module fixture: one worker makes it
+
 STEPS = 3
 OVERRIDES = [
     *TINY,

@@ -21,7 +21,7 @@ import pytest
 SLOW = 4.0  # seconds rank 0's first evaluation takes
 TIMEOUT = 2  # train.timeout
 
-pytestmark = [pytest.mark.distributed, pytest.mark.slow]
+pytestmark = [pytest.mark.distributed, pytest.mark.slow, pytest.mark.xdist_group("rank0-alone-launch")]
 
 
 def _task_file(folder: Path) -> Path:
