@@ -121,7 +121,9 @@ def test_a_stopped_rank_ends_the_run_with_an_error_after_the_timeout(tiny, tmp_p
     ), errors[0]
     assert "The last good checkpoint is step " in errors[0] and f"--resume {run}" in errors[0]
     # The timeout fired (its error line, asserted above, arrived before the test's own 60 s
-    # deadline), and not early: a collective timeout cannot fire before train.timeout. No upper
-    # bound on the wait: how soon the error arrives after 3 s depends on the machine's load.
-    assert waited >= 3, waited
+    # deadline), and not early. Its 3 s count from when rank 0 entered the collective, which can
+    # be a moment before rank 1 was stopped (measured once: 2.996 s after SIGSTOP), so the bound
+    # allows half a second of that; a timeout that ignored train.timeout would fire far sooner.
+    # No upper bound: how soon the error arrives after 3 s depends on the machine's load.
+    assert waited >= 2.5, waited
     print(f"a stopped rank ended the run {waited:.1f} s after SIGSTOP (train.timeout = 3 s)")
