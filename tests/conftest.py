@@ -76,11 +76,32 @@ def xdist_group_of(item: pytest.Item) -> str | None:
     return next((name for name in SHARED_LAUNCHES if name in item.fixturenames), None)
 
 
+def _group_for_loadgroup(item: pytest.Item) -> None:
+    """Give a grouped test the `nodeid@group` that `--dist loadgroup` schedules by.
+
+    pytest-xdist 3.8 writes the suffix to `item._nodeid`, which pytest 9 no longer reads
+    (a node's id is `item._id`), so without this every group is scattered over the workers.
+    """
+    names = sorted(
+        {
+            str(m.args[0] if m.args else m.kwargs.get("name", "default"))
+            for m in item.iter_markers("xdist_group")
+        }
+    )
+    if names and "@" not in item.nodeid:
+        from _pytest.nodeid import coerce_node_id
+
+        item._id = coerce_node_id(f"{item.nodeid}@{'_'.join(names)}")
+
+
+@pytest.hookimpl(trylast=True)  # after pytest-xdist's own hook
 def pytest_collection_modifyitems(config, items):
     for item in items:
         group = xdist_group_of(item)
         if group is not None:
             item.add_marker(pytest.mark.xdist_group(group))
+        if config.getvalue("loadgroup") and hasattr(item, "_id"):
+            _group_for_loadgroup(item)
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs a CUDA GPU")
