@@ -94,7 +94,14 @@ def _two_nodes(cwds: list[Path], runs: list[list[str]]) -> list[list[tuple[int, 
         subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         for cwd in cwds
     ]
-    outputs = [p.communicate(timeout=300) for p in procs]
+    try:
+        outputs = [p.communicate(timeout=300) for p in procs]
+    except subprocess.TimeoutExpired:
+        for p in procs:  # SIGTERM: torchrun's agent then stops its workers (each in its own session)
+            p.terminate()
+        for p in procs:
+            p.communicate(timeout=60)
+        raise
     per_node = []
     for out, err in outputs:
         found = re.search(r"== exit codes \[([0-9, ]*)\] ==", out)
