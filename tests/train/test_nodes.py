@@ -111,36 +111,69 @@ def _two_nodes(cwds: list[Path], runs: list[list[str]]) -> list[list[tuple[int, 
     return [[node[i] for node in per_node] for i in range(len(runs))]
 
 
-@pytest.fixture(scope="module")
-def two_nodes(hf_folders, tmp_path_factory) -> dict[str, Any]:
-    """One launch of two nodes with their own disks: the default task ("nodes"), a GPT-2 with dropout
-    ("lm"), then FSDP2 ("local", refused); what each run printed, and where."""
+def once_per_session(tmp_path_factory: pytest.TempPathFactory, name: str, make: Any) -> Any:
+    """`make(folder)`'s JSON-able result, made once per test session even under pytest-xdist.
+
+    `make test` runs two xdist workers, which may split a module's tests between them, and a
+    module-scoped fixture then runs in each: here that would start the two launchers twice.
+    The first worker makes it under a file lock in the folder both share; the other reads it.
+    """
+    run_id = os.environ.get("PYTEST_XDIST_TESTRUNUID")
+    if run_id is None:  # one process: a module fixture runs once anyway
+        return make(tmp_path_factory.mktemp(name))
+    from filelock import FileLock
+
+    shared = tmp_path_factory.getbasetemp().parent / f"{name}-{run_id}"
+    with FileLock(f"{shared}.lock", timeout=900):
+        result = shared / "result.json"
+        if not result.is_file():
+            made = make(shared)
+            result.write_text(json.dumps(made), encoding="utf-8")
+        return json.loads(result.read_text(encoding="utf-8"))
+
+
+def _launch(root: Path) -> dict[str, Any]:
+    """One launch of two nodes with their own disks under `root`: the default task ("nodes"), a GPT-2 with
+    dropout ("lm"), then FSDP2 ("local", refused); per run, per node (code, out, err)."""
     from tests import hf_models
 
     assert os.environ.get("HF_HUB_OFFLINE") == "1"
-    root = tmp_path_factory.mktemp("nodes")
-    model = hf_models.build_model_folder(root / "gpt2", "gpt2", hf_folders["tokenizer"], dropout=True)
+    root.mkdir(parents=True, exist_ok=True)
+    hf_models.build_tokenizer(root / "tokenizer")
+    model = hf_models.build_model_folder(root / "gpt2", "gpt2", root / "tokenizer", dropout=True)
     data = root / "small.txt"
     data.write_text(hf_models.shakespeare(6000), encoding="utf-8")
     nodes = [root / "node0", root / "node1"]
     for node in nodes:
         node.mkdir()
-    lm = causal_lm_overrides(model, data)
     local = ['--set=run.dir="runs"']
     done = _two_nodes(
         nodes,
         [
             [*(f"--set={o}" for o in OVERRIDES), *local, "--name", "nodes"],
-            [*(f"--set={o}" for o in lm), *local, "--name", "lm"],
+            [*(f"--set={o}" for o in causal_lm_overrides(model, data)), *local, "--name", "lm"],
             [*(f"--set={o}" for o in OVERRIDES), *local, "--set=train.parallel=fsdp2", "--name", "local"],
         ],
     )
     return {
-        "root": root,
-        "nodes": nodes,
-        "model": model,
-        "lm": lm,
+        "nodes": [str(n) for n in nodes],
+        "model": str(model),
+        "data": str(data),
         "runs": dict(zip(("nodes", "lm", "local"), done)),
+    }
+
+
+@pytest.fixture(scope="module")
+def two_nodes(tmp_path_factory) -> dict[str, Any]:
+    """The launch's results (`_launch`), paths as Paths; made once per session."""
+    pytest.importorskip("transformers", reason="needs bigbatch[hf]")
+    made = once_per_session(tmp_path_factory, "nodes", _launch)
+    model, data = Path(made["model"]), Path(made["data"])
+    return {
+        **made,
+        "nodes": [Path(n) for n in made["nodes"]],
+        "model": model,
+        "lm": causal_lm_overrides(model, data),
     }
 
 
