@@ -22,17 +22,17 @@ import statistics
 from collections.abc import Callable
 
 import torch
-from bigbatch.benchmarking import (
+
+import bigbatch as bb
+from bigbatch.engine.batch_split import split_batch, to_device
+from bigbatch.tasks import build_task
+from bigbatch.tools.benchmarking import (
     clock_for,
     markdown_table,
     median_paired_ratio,
     sync_device,
     time_interleaved,
 )
-
-import bigbatch as bb
-from bigbatch.engine.batch_split import split_batch, to_device
-from bigbatch.tasks import build_task
 
 
 def _saved_bytes(run: Callable[[], object]) -> int:

@@ -8,6 +8,8 @@ torch's own dropout does not, and to keep E[output] = input.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import math
 
 import pytest
@@ -215,6 +217,89 @@ def test_checkpoint_blocks_recompute_draws_the_forwards_masks():
         _grads(model, x, hook)
 
 
+class _HFStyleBlock(nn.Module):
+    """A block checkpointed the way transformers' GradientCheckpointingLayer does it (flag plus partial)."""
+
+    gradient_checkpointing = False
+
+    def __init__(self, block: nn.Module) -> None:
+        super().__init__()
+        self.block = block
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+            return self._gradient_checkpointing_func(self.block.__call__, h)
+        return self.block(h)
+
+
+def _hf_checkpointing_on(model: nn.Module, **kwargs) -> None:
+    """What `model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)` sets on each layer."""
+    for layer in model.blocks:
+        layer.gradient_checkpointing = True
+        layer._gradient_checkpointing_func = functools.partial(checkpoint, **kwargs)
+
+
+def test_hugging_face_style_checkpointing_is_made_to_replay_and_keeps_the_users_context_fn():
+    model = tower(dropout=0.5, layers=3)
+    model.blocks = nn.ModuleList(_HFStyleBlock(b) for b in model.blocks)
+    x = torch.randn(6, 8, dtype=torch.float64)
+    hook = SplitInvariantDropout(model, seed=2)
+    plain = torch.cat([g.flatten() for g in _grads(model, x, hook)])
+    entered: list[str] = []
+
+    def theirs():  # a user's own context_fn (selective checkpointing, say): still entered
+        return (_Note(entered, "forward"), _Note(entered, "recompute"))
+
+    # Turned on after the hook's first forward: the next forward adapts it.
+    _hf_checkpointing_on(model, use_reentrant=False, context_fn=theirs)
+    assert torch.equal(torch.cat([g.flatten() for g in _grads(model, x, hook)]), plain)
+    assert entered == ["forward"] * 3 + ["recompute"] * 3  # the premise: all three blocks recomputed
+    assert all(type(b._gradient_checkpointing_func).__name__ == "_ReplayingCheckpoint" for b in model.blocks)
+    # Negative control: the same layers without the adaptation draw torch's masks in the recompute.
+    _hf_checkpointing_on(model, use_reentrant=False)
+    with pytest.raises(
+        ConfigError, match=r"runs inside torch.utils.checkpoint without bigbatch's context_fn"
+    ):
+        with _no_replay(), hook(0, x.shape[0]):
+            model(x)
+    # A reentrant checkpoint cannot be replayed: refused, with the non-reentrant call that works.
+    _hf_checkpointing_on(model, use_reentrant=True)
+    with pytest.raises(
+        ConfigError,
+        match=r"`blocks.0.block.drop` \(Dropout\) runs inside torch.utils.checkpoint with use_reentrant=True.*"
+        r"gradient_checkpointing_enable\(gradient_checkpointing_kwargs=\{'use_reentrant': False\}\)",
+    ):
+        _grads(model, x, hook)
+    # Inside bigbatch's own checkpoint (train.checkpointing on such a model) it is refused all the same.
+    assert bb.checkpoint_blocks(model) == list(model.blocks)
+    with pytest.raises(ConfigError, match=r"`blocks.0.block.drop` \(Dropout\) .* use_reentrant=True"):
+        _grads(model, x, hook)
+
+
+class _Note(contextlib.AbstractContextManager[None]):
+    def __init__(self, log: list[str], what: str) -> None:
+        self.log, self.what = log, what
+
+    def __enter__(self) -> None:
+        self.log.append(self.what)
+
+    def __exit__(self, *exc: object) -> None:
+        pass
+
+
+@contextlib.contextmanager
+def _no_replay():
+    """The adaptation switched off for one forward (as if the hook did not look at the layers)."""
+    import bigbatch.engine.dropout as dropout
+
+    saved = dropout.replay_hf_checkpointing
+    dropout.replay_hf_checkpointing = lambda layers: None
+    try:
+        yield
+    finally:
+        dropout.replay_hf_checkpointing = saved
+
+
 class _RandInForward(nn.Module):
     def __init__(self) -> None:
         super().__init__()
@@ -235,8 +320,10 @@ def test_verify_keeps_split_invariant_dropout_on_and_names_other_random_calls():
 
     report = bb.verify(model, batch, loss, micro_batch_size=3, split_invariant_dropout=True)
     assert report.passed and report.neutralized == [] and report.random == []
+    assert report.kept_dropout == ["1", "3"] and "dropout left on" in report.table()
     # Control: without it, dropout is switched to eval for the check (and named as neutralized).
-    assert bb.verify(model, batch, loss, micro_batch_size=3).neutralized == ["1", "3"]
+    off = bb.verify(model, batch, loss, micro_batch_size=3)
+    assert off.neutralized == ["1", "3"] and off.kept_dropout == [] and "dropout left on" not in off.table()
     # A torch.rand in a forward is not dropout: named, and the check fails.
     noisy = bb.verify(
         _RandInForward(), (batch[0], batch[1] % 2), loss, micro_batch_size=3, split_invariant_dropout=True

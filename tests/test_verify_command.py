@@ -50,6 +50,19 @@ CASES = textwrap.dedent(
         return nn.Linear(4, 3), _data(), lambda m, b: F.cross_entropy(m(b[0]), b[1], reduction="none")
 
 
+    class FunctionalDropout(nn.Module):
+        def forward(self, x):
+            # Not an nn.Dropout, so verify cannot switch it to eval; two calls, so torch's draws for a
+            # micro-batch interleave differently from the whole batch's.
+            return F.dropout(x, 0.3, self.training) + F.dropout(x, 0.2, self.training)
+
+
+    def with_dropout():
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(4, 8), nn.Dropout(0.1), nn.Tanh(), FunctionalDropout(), nn.Linear(8, 3))
+        return model, _data(), _loss
+
+
     not_callable = 3
     """
 )
@@ -140,6 +153,24 @@ def test_a_built_in_task_passes_and_its_batchnorm_variant_fails(capsys):
     assert "FAIL: " in out and "(BatchNorm1d)" in out
     # The same option written as `bigbatch train` writes it, and a quoted TOML string: the same parser.
     assert main(["verify", "--task", "digits", "--batch-size", "8", "--set", 'task.norm="batchnorm"']) == 1
+
+
+def test_dropout_stays_on_as_bigbatch_train_draws_it_and_the_report_says_so(cases, capsys):
+    pytest.importorskip("bigbatch.tasks")
+    from bigbatch.train.config import TrainSection
+
+    assert TrainSection.split_invariant_dropout  # the run's default, which verify follows
+    assert main(["verify", "--task", "digits", "--batch-size", "8", "--set", "task.dropout=0.1"]) == 0
+    out = capsys.readouterr().out
+    assert "dropout left on (split-invariant masks" in out and "  model[3]\n  model[7]\n" in out
+    assert "PASS: " in out and "dropout (3, 7) stayed on" in out and "switched to eval" not in out
+    # A dropout verify cannot switch off (F.dropout in a forward) is checked with the setting on; off,
+    # torch draws its masks per micro-batch and the check fails, naming it.
+    assert main(["verify", "verify_cases_mod:with_dropout"]) == 0
+    assert "PASS: " in capsys.readouterr().out
+    assert main(["verify", "verify_cases_mod:with_dropout", "--no-split-invariant-dropout"]) == 1
+    out = capsys.readouterr().out
+    assert "FAIL: " in out and "model[3] draw random numbers" in out and "dropout (1) was switched to" in out
 
 
 @pytest.mark.parametrize(

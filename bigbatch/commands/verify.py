@@ -4,12 +4,19 @@
     bigbatch verify path/to/case.py:make_case
     bigbatch verify --task digits --set norm=batchnorm    # fails: names the BatchNorm layers
     bigbatch verify --task text --set d_model=32 --set n_layers=1 --batch-size 8
+    bigbatch verify --task digits --set dropout=0.1      # dropout stays on (split-invariant masks)
 
 The factory takes no arguments and returns `(model, batch, loss_fn)`, or a dict
 with those keys; `loss_fn(model, batch)` returns the mean loss over the batch's
 samples or a `bb.LossSum`. `--task NAME --set KEY=VALUE` checks a built-in task
 instead, its options read as `bigbatch train --set task.KEY=VALUE` reads them. Exit status: 0 the check passed, 1 it failed, 2 the
 command was used wrongly (bad target, factory, or options).
+
+Dropout follows `bigbatch train`'s default, `train.split_invariant_dropout = true`:
+it stays on and is checked, each sample drawing the same masks in the whole
+batch and in its micro-batch (`bb.verify(..., split_invariant_dropout=True)`);
+`--no-split-invariant-dropout` checks as a run with the setting off trains,
+with dropout switched to eval for the comparison. The report says which.
 """
 
 from __future__ import annotations
@@ -50,12 +57,29 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--no-probe", action="store_true", help="skip the perturbation probe for coupled layers"
     )
+    parser.add_argument(
+        "--no-split-invariant-dropout",
+        dest="split_invariant_dropout",
+        action="store_false",
+        default=None,  # bigbatch train's default (run() reads it)
+        help="switch dropout to eval for the comparison, as a run with train.split_invariant_dropout=false "
+        "would need (default: dropout stays on with split-invariant masks, as bigbatch train draws them)",
+    )
     parser.add_argument("--seed", type=int, default=0, help="random seed for the runs (0)")
     parser.add_argument("--rows", type=int, default=12, help="parameters shown in the table (12)")
 
 
 _ONE_SAMPLE_BATCHNORM = "Expected more than 1 value per channel when training"
 """How torch's batch_norm refuses a batch of one sample in training (torch.nn.functional._verify_batch_size)."""
+
+
+def _split_invariant_dropout(args: argparse.Namespace) -> bool:
+    """False with --no-split-invariant-dropout, else what `bigbatch train` does by default."""
+    if args.split_invariant_dropout is not None:
+        return bool(args.split_invariant_dropout)
+    from ..train.config import TrainSection  # loaded only when the check runs
+
+    return TrainSection.split_invariant_dropout
 
 
 def run(args: argparse.Namespace) -> int:
@@ -92,6 +116,7 @@ def run(args: argparse.Namespace) -> int:
                 probe_modules=not args.no_probe,
                 check_buffers=not args.no_buffers,
                 seed=args.seed,
+                split_invariant_dropout=_split_invariant_dropout(args),
             )
         except ValueError as error:
             if not str(error).startswith(_ONE_SAMPLE_BATCHNORM):

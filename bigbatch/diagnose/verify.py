@@ -82,6 +82,8 @@ class VerifyReport:
     coupled: list[CoupledModule] = field(default_factory=list)
     random: list[str] = field(default_factory=list)  # modules with random output
     neutralized: list[str] = field(default_factory=list)  # dropout switched to eval for the comparison
+    # dropout left on and checked: split_invariant_dropout=True drew the same masks in both runs
+    kept_dropout: list[str] = field(default_factory=list)
     buffers: dict[str, float] = field(default_factory=dict)  # buffers that differ, and by how much
     loss_coupling: LossCoupling | None = None  # the loss itself couples samples (probe_loss)
     random_loss: bool = False  # loss_fn's value changes with the seed where no module explains it
@@ -138,6 +140,9 @@ class VerifyReport:
                     "only if they are taken in the same order"
                 )
                 lines.append(f"  {module_path(name)}: {treated}")
+        if self.kept_dropout:
+            lines += ["", "dropout left on (split-invariant masks: each sample's are the same in both runs):"]
+            lines += [f"  {module_path(name)}" for name in self.kept_dropout]
         if self.random_loss:
             lines += [
                 "",
@@ -437,14 +442,12 @@ def _verify(
         known = {c.name for c in coupled}
         coupled += [c for c in found.coupled if c.name not in known]
         random = found.random
-    neutralize = [
+    active_dropout = [
         name
         for name, m in model.named_modules()
-        if isinstance(m, DROPOUT_TYPES)
-        and m.training
-        and getattr(m, "p", 0) > 0
-        and not split_invariant_dropout
+        if isinstance(m, DROPOUT_TYPES) and m.training and getattr(m, "p", 0) > 0
     ]
+    neutralize = [] if split_invariant_dropout else active_dropout
     random += [name for name in neutralize if name not in random]
 
     # One copy at a time: a model that barely fits its device can still be verified.
@@ -495,6 +498,7 @@ def _verify(
         coupled=coupled,
         random=random,
         neutralized=neutralize,
+        kept_dropout=active_dropout if split_invariant_dropout else [],
         buffers=buffers,
         loss_coupling=loss_coupling,
         batch_loss=not independent_micro_steps(loss_fn, model),
@@ -539,6 +543,11 @@ def _verdict(r: VerifyReport, nonfinite: list[str], check_buffers: bool) -> tupl
     notes = []
     if r.neutralized:
         notes.append(f"dropout ({_names(r.neutralized)}) was switched to eval for the comparison")
+    if r.kept_dropout:
+        notes.append(
+            f"dropout ({_names(r.kept_dropout)}) stayed on: split-invariant masks, the same for each "
+            "sample in both runs"
+        )
     if unexplained_random and not bad:
         notes.append(
             f"{_names(unexplained_random)} draw random numbers, which agreed between the runs under one seed"

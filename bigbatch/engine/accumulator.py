@@ -92,6 +92,9 @@ class Accumulator:
             step, its index in the logical batch, which dropout call, element), never on
             its micro-batch, rank or OOM retry (docs/dropout.md). The loop API then needs
             `acc.accumulate(samples=len(x))` (and `first_sample=` under several processes).
+            Checkpointing replays the masks under bb.checkpoint_blocks and Hugging Face's
+            non-reentrant `model.gradient_checkpointing_enable()` (its layers get bigbatch's
+            context_fn in place); a reentrant checkpoint is refused.
         seed: the seed of those masks; None draws one from torch's default generator
             when the Accumulator is built. Saved in `state_dict()`.
 

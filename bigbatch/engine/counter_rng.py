@@ -121,30 +121,60 @@ def keep_mask(keys: torch.Tensor, elements: int, p: float) -> torch.Tensor:
         elements: draws per row; element e of row r is `mix64(keys[r] + (e + 1) * GOLDEN)`.
         p: the drop probability.
     """
+    return _draw(keys, elements, p, None)
+
+
+@_eager
+def scaled_keep_mask(
+    keys: torch.Tensor, elements: int, p: float, scale: float, dtype: torch.dtype
+) -> torch.Tensor:
+    """`keep_mask` as a `dtype` tensor: `scale` where the element is kept, 0 where it is dropped.
+
+    What dropout multiplies by (scale = 1 / (1 - p)), made in the same pass as the
+    draws: `x * mask` is then one product forward and one backward, as torch's own
+    dropout does with its scaled noise, where a bool mask needs a cast and a second product.
+    """
+    return _draw(keys, elements, p, (scale, dtype))
+
+
+def _draw(
+    keys: torch.Tensor, elements: int, p: float, scaled: tuple[float, torch.dtype] | None
+) -> torch.Tensor:
     threshold = keep_threshold(p)
-    stream = torch.arange(1, elements + 1, device=keys.device, dtype=torch.int64).mul_(GOLDEN)
-    if keys.device.type != "cpu":
+    device = keys.device
+    stream = torch.arange(1, elements + 1, device=device, dtype=torch.int64).mul_(GOLDEN)
+    if scaled is not None:
+        kept, dropped = (torch.tensor(v, dtype=scaled[1], device=device) for v in (scaled[0], 0.0))
+    if device.type != "cpu":
         # One pass over (rows, elements): a handful of kernels, whatever the size.
-        return mix64_(keys.unsqueeze(1) + stream) >= threshold
-    # On the CPU, in pieces that stay in cache, through two reused buffers: the
-    # int64 temporaries of a whole pass would cost more in memory traffic and page
-    # faults than the arithmetic (measured: benchmarks/dropout_cost.py).
+        drawn = mix64_(keys.unsqueeze(1) + stream) >= threshold
+        return drawn if scaled is None else torch.where(drawn, kept, dropped)
+    # On the CPU, in pieces that stay in cache, through reused buffers: the int64
+    # temporaries of a whole pass would cost more in memory traffic and page faults
+    # than the arithmetic (measured: benchmarks/dropout_cost.py).
     rows = keys.shape[0]
-    out = torch.empty(rows, elements, dtype=torch.bool, device=keys.device)
+    out = torch.empty(rows, elements, dtype=torch.bool if scaled is None else scaled[1], device=device)
     per = max(1, _CPU_CHUNK // max(elements, 1))  # rows per piece
     cols = min(elements, _CPU_CHUNK)  # draws per piece of one row (a row longer than a piece)
     z = torch.empty(per * cols, dtype=torch.int64)
     tmp = torch.empty(per * cols, dtype=torch.int64)
+    keep = None if scaled is None else torch.empty(per * cols, dtype=torch.bool)
     for r in range(0, rows, per):
         r_stop = min(rows, r + per)
         for start in range(0, elements, cols):
             stop = min(elements, start + cols)
             shape = (r_stop - r, stop - start)
-            zn, tn = z[: shape[0] * shape[1]].view(shape), tmp[: shape[0] * shape[1]].view(shape)
+            size = shape[0] * shape[1]
+            zn, tn = z[:size].view(shape), tmp[:size].view(shape)
             torch.add(keys[r:r_stop, None], stream[None, start:stop], out=zn)
             torch.bitwise_right_shift(zn, 30, out=tn)
             zn.bitwise_xor_(tn).mul_(_MUL1)
             torch.bitwise_right_shift(zn, 27, out=tn)
             zn.bitwise_xor_(tn).mul_(_MUL2)
-            torch.ge(zn, threshold, out=out[r:r_stop, start:stop])
+            if keep is None:
+                torch.ge(zn, threshold, out=out[r:r_stop, start:stop])
+            else:
+                kn = keep[:size].view(shape)
+                torch.ge(zn, threshold, out=kn)
+                torch.where(kn, kept, dropped, out=out[r:r_stop, start:stop])
     return out

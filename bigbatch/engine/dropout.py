@@ -16,9 +16,13 @@ channel), `F.alpha_dropout`, their `torch.*` forms, and
 (math) path with the per-sample mask on the attention probabilities; see
 dropout_ops.py. Activation checkpointing with `bb.checkpoint_blocks` replays the
 masks (its recompute restarts the call index where the forward had it, through
-`checkpoint_contexts`). A dropout inside any other `torch.utils.checkpoint`
-(`model.gradient_checkpointing_enable()` included) is refused: its recompute runs
-in backward, where no torch function mode is active, so it would draw torch's masks.
+`checkpoint_contexts`), and so does Hugging Face's own
+`model.gradient_checkpointing_enable()` when it is non-reentrant (transformers'
+default): before each forward the hook adds `checkpoint_contexts` to the
+`context_fn` of every layer's `_gradient_checkpointing_func` (`replay_hf_checkpointing`).
+A dropout inside any other `torch.utils.checkpoint` (a reentrant one, which cannot
+be replayed, or one without that context) is refused: its recompute runs in
+backward, where no torch function mode is active, so it would draw torch's masks.
 
 Limits: a dropout must see the micro-batch as its input's leading dimension
 (anything else is refused, naming the module; a sequence-first layout whose
@@ -29,12 +33,14 @@ than dropout (torch.rand in a forward) are not covered (`bb.verify` names them).
 from __future__ import annotations
 
 import contextlib
+import functools
 import threading
 from collections.abc import Callable
 from dataclasses import replace
 from typing import Any
 
 import torch
+import torch.utils.checkpoint
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
@@ -120,11 +126,15 @@ class SplitInvariantDropout:
         self.rank_offset: int | torch.Tensor = 0
         self._model = model
         self._names: dict[int, str] | None = None
+        self._hf_layers: list[nn.Module] = []
 
     def __call__(self, first: int, count: int) -> DropoutMode:
         """The context a forward over samples [first, first + count) of this rank's share runs in."""
         if self._names is None:
             self._names = {id(m): name for name, m in self._model.named_modules()}
+            self._hf_layers = hf_checkpointing_layers(self._model)
+        # Every forward: checkpointing may be turned on after the Accumulator was built.
+        replay_hf_checkpointing(self._hf_layers)
         offset = self.rank_offset
         start = first if isinstance(offset, int) else offset + first
         return DropoutMode(Draws(self.seed, self.step(), start, count, names=self._names))
@@ -211,3 +221,80 @@ def checkpoint_contexts() -> tuple[
     """
     recorded = _Recorded()
     return _RecordForward(recorded), _Replay(recorded)
+
+
+class _Both(contextlib.AbstractContextManager[None]):
+    """Two contexts entered as one, the first outermost (a user's context_fn around bigbatch's)."""
+
+    def __init__(
+        self, outer: contextlib.AbstractContextManager[Any], inner: contextlib.AbstractContextManager[Any]
+    ):
+        self.outer, self.inner = outer, inner
+        self.stack: contextlib.ExitStack | None = None
+
+    def __enter__(self) -> None:
+        with contextlib.ExitStack() as stack:
+            stack.enter_context(self.outer)
+            stack.enter_context(self.inner)
+            self.stack = stack.pop_all()
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> bool:
+        stack, self.stack = self.stack, None
+        return bool(stack is not None and stack.__exit__(exc_type, exc, tb))
+
+
+class _WithTheirs:
+    """A context_fn: the user's own contexts (selective checkpointing, say) around `checkpoint_contexts`'."""
+
+    def __init__(self, theirs: Callable[[], tuple[Any, Any]]) -> None:
+        self.theirs = theirs
+
+    def __call__(self) -> tuple[_Both, _Both]:
+        their_forward, their_recompute = self.theirs()
+        forward, recompute = checkpoint_contexts()
+        return _Both(their_forward, forward), _Both(their_recompute, recompute)
+
+
+class _ReplayingCheckpoint:
+    """A Hugging Face layer's `_gradient_checkpointing_func` with `checkpoint_contexts` added to its context_fn.
+
+    Hugging Face sets `functools.partial(torch.utils.checkpoint.checkpoint, **kwargs)`
+    (or its offloading wrapper, which passes the keywords on) and calls it as
+    `func(layer_forward, *args)`; this calls the same with `context_fn=` ours.
+    """
+
+    def __init__(self, inner: functools.partial[Any]) -> None:
+        self.inner = inner
+        theirs = inner.keywords.get("context_fn", torch.utils.checkpoint.noop_context_fn)
+        self.context_fn: Callable[[], tuple[Any, Any]] = (
+            checkpoint_contexts if theirs is torch.utils.checkpoint.noop_context_fn else _WithTheirs(theirs)
+        )
+
+    def __call__(self, function: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        """Checkpoint `function(*args, **kwargs)` as Hugging Face asked, replaying split-invariant dropout."""
+        return self.inner(function, *args, **{**kwargs, "context_fn": self.context_fn})
+
+
+def hf_checkpointing_layers(model: nn.Module) -> list[nn.Module]:
+    """The modules of `model` that Hugging Face's gradient checkpointing switches (a `gradient_checkpointing` flag)."""
+    return [m for m in model.modules() if hasattr(m, "gradient_checkpointing")]
+
+
+def replay_hf_checkpointing(layers: list[nn.Module]) -> None:
+    """Make Hugging Face's non-reentrant gradient checkpointing of `layers` replay split-invariant dropout.
+
+    `model.gradient_checkpointing_enable()` (transformers' `activation_checkpointing_enable`)
+    sets each layer's `_gradient_checkpointing_func` to `functools.partial(checkpoint,
+    use_reentrant=False, ...)` by default; this adds `checkpoint_contexts` to its
+    context_fn, in place, once per setting (a later enable call is caught the next
+    forward). Outside split-invariant dropout the contexts do nothing. A reentrant
+    checkpoint (`use_reentrant=True`, or left unset: torch's default) is left as
+    it is: its recompute cannot be replayed, and its first dropout is refused with the fix.
+
+    Args:
+        layers: the modules `hf_checkpointing_layers(model)` found.
+    """
+    for layer in layers:
+        func = layer.__dict__.get("_gradient_checkpointing_func")
+        if isinstance(func, functools.partial) and func.keywords.get("use_reentrant") is False:
+            vars(layer)["_gradient_checkpointing_func"] = _ReplayingCheckpoint(func)  # where HF set it

@@ -29,7 +29,7 @@ import torch.utils.checkpoint
 from torch import nn
 
 from ..errors import ConfigError
-from .counter_rng import absorb_dims, call_key, keep_mask, row_keys
+from .counter_rng import absorb_dims, call_key, keep_mask, row_keys, scaled_keep_mask
 
 _SELU_ALPHA = 1.7580993408473766  # torch's alpha dropout constant (-selu's scale * alpha)
 
@@ -68,12 +68,7 @@ class Draws:
                 "Accumulator with split_invariant_dropout=False."
             )
         if not self.replay and _in_foreign_checkpoint():
-            raise ConfigError(
-                f"split_invariant_dropout: {what} in {_calling_module(self.names)} runs inside "
-                "torch.utils.checkpoint, whose recompute (in backward, outside this forward) would draw "
-                "torch's own masks instead; checkpoint with bb.checkpoint_blocks(model), which replays "
-                "them, instead of torch.utils.checkpoint or model.gradient_checkpointing_enable()."
-            )
+            raise ConfigError(_foreign_checkpoint_error(what, _calling_module(self.names)))
         key = call_key(self.seed, self.step, self.calls)
         self.calls += 1
         return row_keys(key, self.first, self.count, leading.device)
@@ -96,18 +91,43 @@ def own_checkpoint_left() -> None:
 def _in_foreign_checkpoint() -> bool:
     """True inside a torch.utils.checkpoint forward that bigbatch's checkpoint_contexts does not replay.
 
-    A walk up the Python stack (a few microseconds per dropout call): the only sign a
-    reentrant checkpoint leaves. Its recompute runs in backward, where no torch function
-    mode is active, so it would silently draw torch's masks.
+    A walk up the Python stack (a few microseconds per dropout call), counting the
+    `torch.utils.checkpoint.checkpoint` calls open on it: more than bigbatch's own
+    open ones means one of them is foreign, whichever is nested in which (a reentrant
+    Hugging Face layer inside bb.checkpoint_blocks' block, say). The stack is the
+    only sign a reentrant checkpoint leaves; its recompute runs in backward, where no
+    torch function mode is active, so it would silently draw torch's masks.
     """
-    if getattr(_local, "ours", 0):
-        return False
+    calls = 0
     frame = sys._getframe(2)
     while frame is not None:
-        if frame.f_code.co_filename == _CHECKPOINT_FILE:
-            return True
+        if frame.f_code.co_name == "checkpoint" and frame.f_code.co_filename == _CHECKPOINT_FILE:
+            calls += 1
         frame = frame.f_back  # type: ignore[assignment]
-    return False
+    return calls > getattr(_local, "ours", 0)
+
+
+def _foreign_checkpoint_error(what: str, module: str) -> str:
+    """The refusal of a dropout inside a checkpoint bigbatch cannot replay, with the fix for its kind."""
+    reentrant = False  # bigbatch's own checkpoints are never reentrant: any reentrant one is the foreign one
+    frame = sys._getframe(1)
+    while frame is not None:
+        if frame.f_code.co_name == "checkpoint" and frame.f_code.co_filename == _CHECKPOINT_FILE:
+            reentrant |= frame.f_locals.get("use_reentrant") is not False  # None: torch's reentrant default
+        frame = frame.f_back  # type: ignore[assignment]
+    start = f"split_invariant_dropout: {what} in {module} runs inside torch.utils.checkpoint"
+    if reentrant:
+        return (
+            f"{start} with use_reentrant=True (torch's default when unset), whose recompute runs in "
+            "backward outside this forward and cannot replay the masks; checkpoint non-reentrant: "
+            "model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={'use_reentrant': False}) "
+            "on a Hugging Face model (bigbatch then replays the masks), or bb.checkpoint_blocks(model)."
+        )
+    return (
+        f"{start} without bigbatch's context_fn, so its recompute (in backward, outside this forward) "
+        "would draw torch's own masks; checkpoint with bb.checkpoint_blocks(model) instead (blocks=[...] "
+        "for modules of your choice), which replays them."
+    )
 
 
 def _calling_module(names: dict[int, str] | None) -> str:
@@ -122,61 +142,52 @@ def _calling_module(names: dict[int, str] | None) -> str:
     return "the model's forward"
 
 
-class _MaskedScale(torch.autograd.Function):
-    """`x * keep * scale`, keeping only the bool mask for backward."""
-
-    @staticmethod
-    def forward(x: torch.Tensor, keep: torch.Tensor, scale: float) -> torch.Tensor:
-        return x.mul(keep).mul_(scale)
-
-    @staticmethod
-    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: Any) -> None:
-        _, keep, scale = inputs
-        ctx.save_for_backward(keep)
-        ctx.scale = scale
-
-    @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
-        (keep,) = ctx.saved_tensors
-        return grad.mul(keep).mul_(ctx.scale), None, None
-
-
-def _masked_scale(x: torch.Tensor, keep: torch.Tensor, scale: float) -> torch.Tensor:
-    out: torch.Tensor = _MaskedScale.apply(x, keep, scale)  # type: ignore[no-untyped-call]
-    return out
-
-
 def _arg(args: tuple[Any, ...], kwargs: dict[str, Any], index: int, name: str, default: Any) -> Any:
     return args[index] if len(args) > index else kwargs.get(name, default)
 
 
-def _mask(draws: Draws, what: str, x: torch.Tensor, p: float, feature: bool) -> torch.Tensor:
+def _mask(
+    draws: Draws, what: str, x: torch.Tensor, p: float, feature: bool, scale: float | None = None
+) -> torch.Tensor:
     """The keep mask for `x`: per element, or per (sample, channel) broadcast over the rest.
 
     Every coordinate but the last keys a row (`absorb_dims`), the last indexes the
     draws along it: a sample's mask at a position does not depend on the sizes of
     the other dimensions, so a micro-batch padded to its own longest sequence
     (shorter or longer than the whole batch's) draws the same masks where it has positions.
+    Bool, or with `scale`: `scale` where kept and 0 where dropped, in x's dtype.
     """
     rows = draws.next_rows(what, x)
+
+    def draw(keys: torch.Tensor, elements: int) -> torch.Tensor:
+        if scale is None:
+            return keep_mask(keys, elements, p)
+        return scaled_keep_mask(keys, elements, p, scale, x.dtype)
+
     if feature:
-        keep = keep_mask(rows, x.shape[1], p)
+        keep = draw(rows, x.shape[1])
         return keep.view(*keep.shape, *([1] * (x.dim() - 2)))
     if x.dim() == 1:
-        return keep_mask(rows, 1, p).view(x.shape)
-    return keep_mask(absorb_dims(rows, tuple(x.shape[1:-1])), x.shape[-1], p).view(x.shape)
+        return draw(rows, 1).view(x.shape)
+    return draw(absorb_dims(rows, tuple(x.shape[1:-1])), x.shape[-1]).view(x.shape)
 
 
-def _apply(x: torch.Tensor, keep: torch.Tensor, p: float, alpha: bool, inplace: bool) -> torch.Tensor:
+def _drop(
+    draws: Draws, what: str, x: torch.Tensor, p: float, feature: bool, alpha: bool, inplace: bool
+) -> torch.Tensor:
+    """`x` with the next call's masks applied, scaled as torch's dropout of that form scales."""
     if not alpha:
-        scale = 1.0 / (1.0 - p)
-        return x.mul_(keep).mul_(scale) if inplace else _masked_scale(x, keep, scale)
+        # x * (1 / (1 - p) or 0): the very products of x * keep * scale, in one pass
+        # each way; autograd keeps only the mask (as torch's dropout keeps its noise).
+        mask = _mask(draws, what, x, p, feature, 1.0 / (1.0 - p))
+        return x.mul_(mask) if inplace else x * mask
     # torch's alpha dropout: x * keep * a + (keep - 1) * alpha * a + alpha * a * p
+    keep = _mask(draws, what, x, p, feature)
     a = 1.0 / math.sqrt((_SELU_ALPHA * _SELU_ALPHA * p + 1) * (1 - p))
     shift = (keep.to(x.dtype) - 1).mul_(_SELU_ALPHA * a).add_(_SELU_ALPHA * a * p)
     if inplace:
         return x.mul_(keep).mul_(a).add_(shift)
-    out: torch.Tensor = _masked_scale(x, keep, a) + shift
+    out: torch.Tensor = x * keep * a + shift
     return out
 
 
@@ -194,7 +205,7 @@ def _dropout(what: str, feature: bool, alpha: bool, dims: int | None, train_name
             raise _not_batched(draws, what, x, 2)
         if p >= 1:
             return func(*args, **kwargs)  # everything dropped: no draw can differ
-        return _apply(x, _mask(draws, what, x, p, feature), p, alpha, inplace)
+        return _drop(draws, what, x, p, feature, alpha, inplace)
 
     return handler
 
@@ -206,6 +217,25 @@ def _not_batched(draws: Draws, what: str, x: torch.Tensor, dims: int) -> Excepti
         "channels get their own masks; add the batch dimension, or build the Accumulator with "
         "split_invariant_dropout=False."
     )
+
+
+def _additive_mask(
+    attn_mask: torch.Tensor | None, is_causal: bool, queries: int, keys: int, scores: torch.Tensor
+) -> torch.Tensor | None:
+    """The attention mask as a tensor to add to the scores: 0 where allowed, -inf where not (or the float mask)."""
+    bias = None
+    if is_causal:
+        allowed = torch.ones(queries, keys, dtype=torch.bool, device=scores.device).tril()
+        bias = torch.zeros(queries, keys, dtype=scores.dtype, device=scores.device).masked_fill_(
+            ~allowed, float("-inf")
+        )
+    if attn_mask is not None:
+        if attn_mask.dtype == torch.bool:
+            attn_mask = torch.zeros(attn_mask.shape, dtype=scores.dtype, device=scores.device).masked_fill_(
+                ~attn_mask, float("-inf")
+            )
+        bias = attn_mask if bias is None else bias + attn_mask
+    return bias
 
 
 def _sdpa(draws: Draws, func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
@@ -221,21 +251,21 @@ def _sdpa(draws: Draws, func: Callable[..., Any], args: tuple[Any, ...], kwargs:
         groups = q.shape[-3] // k.shape[-3]
         k, v = k.repeat_interleave(groups, -3), v.repeat_interleave(groups, -3)
     factor = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
-    # In place on a fresh tensor that no backward needs (a product by a number saves nothing).
+    # In place on a fresh tensor that no backward needs (a product by a number, and
+    # adding a mask, save nothing). Masks are added as 0 / -inf, as torch's math path
+    # does: one vectorised pass, where masked_fill with a broadcast mask is several times slower.
     scores = torch.matmul(q, k.transpose(-2, -1)).mul_(factor)
-    if is_causal:
-        allowed = torch.ones(q.shape[-2], k.shape[-2], dtype=torch.bool, device=q.device).tril()
-        scores.masked_fill_(~allowed, float("-inf"))
-    if attn_mask is not None:
-        if attn_mask.dtype == torch.bool:
-            scores.masked_fill_(~attn_mask, float("-inf"))
+    bias = _additive_mask(attn_mask, is_causal, q.shape[-2], k.shape[-2], scores)
+    if bias is not None:
+        if torch.broadcast_shapes(bias.shape, scores.shape) == scores.shape:
+            scores.add_(bias)
         else:
-            scores = scores + attn_mask  # may broadcast scores to a larger shape
+            scores = scores + bias  # a mask that broadcasts scores to a larger shape
     probs = torch._safe_softmax(scores, -1)  # a row with every key masked gives zeros, as torch's kernels do
     if p >= 1:
         probs = probs * 0
     else:
-        probs = _apply(probs, _mask(draws, "scaled_dot_product_attention", probs, p, False), p, False, False)
+        probs = _drop(draws, "scaled_dot_product_attention", probs, p, False, False, False)
     return torch.matmul(probs, v)
 
 

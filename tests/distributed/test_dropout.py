@@ -10,12 +10,14 @@ seeded alike, misses the one-process run by more than 1e-4.
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import pytest
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 import bigbatch as bb
 
@@ -26,6 +28,25 @@ from .launch import run_on_ranks
 pytestmark = pytest.mark.distributed
 SHARES = (5, 3)  # uneven shares of the logical batch of N
 MICRO = (2, 3)  # rank 0: 2 + 2 + 1; rank 1: 3 (DDP); FSDP2 needs as many micro-steps: rank 0 uses 3 (3 + 2)
+
+
+class _HFCheckpointed(nn.Module):
+    """Dropouts() checkpointed as a Hugging Face layer after `gradient_checkpointing_enable()` (flag and partial)."""
+
+    gradient_checkpointing = True
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inner = Dropouts()
+        self._gradient_checkpointing_func = functools.partial(checkpoint, use_reentrant=False)
+        self.runs = 0  # forwards of the inner model, recomputes included
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        def inner(x: torch.Tensor) -> torch.Tensor:
+            self.runs += 1
+            return self.inner(x)
+
+        return self._gradient_checkpointing_func(inner, x)
 
 
 def _share(batch: tuple[torch.Tensor, torch.Tensor], rank: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -56,6 +77,9 @@ def run(rank: int, world: int) -> dict[str, Any]:
     assert world == len(SHARES)
     torch.manual_seed(100 + rank)  # ranks seeded apart: the Accumulator must take rank 0's seed
     out = {"ddp": _train(DDP(Dropouts()), rank, MICRO[rank], split_invariant_dropout=True, seed=SEED)}
+    hf = _HFCheckpointed()
+    out["ddp_hf_checkpointing"] = _train(DDP(hf), rank, MICRO[rank], split_invariant_dropout=True, seed=SEED)
+    out["ddp_hf_checkpointing"]["runs"] = hf.runs
     out["ddp_drawn_seed"] = _train(DDP(Dropouts()), rank, MICRO[rank], split_invariant_dropout=True)["seed"]
     model = Dropouts()
     for child in model.children():
@@ -90,9 +114,11 @@ def _as_model_and_opt(record: dict[str, Any]) -> tuple[nn.Module, torch.optim.Op
     return model, opt
 
 
-@pytest.mark.parametrize("wrapper", ["ddp", "fsdp2"])
+@pytest.mark.parametrize("wrapper", ["ddp", "fsdp2", "ddp_hf_checkpointing"])
 def test_two_ranks_with_uneven_shares_equal_the_full_batch_step(per_rank, wrapper):
     assert SHARES[0] != SHARES[1] and sum(SHARES) == N
+    if wrapper == "ddp_hf_checkpointing":  # the premise: each micro-step's forward ran twice (recomputed)
+        assert [r[wrapper]["runs"] for r in per_rank] == [2 * 3 * 3, 2 * 1 * 3]  # micro-steps x 3 steps
     oracle_model, oracle_opt = _oracle(Dropouts(), _batches())
     for record in per_rank:
         model, opt = _as_model_and_opt(record[wrapper])

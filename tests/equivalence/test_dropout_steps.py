@@ -262,3 +262,48 @@ def test_a_hugging_face_gpt2_with_its_default_dropout_micro_1_3_and_whole(attent
     torch.manual_seed(0)
     plain_split = _bigbatch(model, batches, 3, bb.causal_lm_loss, lr=0.01)
     assert max_param_diff(plain_whole[0], plain_split[0]) > 1e-4  # negative control: torch's dropout
+
+
+def test_hugging_face_gradient_checkpointing_replays_the_masks_micro_1_3_and_whole():
+    """`model.gradient_checkpointing_enable()` as users call it: the same steps as the model without it."""
+    transformers = pytest.importorskip("transformers")
+    from ..hf_models import padded_batch
+
+    config = transformers.GPT2Config(vocab_size=40, n_positions=16, n_embd=16, n_layer=2, n_head=2)
+    assert config.resid_pdrop == config.embd_pdrop == config.attn_pdrop == 0.1  # the defaults, on
+    torch.manual_seed(0)
+    model = transformers.GPT2LMHeadModel(config).to(DTYPE).train()
+    lengths = [5, 3, 6, 4]
+    n = len(lengths)
+    assert n % 3 != 0  # an uneven last micro-batch
+    batches = [padded_batch(lengths, config.vocab_size, seed=s) for s in range(2)]
+    oracle = _oracle(model, batches, bb.causal_lm_loss, lr=0.01)  # written out, no checkpointing
+
+    checkpointed = twin(model)
+    with pytest.warns(FutureWarning):  # transformers 5 renamed it activation_checkpointing_enable
+        checkpointed.gradient_checkpointing_enable()  # transformers' default: use_reentrant=False
+    layer = checkpointed.transformer.h[0]
+    assert layer.gradient_checkpointing and layer._gradient_checkpointing_func.keywords == {
+        "use_reentrant": False
+    }
+    for micro in (1, 3, n):
+        runs: list[int] = []
+        hooked = twin(checkpointed)
+        hooked.transformer.h[0].mlp.register_forward_pre_hook(lambda *_, runs=runs: runs.append(1))
+        got = _bigbatch(
+            hooked, batches, micro, bb.causal_lm_loss, lr=0.01, split_invariant_dropout=True, seed=SEED
+        )
+        assert len(runs) == 2 * 2 * -(-n // micro)  # the premise: every micro-step recomputed its layers
+        _assert_same(got[:2], oracle)
+    # Negative control: torch's dropout under the same checkpointing, split differently.
+    torch.manual_seed(0)
+    plain_whole = _bigbatch(checkpointed, batches, n, bb.causal_lm_loss, lr=0.01)
+    torch.manual_seed(0)
+    plain_split = _bigbatch(checkpointed, batches, 3, bb.causal_lm_loss, lr=0.01)
+    assert max_param_diff(plain_whole[0], plain_split[0]) > 1e-4
+    # A reentrant checkpoint cannot be replayed: refused at its first dropout, with the call that works.
+    reentrant = twin(model)
+    with pytest.warns(FutureWarning):
+        reentrant.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
+    with pytest.raises(bb.ConfigError, match=r"use_reentrant=True.*\{'use_reentrant': False\}"):
+        _bigbatch(reentrant, batches[:1], n, bb.causal_lm_loss, split_invariant_dropout=True, seed=SEED)

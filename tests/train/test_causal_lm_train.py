@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 from pathlib import Path
 
 import pytest
@@ -200,15 +201,27 @@ def test_two_gloo_ranks_equal_one_process(hf_offline, tmp_path, parallel, lora):
     assert moved > 1e-4  # the premise: it trained (LoRA's B starts at zero)
 
 
+def _with_dropout(folder: Path, tmp_path: Path, p: float = 0.1) -> Path:
+    """A copy of the model folder whose config has GPT-2's default dropout everywhere."""
+    copy = tmp_path / f"{folder.name}-dropout"
+    shutil.copytree(folder, copy)
+    config = json.loads((copy / "config.json").read_text())
+    config.update(resid_pdrop=p, embd_pdrop=p, attn_pdrop=p)
+    (copy / "config.json").write_text(json.dumps(config))
+    return copy
+
+
 def test_checkpointing_the_decoder_layers_changes_nothing_and_bf16_and_the_planner_run(hf_offline, tmp_path):
     data = small_text(tmp_path)
-    sets = overrides(hf_offline["gpt2"], tmp_path, "train.dtype=float64", "train.steps=2", data=data)
+    with_dropout = _with_dropout(hf_offline["gpt2"], tmp_path)  # train.split_invariant_dropout: on by default
+    sets = overrides(with_dropout, tmp_path, "train.dtype=float64", "train.steps=2", data=data)
     plain = Trainer(TrainConfig.load(overrides=[*sets, "run.name=plain"]))
     plain.fit()
     checkpointed = Trainer(TrainConfig.load(overrides=[*sets, "train.checkpointing=true", "run.name=ck"]))
     checkpointed.fit()
+    assert checkpointed.model.config.attn_pdrop == 0.1 and checkpointed.config.train.split_invariant_dropout
     a, b = final_state(plain.run_dir)["model"], final_state(checkpointed.run_dir)["model"]
-    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert all(torch.equal(a[k], b[k]) for k in a)  # the recompute drew the forward's masks
     assert "GPT2Block" in {type(m).__name__ for m in checkpointed.model.modules() if "forward" in m.__dict__}
 
     float32 = overrides(hf_offline["gpt2"], tmp_path, "train.steps=2", data=data)
