@@ -15,8 +15,10 @@ a process group that is gone. Rank 0 picks a free port and hands it over through
 launcher's store; `bigbatch train` then meets there (MASTER_PORT, rank 0 hosting, as
 outside torchrun).
 
-Before each run a line `== run I ==` goes to stdout and stderr; at the end
-`== exit codes [..] ==`, and the process exits with the largest code.
+Before each run a line `== run I ==` goes to stdout and stderr, after it
+`== run I exit CODE ==` to stdout; the process exits with the largest code. A run
+that torchrun stopped (its launcher ends the workers when another node's fails)
+has no exit line.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from __future__ import annotations
 import datetime
 import json
 import os
+import re
 import socket
 import sys
 from pathlib import Path
@@ -31,6 +34,7 @@ from pathlib import Path
 from bigbatch.cli import main
 
 MARKER = "== run {} =="
+EXIT = "== run {} exit {} =="
 
 
 def _new_store(run: int, agent_port: int) -> None:
@@ -60,22 +64,27 @@ def run_all(argvs: list[list[str]]) -> list[int]:
             stream.write(MARKER.format(i) + "\n")
             stream.flush()
         codes.append(main(argv))
+        print(EXIT.format(i, codes[-1]), flush=True)
     sys.stdout.flush()
     sys.stderr.flush()
     return codes
 
 
 def split_output(text: str, runs: int) -> list[str]:
-    """A process's stdout or stderr cut at the markers: each run's own lines (what came before is dropped)."""
+    """A process's stdout or stderr cut at the markers: each run's own lines ("" for a run never started)."""
     parts = []
     for i in range(runs):
-        start = text.index(MARKER.format(i))
+        start = text.find(MARKER.format(i))
         end = text.find(MARKER.format(i + 1))
-        parts.append(text[start : end if end >= 0 else len(text)])
+        parts.append("" if start < 0 else text[start : end if end >= 0 else len(text)])
     return parts
 
 
+def exit_code(stdout: str, run: int) -> int | None:
+    """Run `run`'s exit code from the process's stdout; None if it never ended (torchrun stopped it)."""
+    found = re.search(re.escape(EXIT.format(run, "@")).replace("@", "(-?[0-9]+)"), stdout)
+    return int(found.group(1)) if found else None
+
+
 if __name__ == "__main__":
-    exit_codes = run_all(json.loads(Path(sys.argv[1]).read_text(encoding="utf-8")))
-    print(f"== exit codes {exit_codes} ==", flush=True)
-    raise SystemExit(max(exit_codes))
+    raise SystemExit(max(run_all(json.loads(Path(sys.argv[1]).read_text(encoding="utf-8")))))

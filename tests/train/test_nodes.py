@@ -11,7 +11,6 @@ both nodes with the message that says run.dir must be shared.
 import importlib.util
 import json
 import os
-import re
 import socket
 import subprocess
 import sys
@@ -24,7 +23,7 @@ import torch
 from bigbatch.train import TrainConfig, Trainer
 from bigbatch.train.checkpoint import list_checkpoints
 from tests.train.conftest import TINY
-from tests.train.several_runs import split_output
+from tests.train.several_runs import exit_code, split_output
 
 pytestmark = [
     pytest.mark.distributed,
@@ -73,7 +72,8 @@ def _free_port() -> int:
 
 def _two_nodes(cwds: list[Path], runs: list[list[str]]) -> list[list[tuple[int, str, str]]]:
     """Two `torchrun --nnodes 2 --nproc-per-node 1` launchers meeting at 127.0.0.1, each in its cwd,
-    each running the `bigbatch train` argument lists `runs` in turn: per run, per node (code, out, err)."""
+    each running the `bigbatch train` argument lists `runs` in turn: per run, per node (code, out, err),
+    the code None where the run never ended (torchrun stopped it; the launch ends there)."""
     port = _free_port()
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
     listing = cwds[0].parent / "runs.json"
@@ -103,12 +103,16 @@ def _two_nodes(cwds: list[Path], runs: list[list[str]]) -> list[list[tuple[int, 
         for p in procs:
             p.communicate(timeout=60)
         raise
-    per_node = []
-    for out, err in outputs:
-        found = re.search(r"== exit codes \[([0-9, ]*)\] ==", out)
-        assert found, f"a launcher ended before its runs did:\n{err[-3000:]}"
-        codes = [int(c) for c in found.group(1).split(",")]
-        per_node.append(list(zip(codes, split_output(out, len(runs)), split_output(err, len(runs)))))
+    per_node = [
+        list(
+            zip(
+                [exit_code(out, i) for i in range(len(runs))],
+                split_output(out, len(runs)),
+                split_output(err, len(runs)),
+            )
+        )
+        for out, err in outputs
+    ]
     return [[node[i] for node in per_node] for i in range(len(runs))]
 
 
@@ -135,13 +139,14 @@ def once_per_session(tmp_path_factory: pytest.TempPathFactory, name: str, make: 
 
 def _launch(root: Path) -> dict[str, Any]:
     """One launch of two nodes with their own disks under `root`: the default task ("nodes"), a GPT-2 with
-    dropout ("lm", where transformers is installed), then FSDP2 ("local", refused); per run, per node
-    (code, out, err)."""
+    dropout ("lm", where transformers is installed), FSDP2 ("local", refused), then a resume of "nodes"
+    (refused by the node without it, before the ranks meet; torchrun then ends the launch); per run, per
+    node (code, out, err)."""
     from tests import hf_models
 
     assert os.environ.get("HF_HUB_OFFLINE") == "1"
     root.mkdir(parents=True, exist_ok=True)
-    names = ["nodes", "local"]
+    names = ["nodes", "local", "resume"]
     model, data = root / "gpt2", root / "small.txt"
     if importlib.util.find_spec("transformers") is not None:
         names.insert(1, "lm")
@@ -162,6 +167,7 @@ def _launch(root: Path) -> dict[str, Any]:
             "--name",
             "local",
         ],
+        "resume": ["--resume", "runs/nodes", "--set=train.steps=3"],
     }
     done = _two_nodes(nodes, [argvs[name] for name in names])
     return {
@@ -259,3 +265,14 @@ def test_fsdp2_on_two_nodes_refuses_a_run_folder_only_one_node_sees(two_nodes):
     assert all(
         "is not visible from rank" in err and "run.dir must be on a file system" in err for err in errors
     ), errors[0][-2000:]
+
+
+def test_a_resume_on_two_nodes_refuses_a_run_folder_only_one_node_sees(two_nodes):
+    """`--resume runs/nodes` where only rank 0's node has the folder: the other node says why, before the
+    ranks meet (it reads config.toml first; it used to say "is not a run directory"), and torchrun stops
+    the rank that waits for it instead of leaving it to time out."""
+    done = two_nodes["runs"]["resume"]
+    blind = [err for code, _, err in done if code == 2]
+    assert len(blind) == 1, [(code, err[-1500:]) for code, _, err in done]
+    assert "is not on this machine" in blind[0] and "run.dir must be on a file system" in blind[0], blind[0]
+    assert all(code != 0 for code, _, _ in done)
