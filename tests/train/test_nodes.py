@@ -1,11 +1,12 @@
 """Several machines: two torchrun launchers (`--nnodes 2`, c10d rendezvous on 127.0.0.1, one
 process each), each "node" with its own disk (its own working folder and a relative run.dir).
 
-One launch runs three `bigbatch train` commands one after another (tests/train/several_runs.py:
+One launch runs four `bigbatch train` commands one after another (tests/train/several_runs.py:
 each launcher's start-up and rendezvous cost seconds, paid once): the default task and a
 Hugging Face causal LM, both with dropout on, equal one process to 1e-12 in float64 with only
 rank 0's disk holding the run; FSDP2, which needs the run folder on every rank, is refused on
-both nodes with the message that says run.dir must be shared.
+both nodes, and a resume by the node without the folder, each with the message that says
+run.dir must be shared.
 """
 
 import importlib.util
