@@ -168,7 +168,9 @@ def _launch(root: Path) -> dict[str, Any]:
             "--name",
             "local",
         ],
-        "resume": ["--resume", "runs/nodes", "--set=train.steps=3"],
+        # train.timeout: rank 0 waits for the node that stopped; torchrun ends it at once only when that
+        # node's launcher hosted the rendezvous, else rank 0 gives up after the timeout.
+        "resume": ["--resume", "runs/nodes", "--set=train.steps=3", "--set=train.timeout=10"],
     }
     done = _two_nodes(nodes, [argvs[name] for name in names])
     return {
