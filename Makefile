@@ -36,7 +36,7 @@ typecheck: $(BIN)/.installed
 # processes starting (torchrun ranks, CLI runs), which one worker alone leaves a core idle for.
 PYTEST_WORKERS ?= 2
 unit: $(BIN)/.installed
-	$(BIN)/python -m pytest -q -n $(PYTEST_WORKERS) $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -q -n $(PYTEST_WORKERS) --dist loadgroup $(PYTEST_ARGS)
 
 bench: $(BIN)/.installed
 	$(BIN)/python benchmarks/overhead.py

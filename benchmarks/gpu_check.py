@@ -123,13 +123,15 @@ BUDGETS: dict[str, dict[str, float]] = {
         "accelerate": 15,
         "compile": 35,
         "cudagraphs": 25,
-        "modes": 20,
+        # Each mode times its minimum, 6 blocks, on the CPU: this is a ceiling for a loaded CI machine,
+        # where MoE balancing alone took 14 s and the last mode used to be skipped at 20 s.
+        "modes": 40,
     },
 }
 TOTAL = {
     "cuda": 510,
-    "cpu": 220,
-}  # a 560 s timeout around the check leaves 50 s to spare (cpu: a loaded 2-core CI)
+    "cpu": 240,
+}  # a 560 s timeout around the check leaves 50 s to spare (cpu: a loaded 2-core CI, within the test's 300 s)
 WARM_WAIT = {"cuda": 20, "cpu": 10}  # how long the eager stage waits for a warm worker still compiling
 # Inductor's compile threads: pytest's 4 workers share the cores with the warm worker (16 on the GPU machine).
 COMPILE_THREADS = {"pytest": "2", "warm": "8"}
@@ -462,7 +464,7 @@ def main(argv: list[str] | None = None) -> int:
         help="results folder (cuda: benchmarks/results; cpu: benchmarks/out/gpu-check)",
     )
     parser.add_argument(
-        "--total", type=float, default=None, help="seconds for the whole check (cuda 510, cpu 220)"
+        "--total", type=float, default=None, help="seconds for the whole check (cuda 510, cpu 240)"
     )
     parser.add_argument(
         "--stage-budget",

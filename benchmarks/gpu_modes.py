@@ -71,8 +71,12 @@ def run_mode(
     *,
     until: float | None = None,
     min_repeats: int = 3,
+    repeats: int = 25,
 ) -> list[dict[str, Any]]:
-    """Time `mode` against bigbatch without it, blocks interleaved; one row (skipped where it is missing)."""
+    """Time `mode` against bigbatch without it, blocks interleaved; one row (skipped where it is missing).
+
+    At least `min_repeats` blocks each, at most `repeats`, as many as `until` allows.
+    """
     why = missing(mode)
     if why is not None:
         return [{"method": mode, "micro_batch_size": micro, "status": "skipped", "reason": why}]
@@ -91,7 +95,7 @@ def run_mode(
         mode_setup,
         device,
         steps=1,
-        repeats=25,
+        repeats=repeats,
         warmup=dict.fromkeys(builders, 1),
         until=until,
         min_repeats=min_repeats,

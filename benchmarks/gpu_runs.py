@@ -552,6 +552,7 @@ def _run_config(
             cfg.micro or 1,
             until=until,
             min_repeats=work.sizes.min_repeats,
+            repeats=work.sizes.repeats,  # the GPU's 25 as before; the CPU dry run's 6 (its minimum)
         )
     if cfg.methods == ("planner-compiled",):
         return run_planner_compiled(work, planner_choice(results))

@@ -15,7 +15,8 @@ from typing import TYPE_CHECKING, Any
 from .check import CheckCase, CheckReport, check_accumulation
 from .diagnose.batchnorm import GhostBatchNorm, convert_batchnorm
 from .diagnose.guard import Guard, guard
-from .diagnose.verify import VerifyReport, verify
+from .diagnose.verify import verify
+from .diagnose.verify_report import VerifyReport
 from .engine.accumulator import Accumulator
 from .engine.batch_sizes import BatchSizes, RankSplit, derive_per_rank, resolve_batch_sizes, shard_indices
 from .engine.batch_split import batch_size, split_batch

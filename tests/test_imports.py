@@ -17,6 +17,8 @@ import pytest
 
 import bigbatch as bb
 
+pytestmark = pytest.mark.xdist_group("imports-probe")  # its tests share one fresh-interpreter probe
+
 # What a user of the engine never pays for at import time.
 HEAVY = [
     "bigbatch.train",

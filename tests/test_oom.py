@@ -16,6 +16,9 @@ from bigbatch.engine import oom
 from .equivalence.oracle import DTYPE, classification_data, full_batch_step, max_param_diff, twin
 
 TOL = 1e-12
+# The OOM retry collects garbage (engine/oom.py): each collection scans only the test's objects. The
+# failed attempts' graphs and activations are made inside each test, so they are freed as before.
+pytestmark = pytest.mark.usefixtures("young_heap")
 
 
 class OOMAbove(nn.Module):

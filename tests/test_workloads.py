@@ -17,6 +17,10 @@ from bigbatch.tasks import workloads
 from bigbatch.tasks.gpt2 import GPT2Shape, gpt2_setup
 from tests.cuda_memory import FakeCudaMemory, Held, allocator_slack, peak_above_baseline
 
+# time_runs and peak_above_baseline collect garbage: each collection scans only the test's objects.
+# The fake allocator is made inside each test, so no garbage holding its bytes is older than the test.
+pytestmark = pytest.mark.usefixtures("young_heap")
+
 
 def _strict_set_device(calls: list[torch.device]):
     def set_device(device) -> None:  # torch.cuda.set_device's own rule, without a GPU

@@ -135,7 +135,7 @@ def task_options(name: str, settings: list[str]) -> dict[str, Any]:
     """The options of built-in task `name` from `--set KEY=VALUE` items, read as `bigbatch train` reads them.
 
     Each item goes through `TrainConfig.set` as `task.KEY=VALUE`: the value is
-    parsed by the config's TOML parser (`bigbatch.train.config.parse_value`) and
+    parsed by the config's TOML parser (`bigbatch.train.config_values.parse_value`) and
     checked against the option's type, and a misspelt key names the nearest one.
 
     Args:

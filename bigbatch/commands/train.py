@@ -28,7 +28,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ..errors import BatchError, ConfigError, LossError
-from ..train.config import TrainConfig, parse_value
+from ..train.config import TrainConfig
+from ..train.config_values import parse_value
 
 if TYPE_CHECKING:
     from ..tasks import Task

@@ -38,13 +38,10 @@ unset for peft's default for the architecture); only the adapters train.
 
 from __future__ import annotations
 
-import importlib.util
-import json
 import math
 import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -59,9 +56,9 @@ from ..engine.loss_sum import LossSum
 from ..errors import ConfigError
 from ..losses.causal_lm_loss import IGNORE_INDEX, CausalLMLoss, token_loss
 from ..losses.moe_balancing import BALANCING, describe_load
+from .causal_lm_data import Sample, read_samples, require
 from .epochs import shuffled_epoch
 
-_INSTALL = 'pip install "bigbatch[hf]"'
 DEFAULT_MAX_LENGTH = 256
 """task.max_length when unset (lowered to the model's max_position_embeddings where that is less)."""
 _ENCODERS = frozenset(
@@ -86,23 +83,6 @@ _ENCODERS = frozenset(
     }
 )
 """Encoders transformers can also load as a causal LM (a decoder only when their config says is_decoder)."""
-
-
-def require(*modules: str, why: str = "the causal-lm task") -> None:
-    """Raise a ConfigError naming what to install if any of `modules` is missing."""
-    missing = [m for m in modules if importlib.util.find_spec(m) is None]
-    if missing:
-        raise ConfigError(
-            f"{why} needs {', '.join(missing)}, which is not installed; install it with: {_INSTALL}"
-        )
-
-
-@dataclass
-class _Sample:
-    """One sample's text; `prompt` is None for plain text (every token is trained on)."""
-
-    text: str
-    prompt: str | None = None
 
 
 @dataclass
@@ -160,7 +140,7 @@ class CausalLMTask:
         self._loss = _TrimmedLoss(CausalLMLoss(balancing=self.moe_balancing))  # type: ignore[arg-type]
         self._check_model_source()
         self.tokenizer = self._load_tokenizer()
-        samples = _read_samples(self.data)
+        samples = read_samples(self.data)
         pieces = self._encode(samples)
         n_val = max(1, round(len(pieces) * self.val_fraction)) if len(pieces) > 1 else 0
         if len(pieces) - n_val < 1:
@@ -293,7 +273,7 @@ class CausalLMTask:
     def _data_name(self) -> str:
         return "the built-in Shakespeare text" if self.data is None else repr(self.data)
 
-    def _encode(self, samples: list[_Sample]) -> _Pieces:
+    def _encode(self, samples: list[Sample]) -> _Pieces:
         """Token pieces of at most max_length ids (split or cut), each with >= 2 ids."""
         tok = self.tokenizer
         eos = [tok.eos_token_id] if tok.eos_token_id is not None else []
@@ -563,135 +543,11 @@ def _hub_hint() -> str:
     return ""
 
 
-# -- reading the data ---------------------------------------------------------------
-
-
-def _read_samples(data: str | None) -> list[_Sample]:
-    if data is None:
-        text = (
-            resources.files("bigbatch.tasks").joinpath("data/tinyshakespeare.txt").read_text(encoding="utf-8")
-        )
-        return _paragraphs(text)
-    if not data.strip():
-        raise ConfigError(
-            "task.data is empty; give a .txt, .jsonl, datasets folder or parquet path, or unset it."
-        )
-    path = Path(data).expanduser()
-    if not path.exists():
-        raise ConfigError(
-            f"data {str(path)!r} not found; give a .txt, .jsonl, datasets folder or .parquet path."
-        )
-    if path.is_dir():
-        samples = _read_folder(path)
-    elif path.suffix == ".txt":
-        samples = _paragraphs(_read_text(path))
-    elif path.suffix == ".jsonl":
-        samples = _read_jsonl(path)
-    elif path.suffix == ".parquet":
-        samples = _read_parquet([path])
-    else:
-        raise ConfigError(
-            f"cannot read {str(path)!r}: give a .txt file (paragraphs are samples), a .jsonl file (text, or "
-            "prompt and completion), a folder written by datasets' save_to_disk, or .parquet files."
-        )
-    if not samples:
-        raise ConfigError(f"{str(path)!r} holds no samples; give data with some text in it.")
-    return samples
-
-
-def _read_text(path: Path) -> str:
-    try:
-        return path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as e:
-        raise ConfigError(f"{str(path)!r} is not UTF-8 text ({e.reason} at byte {e.start}).") from None
-
-
 def _is_tokenizer_file(name: str) -> bool:
     """Whether a model folder's file is part of a tokenizer (tokenizer.json, vocab.txt, merges.txt, spm.model...)."""
     return any(part in name for part in ("tokenizer", "vocab", "merges", "special_tokens")) or name.endswith(
         ".model"
     )
-
-
-def _paragraphs(text: str) -> list[_Sample]:
-    return [_Sample(p.strip("\n")) for p in text.split("\n\n") if p.strip()]
-
-
-def _sample_from(row: Any, where: str) -> _Sample:
-    """A text or prompt/completion sample from one record, or a ConfigError naming `where`."""
-    if not isinstance(row, dict):
-        raise ConfigError(
-            f'{where}: expected a JSON object such as {{"text": "..."}}, got {type(row).__name__}.'
-        )
-    if isinstance(row.get("text"), str):
-        return _Sample(row["text"])
-    if isinstance(row.get("prompt"), str) and isinstance(row.get("completion"), str):
-        return _Sample(row["completion"], prompt=row["prompt"])
-    for field_name in ("text", "prompt", "completion"):
-        if field_name in row and not isinstance(row[field_name], str):
-            value = repr(row[field_name])
-            raise ConfigError(
-                f'{where}: its "{field_name}" field is {type(row[field_name]).__name__} '
-                f"{value if len(value) <= 40 else value[:37] + '...'}, not a string; write it as a JSON string "
-                f'("{field_name}": "...").'
-            )
-    keys = ", ".join(map(str, row)) or "none"
-    raise ConfigError(
-        f'{where} has no "text" field, nor "prompt" and "completion" (its fields: {keys}); give every sample '
-        '{"text": ...} or {"prompt": ..., "completion": ...}, as strings.'
-    )
-
-
-def _read_jsonl(path: Path) -> list[_Sample]:
-    samples = []
-    for number, line in enumerate(_read_text(path).splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ConfigError(
-                f"{path}:{number} is not valid JSON ({e.msg}); write one JSON object a line."
-            ) from None
-        samples.append(_sample_from(row, f"{path}:{number}"))
-    return samples
-
-
-def _read_folder(path: Path) -> list[_Sample]:
-    if any((path / name).is_file() for name in ("dataset_info.json", "state.json", "dataset_dict.json")):
-        require("datasets", why="reading a datasets folder")
-        from datasets import DatasetDict, load_from_disk
-
-        dataset = load_from_disk(str(path))
-        if isinstance(dataset, DatasetDict):
-            if not dataset:
-                return []
-            if "train" not in dataset:
-                splits = ", ".join(dataset)
-                raise ConfigError(
-                    f'{str(path)!r} holds the splits {splits} and no "train"; give the folder of the split to '
-                    f'train on ({path}/{next(iter(dataset))}), or save it under the name "train".'
-                )
-            dataset = dataset["train"]
-        return [_sample_from(row, f"{path} row {i}") for i, row in enumerate(dataset)]
-    files = sorted(path.glob("*.parquet")) or sorted(path.glob("*/*.parquet"))
-    if files:
-        return _read_parquet(files)
-    raise ConfigError(
-        f"{str(path)!r} is a folder but neither a datasets folder (save_to_disk) nor one with .parquet files; "
-        "give one of those, or a .txt or .jsonl file."
-    )
-
-
-def _read_parquet(files: list[Path]) -> list[_Sample]:
-    require("pyarrow", why="reading parquet files")
-    import pyarrow.parquet as pq
-
-    samples = []
-    for file in files:
-        for i, row in enumerate(pq.read_table(file).to_pylist()):
-            samples.append(_sample_from(row, f"{file} row {i}"))
-    return samples
 
 
 def _trimmed(batch: Batch) -> Batch:

@@ -23,7 +23,6 @@ import dataclasses
 import difflib
 import math
 import sys
-import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,13 +32,13 @@ from ..engine.devices import AUTO, parse_device
 from ..errors import ConfigError, check_positive_int
 from ..memory.accounting import parse_memory
 from ..tasks import is_task_factory, task_options
+from .config_values import SYNONYMS, coerce_value, parse_value, suggest_key, toml_value
 
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover
     import tomli as tomllib
 
-UNSET = "none"  # `--set batch.accumulation_steps=none` clears an optional field
 UNSET_KEY = "unset"  # config.toml's top-level list of keys unset although their default is set
 
 
@@ -168,7 +167,9 @@ class TrainSection:
     parallel: Literal["ddp", "fsdp2", "hsdp"] = "ddp"
     """Under torchrun: "ddp" replicates the model on every rank; "fsdp2" shards each repeated block
     and the root with fully_shard (checkpoints become distributed checkpoints); "hsdp" shards within a
-    node and replicates across nodes (a 2-D mesh, see train.hsdp_shard_size). Ignored in one process."""
+    node and replicates across nodes (a 2-D mesh, see train.hsdp_shard_size). One process trains unsharded,
+    but "fsdp2" and "hsdp" still write step folders, so on resume a run moves between 1 and N processes
+    and between the two."""
     hsdp_shard_size: int = 0
     """Under train.parallel = "hsdp": the ranks that shard the model, the rest replicate it (0: the ranks
     per node, torchrun's LOCAL_WORLD_SIZE). Must divide the world size into at least two replicas."""
@@ -412,7 +413,7 @@ class TrainConfig:
     def _section(self, name: str, source: str) -> Any:
         sections = [f.name for f in dataclasses.fields(self)]
         if name not in sections:
-            raise ConfigError(f"{source}: unknown section [{name}].{_hint(name, sections)}")
+            raise ConfigError(f"{source}: unknown section [{name}].{suggest_key(name, sections)}")
         return getattr(self, name)
 
     def _section_of(self, key: str) -> str:
@@ -425,7 +426,7 @@ class TrainConfig:
         bare = {k: f"{s}.{k}" for s, keys in self._keys().items() for k in keys}
         known = SYNONYMS.get(key.lower())
         close = [known] if known in bare else difflib.get_close_matches(key, list(bare), n=1, cutoff=0.5)
-        hint = f' Did you mean "{bare[close[0]]}"?' if close else _hint(key, every)
+        hint = f' Did you mean "{bare[close[0]]}"?' if close else suggest_key(key, every)
         raise ConfigError(f"unknown setting {key!r}.{hint}")
 
     def _keys(self) -> dict[str, list[str]]:
@@ -445,9 +446,9 @@ class TrainConfig:
                 raise ConfigError(f"{source}: {_factory_takes_no_options(self.task.name, key)}")
             if key not in valid:
                 raise ConfigError(
-                    f"{source}: task {self.task.name!r} has no option {key!r}.{_hint(key, list(valid))}"
+                    f"{source}: task {self.task.name!r} has no option {key!r}.{suggest_key(key, list(valid))}"
                 )
-            section.options[key] = _coerce(
+            section.options[key] = coerce_value(
                 value, type(valid[key]) if valid[key] is not None else Any, f"task.{key}"
             )
             return
@@ -455,10 +456,10 @@ class TrainConfig:
         if key not in fields:
             full = [f"{section_name}.{k}" for k in fields]
             raise ConfigError(
-                f"{source}: unknown setting {section_name}.{key}.{_hint(f'{section_name}.{key}', full)}"
+                f"{source}: unknown setting {section_name}.{key}.{suggest_key(f'{section_name}.{key}', full)}"
             )
         hints = typing.get_type_hints(type(section))
-        setattr(section, key, _coerce(value, hints[key], f"{section_name}.{key}"))
+        setattr(section, key, coerce_value(value, hints[key], f"{section_name}.{key}"))
 
 
 def check_run_name(name: str | None) -> None:
@@ -483,129 +484,8 @@ def check_run_name(name: str | None) -> None:
         )
 
 
-SYNONYMS = {
-    "learning_rate": "lr",
-    "lr_rate": "lr",
-    "wd": "weight_decay",
-    "decay": "weight_decay",
-    "batch_size": "logical_batch_size",
-    "global_batch_size": "logical_batch_size",
-    "micro_batch": "micro_batch_size",
-    "microbatch_size": "micro_batch_size",
-    "per_device_batch_size": "micro_batch_size",
-    "gradient_accumulation_steps": "accumulation_steps",
-    "grad_accum": "accumulation_steps",
-    "max_steps": "steps",
-    "num_steps": "steps",
-    "iterations": "steps",
-    "warmup": "warmup_steps",
-    "scheduler": "schedule",
-    "lr_scheduler": "schedule",
-    "grad_clip": "max_grad_norm",
-    "clip_grad_norm": "max_grad_norm",
-    "optimizer": "name",
-    "momentum1": "beta1",
-    "model_name": "model",
-}
-"""Other libraries' words for a setting (transformers, Lightning, nanoGPT): an unknown key suggests ours."""
-
-
 def _factory_takes_no_options(name: str, key: str) -> str:
     return (
         f"task.{key}: a task from {name} takes no task options (only task.data, passed to the factory "
         "as data=); set its options inside your factory."
     )
-
-
-def _hint(name: str, valid: list[str]) -> str:
-    section, _, key = name.rpartition(".")
-    known = SYNONYMS.get(key.lower())
-    if known is not None and f"{section}.{known}".lstrip(".") in valid:
-        return f' Did you mean "{section}.{known}"?' if section else f' Did you mean "{known}"?'
-    close = difflib.get_close_matches(name, valid, n=1, cutoff=0.5)
-    return f' Did you mean "{close[0]}"?' if close else f" Valid: {', '.join(valid)}."
-
-
-def parse_value(raw: str) -> Any:
-    """A `--set key=value` value, read as TOML: the one parser for every command's `--set`.
-
-    `bigbatch train --set` and the `--task NAME --set key=value` of `bigbatch
-    verify` and `bigbatch plan` all go through it (the latter by way of
-    `TrainConfig.set`), so a value means the same thing everywhere.
-
-    Args:
-        raw: the text after "=".
-
-    Returns:
-        The TOML value (1e-3 -> float, true -> bool, "x" -> str, [1, 2] -> list); "none" or
-        "null" -> None (unset an optional field); anything that is not TOML (a bare word) -> the text.
-
-    Example:
-        >>> parse_value("1e-3"), parse_value("batchnorm"), parse_value("none")
-        (0.001, 'batchnorm', None)
-    """
-    if raw.lower() in (UNSET, "null"):
-        return None
-    try:
-        return tomllib.loads(f"v = {raw}")["v"]
-    except tomllib.TOMLDecodeError:
-        return raw
-
-
-def _coerce(value: Any, hint: Any, name: str) -> Any:
-    """Check `value` against the field's type; ints are accepted where floats are."""
-    options = typing.get_args(hint) if _is_union(hint) else (hint,)
-    if value == UNSET and type(None) in options:
-        value = None
-    if value is None:
-        if type(None) in options:
-            return None
-        raise ConfigError(f"{name} cannot be unset; give a value.")
-    for option in options:
-        if option is Any:
-            return value
-        if typing.get_origin(option) is Literal:
-            if value in typing.get_args(option):
-                return value
-        elif option is float and isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        elif option is int and isinstance(value, int) and not isinstance(value, bool):
-            return value
-        elif option in (str, bool, dict) and isinstance(value, option):
-            return value
-    allowed = []
-    for option in options:
-        if typing.get_origin(option) is Literal:
-            allowed += [repr(a) for a in typing.get_args(option)]
-        elif option is type(None):
-            allowed.append(UNSET)
-        else:
-            allowed.append(getattr(option, "__name__", str(option)))
-    raise ConfigError(f"{name} = {value!r} is not valid; expected {' or '.join(allowed)}.")
-
-
-def _is_union(hint: Any) -> bool:
-    return typing.get_origin(hint) in (typing.Union, types.UnionType)
-
-
-def toml_value(value: Any) -> str:
-    """`value` (bool, number, string or a list of them) as a TOML literal.
-
-    Args:
-        value: a setting's value.
-
-    Returns:
-        The TOML text: true/false, repr of a number, a double-quoted escaped string, [a, b].
-
-    Raises:
-        ConfigError: a value TOML cannot write (None among them: an unset key is left out).
-    """
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, (int, float)):
-        return repr(value)
-    if isinstance(value, str):
-        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
-    if isinstance(value, (list, tuple)):
-        return "[" + ", ".join(toml_value(v) for v in value) + "]"
-    raise ConfigError(f"cannot write {value!r} to TOML.")

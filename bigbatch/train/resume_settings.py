@@ -18,8 +18,9 @@ and new value and how to start a new run from the checkpoint's weights instead
   file resumes), the model folder (its config and tokenizer files), the split
   (`val_fraction`, `val_size`), the sample shape and model shape options,
   `train.seed` (the data order), `train.dtype`, `batch.max_memory` (a resumed
-  run keeps its plan). `optim.name` and `train.parallel` are refused by
-  bigbatch.train.state.check_resume.
+  run keeps its plan). `optim.name`, and a `train.parallel` that swaps a
+  single-file checkpoint for a step folder (ddp against fsdp2 or hsdp), are
+  refused by bigbatch.train.state.check_resume; fsdp2 and hsdp swap freely.
 """
 
 from __future__ import annotations

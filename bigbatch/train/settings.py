@@ -18,7 +18,8 @@ from typing import Any
 
 from ..tasks import TASK_NAMES, task_option_docs, task_options
 from ..tools.field_docs import field_docs
-from .config import TrainConfig, toml_value
+from .config import TrainConfig
+from .config_values import toml_value
 
 
 @dataclass(frozen=True)

@@ -6,8 +6,9 @@ one record, `RunState`, written and read by its one pair
 `RunState.to_checkpoint` / `RunState.from_checkpoint`; nothing else names the keys. `check_resume` and `model_must_fit` are every
 rule a resumed run must meet, each error naming the setting to change:
 
-- the same `train.parallel` (a file under DDP or one process, a step directory
-  under FSDP2, in any number of processes);
+- the same kind of `train.parallel` (a file under DDP or one process, a step
+  directory under FSDP2 or HSDP, in any number of processes; "fsdp2" and
+  "hsdp" may swap, since DCP re-shards a step directory onto either mesh);
 - the same `optim.name` (AdamW's state would load into SGD silently);
 - a `train.steps` at least the step reached;
 - the same model (its shapes are known only by loading: FSDP2 shards hold them).
@@ -176,6 +177,8 @@ class ResumingRun:
     optimizer_name: str
     steps: int
     """The run's `train.steps`."""
+    parallel: str | None = None
+    """The run's `train.parallel` (named in a refusal; None: named by the checkpoint kind only)."""
 
 
 def check_resume(state: Mapping[str, Any], run: ResumingRun) -> None:
@@ -193,10 +196,13 @@ def check_resume(state: Mapping[str, Any], run: ResumingRun) -> None:
         >>> check_resume({"world_size": 2, "step": 2}, ResumingRun(Path("runs/a"), False, "adamw", 4))
     """
     if (SHARDED_KEY in state) != run.sharded:  # a step directory or a file
-        written, now = ("ddp", "fsdp2") if run.sharded else ("fsdp2", "ddp")
+        written, now = _parallel_written(state), run.parallel or ("fsdp2" if run.sharded else "ddp")
+        fix = written  # a step folder loads under fsdp2 and hsdp alike: DCP re-shards it onto either mesh
+        if SHARDED_KEY in state:
+            fix += f" (or {'hsdp' if written == 'fsdp2' else 'fsdp2'}, which loads the same step folders re-sharded)"
         raise ConfigError(
             f"the checkpoint was written with train.parallel = {written!r} and this run uses {now!r}; "
-            f"resume with --set train.parallel={written}."
+            f"resume with --set train.parallel={fix}."
         )
     saved_optimizer = state.get(OPTIMIZER_NAME_KEY, run.optimizer_name)  # older checkpoints lack it
     if saved_optimizer != run.optimizer_name:
@@ -210,6 +216,15 @@ def check_resume(state: Mapping[str, Any], run: ResumingRun) -> None:
             f"{run.run_dir} is already at step {step}, past train.steps={run.steps}; "
             f"to train further give a larger total, e.g. --steps {2 * step}."
         )
+
+
+def _parallel_written(state: Mapping[str, Any]) -> str:
+    """The `train.parallel` a checkpoint was written with: its settings record, else its kind."""
+    sharded = SHARDED_KEY in state
+    saved = ((state.get(SETTINGS_KEY) or {}).get("train") or {}).get("parallel")
+    if (saved in ("fsdp2", "hsdp")) == sharded and saved in ("ddp", "fsdp2", "hsdp"):
+        return str(saved)
+    return "fsdp2" if sharded else "ddp"
 
 
 @contextlib.contextmanager

@@ -316,6 +316,7 @@ class Trainer:
                 sharded=self.sharded_checkpoints,
                 optimizer_name=self.config.optim.name,
                 steps=self.config.train.steps,
+                parallel=self.config.train.parallel,
             ),
         )
         check_unchanged(saved, self.run_state, self.run_dir, path)

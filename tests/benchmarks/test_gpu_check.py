@@ -83,11 +83,11 @@ def test_make_gpu_check_on_the_cpu_runs_every_stage_and_records_every_configurat
         pytest_row
     )
     assert (out / "gpu-cpu-pytest.log").read_text().count("SKIPPED") >= pytest_row["skipped"]
+    sizes = gpu_check.Sizes.for_device("cpu")
     warm = [r for r in rows if r["stage"] == "warm"]
     assert {(r["method"], r["micro_batch_size"]) for r in warm} == {
         (m, s) for m in ("bigbatch-compile", "bigbatch-cudagraphs") for s in (1, 4)
     }
-    sizes = gpu_check.Sizes.for_device("cpu")
     expected = {
         (m, c.micro)
         for c in gpu_check.plan_configs(sizes, accelerate=True)
@@ -96,12 +96,11 @@ def test_make_gpu_check_on_the_cpu_runs_every_stage_and_records_every_configurat
     }
     measured = [r for r in rows if r["stage"] in gpu_check.TIMED]
     modes = {r["method"]: r for r in rows if r["stage"] == "modes"}
-    assert set(modes) == set(
-        gpu_check.gpu_modes.MODES
-    )  # each mode: measured, or skipped saying what is missing
-    assert all(r["status"] == "ok" or (r["status"] == "skipped" and r["reason"]) for r in modes.values()), (
-        modes
-    )
+    assert set(modes) == set(gpu_check.gpu_modes.MODES)
+    # Each mode this tree has was measured (not skipped for want of time); the others say what is missing.
+    present = [m for m in gpu_check.gpu_modes.MODES if gpu_check.gpu_modes.missing(m) is None]
+    assert present == list(gpu_check.gpu_modes.MODES)  # premise: all three modes are in this tree
+    assert all(modes[m]["status"] == "ok" and modes[m]["repeats"] == sizes.repeats for m in present), modes
     assert {(r["method"], r["micro_batch_size"]) for r in measured if r["method"] != "planner"} == {
         key for key in expected if key[0] != "planner"
     }
@@ -140,7 +139,7 @@ def test_a_crash_a_hang_an_error_and_a_stage_out_of_time_are_recorded_and_the_re
         "--stage-budget",
         "eager=240",
         "--stage-budget",
-        "planner=20",
+        "planner=12",
         "--stage-budget",
         "accelerate=3",
         "--stage-budget",

@@ -1,4 +1,4 @@
-"""What each of four ranks does under HSDP (2 replicas x 2 shards): train, and count collectives.
+"""What each of four ranks does under HSDP (2 replicas x 2 shards): train, measure noise, count collectives.
 
 Counting by wrapping, not by changing training: `torch.distributed.reduce_scatter_single`
 (and `reduce_scatter_tensor`, which older torch's FSDP2 calls) and `all_reduce` are replaced,
@@ -125,18 +125,22 @@ def hsdp_train_and_count(rank: int, world: int) -> dict[str, Any]:
             micro_batch_size=MICRO,
             max_grad_norm=MAX_GRAD_NORM,
             sync_each_micro_step=sync_each,
+            measure_noise=True,  # its sums ride on the item count's all-reduce, on the whole world
         )
-        micro_steps = []
+        micro_steps, noise = [], []
         with Counts(shard_ranks, replicate_ranks) as counts:
             for s in range(STEPS):
                 x, y = batch(s)
                 stats = acc.step((x[part.start : part.stop], y[part.start : part.stop]), loss_fn)
                 micro_steps.append(stats.micro_steps)
+                assert stats.noise is not None
+                noise.append(stats.noise.to_dict())
         out[sync_each] = {
             "params": _full(model),
             "reduce_scatters": counts.reduce_scatters,
             "all_reduces": counts.all_reduces,
             "micro_steps": micro_steps,
+            "noise": noise,
         }
     # Plain HSDP, the way the field accumulates: a backward per micro-batch (its mean over the
     # number of micro-steps), sync left on, FSDP's default mean over ranks, clip, step.

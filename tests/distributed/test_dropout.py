@@ -25,7 +25,7 @@ from ..equivalence.oracle import max_param_diff, max_state_diff
 from ..equivalence.test_dropout_steps import CLIP, SEED, Dropouts, N, _batches, _loss, _oracle
 from .launch import run_on_ranks
 
-pytestmark = pytest.mark.distributed
+pytestmark = [pytest.mark.distributed, pytest.mark.xdist_group("dropout-launch")]
 SHARES = (5, 3)  # uneven shares of the logical batch of N
 MICRO = (2, 3)  # rank 0: 2 + 2 + 1; rank 1: 3 (DDP); FSDP2 needs as many micro-steps: rank 0 uses 3 (3 + 2)
 

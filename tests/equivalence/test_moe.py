@@ -22,6 +22,10 @@ import bigbatch as bb
 
 from .. import moe_models as mm
 
+pytestmark = pytest.mark.xdist_group(
+    "moe-references"
+)  # its tests share one expensive module fixture: one worker makes it
+
 pytest.importorskip("transformers")
 
 TOL = 1e-12

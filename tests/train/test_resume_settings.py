@@ -25,6 +25,10 @@ from bigbatch.train.resume_settings import fingerprint
 
 from .conftest import TINY
 
+pytestmark = pytest.mark.xdist_group(
+    "resume-settings-base"
+)  # its tests share one expensive module fixture: one worker makes it
+
 BASE = [
     "train.steps=4",
     "checkpoint.every=2",

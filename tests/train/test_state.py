@@ -46,6 +46,20 @@ def test_each_rule_names_the_setting_to_change(change, match):
         check_resume({**SAVED, **change}, RUN)
 
 
+def test_a_step_folder_is_named_by_the_parallel_it_was_written_with_and_its_twin_offered():
+    folder = {**SAVED, state.SHARDED_KEY: Path("step-0000004")}
+    hsdp = {**folder, state.SETTINGS_KEY: {"train": {"parallel": "hsdp"}}}
+    with pytest.raises(
+        ConfigError,
+        match=r"train.parallel = 'hsdp' and this run uses 'ddp'; .*train.parallel=hsdp \(or fsdp2",
+    ):
+        check_resume(hsdp, RUN)
+    with pytest.raises(ConfigError, match=r"train.parallel = 'fsdp2' .*train.parallel=fsdp2 \(or hsdp"):
+        check_resume(folder, RUN)  # no settings record (an older checkpoint): named by its kind
+    for parallel in ("fsdp2", "hsdp"):  # either loads the other's step folders
+        check_resume(hsdp, ResumingRun(Path("runs/r"), True, "adamw", 10, parallel))
+
+
 def test_a_file_checkpoint_refuses_an_fsdp2_run():
     with pytest.raises(ConfigError, match=r"train.parallel = 'ddp' and this run uses 'fsdp2'"):
         check_resume(SAVED, ResumingRun(Path("runs/r"), True, "adamw", 10))
