@@ -28,6 +28,7 @@ from tests.train.several_runs import exit_code, split_output
 
 pytestmark = [
     pytest.mark.distributed,
+    pytest.mark.xdist_group("nodes-launch"),  # one launch for the module (once_per_session makes sure)
     pytest.mark.filterwarnings("ignore:the tokenizer of .* has no pad token"),
 ]
 
@@ -123,6 +124,9 @@ def once_per_session(tmp_path_factory: pytest.TempPathFactory, name: str, make: 
     `make test` runs two xdist workers, which may split a module's tests between them, and a
     module-scoped fixture then runs in each: here that would start the two launchers twice.
     The first worker makes it under a file lock in the folder both share; the other reads it.
+    (`--dist loadgroup` with the module's xdist_group mark should keep them on one worker, but
+    pytest-xdist 3.8 groups by rewriting `item._nodeid`, which pytest 9 no longer reads: measured
+    2026-12-06, the module's tests still went to both workers.)
     """
     run_id = os.environ.get("PYTEST_XDIST_TESTRUNUID")
     if run_id is None:  # one process: a module fixture runs once anyway
@@ -141,8 +145,8 @@ def once_per_session(tmp_path_factory: pytest.TempPathFactory, name: str, make: 
 def _launch(root: Path) -> dict[str, Any]:
     """One launch of two nodes with their own disks under `root`: the default task ("nodes"), a GPT-2 with
     dropout ("lm", where transformers is installed), FSDP2 ("local", refused), then a resume of "nodes"
-    (refused by the node without it, before the ranks meet; torchrun then ends the launch); per run, per
-    node (code, out, err)."""
+    (refused by the node without it, before the ranks meet; rank 0 is then stopped, by torchrun or its
+    time-out); per run, per node (code, out, err)."""
     from tests import hf_models
 
     assert os.environ.get("HF_HUB_OFFLINE") == "1"
