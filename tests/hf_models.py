@@ -45,18 +45,18 @@ def build_tokenizer(folder: Path) -> None:
     fast.save_pretrained(folder)
 
 
-def gpt2_config(vocab_size: int) -> Any:
+def gpt2_config(vocab_size: int, dropout: bool = False) -> Any:
+    """A tiny GPT-2; `dropout`: GPT-2's own default (0.1 on embeddings, residuals and attention), else 0."""
     from transformers import GPT2Config
 
+    drop = {} if dropout else {"resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0}
     return GPT2Config(
         vocab_size=vocab_size,
         n_positions=64,
         n_embd=16,
         n_layer=2,
         n_head=2,
-        resid_pdrop=0.0,
-        embd_pdrop=0.0,
-        attn_pdrop=0.0,
+        **drop,
         bos_token_id=0,
         eos_token_id=0,
     )
@@ -79,12 +79,19 @@ def llama_config(vocab_size: int) -> Any:
     )
 
 
-def build_model_folder(folder: Path, kind: str, tokenizer_folder: Path, seed: int = 0) -> Path:
-    """A random `kind` ("gpt2" or "llama") causal LM and the tokenizer, saved into `folder`."""
+def build_model_folder(
+    folder: Path, kind: str, tokenizer_folder: Path, seed: int = 0, dropout: bool = False
+) -> Path:
+    """A random `kind` ("gpt2" or "llama") causal LM and the tokenizer, saved into `folder`.
+
+    `dropout` (GPT-2 only): keep GPT-2's default dropout of 0.1 instead of switching it off.
+    """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_folder)
-    config = (gpt2_config if kind == "gpt2" else llama_config)(len(tokenizer))
+    if dropout and kind != "gpt2":
+        raise ValueError("dropout=True is for the GPT-2 folder (its config's own default dropout)")
+    config = gpt2_config(len(tokenizer), dropout) if kind == "gpt2" else llama_config(len(tokenizer))
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config)
     model.save_pretrained(folder)

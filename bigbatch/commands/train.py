@@ -108,7 +108,10 @@ def build_config(args: argparse.Namespace) -> TrainConfig:
             )
         path = Path(args.resume) / "config.toml"
         if not path.is_file():
-            raise ConfigError(f"{args.resume} is not a run directory (no config.toml in it).")
+            from ..train.nodes import folder_not_shared
+
+            elsewhere = None if Path(args.resume).is_dir() else folder_not_shared(Path(args.resume))
+            raise ConfigError(elsewhere or f"{args.resume} is not a run directory (no config.toml in it).")
     flags = [f"task.name={_quote(args.task)}"] if args.task else []
     if args.model:
         flags.append(f"task.model={_quote(args.model)}")

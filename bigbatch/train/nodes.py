@@ -9,6 +9,10 @@ fresh DDP run writes from rank 0 only and needs rank 0's folder alone.
 `check_run_folder_shared` tests it: rank 0 writes a marker holding a random
 token into the run folder, every rank reads it back, and the answers are
 gathered, so every rank raises the same error when one cannot see it.
+
+`bigbatch train --resume` reads the run's config.toml on every rank before the
+ranks meet; a node that does not see the folder says why with
+`folder_not_shared`, from torchrun's environment alone.
 """
 
 from __future__ import annotations
@@ -23,10 +27,33 @@ from .runtime import Runtime
 MARKER_PREFIX = ".shared-check-"
 
 
+SHARED_RUN_DIR = (
+    "so with several machines run.dir must be on a file system every node mounts at the same path "
+    "(NFS, Lustre, ...); set --set run.dir=/mnt/nfs/runs."
+)
+"""The end of every refusal of a run folder that not all nodes see: what run.dir must be."""
+
+
 def several_nodes(runtime: Runtime) -> bool:
     """Whether the world spans more than one torchrun launcher (LOCAL_WORLD_SIZE < WORLD_SIZE)."""
     local = int(os.environ.get("LOCAL_WORLD_SIZE", runtime.world_size))
     return runtime.world_size > 1 and local < runtime.world_size
+
+
+def folder_not_shared(folder: Path) -> str | None:
+    """Before the ranks meet: why this rank of a multi-node run cannot find the run `folder`, or None.
+
+    None within one node (or without torchrun): then a missing folder is just missing.
+    """
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", str(world)))
+    if world <= 1 or local >= world:
+        return None
+    rank = os.environ.get("RANK", "?")
+    return (
+        f"the run folder {folder} is not on this machine (rank {rank} of {world}, one of several nodes): "
+        f"--resume reads it on every rank, {SHARED_RUN_DIR}"
+    )
 
 
 def check_run_folder_shared(runtime: Runtime, folder: Path, *, needed: bool) -> None:
@@ -60,6 +87,5 @@ def check_run_folder_shared(runtime: Runtime, folder: Path, *, needed: bool) -> 
         ranks = ", ".join(str(r) for r in blind)
         raise ConfigError(
             f"the run folder {folder} is not visible from rank {ranks} (another machine): FSDP2 checkpoints and "
-            "--resume read and write it on every rank, so with several machines run.dir must be on a file system "
-            "every node mounts at the same path (NFS, Lustre, ...); set --set run.dir=/mnt/nfs/runs."
+            f"--resume read and write it on every rank, {SHARED_RUN_DIR}"
         )

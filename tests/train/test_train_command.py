@@ -32,6 +32,22 @@ def test_resume_needs_a_run_directory(tmp_path, capsys):
     assert "is not a run directory" in capsys.readouterr().err
 
 
+def test_resume_on_a_node_without_the_run_folder_says_it_must_be_shared(tmp_path, monkeypatch, capsys):
+    # What torchrun sets on the second of two nodes, one process each: the ranks have not met yet.
+    for name, value in {"WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "1", "RANK": "1"}.items():
+        monkeypatch.setenv(name, value)
+    missing = tmp_path / "runs" / "big"
+    assert main(["train", "--resume", str(missing)]) == 2
+    err = capsys.readouterr().err
+    assert (
+        "is not on this machine (rank 1 of 2" in err and "run.dir must be on a file system every node" in err
+    )
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")  # the control: one node, two processes
+    assert main(["train", "--resume", str(missing)]) == 2
+    err = capsys.readouterr().err
+    assert "is not a run directory" in err and "not on this machine" not in err
+
+
 def test_a_run_stopped_before_its_first_checkpoint_is_not_a_dead_end(tiny, tmp_path, capsys):
     # A run killed before its first checkpoint leaves config.toml and metrics.jsonl only:
     # --resume cannot continue it, so neither message may send the user to the other.
