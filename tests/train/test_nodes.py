@@ -28,7 +28,7 @@ from tests.train.several_runs import exit_code, split_output
 
 pytestmark = [
     pytest.mark.distributed,
-    pytest.mark.xdist_group("nodes-launch"),  # one launch for the module (once_per_session makes sure)
+    pytest.mark.xdist_group("nodes-launch"),  # one worker makes the module's one launch
     pytest.mark.filterwarnings("ignore:the tokenizer of .* has no pad token"),
 ]
 
@@ -118,30 +118,6 @@ def _two_nodes(cwds: list[Path], runs: list[list[str]]) -> list[list[tuple[int, 
     return [[node[i] for node in per_node] for i in range(len(runs))]
 
 
-def once_per_session(tmp_path_factory: pytest.TempPathFactory, name: str, make: Any) -> Any:
-    """`make(folder)`'s JSON-able result, made once per test session even under pytest-xdist.
-
-    `make test` runs two xdist workers, which may split a module's tests between them, and a
-    module-scoped fixture then runs in each: here that would start the two launchers twice.
-    The first worker makes it under a file lock in the folder both share; the other reads it.
-    (`--dist loadgroup` with the module's xdist_group mark should keep them on one worker, but
-    pytest-xdist 3.8 groups by rewriting `item._nodeid`, which pytest 9 no longer reads: measured
-    2026-12-06, the module's tests still went to both workers.)
-    """
-    run_id = os.environ.get("PYTEST_XDIST_TESTRUNUID")
-    if run_id is None:  # one process: a module fixture runs once anyway
-        return make(tmp_path_factory.mktemp(name))
-    from filelock import FileLock
-
-    shared = tmp_path_factory.getbasetemp().parent / f"{name}-{run_id}"
-    with FileLock(f"{shared}.lock", timeout=900):
-        result = shared / "result.json"
-        if not result.is_file():
-            made = make(shared)
-            result.write_text(json.dumps(made), encoding="utf-8")
-        return json.loads(result.read_text(encoding="utf-8"))
-
-
 def _launch(root: Path) -> dict[str, Any]:
     """One launch of two nodes with their own disks under `root`: the default task ("nodes"), a GPT-2 with
     dropout ("lm", where transformers is installed), FSDP2 ("local", refused), then a resume of "nodes"
@@ -187,8 +163,8 @@ def _launch(root: Path) -> dict[str, Any]:
 
 @pytest.fixture(scope="module")
 def two_nodes(tmp_path_factory) -> dict[str, Any]:
-    """The launch's results (`_launch`), paths as Paths; made once per session."""
-    made = once_per_session(tmp_path_factory, "nodes", _launch)
+    """The launch's results (`_launch`), paths as Paths; made once (its tests share one xdist group)."""
+    made = _launch(tmp_path_factory.mktemp("nodes"))
     model, data = Path(made["model"]), Path(made["data"])
     return {
         **made,
