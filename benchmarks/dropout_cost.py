@@ -29,6 +29,7 @@ from bigbatch.tasks import build_task
 from bigbatch.tools.benchmarking import (
     clock_for,
     markdown_table,
+    median_interval,
     median_paired_ratio,
     sync_device,
     time_interleaved,
@@ -52,7 +53,7 @@ def _saved_bytes(run: Callable[[], object]) -> int:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--repeats", type=int, default=15)
     parser.add_argument("--steps", type=int, default=2, help="optimizer steps per timed block")
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--micro", type=int, default=8)
@@ -122,11 +123,17 @@ def main() -> None:
 
         saved[name] = _saved_bytes(forward)
     base = seconds["torch dropout"]
+
+    def interval(s: list[float]) -> str:
+        ratios = median_interval([o / b for o, b in zip(s, base, strict=True)])
+        return "-" if ratios is None else f"{ratios[0]:.3f}-{ratios[1]:.3f}"
+
     rows = [
         [
             name,
             f"{statistics.median(s) / args.steps * 1e3:.1f}",
             f"{median_paired_ratio(s, base):.3f}",
+            interval(s),
             f"{saved[name] / 2**20:.2f}",
         ]
         for name, s in seconds.items()
@@ -137,7 +144,14 @@ def main() -> None:
     )
     print(
         markdown_table(
-            ["dropout", "ms/step (median)", "time / torch dropout", "saved for backward MiB"], rows
+            [
+                "dropout",
+                "ms/step (median)",
+                "time / torch dropout",
+                "its 95% interval",
+                "saved for backward MiB",
+            ],
+            rows,
         )
     )
 

@@ -100,7 +100,7 @@ def pytest_collection_modifyitems(config, items):
         group = xdist_group_of(item)
         if group is not None:
             item.add_marker(pytest.mark.xdist_group(group))
-        if config.getvalue("loadgroup") and hasattr(item, "_id"):
+        if getattr(config.option, "loadgroup", False) and hasattr(item, "_id"):
             _group_for_loadgroup(item)
     if torch.cuda.is_available():
         return
