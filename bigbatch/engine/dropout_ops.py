@@ -9,8 +9,9 @@ of the attention probabilities (heads, queries, keys), on the explicit path:
 scores, softmax, mask, then the product with the values. Scaling is torch's:
 kept elements are multiplied by 1 / (1 - p) (alpha forms: torch's affine map).
 
-Memory for backward: the bool mask (one byte per element, what torch's own
-dropout keeps); the alpha forms keep the same. A call with p = 0 or
+Memory for backward: the mask as 1 / (1 - p) or 0 in the input's dtype, what
+torch's own dropout keeps (its scaled noise); the alpha forms keep a bool mask.
+A call with p = 0 or
 training=False runs torch's own function, draws nothing and takes no call index.
 """
 
