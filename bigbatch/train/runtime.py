@@ -79,6 +79,16 @@ def rank_lost(error: BaseException, timeout_s: float) -> RankLostError | None:
     return RankLostError(f"this rank {what}: another rank stopped, hung or died ({first.rstrip('.')}).")
 
 
+def _not_joined(error: BaseException, rank: int, world_size: int, timeout_s: float) -> RankLostError:
+    """The one-line error for ranks that never met: another rank (a node) stopped before joining."""
+    first = next((line.strip() for line in str(error).splitlines() if line.strip()), type(error).__name__)
+    return RankLostError(
+        f"rank {rank} of {world_size} waited train.timeout = {timeout_s:g} s for the other ranks to join "
+        f"the run and gave up ({first.rstrip('.')}): a rank, or a whole node, stopped or never started "
+        "before joining; its own output says why. Fix that and start every node again."
+    )
+
+
 @dataclass
 class Runtime:
     """This process's rank, the world size, its device, and whether it owns the process group."""
@@ -120,10 +130,17 @@ class Runtime:
             # import; imported after the group exists they would hold it for the life of the process.
             importlib.import_module("torch.distributed.nn.functional")
 
-            dist.init_process_group(
-                backend="nccl" if dev.type == "cuda" else "gloo",
-                timeout=datetime.timedelta(seconds=timeout_s),
-            )
+            try:
+                dist.init_process_group(
+                    backend="nccl" if dev.type == "cuda" else "gloo",
+                    timeout=datetime.timedelta(seconds=timeout_s),
+                )
+            except dist.DistError as e:
+                # "Timed out after 600 seconds waiting for clients. 1/2 clients joined."; anything
+                # else (an address in use, say) is not a wait for the others: torch's own words.
+                if "timed out" not in str(e).lower():
+                    raise
+                raise _not_joined(e, rank, world_size, timeout_s) from None
             owns = True
             _JOINED[0] = True
         if dist.is_initialized():

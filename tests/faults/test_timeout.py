@@ -35,6 +35,49 @@ def test_train_timeout_reaches_init_process_group(monkeypatch):
     assert seen["timeout"] == datetime.timedelta(seconds=600)  # the default: ten minutes
 
 
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def test_a_rank_that_never_joins_is_named_in_one_line_after_the_timeout(monkeypatch):
+    """Rank 0 of 2 alone (the other node stopped before joining): a RankLostError, not torch's traceback.
+
+    The real rendezvous: rank 0 serves the store and waits for a client that never comes.
+    """
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", str(_free_port()))
+    started = time.monotonic()
+    with pytest.raises(RankLostError) as caught:
+        Runtime.from_env("cpu", timeout_s=1)
+    assert not dist.is_initialized() and time.monotonic() - started >= 1
+    message = str(caught.value)
+    assert message.startswith("rank 0 of 2 waited train.timeout = 1 s for the other ranks to join the run"), (
+        message
+    )
+    assert "1/2 clients joined" in message and "\n" not in message
+
+
+def test_a_join_that_fails_for_another_reason_keeps_torchs_error(monkeypatch):
+    """The negative control: only a wait that timed out is called a rank that never joined."""
+
+    def init_process_group(**kwargs):
+        raise dist.DistNetworkError("The server socket has failed to listen on any local network address.")
+
+    monkeypatch.setattr(dist, "init_process_group", init_process_group)
+    monkeypatch.setattr(dist, "is_initialized", lambda: False)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    with pytest.raises(dist.DistNetworkError, match="failed to listen"):
+        Runtime.from_env("cpu")
+
+
 def test_only_a_lost_rank_becomes_a_rank_lost_error():
     gloo = RuntimeError(
         "[/pytorch/third_party/gloo/gloo/transport/tcp/unbound_buffer.cc:78] Timed out waiting "
