@@ -3,8 +3,8 @@
 Checked in a fresh interpreter (this test process has long since imported
 everything): the modules it holds after each step are compared with what that
 step may load. The control at the end shows the check sees heavy modules when
-they are loaded: touching `bb.Trainer` loads the trainer and
-torch.distributed.checkpoint.
+they are loaded: touching `bb.Trainer` loads the trainer (and still not
+torch.distributed.checkpoint, which only a sharded checkpoint needs).
 """
 
 from __future__ import annotations
@@ -90,11 +90,10 @@ def test_train_help_reads_the_config_without_loading_the_trainer(steps):
 
 def test_trainer_and_config_are_loaded_on_first_use(steps):
     assert steps["same"] == [True, True]
-    # Control: the same check does see the trainer's heavy imports once they are loaded.
-    assert _heavy(steps["trainer"], ["bigbatch.train", "torch.distributed.checkpoint"]) == [
-        "bigbatch.train",
-        "torch.distributed.checkpoint",
-    ]
+    # Control: the same check does see the trainer once it is loaded. torch.distributed.checkpoint
+    # (DTensor, sympy: 0.9 s a process) stays out until an FSDP2/HSDP checkpoint is written or read.
+    watched = ["bigbatch.train", "bigbatch.train.trainer", "torch.distributed.checkpoint"]
+    assert _heavy(steps["trainer"], watched) == ["bigbatch.train", "bigbatch.train.trainer"]
 
 
 def test_lazy_names_are_public_and_unknown_names_fail_clearly():

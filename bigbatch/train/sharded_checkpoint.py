@@ -34,11 +34,6 @@ from typing import IO, Any, cast
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
-
-# dcp.load and dcp.save, from the modules that define them (the package re-exports them implicitly).
-from torch.distributed.checkpoint.state_dict_loader import load as dcp_load
-from torch.distributed.checkpoint.state_dict_saver import save as dcp_save
 
 from .checkpoint import MARKER, RUN_STATE
 from .checksums import MANIFEST, HashingWriter, checksum_line, sha256_of, write_durably
@@ -60,6 +55,12 @@ def save_sharded(
     cache) and rank 0 the rest, so the SHA256SUMS manifest costs each rank its own
     share. A failure leaves no temporary folder behind (rank 0 removes it).
     """
+    # torch.distributed.checkpoint is imported where it is used: it loads DTensor and sympy
+    # (0.9 s), which a DDP or one-process run never needs. dcp.save and dcp.load come from the
+    # modules that define them (the package re-exports them implicitly).
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+    from torch.distributed.checkpoint.state_dict_saver import save as dcp_save
+
     tmp = final.parent / f".{final.name}.tmp"
     if runtime.is_main:
         final.parent.mkdir(parents=True, exist_ok=True)
@@ -123,6 +124,9 @@ def load_sharded(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer)
     The world may differ from the one that wrote it: DCP reads each rank's slice of
     every tensor (or the whole tensor, in one process) from whichever files hold it.
     """
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+    from torch.distributed.checkpoint.state_dict_loader import load as dcp_load
+
     model_state, optim_state = get_state_dict(model, optimizer)
     with _quiet_single_process():
         dcp_load({MODEL_KEY: model_state, OPTIMIZER_KEY: optim_state}, checkpoint_id=path, no_dist=_no_dist())
