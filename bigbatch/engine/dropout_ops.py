@@ -20,8 +20,9 @@ from __future__ import annotations
 import math
 import sys
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from types import FrameType
 from typing import Any
 
 import torch
@@ -99,23 +100,23 @@ def _in_foreign_checkpoint() -> bool:
     only sign a reentrant checkpoint leaves; its recompute runs in backward, where no
     torch function mode is active, so it would silently draw torch's masks.
     """
-    calls = 0
-    frame = sys._getframe(2)
+    return sum(1 for _ in _open_checkpoints()) > getattr(_local, "ours", 0)
+
+
+def _open_checkpoints() -> Iterator[FrameType]:
+    """The frames of the `torch.utils.checkpoint.checkpoint` calls open on this thread's stack, innermost first."""
+    frame: FrameType | None = sys._getframe(1)
     while frame is not None:
         if frame.f_code.co_name == "checkpoint" and frame.f_code.co_filename == _CHECKPOINT_FILE:
-            calls += 1
-        frame = frame.f_back  # type: ignore[assignment]
-    return calls > getattr(_local, "ours", 0)
+            yield frame
+        frame = frame.f_back
 
 
 def _foreign_checkpoint_error(what: str, module: str) -> str:
     """The refusal of a dropout inside a checkpoint bigbatch cannot replay, with the fix for its kind."""
-    reentrant = False  # bigbatch's own checkpoints are never reentrant: any reentrant one is the foreign one
-    frame = sys._getframe(1)
-    while frame is not None:
-        if frame.f_code.co_name == "checkpoint" and frame.f_code.co_filename == _CHECKPOINT_FILE:
-            reentrant |= frame.f_locals.get("use_reentrant") is not False  # None: torch's reentrant default
-        frame = frame.f_back  # type: ignore[assignment]
+    # bigbatch's own checkpoints are never reentrant: any reentrant one is the foreign one
+    # (use_reentrant None: torch's reentrant default).
+    reentrant = any(frame.f_locals.get("use_reentrant") is not False for frame in _open_checkpoints())
     start = f"split_invariant_dropout: {what} in {module} runs inside torch.utils.checkpoint"
     if reentrant:
         return (
@@ -224,17 +225,18 @@ def _additive_mask(
     attn_mask: torch.Tensor | None, is_causal: bool, queries: int, keys: int, scores: torch.Tensor
 ) -> torch.Tensor | None:
     """The attention mask as a tensor to add to the scores: 0 where allowed, -inf where not (or the float mask)."""
-    bias = None
-    if is_causal:
-        allowed = torch.ones(queries, keys, dtype=torch.bool, device=scores.device).tril()
-        bias = torch.zeros(queries, keys, dtype=scores.dtype, device=scores.device).masked_fill_(
+
+    def additive(allowed: torch.Tensor) -> torch.Tensor:
+        return torch.zeros(allowed.shape, dtype=scores.dtype, device=scores.device).masked_fill_(
             ~allowed, float("-inf")
         )
+
+    bias = None
+    if is_causal:
+        bias = additive(torch.ones(queries, keys, dtype=torch.bool, device=scores.device).tril())
     if attn_mask is not None:
         if attn_mask.dtype == torch.bool:
-            attn_mask = torch.zeros(attn_mask.shape, dtype=scores.dtype, device=scores.device).masked_fill_(
-                ~attn_mask, float("-inf")
-            )
+            attn_mask = additive(attn_mask)
         bias = attn_mask if bias is None else bias + attn_mask
     return bias
 

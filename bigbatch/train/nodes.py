@@ -36,8 +36,12 @@ SHARED_RUN_DIR = (
 
 def several_nodes(runtime: Runtime) -> bool:
     """Whether the world spans more than one torchrun launcher (LOCAL_WORLD_SIZE < WORLD_SIZE)."""
-    local = int(os.environ.get("LOCAL_WORLD_SIZE", runtime.world_size))
-    return runtime.world_size > 1 and local < runtime.world_size
+    return _spans_launchers(runtime.world_size)
+
+
+def _spans_launchers(world_size: int) -> bool:
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
+    return world_size > 1 and local < world_size
 
 
 def folder_not_shared(folder: Path) -> str | None:
@@ -46,8 +50,7 @@ def folder_not_shared(folder: Path) -> str | None:
     None within one node (or without torchrun): then a missing folder is just missing.
     """
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    local = int(os.environ.get("LOCAL_WORLD_SIZE", str(world)))
-    if world <= 1 or local >= world:
+    if not _spans_launchers(world):
         return None
     rank = os.environ.get("RANK", "?")
     return (

@@ -67,7 +67,7 @@ def rank_lost(error: BaseException, timeout_s: float) -> RankLostError | None:
     text = str(error)
     if not isinstance(error, dist.DistError) and not any(k in text.lower() for k in _LOST):
         return None
-    first = next((line.strip() for line in text.splitlines() if line.strip()), type(error).__name__)
+    first = _first_line(error)
     if "]" in first and first.startswith("["):  # gloo's "[file.cc:78] message": the message
         first = first.split("]", 1)[1].strip()
     waited = "timed out" in text.lower() or "timeout" in text.lower()
@@ -79,9 +79,14 @@ def rank_lost(error: BaseException, timeout_s: float) -> RankLostError | None:
     return RankLostError(f"this rank {what}: another rank stopped, hung or died ({first.rstrip('.')}).")
 
 
+def _first_line(error: BaseException) -> str:
+    """The first non-blank line of `error`'s message (its type's name if it has none)."""
+    return next((line.strip() for line in str(error).splitlines() if line.strip()), type(error).__name__)
+
+
 def _not_joined(error: BaseException, rank: int, world_size: int, timeout_s: float) -> RankLostError:
     """The one-line error for ranks that never met: another rank (a node) stopped before joining."""
-    first = next((line.strip() for line in str(error).splitlines() if line.strip()), type(error).__name__)
+    first = _first_line(error)
     return RankLostError(
         f"rank {rank} of {world_size} waited train.timeout = {timeout_s:g} s for the other ranks to join "
         f"the run and gave up ({first.rstrip('.')}): a rank, or a whole node, stopped or never started "
