@@ -13,6 +13,7 @@ import torch.distributed as dist
 
 from bigbatch.train import TrainConfig, Trainer
 from bigbatch.train.runtime import RankLostError, Runtime, rank_lost
+from tests.distributed.launch import free_port
 
 
 def test_train_timeout_reaches_init_process_group(monkeypatch):
@@ -35,14 +36,6 @@ def test_train_timeout_reaches_init_process_group(monkeypatch):
     assert seen["timeout"] == datetime.timedelta(seconds=600)  # the default: ten minutes
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def test_a_rank_that_never_joins_is_named_in_one_line_after_the_timeout(monkeypatch):
     """Rank 0 of 2 alone (the other node stopped before joining): a RankLostError, not torch's traceback.
 
@@ -52,7 +45,7 @@ def test_a_rank_that_never_joins_is_named_in_one_line_after_the_timeout(monkeypa
     monkeypatch.setenv("RANK", "0")
     monkeypatch.setenv("LOCAL_RANK", "0")
     monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
-    monkeypatch.setenv("MASTER_PORT", str(_free_port()))
+    monkeypatch.setenv("MASTER_PORT", str(free_port()))
     started = time.monotonic()
     with pytest.raises(RankLostError) as caught:
         Runtime.from_env("cpu", timeout_s=1)

@@ -16,7 +16,6 @@ import json
 import math
 import os
 import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -30,6 +29,7 @@ from bigbatch.train import TrainConfig, Trainer
 from bigbatch.train.checkpoint import list_checkpoints
 from bigbatch.train.parallel import hsdp_shape
 from bigbatch.train.sharded_checkpoint import load_full_state
+from tests.distributed.launch import free_port
 from tests.train.conftest import TINY
 
 pytestmark = pytest.mark.xdist_group(
@@ -77,9 +77,7 @@ def _torchrun4(overrides, *args):
 
 def _two_launchers(overrides, *args):
     """Two `torchrun --nnodes 2 --nproc-per-node 2` launchers meeting at 127.0.0.1, finished."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = int(sock.getsockname()[1])
+    port = free_port()
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
     cmd = [
         sys.executable,

@@ -12,7 +12,6 @@ run.dir must be shared.
 import importlib.util
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -23,6 +22,7 @@ import torch
 
 from bigbatch.train import TrainConfig, Trainer
 from bigbatch.train.checkpoint import list_checkpoints
+from tests.distributed.launch import free_port
 from tests.train.conftest import TINY
 from tests.train.several_runs import exit_code, split_output
 
@@ -66,17 +66,11 @@ def causal_lm_overrides(model: Path, data: Path) -> list[str]:
     ]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def _two_nodes(cwds: list[Path], runs: list[list[str]]) -> list[list[tuple[int, str, str]]]:
     """Two `torchrun --nnodes 2 --nproc-per-node 1` launchers meeting at 127.0.0.1, each in its cwd,
     each running the `bigbatch train` argument lists `runs` in turn: per run, per node (code, out, err),
     the code None where the run never ended (torchrun stopped it; the launch ends there)."""
-    port = _free_port()
+    port = free_port()
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
     listing = cwds[0].parent / "runs.json"
     listing.write_text(json.dumps([["train", *argv] for argv in runs]), encoding="utf-8")
